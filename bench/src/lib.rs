@@ -1,0 +1,1 @@
+//! lcfs benchmarks and comparison tools.

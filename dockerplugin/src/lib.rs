@@ -1,0 +1,1 @@
+//! lcfs dockerplugin: not yet implemented; see the project issues.

@@ -1,0 +1,284 @@
+//! Bounded caches: tree nodes (by node id, dirty nodes pinned) and data blocks
+//! (by physical address, shared by every layer).
+
+use crate::format::NodeImage;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Estimated heap bytes of a decoded node, for the cache budget.
+fn node_bytes(n: &NodeImage) -> usize {
+    let per_key = std::mem::size_of::<crate::format::Key>();
+    let values: usize = n.values.iter().map(|v| v.capacity() + 24 + 16).sum();
+    256 + n.keys.capacity() * per_key + values + n.children.capacity() * 16
+}
+
+pub(crate) struct CachedNode {
+    pub node: NodeImage,
+    pub dirty: bool,
+    tick: u64,
+    bytes: usize,
+}
+
+/// Node cache. Clean nodes are evicted least-recently-used first; dirty nodes
+/// stay until a checkpoint writes them (the engine checkpoints when the dirty
+/// share grows past its limit, which bounds the total).
+pub(crate) struct NodeCache {
+    map: HashMap<u64, CachedNode>,
+    lru: BTreeMap<u64, u64>,
+    tick: u64,
+    bytes: usize,
+    dirty_bytes: usize,
+    dirty_count: usize,
+    pub capacity_bytes: usize,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+impl NodeCache {
+    pub fn new(capacity_bytes: usize) -> NodeCache {
+        NodeCache {
+            map: HashMap::new(),
+            lru: BTreeMap::new(),
+            tick: 0,
+            bytes: 0,
+            dirty_bytes: 0,
+            dirty_count: 0,
+            capacity_bytes,
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    pub fn contains(&self, id: u64) -> bool {
+        self.map.contains_key(&id)
+    }
+
+    fn touch(&mut self, id: u64) {
+        self.tick += 1;
+        let t = self.tick;
+        if let Some(e) = self.map.get_mut(&id) {
+            if !e.dirty {
+                self.lru.remove(&e.tick);
+                self.lru.insert(t, id);
+            }
+            e.tick = t;
+        }
+    }
+
+    pub fn get(&mut self, id: u64) -> Option<&NodeImage> {
+        if self.map.contains_key(&id) {
+            self.hits += 1;
+            self.touch(id);
+            self.map.get(&id).map(|e| &e.node)
+        } else {
+            None
+        }
+    }
+
+    /// Mutable access marks the node dirty (pinned until written).
+    pub fn get_mut(&mut self, id: u64) -> Option<&mut NodeImage> {
+        self.mark_dirty(id);
+        self.map.get_mut(&id).map(|e| &mut e.node)
+    }
+
+    pub fn is_dirty(&self, id: u64) -> bool {
+        self.map.get(&id).is_some_and(|e| e.dirty)
+    }
+
+    pub fn mark_dirty(&mut self, id: u64) {
+        if let Some(e) = self.map.get_mut(&id) {
+            if !e.dirty {
+                e.dirty = true;
+                self.lru.remove(&e.tick);
+                self.dirty_count += 1;
+                self.dirty_bytes += e.bytes;
+            }
+        }
+    }
+
+    pub fn insert(&mut self, id: u64, node: NodeImage, dirty: bool) {
+        self.remove(id);
+        self.tick += 1;
+        let bytes = node_bytes(&node);
+        self.bytes += bytes;
+        if dirty {
+            self.dirty_count += 1;
+            self.dirty_bytes += bytes;
+        } else {
+            self.lru.insert(self.tick, id);
+        }
+        self.map.insert(id, CachedNode { node, dirty, tick: self.tick, bytes });
+    }
+
+    pub fn remove(&mut self, id: u64) -> Option<CachedNode> {
+        let e = self.map.remove(&id)?;
+        self.bytes -= e.bytes;
+        if e.dirty {
+            self.dirty_count -= 1;
+            self.dirty_bytes -= e.bytes;
+        } else {
+            self.lru.remove(&e.tick);
+        }
+        Some(e)
+    }
+
+    /// Marks a dirty node clean (after it was written) and re-measures it.
+    pub fn mark_clean(&mut self, id: u64) {
+        if let Some(e) = self.map.get_mut(&id) {
+            let new_bytes = node_bytes(&e.node);
+            self.bytes = self.bytes - e.bytes + new_bytes;
+            if e.dirty {
+                self.dirty_count -= 1;
+                self.dirty_bytes -= e.bytes;
+                e.dirty = false;
+                self.lru.insert(e.tick, id);
+            }
+            e.bytes = new_bytes;
+        }
+    }
+
+    /// Re-measures a node after an in-place change (dirty nodes only change).
+    pub fn remeasure(&mut self, id: u64) {
+        if let Some(e) = self.map.get_mut(&id) {
+            let new_bytes = node_bytes(&e.node);
+            self.bytes = self.bytes - e.bytes + new_bytes;
+            if e.dirty {
+                self.dirty_bytes = self.dirty_bytes - e.bytes + new_bytes;
+            }
+            e.bytes = new_bytes;
+        }
+    }
+
+    pub fn dirty_ids(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.map.iter().filter(|(_, e)| e.dirty).map(|(k, _)| *k).collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn dirty_count(&self) -> usize {
+        self.dirty_count
+    }
+    pub fn dirty_bytes(&self) -> usize {
+        self.dirty_bytes
+    }
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Evicts clean nodes until under capacity.
+    pub fn evict(&mut self) {
+        while self.bytes > self.capacity_bytes {
+            let Some((&tick, &id)) = self.lru.iter().next() else { break };
+            self.lru.remove(&tick);
+            if let Some(e) = self.map.remove(&id) {
+                self.bytes -= e.bytes;
+            }
+        }
+    }
+
+    /// Drops every clean node (used after errors and by tests).
+    pub fn drop_clean(&mut self) {
+        let ids: Vec<u64> = self.lru.values().copied().collect();
+        for id in ids {
+            self.remove(id);
+        }
+    }
+}
+
+/// Shared data block cache keyed by physical block. N layers reading the same
+/// block (clones share blocks) hit one copy.
+pub struct BlockCache {
+    inner: Mutex<BlockCacheInner>,
+    capacity_blocks: usize,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+struct BlockCacheInner {
+    blocks: BTreeMap<u64, (Arc<[u8]>, u64)>,
+    lru: BTreeMap<u64, u64>,
+    tick: u64,
+}
+
+impl BlockCache {
+    pub fn new(capacity_bytes: usize) -> BlockCache {
+        BlockCache {
+            inner: Mutex::new(BlockCacheInner { blocks: BTreeMap::new(), lru: BTreeMap::new(), tick: 0 }),
+            capacity_blocks: capacity_bytes / crate::device::BLOCK_SIZE,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    pub fn get(&self, physical_block: u64) -> Option<Arc<[u8]>> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let g = &mut *g;
+        match g.blocks.get_mut(&physical_block) {
+            Some((data, tick)) => {
+                g.tick += 1;
+                g.lru.remove(tick);
+                *tick = g.tick;
+                g.lru.insert(g.tick, physical_block);
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                Some(data.clone())
+            }
+            None => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    pub fn insert(&self, physical_block: u64, data: Arc<[u8]>) {
+        if self.capacity_blocks == 0 {
+            return;
+        }
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let g = &mut *g;
+        g.tick += 1;
+        if let Some((_, old)) = g.blocks.insert(physical_block, (data, g.tick)) {
+            g.lru.remove(&old);
+        }
+        g.lru.insert(g.tick, physical_block);
+        while g.blocks.len() > self.capacity_blocks {
+            let Some((&t, &b)) = g.lru.iter().next() else { break };
+            g.lru.remove(&t);
+            g.blocks.remove(&b);
+        }
+    }
+
+    /// Forgets every block in [start, end): the range is about to be rewritten.
+    pub fn invalidate_range(&self, start: u64, end: u64) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let g = &mut *g;
+        let keys: Vec<u64> = g.blocks.range(start..end).map(|(k, _)| *k).collect();
+        for k in keys {
+            if let Some((_, t)) = g.blocks.remove(&k) {
+                g.lru.remove(&t);
+            }
+        }
+    }
+
+    pub fn clear(&self) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.blocks.clear();
+        g.lru.clear();
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+    pub fn misses(&self) -> u64 {
+        self.misses.load(Ordering::Relaxed)
+    }
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).blocks.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,539 @@
+//! The public, thread-safe engine.
+//!
+//! One mutex guards the store (trees, maps, log buffers). Data reads resolve
+//! their block addresses under it and then read the device and the shared
+//! block cache outside it, so readers run in parallel; a reader holds the
+//! `reuse` read lock until it is done, and a segment is only reused under the
+//! write lock, so an address resolved under the mutex stays valid.
+
+use crate::cache::BlockCache;
+use crate::device::{detect_signature, AlignedBuf, Device, DeviceStats, IoOp, BLOCK_SIZE};
+use crate::error::{Error, Result};
+use crate::format::{data_checksum, Timestamp};
+use crate::fs::{Attr, BlockSource, DirEntry, LayerInfo, ReadPlan, SetAttr, StatFs};
+use crate::store::{Config, Counters, Store, Temperature};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Options for [`Engine::format`].
+#[derive(Clone, Debug)]
+pub struct FormatOptions {
+    /// Segment size in bytes (a multiple of 4096, 64 KiB to 256 MiB).
+    pub segment_size_bytes: u64,
+    /// Format even if the device carries another filesystem or lcfs.
+    pub force: bool,
+}
+
+impl Default for FormatOptions {
+    fn default() -> Self {
+        FormatOptions { segment_size_bytes: 4 << 20, force: false }
+    }
+}
+
+/// A snapshot of the engine's counters.
+#[derive(Clone, Debug)]
+pub struct Stats {
+    pub backend: &'static str,
+    pub device: DeviceStats,
+    pub engine: Counters,
+    pub node_cache_hits: u64,
+    pub node_cache_misses: u64,
+    pub node_cache_bytes: usize,
+    pub node_cache_nodes: usize,
+    pub dirty_nodes: usize,
+    pub block_cache_hits: u64,
+    pub block_cache_misses: u64,
+    pub block_cache_blocks: usize,
+    pub layers: usize,
+    pub segments: u32,
+    pub segments_free: usize,
+    pub segment_size_bytes: u64,
+    pub live_bytes: u64,
+    pub capacity_bytes: u64,
+    pub checkpoint_seq: u64,
+}
+
+impl Stats {
+    /// User write calls per device write: how much coalescing bought.
+    pub fn coalescing_ratio(&self) -> f64 {
+        if self.device.writes == 0 {
+            0.0
+        } else {
+            self.engine.user_write_calls as f64 / self.device.writes as f64
+        }
+    }
+}
+
+/// The layer store. Cheap to share: wrap it in an `Arc`.
+pub struct Engine {
+    store: Mutex<Store>,
+    dev: Arc<dyn Device>,
+    blocks: Arc<BlockCache>,
+    reuse: Arc<RwLock<()>>,
+    commit_lock: Mutex<()>,
+    stop: Arc<AtomicBool>,
+    background: Mutex<Option<JoinHandle<()>>>,
+    crashed: AtomicBool,
+}
+
+/// Reads a plan's blocks: holes as zeros, buffered ones as given, the rest from
+/// the shared cache or the device (contiguous runs in one batch), verified.
+pub(crate) fn execute_plan(dev: &dyn Device, cache: &BlockCache, plan: ReadPlan) -> Result<Vec<u8>> {
+    let mut out = vec![0u8; plan.blocks.len() * BLOCK_SIZE];
+    let mut misses: Vec<(usize, u64, u64)> = Vec::new();
+    for (i, src) in plan.blocks.iter().enumerate() {
+        let dst = &mut out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
+        match src {
+            BlockSource::Hole => {}
+            BlockSource::Buffered(d) => dst.copy_from_slice(d),
+            BlockSource::Device { physical_block, checksum } => match cache.get(*physical_block) {
+                Some(d) => dst.copy_from_slice(&d),
+                None => misses.push((i, *physical_block, *checksum)),
+            },
+        }
+    }
+    if !misses.is_empty() {
+        // Group physically contiguous blocks into runs of up to 1 MiB.
+        let mut runs: Vec<(u64, Vec<(usize, u64)>)> = Vec::new();
+        let mut sorted = misses.clone();
+        sorted.sort_by_key(|m| m.1);
+        sorted.dedup_by_key(|m| m.1);
+        for (i, p, c) in sorted {
+            match runs.last_mut() {
+                Some((start, v)) if *start + v.len() as u64 == p && v.len() < 256 => v.push((i, c)),
+                _ => runs.push((p, vec![(i, c)])),
+            }
+        }
+        let mut bufs: Vec<AlignedBuf> = runs.iter().map(|(_, v)| AlignedBuf::new(v.len() * BLOCK_SIZE)).collect();
+        {
+            let mut ops: Vec<IoOp<'_>> = runs
+                .iter()
+                .zip(bufs.iter_mut())
+                .map(|((p, _), b)| IoOp::Read { offset: p * BLOCK_SIZE as u64, buf: &mut b[..] })
+                .collect();
+            dev.submit(&mut ops)?;
+        }
+        let mut fetched = std::collections::HashMap::new();
+        for ((p, v), b) in runs.iter().zip(bufs.iter()) {
+            for (j, (_, csum)) in v.iter().enumerate() {
+                let d = &b[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE];
+                let phys = p + j as u64;
+                if data_checksum(d) != *csum {
+                    return Err(Error::corrupt(phys * BLOCK_SIZE as u64, "data block checksum mismatch"));
+                }
+                let arc: Arc<[u8]> = Arc::from(d);
+                cache.insert(phys, arc.clone());
+                fetched.insert(phys, arc);
+            }
+        }
+        for (i, p, _) in misses {
+            out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].copy_from_slice(&fetched[&p]);
+        }
+    }
+    let end = (plan.skip + plan.len).min(out.len());
+    out.truncate(end);
+    out.drain(..plan.skip.min(end));
+    Ok(out)
+}
+
+impl Engine {
+    /// Writes an empty lcfs onto `dev`. Refuses a device that carries a
+    /// filesystem signature (or an lcfs) unless `force`.
+    pub fn format(dev: Arc<dyn Device>, opts: &FormatOptions) -> Result<()> {
+        let seg = opts.segment_size_bytes;
+        if seg % BLOCK_SIZE as u64 != 0 || !(64 << 10..=256 << 20).contains(&seg) {
+            return Err(Error::Invalid(format!("segment size {seg} must be a multiple of 4096 in 64 KiB..256 MiB")));
+        }
+        if !opts.force {
+            if let Some(sig) = detect_signature(&*dev)? {
+                return Err(Error::Signature(sig));
+            }
+            match Store::open(dev.clone(), Config::default()) {
+                Ok(_) => return Err(Error::Signature("lcfs".into())),
+                Err(Error::NotFormatted) => {}
+                Err(e) => log::info!("existing superblock unreadable ({e}); formatting"),
+            }
+        }
+        let mut cfg = Config::default();
+        cfg.block_cache_bytes = 0;
+        Store::format(dev, (seg / BLOCK_SIZE as u64) as u32, cfg)?;
+        Ok(())
+    }
+
+    /// Opens the newest checkpoint on `dev` and starts the background thread.
+    pub fn open(dev: Arc<dyn Device>, config: Config) -> Result<Arc<Engine>> {
+        let mut store = Store::open(dev.clone(), config.clone())?;
+        store.purge_orphans()?;
+        log::info!(
+            "opened lcfs: {} segments of {} KiB, {} layers, checkpoint {}, backend {}",
+            store.geo.segment_count,
+            store.geo.segment_blocks * 4,
+            store.layers.len(),
+            store.checkpoint_seq,
+            dev.backend()
+        );
+        let engine = Arc::new(Engine {
+            blocks: store.blocks.clone(),
+            reuse: store.reuse.clone(),
+            store: Mutex::new(store),
+            dev,
+            commit_lock: Mutex::new(()),
+            stop: Arc::new(AtomicBool::new(false)),
+            background: Mutex::new(None),
+            crashed: AtomicBool::new(false),
+        });
+        if config.flush_interval_ms > 0 || config.checkpoint_interval_ms > 0 {
+            let weak = Arc::downgrade(&engine);
+            let stop = engine.stop.clone();
+            let h = std::thread::Builder::new()
+                .name("lcfs-background".into())
+                .spawn(move || background(weak, stop, config))
+                .map_err(Error::Io)?;
+            *engine.background.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+        }
+        Ok(engine)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs a change, then bounded upkeep (checkpoint past the dirty limit, evict).
+    fn change<T>(&self, f: impl FnOnce(&mut Store) -> Result<T>) -> Result<T> {
+        let mut s = self.lock();
+        let r = f(&mut s);
+        let m = s.maintain();
+        match (r, m) {
+            (Ok(v), Ok(())) => Ok(v),
+            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+        }
+    }
+
+    // ------------------------------------------------------------ layers
+
+    /// Creates an empty base layer (`cold`: data goes to the cold log, for image layers).
+    pub fn create_layer(&self, name: &str, cold: bool) -> Result<u64> {
+        self.change(|s| s.create_layer(name, None, cold))
+    }
+
+    /// Clones `parent` into a new writable layer `name`; freezes the parent. O(1).
+    pub fn clone_layer(&self, parent: &str, name: &str) -> Result<u64> {
+        self.change(|s| s.create_layer(name, Some(parent), false))
+    }
+
+    /// Like [`Engine::clone_layer`] with a choice of log temperature.
+    pub fn clone_layer_with(&self, parent: &str, name: &str, cold: bool) -> Result<u64> {
+        self.change(|s| s.create_layer(name, Some(parent), cold))
+    }
+
+    /// Freezes a layer (commit). O(1); durable at the next sync.
+    pub fn commit_layer(&self, name: &str) -> Result<()> {
+        self.change(|s| {
+            let id = s.layer_id(name)?;
+            s.freeze_layer(id)
+        })
+    }
+
+    /// Removes a childless layer and frees what it alone owns.
+    pub fn remove_layer(&self, name: &str) -> Result<()> {
+        self.change(|s| {
+            let id = s.layer_id(name)?;
+            s.remove_layer(id)
+        })
+    }
+
+    pub fn layer_id(&self, name: &str) -> Result<u64> {
+        self.lock().layer_id(name)
+    }
+
+    pub fn layer_info(&self, name: &str) -> Result<LayerInfo> {
+        let s = self.lock();
+        s.layer_info(s.layer_id(name)?)
+    }
+
+    pub fn layer_info_by_id(&self, id: u64) -> Result<LayerInfo> {
+        self.lock().layer_info(id)
+    }
+
+    /// Every layer, ordered by id.
+    pub fn list_layers(&self) -> Vec<LayerInfo> {
+        let s = self.lock();
+        let mut ids: Vec<u64> = s.layers.keys().copied().collect();
+        ids.sort_unstable();
+        ids.into_iter().filter_map(|id| s.layer_info(id).ok()).collect()
+    }
+
+    // ------------------------------------------------------------ files
+
+    pub fn lookup(&self, layer: u64, dir: u64, name: &[u8]) -> Result<Attr> {
+        self.change(|s| s.lookup(layer, dir, name))
+    }
+
+    pub fn getattr(&self, layer: u64, ino: u64) -> Result<Attr> {
+        self.change(|s| s.getattr(layer, ino))
+    }
+
+    pub fn setattr(&self, layer: u64, ino: u64, attr: &SetAttr) -> Result<Attr> {
+        self.change(|s| s.setattr(layer, ino, attr))
+    }
+
+    /// Creates a regular file.
+    pub fn create(&self, layer: u64, dir: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> Result<Attr> {
+        self.change(|s| s.make_node(layer, dir, name, crate::fs::S_IFREG | (mode & 0o7777), 0, uid, gid, None))
+    }
+
+    /// Creates any kind of node but a symlink: `mode` carries the type bits.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mknod(&self, layer: u64, dir: u64, name: &[u8], mode: u32, rdev: u64, uid: u32, gid: u32) -> Result<Attr> {
+        if crate::fs::FileKind::from_mode(mode) == Some(crate::fs::FileKind::Symlink) {
+            return Err(Error::Invalid("use symlink".into()));
+        }
+        self.change(|s| s.make_node(layer, dir, name, mode, rdev, uid, gid, None))
+    }
+
+    pub fn mkdir(&self, layer: u64, dir: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> Result<Attr> {
+        self.change(|s| s.make_node(layer, dir, name, crate::fs::S_IFDIR | (mode & 0o7777), 0, uid, gid, None))
+    }
+
+    pub fn symlink(&self, layer: u64, dir: u64, name: &[u8], target: &[u8], uid: u32, gid: u32) -> Result<Attr> {
+        self.change(|s| s.make_node(layer, dir, name, crate::fs::S_IFLNK | 0o777, 0, uid, gid, Some(target)))
+    }
+
+    pub fn readlink(&self, layer: u64, ino: u64) -> Result<Vec<u8>> {
+        self.change(|s| s.readlink(layer, ino))
+    }
+
+    pub fn unlink(&self, layer: u64, dir: u64, name: &[u8]) -> Result<()> {
+        self.change(|s| s.unlink(layer, dir, name, false))
+    }
+
+    pub fn rmdir(&self, layer: u64, dir: u64, name: &[u8]) -> Result<()> {
+        self.change(|s| s.unlink(layer, dir, name, true))
+    }
+
+    /// Renames within one layer; `flags` takes RENAME_NOREPLACE or RENAME_EXCHANGE.
+    pub fn rename(&self, layer: u64, from_dir: u64, from: &[u8], to_dir: u64, to: &[u8], flags: u32) -> Result<()> {
+        self.change(|s| s.rename(layer, from_dir, from, to_dir, to, flags))
+    }
+
+    /// Adds a hard link.
+    pub fn link(&self, layer: u64, ino: u64, dir: u64, name: &[u8]) -> Result<Attr> {
+        self.change(|s| s.link(layer, ino, dir, name))
+    }
+
+    /// Reads up to `len` bytes at `offset` (short at end of file).
+    pub fn read(&self, layer: u64, ino: u64, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let len = len.min(64 << 20);
+        let reuse = self.reuse.clone();
+        let (plan, _guard) = {
+            let mut s = self.lock();
+            let plan = s.read_plan(layer, ino, offset, len);
+            let guard = reuse.read().unwrap_or_else(|p| p.into_inner());
+            let _ = s.maintain();
+            (plan?, guard)
+        };
+        execute_plan(&*self.dev, &self.blocks, plan)
+    }
+
+    pub fn write(&self, layer: u64, ino: u64, offset: u64, data: &[u8]) -> Result<usize> {
+        self.change(|s| s.write(layer, ino, offset, data))
+    }
+
+    /// fallocate(2): mode 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE.
+    pub fn fallocate(&self, layer: u64, ino: u64, mode: u32, offset: u64, len: u64) -> Result<()> {
+        self.change(|s| s.fallocate(layer, ino, mode, offset, len))
+    }
+
+    /// Up to `limit` entries after `cookie` (0 starts). "." and ".." are not listed.
+    pub fn readdir(&self, layer: u64, dir: u64, cookie: u64, limit: usize) -> Result<Vec<DirEntry>> {
+        self.change(|s| s.readdir(layer, dir, cookie, limit))
+    }
+
+    /// Like readdir, with each entry's attributes.
+    pub fn readdir_plus(&self, layer: u64, dir: u64, cookie: u64, limit: usize) -> Result<Vec<(DirEntry, Attr)>> {
+        self.change(|s| {
+            let entries = s.readdir(layer, dir, cookie, limit)?;
+            entries
+                .into_iter()
+                .map(|e| {
+                    let a = s.getattr(layer, e.inode)?;
+                    Ok((e, a))
+                })
+                .collect()
+        })
+    }
+
+    pub fn getxattr(&self, layer: u64, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        self.change(|s| s.getxattr(layer, ino, name))
+    }
+
+    /// `flags`: XATTR_CREATE or XATTR_REPLACE.
+    pub fn setxattr(&self, layer: u64, ino: u64, name: &[u8], value: &[u8], flags: u32) -> Result<()> {
+        self.change(|s| s.setxattr(layer, ino, name, value, flags))
+    }
+
+    pub fn listxattr(&self, layer: u64, ino: u64) -> Result<Vec<Vec<u8>>> {
+        self.change(|s| s.listxattr(layer, ino))
+    }
+
+    pub fn removexattr(&self, layer: u64, ino: u64, name: &[u8]) -> Result<()> {
+        self.change(|s| s.removexattr(layer, ino, name))
+    }
+
+    pub fn statfs(&self, layer: u64) -> Result<StatFs> {
+        self.change(|s| s.statfs(layer))
+    }
+
+    /// Notes an open handle: an unlinked file lives until its last release.
+    pub fn open_inode(&self, layer: u64, ino: u64) -> Result<()> {
+        self.change(|s| s.open_inode(layer, ino))
+    }
+
+    pub fn release_inode(&self, layer: u64, ino: u64) -> Result<()> {
+        self.change(|s| s.release_inode(layer, ino))
+    }
+
+    /// fsync: everything changed so far becomes durable (one checkpoint serves
+    /// every caller waiting at the time).
+    pub fn fsync(&self, _layer: u64, _ino: u64) -> Result<()> {
+        self.sync()
+    }
+
+    /// Makes every change made before the call durable. Concurrent callers
+    /// share checkpoints (group commit).
+    pub fn sync(&self) -> Result<()> {
+        let target = self.lock().generation;
+        let _c = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.lock();
+        if s.durable_generation >= target && s.failed.is_none() {
+            return Ok(());
+        }
+        s.checkpoint()
+    }
+
+    /// Runs the cleaner now (`urgent`: greedy). Returns segments freed.
+    pub fn clean(&self, urgent: bool, max_segments: usize) -> Result<usize> {
+        self.change(|s| s.clean(urgent, max_segments))
+    }
+
+    pub fn stats(&self) -> Stats {
+        let s = self.lock();
+        let seg = s.geo.segment_blocks as u64 * BLOCK_SIZE as u64;
+        Stats {
+            backend: self.dev.backend(),
+            device: self.dev.stats(),
+            engine: s.counters,
+            node_cache_hits: s.nodes.hits,
+            node_cache_misses: s.nodes.misses,
+            node_cache_bytes: s.nodes.bytes(),
+            node_cache_nodes: s.nodes.len(),
+            dirty_nodes: s.nodes.dirty_count(),
+            block_cache_hits: self.blocks.hits(),
+            block_cache_misses: self.blocks.misses(),
+            block_cache_blocks: self.blocks.len(),
+            layers: s.layers.len(),
+            segments: s.geo.segment_count,
+            segments_free: s.free.len(),
+            segment_size_bytes: seg,
+            live_bytes: s.live_blocks_total() * BLOCK_SIZE as u64,
+            capacity_bytes: s.geo.segment_count as u64 * seg,
+            checkpoint_seq: s.checkpoint_seq,
+        }
+    }
+
+    /// Verifies the whole structure (see [`crate::FsckReport`]).
+    pub fn fsck(&self, verify_data: bool) -> Result<crate::fsck::FsckReport> {
+        let mut s = self.lock();
+        crate::fsck::run(&mut s, verify_data)
+    }
+
+    /// Drops clean cached nodes and data blocks (for cold-cache measurements).
+    pub fn drop_caches(&self) {
+        let mut s = self.lock();
+        s.nodes.drop_clean();
+        self.blocks.clear();
+    }
+
+    /// Checkpoints and stops the background thread.
+    pub fn close(&self) -> Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.background.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = h.join();
+        }
+        self.sync()
+    }
+
+    /// Simulates a crash: the engine writes nothing more, not even at drop.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn crash(&self) {
+        self.crashed.store(true, Ordering::SeqCst);
+        self.stop.store(true, Ordering::SeqCst);
+        self.lock().failed = Some("simulated crash".into());
+    }
+
+    /// When the last checkpoint was taken (for tests and stats).
+    pub fn checkpoint_seq(&self) -> u64 {
+        self.lock().checkpoint_seq
+    }
+
+    /// Timestamp helper for callers building SetAttr.
+    pub fn now() -> Timestamp {
+        Timestamp::now()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.background.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
+        if self.crashed.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut s = self.lock();
+        if s.failed.is_none() && s.generation != s.durable_generation {
+            if let Err(e) = s.checkpoint() {
+                log::error!("final checkpoint failed: {e}");
+            }
+        }
+    }
+}
+
+fn background(engine: Weak<Engine>, stop: Arc<AtomicBool>, config: Config) {
+    let tick = Duration::from_millis(config.flush_interval_ms.clamp(10, 1000));
+    let mut last_checkpoint = Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(tick);
+        let Some(e) = engine.upgrade() else { return };
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut s = e.lock();
+        if s.failed.is_some() {
+            continue;
+        }
+        // Timer flush: partially filled segment buffers go out.
+        let _ = s.write_out(Temperature::Hot).and_then(|_| s.write_out(Temperature::Cold));
+        if s.wants_cleaning() {
+            if let Err(err) = s.clean(false, 2) {
+                log::warn!("background cleaning: {err}");
+            }
+        }
+        let due = config.checkpoint_interval_ms > 0
+            && last_checkpoint.elapsed() >= Duration::from_millis(config.checkpoint_interval_ms);
+        if due && s.generation != s.durable_generation {
+            drop(s);
+            let _c = e.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = e.lock();
+            if let Err(err) = s.checkpoint() {
+                log::warn!("periodic checkpoint: {err}");
+            }
+            last_checkpoint = Instant::now();
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! The engine's one error type, with the POSIX errno each variant maps to.
+
+use std::fmt;
+
+/// Result alias used throughout the engine.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything the engine can fail with. Front ends map it with [`Error::errno`].
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// A block failed verification: bad checksum, wrong address, wrong sequence.
+    #[error("corrupt block at device offset {offset:#x}: {what}")]
+    Corrupt { offset: u64, what: String },
+    #[error("no space left on device")]
+    NoSpace,
+    #[error("no such file, directory or layer")]
+    NotFound,
+    #[error("already exists")]
+    Exists,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("not a directory")]
+    NotDirectory,
+    #[error("is a directory")]
+    IsDirectory,
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    /// Writes to a frozen layer.
+    #[error("layer is read-only (frozen)")]
+    ReadOnly,
+    #[error("busy: {0}")]
+    Busy(String),
+    #[error("name too long")]
+    NameTooLong,
+    /// A link or rename across layers.
+    #[error("operation crosses layers")]
+    CrossLayer,
+    #[error("no such extended attribute")]
+    NoAttribute,
+    #[error("buffer too small")]
+    Range,
+    #[error("file too large")]
+    FileTooLarge,
+    #[error("too many links")]
+    TooManyLinks,
+    #[error("operation not permitted")]
+    NotPermitted,
+    #[error("device carries a {0} signature; refusing to format without force")]
+    Signature(String),
+    #[error("operation not supported: {0}")]
+    Unsupported(String),
+    #[error("not an lcfs device (no valid superblock)")]
+    NotFormatted,
+    /// A misuse of the device contract (misaligned offset, out of range).
+    #[error("device contract violated: {0}")]
+    DeviceContract(String),
+}
+
+impl Error {
+    /// The POSIX errno a front end should answer with.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            Error::Corrupt { .. } => libc::EIO,
+            Error::NoSpace => libc::ENOSPC,
+            Error::NotFound => libc::ENOENT,
+            Error::Exists => libc::EEXIST,
+            Error::NotEmpty => libc::ENOTEMPTY,
+            Error::NotDirectory => libc::ENOTDIR,
+            Error::IsDirectory => libc::EISDIR,
+            Error::Invalid(_) => libc::EINVAL,
+            Error::ReadOnly => libc::EROFS,
+            Error::Busy(_) => libc::EBUSY,
+            Error::NameTooLong => libc::ENAMETOOLONG,
+            Error::CrossLayer => libc::EXDEV,
+            Error::NoAttribute => libc::ENODATA,
+            Error::Range => libc::ERANGE,
+            Error::FileTooLarge => libc::EFBIG,
+            Error::TooManyLinks => libc::EMLINK,
+            Error::NotPermitted => libc::EPERM,
+            Error::Unsupported(_) => libc::EOPNOTSUPP,
+            Error::Signature(_) | Error::NotFormatted | Error::DeviceContract(_) => libc::EINVAL,
+        }
+    }
+
+    pub(crate) fn corrupt(offset: u64, what: impl fmt::Display) -> Error {
+        Error::Corrupt { offset, what: what.to_string() }
+    }
+}

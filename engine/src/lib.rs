@@ -1,0 +1,28 @@
+//! lcfs storage engine: a log-structured layer store on a raw block device.
+//!
+//! Layers are first class: [`Engine::clone_layer`] and [`Engine::commit_layer`]
+//! are O(1) metadata changes whatever the layer's size or chain depth. All
+//! data and metadata go to an append-only log in large sequential writes
+//! (io_uring + O_DIRECT on real devices); durability comes from checkpoints
+//! with redundant, checksummed superblocks. See docs/format.md.
+
+mod cache;
+mod cleaner;
+pub mod device;
+mod engine;
+mod error;
+pub mod format;
+mod fs;
+mod fsck;
+mod store;
+
+pub use engine::{Engine, FormatOptions, Stats};
+pub use error::{Error, Result};
+pub use fs::{
+    Attr, DirEntry, FileKind, LayerInfo, SetAttr, StatFs, TimeSet, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE, LINK_MAX, NAME_MAX, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INODE, S_IFBLK, S_IFCHR,
+    S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, S_IFSOCK, XATTR_CREATE, XATTR_REPLACE,
+};
+pub use fsck::FsckReport;
+pub use store::{Config, Counters};
+pub use format::Timestamp;

@@ -1,0 +1,1250 @@
+//! The metadata store: log streams and segment accounting, node loading and the
+//! copy-on-write B+tree shared by the address map, the layer table and every
+//! layer's filesystem tree. Everything here runs under the engine lock.
+
+use crate::cache::{BlockCache, NodeCache};
+use crate::device::{AlignedBuf, Device, BLOCK_SIZE};
+use crate::error::{Error, Result};
+use crate::format::*;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+
+/// Node ids of address-map nodes that are on the device: physical block | tag.
+pub(crate) const PHYS_TAG: u64 = 1 << 62;
+/// Node ids of address-map nodes that exist only in memory so far.
+pub(crate) const VIRT_TAG: u64 = 1 << 61;
+/// Key kind of address-map entries.
+pub(crate) const KIND_MAP: u8 = 0x20;
+/// Key kind of layer records in the layer table.
+pub(crate) const KIND_LAYER: u8 = 0x10;
+
+/// Which tree an operation works on. Layer(0) is the layer table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tree {
+    Map,
+    Layer(u64),
+}
+
+impl Tree {
+    fn kind(self) -> TreeKind {
+        match self {
+            Tree::Map => TreeKind::Map,
+            Tree::Layer(_) => TreeKind::Layer,
+        }
+    }
+}
+
+/// Device geometry, fixed at format time.
+#[derive(Clone, Debug)]
+pub(crate) struct Geometry {
+    pub device_blocks: u64,
+    pub segment_blocks: u32,
+    pub segment_count: u32,
+    pub data_start_block: u64,
+    pub segtable_start_block: u64,
+    pub segtable_blocks: u32,
+    pub uuid: [u8; 16],
+    pub created_unix_ns: u64,
+}
+
+impl Geometry {
+    pub fn for_device(device_blocks: u64, segment_blocks: u32) -> Result<Geometry> {
+        let seg = segment_blocks as u64;
+        // Solve for the segment count: table blocks depend on it.
+        let mut count = device_blocks / seg;
+        loop {
+            let table = count.div_ceil(SEGTABLE_ENTRIES as u64).max(1);
+            let data_start = (SUPERBLOCK_SLOTS + 2 * table).div_ceil(seg) * seg;
+            if data_start + count * seg <= device_blocks || count == 0 {
+                if count < 8 {
+                    return Err(Error::Invalid(format!(
+                        "device too small: {} KiB gives {count} segments of {} KiB, need 8",
+                        device_blocks * 4,
+                        seg * 4
+                    )));
+                }
+                let mut uuid = [0u8; 16];
+                uuid[..8].copy_from_slice(&rand::random::<u64>().to_le_bytes());
+                uuid[8..].copy_from_slice(&rand::random::<u64>().to_le_bytes());
+                return Ok(Geometry {
+                    device_blocks,
+                    segment_blocks,
+                    segment_count: count.min(u32::MAX as u64) as u32,
+                    data_start_block: data_start,
+                    segtable_start_block: SUPERBLOCK_SLOTS,
+                    segtable_blocks: table as u32,
+                    uuid,
+                    created_unix_ns: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos() as u64)
+                        .unwrap_or(0),
+                });
+            }
+            count -= 1;
+        }
+    }
+
+    pub fn segment_start(&self, seg: u32) -> u64 {
+        self.data_start_block + seg as u64 * self.segment_blocks as u64
+    }
+
+    pub fn segment_of(&self, block: u64) -> Option<u32> {
+        if block < self.data_start_block {
+            return None;
+        }
+        let s = (block - self.data_start_block) / self.segment_blocks as u64;
+        (s < self.segment_count as u64).then_some(s as u32)
+    }
+}
+
+/// Which log a block goes to: hot (writable layers, metadata) or cold (image
+/// layers and cleaner output), so long-lived data does not mix with churn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Temperature {
+    Hot = 0,
+    Cold = 1,
+}
+
+/// An open segment being filled in memory, written in large sequential writes.
+pub(crate) struct Stream {
+    pub seg: Option<u32>,
+    buf: AlignedBuf,
+    /// Blocks of `buf` in use (summaries included).
+    fill: usize,
+    /// Blocks of `buf` already on the device.
+    written: usize,
+    batch_at: Option<usize>,
+    batch: Vec<(BlockTag, u64)>,
+}
+
+impl Stream {
+    fn new(segment_blocks: u32) -> Stream {
+        Stream {
+            seg: None,
+            buf: AlignedBuf::new(segment_blocks as usize * BLOCK_SIZE),
+            fill: 0,
+            written: 0,
+            batch_at: None,
+            batch: Vec::new(),
+        }
+    }
+}
+
+/// Engine counters (device-level counters come from the device itself).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counters {
+    /// Logical bytes accepted by write calls.
+    pub user_write_bytes: u64,
+    pub user_write_calls: u64,
+    pub log_blocks_appended: u64,
+    pub checkpoints: u64,
+    pub segments_cleaned: u64,
+    pub blocks_relocated: u64,
+}
+
+/// Tunables.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Bytes of decoded tree nodes kept in memory.
+    pub node_cache_bytes: usize,
+    /// Bytes of data blocks cached (shared by all layers).
+    pub block_cache_bytes: usize,
+    /// Checkpoint when dirty nodes exceed this share of the node cache.
+    pub dirty_limit_percent: u8,
+    /// Write partially filled segment buffers after this long (0: never on a timer).
+    pub flush_interval_ms: u64,
+    /// Checkpoint at least this often when something changed (0: only on demand).
+    pub checkpoint_interval_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            node_cache_bytes: 64 << 20,
+            block_cache_bytes: 256 << 20,
+            dirty_limit_percent: 25,
+            flush_interval_ms: 100,
+            checkpoint_interval_ms: 5000,
+        }
+    }
+}
+
+/// All mutable engine state. One lock guards it (see Engine).
+pub(crate) struct Store {
+    pub dev: Arc<dyn Device>,
+    pub geo: Geometry,
+    pub config: Config,
+    pub checkpoint_seq: u64,
+    pub next_batch_seq: u64,
+    pub map_root: u64,
+    pub map_root_checksum: u64,
+    pub layer_table_root: u64,
+    pub next_lbn: u64,
+    pub next_layer_id: u64,
+    next_virtual: u64,
+    // Space.
+    pub segs: Vec<SegmentUsage>,
+    /// For each segment table block, the checkpoint seq held by copy 0 and copy 1.
+    segtable_copies: Vec<[u64; 2]>,
+    segtable_dirty: BTreeSet<u32>,
+    pub free: BTreeSet<u32>,
+    pub pending_free: BTreeSet<u32>,
+    pub streams: [Stream; 2],
+    pub nodes: NodeCache,
+    pub blocks: Arc<BlockCache>,
+    pub reuse: Arc<RwLock<()>>,
+    pub counters: Counters,
+    /// Set after a device write failed: the in-memory state may be ahead of
+    /// what can be written, so further changes are refused.
+    pub failed: Option<String>,
+    // Layers (records are few; their trees are paged).
+    pub layers: HashMap<u64, LayerRecord>,
+    pub layer_names: HashMap<Vec<u8>, u64>,
+    pub dirty_layers: BTreeSet<u64>,
+    pub removed_layers: BTreeSet<u64>,
+    /// Per (layer, inode): open handles, so unlinked open files live on.
+    pub open_counts: HashMap<(u64, u64), u32>,
+    pub orphans: HashSet<(u64, u64)>,
+    /// Bumped by every change; `durable_generation` is the one last checkpointed.
+    pub generation: u64,
+    pub durable_generation: u64,
+}
+
+fn seg_table_checksum(segs: &[SegmentUsage]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(&SegtableBlock::entries_bytes(segs))
+}
+
+impl Store {
+    fn empty(dev: Arc<dyn Device>, geo: Geometry, config: Config) -> Store {
+        let n = geo.segment_count as usize;
+        let tb = geo.segtable_blocks as usize;
+        let sb = geo.segment_blocks;
+        Store {
+            dev,
+            config: config.clone(),
+            checkpoint_seq: 0,
+            next_batch_seq: 1,
+            map_root: 0,
+            map_root_checksum: 0,
+            layer_table_root: 0,
+            next_lbn: 1,
+            next_layer_id: 1,
+            next_virtual: 1,
+            segs: vec![SegmentUsage::default(); n],
+            segtable_copies: vec![[0, 0]; tb],
+            segtable_dirty: (0..tb as u32).collect(),
+            free: (0..geo.segment_count).collect(),
+            pending_free: BTreeSet::new(),
+            streams: [Stream::new(sb), Stream::new(sb)],
+            nodes: NodeCache::new(config.node_cache_bytes),
+            blocks: Arc::new(BlockCache::new(config.block_cache_bytes)),
+            reuse: Arc::new(RwLock::new(())),
+            counters: Counters::default(),
+            failed: None,
+            layers: HashMap::new(),
+            layer_names: HashMap::new(),
+            dirty_layers: BTreeSet::new(),
+            removed_layers: BTreeSet::new(),
+            open_counts: HashMap::new(),
+            orphans: HashSet::new(),
+            generation: 0,
+            durable_generation: 0,
+            geo,
+        }
+    }
+
+    /// Writes a fresh, empty filesystem (no layers) and returns its store.
+    pub fn format(dev: Arc<dyn Device>, segment_blocks: u32, config: Config) -> Result<Store> {
+        let geo = Geometry::for_device(dev.size_bytes() / BLOCK_SIZE as u64, segment_blocks)?;
+        // Invalidate both superblock slots first: a crash mid-format leaves no
+        // half-valid filesystem behind.
+        let zero = AlignedBuf::new(BLOCK_SIZE * SUPERBLOCK_SLOTS as usize);
+        dev.write_at(0, &zero)?;
+        dev.flush()?;
+        let mut s = Store::empty(dev, geo, config);
+        s.checkpoint()?;
+        // Both slots valid from the start.
+        s.checkpoint()?;
+        Ok(s)
+    }
+
+    /// Opens the newest valid checkpoint.
+    pub fn open(dev: Arc<dyn Device>, config: Config) -> Result<Store> {
+        let mut best: Option<Superblock> = None;
+        let mut errors = Vec::new();
+        for slot in 0..SUPERBLOCK_SLOTS {
+            let mut b = AlignedBuf::new(BLOCK_SIZE);
+            dev.read_at(slot * BLOCK_SIZE as u64, &mut b)?;
+            match Superblock::decode(&b, slot * BLOCK_SIZE as u64) {
+                Ok(sb) => {
+                    if best.as_ref().is_none_or(|b| sb.checkpoint_seq > b.checkpoint_seq) {
+                        best = Some(sb);
+                    }
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        let sb = best.ok_or(Error::NotFormatted)?;
+        if !errors.is_empty() {
+            log::info!("superblock slot skipped: {}", errors.join("; "));
+        }
+        if sb.device_blocks > dev.size_bytes() / BLOCK_SIZE as u64 {
+            return Err(Error::Invalid("device is smaller than the filesystem on it".into()));
+        }
+        let geo = Geometry {
+            device_blocks: sb.device_blocks,
+            segment_blocks: sb.segment_blocks,
+            segment_count: sb.segment_count,
+            data_start_block: sb.data_start_block,
+            segtable_start_block: sb.segtable_start_block,
+            segtable_blocks: sb.segtable_blocks,
+            uuid: sb.uuid,
+            created_unix_ns: sb.created_unix_ns,
+        };
+        let mut s = Store::empty(dev, geo, config);
+        s.checkpoint_seq = sb.checkpoint_seq;
+        s.next_batch_seq = sb.next_batch_seq;
+        s.map_root = if sb.map_root_block == 0 { 0 } else { PHYS_TAG | sb.map_root_block };
+        s.map_root_checksum = sb.map_root_checksum;
+        s.layer_table_root = sb.layer_table_root;
+        s.next_lbn = sb.next_lbn;
+        s.next_layer_id = sb.next_layer_id;
+        s.load_segtable(sb.checkpoint_seq, sb.segtable_checksum)?;
+        s.segtable_dirty.clear();
+        s.free = (0..s.geo.segment_count).filter(|&i| s.segs[i as usize].live_blocks == 0).collect();
+        s.load_layers()?;
+        s.durable_generation = 0;
+        Ok(s)
+    }
+
+    fn load_segtable(&mut self, seq: u64, expect: u64) -> Result<()> {
+        let n = self.geo.segtable_blocks as usize;
+        let mut buf = AlignedBuf::new(2 * n * BLOCK_SIZE);
+        let start = self.geo.segtable_start_block * BLOCK_SIZE as u64;
+        self.dev.read_at(start, &mut buf)?;
+        for i in 0..n {
+            let mut chosen: Option<SegtableBlock> = None;
+            for copy in 0..2 {
+                let at = (2 * i + copy) * BLOCK_SIZE;
+                let off = start + at as u64;
+                if let Ok(b) = SegtableBlock::decode(&buf[at..at + BLOCK_SIZE], off, i as u32) {
+                    self.segtable_copies[i][copy] = b.checkpoint_seq;
+                    if b.checkpoint_seq <= seq
+                        && chosen.as_ref().is_none_or(|c| b.checkpoint_seq > c.checkpoint_seq)
+                    {
+                        chosen = Some(b);
+                    }
+                }
+            }
+            let b = chosen.ok_or_else(|| {
+                Error::corrupt(start + (2 * i * BLOCK_SIZE) as u64, "no valid copy of a segment table block")
+            })?;
+            let first = i * SEGTABLE_ENTRIES;
+            for (j, e) in b.entries.iter().enumerate() {
+                if let Some(slot) = self.segs.get_mut(first + j) {
+                    *slot = *e;
+                }
+            }
+        }
+        if seg_table_checksum(&self.segs) != expect {
+            return Err(Error::corrupt(start, "segment table does not match the superblock checksum"));
+        }
+        Ok(())
+    }
+
+    fn load_layers(&mut self) -> Result<()> {
+        let mut recs = Vec::new();
+        let root = self.layer_table_root;
+        self.scan(Tree::Layer(0), root, Key::new(0, KIND_LAYER, 0), Key::MAX, &mut |_, v| {
+            recs.push(LayerRecord::decode(v));
+            true
+        })?;
+        for r in recs {
+            let r = r?;
+            self.layer_names.insert(r.name.clone(), r.id);
+            self.layers.insert(r.id, r);
+        }
+        Ok(())
+    }
+
+    pub fn check_writable(&self) -> Result<()> {
+        match &self.failed {
+            Some(m) => Err(Error::Io(std::io::Error::other(format!(
+                "engine stopped accepting changes after a device error: {m}"
+            )))),
+            None => Ok(()),
+        }
+    }
+
+    fn fail<T>(&mut self, e: Error) -> Result<T> {
+        if self.failed.is_none() {
+            log::error!("device write failed, refusing further changes: {e}");
+            self.failed = Some(e.to_string());
+        }
+        Err(e)
+    }
+
+    // ------------------------------------------------------------ space
+
+    pub fn alloc_lbn(&mut self) -> u64 {
+        let l = self.next_lbn;
+        self.next_lbn += 1;
+        assert!(l < (1 << 56), "logical block numbers exhausted");
+        l
+    }
+
+    /// One fewer live block in the segment holding `block`.
+    pub fn release_block(&mut self, block: u64) {
+        let Some(seg) = self.geo.segment_of(block) else {
+            debug_assert!(false, "release of block {block:#x} outside the data area");
+            return;
+        };
+        let u = &mut self.segs[seg as usize];
+        debug_assert!(u.live_blocks > 0, "segment {seg} live count underflow");
+        u.live_blocks = u.live_blocks.saturating_sub(1);
+        self.segtable_dirty.insert(seg / SEGTABLE_ENTRIES as u32);
+        if u.live_blocks == 0 && !self.streams.iter().any(|s| s.seg == Some(seg)) {
+            // Reusable only once a checkpoint no longer references it.
+            self.pending_free.insert(seg);
+        }
+    }
+
+    /// Blocks that can still be written before the device is full.
+    pub fn available_blocks(&self) -> u64 {
+        let seg = self.geo.segment_blocks as u64;
+        let open: u64 = self
+            .streams
+            .iter()
+            .filter(|s| s.seg.is_some())
+            .map(|s| seg - s.fill as u64)
+            .sum();
+        self.free.len() as u64 * seg + open
+    }
+
+    /// Blocks held back for checkpoints and the cleaner.
+    pub fn reserve_blocks(&self) -> u64 {
+        let seg = self.geo.segment_blocks as u64;
+        (3 * seg).max(self.geo.segment_count as u64 * seg / 50)
+    }
+
+    /// Blocks the next checkpoint may need beyond what is already dirty.
+    pub fn metadata_estimate(&self, data_blocks: u64) -> u64 {
+        // Dirty nodes (and the map nodes they will dirty), summaries, and slack
+        // for the nodes this operation will touch.
+        let dirty = self.nodes.dirty_count() as u64;
+        2 * dirty + 64 + data_blocks / 16 + data_blocks / SUMMARY_ENTRIES as u64
+    }
+
+    pub fn live_blocks_total(&self) -> u64 {
+        self.segs.iter().map(|u| u.live_blocks as u64).sum()
+    }
+
+    fn open_segment(&mut self, t: Temperature) -> Result<u32> {
+        let Some(&seg) = self.free.iter().next() else {
+            return Err(Error::NoSpace);
+        };
+        self.free.remove(&seg);
+        // Wait for readers that resolved addresses in this segment's old life.
+        drop(self.reuse.write().unwrap_or_else(|p| p.into_inner()));
+        let start = self.geo.segment_start(seg);
+        self.blocks.invalidate_range(start, start + self.geo.segment_blocks as u64);
+        let u = &mut self.segs[seg as usize];
+        u.open_seq = self.next_batch_seq;
+        self.segtable_dirty.insert(seg / SEGTABLE_ENTRIES as u32);
+        let st = &mut self.streams[t as usize];
+        st.seg = Some(seg);
+        st.fill = 0;
+        st.written = 0;
+        st.batch_at = None;
+        st.batch.clear();
+        Ok(seg)
+    }
+
+    fn close_batch(&mut self, t: Temperature) {
+        let seq = self.next_batch_seq;
+        let st = &mut self.streams[t as usize];
+        let (Some(at), Some(seg)) = (st.batch_at, st.seg) else { return };
+        let self_block = self.geo.segment_start(seg) + at as u64;
+        let s = Summary { self_block, seq, entries: std::mem::take(&mut st.batch) };
+        s.encode(&mut st.buf[at * BLOCK_SIZE..(at + 1) * BLOCK_SIZE]);
+        st.batch_at = None;
+        self.next_batch_seq += 1;
+    }
+
+    /// Writes the unwritten part of a stream's segment in one device write.
+    pub fn write_out(&mut self, t: Temperature) -> Result<()> {
+        self.close_batch(t);
+        let st = &self.streams[t as usize];
+        let Some(seg) = st.seg else { return Ok(()) };
+        if st.written == st.fill {
+            return Ok(());
+        }
+        let off = (self.geo.segment_start(seg) + st.written as u64) * BLOCK_SIZE as u64;
+        let r = self.dev.write_at(off, &st.buf[st.written * BLOCK_SIZE..st.fill * BLOCK_SIZE]);
+        if let Err(e) = r {
+            return self.fail(e);
+        }
+        let st = &mut self.streams[t as usize];
+        st.written = st.fill;
+        Ok(())
+    }
+
+    fn retire_stream(&mut self, t: Temperature) -> Result<()> {
+        self.write_out(t)?;
+        if let Some(seg) = self.streams[t as usize].seg.take() {
+            if self.segs[seg as usize].live_blocks == 0 {
+                self.pending_free.insert(seg);
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends one block to a log stream; returns its physical block.
+    pub fn append(&mut self, t: Temperature, tag: BlockTag, data: &[u8], checksum: u64) -> Result<u64> {
+        debug_assert_eq!(data.len(), BLOCK_SIZE);
+        let seg_blocks = self.geo.segment_blocks as usize;
+        {
+            let st = &self.streams[t as usize];
+            let room = st.seg.is_some()
+                && st.fill + usize::from(st.batch_at.is_none()) < seg_blocks;
+            if !room {
+                self.retire_stream(t)?;
+                self.open_segment(t)?;
+            }
+        }
+        let st = &mut self.streams[t as usize];
+        if st.batch_at.is_none() {
+            st.batch_at = Some(st.fill);
+            st.fill += 1;
+        }
+        let at = st.fill;
+        st.buf[at * BLOCK_SIZE..(at + 1) * BLOCK_SIZE].copy_from_slice(data);
+        st.batch.push((tag, checksum));
+        st.fill += 1;
+        let seg = st.seg.expect("stream has a segment");
+        let full_batch = st.batch.len() == SUMMARY_ENTRIES;
+        let full_seg = st.fill == seg_blocks;
+        self.segs[seg as usize].live_blocks += 1;
+        self.segtable_dirty.insert(seg / SEGTABLE_ENTRIES as u32);
+        self.counters.log_blocks_appended += 1;
+        if full_batch {
+            self.close_batch(t);
+        }
+        if full_seg {
+            self.write_out(t)?;
+        }
+        Ok(self.geo.segment_start(seg) + at as u64)
+    }
+
+    /// The bytes of `block` if it is still in a stream buffer.
+    pub fn buffered_block(&self, block: u64) -> Option<&[u8]> {
+        for st in &self.streams {
+            if let Some(seg) = st.seg {
+                let start = self.geo.segment_start(seg);
+                if block >= start && block < start + st.fill as u64 {
+                    let i = (block - start) as usize;
+                    return Some(&st.buf[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]);
+                }
+            }
+        }
+        None
+    }
+
+    /// Reads one block (stream buffers first), into a fresh aligned buffer.
+    pub fn read_block(&self, block: u64) -> Result<AlignedBuf> {
+        let mut b = AlignedBuf::new(BLOCK_SIZE);
+        if let Some(d) = self.buffered_block(block) {
+            b.copy_from_slice(d);
+        } else {
+            self.dev.read_at(block * BLOCK_SIZE as u64, &mut b)?;
+        }
+        Ok(b)
+    }
+
+    // ------------------------------------------------------------ nodes
+
+    /// Makes sure node `id` is in the cache. `checksum` is the parent's record
+    /// of it (map tree only; layer-tree nodes are verified through the map).
+    fn load(&mut self, tree: Tree, id: u64, checksum: u64) -> Result<()> {
+        if self.nodes.contains(id) {
+            return Ok(());
+        }
+        self.nodes.misses += 1;
+        let (phys, want, address) = match tree {
+            Tree::Map => {
+                if id & PHYS_TAG == 0 {
+                    return Err(Error::corrupt(0, format!("map node {id:#x} is neither cached nor on disk")));
+                }
+                let p = id & !PHYS_TAG;
+                (p, checksum, p)
+            }
+            Tree::Layer(_) => {
+                let m = self.map_get(id)?.ok_or_else(|| {
+                    Error::corrupt(0, format!("tree node at logical block {id} has no address"))
+                })?;
+                (m.physical_block, m.checksum, id)
+            }
+        };
+        if self.geo.segment_of(phys).is_none() {
+            return Err(Error::corrupt(phys * BLOCK_SIZE as u64, "node address outside the data area"));
+        }
+        let b = self.read_block(phys)?;
+        let off = phys * BLOCK_SIZE as u64;
+        let mut node = NodeImage::decode(&b, off, tree.kind(), address)?;
+        if NodeImage::block_checksum(&b) != want {
+            return Err(Error::corrupt(off, "node does not match the checksum its pointer records"));
+        }
+        if tree == Tree::Map {
+            // On disk map children are physical blocks; in memory they are ids.
+            for c in &mut node.children {
+                if self.geo.segment_of(c.address).is_none() {
+                    return Err(Error::corrupt(off, "map child outside the data area"));
+                }
+                c.address |= PHYS_TAG;
+            }
+        } else if let Some(c) = node.children.iter().find(|c| c.address == 0 || c.address >= 1 << 56) {
+            return Err(Error::corrupt(off, format!("child pointer {:#x} out of range", c.address)));
+        }
+        self.nodes.insert(id, node, false);
+        Ok(())
+    }
+
+    pub(crate) fn node_public(&mut self, tree: Tree, id: u64, checksum: u64) -> Result<&NodeImage> {
+        self.node(tree, id, checksum)
+    }
+
+    fn node(&mut self, tree: Tree, id: u64, checksum: u64) -> Result<&NodeImage> {
+        self.load(tree, id, checksum)?;
+        Ok(self.nodes.get(id).expect("just loaded"))
+    }
+
+    fn new_node(&mut self, tree: Tree, level: u8) -> u64 {
+        let (id, owner) = match tree {
+            Tree::Map => {
+                let v = VIRT_TAG | self.next_virtual;
+                self.next_virtual += 1;
+                (v, 0)
+            }
+            Tree::Layer(owner) => {
+                let l = self.alloc_lbn();
+                self.charge_layer(owner, 1);
+                (l, owner)
+            }
+        };
+        let node = NodeImage {
+            tree: tree.kind(),
+            level,
+            self_address: id,
+            seq: 0,
+            owner,
+            keys: Vec::new(),
+            values: Vec::new(),
+            children: Vec::new(),
+        };
+        self.nodes.insert(id, node, true);
+        id
+    }
+
+    /// Adds `delta` to the blocks a layer owns.
+    pub fn charge_layer(&mut self, owner: u64, delta: i64) {
+        if owner == 0 {
+            return;
+        }
+        if let Some(l) = self.layers.get_mut(&owner) {
+            l.owned_blocks = l.owned_blocks.saturating_add_signed(delta);
+            self.dirty_layers.insert(owner);
+        }
+    }
+
+    /// Frees a node that left its tree.
+    fn free_node(&mut self, tree: Tree, id: u64) -> Result<()> {
+        self.nodes.remove(id);
+        match tree {
+            Tree::Map => {
+                if id & PHYS_TAG != 0 {
+                    self.release_block(id & !PHYS_TAG);
+                }
+            }
+            Tree::Layer(owner) => {
+                self.free_lbn(id)?;
+                self.charge_layer(owner, -1);
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns a node id of `tree` that may be modified in place, copying the
+    /// node if it is shared (layer trees) or already on disk (map tree).
+    fn writable(&mut self, tree: Tree, id: u64, checksum: u64) -> Result<u64> {
+        self.load(tree, id, checksum)?;
+        match tree {
+            Tree::Map => {
+                if id & VIRT_TAG != 0 {
+                    return Ok(id);
+                }
+                let mut copy = self.nodes.get(id).expect("loaded").clone();
+                let v = VIRT_TAG | self.next_virtual;
+                self.next_virtual += 1;
+                copy.self_address = v;
+                self.nodes.remove(id);
+                self.nodes.insert(v, copy, true);
+                // The on-disk copy is dead once the next checkpoint lands.
+                self.release_block(id & !PHYS_TAG);
+                Ok(v)
+            }
+            Tree::Layer(owner) => {
+                let n = self.nodes.get(id).expect("loaded");
+                if n.owner == owner {
+                    self.nodes.mark_dirty(id);
+                    return Ok(id);
+                }
+                let mut copy = n.clone();
+                let l = self.alloc_lbn();
+                copy.owner = owner;
+                copy.self_address = l;
+                self.nodes.insert(l, copy, true);
+                self.charge_layer(owner, 1);
+                Ok(l)
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ tree ops
+
+    fn child_index(keys: &[Key], key: &Key) -> usize {
+        match keys.binary_search(key) {
+            Ok(i) => i,
+            Err(0) => 0,
+            Err(i) => i - 1,
+        }
+    }
+
+    fn root_checksum(&self, tree: Tree) -> u64 {
+        if tree == Tree::Map {
+            self.map_root_checksum
+        } else {
+            0
+        }
+    }
+
+    /// Looks a key up.
+    pub fn get(&mut self, tree: Tree, root: u64, key: &Key) -> Result<Option<Vec<u8>>> {
+        if root == 0 {
+            return Ok(None);
+        }
+        let mut id = root;
+        let mut csum = self.root_checksum(tree);
+        loop {
+            let n = self.node(tree, id, csum)?;
+            if n.level == 0 {
+                return Ok(n.keys.binary_search(key).ok().map(|i| n.values[i].clone()));
+            }
+            let i = Self::child_index(&n.keys, key);
+            let c = n.children[i];
+            id = c.address;
+            csum = c.checksum;
+        }
+    }
+
+    /// Inserts or replaces; returns the old value.
+    pub fn insert(&mut self, tree: Tree, root: &mut u64, key: Key, value: Vec<u8>) -> Result<Option<Vec<u8>>> {
+        assert!(value.len() <= MAX_VALUE_BYTES, "tree value too large");
+        if *root == 0 {
+            let id = self.new_node(tree, 0);
+            *root = id;
+        }
+        let csum = self.root_checksum(tree);
+        let mut id = self.writable(tree, *root, csum)?;
+        *root = id;
+        let mut path: Vec<(u64, usize)> = Vec::new();
+        loop {
+            let n = self.nodes.get_mut(id).expect("writable node cached");
+            if n.level == 0 {
+                break;
+            }
+            let i = Self::child_index(&n.keys, &key);
+            if key < n.keys[i] {
+                n.keys[i] = key; // keep keys[i] a lower bound of child i
+            }
+            let c = n.children[i];
+            let w = self.writable(tree, c.address, c.checksum)?;
+            let n = self.nodes.get_mut(id).expect("cached");
+            n.children[i] = ChildRef { address: w, checksum: 0 };
+            path.push((id, i));
+            id = w;
+        }
+        let n = self.nodes.get_mut(id).expect("cached");
+        let old = match n.keys.binary_search(&key) {
+            Ok(i) => Some(std::mem::replace(&mut n.values[i], value)),
+            Err(i) => {
+                n.keys.insert(i, key);
+                n.values.insert(i, value);
+                None
+            }
+        };
+        self.nodes.remeasure(id);
+        self.split_up(tree, root, id, path)?;
+        Ok(old)
+    }
+
+    /// Splits an overflowing node and propagates new children up the path.
+    fn split_up(&mut self, tree: Tree, root: &mut u64, mut id: u64, mut path: Vec<(u64, usize)>) -> Result<()> {
+        loop {
+            let n = self.nodes.get(id).expect("cached");
+            if n.entry_bytes() <= NODE_CAPACITY {
+                return Ok(());
+            }
+            let level = n.level;
+            let sizes: Vec<usize> = if level == 0 {
+                n.values.iter().map(|v| LEAF_ENTRY_OVERHEAD + v.len()).collect()
+            } else {
+                vec![INTERNAL_ENTRY_BYTES; n.keys.len()]
+            };
+            let total: usize = sizes.iter().sum();
+            let parts = total.div_ceil(NODE_CAPACITY).max(2);
+            let target = total / parts;
+            // Cut points: close a node at ~target bytes, never over capacity.
+            let mut cuts = Vec::new();
+            let mut acc = 0;
+            for (i, s) in sizes.iter().enumerate() {
+                if acc > 0 && (acc + s > NODE_CAPACITY || acc >= target) {
+                    cuts.push(i);
+                    acc = 0;
+                }
+                acc += s;
+            }
+            let mut new_ids = Vec::new();
+            // Last part first, so each part is simply the tail that remains.
+            for &start in cuts.iter().rev() {
+                let n = self.nodes.get_mut(id).expect("cached");
+                let keys: Vec<Key> = n.keys.drain(start..).collect();
+                let (values, children) = if level == 0 {
+                    (n.values.drain(start..start + keys.len()).collect(), Vec::new())
+                } else {
+                    (Vec::new(), n.children.drain(start..start + keys.len()).collect())
+                };
+                let nid = self.new_node(tree, level);
+                let m = self.nodes.get_mut(nid).expect("new");
+                m.keys = keys;
+                m.values = values;
+                m.children = children;
+                self.nodes.remeasure(nid);
+                new_ids.push(nid);
+            }
+            self.nodes.remeasure(id);
+            new_ids.reverse();
+            let firsts: Vec<(Key, u64)> = new_ids
+                .iter()
+                .map(|&x| (self.nodes.get(x).expect("new").keys[0], x))
+                .collect();
+            match path.pop() {
+                Some((parent, i)) => {
+                    let p = self.nodes.get_mut(parent).expect("cached");
+                    for (j, (k, x)) in firsts.into_iter().enumerate() {
+                        p.keys.insert(i + 1 + j, k);
+                        p.children.insert(i + 1 + j, ChildRef { address: x, checksum: 0 });
+                    }
+                    self.nodes.remeasure(parent);
+                    id = parent;
+                }
+                None => {
+                    let first = self.nodes.get(id).expect("cached").keys[0];
+                    let nr = self.new_node(tree, level + 1);
+                    let r = self.nodes.get_mut(nr).expect("new");
+                    r.keys.push(first);
+                    r.children.push(ChildRef { address: id, checksum: 0 });
+                    for (k, x) in firsts {
+                        r.keys.push(k);
+                        r.children.push(ChildRef { address: x, checksum: 0 });
+                    }
+                    self.nodes.remeasure(nr);
+                    *root = nr;
+                    id = nr;
+                }
+            }
+        }
+    }
+
+    /// Removes a key; returns its value.
+    pub fn remove(&mut self, tree: Tree, root: &mut u64, key: &Key) -> Result<Option<Vec<u8>>> {
+        if self.get(tree, *root, key)?.is_none() {
+            return Ok(None);
+        }
+        let csum = self.root_checksum(tree);
+        let mut id = self.writable(tree, *root, csum)?;
+        *root = id;
+        let mut path: Vec<(u64, usize)> = Vec::new();
+        loop {
+            let n = self.nodes.get_mut(id).expect("cached");
+            if n.level == 0 {
+                break;
+            }
+            let i = Self::child_index(&n.keys, key);
+            let c = n.children[i];
+            let w = self.writable(tree, c.address, c.checksum)?;
+            let n = self.nodes.get_mut(id).expect("cached");
+            n.children[i] = ChildRef { address: w, checksum: 0 };
+            path.push((id, i));
+            id = w;
+        }
+        let n = self.nodes.get_mut(id).expect("cached");
+        let i = n.keys.binary_search(key).expect("key present");
+        n.keys.remove(i);
+        let old = n.values.remove(i);
+        self.nodes.remeasure(id);
+        // Drop empty nodes; collapse single-child roots.
+        while self.nodes.get(id).expect("cached").keys.is_empty() {
+            let Some((parent, i)) = path.pop() else { break };
+            self.free_node(tree, id)?;
+            let p = self.nodes.get_mut(parent).expect("cached");
+            p.keys.remove(i);
+            p.children.remove(i);
+            self.nodes.remeasure(parent);
+            id = parent;
+        }
+        loop {
+            let r = self.nodes.get(*root).expect("cached");
+            if r.level == 0 {
+                if r.keys.is_empty() {
+                    let old_root = *root;
+                    self.free_node(tree, old_root)?;
+                    *root = 0;
+                }
+                break;
+            }
+            if r.keys.is_empty() {
+                let old_root = *root;
+                self.free_node(tree, old_root)?;
+                *root = 0;
+                break;
+            }
+            if r.children.len() != 1 {
+                break;
+            }
+            let only = r.children[0];
+            let old_root = *root;
+            let w = self.writable(tree, only.address, only.checksum)?;
+            self.free_node(tree, old_root)?;
+            *root = w;
+        }
+        Ok(Some(old))
+    }
+
+    /// Calls `f` for each entry with lo <= key <= hi in order until it returns false.
+    pub fn scan(
+        &mut self,
+        tree: Tree,
+        root: u64,
+        lo: Key,
+        hi: Key,
+        f: &mut dyn FnMut(&Key, &[u8]) -> bool,
+    ) -> Result<()> {
+        if root == 0 {
+            return Ok(());
+        }
+        let csum = self.root_checksum(tree);
+        self.scan_node(tree, root, csum, &lo, &hi, f).map(|_| ())
+    }
+
+    fn scan_node(
+        &mut self,
+        tree: Tree,
+        id: u64,
+        csum: u64,
+        lo: &Key,
+        hi: &Key,
+        f: &mut dyn FnMut(&Key, &[u8]) -> bool,
+    ) -> Result<bool> {
+        let n = self.node(tree, id, csum)?;
+        if n.level == 0 {
+            let start = n.keys.partition_point(|k| k < lo);
+            let items: Vec<(Key, Vec<u8>)> = n.keys[start..]
+                .iter()
+                .take_while(|k| *k <= hi)
+                .zip(n.values[start..].iter())
+                .map(|(k, v)| (*k, v.clone()))
+                .collect();
+            for (k, v) in items {
+                if !f(&k, &v) {
+                    return Ok(false);
+                }
+            }
+            return Ok(true);
+        }
+        let first = Self::child_index(&n.keys, lo);
+        let kids: Vec<(Key, ChildRef)> =
+            n.keys[first..].iter().copied().zip(n.children[first..].iter().copied()).collect();
+        for (j, (k, c)) in kids.into_iter().enumerate() {
+            if j > 0 && k > *hi {
+                break;
+            }
+            if !self.scan_node(tree, c.address, c.checksum, lo, hi, f)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    // ------------------------------------------------------------ address map
+
+    pub fn map_get(&mut self, lbn: u64) -> Result<Option<MapValue>> {
+        let root = self.map_root;
+        match self.get(Tree::Map, root, &Key::new(lbn, KIND_MAP, 0))? {
+            Some(v) => Ok(Some(MapValue::decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Points `lbn` at a new physical block; the old block stops being live.
+    pub fn map_set(&mut self, lbn: u64, v: MapValue) -> Result<()> {
+        let mut root = self.map_root;
+        let old = self.insert(Tree::Map, &mut root, Key::new(lbn, KIND_MAP, 0), v.encode());
+        self.map_root = root;
+        if let Some(old) = old? {
+            self.release_block(MapValue::decode(&old)?.physical_block);
+        }
+        Ok(())
+    }
+
+    /// Forgets a logical block (its physical block stops being live).
+    pub fn free_lbn(&mut self, lbn: u64) -> Result<()> {
+        let mut root = self.map_root;
+        let old = self.remove(Tree::Map, &mut root, &Key::new(lbn, KIND_MAP, 0));
+        self.map_root = root;
+        if let Some(old) = old? {
+            self.release_block(MapValue::decode(&old)?.physical_block);
+        }
+        Ok(())
+    }
+
+    /// Makes the map node at physical `phys` (found through `first_object` at
+    /// `level`) dirty so the next checkpoint rewrites it elsewhere. Returns
+    /// false when that node is no longer part of the map.
+    pub fn map_relocate_node(&mut self, first_object: u64, level: u8, phys: u64) -> Result<bool> {
+        let key = Key::new(first_object, KIND_MAP, 0);
+        let mut id = self.map_root;
+        let mut csum = self.map_root_checksum;
+        if id == 0 {
+            return Ok(false);
+        }
+        loop {
+            let n = self.node(Tree::Map, id, csum)?;
+            if n.level == level {
+                break;
+            }
+            if n.level < level {
+                return Ok(false);
+            }
+            let c = n.children[Self::child_index(&n.keys, &key)];
+            id = c.address;
+            csum = c.checksum;
+        }
+        if id != PHYS_TAG | phys {
+            return Ok(false);
+        }
+        // Re-insert the node's first entry along the path: that copies every
+        // node from the root down to it.
+        let mut root = self.map_root;
+        let mut cur = self.writable(Tree::Map, root, self.map_root_checksum)?;
+        root = cur;
+        loop {
+            let n = self.nodes.get(cur).expect("cached");
+            if n.level == level {
+                break;
+            }
+            let i = Self::child_index(&n.keys, &key);
+            let c = n.children[i];
+            let w = self.writable(Tree::Map, c.address, c.checksum)?;
+            self.nodes.get_mut(cur).expect("cached").children[i] = ChildRef { address: w, checksum: 0 };
+            cur = w;
+        }
+        self.map_root = root;
+        Ok(true)
+    }
+
+    // ------------------------------------------------------------ checkpoint
+
+    /// Writes a map node and (first) its dirty children; returns its pointer.
+    fn write_map_node(&mut self, id: u64) -> Result<ChildRef> {
+        let kids: Vec<(usize, u64)> = {
+            let n = self.nodes.get(id).expect("dirty map node cached");
+            n.children
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.address & VIRT_TAG != 0)
+                .map(|(i, c)| (i, c.address))
+                .collect()
+        };
+        for (i, kid) in kids {
+            let r = self.write_map_node(kid)?;
+            self.nodes.get_mut(id).expect("cached").children[i] = r;
+        }
+        // Children are addressed physically on disk.
+        let mut img = self.nodes.get(id).expect("cached").clone();
+        for c in &mut img.children {
+            debug_assert!(c.address & PHYS_TAG != 0);
+            c.address &= !PHYS_TAG;
+        }
+        let target_block = self.peek_next_block(Temperature::Hot)?;
+        img.self_address = target_block;
+        img.seq = self.checkpoint_seq + 1;
+        let mut b = AlignedBuf::new(BLOCK_SIZE);
+        img.encode(&mut b);
+        let csum = NodeImage::block_checksum(&b);
+        let first_object = img.keys.first().map(|k| k.object).unwrap_or(0);
+        let phys = self.append(
+            Temperature::Hot,
+            BlockTag::MapNode { first_object, level: img.level },
+            &b,
+            csum,
+        )?;
+        assert_eq!(phys, target_block, "map node landed where it was addressed");
+        // Re-key: children pointers inside the cached node become PHYS ids.
+        let mut cached = self.nodes.remove(id).expect("cached").node;
+        cached.self_address = phys;
+        cached.seq = img.seq;
+        for c in &mut cached.children {
+            c.address |= PHYS_TAG;
+        }
+        self.nodes.insert(PHYS_TAG | phys, cached, false);
+        Ok(ChildRef { address: PHYS_TAG | phys, checksum: csum })
+    }
+
+    /// The physical block the next append to stream `t` will use, opening a
+    /// segment first if needed (a node must name its own address).
+    fn peek_next_block(&mut self, t: Temperature) -> Result<u64> {
+        let seg_blocks = self.geo.segment_blocks as usize;
+        let st = &self.streams[t as usize];
+        let room = st.seg.is_some() && st.fill + usize::from(st.batch_at.is_none()) < seg_blocks;
+        if !room {
+            self.retire_stream(t)?;
+            self.open_segment(t)?;
+        }
+        let st = &self.streams[t as usize];
+        let at = st.fill + usize::from(st.batch_at.is_none());
+        Ok(self.geo.segment_start(st.seg.expect("open")) + at as u64)
+    }
+
+    /// Makes everything durable: dirty nodes, map, segment table, superblock.
+    pub fn checkpoint(&mut self) -> Result<()> {
+        self.check_writable()?;
+        let r = self.checkpoint_inner();
+        if let Err(e) = r {
+            return self.fail(e);
+        }
+        Ok(())
+    }
+
+    fn checkpoint_inner(&mut self) -> Result<()> {
+        let seq = self.checkpoint_seq + 1;
+        // 1. Layer records into the layer table.
+        let dirty: Vec<u64> = std::mem::take(&mut self.dirty_layers).into_iter().collect();
+        let mut root = self.layer_table_root;
+        for id in dirty {
+            if let Some(r) = self.layers.get(&id) {
+                let v = r.encode();
+                self.insert(Tree::Layer(0), &mut root, Key::new(id, KIND_LAYER, 0), v)?;
+            }
+        }
+        for id in std::mem::take(&mut self.removed_layers) {
+            self.remove(Tree::Layer(0), &mut root, &Key::new(id, KIND_LAYER, 0))?;
+        }
+        self.layer_table_root = root;
+        // 2. Layer-tree nodes: append, then point the map at them. Map updates
+        //    never dirty layer-tree nodes, so one pass suffices.
+        let ids: Vec<u64> = self.nodes.dirty_ids().into_iter().filter(|id| id & (PHYS_TAG | VIRT_TAG) == 0).collect();
+        let mut b = AlignedBuf::new(BLOCK_SIZE);
+        for id in ids {
+            {
+                let n = self.nodes.get_mut(id).expect("dirty");
+                n.seq = seq;
+                n.self_address = id;
+                n.encode(&mut b);
+            }
+            let csum = NodeImage::block_checksum(&b);
+            let phys = self.append(Temperature::Hot, BlockTag::Logical(id), &b, csum)?;
+            self.map_set(id, MapValue { physical_block: phys, checksum: csum })?;
+            self.nodes.mark_clean(id);
+        }
+        // 3. The address map, bottom-up.
+        if self.map_root & VIRT_TAG != 0 {
+            let r = self.write_map_node(self.map_root)?;
+            self.map_root = r.address;
+            self.map_root_checksum = r.checksum;
+        }
+        debug_assert_eq!(self.nodes.dirty_count(), 0, "every dirty node written");
+        // 4. Stream tails.
+        self.write_out(Temperature::Hot)?;
+        self.write_out(Temperature::Cold)?;
+        // 5. Segment table blocks that changed, each into the copy not holding
+        //    the newest valid version.
+        let dirty_tables: Vec<u32> = std::mem::take(&mut self.segtable_dirty).into_iter().collect();
+        let mut bufs = Vec::new();
+        for i in dirty_tables {
+            let first = i as usize * SEGTABLE_ENTRIES;
+            let last = (first + SEGTABLE_ENTRIES).min(self.segs.len());
+            let tb = SegtableBlock { index: i, checkpoint_seq: seq, entries: self.segs[first..last].to_vec() };
+            let mut b = AlignedBuf::new(BLOCK_SIZE);
+            tb.encode(&mut b);
+            let copies = &mut self.segtable_copies[i as usize];
+            let copy = if copies[0] <= copies[1] { 0 } else { 1 };
+            copies[copy] = seq;
+            let block = self.geo.segtable_start_block + 2 * i as u64 + copy as u64;
+            bufs.push((block * BLOCK_SIZE as u64, b));
+        }
+        if !bufs.is_empty() {
+            let mut ops: Vec<crate::device::IoOp<'_>> = bufs
+                .iter()
+                .map(|(off, b)| crate::device::IoOp::Write { offset: *off, buf: &b[..] })
+                .collect();
+            self.dev.submit(&mut ops)?;
+        }
+        // 6. Barrier, then the superblock, then a barrier.
+        self.dev.flush()?;
+        let map_root_block = if self.map_root == 0 { 0 } else { self.map_root & !PHYS_TAG };
+        let sb = Superblock {
+            version: FORMAT_VERSION,
+            uuid: self.geo.uuid,
+            device_blocks: self.geo.device_blocks,
+            segment_blocks: self.geo.segment_blocks,
+            segment_count: self.geo.segment_count,
+            data_start_block: self.geo.data_start_block,
+            segtable_start_block: self.geo.segtable_start_block,
+            segtable_blocks: self.geo.segtable_blocks,
+            checkpoint_seq: seq,
+            next_batch_seq: self.next_batch_seq,
+            map_root_block,
+            map_root_checksum: self.map_root_checksum,
+            layer_table_root: self.layer_table_root,
+            next_lbn: self.next_lbn,
+            next_layer_id: self.next_layer_id,
+            segtable_checksum: seg_table_checksum(&self.segs),
+            created_unix_ns: self.geo.created_unix_ns,
+        };
+        let mut b = AlignedBuf::new(BLOCK_SIZE);
+        sb.encode(&mut b);
+        self.dev.write_at((seq % SUPERBLOCK_SLOTS) * BLOCK_SIZE as u64, &b)?;
+        self.dev.flush()?;
+        self.checkpoint_seq = seq;
+        self.counters.checkpoints += 1;
+        // 7. Space freed before this checkpoint is now reusable.
+        let freed = std::mem::take(&mut self.pending_free);
+        for s in freed {
+            if self.segs[s as usize].live_blocks == 0 && !self.streams.iter().any(|st| st.seg == Some(s)) {
+                self.free.insert(s);
+            }
+        }
+        self.durable_generation = self.generation;
+        Ok(())
+    }
+
+    /// Drops clean nodes over budget; checkpoints when dirty nodes pass their limit.
+    pub fn maintain(&mut self) -> Result<()> {
+        let limit = self.nodes.capacity_bytes / 100 * self.config.dirty_limit_percent as usize;
+        if self.nodes.dirty_bytes() > limit.max(1 << 20) {
+            self.checkpoint()?;
+        }
+        self.nodes.evict();
+        Ok(())
+    }
+}

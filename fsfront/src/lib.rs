@@ -1,0 +1,1 @@
+//! lcfs fsfront: not yet implemented; see the project issues.
