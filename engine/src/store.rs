@@ -309,25 +309,36 @@ impl Store {
         s.layer_table_root = sb.layer_table_root;
         s.next_lbn = sb.next_lbn;
         s.next_layer_id = sb.next_layer_id;
-        s.load_segtable(sb.checkpoint_seq, sb.segtable_checksum)?;
-        s.segtable_dirty.clear();
+        let stale = s.load_segtable(sb.checkpoint_seq, sb.segtable_checksum)?;
+        s.segtable_dirty = stale.into_iter().collect();
         s.free = (0..s.geo.segment_count).filter(|&i| s.segs[i as usize].live_blocks == 0).collect();
         s.load_layers()?;
         s.durable_generation = 0;
         Ok(s)
     }
 
-    fn load_segtable(&mut self, seq: u64, expect: u64) -> Result<()> {
+    /// Loads the segment table; returns blocks that must be rewritten.
+    fn load_segtable(&mut self, seq: u64, expect: u64) -> Result<Vec<u32>> {
         let n = self.geo.segtable_blocks as usize;
         let mut buf = AlignedBuf::new(2 * n * BLOCK_SIZE);
         let start = self.geo.segtable_start_block * BLOCK_SIZE as u64;
         self.dev.read_at(start, &mut buf)?;
+        let mut stale = Vec::new();
         for i in 0..n {
             let mut chosen: Option<SegtableBlock> = None;
             for copy in 0..2 {
                 let at = (2 * i + copy) * BLOCK_SIZE;
                 let off = start + at as u64;
                 if let Ok(b) = SegtableBlock::decode(&buf[at..at + BLOCK_SIZE], off, i as u32) {
+                    if b.checkpoint_seq > seq {
+                        // Written by a checkpoint that never landed. The next
+                        // checkpoint reuses its sequence number, so this copy
+                        // must be overwritten before then: count it as empty
+                        // (the write target) and rewrite the block.
+                        self.segtable_copies[i][copy] = 0;
+                        stale.push(i as u32);
+                        continue;
+                    }
                     self.segtable_copies[i][copy] = b.checkpoint_seq;
                     if b.checkpoint_seq <= seq
                         && chosen.as_ref().is_none_or(|c| b.checkpoint_seq > c.checkpoint_seq)
@@ -349,7 +360,7 @@ impl Store {
         if seg_table_checksum(&self.segs) != expect {
             return Err(Error::corrupt(start, "segment table does not match the superblock checksum"));
         }
-        Ok(())
+        Ok(stale)
     }
 
     fn load_layers(&mut self) -> Result<()> {
