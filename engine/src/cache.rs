@@ -108,7 +108,15 @@ impl NodeCache {
         } else {
             self.lru.insert(self.tick, id);
         }
-        self.map.insert(id, CachedNode { node, dirty, tick: self.tick, bytes });
+        self.map.insert(
+            id,
+            CachedNode {
+                node,
+                dirty,
+                tick: self.tick,
+                bytes,
+            },
+        );
     }
 
     pub fn remove(&mut self, id: u64) -> Option<CachedNode> {
@@ -151,7 +159,12 @@ impl NodeCache {
     }
 
     pub fn dirty_ids(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self.map.iter().filter(|(_, e)| e.dirty).map(|(k, _)| *k).collect();
+        let mut v: Vec<u64> = self
+            .map
+            .iter()
+            .filter(|(_, e)| e.dirty)
+            .map(|(k, _)| *k)
+            .collect();
         v.sort_unstable();
         v
     }
@@ -172,7 +185,9 @@ impl NodeCache {
     /// Evicts clean nodes until under capacity.
     pub fn evict(&mut self) {
         while self.bytes > self.capacity_bytes {
-            let Some((&tick, &id)) = self.lru.iter().next() else { break };
+            let Some((&tick, &id)) = self.lru.iter().next() else {
+                break;
+            };
             self.lru.remove(&tick);
             if let Some(e) = self.map.remove(&id) {
                 self.bytes -= e.bytes;
@@ -207,7 +222,11 @@ struct BlockCacheInner {
 impl BlockCache {
     pub fn new(capacity_bytes: usize) -> BlockCache {
         BlockCache {
-            inner: Mutex::new(BlockCacheInner { blocks: BTreeMap::new(), lru: BTreeMap::new(), tick: 0 }),
+            inner: Mutex::new(BlockCacheInner {
+                blocks: BTreeMap::new(),
+                lru: BTreeMap::new(),
+                tick: 0,
+            }),
             capacity_blocks: capacity_bytes / crate::device::BLOCK_SIZE,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -245,7 +264,9 @@ impl BlockCache {
         }
         g.lru.insert(g.tick, physical_block);
         while g.blocks.len() > self.capacity_blocks {
-            let Some((&t, &b)) = g.lru.iter().next() else { break };
+            let Some((&t, &b)) = g.lru.iter().next() else {
+                break;
+            };
             g.lru.remove(&t);
             g.blocks.remove(&b);
         }
@@ -276,9 +297,10 @@ impl BlockCache {
         self.misses.load(Ordering::Relaxed)
     }
     pub fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).blocks.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .blocks
+            .len()
     }
 }

@@ -15,7 +15,11 @@ impl Store {
     /// Admits a change that will append `data_blocks` blocks. Deletions may use
     /// half of the reserve, so a full device can still be emptied.
     pub(crate) fn ensure_space(&mut self, data_blocks: u64, for_delete: bool) -> Result<()> {
-        let reserve = if for_delete { self.reserve_blocks() / 2 } else { self.reserve_blocks() };
+        let reserve = if for_delete {
+            self.reserve_blocks() / 2
+        } else {
+            self.reserve_blocks()
+        };
         for _ in 0..16 {
             let need = data_blocks + self.metadata_estimate(data_blocks) + reserve;
             if self.available_blocks() >= need {
@@ -52,12 +56,18 @@ impl Store {
         let now = self.next_batch_seq;
         let open: Vec<u32> = self.streams.iter().filter_map(|s| s.seg).collect();
         let mut cands: Vec<(f64, u32)> = (0..self.geo.segment_count)
-            .filter(|s| !self.free.contains(s) && !self.pending_free.contains(s) && !open.contains(s))
+            .filter(|s| {
+                !self.free.contains(s) && !self.pending_free.contains(s) && !open.contains(s)
+            })
             .filter(|&s| (self.segs[s as usize].live_blocks as u64) < seg_blocks * 95 / 100)
             .map(|s| {
                 let u = self.segs[s as usize].live_blocks as f64 / seg_blocks as f64;
                 let age = (now - self.segs[s as usize].open_seq.min(now)) as f64 + 1.0;
-                let score = if urgent { 1.0 - u } else { (1.0 - u) * age / (1.0 + u) };
+                let score = if urgent {
+                    1.0 - u
+                } else {
+                    (1.0 - u) * age / (1.0 + u)
+                };
                 (score, s)
             })
             .collect();
@@ -66,7 +76,9 @@ impl Store {
         for (_, seg) in cands.into_iter().take(max) {
             let live = self.segs[seg as usize].live_blocks as u64;
             // Moving it must fit without touching the checkpoint reserve's half.
-            if self.available_blocks() < live + self.metadata_estimate(live) + self.reserve_blocks() / 2 {
+            if self.available_blocks()
+                < live + self.metadata_estimate(live) + self.reserve_blocks() / 2
+            {
                 continue;
             }
             self.clean_segment(seg)?;
@@ -89,8 +101,10 @@ impl Store {
         let open_seq = self.segs[seg as usize].open_seq;
         let mut at = 0usize;
         while at < n && self.segs[seg as usize].live_blocks > 0 {
-            let Ok(summary) = Summary::decode(&buf[at * BLOCK_SIZE..(at + 1) * BLOCK_SIZE], start + at as u64)
-            else {
+            let Ok(summary) = Summary::decode(
+                &buf[at * BLOCK_SIZE..(at + 1) * BLOCK_SIZE],
+                start + at as u64,
+            ) else {
                 break;
             };
             if summary.seq < open_seq || at + 1 + summary.entries.len() > n {
@@ -100,17 +114,29 @@ impl Store {
                 let phys = start + (at + 1 + i) as u64;
                 match *tag {
                     BlockTag::Logical(lbn) => {
-                        let Some(m) = self.map_get(lbn)? else { continue };
+                        let Some(m) = self.map_get(lbn)? else {
+                            continue;
+                        };
                         if m.physical_block != phys || self.nodes.is_dirty(lbn) {
                             continue;
                         }
                         let b = at + 1 + i;
                         let data = buf[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE].to_vec();
-                        let new = self.append(Temperature::Cold, BlockTag::Logical(lbn), &data, *csum)?;
-                        self.map_set(lbn, MapValue { physical_block: new, checksum: m.checksum })?;
+                        let new =
+                            self.append(Temperature::Cold, BlockTag::Logical(lbn), &data, *csum)?;
+                        self.map_set(
+                            lbn,
+                            MapValue {
+                                physical_block: new,
+                                checksum: m.checksum,
+                            },
+                        )?;
                         self.counters.blocks_relocated += 1;
                     }
-                    BlockTag::MapNode { first_object, level } => {
+                    BlockTag::MapNode {
+                        first_object,
+                        level,
+                    } => {
                         if self.map_relocate_node(first_object, level, phys)? {
                             self.counters.blocks_relocated += 1;
                         }

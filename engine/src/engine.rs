@@ -13,7 +13,7 @@ use crate::format::{data_checksum, Timestamp};
 use crate::fs::{Attr, BlockSource, DirEntry, LayerInfo, ReadPlan, SetAttr, StatFs};
 use crate::store::{Config, Counters, Store, Temperature};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,10 @@ pub struct FormatOptions {
 
 impl Default for FormatOptions {
     fn default() -> Self {
-        FormatOptions { segment_size_bytes: 4 << 20, force: false }
+        FormatOptions {
+            segment_size_bytes: 4 << 20,
+            force: false,
+        }
     }
 }
 
@@ -66,21 +69,38 @@ impl Stats {
     }
 }
 
-/// The layer store. Cheap to share: wrap it in an `Arc`.
-pub struct Engine {
+/// State shared by the engine handle and its background thread.
+struct Shared {
     store: Mutex<Store>,
     dev: Arc<dyn Device>,
     blocks: Arc<BlockCache>,
     reuse: Arc<RwLock<()>>,
     commit_lock: Mutex<()>,
+    crashed: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The layer store. Cheap to share: wrap it in an `Arc`. Dropping the last
+/// handle stops the background thread, checkpoints and closes the device
+/// before `drop` returns.
+pub struct Engine {
+    s: Arc<Shared>,
     stop: Arc<AtomicBool>,
     background: Mutex<Option<JoinHandle<()>>>,
-    crashed: AtomicBool,
 }
 
 /// Reads a plan's blocks: holes as zeros, buffered ones as given, the rest from
 /// the shared cache or the device (contiguous runs in one batch), verified.
-pub(crate) fn execute_plan(dev: &dyn Device, cache: &BlockCache, plan: ReadPlan) -> Result<Vec<u8>> {
+pub(crate) fn execute_plan(
+    dev: &dyn Device,
+    cache: &BlockCache,
+    plan: ReadPlan,
+) -> Result<Vec<u8>> {
     let mut out = vec![0u8; plan.blocks.len() * BLOCK_SIZE];
     let mut misses: Vec<(usize, u64, u64)> = Vec::new();
     for (i, src) in plan.blocks.iter().enumerate() {
@@ -88,7 +108,10 @@ pub(crate) fn execute_plan(dev: &dyn Device, cache: &BlockCache, plan: ReadPlan)
         match src {
             BlockSource::Hole => {}
             BlockSource::Buffered(d) => dst.copy_from_slice(d),
-            BlockSource::Device { physical_block, checksum } => match cache.get(*physical_block) {
+            BlockSource::Device {
+                physical_block,
+                checksum,
+            } => match cache.get(*physical_block) {
                 Some(d) => dst.copy_from_slice(&d),
                 None => misses.push((i, *physical_block, *checksum)),
             },
@@ -106,12 +129,18 @@ pub(crate) fn execute_plan(dev: &dyn Device, cache: &BlockCache, plan: ReadPlan)
                 _ => runs.push((p, vec![(i, c)])),
             }
         }
-        let mut bufs: Vec<AlignedBuf> = runs.iter().map(|(_, v)| AlignedBuf::new(v.len() * BLOCK_SIZE)).collect();
+        let mut bufs: Vec<AlignedBuf> = runs
+            .iter()
+            .map(|(_, v)| AlignedBuf::new(v.len() * BLOCK_SIZE))
+            .collect();
         {
             let mut ops: Vec<IoOp<'_>> = runs
                 .iter()
                 .zip(bufs.iter_mut())
-                .map(|((p, _), b)| IoOp::Read { offset: p * BLOCK_SIZE as u64, buf: &mut b[..] })
+                .map(|((p, _), b)| IoOp::Read {
+                    offset: p * BLOCK_SIZE as u64,
+                    buf: &mut b[..],
+                })
                 .collect();
             dev.submit(&mut ops)?;
         }
@@ -121,7 +150,10 @@ pub(crate) fn execute_plan(dev: &dyn Device, cache: &BlockCache, plan: ReadPlan)
                 let d = &b[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE];
                 let phys = p + j as u64;
                 if data_checksum(d) != *csum {
-                    return Err(Error::corrupt(phys * BLOCK_SIZE as u64, "data block checksum mismatch"));
+                    return Err(Error::corrupt(
+                        phys * BLOCK_SIZE as u64,
+                        "data block checksum mismatch",
+                    ));
                 }
                 let arc: Arc<[u8]> = Arc::from(d);
                 cache.insert(phys, arc.clone());
@@ -144,7 +176,9 @@ impl Engine {
     pub fn format(dev: Arc<dyn Device>, opts: &FormatOptions) -> Result<()> {
         let seg = opts.segment_size_bytes;
         if seg % BLOCK_SIZE as u64 != 0 || !(64 << 10..=256 << 20).contains(&seg) {
-            return Err(Error::Invalid(format!("segment size {seg} must be a multiple of 4096 in 64 KiB..256 MiB")));
+            return Err(Error::Invalid(format!(
+                "segment size {seg} must be a multiple of 4096 in 64 KiB..256 MiB"
+            )));
         }
         if !opts.force {
             if let Some(sig) = detect_signature(&*dev)? {
@@ -156,8 +190,10 @@ impl Engine {
                 Err(e) => log::info!("existing superblock unreadable ({e}); formatting"),
             }
         }
-        let mut cfg = Config::default();
-        cfg.block_cache_bytes = 0;
+        let cfg = Config {
+            block_cache_bytes: 0,
+            ..Config::default()
+        };
         Store::format(dev, (seg / BLOCK_SIZE as u64) as u32, cfg)?;
         Ok(())
     }
@@ -174,22 +210,24 @@ impl Engine {
             store.checkpoint_seq,
             dev.backend()
         );
-        let engine = Arc::new(Engine {
+        let shared = Arc::new(Shared {
             blocks: store.blocks.clone(),
             reuse: store.reuse.clone(),
             store: Mutex::new(store),
             dev,
             commit_lock: Mutex::new(()),
-            stop: Arc::new(AtomicBool::new(false)),
-            background: Mutex::new(None),
             crashed: AtomicBool::new(false),
         });
+        let engine = Arc::new(Engine {
+            s: shared.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
+            background: Mutex::new(None),
+        });
         if config.flush_interval_ms > 0 || config.checkpoint_interval_ms > 0 {
-            let weak = Arc::downgrade(&engine);
             let stop = engine.stop.clone();
             let h = std::thread::Builder::new()
                 .name("lcfs-background".into())
-                .spawn(move || background(weak, stop, config))
+                .spawn(move || background(shared, stop, config))
                 .map_err(Error::Io)?;
             *engine.background.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
         }
@@ -197,7 +235,7 @@ impl Engine {
     }
 
     fn lock(&self) -> MutexGuard<'_, Store> {
-        self.store.lock().unwrap_or_else(|p| p.into_inner())
+        self.s.lock()
     }
 
     /// Runs a change, then bounded upkeep (checkpoint past the dirty limit, evict).
@@ -262,7 +300,9 @@ impl Engine {
         let s = self.lock();
         let mut ids: Vec<u64> = s.layers.keys().copied().collect();
         ids.sort_unstable();
-        ids.into_iter().filter_map(|id| s.layer_info(id).ok()).collect()
+        ids.into_iter()
+            .filter_map(|id| s.layer_info(id).ok())
+            .collect()
     }
 
     // ------------------------------------------------------------ files
@@ -280,25 +320,91 @@ impl Engine {
     }
 
     /// Creates a regular file.
-    pub fn create(&self, layer: u64, dir: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> Result<Attr> {
-        self.change(|s| s.make_node(layer, dir, name, crate::fs::S_IFREG | (mode & 0o7777), 0, uid, gid, None))
+    pub fn create(
+        &self,
+        layer: u64,
+        dir: u64,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr> {
+        self.change(|s| {
+            s.make_node(
+                layer,
+                dir,
+                name,
+                crate::fs::S_IFREG | (mode & 0o7777),
+                0,
+                uid,
+                gid,
+                None,
+            )
+        })
     }
 
     /// Creates any kind of node but a symlink: `mode` carries the type bits.
     #[allow(clippy::too_many_arguments)]
-    pub fn mknod(&self, layer: u64, dir: u64, name: &[u8], mode: u32, rdev: u64, uid: u32, gid: u32) -> Result<Attr> {
+    pub fn mknod(
+        &self,
+        layer: u64,
+        dir: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u64,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr> {
         if crate::fs::FileKind::from_mode(mode) == Some(crate::fs::FileKind::Symlink) {
             return Err(Error::Invalid("use symlink".into()));
         }
         self.change(|s| s.make_node(layer, dir, name, mode, rdev, uid, gid, None))
     }
 
-    pub fn mkdir(&self, layer: u64, dir: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> Result<Attr> {
-        self.change(|s| s.make_node(layer, dir, name, crate::fs::S_IFDIR | (mode & 0o7777), 0, uid, gid, None))
+    pub fn mkdir(
+        &self,
+        layer: u64,
+        dir: u64,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr> {
+        self.change(|s| {
+            s.make_node(
+                layer,
+                dir,
+                name,
+                crate::fs::S_IFDIR | (mode & 0o7777),
+                0,
+                uid,
+                gid,
+                None,
+            )
+        })
     }
 
-    pub fn symlink(&self, layer: u64, dir: u64, name: &[u8], target: &[u8], uid: u32, gid: u32) -> Result<Attr> {
-        self.change(|s| s.make_node(layer, dir, name, crate::fs::S_IFLNK | 0o777, 0, uid, gid, Some(target)))
+    pub fn symlink(
+        &self,
+        layer: u64,
+        dir: u64,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr> {
+        self.change(|s| {
+            s.make_node(
+                layer,
+                dir,
+                name,
+                crate::fs::S_IFLNK | 0o777,
+                0,
+                uid,
+                gid,
+                Some(target),
+            )
+        })
     }
 
     pub fn readlink(&self, layer: u64, ino: u64) -> Result<Vec<u8>> {
@@ -314,7 +420,15 @@ impl Engine {
     }
 
     /// Renames within one layer; `flags` takes RENAME_NOREPLACE or RENAME_EXCHANGE.
-    pub fn rename(&self, layer: u64, from_dir: u64, from: &[u8], to_dir: u64, to: &[u8], flags: u32) -> Result<()> {
+    pub fn rename(
+        &self,
+        layer: u64,
+        from_dir: u64,
+        from: &[u8],
+        to_dir: u64,
+        to: &[u8],
+        flags: u32,
+    ) -> Result<()> {
         self.change(|s| s.rename(layer, from_dir, from, to_dir, to, flags))
     }
 
@@ -326,7 +440,7 @@ impl Engine {
     /// Reads up to `len` bytes at `offset` (short at end of file).
     pub fn read(&self, layer: u64, ino: u64, offset: u64, len: usize) -> Result<Vec<u8>> {
         let len = len.min(64 << 20);
-        let reuse = self.reuse.clone();
+        let reuse = self.s.reuse.clone();
         let (plan, _guard) = {
             let mut s = self.lock();
             let plan = s.read_plan(layer, ino, offset, len);
@@ -334,7 +448,7 @@ impl Engine {
             let _ = s.maintain();
             (plan?, guard)
         };
-        execute_plan(&*self.dev, &self.blocks, plan)
+        execute_plan(&*self.s.dev, &self.s.blocks, plan)
     }
 
     pub fn write(&self, layer: u64, ino: u64, offset: u64, data: &[u8]) -> Result<usize> {
@@ -347,12 +461,24 @@ impl Engine {
     }
 
     /// Up to `limit` entries after `cookie` (0 starts). "." and ".." are not listed.
-    pub fn readdir(&self, layer: u64, dir: u64, cookie: u64, limit: usize) -> Result<Vec<DirEntry>> {
+    pub fn readdir(
+        &self,
+        layer: u64,
+        dir: u64,
+        cookie: u64,
+        limit: usize,
+    ) -> Result<Vec<DirEntry>> {
         self.change(|s| s.readdir(layer, dir, cookie, limit))
     }
 
     /// Like readdir, with each entry's attributes.
-    pub fn readdir_plus(&self, layer: u64, dir: u64, cookie: u64, limit: usize) -> Result<Vec<(DirEntry, Attr)>> {
+    pub fn readdir_plus(
+        &self,
+        layer: u64,
+        dir: u64,
+        cookie: u64,
+        limit: usize,
+    ) -> Result<Vec<(DirEntry, Attr)>> {
         self.change(|s| {
             let entries = s.readdir(layer, dir, cookie, limit)?;
             entries
@@ -370,7 +496,14 @@ impl Engine {
     }
 
     /// `flags`: XATTR_CREATE or XATTR_REPLACE.
-    pub fn setxattr(&self, layer: u64, ino: u64, name: &[u8], value: &[u8], flags: u32) -> Result<()> {
+    pub fn setxattr(
+        &self,
+        layer: u64,
+        ino: u64,
+        name: &[u8],
+        value: &[u8],
+        flags: u32,
+    ) -> Result<()> {
         self.change(|s| s.setxattr(layer, ino, name, value, flags))
     }
 
@@ -405,7 +538,7 @@ impl Engine {
     /// share checkpoints (group commit).
     pub fn sync(&self) -> Result<()> {
         let target = self.lock().generation;
-        let _c = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _c = self.s.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut s = self.lock();
         if s.durable_generation >= target && s.failed.is_none() {
             return Ok(());
@@ -422,17 +555,17 @@ impl Engine {
         let s = self.lock();
         let seg = s.geo.segment_blocks as u64 * BLOCK_SIZE as u64;
         Stats {
-            backend: self.dev.backend(),
-            device: self.dev.stats(),
+            backend: self.s.dev.backend(),
+            device: self.s.dev.stats(),
             engine: s.counters,
             node_cache_hits: s.nodes.hits,
             node_cache_misses: s.nodes.misses,
             node_cache_bytes: s.nodes.bytes(),
             node_cache_nodes: s.nodes.len(),
             dirty_nodes: s.nodes.dirty_count(),
-            block_cache_hits: self.blocks.hits(),
-            block_cache_misses: self.blocks.misses(),
-            block_cache_blocks: self.blocks.len(),
+            block_cache_hits: self.s.blocks.hits(),
+            block_cache_misses: self.s.blocks.misses(),
+            block_cache_blocks: self.s.blocks.len(),
             layers: s.layers.len(),
             segments: s.geo.segment_count,
             segments_free: s.free.len(),
@@ -453,13 +586,18 @@ impl Engine {
     pub fn drop_caches(&self) {
         let mut s = self.lock();
         s.nodes.drop_clean();
-        self.blocks.clear();
+        self.s.blocks.clear();
     }
 
     /// Checkpoints and stops the background thread.
     pub fn close(&self) -> Result<()> {
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.background.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(h) = self
+            .background
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             let _ = h.join();
         }
         self.sync()
@@ -468,7 +606,7 @@ impl Engine {
     /// Simulates a crash: the engine writes nothing more, not even at drop.
     #[cfg(any(test, feature = "testing"))]
     pub fn crash(&self) {
-        self.crashed.store(true, Ordering::SeqCst);
+        self.s.crashed.store(true, Ordering::SeqCst);
         self.stop.store(true, Ordering::SeqCst);
         self.lock().failed = Some("simulated crash".into());
     }
@@ -487,12 +625,15 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.background.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            if h.thread().id() != std::thread::current().id() {
-                let _ = h.join();
-            }
+        if let Some(h) = self
+            .background
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = h.join();
         }
-        if self.crashed.load(Ordering::SeqCst) {
+        if self.s.crashed.load(Ordering::SeqCst) {
             return;
         }
         let mut s = self.lock();
@@ -504,12 +645,11 @@ impl Drop for Engine {
     }
 }
 
-fn background(engine: Weak<Engine>, stop: Arc<AtomicBool>, config: Config) {
+fn background(e: Arc<Shared>, stop: Arc<AtomicBool>, config: Config) {
     let tick = Duration::from_millis(config.flush_interval_ms.clamp(10, 1000));
     let mut last_checkpoint = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(tick);
-        let Some(e) = engine.upgrade() else { return };
         if stop.load(Ordering::SeqCst) {
             return;
         }
@@ -518,7 +658,9 @@ fn background(engine: Weak<Engine>, stop: Arc<AtomicBool>, config: Config) {
             continue;
         }
         // Timer flush: partially filled segment buffers go out.
-        let _ = s.write_out(Temperature::Hot).and_then(|_| s.write_out(Temperature::Cold));
+        let _ = s
+            .write_out(Temperature::Hot)
+            .and_then(|_| s.write_out(Temperature::Cold));
         if s.wants_cleaning() {
             if let Err(err) = s.clean(false, 2) {
                 log::warn!("background cleaning: {err}");

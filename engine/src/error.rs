@@ -87,6 +87,9 @@ impl Error {
     }
 
     pub(crate) fn corrupt(offset: u64, what: impl fmt::Display) -> Error {
-        Error::Corrupt { offset, what: what.to_string() }
+        Error::Corrupt {
+            offset,
+            what: what.to_string(),
+        }
     }
 }

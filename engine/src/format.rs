@@ -214,8 +214,7 @@ impl Superblock {
 
     fn check_geometry(&self, offset: u64) -> Result<()> {
         let seg = self.segment_blocks as u64;
-        let ok = seg >= 16
-            && seg <= 65536
+        let ok = (16..=65536).contains(&seg)
             && self.segtable_start_block == SUPERBLOCK_SLOTS
             && self.segtable_start_block + 2 * self.segtable_blocks as u64 <= self.data_start_block
             && (self.segtable_blocks as u64) * SEGTABLE_ENTRIES as u64 >= self.segment_count as u64
@@ -226,7 +225,10 @@ impl Superblock {
         if ok {
             Ok(())
         } else {
-            Err(Error::corrupt(offset, "superblock geometry is inconsistent"))
+            Err(Error::corrupt(
+                offset,
+                "superblock geometry is inconsistent",
+            ))
         }
     }
 }
@@ -244,10 +246,22 @@ pub struct Key {
 pub const KEY_BYTES: usize = 17;
 
 impl Key {
-    pub const MIN: Key = Key { object: 0, kind: 0, offset: 0 };
-    pub const MAX: Key = Key { object: u64::MAX, kind: u8::MAX, offset: u64::MAX };
+    pub const MIN: Key = Key {
+        object: 0,
+        kind: 0,
+        offset: 0,
+    };
+    pub const MAX: Key = Key {
+        object: u64::MAX,
+        kind: u8::MAX,
+        offset: u64::MAX,
+    };
     pub const fn new(object: u64, kind: u8, offset: u64) -> Key {
-        Key { object, kind, offset }
+        Key {
+            object,
+            kind,
+            offset,
+        }
     }
     fn encode(&self, w: &mut Writer<'_>) {
         w.u64(self.object);
@@ -255,7 +269,11 @@ impl Key {
         w.u64(self.offset);
     }
     fn decode(r: &mut Reader<'_>) -> Result<Key> {
-        Ok(Key { object: r.u64()?, kind: r.u8()?, offset: r.u64()? })
+        Ok(Key {
+            object: r.u64()?,
+            kind: r.u8()?,
+            offset: r.u64()?,
+        })
     }
 }
 
@@ -314,7 +332,10 @@ impl NodeImage {
     /// Serialized entry bytes (without header).
     pub fn entry_bytes(&self) -> usize {
         if self.level == 0 {
-            self.values.iter().map(|v| LEAF_ENTRY_OVERHEAD + v.len()).sum()
+            self.values
+                .iter()
+                .map(|v| LEAF_ENTRY_OVERHEAD + v.len())
+                .sum()
         } else {
             self.children.len() * INTERNAL_ENTRY_BYTES
         }
@@ -324,7 +345,10 @@ impl NodeImage {
     /// split first, and a node that does not fit would corrupt the format.
     pub fn encode(&self, block: &mut [u8]) {
         assert_eq!(block.len(), BLOCK_SIZE);
-        assert!(self.entry_bytes() <= NODE_CAPACITY, "node overflows its block");
+        assert!(
+            self.entry_bytes() <= NODE_CAPACITY,
+            "node overflows its block"
+        );
         if self.level == 0 {
             assert_eq!(self.keys.len(), self.values.len());
         } else {
@@ -357,7 +381,11 @@ impl NodeImage {
 
     /// Checksum of an encoded node block (what a pointer to it records).
     pub fn block_checksum(block: &[u8]) -> u64 {
-        u64::from_le_bytes(block[NODE_CHECKSUM_AT..NODE_CHECKSUM_AT + 8].try_into().unwrap())
+        u64::from_le_bytes(
+            block[NODE_CHECKSUM_AT..NODE_CHECKSUM_AT + 8]
+                .try_into()
+                .unwrap(),
+        )
     }
 
     /// Decodes and verifies a node read from physical `offset`, expecting it to
@@ -375,13 +403,20 @@ impl NodeImage {
         if r.u32()? != NODE_MAGIC {
             return Err(Error::corrupt(offset, "no node magic"));
         }
-        let stored = u64::from_le_bytes(block[NODE_CHECKSUM_AT..NODE_CHECKSUM_AT + 8].try_into().unwrap());
+        let stored = u64::from_le_bytes(
+            block[NODE_CHECKSUM_AT..NODE_CHECKSUM_AT + 8]
+                .try_into()
+                .unwrap(),
+        );
         if stored != checksum_with_hole(block, NODE_CHECKSUM_AT) {
             return Err(Error::corrupt(offset, "node checksum mismatch"));
         }
         let tree_byte = r.u8()?;
         if tree_byte != tree as u8 {
-            return Err(Error::corrupt(offset, format!("node of tree kind {tree_byte}, expected {}", tree as u8)));
+            return Err(Error::corrupt(
+                offset,
+                format!("node of tree kind {tree_byte}, expected {}", tree as u8),
+            ));
         }
         let level = r.u8()?;
         let count = r.u16()? as usize;
@@ -418,7 +453,10 @@ impl NodeImage {
                 let len = r.u16()? as usize;
                 node.values.push(r.bytes(len)?.to_vec());
             } else {
-                node.children.push(ChildRef { address: r.u64()?, checksum: r.u64()? });
+                node.children.push(ChildRef {
+                    address: r.u64()?,
+                    checksum: r.u64()?,
+                });
             }
         }
         Ok(node)
@@ -445,14 +483,18 @@ impl BlockTag {
                 assert!(lbn & TAG_MAP_BIT == 0);
                 lbn
             }
-            BlockTag::MapNode { first_object, level } => {
-                TAG_MAP_BIT | ((level as u64) << 56) | (first_object & ((1 << 56) - 1))
-            }
+            BlockTag::MapNode {
+                first_object,
+                level,
+            } => TAG_MAP_BIT | ((level as u64) << 56) | (first_object & ((1 << 56) - 1)),
         }
     }
     fn decode(v: u64) -> BlockTag {
         if v & TAG_MAP_BIT != 0 {
-            BlockTag::MapNode { first_object: v & ((1 << 56) - 1), level: ((v >> 56) & 0x7f) as u8 }
+            BlockTag::MapNode {
+                first_object: v & ((1 << 56) - 1),
+                level: ((v >> 56) & 0x7f) as u8,
+            }
         } else {
             BlockTag::Logical(v)
         }
@@ -501,7 +543,11 @@ impl Summary {
         if r.u32()? != SUMMARY_MAGIC {
             return Err(Error::corrupt(offset, "no summary magic"));
         }
-        let stored = u64::from_le_bytes(block[SUMMARY_CHECKSUM_AT..SUMMARY_CHECKSUM_AT + 8].try_into().unwrap());
+        let stored = u64::from_le_bytes(
+            block[SUMMARY_CHECKSUM_AT..SUMMARY_CHECKSUM_AT + 8]
+                .try_into()
+                .unwrap(),
+        );
         if stored != checksum_with_hole(block, SUMMARY_CHECKSUM_AT) {
             return Err(Error::corrupt(offset, "summary checksum mismatch"));
         }
@@ -511,7 +557,10 @@ impl Summary {
         }
         let at = r.u64()?;
         if at != self_block {
-            return Err(Error::corrupt(offset, format!("summary claims block {at:#x}")));
+            return Err(Error::corrupt(
+                offset,
+                format!("summary claims block {at:#x}"),
+            ));
         }
         let seq = r.u64()?;
         let mut r = Reader::new(&block[SUMMARY_HEADER_BYTES..]);
@@ -519,7 +568,11 @@ impl Summary {
         for _ in 0..count {
             entries.push((BlockTag::decode(r.u64()?), r.u64()?));
         }
-        Ok(Summary { self_block, seq, entries })
+        Ok(Summary {
+            self_block,
+            seq,
+            entries,
+        })
     }
 }
 
@@ -576,26 +629,43 @@ impl SegtableBlock {
         if r.u32()? != SEGTABLE_MAGIC {
             return Err(Error::corrupt(offset, "no segment table magic"));
         }
-        let stored = u64::from_le_bytes(block[SEGTABLE_CHECKSUM_AT..SEGTABLE_CHECKSUM_AT + 8].try_into().unwrap());
+        let stored = u64::from_le_bytes(
+            block[SEGTABLE_CHECKSUM_AT..SEGTABLE_CHECKSUM_AT + 8]
+                .try_into()
+                .unwrap(),
+        );
         if stored != checksum_with_hole(block, SEGTABLE_CHECKSUM_AT) {
             return Err(Error::corrupt(offset, "segment table checksum mismatch"));
         }
         if r.u32()? != index {
-            return Err(Error::corrupt(offset, "segment table block has wrong index"));
+            return Err(Error::corrupt(
+                offset,
+                "segment table block has wrong index",
+            ));
         }
         let checkpoint_seq = r.u64()?;
         let count = r.u32()? as usize;
         if count > SEGTABLE_ENTRIES {
-            return Err(Error::corrupt(offset, "segment table entry count out of range"));
+            return Err(Error::corrupt(
+                offset,
+                "segment table entry count out of range",
+            ));
         }
         let mut r = Reader::new(&block[SEGTABLE_HEADER_BYTES..]);
         let mut entries = Vec::with_capacity(count);
         for _ in 0..count {
             let live_blocks = r.u32()?;
             r.u32()?;
-            entries.push(SegmentUsage { live_blocks, open_seq: r.u64()? });
+            entries.push(SegmentUsage {
+                live_blocks,
+                open_seq: r.u64()?,
+            });
         }
-        Ok(SegtableBlock { index, checkpoint_seq, entries })
+        Ok(SegtableBlock {
+            index,
+            checkpoint_seq,
+            entries,
+        })
     }
 
     /// Hash input for the superblock's whole-table checksum.
@@ -627,7 +697,10 @@ impl MapValue {
     }
     pub fn decode(b: &[u8]) -> Result<MapValue> {
         let mut r = Reader::new(b);
-        Ok(MapValue { physical_block: r.u64()?, checksum: r.u64()? })
+        Ok(MapValue {
+            physical_block: r.u64()?,
+            checksum: r.u64()?,
+        })
     }
 }
 
@@ -647,7 +720,10 @@ impl ExtentValue {
     }
     pub fn decode(b: &[u8]) -> Result<ExtentValue> {
         let mut r = Reader::new(b);
-        Ok(ExtentValue { lbn: r.u64()?, birth_layer: r.u64()? })
+        Ok(ExtentValue {
+            lbn: r.u64()?,
+            birth_layer: r.u64()?,
+        })
     }
 }
 
@@ -663,7 +739,10 @@ impl Timestamp {
         let d = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        Timestamp { seconds: d.as_secs() as i64, nanoseconds: d.subsec_nanos() }
+        Timestamp {
+            seconds: d.as_secs() as i64,
+            nanoseconds: d.subsec_nanos(),
+        }
     }
 }
 
@@ -871,7 +950,10 @@ mod tests {
         for at in [0, 20, 100, BLOCK_SIZE - 1] {
             let mut c = b.clone();
             c[at] ^= 1;
-            assert!(Superblock::decode(&c, 0).is_err(), "flip at {at} not caught");
+            assert!(
+                Superblock::decode(&c, 0).is_err(),
+                "flip at {at} not caught"
+            );
         }
     }
 
@@ -904,7 +986,13 @@ mod tests {
             seq: 17,
             entries: vec![
                 (BlockTag::Logical(5), 11),
-                (BlockTag::MapNode { first_object: 99, level: 2 }, 12),
+                (
+                    BlockTag::MapNode {
+                        first_object: 99,
+                        level: 2,
+                    },
+                    12,
+                ),
             ],
         };
         let mut b = vec![0u8; BLOCK_SIZE];
@@ -914,7 +1002,13 @@ mod tests {
         let t = SegtableBlock {
             index: 3,
             checkpoint_seq: 8,
-            entries: vec![SegmentUsage { live_blocks: 5, open_seq: 6 }; SEGTABLE_ENTRIES],
+            entries: vec![
+                SegmentUsage {
+                    live_blocks: 5,
+                    open_seq: 6
+                };
+                SEGTABLE_ENTRIES
+            ],
         };
         t.encode(&mut b);
         assert_eq!(SegtableBlock::decode(&b, 0, 3).unwrap(), t);
@@ -927,7 +1021,10 @@ mod tests {
             mode: 0o100644,
             nlink: 2,
             size: 1 << 40,
-            atime: Timestamp { seconds: -5, nanoseconds: 999_999_999 },
+            atime: Timestamp {
+                seconds: -5,
+                nanoseconds: 999_999_999,
+            },
             ..Default::default()
         };
         assert_eq!(InodeValue::decode(&i.encode()).unwrap(), i);

@@ -186,7 +186,8 @@ fn name_hash(name: &[u8]) -> u64 {
 }
 
 fn check_name(name: &[u8]) -> Result<()> {
-    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
         return Err(Error::Invalid("bad file name".into()));
     }
     if name.len() > NAME_MAX {
@@ -227,7 +228,10 @@ fn decode_dirent(v: &[u8]) -> Result<(u64, FileKind)> {
     if v.len() != 9 {
         return Err(Error::corrupt(0, "bad directory entry"));
     }
-    Ok((u64::from_le_bytes(v[..8].try_into().unwrap()), FileKind::from_code(v[8])?))
+    Ok((
+        u64::from_le_bytes(v[..8].try_into().unwrap()),
+        FileKind::from_code(v[8])?,
+    ))
 }
 
 impl Store {
@@ -238,7 +242,10 @@ impl Store {
     }
 
     pub(crate) fn layer_id(&self, name: &str) -> Result<u64> {
-        self.layer_names.get(name.as_bytes()).copied().ok_or(Error::NotFound)
+        self.layer_names
+            .get(name.as_bytes())
+            .copied()
+            .ok_or(Error::NotFound)
     }
 
     fn writable_layer(&self, layer: u64) -> Result<()> {
@@ -283,7 +290,13 @@ impl Store {
         r
     }
 
-    pub(crate) fn lscan(&mut self, layer: u64, lo: Key, hi: Key, f: &mut dyn FnMut(&Key, &[u8]) -> bool) -> Result<()> {
+    pub(crate) fn lscan(
+        &mut self,
+        layer: u64,
+        lo: Key,
+        hi: Key,
+        f: &mut dyn FnMut(&Key, &[u8]) -> bool,
+    ) -> Result<()> {
         let root = self.layer(layer)?.root;
         self.scan(Tree::Layer(layer), root, lo, hi, f)
     }
@@ -315,7 +328,12 @@ impl Store {
         }
     }
 
-    pub(crate) fn dirent_get(&mut self, layer: u64, dir: u64, name: &[u8]) -> Result<Option<(u64, FileKind)>> {
+    pub(crate) fn dirent_get(
+        &mut self,
+        layer: u64,
+        dir: u64,
+        name: &[u8],
+    ) -> Result<Option<(u64, FileKind)>> {
         let list = self.dirent_list(layer, dir, name_hash(name))?;
         match list.iter().find(|(n, _)| n == name) {
             Some((_, v)) => Ok(Some(decode_dirent(v)?)),
@@ -323,7 +341,14 @@ impl Store {
         }
     }
 
-    fn dirent_put(&mut self, layer: u64, dir: u64, name: &[u8], ino: u64, kind: FileKind) -> Result<()> {
+    fn dirent_put(
+        &mut self,
+        layer: u64,
+        dir: u64,
+        name: &[u8],
+        ino: u64,
+        kind: FileKind,
+    ) -> Result<()> {
         let h = name_hash(name);
         let mut list = self.dirent_list(layer, dir, h)?;
         match list.iter_mut().find(|(n, _)| n == name) {
@@ -354,10 +379,15 @@ impl Store {
 
     fn dir_is_empty(&mut self, layer: u64, dir: u64) -> Result<bool> {
         let mut empty = true;
-        self.lscan(layer, Key::new(dir, KIND_DIRENT, 0), Key::new(dir, KIND_DIRENT, u64::MAX), &mut |_, _| {
-            empty = false;
-            false
-        })?;
+        self.lscan(
+            layer,
+            Key::new(dir, KIND_DIRENT, 0),
+            Key::new(dir, KIND_DIRENT, u64::MAX),
+            &mut |_, _| {
+                empty = false;
+                false
+            },
+        )?;
         Ok(empty)
     }
 
@@ -367,9 +397,20 @@ impl Store {
 
     // ------------------------------------------------------------ layers
 
-    pub(crate) fn create_layer(&mut self, name: &str, parent: Option<&str>, cold: bool) -> Result<u64> {
+    pub(crate) fn create_layer(
+        &mut self,
+        name: &str,
+        parent: Option<&str>,
+        cold: bool,
+    ) -> Result<u64> {
         self.check_writable()?;
-        if name.is_empty() || name.len() > NAME_MAX || name.contains('/') || name.contains('\0') || name == "." || name == ".." {
+        if name.is_empty()
+            || name.len() > NAME_MAX
+            || name.contains('/')
+            || name.contains('\0')
+            || name == "."
+            || name == ".."
+        {
             return Err(Error::Invalid(format!("bad layer name {name:?}")));
         }
         if self.layer_names.contains_key(name.as_bytes()) {
@@ -445,7 +486,11 @@ impl Store {
         self.check_writable()?;
         let l = self.layer(layer)?;
         if l.children > 0 {
-            return Err(Error::Busy(format!("layer {} has {} children", String::from_utf8_lossy(&l.name), l.children)));
+            return Err(Error::Busy(format!(
+                "layer {} has {} children",
+                String::from_utf8_lossy(&l.name),
+                l.children
+            )));
         }
         if self.open_counts.keys().any(|(lid, _)| *lid == layer) {
             return Err(Error::Busy("layer has open files".into()));
@@ -516,7 +561,10 @@ impl Store {
         Ok(LayerInfo {
             id: l.id,
             name: String::from_utf8_lossy(&l.name).into_owned(),
-            parent: self.layers.get(&l.parent).map(|p| String::from_utf8_lossy(&p.name).into_owned()),
+            parent: self
+                .layers
+                .get(&l.parent)
+                .map(|p| String::from_utf8_lossy(&p.name).into_owned()),
             frozen: l.frozen,
             cold: l.cold,
             children: l.children,
@@ -545,29 +593,45 @@ impl Store {
         }
     }
 
-    pub(crate) fn readdir(&mut self, layer: u64, dir: u64, cookie: u64, limit: usize) -> Result<Vec<DirEntry>> {
+    pub(crate) fn readdir(
+        &mut self,
+        layer: u64,
+        dir: u64,
+        cookie: u64,
+        limit: usize,
+    ) -> Result<Vec<DirEntry>> {
         self.dir_inode(layer, dir)?;
         let start_hash = cookie & !0xff;
         let mut out = Vec::new();
         let mut bad = None;
-        self.lscan(layer, Key::new(dir, KIND_DIRENT, start_hash), Key::new(dir, KIND_DIRENT, u64::MAX), &mut |k, v| {
-            match decode_named(v) {
-                Ok(list) => {
-                    for (j, (name, payload)) in list.into_iter().enumerate() {
-                        let c = k.offset + j as u64 + 1;
-                        if c <= cookie {
-                            continue;
-                        }
-                        match decode_dirent(&payload) {
-                            Ok((inode, kind)) => out.push(DirEntry { name, inode, kind, cookie: c }),
-                            Err(e) => bad = Some(e),
+        self.lscan(
+            layer,
+            Key::new(dir, KIND_DIRENT, start_hash),
+            Key::new(dir, KIND_DIRENT, u64::MAX),
+            &mut |k, v| {
+                match decode_named(v) {
+                    Ok(list) => {
+                        for (j, (name, payload)) in list.into_iter().enumerate() {
+                            let c = k.offset + j as u64 + 1;
+                            if c <= cookie {
+                                continue;
+                            }
+                            match decode_dirent(&payload) {
+                                Ok((inode, kind)) => out.push(DirEntry {
+                                    name,
+                                    inode,
+                                    kind,
+                                    cookie: c,
+                                }),
+                                Err(e) => bad = Some(e),
+                            }
                         }
                     }
+                    Err(e) => bad = Some(e),
                 }
-                Err(e) => bad = Some(e),
-            }
-            bad.is_none() && out.len() < limit
-        })?;
+                bad.is_none() && out.len() < limit
+            },
+        )?;
         if let Some(e) = bad {
             return Err(e);
         }
@@ -605,7 +669,8 @@ impl Store {
     ) -> Result<Attr> {
         self.writable_layer(layer)?;
         check_name(name)?;
-        let kind = FileKind::from_mode(mode).ok_or_else(|| Error::Invalid("bad file type".into()))?;
+        let kind =
+            FileKind::from_mode(mode).ok_or_else(|| Error::Invalid("bad file type".into()))?;
         let mut parent = self.dir_inode(layer, dir)?;
         if parent.nlink == 0 {
             return Err(Error::NotFound);
@@ -615,7 +680,11 @@ impl Store {
         }
         if let Some(t) = symlink {
             if t.is_empty() || t.len() >= 4096 {
-                return Err(if t.is_empty() { Error::NotFound } else { Error::NameTooLong });
+                return Err(if t.is_empty() {
+                    Error::NotFound
+                } else {
+                    Error::NameTooLong
+                });
             }
         }
         let extra = symlink.map_or(0, |t| if t.len() > INLINE_SYMLINK_MAX { 1 } else { 0 });
@@ -644,7 +713,11 @@ impl Store {
             atime: now,
             mtime: now,
             ctime: now,
-            rdev: if matches!(kind, FileKind::CharDevice | FileKind::BlockDevice) { rdev } else { 0 },
+            rdev: if matches!(kind, FileKind::CharDevice | FileKind::BlockDevice) {
+                rdev
+            } else {
+                0
+            },
             parent: if kind == FileKind::Directory { dir } else { 0 },
             generation: self.generation,
         };
@@ -729,10 +802,15 @@ impl Store {
 
     pub(crate) fn delete_inode(&mut self, layer: u64, ino: u64) -> Result<()> {
         let mut keys = Vec::new();
-        self.lscan(layer, Key::new(ino, 0, 0), Key::new(ino, u8::MAX, u64::MAX), &mut |k, v| {
-            keys.push((*k, (k.kind == KIND_EXTENT).then(|| v.to_vec())));
-            true
-        })?;
+        self.lscan(
+            layer,
+            Key::new(ino, 0, 0),
+            Key::new(ino, u8::MAX, u64::MAX),
+            &mut |k, v| {
+                keys.push((*k, (k.kind == KIND_EXTENT).then(|| v.to_vec())));
+                true
+            },
+        )?;
         for (k, v) in keys {
             if let Some(v) = v {
                 let e = ExtentValue::decode(&v)?;
@@ -749,7 +827,13 @@ impl Store {
         Ok(())
     }
 
-    pub(crate) fn unlink(&mut self, layer: u64, dir: u64, name: &[u8], want_dir: bool) -> Result<()> {
+    pub(crate) fn unlink(
+        &mut self,
+        layer: u64,
+        dir: u64,
+        name: &[u8],
+        want_dir: bool,
+    ) -> Result<()> {
         self.writable_layer(layer)?;
         if name.len() > NAME_MAX {
             return Err(Error::NameTooLong);
@@ -791,7 +875,10 @@ impl Store {
             }
             dir = self.inode(layer, dir)?.parent;
         }
-        Err(Error::corrupt(0, "directory parent chain does not reach the root"))
+        Err(Error::corrupt(
+            0,
+            "directory parent chain does not reach the root",
+        ))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -816,7 +903,9 @@ impl Store {
         check_name(to)?;
         self.dir_inode(layer, from_dir)?;
         self.dir_inode(layer, to_dir)?;
-        let (src, src_kind) = self.dirent_get(layer, from_dir, from)?.ok_or(Error::NotFound)?;
+        let (src, src_kind) = self
+            .dirent_get(layer, from_dir, from)?
+            .ok_or(Error::NotFound)?;
         let dst = self.dirent_get(layer, to_dir, to)?;
         self.ensure_space(0, true)?;
         let now = Timestamp::now();
@@ -825,10 +914,14 @@ impl Store {
             let (dino, dkind) = dst.ok_or(Error::NotFound)?;
             let dst_dir = dkind == FileKind::Directory;
             if src_dir && from_dir != to_dir && self.is_below(layer, to_dir, src)? {
-                return Err(Error::Invalid("cannot move a directory below itself".into()));
+                return Err(Error::Invalid(
+                    "cannot move a directory below itself".into(),
+                ));
             }
             if dst_dir && from_dir != to_dir && self.is_below(layer, from_dir, dino)? {
-                return Err(Error::Invalid("cannot move a directory below itself".into()));
+                return Err(Error::Invalid(
+                    "cannot move a directory below itself".into(),
+                ));
             }
             self.dirent_put(layer, from_dir, from, dino, dkind)?;
             self.dirent_put(layer, to_dir, to, src, src_kind)?;
@@ -841,7 +934,11 @@ impl Store {
                 self.put_inode(layer, ino, &i)?;
             }
             if src_dir != dst_dir && from_dir != to_dir {
-                let (gain, lose) = if src_dir { (to_dir, from_dir) } else { (from_dir, to_dir) };
+                let (gain, lose) = if src_dir {
+                    (to_dir, from_dir)
+                } else {
+                    (from_dir, to_dir)
+                };
                 let mut g = self.inode(layer, gain)?;
                 g.nlink += 1;
                 self.put_inode(layer, gain, &g)?;
@@ -872,7 +969,9 @@ impl Store {
             }
         }
         if src_dir && from_dir != to_dir && self.is_below(layer, to_dir, src)? {
-            return Err(Error::Invalid("cannot move a directory below itself".into()));
+            return Err(Error::Invalid(
+                "cannot move a directory below itself".into(),
+            ));
         }
         if let Some((dino, dkind)) = dst {
             self.drop_link(layer, dino, now)?;
@@ -979,10 +1078,15 @@ impl Store {
             return Ok(());
         }
         let mut found = Vec::new();
-        self.lscan(layer, Key::new(ino, KIND_EXTENT, first), Key::new(ino, KIND_EXTENT, last - 1), &mut |k, v| {
-            found.push((*k, v.to_vec()));
-            true
-        })?;
+        self.lscan(
+            layer,
+            Key::new(ino, KIND_EXTENT, first),
+            Key::new(ino, KIND_EXTENT, last - 1),
+            &mut |k, v| {
+                found.push((*k, v.to_vec()));
+                true
+            },
+        )?;
         let n = found.len() as u64;
         for (k, v) in found {
             let e = ExtentValue::decode(&v)?;
@@ -1001,21 +1105,45 @@ impl Store {
     }
 
     /// Zeroes bytes [from, to) of file block `block` if it exists.
-    fn zero_in_block(&mut self, layer: u64, ino: u64, block: u64, from: usize, to: usize) -> Result<()> {
-        if self.lget(layer, Key::new(ino, KIND_EXTENT, block))?.is_none() {
+    fn zero_in_block(
+        &mut self,
+        layer: u64,
+        ino: u64,
+        block: u64,
+        from: usize,
+        to: usize,
+    ) -> Result<()> {
+        if self
+            .lget(layer, Key::new(ino, KIND_EXTENT, block))?
+            .is_none()
+        {
             return Ok(());
         }
         let zeros = vec![0u8; to - from];
         self.write_blocks(layer, ino, block * BLOCK_SIZE as u64 + from as u64, &zeros)
     }
 
-    pub(crate) fn fallocate(&mut self, layer: u64, ino: u64, mode: u32, offset: u64, len: u64) -> Result<()> {
+    pub(crate) fn fallocate(
+        &mut self,
+        layer: u64,
+        ino: u64,
+        mode: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
         self.writable_layer(layer)?;
         let i = self.inode(layer, ino)?;
         if FileKind::from_mode(i.mode) != Some(FileKind::File) {
-            return Err(if is_dir(&i) { Error::IsDirectory } else { Error::Invalid("not a regular file".into()) });
+            return Err(if is_dir(&i) {
+                Error::IsDirectory
+            } else {
+                Error::Invalid("not a regular file".into())
+            });
         }
-        let end = offset.checked_add(len).filter(|&e| e <= MAX_FILE_BYTES).ok_or(Error::FileTooLarge)?;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= MAX_FILE_BYTES)
+            .ok_or(Error::FileTooLarge)?;
         if len == 0 {
             return Err(Error::Invalid("zero length".into()));
         }
@@ -1037,7 +1165,13 @@ impl Store {
                 if first_full < last_full {
                     self.drop_extents(layer, ino, first_full, last_full)?;
                     if offset % bs != 0 {
-                        self.zero_in_block(layer, ino, offset / bs, (offset % bs) as usize, BLOCK_SIZE)?;
+                        self.zero_in_block(
+                            layer,
+                            ino,
+                            offset / bs,
+                            (offset % bs) as usize,
+                            BLOCK_SIZE,
+                        )?;
                     }
                     if zero_end % bs != 0 {
                         self.zero_in_block(layer, ino, zero_end / bs, 0, (zero_end % bs) as usize)?;
@@ -1048,7 +1182,13 @@ impl Store {
                     while at < zero_end {
                         let b = at / bs;
                         let to = zero_end.min((b + 1) * bs);
-                        self.zero_in_block(layer, ino, b, (at % bs) as usize, (to - b * bs) as usize)?;
+                        self.zero_in_block(
+                            layer,
+                            ino,
+                            b,
+                            (at % bs) as usize,
+                            (to - b * bs) as usize,
+                        )?;
                         at = to;
                     }
                 }
@@ -1073,7 +1213,13 @@ impl Store {
     // ------------------------------------------------------------ data
 
     /// Public write entry: checks, space, then the block loop.
-    pub(crate) fn write(&mut self, layer: u64, ino: u64, offset: u64, data: &[u8]) -> Result<usize> {
+    pub(crate) fn write(
+        &mut self,
+        layer: u64,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<usize> {
         self.writable_layer(layer)?;
         let i = self.inode(layer, ino)?;
         match FileKind::from_mode(i.mode) {
@@ -1085,11 +1231,21 @@ impl Store {
         Ok(data.len())
     }
 
-    fn write_data(&mut self, layer: u64, ino: u64, offset: u64, data: &[u8], touch: bool) -> Result<()> {
+    fn write_data(
+        &mut self,
+        layer: u64,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+        touch: bool,
+    ) -> Result<()> {
         if data.is_empty() {
             return Ok(());
         }
-        let end = offset.checked_add(data.len() as u64).filter(|&e| e <= MAX_FILE_BYTES).ok_or(Error::FileTooLarge)?;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= MAX_FILE_BYTES)
+            .ok_or(Error::FileTooLarge)?;
         let bs = BLOCK_SIZE as u64;
         let blocks = end.div_ceil(bs) - offset / bs;
         self.ensure_space(blocks, false)?;
@@ -1131,7 +1287,11 @@ impl Store {
             if n < BLOCK_SIZE {
                 match old {
                     Some(e) => {
-                        let plan = ReadPlan { skip: 0, len: BLOCK_SIZE, blocks: vec![self.block_source(e.lbn)?] };
+                        let plan = ReadPlan {
+                            skip: 0,
+                            len: BLOCK_SIZE,
+                            blocks: vec![self.block_source(e.lbn)?],
+                        };
                         let cur = self.read_now(plan)?;
                         buf.copy_from_slice(&cur);
                     }
@@ -1144,13 +1304,33 @@ impl Store {
                 // Our own block: keep its logical number, move it in the map.
                 Some(e) if e.birth_layer == layer => {
                     let phys = self.append(temp, BlockTag::Logical(e.lbn), &buf, csum)?;
-                    self.map_set(e.lbn, MapValue { physical_block: phys, checksum: csum })?;
+                    self.map_set(
+                        e.lbn,
+                        MapValue {
+                            physical_block: phys,
+                            checksum: csum,
+                        },
+                    )?;
                 }
                 _ => {
                     let lbn = self.alloc_lbn();
                     let phys = self.append(temp, BlockTag::Logical(lbn), &buf, csum)?;
-                    self.map_set(lbn, MapValue { physical_block: phys, checksum: csum })?;
-                    self.lput(layer, key, ExtentValue { lbn, birth_layer: layer }.encode())?;
+                    self.map_set(
+                        lbn,
+                        MapValue {
+                            physical_block: phys,
+                            checksum: csum,
+                        },
+                    )?;
+                    self.lput(
+                        layer,
+                        key,
+                        ExtentValue {
+                            lbn,
+                            birth_layer: layer,
+                        }
+                        .encode(),
+                    )?;
                     self.charge_layer(layer, 1);
                     if old.is_none() {
                         added_blocks += 1;
@@ -1173,31 +1353,52 @@ impl Store {
             .ok_or_else(|| Error::corrupt(0, format!("file block {lbn} has no address")))?;
         if let Some(d) = self.buffered_block(m.physical_block) {
             if data_checksum(d) != m.checksum {
-                return Err(Error::corrupt(m.physical_block * BLOCK_SIZE as u64, "buffered block checksum mismatch"));
+                return Err(Error::corrupt(
+                    m.physical_block * BLOCK_SIZE as u64,
+                    "buffered block checksum mismatch",
+                ));
             }
             return Ok(BlockSource::Buffered(d.to_vec()));
         }
-        Ok(BlockSource::Device { physical_block: m.physical_block, checksum: m.checksum })
+        Ok(BlockSource::Device {
+            physical_block: m.physical_block,
+            checksum: m.checksum,
+        })
     }
 
     /// Resolves a read to block sources (under the lock).
-    pub(crate) fn read_plan(&mut self, layer: u64, ino: u64, offset: u64, len: usize) -> Result<ReadPlan> {
+    pub(crate) fn read_plan(
+        &mut self,
+        layer: u64,
+        ino: u64,
+        offset: u64,
+        len: usize,
+    ) -> Result<ReadPlan> {
         let i = self.inode(layer, ino)?;
         if is_dir(&i) {
             return Err(Error::IsDirectory);
         }
         if offset >= i.size || len == 0 {
-            return Ok(ReadPlan { skip: 0, len: 0, blocks: Vec::new() });
+            return Ok(ReadPlan {
+                skip: 0,
+                len: 0,
+                blocks: Vec::new(),
+            });
         }
         let len = (len as u64).min(i.size - offset) as usize;
         let bs = BLOCK_SIZE as u64;
         let first = offset / bs;
         let last = (offset + len as u64 - 1) / bs;
         let mut extents = Vec::new();
-        self.lscan(layer, Key::new(ino, KIND_EXTENT, first), Key::new(ino, KIND_EXTENT, last), &mut |k, v| {
-            extents.push((k.offset, v.to_vec()));
-            true
-        })?;
+        self.lscan(
+            layer,
+            Key::new(ino, KIND_EXTENT, first),
+            Key::new(ino, KIND_EXTENT, last),
+            &mut |k, v| {
+                extents.push((k.offset, v.to_vec()));
+                true
+            },
+        )?;
         let mut blocks = Vec::with_capacity((last - first + 1) as usize);
         let mut it = extents.into_iter().peekable();
         for b in first..=last {
@@ -1210,7 +1411,11 @@ impl Store {
                 _ => blocks.push(BlockSource::Hole),
             }
         }
-        Ok(ReadPlan { skip: (offset % bs) as usize, len, blocks })
+        Ok(ReadPlan {
+            skip: (offset % bs) as usize,
+            len,
+            blocks,
+        })
     }
 
     /// Executes a plan synchronously (used under the lock for small reads).
@@ -1230,10 +1435,20 @@ impl Store {
     pub(crate) fn getxattr(&mut self, layer: u64, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
         self.inode(layer, ino)?;
         let list = self.xattr_list_at(layer, ino, name_hash(name))?;
-        list.into_iter().find(|(n, _)| n == name).map(|(_, v)| v).ok_or(Error::NoAttribute)
+        list.into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
+            .ok_or(Error::NoAttribute)
     }
 
-    pub(crate) fn setxattr(&mut self, layer: u64, ino: u64, name: &[u8], value: &[u8], flags: u32) -> Result<()> {
+    pub(crate) fn setxattr(
+        &mut self,
+        layer: u64,
+        ino: u64,
+        name: &[u8],
+        value: &[u8],
+        flags: u32,
+    ) -> Result<()> {
         self.writable_layer(layer)?;
         if name.is_empty() || name.len() > NAME_MAX {
             return Err(Error::Range);
@@ -1268,13 +1483,18 @@ impl Store {
         self.inode(layer, ino)?;
         let mut out = Vec::new();
         let mut bad = None;
-        self.lscan(layer, Key::new(ino, KIND_XATTR, 0), Key::new(ino, KIND_XATTR, u64::MAX), &mut |_, v| {
-            match decode_named(v) {
-                Ok(l) => out.extend(l.into_iter().map(|(n, _)| n)),
-                Err(e) => bad = Some(e),
-            }
-            bad.is_none()
-        })?;
+        self.lscan(
+            layer,
+            Key::new(ino, KIND_XATTR, 0),
+            Key::new(ino, KIND_XATTR, u64::MAX),
+            &mut |_, v| {
+                match decode_named(v) {
+                    Ok(l) => out.extend(l.into_iter().map(|(n, _)| n)),
+                    Err(e) => bad = Some(e),
+                }
+                bad.is_none()
+            },
+        )?;
         match bad {
             Some(e) => Err(e),
             None => Ok(out),
@@ -1313,13 +1533,16 @@ impl Store {
     }
 
     pub(crate) fn release_inode(&mut self, layer: u64, ino: u64) -> Result<()> {
-        let Some(c) = self.open_counts.get_mut(&(layer, ino)) else { return Ok(()) };
+        let Some(c) = self.open_counts.get_mut(&(layer, ino)) else {
+            return Ok(());
+        };
         *c -= 1;
         if *c > 0 {
             return Ok(());
         }
         self.open_counts.remove(&(layer, ino));
-        if self.orphans.remove(&(layer, ino)) && self.layers.get(&layer).is_some_and(|l| !l.frozen) {
+        if self.orphans.remove(&(layer, ino)) && self.layers.get(&layer).is_some_and(|l| !l.frozen)
+        {
             self.ldel(layer, Key::new(0, KIND_ORPHAN, ino))?;
             self.delete_inode(layer, ino)?;
             self.bump();
@@ -1329,13 +1552,23 @@ impl Store {
 
     /// Deletes inodes left unlinked-but-open by a previous run.
     pub(crate) fn purge_orphans(&mut self) -> Result<()> {
-        let ids: Vec<u64> = self.layers.values().filter(|l| !l.frozen).map(|l| l.id).collect();
+        let ids: Vec<u64> = self
+            .layers
+            .values()
+            .filter(|l| !l.frozen)
+            .map(|l| l.id)
+            .collect();
         for layer in ids {
             let mut found = Vec::new();
-            self.lscan(layer, Key::new(0, KIND_ORPHAN, 0), Key::new(0, KIND_ORPHAN, u64::MAX), &mut |k, _| {
-                found.push(k.offset);
-                true
-            })?;
+            self.lscan(
+                layer,
+                Key::new(0, KIND_ORPHAN, 0),
+                Key::new(0, KIND_ORPHAN, u64::MAX),
+                &mut |k, _| {
+                    found.push(k.offset);
+                    true
+                },
+            )?;
             for ino in found {
                 self.ldel(layer, Key::new(0, KIND_ORPHAN, ino))?;
                 if self.inode(layer, ino).is_ok() {
@@ -1365,7 +1598,12 @@ impl Store {
     }
 
     /// Runs `f` on a layer-tree node (loading it through the map).
-    pub(crate) fn with_layer_node(&mut self, layer: u64, id: u64, f: &mut dyn FnMut(&NodeImage)) -> Result<()> {
+    pub(crate) fn with_layer_node(
+        &mut self,
+        layer: u64,
+        id: u64,
+        f: &mut dyn FnMut(&NodeImage),
+    ) -> Result<()> {
         let n = self.node_public(Tree::Layer(layer), id, 0)?;
         f(n);
         Ok(())

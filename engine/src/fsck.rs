@@ -5,7 +5,9 @@
 use crate::device::BLOCK_SIZE;
 use crate::error::Result;
 use crate::format::*;
-use crate::fs::{KIND_DIRENT, KIND_EXTENT, KIND_INODE, KIND_ORPHAN, KIND_SYMLINK, KIND_XATTR, ROOT_INODE};
+use crate::fs::{
+    KIND_DIRENT, KIND_EXTENT, KIND_INODE, KIND_ORPHAN, KIND_SYMLINK, KIND_XATTR, ROOT_INODE,
+};
 use crate::store::{Store, Tree, KIND_LAYER, KIND_MAP, PHYS_TAG, VIRT_TAG};
 use std::collections::HashMap;
 
@@ -56,7 +58,10 @@ impl Bitmap {
 }
 
 pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
-    let mut r = FsckReport { layers: s.layers.len(), ..Default::default() };
+    let mut r = FsckReport {
+        layers: s.layers.len(),
+        ..Default::default()
+    };
     let mut physical = Bitmap::new(s.geo.device_blocks);
     let mut mapped = Bitmap::new(s.next_lbn);
     let mut live = vec![0u32; s.geo.segment_count as usize];
@@ -66,12 +71,26 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
     if s.map_root != 0 {
         let root = s.map_root;
         let csum = s.map_root_checksum;
-        walk_map(s, &mut r, root, csum, None, Key::MIN, Key::MAX, &mut physical, &mut live, &mut map)?;
+        walk_map(
+            s,
+            &mut r,
+            root,
+            csum,
+            None,
+            Key::MIN,
+            Key::MAX,
+            &mut physical,
+            &mut live,
+            &mut map,
+        )?;
     }
     for (lbn, v) in &map {
         r.map_entries += 1;
         if *lbn >= s.next_lbn {
-            r.error(format!("map entry for logical block {lbn} beyond next_lbn {}", s.next_lbn));
+            r.error(format!(
+                "map entry for logical block {lbn} beyond next_lbn {}",
+                s.next_lbn
+            ));
         }
         mapped.set(*lbn);
         match s.geo.segment_of(v.physical_block) {
@@ -79,7 +98,10 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
             None => r.error(format!("logical block {lbn} maps outside the data area")),
         }
         if physical.set(v.physical_block) {
-            r.error(format!("physical block {:#x} referenced twice", v.physical_block));
+            r.error(format!(
+                "physical block {:#x} referenced twice",
+                v.physical_block
+            ));
         }
     }
     drop(map);
@@ -132,12 +154,22 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
             }
             r.tree_nodes += 1;
             if !allowed.contains(&n.owner) {
-                r.error(format!("node {id} in layer {layer}'s tree is owned by layer {}, not an ancestor", n.owner));
+                r.error(format!(
+                    "node {id} in layer {layer}'s tree is owned by layer {}, not an ancestor",
+                    n.owner
+                ));
             }
             if n.owner != 0 {
                 *owned_count.entry(n.owner).or_default() += 1;
             }
-            check_node_shape(&mut r, &n, want_level, lo, hi, &format!("layer {layer} node {id}"));
+            check_node_shape(
+                &mut r,
+                &n,
+                want_level,
+                lo,
+                hi,
+                &format!("layer {layer} node {id}"),
+            );
             if n.level == 0 {
                 for (k, v) in n.keys.iter().zip(&n.values) {
                     if k.kind == KIND_EXTENT && layer != 0 {
@@ -146,10 +178,19 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
                                 r.extents += 1;
                                 referenced.set(e.lbn);
                                 if !mapped.get(e.lbn) {
-                                    r.error(format!("extent {k:?} points at unmapped block {}", e.lbn));
+                                    r.error(format!(
+                                        "extent {k:?} points at unmapped block {}",
+                                        e.lbn
+                                    ));
                                 }
-                                if !ancestors.get(&layer).is_some_and(|a| a.contains(&e.birth_layer)) {
-                                    r.error(format!("extent {k:?} born in layer {}, not an ancestor", e.birth_layer));
+                                if !ancestors
+                                    .get(&layer)
+                                    .is_some_and(|a| a.contains(&e.birth_layer))
+                                {
+                                    r.error(format!(
+                                        "extent {k:?} born in layer {}, not an ancestor",
+                                        e.birth_layer
+                                    ));
                                 }
                                 // Ownership sits in the birth layer's own leaf;
                                 // copies in descendants' leaves are references.
@@ -172,7 +213,9 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
     }
     for lbn in 1..s.next_lbn {
         if mapped.get(lbn) && !referenced.get(lbn) {
-            r.error(format!("logical block {lbn} is mapped but referenced by no tree (leak)"));
+            r.error(format!(
+                "logical block {lbn} is mapped but referenced by no tree (leak)"
+            ));
         }
     }
 
@@ -185,7 +228,9 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
             ));
         }
         if counted > 0 && s.free.contains(&(seg as u32)) {
-            r.error(format!("segment {seg} is on the free list but holds {counted} live blocks"));
+            r.error(format!(
+                "segment {seg} is on the free list but holds {counted} live blocks"
+            ));
         }
     }
 
@@ -207,14 +252,20 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
     for l in &recs {
         let c = children.get(&l.id).copied().unwrap_or(0);
         if c != l.children {
-            r.error(format!("layer {} records {} children, has {c}", l.id, l.children));
+            r.error(format!(
+                "layer {} records {} children, has {c}",
+                l.id, l.children
+            ));
         }
         if c > 0 && !l.frozen {
             r.error(format!("layer {} has children but is not frozen", l.id));
         }
         let owned = owned_count.get(&l.id).copied().unwrap_or(0);
         if owned != l.owned_blocks {
-            r.error(format!("layer {} records {} owned blocks, owns {owned}", l.id, l.owned_blocks));
+            r.error(format!(
+                "layer {} records {} owned blocks, owns {owned}",
+                l.id, l.owned_blocks
+            ));
         }
     }
 
@@ -228,14 +279,20 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
         let mut seen = Bitmap::new(s.next_lbn);
         for l in &recs {
             let mut lbns = Vec::new();
-            s.scan(Tree::Layer(l.id), l.root, Key::MIN, Key::MAX, &mut |k, v| {
-                if k.kind == KIND_EXTENT {
-                    if let Ok(e) = ExtentValue::decode(v) {
-                        lbns.push(e.lbn);
+            s.scan(
+                Tree::Layer(l.id),
+                l.root,
+                Key::MIN,
+                Key::MAX,
+                &mut |k, v| {
+                    if k.kind == KIND_EXTENT {
+                        if let Ok(e) = ExtentValue::decode(v) {
+                            lbns.push(e.lbn);
+                        }
                     }
-                }
-                true
-            })?;
+                    true
+                },
+            )?;
             for lbn in lbns {
                 if seen.set(lbn) {
                     continue;
@@ -243,19 +300,33 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
                 let Some(m) = s.map_get(lbn)? else { continue };
                 match s.read_block(m.physical_block) {
                     Ok(b) if data_checksum(&b) == m.checksum => r.data_blocks_verified += 1,
-                    Ok(_) => r.error(format!("data block {lbn} at {:#x}: checksum mismatch", m.physical_block)),
+                    Ok(_) => r.error(format!(
+                        "data block {lbn} at {:#x}: checksum mismatch",
+                        m.physical_block
+                    )),
                     Err(e) => r.error(format!("data block {lbn}: {e}")),
                 }
             }
         }
     }
     if !r.is_clean() {
-        log::warn!("fsck found {} problems; first: {}", r.errors.len(), r.errors[0]);
+        log::warn!(
+            "fsck found {} problems; first: {}",
+            r.errors.len(),
+            r.errors[0]
+        );
     }
     Ok(r)
 }
 
-fn check_node_shape(r: &mut FsckReport, n: &NodeImage, want_level: Option<u8>, lo: Key, hi: Key, what: &str) {
+fn check_node_shape(
+    r: &mut FsckReport,
+    n: &NodeImage,
+    want_level: Option<u8>,
+    lo: Key,
+    hi: Key,
+    what: &str,
+) {
     if let Some(l) = want_level {
         if n.level != l {
             r.error(format!("{what}: level {} where {l} expected", n.level));
@@ -267,7 +338,9 @@ fn check_node_shape(r: &mut FsckReport, n: &NodeImage, want_level: Option<u8>, l
     if n.keys.windows(2).any(|w| w[0] >= w[1]) {
         r.error(format!("{what}: keys out of order"));
     }
-    if n.keys.first().is_some_and(|k| *k < lo) || (hi != Key::MAX && n.keys.last().is_some_and(|k| *k >= hi)) {
+    if n.keys.first().is_some_and(|k| *k < lo)
+        || (hi != Key::MAX && n.keys.last().is_some_and(|k| *k >= hi))
+    {
         r.error(format!("{what}: keys outside the range its parent gives"));
     }
     if n.entry_bytes() > NODE_CAPACITY {
@@ -306,7 +379,9 @@ fn walk_map(
             None => r.error(format!("map node {p:#x} outside the data area")),
         }
     } else if id & VIRT_TAG == 0 {
-        r.error(format!("map node id {id:#x} is neither on disk nor in memory"));
+        r.error(format!(
+            "map node id {id:#x} is neither on disk nor in memory"
+        ));
     }
     check_node_shape(r, &n, want_level, lo, hi, &format!("map node {id:#x}"));
     if n.level == 0 {
@@ -324,7 +399,18 @@ fn walk_map(
         for (i, c) in n.children.iter().enumerate() {
             let clo = n.keys[i];
             let chi = n.keys.get(i + 1).copied().unwrap_or(hi);
-            walk_map(s, r, c.address, c.checksum, Some(n.level - 1), clo, chi, physical, live, out)?;
+            walk_map(
+                s,
+                r,
+                c.address,
+                c.checksum,
+                Some(n.level - 1),
+                clo,
+                chi,
+                physical,
+                live,
+                out,
+            )?;
         }
     }
     Ok(())
@@ -351,7 +437,11 @@ fn check_layer_semantics(s: &mut Store, r: &mut FsckReport, l: &LayerRecord) -> 
                 Ok(list) => {
                     for (_, p) in list {
                         if p.len() == 9 {
-                            entries.push((k.object, u64::from_le_bytes(p[..8].try_into().unwrap()), p[8]));
+                            entries.push((
+                                k.object,
+                                u64::from_le_bytes(p[..8].try_into().unwrap()),
+                                p[8],
+                            ));
                         } else {
                             problems.push(format!("bad entry in directory {}", k.object));
                         }
@@ -376,26 +466,42 @@ fn check_layer_semantics(s: &mut Store, r: &mut FsckReport, l: &LayerRecord) -> 
     }
     r.inodes += inodes.len() as u64;
     if inodes.len() as u64 != l.inode_count {
-        r.error(format!("layer {id}: records {} inodes, has {}", l.inode_count, inodes.len()));
+        r.error(format!(
+            "layer {id}: records {} inodes, has {}",
+            l.inode_count,
+            inodes.len()
+        ));
     }
     if !inodes.contains_key(&ROOT_INODE) {
         r.error(format!("layer {id}: no root directory"));
     }
     for (dir, child, kind) in entries {
-        if !inodes.get(&dir).is_some_and(|d| d.mode & 0o170000 == 0o040000) {
-            r.error(format!("layer {id}: entry in {dir}, which is not a directory"));
+        if inodes
+            .get(&dir)
+            .is_none_or(|d| d.mode & 0o170000 != 0o040000)
+        {
+            r.error(format!(
+                "layer {id}: entry in {dir}, which is not a directory"
+            ));
         }
         match inodes.get(&child) {
-            None => r.error(format!("layer {id}: directory {dir} names missing inode {child}")),
+            None => r.error(format!(
+                "layer {id}: directory {dir} names missing inode {child}"
+            )),
             Some(c) => {
                 let is_dir = c.mode & 0o170000 == 0o040000;
                 if is_dir != (kind == 1) {
-                    r.error(format!("layer {id}: entry type of inode {child} does not match its mode"));
+                    r.error(format!(
+                        "layer {id}: entry type of inode {child} does not match its mode"
+                    ));
                 }
                 if is_dir {
                     *subdirs.entry(dir).or_default() += 1;
                     if c.parent != dir {
-                        r.error(format!("layer {id}: directory {child} records parent {}, listed in {dir}", c.parent));
+                        r.error(format!(
+                            "layer {id}: directory {child} records parent {}, listed in {dir}",
+                            c.parent
+                        ));
                     }
                 }
             }
@@ -408,20 +514,32 @@ fn check_layer_semantics(s: &mut Store, r: &mut FsckReport, l: &LayerRecord) -> 
         if is_dir {
             let want = 2 + subdirs.get(ino).copied().unwrap_or(0);
             if i.nlink != want {
-                r.error(format!("layer {id}: directory {ino} nlink {} but {want} expected", i.nlink));
+                r.error(format!(
+                    "layer {id}: directory {ino} nlink {} but {want} expected",
+                    i.nlink
+                ));
             }
             if *ino != ROOT_INODE && n != 1 {
                 r.error(format!("layer {id}: directory {ino} has {n} names"));
             }
         } else if i.nlink != n && !(n == 0 && orphans.contains(ino)) {
-            r.error(format!("layer {id}: inode {ino} nlink {} but {n} names", i.nlink));
+            r.error(format!(
+                "layer {id}: inode {ino} nlink {} but {n} names",
+                i.nlink
+            ));
         }
         let (count, end) = extents.get(ino).copied().unwrap_or((0, 0));
         if count != i.blocks {
-            r.error(format!("layer {id}: inode {ino} records {} blocks, has {count}", i.blocks));
+            r.error(format!(
+                "layer {id}: inode {ino} records {} blocks, has {count}",
+                i.blocks
+            ));
         }
         if end * BLOCK_SIZE as u64 > i.size.div_ceil(BLOCK_SIZE as u64) * BLOCK_SIZE as u64 {
-            r.error(format!("layer {id}: inode {ino} has blocks past its size {}", i.size));
+            r.error(format!(
+                "layer {id}: inode {ino} has blocks past its size {}",
+                i.size
+            ));
         }
     }
     Ok(())

@@ -18,11 +18,12 @@ mod store;
 
 pub use engine::{Engine, FormatOptions, Stats};
 pub use error::{Error, Result};
+pub use format::Timestamp;
 pub use fs::{
-    Attr, DirEntry, FileKind, LayerInfo, SetAttr, StatFs, TimeSet, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
-    FALLOC_FL_ZERO_RANGE, LINK_MAX, NAME_MAX, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INODE, S_IFBLK, S_IFCHR,
-    S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, S_IFSOCK, XATTR_CREATE, XATTR_REPLACE,
+    Attr, DirEntry, FileKind, LayerInfo, SetAttr, StatFs, TimeSet, FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, LINK_MAX, NAME_MAX, RENAME_EXCHANGE,
+    RENAME_NOREPLACE, ROOT_INODE, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, S_IFSOCK,
+    XATTR_CREATE, XATTR_REPLACE,
 };
 pub use fsck::FsckReport;
 pub use store::{Config, Counters};
-pub use format::Timestamp;

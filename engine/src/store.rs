@@ -277,7 +277,10 @@ impl Store {
             dev.read_at(slot * BLOCK_SIZE as u64, &mut b)?;
             match Superblock::decode(&b, slot * BLOCK_SIZE as u64) {
                 Ok(sb) => {
-                    if best.as_ref().is_none_or(|b| sb.checkpoint_seq > b.checkpoint_seq) {
+                    if best
+                        .as_ref()
+                        .is_none_or(|b| sb.checkpoint_seq > b.checkpoint_seq)
+                    {
                         best = Some(sb);
                     }
                 }
@@ -289,7 +292,9 @@ impl Store {
             log::info!("superblock slot skipped: {}", errors.join("; "));
         }
         if sb.device_blocks > dev.size_bytes() / BLOCK_SIZE as u64 {
-            return Err(Error::Invalid("device is smaller than the filesystem on it".into()));
+            return Err(Error::Invalid(
+                "device is smaller than the filesystem on it".into(),
+            ));
         }
         let geo = Geometry {
             device_blocks: sb.device_blocks,
@@ -304,14 +309,20 @@ impl Store {
         let mut s = Store::empty(dev, geo, config);
         s.checkpoint_seq = sb.checkpoint_seq;
         s.next_batch_seq = sb.next_batch_seq;
-        s.map_root = if sb.map_root_block == 0 { 0 } else { PHYS_TAG | sb.map_root_block };
+        s.map_root = if sb.map_root_block == 0 {
+            0
+        } else {
+            PHYS_TAG | sb.map_root_block
+        };
         s.map_root_checksum = sb.map_root_checksum;
         s.layer_table_root = sb.layer_table_root;
         s.next_lbn = sb.next_lbn;
         s.next_layer_id = sb.next_layer_id;
         let stale = s.load_segtable(sb.checkpoint_seq, sb.segtable_checksum)?;
         s.segtable_dirty = stale.into_iter().collect();
-        s.free = (0..s.geo.segment_count).filter(|&i| s.segs[i as usize].live_blocks == 0).collect();
+        s.free = (0..s.geo.segment_count)
+            .filter(|&i| s.segs[i as usize].live_blocks == 0)
+            .collect();
         s.load_layers()?;
         s.durable_generation = 0;
         Ok(s)
@@ -341,14 +352,19 @@ impl Store {
                     }
                     self.segtable_copies[i][copy] = b.checkpoint_seq;
                     if b.checkpoint_seq <= seq
-                        && chosen.as_ref().is_none_or(|c| b.checkpoint_seq > c.checkpoint_seq)
+                        && chosen
+                            .as_ref()
+                            .is_none_or(|c| b.checkpoint_seq > c.checkpoint_seq)
                     {
                         chosen = Some(b);
                     }
                 }
             }
             let b = chosen.ok_or_else(|| {
-                Error::corrupt(start + (2 * i * BLOCK_SIZE) as u64, "no valid copy of a segment table block")
+                Error::corrupt(
+                    start + (2 * i * BLOCK_SIZE) as u64,
+                    "no valid copy of a segment table block",
+                )
             })?;
             let first = i * SEGTABLE_ENTRIES;
             for (j, e) in b.entries.iter().enumerate() {
@@ -358,7 +374,10 @@ impl Store {
             }
         }
         if seg_table_checksum(&self.segs) != expect {
-            return Err(Error::corrupt(start, "segment table does not match the superblock checksum"));
+            return Err(Error::corrupt(
+                start,
+                "segment table does not match the superblock checksum",
+            ));
         }
         Ok(stale)
     }
@@ -366,10 +385,16 @@ impl Store {
     fn load_layers(&mut self) -> Result<()> {
         let mut recs = Vec::new();
         let root = self.layer_table_root;
-        self.scan(Tree::Layer(0), root, Key::new(0, KIND_LAYER, 0), Key::MAX, &mut |_, v| {
-            recs.push(LayerRecord::decode(v));
-            true
-        })?;
+        self.scan(
+            Tree::Layer(0),
+            root,
+            Key::new(0, KIND_LAYER, 0),
+            Key::MAX,
+            &mut |_, v| {
+                recs.push(LayerRecord::decode(v));
+                true
+            },
+        )?;
         for r in recs {
             let r = r?;
             self.layer_names.insert(r.name.clone(), r.id);
@@ -458,7 +483,8 @@ impl Store {
         // Wait for readers that resolved addresses in this segment's old life.
         drop(self.reuse.write().unwrap_or_else(|p| p.into_inner()));
         let start = self.geo.segment_start(seg);
-        self.blocks.invalidate_range(start, start + self.geo.segment_blocks as u64);
+        self.blocks
+            .invalidate_range(start, start + self.geo.segment_blocks as u64);
         let u = &mut self.segs[seg as usize];
         u.open_seq = self.next_batch_seq;
         self.segtable_dirty.insert(seg / SEGTABLE_ENTRIES as u32);
@@ -474,9 +500,15 @@ impl Store {
     fn close_batch(&mut self, t: Temperature) {
         let seq = self.next_batch_seq;
         let st = &mut self.streams[t as usize];
-        let (Some(at), Some(seg)) = (st.batch_at, st.seg) else { return };
+        let (Some(at), Some(seg)) = (st.batch_at, st.seg) else {
+            return;
+        };
         let self_block = self.geo.segment_start(seg) + at as u64;
-        let s = Summary { self_block, seq, entries: std::mem::take(&mut st.batch) };
+        let s = Summary {
+            self_block,
+            seq,
+            entries: std::mem::take(&mut st.batch),
+        };
         s.encode(&mut st.buf[at * BLOCK_SIZE..(at + 1) * BLOCK_SIZE]);
         st.batch_at = None;
         self.next_batch_seq += 1;
@@ -491,7 +523,9 @@ impl Store {
             return Ok(());
         }
         let off = (self.geo.segment_start(seg) + st.written as u64) * BLOCK_SIZE as u64;
-        let r = self.dev.write_at(off, &st.buf[st.written * BLOCK_SIZE..st.fill * BLOCK_SIZE]);
+        let r = self
+            .dev
+            .write_at(off, &st.buf[st.written * BLOCK_SIZE..st.fill * BLOCK_SIZE]);
         if let Err(e) = r {
             return self.fail(e);
         }
@@ -511,13 +545,19 @@ impl Store {
     }
 
     /// Appends one block to a log stream; returns its physical block.
-    pub fn append(&mut self, t: Temperature, tag: BlockTag, data: &[u8], checksum: u64) -> Result<u64> {
+    pub fn append(
+        &mut self,
+        t: Temperature,
+        tag: BlockTag,
+        data: &[u8],
+        checksum: u64,
+    ) -> Result<u64> {
         debug_assert_eq!(data.len(), BLOCK_SIZE);
         let seg_blocks = self.geo.segment_blocks as usize;
         {
             let st = &self.streams[t as usize];
-            let room = st.seg.is_some()
-                && st.fill + usize::from(st.batch_at.is_none()) < seg_blocks;
+            let room =
+                st.seg.is_some() && st.fill + usize::from(st.batch_at.is_none()) < seg_blocks;
             if !room {
                 self.retire_stream(t)?;
                 self.open_segment(t)?;
@@ -584,7 +624,10 @@ impl Store {
         let (phys, want, address) = match tree {
             Tree::Map => {
                 if id & PHYS_TAG == 0 {
-                    return Err(Error::corrupt(0, format!("map node {id:#x} is neither cached nor on disk")));
+                    return Err(Error::corrupt(
+                        0,
+                        format!("map node {id:#x} is neither cached nor on disk"),
+                    ));
                 }
                 let p = id & !PHYS_TAG;
                 (p, checksum, p)
@@ -597,13 +640,19 @@ impl Store {
             }
         };
         if self.geo.segment_of(phys).is_none() {
-            return Err(Error::corrupt(phys * BLOCK_SIZE as u64, "node address outside the data area"));
+            return Err(Error::corrupt(
+                phys * BLOCK_SIZE as u64,
+                "node address outside the data area",
+            ));
         }
         let b = self.read_block(phys)?;
         let off = phys * BLOCK_SIZE as u64;
         let mut node = NodeImage::decode(&b, off, tree.kind(), address)?;
         if NodeImage::block_checksum(&b) != want {
-            return Err(Error::corrupt(off, "node does not match the checksum its pointer records"));
+            return Err(Error::corrupt(
+                off,
+                "node does not match the checksum its pointer records",
+            ));
         }
         if tree == Tree::Map {
             // On disk map children are physical blocks; in memory they are ids.
@@ -613,8 +662,15 @@ impl Store {
                 }
                 c.address |= PHYS_TAG;
             }
-        } else if let Some(c) = node.children.iter().find(|c| c.address == 0 || c.address >= 1 << 56) {
-            return Err(Error::corrupt(off, format!("child pointer {:#x} out of range", c.address)));
+        } else if let Some(c) = node
+            .children
+            .iter()
+            .find(|c| c.address == 0 || c.address >= 1 << 56)
+        {
+            return Err(Error::corrupt(
+                off,
+                format!("child pointer {:#x} out of range", c.address),
+            ));
         }
         self.nodes.insert(id, node, false);
         Ok(())
@@ -758,7 +814,13 @@ impl Store {
     }
 
     /// Inserts or replaces; returns the old value.
-    pub fn insert(&mut self, tree: Tree, root: &mut u64, key: Key, value: Vec<u8>) -> Result<Option<Vec<u8>>> {
+    pub fn insert(
+        &mut self,
+        tree: Tree,
+        root: &mut u64,
+        key: Key,
+        value: Vec<u8>,
+    ) -> Result<Option<Vec<u8>>> {
         assert!(value.len() <= MAX_VALUE_BYTES, "tree value too large");
         if *root == 0 {
             let id = self.new_node(tree, 0);
@@ -780,7 +842,10 @@ impl Store {
             let c = n.children[i];
             let w = self.writable(tree, c.address, c.checksum)?;
             let n = self.nodes.get_mut(id).expect("cached");
-            n.children[i] = ChildRef { address: w, checksum: 0 };
+            n.children[i] = ChildRef {
+                address: w,
+                checksum: 0,
+            };
             path.push((id, i));
             id = w;
         }
@@ -799,7 +864,13 @@ impl Store {
     }
 
     /// Splits an overflowing node and propagates new children up the path.
-    fn split_up(&mut self, tree: Tree, root: &mut u64, mut id: u64, mut path: Vec<(u64, usize)>) -> Result<()> {
+    fn split_up(
+        &mut self,
+        tree: Tree,
+        root: &mut u64,
+        mut id: u64,
+        mut path: Vec<(u64, usize)>,
+    ) -> Result<()> {
         loop {
             let n = self.nodes.get(id).expect("cached");
             if n.entry_bytes() <= NODE_CAPACITY {
@@ -807,7 +878,10 @@ impl Store {
             }
             let level = n.level;
             let sizes: Vec<usize> = if level == 0 {
-                n.values.iter().map(|v| LEAF_ENTRY_OVERHEAD + v.len()).collect()
+                n.values
+                    .iter()
+                    .map(|v| LEAF_ENTRY_OVERHEAD + v.len())
+                    .collect()
             } else {
                 vec![INTERNAL_ENTRY_BYTES; n.keys.len()]
             };
@@ -830,9 +904,15 @@ impl Store {
                 let n = self.nodes.get_mut(id).expect("cached");
                 let keys: Vec<Key> = n.keys.drain(start..).collect();
                 let (values, children) = if level == 0 {
-                    (n.values.drain(start..start + keys.len()).collect(), Vec::new())
+                    (
+                        n.values.drain(start..start + keys.len()).collect(),
+                        Vec::new(),
+                    )
                 } else {
-                    (Vec::new(), n.children.drain(start..start + keys.len()).collect())
+                    (
+                        Vec::new(),
+                        n.children.drain(start..start + keys.len()).collect(),
+                    )
                 };
                 let nid = self.new_node(tree, level);
                 let m = self.nodes.get_mut(nid).expect("new");
@@ -853,7 +933,13 @@ impl Store {
                     let p = self.nodes.get_mut(parent).expect("cached");
                     for (j, (k, x)) in firsts.into_iter().enumerate() {
                         p.keys.insert(i + 1 + j, k);
-                        p.children.insert(i + 1 + j, ChildRef { address: x, checksum: 0 });
+                        p.children.insert(
+                            i + 1 + j,
+                            ChildRef {
+                                address: x,
+                                checksum: 0,
+                            },
+                        );
                     }
                     self.nodes.remeasure(parent);
                     id = parent;
@@ -863,10 +949,16 @@ impl Store {
                     let nr = self.new_node(tree, level + 1);
                     let r = self.nodes.get_mut(nr).expect("new");
                     r.keys.push(first);
-                    r.children.push(ChildRef { address: id, checksum: 0 });
+                    r.children.push(ChildRef {
+                        address: id,
+                        checksum: 0,
+                    });
                     for (k, x) in firsts {
                         r.keys.push(k);
-                        r.children.push(ChildRef { address: x, checksum: 0 });
+                        r.children.push(ChildRef {
+                            address: x,
+                            checksum: 0,
+                        });
                     }
                     self.nodes.remeasure(nr);
                     *root = nr;
@@ -894,7 +986,10 @@ impl Store {
             let c = n.children[i];
             let w = self.writable(tree, c.address, c.checksum)?;
             let n = self.nodes.get_mut(id).expect("cached");
-            n.children[i] = ChildRef { address: w, checksum: 0 };
+            n.children[i] = ChildRef {
+                address: w,
+                checksum: 0,
+            };
             path.push((id, i));
             id = w;
         }
@@ -983,8 +1078,11 @@ impl Store {
             return Ok(true);
         }
         let first = Self::child_index(&n.keys, lo);
-        let kids: Vec<(Key, ChildRef)> =
-            n.keys[first..].iter().copied().zip(n.children[first..].iter().copied()).collect();
+        let kids: Vec<(Key, ChildRef)> = n.keys[first..]
+            .iter()
+            .copied()
+            .zip(n.children[first..].iter().copied())
+            .collect();
         for (j, (k, c)) in kids.into_iter().enumerate() {
             if j > 0 && k > *hi {
                 break;
@@ -1066,7 +1164,10 @@ impl Store {
             let i = Self::child_index(&n.keys, &key);
             let c = n.children[i];
             let w = self.writable(Tree::Map, c.address, c.checksum)?;
-            self.nodes.get_mut(cur).expect("cached").children[i] = ChildRef { address: w, checksum: 0 };
+            self.nodes.get_mut(cur).expect("cached").children[i] = ChildRef {
+                address: w,
+                checksum: 0,
+            };
             cur = w;
         }
         self.map_root = root;
@@ -1105,7 +1206,10 @@ impl Store {
         let first_object = img.keys.first().map(|k| k.object).unwrap_or(0);
         let phys = self.append(
             Temperature::Hot,
-            BlockTag::MapNode { first_object, level: img.level },
+            BlockTag::MapNode {
+                first_object,
+                level: img.level,
+            },
             &b,
             csum,
         )?;
@@ -1118,7 +1222,10 @@ impl Store {
             c.address |= PHYS_TAG;
         }
         self.nodes.insert(PHYS_TAG | phys, cached, false);
-        Ok(ChildRef { address: PHYS_TAG | phys, checksum: csum })
+        Ok(ChildRef {
+            address: PHYS_TAG | phys,
+            checksum: csum,
+        })
     }
 
     /// The physical block the next append to stream `t` will use, opening a
@@ -1163,7 +1270,12 @@ impl Store {
         self.layer_table_root = root;
         // 2. Layer-tree nodes: append, then point the map at them. Map updates
         //    never dirty layer-tree nodes, so one pass suffices.
-        let ids: Vec<u64> = self.nodes.dirty_ids().into_iter().filter(|id| id & (PHYS_TAG | VIRT_TAG) == 0).collect();
+        let ids: Vec<u64> = self
+            .nodes
+            .dirty_ids()
+            .into_iter()
+            .filter(|id| id & (PHYS_TAG | VIRT_TAG) == 0)
+            .collect();
         let mut b = AlignedBuf::new(BLOCK_SIZE);
         for id in ids {
             {
@@ -1174,7 +1286,13 @@ impl Store {
             }
             let csum = NodeImage::block_checksum(&b);
             let phys = self.append(Temperature::Hot, BlockTag::Logical(id), &b, csum)?;
-            self.map_set(id, MapValue { physical_block: phys, checksum: csum })?;
+            self.map_set(
+                id,
+                MapValue {
+                    physical_block: phys,
+                    checksum: csum,
+                },
+            )?;
             self.nodes.mark_clean(id);
         }
         // 3. The address map, bottom-up.
@@ -1189,12 +1307,18 @@ impl Store {
         self.write_out(Temperature::Cold)?;
         // 5. Segment table blocks that changed, each into the copy not holding
         //    the newest valid version.
-        let dirty_tables: Vec<u32> = std::mem::take(&mut self.segtable_dirty).into_iter().collect();
+        let dirty_tables: Vec<u32> = std::mem::take(&mut self.segtable_dirty)
+            .into_iter()
+            .collect();
         let mut bufs = Vec::new();
         for i in dirty_tables {
             let first = i as usize * SEGTABLE_ENTRIES;
             let last = (first + SEGTABLE_ENTRIES).min(self.segs.len());
-            let tb = SegtableBlock { index: i, checkpoint_seq: seq, entries: self.segs[first..last].to_vec() };
+            let tb = SegtableBlock {
+                index: i,
+                checkpoint_seq: seq,
+                entries: self.segs[first..last].to_vec(),
+            };
             let mut b = AlignedBuf::new(BLOCK_SIZE);
             tb.encode(&mut b);
             let copies = &mut self.segtable_copies[i as usize];
@@ -1206,13 +1330,20 @@ impl Store {
         if !bufs.is_empty() {
             let mut ops: Vec<crate::device::IoOp<'_>> = bufs
                 .iter()
-                .map(|(off, b)| crate::device::IoOp::Write { offset: *off, buf: &b[..] })
+                .map(|(off, b)| crate::device::IoOp::Write {
+                    offset: *off,
+                    buf: &b[..],
+                })
                 .collect();
             self.dev.submit(&mut ops)?;
         }
         // 6. Barrier, then the superblock, then a barrier.
         self.dev.flush()?;
-        let map_root_block = if self.map_root == 0 { 0 } else { self.map_root & !PHYS_TAG };
+        let map_root_block = if self.map_root == 0 {
+            0
+        } else {
+            self.map_root & !PHYS_TAG
+        };
         let sb = Superblock {
             version: FORMAT_VERSION,
             uuid: self.geo.uuid,
@@ -1234,14 +1365,17 @@ impl Store {
         };
         let mut b = AlignedBuf::new(BLOCK_SIZE);
         sb.encode(&mut b);
-        self.dev.write_at((seq % SUPERBLOCK_SLOTS) * BLOCK_SIZE as u64, &b)?;
+        self.dev
+            .write_at((seq % SUPERBLOCK_SLOTS) * BLOCK_SIZE as u64, &b)?;
         self.dev.flush()?;
         self.checkpoint_seq = seq;
         self.counters.checkpoints += 1;
         // 7. Space freed before this checkpoint is now reusable.
         let freed = std::mem::take(&mut self.pending_free);
         for s in freed {
-            if self.segs[s as usize].live_blocks == 0 && !self.streams.iter().any(|st| st.seg == Some(s)) {
+            if self.segs[s as usize].live_blocks == 0
+                && !self.streams.iter().any(|st| st.seg == Some(s))
+            {
                 self.free.insert(s);
             }
         }

@@ -59,17 +59,33 @@ fn base_name(path: &str) -> &str {
 impl MLayer {
     fn dirs(&self) -> Vec<String> {
         let mut v = vec!["/".to_string()];
-        v.extend(self.paths.iter().filter(|(_, i)| self.nodes[*i].kind == MKind::Dir).map(|(p, _)| p.clone()));
+        v.extend(
+            self.paths
+                .iter()
+                .filter(|(_, i)| self.nodes[*i].kind == MKind::Dir)
+                .map(|(p, _)| p.clone()),
+        );
         v
     }
     fn files(&self) -> Vec<String> {
-        self.paths.iter().filter(|(_, i)| self.nodes[*i].kind == MKind::File).map(|(p, _)| p.clone()).collect()
+        self.paths
+            .iter()
+            .filter(|(_, i)| self.nodes[*i].kind == MKind::File)
+            .map(|(p, _)| p.clone())
+            .collect()
     }
     fn non_dirs(&self) -> Vec<String> {
-        self.paths.iter().filter(|(_, i)| self.nodes[*i].kind != MKind::Dir).map(|(p, _)| p.clone()).collect()
+        self.paths
+            .iter()
+            .filter(|(_, i)| self.nodes[*i].kind != MKind::Dir)
+            .map(|(p, _)| p.clone())
+            .collect()
     }
     fn children_of(&self, dir: &str) -> usize {
-        self.paths.keys().filter(|p| parent_of(p) == dir && p.as_str() != dir).count()
+        self.paths
+            .keys()
+            .filter(|p| parent_of(p) == dir && p.as_str() != dir)
+            .count()
     }
     fn join(dir: &str, name: &str) -> String {
         if dir == "/" {
@@ -97,7 +113,10 @@ fn resolve(e: &Engine, layer: u64, path: &str) -> Result<u64> {
 
 /// The engine's view of one layer, in model terms (inode numbers remapped by
 /// first appearance so hard link structure compares).
-fn snapshot_layer(e: &Engine, layer: u64) -> Result<(BTreeMap<String, usize>, BTreeMap<usize, MNode>)> {
+fn snapshot_layer(
+    e: &Engine,
+    layer: u64,
+) -> Result<(BTreeMap<String, usize>, BTreeMap<usize, MNode>)> {
     let mut paths = BTreeMap::new();
     let mut nodes = BTreeMap::new();
     let mut seen: HashMap<u64, usize> = HashMap::new();
@@ -133,10 +152,17 @@ fn snapshot_layer(e: &Engine, layer: u64) -> Result<(BTreeMap<String, usize>, BT
                         (MKind::Dir, Vec::new())
                     }
                     FileKind::Symlink => (MKind::Symlink, e.readlink(layer, ent.inode)?),
-                    _ => (MKind::File, e.read(layer, ent.inode, 0, a.size as usize + 10)?),
+                    _ => (
+                        MKind::File,
+                        e.read(layer, ent.inode, 0, a.size as usize + 10)?,
+                    ),
                 };
                 if kind == MKind::File {
-                    assert_eq!(data.len() as u64, a.size, "{path}: read length differs from size");
+                    assert_eq!(
+                        data.len() as u64,
+                        a.size,
+                        "{path}: read length differs from size"
+                    );
                 }
                 nlinks.insert(id, a.nlink);
                 nodes.insert(id, MNode { kind, data, xattrs });
@@ -157,7 +183,16 @@ fn snapshot_layer(e: &Engine, layer: u64) -> Result<(BTreeMap<String, usize>, BT
 fn normalise(l: &MLayer) -> (BTreeMap<String, usize>, BTreeMap<usize, MNode>) {
     // Assign ids in the order the engine walk would see them is not knowable;
     // compare through a canonical renumbering by smallest path instead.
-    canonical(&l.paths.iter().map(|(p, i)| (p.clone(), *i as usize)).collect(), &l.nodes.iter().map(|(i, n)| (*i as usize, (**n).clone())).collect())
+    canonical(
+        &l.paths
+            .iter()
+            .map(|(p, i)| (p.clone(), *i as usize))
+            .collect(),
+        &l.nodes
+            .iter()
+            .map(|(i, n)| (*i as usize, (**n).clone()))
+            .collect(),
+    )
 }
 
 fn canonical(
@@ -170,7 +205,11 @@ fn canonical(
         order.entry(*id).or_insert(n);
     }
     let p = paths.iter().map(|(k, v)| (k.clone(), order[v])).collect();
-    let n = nodes.iter().filter(|(k, _)| order.contains_key(k)).map(|(k, v)| (order[k], v.clone())).collect();
+    let n = nodes
+        .iter()
+        .filter(|(k, _)| order.contains_key(k))
+        .map(|(k, v)| (order[k], v.clone()))
+        .collect();
     (p, n)
 }
 
@@ -191,13 +230,17 @@ fn engine_matches(e: &Engine, m: &Model) -> std::result::Result<(), String> {
                 info.name, info.frozen, info.parent, info.children, ml.frozen, ml.parent, ml.children
             ));
         }
-        let (p, n) = snapshot_layer(e, info.id).map_err(|err| format!("reading layer {}: {err}", info.name))?;
+        let (p, n) = snapshot_layer(e, info.id)
+            .map_err(|err| format!("reading layer {}: {err}", info.name))?;
         let (p, n) = canonical(&p, &n);
         let (mp, mn) = normalise(ml);
         if p != mp {
             let a: Vec<_> = p.keys().collect();
             let b: Vec<_> = mp.keys().collect();
-            return Err(format!("layer {} paths differ:\n engine {a:?}\n model  {b:?}", info.name));
+            return Err(format!(
+                "layer {} paths differ:\n engine {a:?}\n model  {b:?}",
+                info.name
+            ));
         }
         if n != mn {
             for (id, node) in &n {
@@ -225,8 +268,17 @@ enum Outcome {
 
 /// Applies one random operation to engine and model. An engine error is
 /// returned as Err (the caller decides whether the device had crashed).
-fn step(e: &Engine, m: &mut Model, rng: &mut ChaCha8Rng) -> std::result::Result<Outcome, (String, Error)> {
-    let writable: Vec<String> = m.layers.iter().filter(|(_, l)| !l.frozen).map(|(k, _)| k.clone()).collect();
+fn step(
+    e: &Engine,
+    m: &mut Model,
+    rng: &mut ChaCha8Rng,
+) -> std::result::Result<Outcome, (String, Error)> {
+    let writable: Vec<String> = m
+        .layers
+        .iter()
+        .filter(|(_, l)| !l.frozen)
+        .map(|(k, _)| k.clone())
+        .collect();
     let op = rng.gen_range(0..100);
     let ctx = |what: &str| what.to_string();
     macro_rules! go {
@@ -241,7 +293,13 @@ fn step(e: &Engine, m: &mut Model, rng: &mut ChaCha8Rng) -> std::result::Result<
         let name = format!("base{}", m.next_layer);
         m.next_layer += 1;
         go!("create_layer", e.create_layer(&name, rng.gen_bool(0.5)));
-        let mut l = MLayer { parent: None, frozen: false, children: 0, paths: BTreeMap::new(), nodes: BTreeMap::new() };
+        let mut l = MLayer {
+            parent: None,
+            frozen: false,
+            children: 0,
+            paths: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+        };
         l.nodes.clear();
         m.layers.insert(name, l);
         return Ok(Outcome::Done);
@@ -272,7 +330,12 @@ fn step(e: &Engine, m: &mut Model, rng: &mut ChaCha8Rng) -> std::result::Result<
         return Ok(Outcome::Done);
     }
     if op < 11 {
-        let childless: Vec<String> = m.layers.iter().filter(|(_, l)| l.children == 0).map(|(k, _)| k.clone()).collect();
+        let childless: Vec<String> = m
+            .layers
+            .iter()
+            .filter(|(_, l)| l.children == 0)
+            .map(|(k, _)| k.clone())
+            .collect();
         if childless.is_empty() || m.layers.len() < 3 {
             return Ok(Outcome::Skip);
         }
@@ -305,15 +368,34 @@ fn step(e: &Engine, m: &mut Model, rng: &mut ChaCha8Rng) -> std::result::Result<
             let kind = rng.gen_range(0..10);
             let node = if kind < 6 {
                 go!("create", e.create(lid, dino, name.as_bytes(), 0o644, 0, 0));
-                MNode { kind: MKind::File, data: Vec::new(), xattrs: BTreeMap::new() }
+                MNode {
+                    kind: MKind::File,
+                    data: Vec::new(),
+                    xattrs: BTreeMap::new(),
+                }
             } else if kind < 9 {
                 go!("mkdir", e.mkdir(lid, dino, name.as_bytes(), 0o755, 0, 0));
-                MNode { kind: MKind::Dir, data: Vec::new(), xattrs: BTreeMap::new() }
+                MNode {
+                    kind: MKind::Dir,
+                    data: Vec::new(),
+                    xattrs: BTreeMap::new(),
+                }
             } else {
-                let len = if rng.gen_bool(0.2) { rng.gen_range(1025..3000) } else { rng.gen_range(1..100) };
+                let len = if rng.gen_bool(0.2) {
+                    rng.gen_range(1025..3000)
+                } else {
+                    rng.gen_range(1..100)
+                };
                 let target: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
-                go!("symlink", e.symlink(lid, dino, name.as_bytes(), &target, 0, 0));
-                MNode { kind: MKind::Symlink, data: target, xattrs: BTreeMap::new() }
+                go!(
+                    "symlink",
+                    e.symlink(lid, dino, name.as_bytes(), &target, 0, 0)
+                );
+                MNode {
+                    kind: MKind::Symlink,
+                    data: target,
+                    xattrs: BTreeMap::new(),
+                }
             };
             m.next += 1;
             let ino = m.next;
@@ -328,10 +410,20 @@ fn step(e: &Engine, m: &mut Model, rng: &mut ChaCha8Rng) -> std::result::Result<
             }
             let path = pick(&files, rng);
             let ino = go!("resolve", resolve(e, lid, &path));
-            let off = if rng.gen_bool(0.3) { rng.gen_range(0..8192) } else { rng.gen_range(0..400_000) };
-            let len = if rng.gen_bool(0.7) { rng.gen_range(1..6000) } else { rng.gen_range(1..200_000) };
+            let off = if rng.gen_bool(0.3) {
+                rng.gen_range(0..8192)
+            } else {
+                rng.gen_range(0..400_000)
+            };
+            let len = if rng.gen_bool(0.7) {
+                rng.gen_range(1..6000)
+            } else {
+                rng.gen_range(1..200_000)
+            };
             let byte = rng.gen::<u8>();
-            let data: Vec<u8> = (0..len).map(|i| byte.wrapping_add((i % 253) as u8)).collect();
+            let data: Vec<u8> = (0..len)
+                .map(|i| byte.wrapping_add((i % 253) as u8))
+                .collect();
             go!("write", e.write(lid, ino, off, &data));
             let n = Rc::make_mut(l.nodes.get_mut(&l.paths[&path]).unwrap());
             let end = off as usize + len;
@@ -348,8 +440,20 @@ fn step(e: &Engine, m: &mut Model, rng: &mut ChaCha8Rng) -> std::result::Result<
             let path = pick(&files, rng);
             let ino = go!("resolve", resolve(e, lid, &path));
             let size = rng.gen_range(0..300_000u64);
-            go!("truncate", e.setattr(lid, ino, &SetAttr { size: Some(size), ..Default::default() }));
-            Rc::make_mut(l.nodes.get_mut(&l.paths[&path]).unwrap()).data.resize(size as usize, 0);
+            go!(
+                "truncate",
+                e.setattr(
+                    lid,
+                    ino,
+                    &SetAttr {
+                        size: Some(size),
+                        ..Default::default()
+                    }
+                )
+            );
+            Rc::make_mut(l.nodes.get_mut(&l.paths[&path]).unwrap())
+                .data
+                .resize(size as usize, 0);
         }
         55..=58 => {
             let files = l.files();
@@ -362,7 +466,16 @@ fn step(e: &Engine, m: &mut Model, rng: &mut ChaCha8Rng) -> std::result::Result<
             let size = n.data.len() as u64;
             let off = rng.gen_range(0..size + 10_000);
             let len = rng.gen_range(1..50_000u64);
-            go!("punch", e.fallocate(lid, ino, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len));
+            go!(
+                "punch",
+                e.fallocate(
+                    lid,
+                    ino,
+                    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                    off,
+                    len
+                )
+            );
             let end = (off + len).min(size);
             if off < end {
                 n.data[off as usize..end as usize].fill(0);
@@ -370,7 +483,11 @@ fn step(e: &Engine, m: &mut Model, rng: &mut ChaCha8Rng) -> std::result::Result<
         }
         59..=66 => {
             let nd = l.non_dirs();
-            let dirs: Vec<String> = l.dirs().into_iter().filter(|d| d != "/" && l.children_of(d) == 0).collect();
+            let dirs: Vec<String> = l
+                .dirs()
+                .into_iter()
+                .filter(|d| d != "/" && l.children_of(d) == 0)
+                .collect();
             if rng.gen_bool(0.3) && !dirs.is_empty() {
                 let path = pick(&dirs, rng);
                 let dino = go!("resolve", resolve(e, lid, parent_of(&path)));
@@ -403,7 +520,17 @@ fn step(e: &Engine, m: &mut Model, rng: &mut ChaCha8Rng) -> std::result::Result<
             let fd = go!("resolve", resolve(e, lid, parent_of(&from)));
             let td = go!("resolve", resolve(e, lid, &to_dir));
             let flags = if exchange { RENAME_EXCHANGE } else { 0 };
-            go!("rename", e.rename(lid, fd, base_name(&from).as_bytes(), td, base_name(&to).as_bytes(), flags));
+            go!(
+                "rename",
+                e.rename(
+                    lid,
+                    fd,
+                    base_name(&from).as_bytes(),
+                    td,
+                    base_name(&to).as_bytes(),
+                    flags
+                )
+            );
             if from == to {
                 return Ok(Outcome::Done);
             }
@@ -475,8 +602,14 @@ fn quiet() -> Config {
 
 #[test]
 fn crash_anywhere_recovers_last_durable_state() {
-    let seed: u64 = std::env::var("LCFS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    let points: usize = std::env::var("LCFS_CRASH_POINTS").ok().and_then(|s| s.parse().ok()).unwrap_or(2000);
+    let seed: u64 = std::env::var("LCFS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    let points: usize = std::env::var("LCFS_CRASH_POINTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
     println!("crash model: LCFS_SEED={seed} LCFS_CRASH_POINTS={points}");
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let cycles_per_device = 50;
@@ -486,9 +619,22 @@ fn crash_anywhere_recovers_last_durable_state() {
     while done < points {
         let dev_size = 48 << 20;
         // Re-format on a FaultyDevice so the first cycle starts from its image.
-        let faulty = Arc::new(FaultyDevice::new(dev_size, FaultConfig { seed: rng.gen(), ..Default::default() }));
+        let faulty = Arc::new(FaultyDevice::new(
+            dev_size,
+            FaultConfig {
+                seed: rng.gen(),
+                ..Default::default()
+            },
+        ));
         let d: Arc<dyn Device> = faulty.clone();
-        Engine::format(d, &FormatOptions { segment_size_bytes: 256 << 10, force: false }).unwrap();
+        Engine::format(
+            d,
+            &FormatOptions {
+                segment_size_bytes: 256 << 10,
+                force: false,
+            },
+        )
+        .unwrap();
         let mut image = faulty.crash_image();
         let mut model = Model::default();
         for cycle in 0..cycles_per_device {
@@ -496,7 +642,12 @@ fn crash_anywhere_recovers_last_durable_state() {
                 break;
             }
             let crash_at = rng.gen_range(1..400u64);
-            let cfg = FaultConfig { seed: rng.gen(), crash_after_ops: Some(crash_at), tear_writes: true, ..Default::default() };
+            let cfg = FaultConfig {
+                seed: rng.gen(),
+                crash_after_ops: Some(crash_at),
+                tear_writes: true,
+                ..Default::default()
+            };
             let dev = Arc::new(FaultyDevice::from_image(image, cfg));
             let d: Arc<dyn Device> = dev.clone();
             let e = match Engine::open(d, quiet()) {
@@ -549,9 +700,14 @@ fn crash_anywhere_recovers_last_durable_state() {
             image = dev.crash_image();
             let check = Arc::new(FaultyDevice::from_image(image, FaultConfig::default()));
             let d: Arc<dyn Device> = check.clone();
-            let e = Engine::open(d, quiet()).unwrap_or_else(|err| panic!("seed {seed} cycle {cycle}: reopen failed: {err}"));
+            let e = Engine::open(d, quiet())
+                .unwrap_or_else(|err| panic!("seed {seed} cycle {cycle}: reopen failed: {err}"));
             let report = e.fsck(true).unwrap();
-            assert!(report.is_clean(), "seed {seed} cycle {cycle}: fsck after crash: {:#?}", &report.errors[..report.errors.len().min(10)]);
+            assert!(
+                report.is_clean(),
+                "seed {seed} cycle {cycle}: fsck after crash: {:#?}",
+                &report.errors[..report.errors.len().min(10)]
+            );
             let mut matched = None;
             let mut why = Vec::new();
             for (i, cand) in durable.iter().enumerate().rev() {

@@ -6,19 +6,34 @@ use lcfs_engine::*;
 use std::sync::Arc;
 
 fn quiet() -> Config {
-    Config { flush_interval_ms: 0, checkpoint_interval_ms: 0, ..Config::default() }
+    Config {
+        flush_interval_ms: 0,
+        checkpoint_interval_ms: 0,
+        ..Config::default()
+    }
 }
 
 fn fresh(size: u64) -> (Arc<MemDevice>, Arc<Engine>) {
     let dev = Arc::new(MemDevice::new(size));
     let d: Arc<dyn Device> = dev.clone();
-    Engine::format(d.clone(), &FormatOptions { segment_size_bytes: 256 << 10, force: false }).unwrap();
+    Engine::format(
+        d.clone(),
+        &FormatOptions {
+            segment_size_bytes: 256 << 10,
+            force: false,
+        },
+    )
+    .unwrap();
     (dev, Engine::open(d, quiet()).unwrap())
 }
 
 fn assert_clean(e: &Engine) {
     let r = e.fsck(true).unwrap();
-    assert!(r.is_clean(), "fsck: {:#?}", &r.errors[..r.errors.len().min(20)]);
+    assert!(
+        r.is_clean(),
+        "fsck: {:#?}",
+        &r.errors[..r.errors.len().min(20)]
+    );
 }
 
 #[test]
@@ -33,7 +48,8 @@ fn files_dirs_links_and_reopen() {
     assert_eq!(e.read(l, f.inode, 0, 10).unwrap(), vec![0u8; 10]);
     e.link(l, f.inode, ROOT_INODE, b"hosts-link").unwrap();
     assert_eq!(e.getattr(l, f.inode).unwrap().nlink, 2);
-    e.symlink(l, ROOT_INODE, b"sl", b"/etc/hosts", 0, 0).unwrap();
+    e.symlink(l, ROOT_INODE, b"sl", b"/etc/hosts", 0, 0)
+        .unwrap();
     e.setxattr(l, f.inode, b"user.a", b"1", 0).unwrap();
     e.sync().unwrap();
     assert_clean(&e);
@@ -58,14 +74,19 @@ fn clone_isolates_changes_and_remove_frees() {
     let f = e.create(base, ROOT_INODE, b"a", 0o644, 0, 0).unwrap();
     e.write(base, f.inode, 0, &[1u8; 50_000]).unwrap();
     for i in 0..300 {
-        e.create(base, ROOT_INODE, format!("f{i}").as_bytes(), 0o644, 0, 0).unwrap();
+        e.create(base, ROOT_INODE, format!("f{i}").as_bytes(), 0o644, 0, 0)
+            .unwrap();
     }
     let c = e.clone_layer("base", "c1").unwrap();
     assert!(e.layer_info("base").unwrap().frozen);
-    assert_eq!(e.write(base, f.inode, 0, b"x").unwrap_err().errno(), libc::EROFS);
+    assert_eq!(
+        e.write(base, f.inode, 0, b"x").unwrap_err().errno(),
+        libc::EROFS
+    );
     e.write(c, f.inode, 100, &[2u8; 10]).unwrap();
     e.unlink(c, ROOT_INODE, b"f7").unwrap();
-    e.rename(c, ROOT_INODE, b"f8", ROOT_INODE, b"g8", 0).unwrap();
+    e.rename(c, ROOT_INODE, b"f8", ROOT_INODE, b"g8", 0)
+        .unwrap();
     assert_eq!(e.read(base, f.inode, 100, 10).unwrap(), vec![1u8; 10]);
     assert_eq!(e.read(c, f.inode, 100, 10).unwrap(), vec![2u8; 10]);
     assert!(e.lookup(base, ROOT_INODE, b"f7").is_ok());

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The one command that runs every check CI runs (.ci/run calls exactly this).
+# Installs what it needs (scripts/setup.sh), then runs each step in order and
+# stops at the first failure. The last line is always the summary:
+#   test.sh: N passed, M failed
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "test.sh: must run as root: the tests attach loop devices and setup installs packages." >&2
+    echo "test.sh: run: sudo bash scripts/test.sh" >&2
+    exit 1
+fi
+
+if ! command -v cargo >/dev/null 2>&1 && [[ -f "$HOME/.cargo/env" ]]; then
+    # shellcheck source=/dev/null
+    . "$HOME/.cargo/env"
+fi
+
+# Release tests keep debug assertions and overflow checks: the engine's model
+# and crash tests are too slow in debug, but its asserts must stay on. Set
+# here, for this step only, so `cargo build --release` stays a real release.
+run_tests() (
+    export CARGO_PROFILE_RELEASE_DEBUG_ASSERTIONS=true
+    export CARGO_PROFILE_RELEASE_OVERFLOW_CHECKS=true
+    exec cargo test --workspace --release
+)
+
+steps=(
+    "setup|bash scripts/setup.sh"
+    "format|cargo fmt --all --check"
+    "clippy|cargo clippy --workspace --all-targets -- -D warnings"
+    "tests|run_tests"
+    "benches build|cargo bench --workspace --no-run"
+    "fuzz smoke|bash scripts/fuzz-smoke.sh"
+)
+
+passed=0
+failed=0
+total_start=$SECONDS
+for index in "${!steps[@]}"; do
+    name=${steps[$index]%%|*}
+    command=${steps[$index]#*|}
+    printf '\n==== test.sh [%d/%d] %s: %s ====\n' "$((index + 1))" "${#steps[@]}" "$name" "$command"
+    start=$SECONDS
+    status=0
+    # Word splitting of $command is intended: each step is a plain command line.
+    # shellcheck disable=SC2086
+    $command || status=$?
+    elapsed=$((SECONDS - start))
+    if [[ $status -eq 0 ]]; then
+        passed=$((passed + 1))
+        printf '==== test.sh: %s passed in %ds ====\n' "$name" "$elapsed"
+    else
+        failed=$((failed + 1))
+        printf '==== test.sh: %s FAILED (exit %d) after %ds ====\n' "$name" "$status" "$elapsed"
+        not_run=$((${#steps[@]} - index - 1))
+        [[ $not_run -eq 0 ]] || echo "test.sh: $not_run later step(s) not run"
+        break
+    fi
+done
+
+echo "test.sh: total $((SECONDS - total_start))s"
+echo "test.sh: $passed passed, $failed failed"
+[[ $failed -eq 0 ]]
