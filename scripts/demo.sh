@@ -19,6 +19,7 @@ fi
 demo_dir=${LCFS_DEMO_DIR:-/var/tmp/lcfs-demo}
 device="$demo_dir/device.img"
 
+bash scripts/setup.sh
 echo "demo.sh: building the workspace (release)"
 cargo build --workspace --release
 
