@@ -52,6 +52,8 @@ impl Store {
     /// (1 - u) * age / (1 + u).
     pub(crate) fn clean(&mut self, urgent: bool, max: usize) -> Result<usize> {
         self.check_writable()?;
+        // Victims are read from the device: nothing may still be in flight.
+        self.wait_inflight()?;
         let seg_blocks = self.geo.segment_blocks as u64;
         let now = self.next_batch_seq;
         let open: Vec<u32> = self.streams.iter().filter_map(|s| s.seg).collect();

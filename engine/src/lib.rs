@@ -15,6 +15,7 @@ pub mod format;
 mod fs;
 mod fsck;
 mod store;
+mod writer;
 
 pub use engine::{Engine, FormatOptions, Stats};
 pub use error::{Error, Result};

@@ -6,7 +6,8 @@ use crate::cache::{BlockCache, NodeCache};
 use crate::device::{AlignedBuf, Device, BLOCK_SIZE};
 use crate::error::{Error, Result};
 use crate::format::*;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use crate::writer::{Inflight, SegmentWriter};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, RwLock};
 
 /// Node ids of address-map nodes that are on the device: physical block | tag.
@@ -155,6 +156,9 @@ pub struct Config {
     pub flush_interval_ms: u64,
     /// Checkpoint at least this often when something changed (0: only on demand).
     pub checkpoint_interval_ms: u64,
+    /// Full segments that may be in flight to the device while the engine
+    /// fills the next (0: write synchronously, deterministic for tests).
+    pub write_behind_segments: usize,
 }
 
 impl Default for Config {
@@ -165,6 +169,7 @@ impl Default for Config {
             dirty_limit_percent: 25,
             flush_interval_ms: 100,
             checkpoint_interval_ms: 5000,
+            write_behind_segments: 4,
         }
     }
 }
@@ -190,6 +195,9 @@ pub(crate) struct Store {
     pub free: BTreeSet<u32>,
     pub pending_free: BTreeSet<u32>,
     pub streams: [Stream; 2],
+    writer: Option<SegmentWriter>,
+    inflight: VecDeque<Inflight>,
+    spare_buffers: Vec<AlignedBuf>,
     pub nodes: NodeCache,
     pub blocks: Arc<BlockCache>,
     pub reuse: Arc<RwLock<()>>,
@@ -216,6 +224,19 @@ fn seg_table_checksum(segs: &[SegmentUsage]) -> u64 {
 
 impl Store {
     fn empty(dev: Arc<dyn Device>, geo: Geometry, config: Config) -> Store {
+        let mut s = Store::empty_sync(dev.clone(), geo, config.clone());
+        if config.write_behind_segments > 0 {
+            match SegmentWriter::new(dev, config.write_behind_segments) {
+                Ok(w) => s.writer = Some(w),
+                Err(e) => {
+                    log::warn!("no write-behind thread ({e}); writing segments synchronously")
+                }
+            }
+        }
+        s
+    }
+
+    fn empty_sync(dev: Arc<dyn Device>, geo: Geometry, config: Config) -> Store {
         let n = geo.segment_count as usize;
         let tb = geo.segtable_blocks as usize;
         let sb = geo.segment_blocks;
@@ -236,6 +257,9 @@ impl Store {
             free: (0..geo.segment_count).collect(),
             pending_free: BTreeSet::new(),
             streams: [Stream::new(sb), Stream::new(sb)],
+            writer: None,
+            inflight: VecDeque::new(),
+            spare_buffers: Vec::new(),
             nodes: NodeCache::new(config.node_cache_bytes),
             blocks: Arc::new(BlockCache::new(config.block_cache_bytes)),
             reuse: Arc::new(RwLock::new(())),
@@ -582,13 +606,85 @@ impl Store {
             self.close_batch(t);
         }
         if full_seg {
-            self.write_out(t)?;
+            if self.writer.is_some() {
+                self.hand_off(t)?;
+            } else {
+                self.write_out(t)?;
+            }
         }
         Ok(self.geo.segment_start(seg) + at as u64)
     }
 
+    /// Gives a full segment to the writer thread and detaches it from the stream.
+    fn hand_off(&mut self, t: Temperature) -> Result<()> {
+        self.close_batch(t);
+        let seg_bytes = self.geo.segment_blocks as usize * BLOCK_SIZE;
+        let fresh = self
+            .spare_buffers
+            .pop()
+            .unwrap_or_else(|| AlignedBuf::new(seg_bytes));
+        let st = &mut self.streams[t as usize];
+        let seg = st.seg.take().expect("full stream has a segment");
+        let (from, to) = (st.written, st.fill);
+        let buf = Arc::new(std::mem::replace(&mut st.buf, fresh));
+        st.fill = 0;
+        st.written = 0;
+        st.batch_at = None;
+        if self.segs[seg as usize].live_blocks == 0 {
+            self.pending_free.insert(seg);
+        }
+        let start_block = self.geo.segment_start(seg);
+        if from < to {
+            let writer = self.writer.as_ref().expect("write-behind on");
+            let done = writer.submit(start_block, buf.clone(), from, to);
+            self.inflight.push_back(Inflight {
+                start_block,
+                valid_blocks: to,
+                buf,
+                done,
+            });
+        }
+        let limit = self.config.write_behind_segments;
+        while self.inflight.len() > limit {
+            self.reap_one()?;
+        }
+        while self.inflight.front().is_some_and(|f| f.done.is_done()) {
+            self.reap_one()?;
+        }
+        Ok(())
+    }
+
+    fn reap_one(&mut self) -> Result<()> {
+        let Some(f) = self.inflight.pop_front() else {
+            return Ok(());
+        };
+        if let Err(m) = f.done.wait() {
+            return self.fail(Error::Io(std::io::Error::other(m)));
+        }
+        if let Ok(b) = Arc::try_unwrap(f.buf) {
+            if self.spare_buffers.len() < 2 {
+                self.spare_buffers.push(b);
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for every handed-off segment write.
+    pub fn wait_inflight(&mut self) -> Result<()> {
+        while !self.inflight.is_empty() {
+            self.reap_one()?;
+        }
+        Ok(())
+    }
+
     /// The bytes of `block` if it is still in a stream buffer.
     pub fn buffered_block(&self, block: u64) -> Option<&[u8]> {
+        for f in &self.inflight {
+            if block >= f.start_block && block < f.start_block + f.valid_blocks as u64 {
+                let i = (block - f.start_block) as usize;
+                return Some(&f.buf[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]);
+            }
+        }
         for st in &self.streams {
             if let Some(seg) = st.seg {
                 let start = self.geo.segment_start(seg);
@@ -1302,9 +1398,10 @@ impl Store {
             self.map_root_checksum = r.checksum;
         }
         debug_assert_eq!(self.nodes.dirty_count(), 0, "every dirty node written");
-        // 4. Stream tails.
+        // 4. Stream tails, and every segment still in flight.
         self.write_out(Temperature::Hot)?;
         self.write_out(Temperature::Cold)?;
+        self.wait_inflight()?;
         // 5. Segment table blocks that changed, each into the copy not holding
         //    the newest valid version.
         let dirty_tables: Vec<u32> = std::mem::take(&mut self.segtable_dirty)
