@@ -1,0 +1,916 @@
+//! The fuser filesystem over the engine.
+//!
+//! Kernel inode numbers encode (layer, inode): `layer_id << 40 | inode`.
+//! Layer ids start at 1, so the mount root (kernel inode 1) never collides
+//! with a layer's root directory (`layer_id << 40 | 1`). Layer and inode
+//! numbers are never reused, so no lookup counting is needed and the
+//! generation is always 0.
+
+use crate::MountOptions;
+use fuser::{
+    AccessFlags, BsdFileFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL,
+    TimeOrNow, WriteFlags,
+};
+use lcfs_engine::{Attr, Engine, Error, FileKind, SetAttr, TimeSet, Timestamp, ROOT_INODE};
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Kernel inode of the mount root, the directory of layers.
+pub(crate) const MOUNT_ROOT: u64 = 1;
+const LAYER_SHIFT: u32 = 40;
+const INODE_MASK: u64 = (1 << LAYER_SHIFT) - 1;
+/// readdir offsets of "." and ".." (engine cookies start at 0x101).
+const DOT: u64 = 1;
+const DOTDOT: u64 = 2;
+
+struct LcfsFs {
+    engine: Arc<Engine>,
+    entry_ttl: Duration,
+    attr_ttl: Duration,
+    started: SystemTime,
+}
+
+fn split(ino: INodeNo) -> Option<(u64, u64)> {
+    let v = ino.0;
+    let layer = v >> LAYER_SHIFT;
+    let inode = v & INODE_MASK;
+    (layer != 0 && inode != 0).then_some((layer, inode))
+}
+
+fn join(layer: u64, inode: u64) -> INodeNo {
+    INodeNo(layer << LAYER_SHIFT | inode)
+}
+
+fn errno(e: &Error) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn system_time(t: Timestamp) -> SystemTime {
+    if t.seconds >= 0 {
+        UNIX_EPOCH + Duration::new(t.seconds as u64, t.nanoseconds)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.seconds.unsigned_abs())
+            + Duration::from_nanos(t.nanoseconds as u64)
+    }
+}
+
+fn timestamp(t: SystemTime) -> Timestamp {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timestamp {
+            seconds: d.as_secs() as i64,
+            nanoseconds: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let mut seconds = -(d.as_secs() as i64);
+            let mut nanoseconds = 0;
+            if d.subsec_nanos() > 0 {
+                seconds -= 1;
+                nanoseconds = 1_000_000_000 - d.subsec_nanos();
+            }
+            Timestamp {
+                seconds,
+                nanoseconds,
+            }
+        }
+    }
+}
+
+fn file_type(k: FileKind) -> FileType {
+    match k {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Directory => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::BlockDevice => FileType::BlockDevice,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+    }
+}
+
+fn file_attr(layer: u64, a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: join(layer, a.inode),
+        size: a.size,
+        blocks: a.blocks_512,
+        atime: system_time(a.atime),
+        mtime: system_time(a.mtime),
+        ctime: system_time(a.ctime),
+        crtime: system_time(a.ctime),
+        kind: file_type(a.kind),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev as u32,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn time_set(t: TimeOrNow) -> TimeSet {
+    match t {
+        TimeOrNow::Now => TimeSet::Now,
+        TimeOrNow::SpecificTime(s) => TimeSet::At(timestamp(s)),
+    }
+}
+
+impl LcfsFs {
+    fn root_attr(&self) -> FileAttr {
+        let layers = self.engine.list_layers().len() as u32;
+        FileAttr {
+            ino: INodeNo(MOUNT_ROOT),
+            size: 4096,
+            blocks: 8,
+            atime: self.started,
+            mtime: self.started,
+            ctime: self.started,
+            crtime: self.started,
+            kind: FileType::Directory,
+            perm: 0o755,
+            nlink: 2 + layers,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn entry(&self, layer: u64, r: lcfs_engine::Result<Attr>, reply: ReplyEntry) {
+        match r {
+            Ok(a) => reply.entry(&self.entry_ttl, &file_attr(layer, &a), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    /// Resolves a directory inode for a change. The mount root takes none.
+    fn dir_for_change(&self, parent: INodeNo) -> Result<(u64, u64), Errno> {
+        if parent.0 == MOUNT_ROOT {
+            // Layers are made through the control socket, never by mkdir.
+            return Err(Errno::from_i32(libc::EPERM));
+        }
+        split(parent).ok_or(Errno::from_i32(libc::ENOENT))
+    }
+}
+
+impl Filesystem for LcfsFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let _ = config.add_capabilities(
+            InitFlags::FUSE_DO_READDIRPLUS
+                | InitFlags::FUSE_READDIRPLUS_AUTO
+                | InitFlags::FUSE_PARALLEL_DIROPS
+                | InitFlags::FUSE_ASYNC_READ
+                | InitFlags::FUSE_BIG_WRITES
+                | InitFlags::FUSE_MAX_PAGES,
+        );
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_time_granularity(Duration::from_nanos(1));
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if parent.0 == MOUNT_ROOT {
+            let Some(n) = name.to_str() else {
+                return reply.error(Errno::from_i32(libc::ENOENT));
+            };
+            match self.engine.layer_id(n) {
+                Ok(id) => self.entry(id, self.engine.getattr(id, ROOT_INODE), reply),
+                Err(e) => reply.error(errno(&e)),
+            }
+            return;
+        }
+        let Some((layer, dir)) = split(parent) else {
+            return reply.error(Errno::from_i32(libc::ENOENT));
+        };
+        self.entry(
+            layer,
+            self.engine.lookup(layer, dir, name.as_bytes()),
+            reply,
+        );
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if ino.0 == MOUNT_ROOT {
+            return reply.attr(&self.attr_ttl, &self.root_attr());
+        }
+        let Some((layer, inode)) = split(ino) else {
+            return reply.error(Errno::from_i32(libc::ENOENT));
+        };
+        match self.engine.getattr(layer, inode) {
+            Ok(a) => reply.attr(&self.attr_ttl, &file_attr(layer, &a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        if ino.0 == MOUNT_ROOT {
+            return reply.error(Errno::from_i32(libc::EPERM));
+        }
+        let Some((layer, inode)) = split(ino) else {
+            return reply.error(Errno::from_i32(libc::ENOENT));
+        };
+        let s = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(time_set),
+            mtime: mtime.map(time_set),
+            ctime: ctime.map(timestamp),
+        };
+        match self.engine.setattr(layer, inode, &s) {
+            Ok(a) => reply.attr(&self.attr_ttl, &file_attr(layer, &a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let Some((layer, inode)) = split(ino) else {
+            return reply.error(Errno::from_i32(libc::EINVAL));
+        };
+        match self.engine.readlink(layer, inode) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let (layer, dir) = match self.dir_for_change(parent) {
+            Ok(v) => v,
+            Err(e) => return reply.error(e),
+        };
+        let mode = mode & !(umask & 0o777);
+        let r = self.engine.mknod(
+            layer,
+            dir,
+            name.as_bytes(),
+            mode,
+            rdev as u64,
+            req.uid(),
+            req.gid(),
+        );
+        self.entry(layer, r, reply);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let (layer, dir) = match self.dir_for_change(parent) {
+            Ok(v) => v,
+            Err(e) => return reply.error(e),
+        };
+        let r = self.engine.mkdir(
+            layer,
+            dir,
+            name.as_bytes(),
+            mode & !(umask & 0o777),
+            req.uid(),
+            req.gid(),
+        );
+        self.entry(layer, r, reply);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (layer, dir) = match self.dir_for_change(parent) {
+            Ok(v) => v,
+            Err(e) => return reply.error(e),
+        };
+        match self.engine.unlink(layer, dir, name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (layer, dir) = match self.dir_for_change(parent) {
+            Ok(v) => v,
+            Err(e) => return reply.error(e),
+        };
+        match self.engine.rmdir(layer, dir, name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let (layer, dir) = match self.dir_for_change(parent) {
+            Ok(v) => v,
+            Err(e) => return reply.error(e),
+        };
+        let r = self.engine.symlink(
+            layer,
+            dir,
+            link_name.as_bytes(),
+            target.as_os_str().as_bytes(),
+            req.uid(),
+            req.gid(),
+        );
+        self.entry(layer, r, reply);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (layer, from) = match self.dir_for_change(parent) {
+            Ok(v) => v,
+            Err(e) => return reply.error(e),
+        };
+        let (to_layer, to) = match self.dir_for_change(newparent) {
+            Ok(v) => v,
+            Err(e) => return reply.error(e),
+        };
+        if layer != to_layer {
+            return reply.error(Errno::from_i32(libc::EXDEV));
+        }
+        match self.engine.rename(
+            layer,
+            from,
+            name.as_bytes(),
+            to,
+            newname.as_bytes(),
+            flags.bits(),
+        ) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let Some((layer, inode)) = split(ino) else {
+            return reply.error(Errno::from_i32(libc::EPERM));
+        };
+        let (to_layer, dir) = match self.dir_for_change(newparent) {
+            Ok(v) => v,
+            Err(e) => return reply.error(e),
+        };
+        if layer != to_layer {
+            return reply.error(Errno::from_i32(libc::EXDEV));
+        }
+        self.entry(
+            layer,
+            self.engine.link(layer, inode, dir, newname.as_bytes()),
+            reply,
+        );
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let Some((layer, inode)) = split(ino) else {
+            return reply.error(Errno::from_i32(libc::EISDIR));
+        };
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            match self.engine.layer_info_by_id(layer) {
+                Ok(l) if l.frozen => return reply.error(Errno::from_i32(libc::EROFS)),
+                Ok(_) => {}
+                Err(e) => return reply.error(errno(&e)),
+            }
+        }
+        match self.engine.open_inode(layer, inode) {
+            // Frozen layers never change and every change to a writable layer
+            // comes through this mount, so cached pages stay valid.
+            Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some((layer, inode)) = split(ino) else {
+            return reply.error(Errno::from_i32(libc::EISDIR));
+        };
+        match self.engine.read(layer, inode, offset, size as usize) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let Some((layer, inode)) = split(ino) else {
+            return reply.error(Errno::from_i32(libc::EISDIR));
+        };
+        match self.engine.write(layer, inode, offset, data) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // close(2) is not a durability point; fsync is.
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if let Some((layer, inode)) = split(ino) {
+            if let Err(e) = self.engine.release_inode(layer, inode) {
+                log::warn!("release of {layer}/{inode}: {e}");
+            }
+        }
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let (layer, inode) = split(ino).unwrap_or((0, 0));
+        match self.engine.fsync(layer, inode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if ino.0 != MOUNT_ROOT {
+            let Some((layer, inode)) = split(ino) else {
+                return reply.error(Errno::from_i32(libc::ENOENT));
+            };
+            match self.engine.getattr(layer, inode) {
+                Ok(a) if a.kind != FileKind::Directory => {
+                    return reply.error(Errno::from_i32(libc::ENOTDIR))
+                }
+                Ok(_) => {}
+                Err(e) => return reply.error(errno(&e)),
+            }
+        }
+        reply.opened(
+            FileHandle(0),
+            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+        );
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if ino.0 == MOUNT_ROOT {
+            let layers = self.engine.list_layers();
+            let mut entries = vec![
+                (INodeNo(MOUNT_ROOT), FileType::Directory, ".".to_string()),
+                (INodeNo(MOUNT_ROOT), FileType::Directory, "..".to_string()),
+            ];
+            entries.extend(
+                layers
+                    .into_iter()
+                    .map(|l| (join(l.id, ROOT_INODE), FileType::Directory, l.name)),
+            );
+            for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+                if reply.add(ino, i as u64 + 1, kind, name) {
+                    break;
+                }
+            }
+            return reply.ok();
+        }
+        let Some((layer, dir)) = split(ino) else {
+            return reply.error(Errno::from_i32(libc::ENOENT));
+        };
+        if offset < DOT && reply.add(ino, DOT, FileType::Directory, ".") {
+            return reply.ok();
+        }
+        if offset < DOTDOT {
+            let parent = match self.engine.getattr(layer, dir) {
+                Ok(_) if dir == ROOT_INODE => INodeNo(MOUNT_ROOT),
+                Ok(_) => ino,
+                Err(e) => return reply.error(errno(&e)),
+            };
+            if reply.add(parent, DOTDOT, FileType::Directory, "..") {
+                return reply.ok();
+            }
+        }
+        let mut cookie = if offset > DOTDOT { offset } else { 0 };
+        loop {
+            let batch = match self.engine.readdir(layer, dir, cookie, 128) {
+                Ok(b) => b,
+                Err(e) => return reply.error(errno(&e)),
+            };
+            if batch.is_empty() {
+                return reply.ok();
+            }
+            for e in batch {
+                if reply.add(
+                    join(layer, e.inode),
+                    e.cookie,
+                    file_type(e.kind),
+                    OsStr::from_bytes(&e.name),
+                ) {
+                    return reply.ok();
+                }
+                cookie = e.cookie;
+            }
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        if ino.0 == MOUNT_ROOT {
+            let root = self.root_attr();
+            if offset < 1
+                && reply.add(
+                    INodeNo(MOUNT_ROOT),
+                    1,
+                    ".",
+                    &self.attr_ttl,
+                    &root,
+                    Generation(0),
+                )
+            {
+                return reply.ok();
+            }
+            if offset < 2
+                && reply.add(
+                    INodeNo(MOUNT_ROOT),
+                    2,
+                    "..",
+                    &self.attr_ttl,
+                    &root,
+                    Generation(0),
+                )
+            {
+                return reply.ok();
+            }
+            for (i, l) in self.engine.list_layers().into_iter().enumerate() {
+                let off = i as u64 + 3;
+                if off <= offset {
+                    continue;
+                }
+                let Ok(a) = self.engine.getattr(l.id, ROOT_INODE) else {
+                    continue;
+                };
+                if reply.add(
+                    join(l.id, ROOT_INODE),
+                    off,
+                    &l.name,
+                    &self.entry_ttl,
+                    &file_attr(l.id, &a),
+                    Generation(0),
+                ) {
+                    break;
+                }
+            }
+            return reply.ok();
+        }
+        let Some((layer, dir)) = split(ino) else {
+            return reply.error(Errno::from_i32(libc::ENOENT));
+        };
+        let me = match self.engine.getattr(layer, dir) {
+            Ok(a) => file_attr(layer, &a),
+            Err(e) => return reply.error(errno(&e)),
+        };
+        if offset < DOT && reply.add(ino, DOT, ".", &self.attr_ttl, &me, Generation(0)) {
+            return reply.ok();
+        }
+        if offset < DOTDOT {
+            let parent = if dir == ROOT_INODE {
+                self.root_attr()
+            } else {
+                me
+            };
+            if reply.add(
+                parent.ino,
+                DOTDOT,
+                "..",
+                &self.attr_ttl,
+                &parent,
+                Generation(0),
+            ) {
+                return reply.ok();
+            }
+        }
+        let mut cookie = if offset > DOTDOT { offset } else { 0 };
+        loop {
+            let batch = match self.engine.readdir_plus(layer, dir, cookie, 64) {
+                Ok(b) => b,
+                Err(e) => return reply.error(errno(&e)),
+            };
+            if batch.is_empty() {
+                return reply.ok();
+            }
+            for (e, a) in batch {
+                let fa = file_attr(layer, &a);
+                if reply.add(
+                    fa.ino,
+                    e.cookie,
+                    OsStr::from_bytes(&e.name),
+                    &self.entry_ttl,
+                    &fa,
+                    Generation(0),
+                ) {
+                    return reply.ok();
+                }
+                cookie = e.cookie;
+            }
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.engine.sync() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let layer = split(ino)
+            .map(|(l, _)| l)
+            .or_else(|| self.engine.list_layers().first().map(|l| l.id));
+        let r = match layer {
+            Some(l) => self.engine.statfs(l),
+            None => {
+                let s = self.engine.stats();
+                let total = s.capacity_bytes / 4096;
+                let free = total.saturating_sub(s.live_bytes / 4096);
+                return reply.statfs(total, free, free, 0, free, 4096, 255, 4096);
+            }
+        };
+        match r {
+            Ok(s) => reply.statfs(
+                s.blocks,
+                s.blocks_free,
+                s.blocks_available,
+                s.files,
+                s.files_free,
+                s.block_size,
+                s.name_max,
+                s.block_size,
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        position: u32,
+        reply: ReplyEmpty,
+    ) {
+        if position != 0 {
+            return reply.error(Errno::from_i32(libc::EINVAL));
+        }
+        let Some((layer, inode)) = split(ino) else {
+            return reply.error(Errno::from_i32(libc::EPERM));
+        };
+        match self
+            .engine
+            .setxattr(layer, inode, name.as_bytes(), value, flags as u32)
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some((layer, inode)) = split(ino) else {
+            return reply.error(Errno::from_i32(libc::ENODATA));
+        };
+        match self.engine.getxattr(layer, inode, name.as_bytes()) {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let names = match split(ino) {
+            Some((layer, inode)) => match self.engine.listxattr(layer, inode) {
+                Ok(n) => n,
+                Err(e) => return reply.error(errno(&e)),
+            },
+            None => Vec::new(),
+        };
+        let mut buf = Vec::new();
+        for n in names {
+            buf.extend_from_slice(&n);
+            buf.push(0);
+        }
+        if size == 0 {
+            reply.size(buf.len() as u32)
+        } else if buf.len() > size as usize {
+            reply.error(Errno::from_i32(libc::ERANGE))
+        } else {
+            reply.data(&buf)
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let Some((layer, inode)) = split(ino) else {
+            return reply.error(Errno::from_i32(libc::ENODATA));
+        };
+        match self.engine.removexattr(layer, inode, name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // default_permissions: the kernel checks modes itself.
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let (layer, dir) = match self.dir_for_change(parent) {
+            Ok(v) => v,
+            Err(e) => return reply.error(e),
+        };
+        let r = self.engine.create(
+            layer,
+            dir,
+            name.as_bytes(),
+            mode & !(umask & 0o777),
+            req.uid(),
+            req.gid(),
+        );
+        match r.and_then(|a| self.engine.open_inode(layer, a.inode).map(|_| a)) {
+            Ok(a) => reply.created(
+                &self.entry_ttl,
+                &file_attr(layer, &a),
+                Generation(0),
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let Some((layer, inode)) = split(ino) else {
+            return reply.error(Errno::from_i32(libc::EISDIR));
+        };
+        match self
+            .engine
+            .fallocate(layer, inode, mode as u32, offset, length)
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}
+
+pub(crate) fn spawn(
+    engine: Arc<Engine>,
+    mountpoint: &Path,
+    options: &MountOptions,
+) -> io::Result<fuser::BackgroundSession> {
+    let fs = LcfsFs {
+        engine,
+        entry_ttl: options.entry_timeout,
+        attr_ttl: options.attr_timeout,
+        started: SystemTime::now(),
+    };
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(options.fsname.clone()),
+        MountOption::Subtype("lcfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::Dev,
+        MountOption::Suid,
+        MountOption::RW,
+    ];
+    config.acl = if options.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(options.threads.max(1));
+    config.clone_fd = true;
+    fuser::spawn_mount(fs, mountpoint, &config)
+}

@@ -1,0 +1,162 @@
+//! A real FUSE mount of an engine: files, directories, links, xattrs and
+//! renames through std::fs; frozen layers refuse writes with EROFS; the mount
+//! root lists the layers and refuses file creation. Needs root and /dev/fuse.
+
+use lcfs_engine::device::{Device, MemDevice};
+use lcfs_engine::{Config, Engine, FormatOptions};
+use lcfs_fsfront::{mount, MountOptions};
+use std::ffi::CString;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::sync::Arc;
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "needs root for a FUSE mount; CI runs as root"
+    );
+    assert!(
+        std::path::Path::new("/dev/fuse").exists(),
+        "needs /dev/fuse"
+    );
+}
+
+fn engine() -> Arc<Engine> {
+    let dev: Arc<dyn Device> = Arc::new(MemDevice::new(256 << 20));
+    Engine::format(dev.clone(), &FormatOptions::default()).unwrap();
+    Engine::open(dev, Config::default()).unwrap()
+}
+
+fn xattr_get(path: &std::path::Path, name: &str) -> Option<Vec<u8>> {
+    let p = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let n = CString::new(name).unwrap();
+    let mut buf = vec![0u8; 256];
+    // SAFETY: valid C strings and a buffer of the given length.
+    let r = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (r >= 0).then(|| buf[..r as usize].to_vec())
+}
+
+fn xattr_set(path: &std::path::Path, name: &str, value: &[u8]) -> i32 {
+    let p = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let n = CString::new(name).unwrap();
+    // SAFETY: valid C strings and value slice.
+    unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    }
+}
+
+#[test]
+fn posix_basics_through_the_mount() {
+    require_root();
+    let e = engine();
+    e.create_layer("base", true).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let m = mount(e.clone(), dir.path(), &MountOptions::default()).unwrap();
+    let base = dir.path().join("base");
+    assert!(base.is_dir());
+    let names: Vec<String> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|d| d.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, vec!["base"]);
+    let err = fs::write(dir.path().join("x"), b"1").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+
+    fs::create_dir_all(base.join("etc/ssl")).unwrap();
+    fs::write(base.join("etc/hosts"), b"127.0.0.1 localhost\n").unwrap();
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(base.join("etc/data"))
+        .unwrap();
+    let chunk: Vec<u8> = (0..1_000_000u32).map(|i| (i % 241) as u8).collect();
+    f.write_all(&chunk).unwrap();
+    f.seek(SeekFrom::Start(500_000)).unwrap();
+    let mut back = vec![0u8; 1000];
+    f.read_exact(&mut back).unwrap();
+    assert_eq!(back, chunk[500_000..501_000]);
+    f.sync_all().unwrap();
+    drop(f);
+    fs::hard_link(base.join("etc/hosts"), base.join("hosts2")).unwrap();
+    assert_eq!(fs::metadata(base.join("etc/hosts")).unwrap().nlink(), 2);
+    std::os::unix::fs::symlink("etc/hosts", base.join("link")).unwrap();
+    assert_eq!(
+        fs::read_link(base.join("link")).unwrap().to_str(),
+        Some("etc/hosts")
+    );
+    assert_eq!(
+        fs::read(base.join("link")).unwrap(),
+        b"127.0.0.1 localhost\n"
+    );
+    fs::set_permissions(base.join("etc/hosts"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(
+        fs::metadata(base.join("hosts2")).unwrap().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        xattr_set(&base.join("etc/hosts"), "user.origin", b"test"),
+        0
+    );
+    assert_eq!(
+        xattr_get(&base.join("hosts2"), "user.origin").as_deref(),
+        Some(&b"test"[..])
+    );
+    // A valid VFS_CAP_REVISION_2 value (cap_net_bind_service permitted).
+    let mut cap = Vec::new();
+    for word in [0x0200_0000u32, 1 << 10, 0, 0, 0] {
+        cap.extend_from_slice(&word.to_le_bytes());
+    }
+    assert_eq!(
+        xattr_set(&base.join("etc/hosts"), "security.capability", &cap),
+        0
+    );
+    assert_eq!(
+        xattr_get(&base.join("etc/hosts"), "security.capability"),
+        Some(cap)
+    );
+    fs::rename(base.join("etc/ssl"), base.join("ssl")).unwrap();
+    assert!(base.join("ssl").is_dir() && !base.join("etc/ssl").exists());
+    assert_eq!(
+        fs::metadata(base.join("etc/data")).unwrap().blocks(),
+        1_000_000u64.div_ceil(4096) * 8
+    );
+
+    // Clone: the parent freezes; the clone sees the same files and can change them.
+    e.clone_layer("base", "ctr").unwrap();
+    m.invalidate_layer("ctr");
+    let ctr = dir.path().join("ctr");
+    assert_eq!(
+        fs::read(ctr.join("etc/hosts")).unwrap(),
+        b"127.0.0.1 localhost\n"
+    );
+    fs::write(ctr.join("etc/hosts"), b"changed\n").unwrap();
+    assert_eq!(
+        fs::read(base.join("etc/hosts")).unwrap(),
+        b"127.0.0.1 localhost\n"
+    );
+    let err = fs::write(base.join("etc/new"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    let err = fs::OpenOptions::new()
+        .write(true)
+        .open(base.join("etc/data"))
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    let long = "x".repeat(256);
+    assert_eq!(
+        fs::metadata(ctr.join(&long)).unwrap_err().raw_os_error(),
+        Some(libc::ENAMETOOLONG)
+    );
+    m.unmount().unwrap();
+    assert!(e.fsck(true).unwrap().is_clean());
+}
