@@ -3,6 +3,30 @@
 
 use crate::format::NodeImage;
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Node ids are logical block numbers or tagged physical addresses: already
+/// well spread integers, so a multiply-shift hash beats SipHash by far on
+/// this hot path (hash flooding is not a concern: ids are ours, not input).
+#[derive(Default)]
+pub(crate) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ *b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (v ^ (v >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        self.0 ^= self.0 >> 32;
+    }
+}
+
+pub(crate) type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -24,7 +48,7 @@ pub(crate) struct CachedNode {
 /// stay until a checkpoint writes them (the engine checkpoints when the dirty
 /// share grows past its limit, which bounds the total).
 pub(crate) struct NodeCache {
-    map: HashMap<u64, CachedNode>,
+    map: IdMap<CachedNode>,
     lru: BTreeMap<u64, u64>,
     tick: u64,
     bytes: usize,
@@ -38,7 +62,7 @@ pub(crate) struct NodeCache {
 impl NodeCache {
     pub fn new(capacity_bytes: usize) -> NodeCache {
         NodeCache {
-            map: HashMap::new(),
+            map: IdMap::default(),
             lru: BTreeMap::new(),
             tick: 0,
             bytes: 0,

@@ -729,7 +729,8 @@ impl Store {
             if t.len() <= INLINE_SYMLINK_MAX {
                 self.lput(layer, Key::new(ino, KIND_SYMLINK, 0), t.to_vec())?;
             } else {
-                self.write_data(layer, ino, 0, t, false)?;
+                let i = self.inode(layer, ino)?;
+                self.write_data(layer, ino, i, 0, t, false)?;
             }
         }
         self.dirent_put(layer, dir, name, ino, kind)?;
@@ -1120,7 +1121,10 @@ impl Store {
             return Ok(());
         }
         let zeros = vec![0u8; to - from];
-        self.write_blocks(layer, ino, block * BLOCK_SIZE as u64 + from as u64, &zeros)
+        let added =
+            self.write_blocks(layer, ino, block * BLOCK_SIZE as u64 + from as u64, &zeros)?;
+        debug_assert_eq!(added, 0, "the block existed");
+        Ok(())
     }
 
     pub(crate) fn fallocate(
@@ -1227,14 +1231,16 @@ impl Store {
             Some(FileKind::Directory) => return Err(Error::IsDirectory),
             _ => return Err(Error::Invalid("not a regular file".into())),
         }
-        self.write_data(layer, ino, offset, data, true)?;
+        self.write_data(layer, ino, i, offset, data, true)?;
         Ok(data.len())
     }
 
+    /// Writes data and updates the inode `i` (read by the caller) once.
     fn write_data(
         &mut self,
         layer: u64,
         ino: u64,
+        mut i: InodeValue,
         offset: u64,
         data: &[u8],
         touch: bool,
@@ -1249,8 +1255,7 @@ impl Store {
         let bs = BLOCK_SIZE as u64;
         let blocks = end.div_ceil(bs) - offset / bs;
         self.ensure_space(blocks, false)?;
-        self.write_blocks(layer, ino, offset, data)?;
-        let mut i = self.inode(layer, ino)?;
+        i.blocks += self.write_blocks(layer, ino, offset, data)?;
         if end > i.size {
             i.size = end;
         }
@@ -1267,24 +1272,46 @@ impl Store {
     }
 
     /// Writes bytes into file blocks (read-modify-write at the edges). Does not
-    /// change the size. Space must have been ensured by the caller.
-    fn write_blocks(&mut self, layer: u64, ino: u64, offset: u64, data: &[u8]) -> Result<()> {
+    /// change the size. Space must have been ensured by the caller. The map
+    /// and extent updates of the whole call go in as sorted runs.
+    /// Returns how many blocks were added (were holes before).
+    fn write_blocks(&mut self, layer: u64, ino: u64, offset: u64, data: &[u8]) -> Result<u64> {
         let bs = BLOCK_SIZE as u64;
         let temp = self.temperature(layer);
         let mut buf = crate::device::AlignedBuf::new(BLOCK_SIZE);
         let mut pos = 0usize;
         let mut added_blocks = 0u64;
+        // One scan finds every existing block the write covers.
+        let first = offset / bs;
+        let last = (offset + data.len() as u64 - 1) / bs;
+        let mut existing = Vec::new();
+        self.lscan(
+            layer,
+            Key::new(ino, KIND_EXTENT, first),
+            Key::new(ino, KIND_EXTENT, last),
+            &mut |k, v| {
+                existing.push((k.offset, v.to_vec()));
+                true
+            },
+        )?;
+        let mut existing = existing.into_iter().peekable();
+        let blocks = (last - first + 1) as usize;
+        let mut map_items = Vec::with_capacity(blocks);
+        let mut extent_items = Vec::with_capacity(blocks);
         while pos < data.len() {
             let at = offset + pos as u64;
             let block = at / bs;
             let in_block = (at % bs) as usize;
             let n = (BLOCK_SIZE - in_block).min(data.len() - pos);
-            let key = Key::new(ino, KIND_EXTENT, block);
-            let old = match self.lget(layer, key)? {
-                Some(v) => Some(ExtentValue::decode(&v)?),
+            let old = match existing.next_if(|(b, _)| *b == block) {
+                Some((_, v)) => Some(ExtentValue::decode(&v)?),
                 None => None,
             };
-            if n < BLOCK_SIZE {
+            // Whole blocks go from the caller's data straight into the log
+            // buffer; partial ones are merged with what is there first.
+            let block_data: &[u8] = if n == BLOCK_SIZE {
+                &data[pos..pos + n]
+            } else {
                 match old {
                     Some(e) => {
                         let plan = ReadPlan {
@@ -1297,54 +1324,48 @@ impl Store {
                     }
                     None => buf.fill(0),
                 }
-            }
-            buf[in_block..in_block + n].copy_from_slice(&data[pos..pos + n]);
-            let csum = data_checksum(&buf);
-            match old {
-                // Our own block: keep its logical number, move it in the map.
-                Some(e) if e.birth_layer == layer => {
-                    let phys = self.append(temp, BlockTag::Logical(e.lbn), &buf, csum)?;
-                    self.map_set(
-                        e.lbn,
-                        MapValue {
-                            physical_block: phys,
-                            checksum: csum,
-                        },
-                    )?;
-                }
+                buf[in_block..in_block + n].copy_from_slice(&data[pos..pos + n]);
+                &buf
+            };
+            let csum = data_checksum(block_data);
+            let lbn = match old {
+                // Our own block keeps its logical number and moves in the map.
+                Some(e) if e.birth_layer == layer => e.lbn,
                 _ => {
                     let lbn = self.alloc_lbn();
-                    let phys = self.append(temp, BlockTag::Logical(lbn), &buf, csum)?;
-                    self.map_set(
-                        lbn,
-                        MapValue {
-                            physical_block: phys,
-                            checksum: csum,
-                        },
-                    )?;
-                    self.lput(
-                        layer,
-                        key,
+                    extent_items.push((
+                        Key::new(ino, KIND_EXTENT, block),
                         ExtentValue {
                             lbn,
                             birth_layer: layer,
                         }
                         .encode(),
-                    )?;
+                    ));
                     self.charge_layer(layer, 1);
                     if old.is_none() {
                         added_blocks += 1;
                     }
+                    lbn
                 }
-            }
+            };
+            let phys = self.append(temp, BlockTag::Logical(lbn), block_data, csum)?;
+            map_items.push((
+                lbn,
+                MapValue {
+                    physical_block: phys,
+                    checksum: csum,
+                },
+            ));
             pos += n;
         }
-        if added_blocks > 0 {
-            let mut i = self.inode(layer, ino)?;
-            i.blocks += added_blocks;
-            self.put_inode(layer, ino, &i)?;
+        self.map_set_many(map_items)?;
+        if !extent_items.is_empty() {
+            let mut root = self.layer(layer)?.root;
+            let r = self.insert_sorted(Tree::Layer(layer), &mut root, extent_items);
+            self.set_root(layer, root);
+            r?;
         }
-        Ok(())
+        Ok(added_blocks)
     }
 
     fn block_source(&mut self, lbn: u64) -> Result<BlockSource> {

@@ -166,7 +166,7 @@ impl Default for Config {
         Config {
             node_cache_bytes: 64 << 20,
             block_cache_bytes: 256 << 20,
-            dirty_limit_percent: 25,
+            dirty_limit_percent: 50,
             flush_interval_ms: 100,
             checkpoint_interval_ms: 5000,
             write_behind_segments: 4,
@@ -957,6 +957,109 @@ impl Store {
         self.nodes.remeasure(id);
         self.split_up(tree, root, id, path)?;
         Ok(old)
+    }
+
+    /// Inserts entries given in ascending key order, reaching each leaf with
+    /// one descent and filling it with every following key that belongs to
+    /// it. Returns the old values, in order.
+    pub fn insert_sorted(
+        &mut self,
+        tree: Tree,
+        root: &mut u64,
+        items: Vec<(Key, Vec<u8>)>,
+    ) -> Result<Vec<Option<Vec<u8>>>> {
+        debug_assert!(
+            items.windows(2).all(|w| w[0].0 < w[1].0),
+            "keys sorted and unique"
+        );
+        let mut olds = Vec::with_capacity(items.len());
+        let mut it = items.into_iter().peekable();
+        while let Some((key, value)) = it.next() {
+            assert!(value.len() <= MAX_VALUE_BYTES, "tree value too large");
+            if *root == 0 {
+                let id = self.new_node(tree, 0);
+                *root = id;
+            }
+            let csum = self.root_checksum(tree);
+            let mut id = self.writable(tree, *root, csum)?;
+            *root = id;
+            let mut path: Vec<(u64, usize)> = Vec::new();
+            // Keys at or above `upper` belong to a later leaf.
+            let mut upper: Option<Key> = None;
+            loop {
+                let n = self.nodes.get_mut(id).expect("writable node cached");
+                if n.level == 0 {
+                    break;
+                }
+                let i = Self::child_index(&n.keys, &key);
+                if key < n.keys[i] {
+                    n.keys[i] = key;
+                }
+                if let Some(k) = n.keys.get(i + 1) {
+                    upper = Some(upper.map_or(*k, |u| u.min(*k)));
+                }
+                let c = n.children[i];
+                let w = self.writable(tree, c.address, c.checksum)?;
+                let n = self.nodes.get_mut(id).expect("cached");
+                n.children[i] = ChildRef {
+                    address: w,
+                    checksum: 0,
+                };
+                path.push((id, i));
+                id = w;
+            }
+            let n = self.nodes.get_mut(id).expect("cached");
+            let mut bytes = n.entry_bytes();
+            let mut from = 0;
+            let mut next = Some((key, value));
+            while let Some((k, v)) = next.take() {
+                let add = LEAF_ENTRY_OVERHEAD + v.len();
+                match n.keys[from..].binary_search(&k) {
+                    Ok(j) => {
+                        let old = std::mem::replace(&mut n.values[from + j], v);
+                        bytes = bytes + add - (LEAF_ENTRY_OVERHEAD + old.len());
+                        olds.push(Some(old));
+                        from += j;
+                    }
+                    Err(j) => {
+                        n.keys.insert(from + j, k);
+                        n.values.insert(from + j, v);
+                        bytes += add;
+                        olds.push(None);
+                        from += j;
+                    }
+                }
+                // Bound the overflow a split has to handle.
+                if bytes > 4 * NODE_CAPACITY {
+                    break;
+                }
+                if it
+                    .peek()
+                    .is_some_and(|(nk, _)| upper.is_none_or(|u| *nk < u))
+                {
+                    next = it.next();
+                }
+            }
+            self.nodes.remeasure(id);
+            self.split_up(tree, root, id, path)?;
+        }
+        Ok(olds)
+    }
+
+    /// Points many logical blocks at new places (any order).
+    pub fn map_set_many(&mut self, mut items: Vec<(u64, MapValue)>) -> Result<()> {
+        items.sort_unstable_by_key(|(l, _)| *l);
+        let entries = items
+            .iter()
+            .map(|(l, v)| (Key::new(*l, KIND_MAP, 0), v.encode()))
+            .collect();
+        let mut root = self.map_root;
+        let olds = self.insert_sorted(Tree::Map, &mut root, entries);
+        self.map_root = root;
+        for old in olds?.into_iter().flatten() {
+            self.release_block(MapValue::decode(&old)?.physical_block);
+        }
+        Ok(())
     }
 
     /// Splits an overflowing node and propagates new children up the path.

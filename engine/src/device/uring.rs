@@ -308,6 +308,9 @@ struct BatchState {
     reply: SyncSender<Result<()>>,
 }
 
+/// Chunks of at least this many bytes skip the registered buffers.
+const DIRECT_THRESHOLD_BYTES: usize = 64 << 10;
+
 /// At most one pool buffer's worth of one op; what one SQE carries.
 struct Chunk {
     batch: usize,
@@ -498,7 +501,10 @@ impl Worker {
             };
             if !chunk.started {
                 chunk.started = true;
-                if chunk.kind != Kind::Flush {
+                // Small ops go through registered buffers (no page pinning per
+                // op); large ones use the caller's aligned buffer directly, as
+                // a copy would cost more than the pinning it saves.
+                if chunk.kind != Kind::Flush && chunk.len < DIRECT_THRESHOLD_BYTES {
                     chunk.buffer = self.free_buffers.pop();
                     if let (Kind::Write, Some(index)) = (chunk.kind, chunk.buffer) {
                         let pool_buffer = &mut self.pool[index as usize];
