@@ -1,0 +1,341 @@
+//! The command line's side of the control protocol: connect to the daemon,
+//! send one request, read one answer, print it for people or as JSON.
+
+use crate::error::{Error, Result};
+use crate::protocol::{FsckReport, Layer, Stats, MAX_LINE_BYTES};
+use crate::size::human_bytes;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default path of the daemon's control socket.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lcfs/control.sock";
+
+/// How long to wait for an answer. fsck waits as long as it takes: it
+/// walks the whole filesystem.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub struct Client {
+    socket: PathBuf,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Client {
+    pub fn connect(socket: &Path) -> Result<Client> {
+        let stream = UnixStream::connect(socket).map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOENT) => Error::NoDaemon {
+                socket: socket.to_path_buf(),
+                why: "no socket",
+            },
+            Some(libc::ECONNREFUSED) => Error::NoDaemon {
+                socket: socket.to_path_buf(),
+                why: "nothing listening on the socket",
+            },
+            Some(libc::EACCES) | Some(libc::EPERM) => Error::Usage(format!(
+                "{}: permission denied (the control socket is root-only)",
+                socket.display()
+            )),
+            _ => Error::io(format!("connecting to {}", socket.display()), e),
+        })?;
+        let writer = stream
+            .try_clone()
+            .map_err(|e| Error::io("control socket", e))?;
+        Ok(Client {
+            socket: socket.to_path_buf(),
+            reader: BufReader::new(stream),
+            writer,
+        })
+    }
+
+    /// Sends one request; returns its `result`, or the daemon's error.
+    pub fn call(&mut self, request: Value, timeout: Option<Duration>) -> Result<Value> {
+        let context = |e: io::Error| {
+            let what = if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) {
+                "no answer in time from"
+            } else {
+                "talking to"
+            };
+            Error::io(format!("{what} the daemon at {}", self.socket.display()), e)
+        };
+        let mut line = serde_json::to_vec(&request).map_err(|e| Error::Protocol(e.to_string()))?;
+        line.push(b'\n');
+        self.writer.write_all(&line).map_err(context)?;
+        self.reader
+            .get_ref()
+            .set_read_timeout(timeout)
+            .map_err(context)?;
+        let mut answer = Vec::new();
+        let n = (&mut self.reader)
+            .take(MAX_LINE_BYTES as u64 * 64)
+            .read_until(b'\n', &mut answer)
+            .map_err(context)?;
+        if n == 0 {
+            return Err(Error::Protocol(
+                "the daemon closed the connection without answering".into(),
+            ));
+        }
+        let answer: Value =
+            serde_json::from_slice(&answer).map_err(|e| Error::Protocol(e.to_string()))?;
+        match answer.get("ok") {
+            Some(Value::Bool(true)) => Ok(answer.get("result").cloned().unwrap_or(Value::Null)),
+            Some(Value::Bool(false)) => {
+                let error = &answer["error"];
+                Err(Error::Daemon {
+                    errno: error["errno"].as_i64().unwrap_or(0) as i32,
+                    message: error["message"]
+                        .as_str()
+                        .unwrap_or("unknown error")
+                        .to_string(),
+                })
+            }
+            _ => Err(Error::Protocol(format!("no \"ok\" in {answer}"))),
+        }
+    }
+}
+
+/// Connects, sends one request and decodes its result.
+fn request<T: DeserializeOwned>(
+    socket: &Path,
+    request: Value,
+    timeout: Option<Duration>,
+) -> Result<T> {
+    let result = Client::connect(socket)?.call(request, timeout)?;
+    serde_json::from_value(result).map_err(|e| Error::Protocol(e.to_string()))
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Protocol(e.to_string()))?;
+    println!("{text}");
+    Ok(())
+}
+
+pub fn layer_create(socket: &Path, name: &str, parent: Option<&str>, cold: bool) -> Result<()> {
+    let layer: Layer = request(
+        socket,
+        json!({"op": "layer.create", "name": name, "parent": parent, "cold": cold}),
+        Some(ANSWER_TIMEOUT),
+    )?;
+    match &layer.parent {
+        Some(parent) => println!("cloned {parent} into {} at {}", layer.name, layer.path),
+        None => println!("created {} at {}", layer.name, layer.path),
+    }
+    Ok(())
+}
+
+pub fn layer_commit(socket: &Path, name: &str) -> Result<()> {
+    let layer: Layer = request(
+        socket,
+        json!({"op": "layer.commit", "name": name}),
+        Some(ANSWER_TIMEOUT),
+    )?;
+    println!("committed {} (now read-only)", layer.name);
+    Ok(())
+}
+
+pub fn layer_remove(socket: &Path, name: &str) -> Result<()> {
+    let _: Value = request(
+        socket,
+        json!({"op": "layer.remove", "name": name}),
+        Some(ANSWER_TIMEOUT),
+    )?;
+    println!("removed {name}");
+    Ok(())
+}
+
+pub fn layer_list(socket: &Path, as_json: bool) -> Result<()> {
+    let layers: Vec<Layer> = request(socket, json!({"op": "layer.list"}), Some(ANSWER_TIMEOUT))?;
+    if as_json {
+        return print_json(&layers);
+    }
+    let width = layers
+        .iter()
+        .map(|l| l.name.len())
+        .chain([4])
+        .max()
+        .unwrap_or(4);
+    let parent_width = layers
+        .iter()
+        .filter_map(|l| l.parent.as_ref().map(String::len))
+        .chain([6])
+        .max()
+        .unwrap_or(6);
+    println!(
+        "{:<width$}  {:<parent_width$}  {:<8}  {:>8}  {:>10}  {:>8}  CREATED",
+        "NAME", "PARENT", "STATE", "CHILDREN", "OWNED", "INODES"
+    );
+    for l in &layers {
+        println!(
+            "{:<width$}  {:<parent_width$}  {:<8}  {:>8}  {:>10}  {:>8}  {}",
+            l.name,
+            l.parent.as_deref().unwrap_or("-"),
+            state(l),
+            l.children,
+            human_bytes(l.owned_bytes),
+            l.inode_count,
+            seconds(&l.created),
+        );
+    }
+    Ok(())
+}
+
+pub fn layer_stat(socket: &Path, name: &str, as_json: bool) -> Result<()> {
+    let l: Layer = request(
+        socket,
+        json!({"op": "layer.stat", "name": name}),
+        Some(ANSWER_TIMEOUT),
+    )?;
+    if as_json {
+        return print_json(&l);
+    }
+    println!("name:      {}", l.name);
+    println!("id:        {}", l.id);
+    println!("parent:    {}", l.parent.as_deref().unwrap_or("-"));
+    println!("state:     {}", state(&l));
+    println!("log:       {}", if l.cold { "cold" } else { "hot" });
+    println!("children:  {}", l.children);
+    println!(
+        "owned:     {} ({} bytes)",
+        human_bytes(l.owned_bytes),
+        l.owned_bytes
+    );
+    println!("inodes:    {}", l.inode_count);
+    println!("created:   {}", l.created);
+    println!("frozen at: {}", l.frozen_at.as_deref().unwrap_or("-"));
+    println!("path:      {}", l.path);
+    Ok(())
+}
+
+fn state(l: &Layer) -> &'static str {
+    if l.frozen {
+        "frozen"
+    } else {
+        "writable"
+    }
+}
+
+/// `2026-11-01T12:34:56.123456789Z` -> `2026-11-01 12:34:56`.
+fn seconds(rfc3339: &str) -> String {
+    rfc3339.get(..19).unwrap_or(rfc3339).replacen('T', " ", 1)
+}
+
+pub fn sync(socket: &Path) -> Result<()> {
+    let _: Value = request(socket, json!({"op": "sync"}), Some(ANSWER_TIMEOUT))?;
+    Ok(())
+}
+
+pub fn stats(socket: &Path, as_json: bool) -> Result<()> {
+    let s: Stats = request(socket, json!({"op": "stats"}), Some(ANSWER_TIMEOUT))?;
+    if as_json {
+        return print_json(&s);
+    }
+    let percent = |part: u64, whole: u64| {
+        if whole == 0 {
+            0.0
+        } else {
+            part as f64 * 100.0 / whole as f64
+        }
+    };
+    println!("device:       {} (I/O backend {})", s.device, s.backend);
+    println!("mountpoint:   {}", s.mountpoint);
+    println!("layers:       {}", s.layers);
+    println!(
+        "space:        {} live of {} ({:.1}%); {} of {} segments free ({} each)",
+        human_bytes(s.live_bytes),
+        human_bytes(s.capacity_bytes),
+        percent(s.live_bytes, s.capacity_bytes),
+        s.segments_free,
+        s.segments,
+        human_bytes(s.segment_size_bytes)
+    );
+    println!(
+        "device I/O:   {} writes ({}), {} reads ({}), {} flushes, {} batches of {:.1} ops",
+        s.device_io.writes,
+        human_bytes(s.device_io.write_bytes),
+        s.device_io.reads,
+        human_bytes(s.device_io.read_bytes),
+        s.device_io.flushes,
+        s.device_io.batches,
+        if s.device_io.batches == 0 {
+            0.0
+        } else {
+            s.device_io.batched_ops as f64 / s.device_io.batches as f64
+        }
+    );
+    println!(
+        "coalescing:   {:.1} user writes per device write ({} write calls, {})",
+        s.coalescing_ratio,
+        s.engine.user_write_calls,
+        human_bytes(s.engine.user_write_bytes)
+    );
+    println!(
+        "node cache:   {} hits, {} misses ({:.1}% hits); {} nodes, {}, {} dirty",
+        s.node_cache.hits,
+        s.node_cache.misses,
+        percent(s.node_cache.hits, s.node_cache.hits + s.node_cache.misses),
+        s.node_cache.nodes,
+        human_bytes(s.node_cache.bytes),
+        s.node_cache.dirty_nodes
+    );
+    println!(
+        "block cache:  {} hits, {} misses ({:.1}% hits); {} blocks",
+        s.block_cache.hits,
+        s.block_cache.misses,
+        percent(
+            s.block_cache.hits,
+            s.block_cache.hits + s.block_cache.misses
+        ),
+        s.block_cache.blocks
+    );
+    println!(
+        "log:          {} blocks appended, {} checkpoints (sequence {})",
+        s.engine.log_blocks_appended, s.engine.checkpoints, s.checkpoint_seq
+    );
+    println!(
+        "cleaner:      {} segments cleaned, {} blocks relocated",
+        s.engine.segments_cleaned, s.engine.blocks_relocated
+    );
+    Ok(())
+}
+
+pub fn fsck_online(socket: &Path, verify_data: bool) -> Result<FsckReport> {
+    request(
+        socket,
+        json!({"op": "fsck", "verify_data": verify_data}),
+        None,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_socket_names_the_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let e = Client::connect(&path).err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "is `lcfs daemon` running? (no socket at {})",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn shortens_timestamps() {
+        assert_eq!(
+            seconds("2026-11-01T12:34:56.123456789Z"),
+            "2026-11-01 12:34:56"
+        );
+        assert_eq!(seconds("short"), "short");
+    }
+}

@@ -1,0 +1,375 @@
+//! Executes control requests on the engine: one JSON line in, one JSON
+//! response out. No I/O here (the socket side is server.rs), so every request
+//! shape can be tested on an in-memory engine.
+
+use crate::protocol::{self, failure, success, FsckReport, Layer, Ping, Stats, OPS};
+use lcfs_engine::Engine;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Called with a layer's name after it appeared or went away, so the FUSE
+/// mount can drop the kernel's cached entry for it.
+pub type Invalidate = Box<dyn Fn(&str) + Send + Sync>;
+
+/// What a request is executed against.
+pub struct Control {
+    pub engine: Arc<Engine>,
+    pub device: PathBuf,
+    pub mountpoint: PathBuf,
+    pub invalidate: Invalidate,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateArgs {
+    name: String,
+    #[serde(default)]
+    parent: Option<String>,
+    #[serde(default)]
+    cold: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameArgs {
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FsckArgs {
+    #[serde(default)]
+    verify_data: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoArgs {}
+
+/// A request that cannot be executed, with the errno to answer.
+struct Refusal {
+    errno: i32,
+    message: String,
+}
+
+impl Refusal {
+    fn invalid(message: impl Into<String>) -> Refusal {
+        Refusal {
+            errno: libc::EINVAL,
+            message: message.into(),
+        }
+    }
+
+    fn engine(context: &str, e: lcfs_engine::Error) -> Refusal {
+        Refusal {
+            errno: e.errno(),
+            message: format!("{context}: {e}"),
+        }
+    }
+}
+
+fn args<T: DeserializeOwned>(op: &str, rest: Map<String, Value>) -> Result<T, Refusal> {
+    serde_json::from_value(Value::Object(rest)).map_err(|e| Refusal::invalid(format!("{op}: {e}")))
+}
+
+impl Control {
+    /// Answers one request line (without its newline). Never panics on input.
+    pub fn handle_line(&self, line: &[u8]) -> Value {
+        match self.execute(line) {
+            Ok(result) => success(result),
+            Err(r) => failure(r.errno, r.message),
+        }
+    }
+
+    fn execute(&self, line: &[u8]) -> Result<Value, Refusal> {
+        let request: Value = serde_json::from_slice(line)
+            .map_err(|e| Refusal::invalid(format!("malformed JSON: {e}")))?;
+        let Value::Object(mut fields) = request else {
+            return Err(Refusal::invalid("a request must be a JSON object"));
+        };
+        let op = match fields.remove("op") {
+            Some(Value::String(op)) => op,
+            Some(_) => return Err(Refusal::invalid("\"op\" must be a string")),
+            None => return Err(Refusal::invalid("missing field `op`")),
+        };
+        log::debug!("control request {op}");
+        match op.as_str() {
+            "layer.create" => {
+                let a: CreateArgs = args(&op, fields)?;
+                let result = match &a.parent {
+                    None => self.engine.create_layer(&a.name, a.cold),
+                    Some(parent) => self.engine.clone_layer_with(parent, &a.name, a.cold),
+                };
+                let context = match &a.parent {
+                    None => format!("create layer {:?}", a.name),
+                    Some(parent) => format!("clone layer {parent:?} into {:?}", a.name),
+                };
+                result.map_err(|e| Refusal::engine(&context, e))?;
+                (self.invalidate)(&a.name);
+                log::info!("{context}");
+                self.layer(&a.name)
+            }
+            "layer.commit" => {
+                let a: NameArgs = args(&op, fields)?;
+                let context = format!("commit layer {:?}", a.name);
+                self.engine
+                    .commit_layer(&a.name)
+                    .map_err(|e| Refusal::engine(&context, e))?;
+                // The layer directory's attributes change (it becomes read-only).
+                (self.invalidate)(&a.name);
+                log::info!("{context}");
+                self.layer(&a.name)
+            }
+            "layer.remove" => {
+                let a: NameArgs = args(&op, fields)?;
+                let context = format!("remove layer {:?}", a.name);
+                self.engine
+                    .remove_layer(&a.name)
+                    .map_err(|e| Refusal::engine(&context, e))?;
+                (self.invalidate)(&a.name);
+                log::info!("{context}");
+                Ok(Value::Null)
+            }
+            "layer.list" => {
+                let _: NoArgs = args(&op, fields)?;
+                let layers: Vec<Layer> = self
+                    .engine
+                    .list_layers()
+                    .iter()
+                    .map(|info| Layer::from_info(info, &self.mountpoint))
+                    .collect();
+                to_value(&layers)
+            }
+            "layer.stat" => {
+                let a: NameArgs = args(&op, fields)?;
+                self.layer(&a.name)
+            }
+            "sync" => {
+                let _: NoArgs = args(&op, fields)?;
+                self.engine.sync().map_err(|e| Refusal::engine("sync", e))?;
+                Ok(Value::Null)
+            }
+            "stats" => {
+                let _: NoArgs = args(&op, fields)?;
+                to_value(&Stats::from_engine(
+                    &self.engine.stats(),
+                    &self.device,
+                    &self.mountpoint,
+                ))
+            }
+            "fsck" => {
+                let a: FsckArgs = args(&op, fields)?;
+                let report = self
+                    .engine
+                    .fsck(a.verify_data)
+                    .map_err(|e| Refusal::engine("fsck", e))?;
+                if !report.is_clean() {
+                    log::warn!("fsck found {} problems", report.errors.len());
+                }
+                to_value(&FsckReport::from(&report))
+            }
+            "ping" => {
+                let _: NoArgs = args(&op, fields)?;
+                to_value(&Ping {
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    pid: std::process::id(),
+                    device: self.device.display().to_string(),
+                    mountpoint: self.mountpoint.display().to_string(),
+                })
+            }
+            _ => Err(Refusal {
+                errno: libc::ENOSYS,
+                message: format!("unknown op {op:?} (known: {})", OPS.join(", ")),
+            }),
+        }
+    }
+
+    fn layer(&self, name: &str) -> Result<Value, Refusal> {
+        let info = self
+            .engine
+            .layer_info(name)
+            .map_err(|e| Refusal::engine(&format!("layer {name:?}"), e))?;
+        to_value(&Layer::from_info(&info, &self.mountpoint))
+    }
+}
+
+fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, Refusal> {
+    serde_json::to_value(v).map_err(|e| Refusal {
+        errno: libc::EIO,
+        message: format!("encoding the answer: {e}"),
+    })
+}
+
+/// The refusal for a line longer than [`protocol::MAX_LINE_BYTES`].
+pub fn oversized() -> Value {
+    failure(
+        libc::EMSGSIZE,
+        format!(
+            "request line longer than {} bytes; closing the connection",
+            protocol::MAX_LINE_BYTES
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lcfs_engine::device::MemDevice;
+    use lcfs_engine::{Config, FormatOptions};
+    use std::sync::Mutex;
+
+    fn control() -> (Control, Arc<Mutex<Vec<String>>>) {
+        let dev: Arc<dyn lcfs_engine::device::Device> = Arc::new(MemDevice::new(64 << 20));
+        Engine::format(
+            dev.clone(),
+            &FormatOptions {
+                segment_size_bytes: 256 << 10,
+                force: false,
+            },
+        )
+        .unwrap();
+        let engine = Engine::open(
+            dev,
+            Config {
+                flush_interval_ms: 0,
+                checkpoint_interval_ms: 0,
+                ..Config::default()
+            },
+        )
+        .unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let control = Control {
+            engine,
+            device: "/dev/test".into(),
+            mountpoint: "/mnt/lcfs".into(),
+            invalidate: Box::new(move |name| log.lock().unwrap().push(name.to_string())),
+        };
+        (control, seen)
+    }
+
+    fn call(c: &Control, request: &str) -> Value {
+        c.handle_line(request.as_bytes())
+    }
+
+    fn errno(v: &Value) -> i64 {
+        assert_eq!(v["ok"], false, "{v}");
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+        v["error"]["errno"].as_i64().unwrap()
+    }
+
+    #[test]
+    fn layer_lifecycle() {
+        let (c, invalidated) = control();
+        let r = call(&c, r#"{"op":"layer.create","name":"base","cold":true}"#);
+        assert_eq!(r["ok"], true, "{r}");
+        let base: Layer = serde_json::from_value(r["result"].clone()).unwrap();
+        assert_eq!(base.name, "base");
+        assert!(base.cold && !base.frozen);
+        assert_eq!(base.path, "/mnt/lcfs/base");
+
+        let r = call(&c, r#"{"op":"layer.create","name":"c1","parent":"base"}"#);
+        let c1: Layer = serde_json::from_value(r["result"].clone()).unwrap();
+        assert_eq!(c1.parent.as_deref(), Some("base"));
+        let r = call(&c, r#"{"op":"layer.stat","name":"base"}"#);
+        assert_eq!(r["result"]["frozen"], true, "a parent is frozen by cloning");
+        assert_eq!(r["result"]["children"], 1);
+
+        let r = call(&c, r#"{"op":"layer.commit","name":"c1"}"#);
+        assert_eq!(r["result"]["frozen"], true);
+        assert!(r["result"]["frozen_at"].is_string());
+        let r = call(&c, r#"{"op":"layer.list"}"#);
+        let names: Vec<&str> = r["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["base", "c1"]);
+
+        assert_eq!(
+            errno(&call(&c, r#"{"op":"layer.remove","name":"base"}"#)),
+            libc::EBUSY as i64
+        );
+        let r = call(&c, r#"{"op":"layer.remove","name":"c1"}"#);
+        assert_eq!(r, serde_json::json!({"ok": true, "result": null}));
+        assert_eq!(
+            errno(&call(&c, r#"{"op":"layer.stat","name":"c1"}"#)),
+            libc::ENOENT as i64
+        );
+        assert_eq!(
+            errno(&call(&c, r#"{"op":"layer.create","name":"base"}"#)),
+            libc::EEXIST as i64
+        );
+        assert_eq!(
+            *invalidated.lock().unwrap(),
+            ["base", "c1", "c1", "c1"],
+            "create, clone, commit and remove invalidate the layer's entry"
+        );
+    }
+
+    #[test]
+    fn sync_stats_fsck_ping() {
+        let (c, _) = control();
+        call(&c, r#"{"op":"layer.create","name":"a"}"#);
+        assert_eq!(call(&c, r#"{"op":"sync"}"#)["ok"], true);
+        let r = call(&c, r#"{"op":"stats"}"#);
+        let stats: Stats = serde_json::from_value(r["result"].clone()).unwrap();
+        assert_eq!(stats.layers, 1);
+        assert!(stats.device_io.writes > 0);
+        let r = call(&c, r#"{"op":"fsck","verify_data":true}"#);
+        let report: FsckReport = serde_json::from_value(r["result"].clone()).unwrap();
+        assert!(report.clean, "{report:?}");
+        let r = call(&c, r#"{"op":"ping"}"#);
+        assert_eq!(r["result"]["pid"], std::process::id());
+    }
+
+    #[test]
+    fn bad_requests_get_errors() {
+        let (c, _) = control();
+        let einval = libc::EINVAL as i64;
+        for bad in [
+            "",
+            "{",
+            "not json",
+            "[1,2]",
+            "null",
+            r#"{"name":"x"}"#,
+            r#"{"op":7}"#,
+            r#"{"op":"layer.create"}"#,
+            r#"{"op":"layer.create","name":5}"#,
+            r#"{"op":"layer.create","name":"x","parnet":"y"}"#,
+            r#"{"op":"layer.create","name":""}"#,
+            r#"{"op":"layer.create","name":"a/b"}"#,
+            r#"{"op":"sync","extra":1}"#,
+            r#"{"op":"fsck","verify_data":"yes"}"#,
+        ] {
+            assert_eq!(errno(&c.handle_line(bad.as_bytes())), einval, "{bad}");
+        }
+        assert_eq!(errno(&c.handle_line(b"\xff\xfe")), einval);
+        assert_eq!(
+            errno(&call(&c, r#"{"op":"layer.explode"}"#)),
+            libc::ENOSYS as i64
+        );
+        assert_eq!(
+            errno(&call(&c, r#"{"op":"layer.clone","name":"x"}"#)),
+            libc::ENOSYS as i64
+        );
+        assert_eq!(
+            errno(&call(
+                &c,
+                r#"{"op":"layer.create","name":"x","parent":"nope"}"#
+            )),
+            libc::ENOENT as i64
+        );
+        // Deeply nested input is refused by the parser's recursion limit, not a stack overflow.
+        let deep = "[".repeat(100_000);
+        assert_eq!(errno(&c.handle_line(deep.as_bytes())), einval);
+        assert_eq!(errno(&oversized()), libc::EMSGSIZE as i64);
+    }
+}

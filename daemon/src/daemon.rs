@@ -1,0 +1,201 @@
+//! `lcfs daemon`: owns one device, serves its layers through one FUSE mount
+//! and takes management requests on the control socket until SIGTERM/SIGINT.
+//!
+//! Start-up order: lock and open the device, open the engine, check the
+//! control socket is free, mount, then bind the socket, so a client that can
+//! connect finds the mount ready. Shutdown runs the other way: stop
+//! accepting, let running requests answer, unmount, checkpoint, remove the
+//! socket.
+
+use crate::control::Control;
+use crate::device;
+use crate::error::{Error, Result};
+use crate::server::{self, Gate};
+use lcfs_engine::Config;
+use lcfs_fsfront::{Mount, MountOptions};
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, RwLock};
+
+pub const DEFAULT_MOUNTPOINT: &str = "/var/lib/lcfs/mnt";
+
+pub struct DaemonOptions {
+    pub device: PathBuf,
+    pub mountpoint: PathBuf,
+    pub control_socket: PathBuf,
+    pub threads: usize,
+    pub node_cache_mib: usize,
+    pub block_cache_mib: usize,
+}
+
+pub fn run(o: &DaemonOptions) -> Result<()> {
+    // Signals first, so one that arrives during start-up is not lost: each
+    // writes a byte that the accept loop sees as soon as it starts.
+    let (wake, wake_writer) = UnixStream::pair().map_err(|e| Error::io("signal pipe", e))?;
+    wake_writer
+        .set_nonblocking(true)
+        .map_err(|e| Error::io("signal pipe", e))?;
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        let writer = wake_writer
+            .try_clone()
+            .map_err(|e| Error::io("signal pipe", e))?;
+        signal_hook::low_level::pipe::register(signal, writer)
+            .map_err(|e| Error::io("installing signal handlers", e))?;
+    }
+
+    let device_path = absolute(&o.device)?;
+    let mountpoint = absolute(&o.mountpoint)?;
+    if !device_path.exists() {
+        return Err(device::no_device(&device_path));
+    }
+    let lock = device::lock(&device_path)?;
+    let dev = device::open(&device_path)?;
+    let config = Config {
+        node_cache_bytes: o.node_cache_mib << 20,
+        block_cache_bytes: o.block_cache_mib << 20,
+        ..Config::default()
+    };
+    let engine = device::open_engine(&device_path, dev, config)?;
+    server::check_socket_free(&o.control_socket)?;
+    prepare_mountpoint(&mountpoint)?;
+
+    let options = MountOptions {
+        threads: o.threads.max(1),
+        ..MountOptions::default()
+    };
+    let mount = lcfs_fsfront::mount(engine.clone(), &mountpoint, &options)
+        .map_err(|e| Error::io(format!("mounting at {}", mountpoint.display()), e))?;
+    log::info!(
+        "mounted {} at {} ({} FUSE threads)",
+        device_path.display(),
+        mountpoint.display(),
+        options.threads
+    );
+    let mount = Arc::new(RwLock::new(Some(mount)));
+    let listener = match server::bind(&o.control_socket) {
+        Ok(l) => l,
+        Err(e) => {
+            unmount(&mount, &mountpoint);
+            let _ = engine.close();
+            return Err(e);
+        }
+    };
+    let invalidating = mount.clone();
+    let control = Arc::new(Control {
+        engine: engine.clone(),
+        device: device_path.clone(),
+        mountpoint: mountpoint.clone(),
+        invalidate: Box::new(move |name| {
+            if let Some(m) = invalidating
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+            {
+                m.invalidate_layer(name);
+            }
+        }),
+    });
+    let gate = Arc::new(Gate::default());
+    log::info!(
+        "lcfs daemon ready: control socket {}",
+        o.control_socket.display()
+    );
+    let served = server::serve(&listener, &wake, &control, &gate);
+
+    log::info!("shutting down");
+    drop(listener);
+    if let Err(e) = std::fs::remove_file(&o.control_socket) {
+        log::warn!("removing {}: {e}", o.control_socket.display());
+    }
+    gate.close();
+    unmount(&mount, &mountpoint);
+    let closed = engine
+        .close()
+        .map_err(|e| Error::engine("final checkpoint", e));
+    drop(lock);
+    served?;
+    closed?;
+    log::info!("checkpointed and unmounted; bye");
+    Ok(())
+}
+
+fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).map_err(|e| Error::io(path.display().to_string(), e))
+}
+
+/// Unmounts, falling back to a lazy unmount when the mount is busy, so the
+/// daemon always exits without leaving a dead mount behind it.
+fn unmount(mount: &RwLock<Option<Mount>>, mountpoint: &Path) {
+    let taken = mount.write().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(m) = taken {
+        if let Err(e) = m.unmount() {
+            log::warn!(
+                "unmounting {}: {e}; detaching it lazily",
+                mountpoint.display()
+            );
+            lazy_unmount(mountpoint);
+        }
+    }
+}
+
+fn lazy_unmount(mountpoint: &Path) {
+    match Command::new("umount").arg("-l").arg(mountpoint).status() {
+        Ok(s) if s.success() => {}
+        Ok(s) => log::warn!("umount -l {}: {s}", mountpoint.display()),
+        Err(e) => log::warn!("umount -l {}: {e}", mountpoint.display()),
+    }
+}
+
+/// Creates the mountpoint if missing and clears a dead FUSE mount that a
+/// killed daemon left there (stat answers ENOTCONN). Refuses a live mount.
+fn prepare_mountpoint(mountpoint: &Path) -> Result<()> {
+    let metadata = match std::fs::metadata(mountpoint) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(mountpoint)
+                .map_err(|e| Error::io(format!("creating {}", mountpoint.display()), e))?;
+            return Ok(());
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            log::warn!(
+                "{} holds a dead FUSE mount (a daemon was killed); unmounting it",
+                mountpoint.display()
+            );
+            lazy_unmount(mountpoint);
+            std::fs::metadata(mountpoint).map_err(|e| {
+                Error::io(
+                    format!("{} after unmounting the dead mount", mountpoint.display()),
+                    e,
+                )
+            })?
+        }
+        Err(e) => return Err(Error::io(mountpoint.display().to_string(), e)),
+    };
+    if !metadata.is_dir() {
+        return Err(Error::Usage(format!(
+            "{} is not a directory",
+            mountpoint.display()
+        )));
+    }
+    if is_mount_point(mountpoint)? {
+        return Err(Error::Usage(format!(
+            "{} is already a mount point; unmount it or choose another --mount",
+            mountpoint.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `path` is the root of a mount: its device differs from its parent's.
+fn is_mount_point(path: &Path) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(parent) = path.parent() else {
+        return Ok(true);
+    };
+    let own = std::fs::metadata(path).map_err(|e| Error::io(path.display().to_string(), e))?;
+    let above =
+        std::fs::metadata(parent).map_err(|e| Error::io(parent.display().to_string(), e))?;
+    Ok(own.dev() != above.dev() || own.ino() == above.ino())
+}

@@ -1,0 +1,271 @@
+//! `lcfs`: the daemon that serves an lcfs device through one FUSE mount, and
+//! the command line that formats devices and manages layers through it.
+
+mod client;
+mod control;
+mod daemon;
+mod device;
+mod error;
+mod fsck;
+mod mkfs;
+mod protocol;
+mod server;
+mod size;
+
+use clap::{Args, Parser, Subcommand};
+use error::Result;
+use std::path::{Path, PathBuf};
+
+const ABOUT: &str = "lcfs: a layer cloning filesystem for container hosts";
+
+const LONG_ABOUT: &str = "\
+lcfs: a layer cloning filesystem for container hosts.
+
+One daemon owns one device (a block device, or a sparse file) and serves
+every layer on it as a directory of one FUSE mount: <mount>/<layer>/.
+Cloning a layer and committing one are constant-time.
+
+Typical use:
+  lcfs mkfs /var/lib/lcfs/device.img --size 10G   # once
+  lcfs daemon                                    # as root, or via lcfs.service
+  lcfs layer create base                          # then fill /var/lib/lcfs/mnt/base/
+  lcfs layer clone base container-1               # freezes base, O(1)
+  lcfs layer ls
+
+`layer`, `sync` and `stats` talk to the running daemon over its control
+socket (root-only); `mkfs` and `fsck` work on a device no daemon holds.";
+
+#[derive(Parser)]
+#[command(name = "lcfs", version, about = ABOUT, long_about = LONG_ABOUT)]
+struct Cli {
+    /// The daemon's control socket (the daemon listens there, the other
+    /// commands connect there).
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        default_value = client::DEFAULT_CONTROL_SOCKET
+    )]
+    control_socket: PathBuf,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write an empty lcfs onto a device (or a new sparse file)
+    #[command(long_about = "\
+Write an empty lcfs onto DEVICE: a block device, or a regular file. With
+--size, a missing file is created sparse (it only takes space as data is
+written). Refuses a device that already carries a filesystem, partition table
+or lcfs unless --force is given. Refuses a device that a daemon holds.")]
+    Mkfs(MkfsArgs),
+
+    /// Run the daemon: mount the device's layers and serve the control socket
+    #[command(long_about = "\
+Run the daemon in the foreground: open DEVICE, mount every layer on it as a
+directory of one FUSE mount at DIR, and serve management requests on the
+control socket (root-only, newline-delimited JSON, see
+docs/control-protocol.md). SIGTERM or SIGINT unmounts, checkpoints and exits
+0. A dead FUSE mount left at DIR by a killed daemon is cleared at start.
+The log level comes from RUST_LOG (default: info).")]
+    Daemon(DaemonArgs),
+
+    /// Create, clone, commit, remove and list layers (through the daemon)
+    #[command(subcommand)]
+    Layer(LayerCommand),
+
+    /// Make every change so far durable (through the daemon)
+    Sync,
+
+    /// Show the engine's counters (through the daemon)
+    #[command(long_about = "\
+Show the running engine's counters: device writes and bytes, how many user
+writes each device write carried (coalescing ratio), node and block cache
+hits and misses, layers, free segments and space.")]
+    Stats {
+        /// Print the counters as JSON (the `stats` result of the control protocol)
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Check a device's structure offline (exit 1 when it finds problems)
+    #[command(long_about = "\
+Check that every structure on DEVICE is consistent: superblocks, the address
+map, every layer's tree, extents and (with --verify-data) every data block's
+checksum. Works offline on a device no daemon holds; with --online it asks the
+running daemon to check its live filesystem instead. Prints the report and
+exits 0 when clean, 1 when it finds problems.")]
+    Fsck(FsckArgs),
+}
+
+#[derive(Args)]
+struct MkfsArgs {
+    /// Block device or file to format
+    #[arg(value_name = "DEVICE", default_value = device::DEFAULT_DEVICE)]
+    device: PathBuf,
+
+    /// Create DEVICE as a sparse file of this size if it does not exist (e.g. 10G)
+    #[arg(long, value_name = "SIZE", value_parser = size::parse_size)]
+    size: Option<u64>,
+
+    /// Log segment size: the unit of device writes and cleaning (64K..256M)
+    #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = size::parse_size)]
+    segment_size: u64,
+
+    /// Format even over an existing filesystem or lcfs, destroying it
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct DaemonArgs {
+    /// Block device or file holding the lcfs (see `lcfs mkfs`)
+    #[arg(long, value_name = "DEVICE", default_value = device::DEFAULT_DEVICE)]
+    device: PathBuf,
+
+    /// Where to mount; each layer is a directory in it (created if missing)
+    #[arg(long = "mount", value_name = "DIR", default_value = daemon::DEFAULT_MOUNTPOINT)]
+    mountpoint: PathBuf,
+
+    /// FUSE worker threads
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    threads: usize,
+
+    /// Memory for cached metadata (tree nodes), in MiB
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    cache_mib: usize,
+
+    /// Memory for cached data blocks, shared by all layers, in MiB
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    block_cache_mib: usize,
+}
+
+#[derive(Subcommand)]
+enum LayerCommand {
+    /// Create an empty layer, or a clone of --parent
+    #[command(long_about = "\
+Create layer NAME, empty, or as a clone of --parent (which freezes the parent:
+a layer with children is read-only). The layer appears as <mount>/NAME/.")]
+    Create {
+        name: String,
+        /// Clone this layer instead of starting empty
+        #[arg(long, value_name = "PARENT")]
+        parent: Option<String>,
+        /// Put the layer's data in the cold log (for image layers written once)
+        #[arg(long)]
+        cold: bool,
+    },
+    /// Clone PARENT into a new writable layer NAME (freezes PARENT; O(1))
+    Clone { parent: String, name: String },
+    /// Freeze (commit) a layer: it becomes read-only and can be cloned
+    Commit { name: String },
+    /// Remove a layer that has no children
+    #[command(alias = "remove")]
+    Rm { name: String },
+    /// List every layer
+    #[command(alias = "list")]
+    Ls {
+        /// Print the layers as JSON (the `layer.list` result)
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one layer
+    Stat {
+        name: String,
+        /// Print the layer as JSON (the `layer.stat` result)
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct FsckArgs {
+    /// Block device or file to check
+    #[arg(value_name = "DEVICE", default_value = device::DEFAULT_DEVICE)]
+    device: PathBuf,
+
+    /// Also read every data block and verify its checksum (slower)
+    #[arg(long)]
+    verify_data: bool,
+
+    /// Ask the running daemon to check its live filesystem (DEVICE is ignored)
+    #[arg(long)]
+    online: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    // The daemon logs what it does; the other commands only what goes wrong.
+    let default_level = if matches!(cli.command, Command::Daemon(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
+        .init();
+    if let Err(e) = run(cli) {
+        eprintln!("lcfs: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let socket: &Path = &cli.control_socket;
+    match cli.command {
+        Command::Mkfs(a) => mkfs::run(&mkfs::MkfsOptions {
+            device: &a.device,
+            size_bytes: a.size,
+            segment_size_bytes: a.segment_size,
+            force: a.force,
+        }),
+        Command::Daemon(a) => daemon::run(&daemon::DaemonOptions {
+            device: a.device,
+            mountpoint: a.mountpoint,
+            control_socket: cli.control_socket.clone(),
+            threads: a.threads,
+            node_cache_mib: a.cache_mib,
+            block_cache_mib: a.block_cache_mib,
+        }),
+        Command::Layer(c) => match c {
+            LayerCommand::Create { name, parent, cold } => {
+                client::layer_create(socket, &name, parent.as_deref(), cold)
+            }
+            LayerCommand::Clone { parent, name } => {
+                client::layer_create(socket, &name, Some(&parent), false)
+            }
+            LayerCommand::Commit { name } => client::layer_commit(socket, &name),
+            LayerCommand::Rm { name } => client::layer_remove(socket, &name),
+            LayerCommand::Ls { json } => client::layer_list(socket, json),
+            LayerCommand::Stat { name, json } => client::layer_stat(socket, &name, json),
+        },
+        Command::Sync => client::sync(socket),
+        Command::Stats { json } => client::stats(socket, json),
+        Command::Fsck(a) => {
+            let (what, report) = if a.online {
+                (
+                    "live filesystem".to_string(),
+                    client::fsck_online(socket, a.verify_data)?,
+                )
+            } else {
+                (
+                    a.device.display().to_string(),
+                    fsck::offline(&a.device, a.verify_data)?,
+                )
+            };
+            fsck::print(&what, &report)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

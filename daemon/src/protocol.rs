@@ -1,0 +1,270 @@
+//! The control protocol's wire types, shared by the daemon (which writes them)
+//! and the command line (which reads them). docs/control-protocol.md is the
+//! reference; keep the two in step.
+//!
+//! Newline-delimited JSON over a unix socket: one request object per line,
+//! one response object per line, in order.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// Longest request line the daemon reads, without its newline. A longer line
+/// is answered with `EMSGSIZE` and the connection is closed, since where the
+/// next request starts cannot be known without reading the rest.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// Every op the daemon knows, as spelled on the wire.
+pub const OPS: &[&str] = &[
+    "layer.create",
+    "layer.commit",
+    "layer.remove",
+    "layer.list",
+    "layer.stat",
+    "sync",
+    "stats",
+    "fsck",
+    "ping",
+];
+
+/// `{"ok": true, "result": ...}`.
+pub fn success(result: Value) -> Value {
+    json!({ "ok": true, "result": result })
+}
+
+/// `{"ok": false, "error": {"errno": ..., "message": ...}}`.
+pub fn failure(errno: i32, message: impl Into<String>) -> Value {
+    json!({ "ok": false, "error": { "errno": errno, "message": message.into() } })
+}
+
+/// One layer, as `layer.create`, `layer.commit`, `layer.stat` and `layer.list` return it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Layer {
+    pub id: u64,
+    pub name: String,
+    pub parent: Option<String>,
+    /// Committed: read-only, may have children.
+    pub frozen: bool,
+    /// Data goes to the cold log (image layers).
+    pub cold: bool,
+    pub children: u32,
+    /// RFC 3339, UTC, nanoseconds.
+    pub created: String,
+    pub frozen_at: Option<String>,
+    /// Bytes this layer alone owns (what removing it frees).
+    pub owned_bytes: u64,
+    pub inode_count: u64,
+    /// The layer's directory in the daemon's mount.
+    pub path: String,
+}
+
+impl Layer {
+    pub fn from_info(info: &lcfs_engine::LayerInfo, mountpoint: &std::path::Path) -> Layer {
+        Layer {
+            id: info.id,
+            name: info.name.clone(),
+            parent: info.parent.clone(),
+            frozen: info.frozen,
+            cold: info.cold,
+            children: info.children,
+            created: rfc3339(info.created),
+            frozen_at: info.frozen_at.map(rfc3339),
+            owned_bytes: info.owned_bytes,
+            inode_count: info.inode_count,
+            path: mountpoint.join(&info.name).display().to_string(),
+        }
+    }
+}
+
+/// What `stats` returns.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    pub device: String,
+    pub mountpoint: String,
+    /// `io_uring` or `pread`.
+    pub backend: String,
+    pub device_io: DeviceIo,
+    pub engine: EngineCounters,
+    /// User write calls per device write.
+    pub coalescing_ratio: f64,
+    pub node_cache: NodeCache,
+    pub block_cache: BlockCache,
+    pub layers: u64,
+    pub segments: u64,
+    pub segments_free: u64,
+    pub segment_size_bytes: u64,
+    pub live_bytes: u64,
+    pub capacity_bytes: u64,
+    pub checkpoint_seq: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceIo {
+    pub reads: u64,
+    pub read_bytes: u64,
+    pub writes: u64,
+    pub write_bytes: u64,
+    pub flushes: u64,
+    pub batches: u64,
+    pub batched_ops: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EngineCounters {
+    pub user_write_calls: u64,
+    pub user_write_bytes: u64,
+    pub log_blocks_appended: u64,
+    pub checkpoints: u64,
+    pub segments_cleaned: u64,
+    pub blocks_relocated: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeCache {
+    pub hits: u64,
+    pub misses: u64,
+    pub nodes: u64,
+    pub bytes: u64,
+    pub dirty_nodes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BlockCache {
+    pub hits: u64,
+    pub misses: u64,
+    pub blocks: u64,
+}
+
+impl Stats {
+    pub fn from_engine(
+        s: &lcfs_engine::Stats,
+        device: &std::path::Path,
+        mountpoint: &std::path::Path,
+    ) -> Stats {
+        Stats {
+            device: device.display().to_string(),
+            mountpoint: mountpoint.display().to_string(),
+            backend: s.backend.to_string(),
+            device_io: DeviceIo {
+                reads: s.device.reads,
+                read_bytes: s.device.read_bytes,
+                writes: s.device.writes,
+                write_bytes: s.device.write_bytes,
+                flushes: s.device.flushes,
+                batches: s.device.batches,
+                batched_ops: s.device.batched_ops,
+            },
+            engine: EngineCounters {
+                user_write_calls: s.engine.user_write_calls,
+                user_write_bytes: s.engine.user_write_bytes,
+                log_blocks_appended: s.engine.log_blocks_appended,
+                checkpoints: s.engine.checkpoints,
+                segments_cleaned: s.engine.segments_cleaned,
+                blocks_relocated: s.engine.blocks_relocated,
+            },
+            coalescing_ratio: s.coalescing_ratio(),
+            node_cache: NodeCache {
+                hits: s.node_cache_hits,
+                misses: s.node_cache_misses,
+                nodes: s.node_cache_nodes as u64,
+                bytes: s.node_cache_bytes as u64,
+                dirty_nodes: s.dirty_nodes as u64,
+            },
+            block_cache: BlockCache {
+                hits: s.block_cache_hits,
+                misses: s.block_cache_misses,
+                blocks: s.block_cache_blocks as u64,
+            },
+            layers: s.layers as u64,
+            segments: u64::from(s.segments),
+            segments_free: s.segments_free as u64,
+            segment_size_bytes: s.segment_size_bytes,
+            live_bytes: s.live_bytes,
+            capacity_bytes: s.capacity_bytes,
+            checkpoint_seq: s.checkpoint_seq,
+        }
+    }
+}
+
+/// What `fsck` returns (and what offline `lcfs fsck` prints).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FsckReport {
+    pub clean: bool,
+    pub layers: u64,
+    pub inodes: u64,
+    pub tree_nodes: u64,
+    pub map_nodes: u64,
+    pub map_entries: u64,
+    pub extents: u64,
+    pub data_blocks_verified: u64,
+    /// At most 1000, as the engine keeps them.
+    pub errors: Vec<String>,
+}
+
+impl From<&lcfs_engine::FsckReport> for FsckReport {
+    fn from(r: &lcfs_engine::FsckReport) -> FsckReport {
+        FsckReport {
+            clean: r.is_clean(),
+            layers: r.layers as u64,
+            inodes: r.inodes,
+            tree_nodes: r.tree_nodes,
+            map_nodes: r.map_nodes,
+            map_entries: r.map_entries,
+            extents: r.extents,
+            data_blocks_verified: r.data_blocks_verified,
+            errors: r.errors.clone(),
+        }
+    }
+}
+
+/// What `ping` returns.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Ping {
+    pub version: String,
+    pub pid: u32,
+    pub device: String,
+    pub mountpoint: String,
+}
+
+/// `2026-11-01T12:34:56.123456789Z` for a Unix timestamp (proleptic Gregorian, UTC).
+pub fn rfc3339(t: lcfs_engine::Timestamp) -> String {
+    let days = t.seconds.div_euclid(86_400);
+    let second_of_day = t.seconds.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let mp = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
+        second_of_day / 3600,
+        second_of_day / 60 % 60,
+        second_of_day % 60,
+        t.nanoseconds.min(999_999_999)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lcfs_engine::Timestamp;
+
+    #[test]
+    fn formats_timestamps() {
+        let t = |seconds, nanoseconds| {
+            rfc3339(Timestamp {
+                seconds,
+                nanoseconds,
+            })
+        };
+        assert_eq!(t(0, 0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(t(951_782_400, 5), "2000-02-29T00:00:00.000000005Z");
+        assert_eq!(t(1_700_000_000, 123), "2023-11-14T22:13:20.000000123Z");
+        assert_eq!(t(-1, 0), "1969-12-31T23:59:59.000000000Z");
+    }
+}
