@@ -10,6 +10,8 @@ use crate::writer::{Inflight, SegmentWriter};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, RwLock};
 
+/// Most entries `insert_sorted` puts into one leaf before splitting it.
+const MAX_RUN_PER_LEAF: usize = 256;
 /// Node ids of address-map nodes that are on the device: physical block | tag.
 pub(crate) const PHYS_TAG: u64 = 1 << 62;
 /// Node ids of address-map nodes that exist only in memory so far.
@@ -662,7 +664,7 @@ impl Store {
             return self.fail(Error::Io(std::io::Error::other(m)));
         }
         if let Ok(b) = Arc::try_unwrap(f.buf) {
-            if self.spare_buffers.len() < 2 {
+            if self.spare_buffers.len() <= self.config.write_behind_segments {
                 self.spare_buffers.push(b);
             }
         }
@@ -1009,28 +1011,25 @@ impl Store {
                 id = w;
             }
             let n = self.nodes.get_mut(id).expect("cached");
-            let mut bytes = n.entry_bytes();
             let mut from = 0;
+            let mut placed = 0;
             let mut next = Some((key, value));
             while let Some((k, v)) = next.take() {
-                let add = LEAF_ENTRY_OVERHEAD + v.len();
                 match n.keys[from..].binary_search(&k) {
                     Ok(j) => {
-                        let old = std::mem::replace(&mut n.values[from + j], v);
-                        bytes = bytes + add - (LEAF_ENTRY_OVERHEAD + old.len());
-                        olds.push(Some(old));
+                        olds.push(Some(std::mem::replace(&mut n.values[from + j], v)));
                         from += j;
                     }
                     Err(j) => {
                         n.keys.insert(from + j, k);
                         n.values.insert(from + j, v);
-                        bytes += add;
                         olds.push(None);
                         from += j;
                     }
                 }
-                // Bound the overflow a split has to handle.
-                if bytes > 4 * NODE_CAPACITY {
+                placed += 1;
+                // Bound the overflow one split has to handle.
+                if placed == MAX_RUN_PER_LEAF {
                     break;
                 }
                 if it
