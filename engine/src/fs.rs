@@ -162,6 +162,9 @@ pub struct LayerInfo {
     pub frozen_at: Option<Timestamp>,
     pub owned_bytes: u64,
     pub inode_count: u64,
+    /// Inode numbers below this existed when the layer was cloned (or are
+    /// the layer's own, for a base layer); new inodes get numbers from here.
+    pub next_inode: u64,
 }
 
 /// Where each block of a read comes from (resolved under the lock, read after).
@@ -572,6 +575,7 @@ impl Store {
             frozen_at: l.frozen.then_some(l.frozen_at),
             owned_bytes: l.owned_blocks * BLOCK_SIZE as u64,
             inode_count: l.inode_count,
+            next_inode: l.next_inode,
         })
     }
 

@@ -15,11 +15,13 @@ use fuser::{
     TimeOrNow, WriteFlags,
 };
 use lcfs_engine::{Attr, Engine, Error, FileKind, SetAttr, TimeSet, Timestamp, ROOT_INODE};
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Kernel inode of the mount root, the directory of layers.
@@ -35,6 +37,10 @@ struct LcfsFs {
     entry_ttl: Duration,
     attr_ttl: Duration,
     started: SystemTime,
+    /// Open handles per kernel inode.
+    open: Mutex<HashMap<u64, u32>>,
+    /// Kernel inodes whose page cache is to be dropped (see `release`).
+    drop_pages: SyncSender<u64>,
 }
 
 fn split(ino: INodeNo) -> Option<(u64, u64)> {
@@ -148,6 +154,50 @@ impl LcfsFs {
         match r {
             Ok(a) => reply.entry(&self.entry_ttl, &file_attr(layer, &a), Generation(0)),
             Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    /// Whether a file's data may be shared with other layers: everything in
+    /// a frozen layer, and inodes a clone inherited from its parent.
+    fn shares_data(&self, layer: u64, inode: u64) -> bool {
+        let Ok(l) = self.engine.layer_info_by_id(layer) else {
+            return false;
+        };
+        if l.frozen {
+            return true;
+        }
+        match l
+            .parent
+            .as_deref()
+            .and_then(|p| self.engine.layer_info(p).ok())
+        {
+            Some(p) => inode < p.next_inode,
+            None => false,
+        }
+    }
+
+    fn note_open(&self, ino: INodeNo) {
+        *self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(ino.0)
+            .or_insert(0) += 1;
+    }
+
+    /// Counts a close; true when it was the last handle.
+    fn note_release(&self, ino: INodeNo) -> bool {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        match open.get_mut(&ino.0) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                open.remove(&ino.0);
+                true
+            }
+            None => false,
         }
     }
 
@@ -429,7 +479,10 @@ impl Filesystem for LcfsFs {
         match self.engine.open_inode(layer, inode) {
             // Frozen layers never change and every change to a writable layer
             // comes through this mount, so cached pages stay valid.
-            Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(()) => {
+                self.note_open(ino);
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -500,6 +553,15 @@ impl Filesystem for LcfsFs {
         if let Some((layer, inode)) = split(ino) {
             if let Err(e) = self.engine.release_inode(layer, inode) {
                 log::warn!("release of {layer}/{inode}: {e}");
+            }
+            // The kernel keys its page cache by inode, and each layer's copy
+            // of a shared file is another inode: twenty containers reading
+            // one image file would hold twenty copies. On the last close of a
+            // shared file its pages go; later reads come from the engine's
+            // block cache, which holds one copy for every layer. (mmap holds
+            // the file open, so mapped pages are never dropped under a user.)
+            if self.note_release(ino) && self.shares_data(layer, inode) {
+                let _ = self.drop_pages.try_send(ino.0);
             }
         }
         reply.ok();
@@ -851,13 +913,16 @@ impl Filesystem for LcfsFs {
             req.gid(),
         );
         match r.and_then(|a| self.engine.open_inode(layer, a.inode).map(|_| a)) {
-            Ok(a) => reply.created(
-                &self.entry_ttl,
-                &file_attr(layer, &a),
-                Generation(0),
-                FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE,
-            ),
+            Ok(a) => {
+                self.note_open(join(layer, a.inode));
+                reply.created(
+                    &self.entry_ttl,
+                    &file_attr(layer, &a),
+                    Generation(0),
+                    FileHandle(0),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                )
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -890,7 +955,25 @@ pub(crate) fn spawn(
     mountpoint: &Path,
     options: &MountOptions,
 ) -> io::Result<fuser::BackgroundSession> {
+    // Page-cache drops are sent from their own thread: a notification written
+    // from inside a request handler could wait on that very request.
+    let (tx, rx) = sync_channel::<u64>(4096);
+    let notifier: Arc<OnceLock<fuser::Notifier>> = Arc::new(OnceLock::new());
+    let for_thread = notifier.clone();
+    std::thread::Builder::new()
+        .name("lcfs-drop-pages".into())
+        .spawn(move || {
+            for ino in rx {
+                if let Some(n) = for_thread.get() {
+                    if let Err(e) = n.inval_inode(INodeNo(ino), 0, 0) {
+                        log::debug!("dropping pages of inode {ino:#x}: {e}");
+                    }
+                }
+            }
+        })?;
     let fs = LcfsFs {
+        open: Mutex::new(HashMap::new()),
+        drop_pages: tx,
         engine,
         entry_ttl: options.entry_timeout,
         attr_ttl: options.attr_timeout,
@@ -912,5 +995,7 @@ pub(crate) fn spawn(
     };
     config.n_threads = Some(options.threads.max(1));
     config.clone_fd = true;
-    fuser::spawn_mount(fs, mountpoint, &config)
+    let session = fuser::spawn_mount(fs, mountpoint, &config)?;
+    let _ = notifier.set(session.notifier());
+    Ok(session)
 }

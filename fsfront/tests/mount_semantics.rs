@@ -160,3 +160,53 @@ fn posix_basics_through_the_mount() {
     m.unmount().unwrap();
     assert!(e.fsck(true).unwrap().is_clean());
 }
+
+fn cached_kib() -> u64 {
+    let m = fs::read_to_string("/proc/meminfo").unwrap();
+    m.lines()
+        .find(|l| l.starts_with("Cached:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn clones_reading_a_shared_file_do_not_multiply_the_page_cache() {
+    require_root();
+    let e = engine();
+    e.create_layer("img", true).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let m = mount(e.clone(), dir.path(), &MountOptions::default()).unwrap();
+    let size = 64usize << 20;
+    let data: Vec<u8> = (0..size).map(|i| (i / 4096 % 251) as u8).collect();
+    fs::write(dir.path().join("img/blob"), &data).unwrap();
+    let readers = 5;
+    for i in 0..readers {
+        e.clone_layer("img", &format!("r{i}")).unwrap();
+    }
+    // Settle, then measure the page cache while each clone reads the file
+    // through its own path (its own kernel inode) and closes it.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let before = cached_kib();
+    for i in 0..readers {
+        let got = fs::read(dir.path().join(format!("r{i}/blob"))).unwrap();
+        assert!(got == data, "reader {i} saw other bytes");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let grown_mib = cached_kib().saturating_sub(before) / 1024;
+    println!(
+        "page cache grew {grown_mib} MiB for {readers} readers of a {} MiB shared file",
+        size >> 20
+    );
+    assert!(
+        grown_mib < 2 * (size as u64 >> 20),
+        "page cache grew {grown_mib} MiB: shared pages were not dropped at last close"
+    );
+    let st = e.stats();
+    assert!(
+        st.block_cache_hits >= ((readers - 1) * size / 4096) as u64 / 2,
+        "later readers hit the shared block cache: {st:?}"
+    );
+    m.unmount().unwrap();
+}
