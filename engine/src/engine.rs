@@ -282,6 +282,15 @@ impl Engine {
         })
     }
 
+    /// What a layer changed against its parent (everything, for a base
+    /// layer), computed from the nodes the layer owns: O(changes).
+    pub fn layer_changes(&self, name: &str) -> Result<Vec<crate::diff::Change>> {
+        self.change(|s| {
+            let id = s.layer_id(name)?;
+            s.layer_changes(id)
+        })
+    }
+
     pub fn layer_id(&self, name: &str) -> Result<u64> {
         self.lock().layer_id(name)
     }

@@ -722,7 +722,9 @@ impl Store {
             } else {
                 0
             },
-            parent: if kind == FileKind::Directory { dir } else { 0 },
+            // Directories: the parent. Other files: the directory of their
+            // first name (kept through renames), to name them in layer diffs.
+            parent: dir,
             generation: self.generation,
         };
         if let Some(t) = symlink {
@@ -933,9 +935,8 @@ impl Store {
             for (ino, new_parent, is_d) in [(src, to_dir, src_dir), (dino, from_dir, dst_dir)] {
                 let mut i = self.inode(layer, ino)?;
                 i.ctime = now;
-                if is_d {
-                    i.parent = new_parent;
-                }
+                let _ = is_d;
+                i.parent = new_parent;
                 self.put_inode(layer, ino, &i)?;
             }
             if src_dir != dst_dir && from_dir != to_dir {
@@ -990,6 +991,9 @@ impl Store {
         self.dirent_put(layer, to_dir, to, src, src_kind)?;
         let mut i = self.inode(layer, src)?;
         i.ctime = now;
+        if !src_dir {
+            i.parent = to_dir;
+        }
         if src_dir && from_dir != to_dir {
             i.parent = to_dir;
             let mut f = self.inode(layer, from_dir)?;

@@ -9,6 +9,7 @@
 mod cache;
 mod cleaner;
 pub mod device;
+mod diff;
 mod engine;
 mod error;
 pub mod format;
@@ -17,6 +18,7 @@ mod fsck;
 mod store;
 mod writer;
 
+pub use diff::{Change, ChangeKind};
 pub use engine::{Engine, FormatOptions, Stats};
 pub use error::{Error, Result};
 pub use format::Timestamp;
