@@ -30,6 +30,8 @@ pub struct Change {
 }
 
 type Entries = Vec<(Key, Vec<u8>)>;
+/// A differing key: (this layer's value, the parent's value).
+type Differences = BTreeMap<Key, (Option<Vec<u8>>, Option<Vec<u8>>)>;
 
 fn dirent_map(v: Option<&Vec<u8>>) -> Result<BTreeMap<Vec<u8>, u64>> {
     let mut m = BTreeMap::new();
@@ -196,7 +198,7 @@ impl Store {
             .get(&parent)
             .ok_or_else(|| Error::corrupt(0, "layer parent missing"))?
             .root;
-        let mut changed: BTreeMap<Key, (Option<Vec<u8>>, Option<Vec<u8>>)> = BTreeMap::new();
+        let mut changed: Differences = BTreeMap::new();
         for (lo, hi) in self.owned_ranges(layer, rec.root)? {
             let mine = self.range_entries(layer, rec.root, lo, hi)?;
             let theirs = self.range_entries(parent, proot, lo, hi)?;
