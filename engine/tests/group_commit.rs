@@ -33,14 +33,18 @@ fn run(e: &Engine, l: u64) -> Vec<u64> {
         })
         .collect();
     e.sync().unwrap();
+    // Each round every thread writes, then all fsync at once.
+    let barrier = std::sync::Barrier::new(THREADS);
     std::thread::scope(|s| {
         for (t, ino) in inodes.iter().enumerate() {
+            let barrier = &barrier;
             s.spawn(move || {
                 let mut at = 0u64;
                 for r in 0..ROUNDS {
                     let rec = record(t, r);
                     e.write(l, *ino, at, rec.as_bytes()).unwrap();
                     at += rec.len() as u64;
+                    barrier.wait();
                     e.fsync(l, *ino).unwrap();
                 }
             });
@@ -65,11 +69,11 @@ fn concurrent_fsyncs_share_checkpoints() {
     println!("{fsyncs} fsyncs from {THREADS} threads took {checkpoints} checkpoints");
     drop(e);
     let _ = std::fs::remove_file(&path);
-    // Checkpoints hold the engine lock through their flushes (docs/engine.md,
-    // limits), so sharing is partial; it must exist.
+    // Eight fsyncs that arrive together need a few checkpoints, not eight
+    // (threads that finish early write their next record meanwhile).
     assert!(
-        checkpoints < fsyncs * 9 / 10,
-        "no sharing: {checkpoints} checkpoints for {fsyncs} fsyncs"
+        checkpoints * 2 <= fsyncs,
+        "little sharing: {checkpoints} checkpoints for {fsyncs} fsyncs"
     );
 }
 
