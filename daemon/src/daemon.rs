@@ -28,6 +28,8 @@ pub struct DaemonOptions {
     pub threads: usize,
     pub node_cache_mib: usize,
     pub block_cache_mib: usize,
+    /// Serve the Docker graphdriver plugin here too (see lcfs-dockerplugin).
+    pub docker_plugin_socket: Option<PathBuf>,
 }
 
 pub fn run(o: &DaemonOptions) -> Result<()> {
@@ -98,6 +100,38 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
         }),
     });
     let gate = Arc::new(Gate::default());
+    let plugin = match &o.docker_plugin_socket {
+        None => None,
+        Some(socket) => {
+            let invalidating = mount.clone();
+            let driver = lcfs_dockerplugin::Driver::new(
+                engine.clone(),
+                &mountpoint,
+                Box::new(move |name| {
+                    if let Some(m) = invalidating
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_ref()
+                    {
+                        m.invalidate_layer(name);
+                    }
+                }),
+            );
+            match lcfs_dockerplugin::serve(Arc::new(driver), socket, o.threads.max(4)) {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    drop(listener);
+                    let _ = std::fs::remove_file(&o.control_socket);
+                    unmount(&mount, &mountpoint);
+                    let _ = engine.close();
+                    return Err(Error::io(
+                        format!("serving the docker plugin on {}", socket.display()),
+                        e,
+                    ));
+                }
+            }
+        }
+    };
     log::info!(
         "lcfs daemon ready: control socket {}",
         o.control_socket.display()
@@ -105,6 +139,9 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
     let served = server::serve(&listener, &wake, &control, &gate);
 
     log::info!("shutting down");
+    if let Some(server) = plugin {
+        server.shutdown();
+    }
     drop(listener);
     if let Err(e) = std::fs::remove_file(&o.control_socket) {
         log::warn!("removing {}: {e}", o.control_socket.display());

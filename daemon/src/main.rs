@@ -145,6 +145,11 @@ struct DaemonArgs {
     /// Memory for cached data blocks, shared by all layers, in MiB
     #[arg(long, value_name = "N", default_value_t = 256)]
     block_cache_mib: usize,
+
+    /// Also serve the Docker graphdriver plugin on this socket (off by
+    /// default; Docker looks for /run/docker/plugins/lcfs.sock)
+    #[arg(long, value_name = "PATH")]
+    docker_plugin_socket: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -232,6 +237,7 @@ fn run(cli: Cli) -> Result<()> {
             threads: a.threads,
             node_cache_mib: a.cache_mib,
             block_cache_mib: a.block_cache_mib,
+            docker_plugin_socket: a.docker_plugin_socket,
         }),
         Command::Layer(c) => match c {
             LayerCommand::Create { name, parent, cold } => {

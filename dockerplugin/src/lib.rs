@@ -1,1 +1,32 @@
-//! lcfs dockerplugin: not yet implemented; see the project issues.
+//! lcfs Docker graphdriver plugin: serves Docker's GraphDriver protocol
+//! (moby 20.10, `daemon/graphdriver/proxy.go`) on a unix socket, with every
+//! image and container layer an lcfs engine layer mounted at
+//! `<mount>/<id>/`.
+//!
+//! ```no_run
+//! # fn demo(engine: std::sync::Arc<lcfs_engine::Engine>) -> std::io::Result<()> {
+//! use std::path::Path;
+//! let driver = lcfs_dockerplugin::Driver::new(engine, Path::new("/var/lib/lcfs/mnt"), Box::new(|_| {}));
+//! let server = lcfs_dockerplugin::serve(
+//!     std::sync::Arc::new(driver),
+//!     Path::new(lcfs_dockerplugin::DEFAULT_SOCKET),
+//!     8,
+//! )?;
+//! server.shutdown();
+//! # Ok(())
+//! # }
+//! ```
+
+mod apply;
+mod driver;
+mod error;
+mod export;
+mod http;
+mod tree;
+
+pub use driver::{DiffPlan, Driver, Invalidate};
+pub use error::{Error, Result};
+pub use http::{serve, PluginServer, MAX_JSON_BYTES};
+
+/// Where Docker looks for a plugin named `lcfs` (`dockerd -s lcfs`).
+pub const DEFAULT_SOCKET: &str = "/run/docker/plugins/lcfs.sock";

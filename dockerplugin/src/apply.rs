@@ -1,0 +1,451 @@
+//! ApplyDiff: unpack a layer tar straight into an engine layer.
+//!
+//! Follows Docker's `archive.UnpackLayer` (moby v20.10): whiteouts
+//! `.wh.<name>` remove `<name>` (which may come from the parent layer),
+//! `.wh..wh..opq` empties its directory of everything this tar did not
+//! itself unpack, an existing path is replaced unless both old and new are
+//! directories, missing parent directories are made 0755, AUFS metadata at
+//! the root (`.wh..wh.*`) is skipped, directory attributes are set last.
+//! Paths stay inside the layer: see [`crate::tree`].
+//!
+//! Regular file content is streamed in [`CHUNK_BYTES`] pieces; all-zero
+//! 4 KiB blocks are not written (they read back as zeros), which keeps GNU
+//! sparse entries, and any other runs of zeros, sparse.
+
+use crate::error::{Error, Result};
+use crate::tree::{self, clean, remove_all, resolve_dir, show};
+use lcfs_engine::{Engine, FileKind, SetAttr, TimeSet, Timestamp};
+use std::collections::HashSet;
+use std::io::Read;
+use tar::EntryType;
+
+const CHUNK_BYTES: usize = 1 << 20;
+const BLOCK_BYTES: usize = 4096;
+const WHITEOUT_PREFIX: &[u8] = b".wh.";
+const WHITEOUT_META_PREFIX: &[u8] = b".wh..wh.";
+const WHITEOUT_OPAQUE: &[u8] = b".wh..wh..opq";
+const PAX_XATTR_PREFIX: &str = "SCHILY.xattr.";
+
+/// Attributes read from one entry's header and PAX records.
+struct Meta {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: Timestamp,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Unpacks `stream` into `layer`. Returns the bytes of file content the tar
+/// carried (Docker's ApplyDiff size). On error the layer holds part of the
+/// tar: the caller discards it.
+pub(crate) fn apply(engine: &Engine, layer: u64, stream: impl Read) -> Result<u64> {
+    let mut archive = tar::Archive::new(stream);
+    let mut entries = archive
+        .entries()
+        .map_err(|e| bad(0, format!("reading the stream: {e}")))?;
+    let mut deferred_dirs: Vec<(u64, Meta)> = Vec::new();
+    let mut unpacked: HashSet<Vec<u8>> = HashSet::new();
+    let mut size = 0u64;
+    let mut index = 0u64;
+    let mut buf = vec![0u8; CHUNK_BYTES];
+    loop {
+        index += 1;
+        let mut entry = match entries.next() {
+            None => break,
+            Some(Ok(e)) => e,
+            Some(Err(e)) => return Err(bad(index, format!("reading the header: {e}"))),
+        };
+        let kind = entry.header().entry_type();
+        if matches!(kind, EntryType::XGlobalHeader) {
+            continue;
+        }
+        let raw_path = entry.path_bytes().into_owned();
+        let components = clean(&raw_path).map_err(|d| bad(index, d))?;
+        let meta = read_meta(&mut entry).map_err(|d| bad(index, d))?;
+        let Some((name, parents)) = components.split_last() else {
+            // The layer root itself: only its attributes can change.
+            if kind.is_dir() {
+                deferred_dirs.push((lcfs_engine::ROOT_INODE, meta));
+            }
+            continue;
+        };
+        if components[0].starts_with(WHITEOUT_META_PREFIX)
+            && !(components.len() == 1 && name.as_slice() == WHITEOUT_OPAQUE)
+        {
+            log::debug!("skipping AUFS metadata entry {}", show(&raw_path));
+            continue;
+        }
+        let dir = resolve_dir(engine, layer, parents, true)?;
+        let joined = components.join(&b'/');
+
+        if name.as_slice() == WHITEOUT_OPAQUE {
+            let parent_path = parents.join(&b'/');
+            make_opaque(engine, layer, dir, &parent_path, &unpacked)?;
+            continue;
+        }
+        if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
+            if hidden.is_empty() || hidden == b"." || hidden == b".." {
+                return Err(bad(index, format!("bad whiteout {}", show(&raw_path))));
+            }
+            remove_all(engine, layer, dir, hidden)?;
+            continue;
+        }
+
+        // Resolve a hard link's target before anything at this path goes.
+        let link_target = if kind == EntryType::Link {
+            let target = entry
+                .link_name_bytes()
+                .ok_or_else(|| bad(index, "hard link without a target".into()))?
+                .into_owned();
+            let tc = clean(&target).map_err(|d| bad(index, d))?;
+            let Some((tname, tparents)) = tc.split_last() else {
+                return Err(bad(index, "hard link to the layer root".into()));
+            };
+            let tdir = resolve_dir(engine, layer, tparents, false)?;
+            let attr = engine
+                .lookup(layer, tdir, tname)
+                .map_err(|e| Error::engine(format!("hard link target {}", show(&target)), e))?;
+            if attr.kind == FileKind::Directory {
+                return Err(bad(index, "hard link to a directory".into()));
+            }
+            Some(attr.inode)
+        } else {
+            None
+        };
+
+        let existing = match engine.lookup(layer, dir, name) {
+            Ok(a) => Some(a),
+            Err(lcfs_engine::Error::NotFound) => None,
+            Err(e) => return Err(Error::engine(format!("looking up {}", show(&joined)), e)),
+        };
+        let keep_dir =
+            kind.is_dir() && existing.as_ref().map(|a| a.kind) == Some(FileKind::Directory);
+        if existing.is_some() && !keep_dir && link_target != existing.as_ref().map(|a| a.inode) {
+            remove_all(engine, layer, dir, name)?;
+        }
+        let ctx = |what: &str| format!("{what} {}", show(&joined));
+        let ino = match kind {
+            EntryType::Directory => match (&existing, keep_dir) {
+                (Some(a), true) => a.inode,
+                _ => {
+                    engine
+                        .mkdir(layer, dir, name, meta.mode, meta.uid, meta.gid)
+                        .map_err(|e| Error::engine(ctx("creating directory"), e))?
+                        .inode
+                }
+            },
+            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+                let ino = engine
+                    .create(layer, dir, name, meta.mode, meta.uid, meta.gid)
+                    .map_err(|e| Error::engine(ctx("creating file"), e))?
+                    .inode;
+                let expected = entry.size();
+                let written = copy_content(engine, layer, ino, &mut entry, &mut buf).map_err(
+                    |e| match e {
+                        Error::Io { source, .. } => {
+                            bad(index, format!("{}: {source}", ctx("reading content of")))
+                        }
+                        other => other,
+                    },
+                )?;
+                if written != expected {
+                    return Err(bad(
+                        index,
+                        format!(
+                            "{} is truncated: {written} of {expected} bytes",
+                            show(&joined)
+                        ),
+                    ));
+                }
+                size += written;
+                ino
+            }
+            EntryType::Symlink => {
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| bad(index, "symlink without a target".into()))?
+                    .into_owned();
+                engine
+                    .symlink(layer, dir, name, &target, meta.uid, meta.gid)
+                    .map_err(|e| Error::engine(ctx("creating symlink"), e))?
+                    .inode
+            }
+            EntryType::Link => {
+                let target = link_target.expect("resolved above");
+                if existing.as_ref().map(|a| a.inode) != Some(target) {
+                    engine
+                        .link(layer, target, dir, name)
+                        .map_err(|e| Error::engine(ctx("creating hard link"), e))?;
+                }
+                unpacked.insert(joined);
+                continue; // a hard link shares its target's attributes
+            }
+            EntryType::Char | EntryType::Block | EntryType::Fifo => {
+                let type_bits = match kind {
+                    EntryType::Char => lcfs_engine::S_IFCHR,
+                    EntryType::Block => lcfs_engine::S_IFBLK,
+                    _ => lcfs_engine::S_IFIFO,
+                };
+                let header = entry.header();
+                let major = header.device_major().ok().flatten().unwrap_or(0);
+                let minor = header.device_minor().ok().flatten().unwrap_or(0);
+                let rdev = if kind == EntryType::Fifo {
+                    0
+                } else {
+                    libc::makedev(major, minor)
+                };
+                engine
+                    .mknod(
+                        layer,
+                        dir,
+                        name,
+                        type_bits | meta.mode,
+                        rdev,
+                        meta.uid,
+                        meta.gid,
+                    )
+                    .map_err(|e| Error::engine(ctx("creating device node"), e))?
+                    .inode
+            }
+            other => {
+                return Err(bad(
+                    index,
+                    format!(
+                        "unsupported entry type {:?} for {}",
+                        other.as_byte() as char,
+                        show(&joined)
+                    ),
+                ))
+            }
+        };
+        unpacked.insert(joined.clone());
+        set_xattrs(engine, layer, ino, &meta, &joined)?;
+        if kind.is_dir() {
+            deferred_dirs.push((ino, meta));
+        } else {
+            set_attrs(engine, layer, ino, &meta, kind != EntryType::Symlink)
+                .map_err(|e| Error::engine(ctx("setting attributes of"), e))?;
+        }
+    }
+    // Directories last: unpacking their children changed their mtimes.
+    for (ino, meta) in deferred_dirs.iter().rev() {
+        match set_attrs(engine, layer, *ino, meta, true) {
+            Ok(()) | Err(lcfs_engine::Error::NotFound) => {}
+            Err(e) => return Err(Error::engine("setting directory attributes", e)),
+        }
+    }
+    Ok(size)
+}
+
+fn bad(entry: u64, detail: String) -> Error {
+    Error::BadTar { entry, detail }
+}
+
+fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> std::result::Result<Meta, String> {
+    let h = entry.header();
+    let mode = h.mode().map_err(|e| format!("bad mode: {e}"))? & 0o7777;
+    let uid = h.uid().map_err(|e| format!("bad uid: {e}"))?;
+    let gid = h.gid().map_err(|e| format!("bad gid: {e}"))?;
+    let seconds = h.mtime().map_err(|e| format!("bad mtime: {e}"))?;
+    let mut meta = Meta {
+        mode,
+        uid: u32::try_from(uid).map_err(|_| format!("uid {uid} out of range"))?,
+        gid: u32::try_from(gid).map_err(|_| format!("gid {gid} out of range"))?,
+        mtime: Timestamp {
+            seconds: i64::try_from(seconds).unwrap_or(i64::MAX),
+            nanoseconds: 0,
+        },
+        xattrs: Vec::new(),
+    };
+    if let Some(pax) = entry
+        .pax_extensions()
+        .map_err(|e| format!("bad PAX header: {e}"))?
+    {
+        for record in pax {
+            let record = record.map_err(|e| format!("bad PAX record: {e}"))?;
+            let key = record.key().map_err(|e| format!("bad PAX key: {e}"))?;
+            let value = record.value_bytes();
+            if let Some(name) = key.strip_prefix(PAX_XATTR_PREFIX) {
+                meta.xattrs.push((name.as_bytes().to_vec(), value.to_vec()));
+                continue;
+            }
+            let text = std::str::from_utf8(value).unwrap_or("");
+            match key {
+                "uid" => meta.uid = text.parse().map_err(|_| format!("bad PAX uid {text:?}"))?,
+                "gid" => meta.gid = text.parse().map_err(|_| format!("bad PAX gid {text:?}"))?,
+                "mtime" => meta.mtime = parse_pax_time(text)?,
+                _ => {}
+            }
+        }
+    }
+    Ok(meta)
+}
+
+/// A PAX time: seconds with an optional fraction ("1700000000.123456789").
+fn parse_pax_time(text: &str) -> std::result::Result<Timestamp, String> {
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    let seconds: i64 = whole
+        .parse()
+        .map_err(|_| format!("bad PAX mtime {text:?}"))?;
+    let digits: String = fraction.chars().take(9).collect();
+    let mut nanoseconds: u32 = if digits.is_empty() {
+        0
+    } else {
+        digits
+            .parse()
+            .map_err(|_| format!("bad PAX mtime {text:?}"))?
+    };
+    for _ in digits.len()..9 {
+        nanoseconds *= 10;
+    }
+    if seconds < 0 && nanoseconds > 0 {
+        // "-1.5" is 1.5 s before the epoch: -2 s + 0.5 s.
+        return Ok(Timestamp {
+            seconds: seconds - 1,
+            nanoseconds: 1_000_000_000 - nanoseconds,
+        });
+    }
+    Ok(Timestamp {
+        seconds,
+        nanoseconds,
+    })
+}
+
+/// Streams an entry's content into `ino`, leaving all-zero blocks as holes.
+fn copy_content(
+    engine: &Engine,
+    layer: u64,
+    ino: u64,
+    from: &mut impl Read,
+    buf: &mut [u8],
+) -> Result<u64> {
+    let mut offset = 0u64;
+    loop {
+        // Fill the buffer fully (short reads are normal) so block alignment
+        // in the buffer matches block alignment in the file.
+        let mut filled = 0;
+        while filled < buf.len() {
+            match from.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("reading the tar stream", e)),
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        let data = &buf[..filled];
+        let mut start = 0;
+        while start < data.len() {
+            // Skip zero blocks, then write the next run of non-zero ones.
+            let end = (start + BLOCK_BYTES).min(data.len());
+            if data[start..end].iter().all(|b| *b == 0) {
+                start = end;
+                continue;
+            }
+            let mut run_end = end;
+            while run_end < data.len() {
+                let next = (run_end + BLOCK_BYTES).min(data.len());
+                if data[run_end..next].iter().all(|b| *b == 0) {
+                    break;
+                }
+                run_end = next;
+            }
+            engine
+                .write(layer, ino, offset + start as u64, &data[start..run_end])
+                .map_err(|e| Error::engine("writing file content", e))?;
+            start = run_end;
+        }
+        offset += filled as u64;
+        if filled < buf.len() {
+            break;
+        }
+    }
+    // Trailing holes still count in the size.
+    engine
+        .setattr(
+            layer,
+            ino,
+            &SetAttr {
+                size: Some(offset),
+                ..SetAttr::default()
+            },
+        )
+        .map_err(|e| Error::engine("setting file size", e))?;
+    Ok(offset)
+}
+
+fn set_xattrs(engine: &Engine, layer: u64, ino: u64, meta: &Meta, path: &[u8]) -> Result<()> {
+    for (name, value) in &meta.xattrs {
+        match engine.setxattr(layer, ino, name, value, 0) {
+            Ok(()) => {}
+            // As Docker: xattrs the filesystem will not take are skipped.
+            Err(lcfs_engine::Error::Unsupported(_)) | Err(lcfs_engine::Error::NotPermitted) => {
+                log::warn!(
+                    "xattr {} on {} not supported; skipped",
+                    show(name),
+                    show(path)
+                );
+            }
+            Err(e) => {
+                return Err(Error::engine(
+                    format!("setting xattr {} on {}", show(name), show(path)),
+                    e,
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+fn set_attrs(
+    engine: &Engine,
+    layer: u64,
+    ino: u64,
+    meta: &Meta,
+    with_mode: bool,
+) -> lcfs_engine::Result<()> {
+    engine
+        .setattr(
+            layer,
+            ino,
+            &SetAttr {
+                mode: with_mode.then_some(meta.mode),
+                uid: Some(meta.uid),
+                gid: Some(meta.gid),
+                atime: Some(TimeSet::At(meta.mtime)),
+                mtime: Some(TimeSet::At(meta.mtime)),
+                ..SetAttr::default()
+            },
+        )
+        .map(|_| ())
+}
+
+/// Removes from directory `dir` (at `dir_path`) everything below it that
+/// this tar did not unpack, descending into kept directories, as Docker's
+/// walk does.
+fn make_opaque(
+    engine: &Engine,
+    layer: u64,
+    dir: u64,
+    dir_path: &[u8],
+    unpacked: &HashSet<Vec<u8>>,
+) -> Result<()> {
+    let mut stack = vec![(dir, dir_path.to_vec())];
+    while let Some((ino, path)) = stack.pop() {
+        for e in tree::list_dir(engine, layer, ino)? {
+            let mut child = path.clone();
+            if !child.is_empty() {
+                child.push(b'/');
+            }
+            child.extend_from_slice(&e.name);
+            if !unpacked.contains(&child) {
+                remove_all(engine, layer, ino, &e.name)?;
+            } else if e.kind == FileKind::Directory {
+                stack.push((e.inode, child));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,404 @@
+//! The GraphDriver methods, independent of HTTP: each takes the request
+//! body Docker sent and answers with the JSON Docker 20.10 expects
+//! (moby `daemon/graphdriver/proxy.go`). Docker ids are engine layer names.
+//!
+//! Layer mapping:
+//! - Create(ID, Parent) clones Parent into a cold layer (image layers are
+//!   written once); without Parent it makes an empty cold layer. Create'd
+//!   layers stay writable until they have children (ApplyDiff and BuildKit
+//!   write into them); a clone freezes its parent, Docker's invariant too.
+//! - CreateReadWrite does the same in the hot log (container layers).
+//! - Remove is idempotent, like overlay2's: an id that does not exist is
+//!   already removed (Docker calls Remove after a failed ApplyDiff, which
+//!   has already discarded the layer).
+
+use crate::error::{Error, Result};
+use crate::export::{self, kind_code, layer_error};
+use lcfs_engine::Engine;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Called with a layer name after the plugin created, removed or filled a
+/// layer behind the FUSE mount's back, so the kernel drops cached entries.
+pub type Invalidate = Box<dyn Fn(&str) + Send + Sync>;
+
+/// The state of the graphdriver: the engine, where its layers are mounted,
+/// and the Get/Put reference counts.
+pub struct Driver {
+    engine: Arc<Engine>,
+    mountpoint: PathBuf,
+    invalidate: Invalidate,
+    references: Mutex<HashMap<String, u32>>,
+    busy: Mutex<HashSet<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct IdRequest {
+    #[serde(rename = "ID")]
+    id: String,
+    #[serde(rename = "Parent")]
+    parent: String,
+    #[serde(rename = "MountLabel")]
+    #[allow(dead_code)]
+    mount_label: String,
+    #[serde(rename = "StorageOpt")]
+    storage_opt: Option<HashMap<String, String>>,
+}
+
+/// Docker's idtools.IDMap: its JSON keys are snake_case (the plugin docs
+/// show CamelCase; the Go struct tags win).
+#[derive(Deserialize, Debug, PartialEq, Eq)]
+struct IdMap {
+    container_id: i64,
+    host_id: i64,
+    size: i64,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct InitRequest {
+    #[serde(rename = "Home")]
+    home: String,
+    #[serde(rename = "Opts")]
+    opts: Option<Vec<String>>,
+    #[serde(rename = "UIDMaps")]
+    uid_maps: Option<Vec<IdMap>>,
+    #[serde(rename = "GIDMaps")]
+    gid_maps: Option<Vec<IdMap>>,
+}
+
+/// Marks an id busy for the length of one mutating call.
+struct BusyGuard<'a> {
+    busy: &'a Mutex<HashSet<String>>,
+    id: String,
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        self.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+fn parse<T: for<'de> Deserialize<'de> + Default>(method: &str, body: &[u8]) -> Result<T> {
+    // Docker sends `null` (or nothing) for methods without arguments.
+    let trimmed = body.trim_ascii();
+    if trimmed.is_empty() || trimmed == b"null" {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(trimmed).map_err(|e| Error::BadRequest {
+        method: method.to_string(),
+        detail: e.to_string(),
+    })
+}
+
+/// Checks an id can name a layer directory (Docker sends 64 hex digits,
+/// possibly with "-init").
+fn check_id(id: &str) -> Result<()> {
+    if id.is_empty()
+        || id.len() > 255
+        || id.contains('/')
+        || id.contains('\0')
+        || id == "."
+        || id == ".."
+    {
+        return Err(Error::InvalidId(id.to_string()));
+    }
+    Ok(())
+}
+
+impl Driver {
+    /// A driver over `engine`, whose layers are mounted at `mountpoint`
+    /// (`<mountpoint>/<id>` is what Get returns).
+    pub fn new(engine: Arc<Engine>, mountpoint: &Path, invalidate: Invalidate) -> Driver {
+        Driver {
+            engine,
+            mountpoint: mountpoint.to_path_buf(),
+            invalidate,
+            references: Mutex::new(HashMap::new()),
+            busy: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// How many Gets of `id` are not yet Put.
+    pub fn references(&self, id: &str) -> u32 {
+        self.lock_references().get(id).copied().unwrap_or(0)
+    }
+
+    fn lock_references(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.references.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn claim(&self, id: &str) -> Result<BusyGuard<'_>> {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if !busy.insert(id.to_string()) {
+            return Err(Error::Busy(id.to_string()));
+        }
+        Ok(BusyGuard {
+            busy: &self.busy,
+            id: id.to_string(),
+        })
+    }
+
+    fn dir(&self, id: &str) -> String {
+        self.mountpoint.join(id).to_string_lossy().into_owned()
+    }
+
+    /// Answers one JSON method (`Plugin.Activate` or `GraphDriver.*` except
+    /// Diff and ApplyDiff, which stream). Errors become `{"Err": ...}`.
+    pub fn call(&self, method: &str, body: &[u8]) -> Value {
+        match self.dispatch(method, body) {
+            Ok(v) => v,
+            Err(e) => {
+                log::warn!("{method}: {e}");
+                json!({ "Err": e.to_string() })
+            }
+        }
+    }
+
+    fn dispatch(&self, method: &str, body: &[u8]) -> Result<Value> {
+        let e = &self.engine;
+        match method {
+            "Plugin.Activate" => Ok(json!({ "Implements": ["GraphDriver"] })),
+            "GraphDriver.Init" => {
+                let r: InitRequest = parse(method, body)?;
+                let identity = |m: &Option<Vec<IdMap>>| m.as_deref().unwrap_or_default().is_empty();
+                if !identity(&r.uid_maps) || !identity(&r.gid_maps) {
+                    return Err(Error::Unsupported(
+                        "lcfs does not support user namespace remapping; start dockerd \
+                         without --userns-remap"
+                            .into(),
+                    ));
+                }
+                log::info!(
+                    "GraphDriver.Init home {:?} options {:?}",
+                    r.home,
+                    r.opts.unwrap_or_default()
+                );
+                Ok(json!({}))
+            }
+            "GraphDriver.Create" | "GraphDriver.CreateReadWrite" => {
+                let r: IdRequest = parse(method, body)?;
+                check_id(&r.id)?;
+                if r.storage_opt.as_ref().is_some_and(|o| !o.is_empty()) {
+                    return Err(Error::Unsupported(
+                        "lcfs takes no storage options (--storage-opt); remove them".into(),
+                    ));
+                }
+                let _guard = self.claim(&r.id)?;
+                let cold = method == "GraphDriver.Create";
+                let result = if r.parent.is_empty() {
+                    e.create_layer(&r.id, cold)
+                } else {
+                    e.clone_layer_with(&r.parent, &r.id, cold)
+                };
+                result.map_err(|err| match err {
+                    lcfs_engine::Error::NotFound => Error::UnknownLayer(r.parent.clone()),
+                    lcfs_engine::Error::Exists => Error::engine(
+                        format!("creating layer {:?}", r.id),
+                        lcfs_engine::Error::Exists,
+                    ),
+                    err => Error::engine(
+                        format!("creating layer {:?} from {:?}", r.id, r.parent),
+                        err,
+                    ),
+                })?;
+                (self.invalidate)(&r.id);
+                Ok(json!({}))
+            }
+            "GraphDriver.Remove" => {
+                let r: IdRequest = parse(method, body)?;
+                check_id(&r.id)?;
+                let _guard = self.claim(&r.id)?;
+                self.remove(&r.id)?;
+                Ok(json!({}))
+            }
+            "GraphDriver.Get" => {
+                let r: IdRequest = parse(method, body)?;
+                check_id(&r.id)?;
+                let mut refs = self.lock_references();
+                e.layer_id(&r.id).map_err(|err| layer_error(&r.id, err))?;
+                *refs.entry(r.id.clone()).or_insert(0) += 1;
+                Ok(json!({ "Dir": self.dir(&r.id) }))
+            }
+            "GraphDriver.Put" => {
+                let r: IdRequest = parse(method, body)?;
+                check_id(&r.id)?;
+                let mut refs = self.lock_references();
+                match refs.get_mut(&r.id) {
+                    Some(n) if *n > 1 => *n -= 1,
+                    Some(_) => {
+                        refs.remove(&r.id);
+                    }
+                    None => {
+                        // Docker Puts what it got before a plugin restart:
+                        // nothing to release, but the layer must exist.
+                        e.layer_id(&r.id).map_err(|err| layer_error(&r.id, err))?;
+                        log::debug!("Put of {:?} without a Get", r.id);
+                    }
+                }
+                Ok(json!({}))
+            }
+            "GraphDriver.Exists" => {
+                let r: IdRequest = parse(method, body)?;
+                Ok(json!({ "Exists": check_id(&r.id).is_ok() && e.layer_id(&r.id).is_ok() }))
+            }
+            "GraphDriver.Status" => {
+                let s = e.stats();
+                let pairs = [
+                    ("Backing Filesystem", "lcfs".to_string()),
+                    ("Mount", self.mountpoint.display().to_string()),
+                    ("Layers", s.layers.to_string()),
+                    ("Capacity Bytes", s.capacity_bytes.to_string()),
+                    ("Live Bytes", s.live_bytes.to_string()),
+                    ("I/O Backend", s.backend.to_string()),
+                ];
+                Ok(
+                    json!({ "Status": pairs.iter().map(|(k, v)| [*k, v.as_str()]).collect::<Vec<_>>() }),
+                )
+            }
+            "GraphDriver.GetMetadata" => {
+                let r: IdRequest = parse(method, body)?;
+                check_id(&r.id)?;
+                let info = e.layer_info(&r.id).map_err(|err| layer_error(&r.id, err))?;
+                Ok(json!({ "Metadata": {
+                    "Dir": self.dir(&r.id),
+                    "Layer": info.name,
+                    "Parent": info.parent.unwrap_or_default(),
+                    "Frozen": info.frozen.to_string(),
+                    "Cold": info.cold.to_string(),
+                    "Children": info.children.to_string(),
+                    "OwnedBytes": info.owned_bytes.to_string(),
+                    "Inodes": info.inode_count.to_string(),
+                }}))
+            }
+            "GraphDriver.Cleanup" => {
+                e.sync()
+                    .map_err(|err| Error::engine("syncing at Cleanup", err))?;
+                Ok(json!({}))
+            }
+            "GraphDriver.Capabilities" => {
+                // Nested, as moby's proxy decodes it (the docs show it flat).
+                Ok(json!({ "Capabilities": { "ReproducesExactDiffs": false } }))
+            }
+            "GraphDriver.Changes" => {
+                let r: IdRequest = parse(method, body)?;
+                check_id(&r.id)?;
+                let changes = export::changes(e, &r.id, &r.parent)?;
+                let list: Vec<Value> = changes
+                    .iter()
+                    .map(|c| {
+                        json!({
+                            "Path": String::from_utf8_lossy(&c.path),
+                            "Kind": kind_code(c.kind),
+                        })
+                    })
+                    .collect();
+                Ok(json!({ "Changes": list }))
+            }
+            "GraphDriver.DiffSize" => {
+                let r: IdRequest = parse(method, body)?;
+                check_id(&r.id)?;
+                let changes = export::changes(e, &r.id, &r.parent)?;
+                Ok(json!({ "Size": export::diff_size(e, &r.id, &changes)? }))
+            }
+            other => Err(Error::UnknownMethod(other.to_string())),
+        }
+    }
+
+    fn remove(&self, id: &str) -> Result<()> {
+        let held = self.lock_references().remove(id);
+        if let Some(n) = held {
+            log::warn!("removing layer {id:?} while {n} Get(s) are not Put");
+        }
+        match self.engine.remove_layer(id) {
+            Ok(()) => {}
+            Err(lcfs_engine::Error::NotFound) => {
+                log::debug!("Remove of {id:?}: no such layer (already removed)");
+                return Ok(());
+            }
+            Err(lcfs_engine::Error::Busy(why)) => {
+                return Err(Error::engine(
+                    format!("removing layer {id:?} (remove the layers made from it first)"),
+                    lcfs_engine::Error::Busy(why),
+                ))
+            }
+            Err(e) => return Err(Error::engine(format!("removing layer {id:?}"), e)),
+        }
+        (self.invalidate)(id);
+        Ok(())
+    }
+
+    /// GraphDriver.Diff, part one: checks the request and lists the changes.
+    /// Errors here are answered with a non-200 status (Diff's only way).
+    pub fn prepare_diff(&self, body: &[u8]) -> Result<DiffPlan> {
+        let r: IdRequest = parse("GraphDriver.Diff", body)?;
+        check_id(&r.id)?;
+        let changes = export::changes(&self.engine, &r.id, &r.parent)?;
+        Ok(DiffPlan { id: r.id, changes })
+    }
+
+    /// GraphDriver.Diff, part two: streams the tar.
+    pub fn write_diff(&self, plan: &DiffPlan, out: impl Write) -> Result<()> {
+        export::write_diff(&self.engine, &plan.id, &plan.changes, out)
+    }
+
+    /// GraphDriver.ApplyDiff: unpacks `stream` into layer `id` (made by
+    /// Create). On failure the layer is removed, so no half-made layer is
+    /// left (the engine cannot rename layers, so there is no staging layer
+    /// to swap in; Docker removes the layer after a failed ApplyDiff anyway,
+    /// and Remove of a missing id succeeds).
+    pub fn apply_diff(&self, id: &str, parent: &str, stream: impl Read) -> Value {
+        match self.try_apply_diff(id, parent, stream) {
+            Ok(size) => json!({ "Size": size }),
+            Err(e) => {
+                log::warn!("GraphDriver.ApplyDiff {id:?}: {e}");
+                json!({ "Err": e.to_string() })
+            }
+        }
+    }
+
+    fn try_apply_diff(&self, id: &str, parent: &str, stream: impl Read) -> Result<u64> {
+        check_id(id)?;
+        let _guard = self.claim(id)?;
+        let info = self.engine.layer_info(id).map_err(|e| layer_error(id, e))?;
+        if info.frozen || info.children > 0 {
+            return Err(Error::engine(
+                format!("applying a diff to layer {id:?}"),
+                lcfs_engine::Error::ReadOnly,
+            ));
+        }
+        if !parent.is_empty() && info.parent.as_deref() != Some(parent) {
+            return Err(Error::Unsupported(format!(
+                "ApplyDiff names parent {parent:?} but layer {id:?} was created from {:?}",
+                info.parent.unwrap_or_default()
+            )));
+        }
+        let result = crate::apply::apply(&self.engine, info.id, stream);
+        if result.is_err() {
+            self.lock_references().remove(id);
+            if let Err(e) = self.engine.remove_layer(id) {
+                log::error!("discarding half-applied layer {id:?}: {e}");
+            }
+        }
+        (self.invalidate)(id);
+        result
+    }
+}
+
+/// What a Diff will write, decided before the 200 status goes out.
+pub struct DiffPlan {
+    id: String,
+    changes: Vec<lcfs_engine::Change>,
+}
