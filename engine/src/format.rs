@@ -535,7 +535,7 @@ impl Summary {
     }
 
     pub fn decode(block: &[u8], self_block: u64) -> Result<Summary> {
-        let offset = self_block * BLOCK_SIZE as u64;
+        let offset = self_block.saturating_mul(BLOCK_SIZE as u64);
         if block.len() != BLOCK_SIZE {
             return Err(Error::corrupt(offset, "summary has wrong size"));
         }
