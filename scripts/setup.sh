@@ -8,14 +8,19 @@ set -euo pipefail
 # Pinned so every machine fuzzes with the same tool; 0.13.2 builds with
 # `--locked` on Rust 1.95. Bump deliberately.
 CARGO_FUZZ_VERSION=0.13.2
+# The FUSE conformance tools (scripts/fuse-conformance.sh), pinned for the
+# same reason: the baseline numbers in docs/fuse-conformance.md are theirs.
+PJDFSTEST_VERSION=0.2.2
+FSX_VERSION=0.3.2
 
 # fio: I/O baselines; fuse3: the FUSE front; util-linux: losetup;
 # e2fsprogs/btrfs-progs: reference filesystems in loop images; debootstrap:
 # test images; kmod: modprobe; docker.io: graphdriver tests (installed, never
-# started here); g++: libfuzzer-sys compiles libFuzzer (C++).
+# started here); g++: libfuzzer-sys compiles libFuzzer (C++); python3: the
+# e2e checks' tree manifests (scripts/e2e/tree.py).
 APT_PACKAGES=(
     fio fuse3 util-linux e2fsprogs btrfs-progs debootstrap kmod docker.io
-    jq curl ca-certificates g++
+    jq curl ca-certificates g++ python3
 )
 
 export DEBIAN_FRONTEND=noninteractive
@@ -84,6 +89,25 @@ done
 if ! cargo fuzz --version >/dev/null 2>&1; then
     say "installing cargo-fuzz $CARGO_FUZZ_VERSION (a few minutes)"
     quietly cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked
+fi
+
+# pjdfstest and fsx, each only when missing (cargo puts them in ~/.cargo/bin).
+cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
+for tool in "pjdfstest $PJDFSTEST_VERSION" "fsx $FSX_VERSION"; do
+    name=${tool% *}
+    version=${tool#* }
+    if [[ ! -x $cargo_bin/$name ]] && ! command -v "$name" >/dev/null 2>&1; then
+        say "installing $name $version (a minute or two)"
+        quietly cargo install "$name" --version "$version" --locked
+    fi
+done
+
+# --- users ---------------------------------------------------------------
+# pjdfstest switches to the users nobody and tests for its permission tests.
+if ! id tests >/dev/null 2>&1; then
+    is_root || die "user 'tests' is missing (pjdfstest needs it); run as root to create it"
+    say "creating the system user 'tests' for pjdfstest"
+    quietly useradd --system --user-group tests
 fi
 
 # --- kernel --------------------------------------------------------------

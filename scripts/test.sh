@@ -34,6 +34,7 @@ steps=(
     "tests|run_tests"
     "benches build|cargo bench --workspace --no-run"
     "fuzz smoke|bash scripts/fuzz-smoke.sh"
+    "fuse conformance|bash scripts/fuse-conformance.sh"
 )
 
 passed=0

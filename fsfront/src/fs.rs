@@ -927,6 +927,51 @@ impl Filesystem for LcfsFs {
         }
     }
 
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // No ioctls: the answer a file without them gives.
+        reply.error(Errno::from_i32(libc::ENOTTY));
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: i64,
+        _whence: i32,
+        reply: fuser::ReplyLseek,
+    ) {
+        // ENOSYS once makes the kernel do lseek itself (data everywhere).
+        reply.error(Errno::from_i32(libc::ENOSYS));
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        // ENOSYS once makes the kernel fall back to read and write.
+        reply.error(Errno::from_i32(libc::ENOSYS));
+    }
+
     fn fallocate(
         &self,
         _req: &Request,
