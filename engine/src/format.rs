@@ -761,7 +761,9 @@ pub struct InodeValue {
     pub mtime: Timestamp,
     pub ctime: Timestamp,
     pub rdev: u64,
-    /// Directory: the parent directory's inode (for rename loop checks).
+    /// Directory: its parent (rename loop checks). Other files: the directory
+    /// of the name they were created or last renamed under (to name them in
+    /// layer diffs).
     pub parent: u64,
     pub generation: u64,
 }
