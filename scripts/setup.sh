@@ -13,13 +13,13 @@ CARGO_FUZZ_VERSION=0.13.2
 PJDFSTEST_VERSION=0.2.2
 FSX_VERSION=0.3.2
 
-# fio: I/O baselines; fuse3: the FUSE front; util-linux: losetup;
+# fio: I/O baselines; fuse3: the FUSE front; util-linux: losetup; fuse-overlayfs: the FUSE peer in benchmarks;
 # e2fsprogs/btrfs-progs: reference filesystems in loop images; debootstrap:
 # test images; kmod: modprobe; docker.io: graphdriver tests (installed, never
 # started here); g++: libfuzzer-sys compiles libFuzzer (C++); python3: the
 # e2e checks' tree manifests (scripts/e2e/tree.py).
 APT_PACKAGES=(
-    fio fuse3 util-linux e2fsprogs btrfs-progs debootstrap kmod docker.io
+    fio fuse3 util-linux e2fsprogs btrfs-progs debootstrap kmod docker.io fuse-overlayfs
     jq curl ca-certificates g++ python3
 )
 

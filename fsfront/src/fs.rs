@@ -37,10 +37,21 @@ struct LcfsFs {
     entry_ttl: Duration,
     attr_ttl: Duration,
     started: SystemTime,
-    /// Open handles per kernel inode.
-    open: Mutex<HashMap<u64, u32>>,
-    /// Kernel inodes whose page cache is to be dropped (see `release`).
+    /// Open handles and cached copies (see `PageState`).
+    pages: Arc<Mutex<PageState>>,
+    /// Kernel inodes whose page cache is to be dropped.
     drop_pages: SyncSender<u64>,
+    /// Parent id and next inode number of frozen layers (they never change).
+    frozen: Mutex<HashMap<u64, (Option<u64>, u64)>>,
+}
+
+/// Which kernel inodes are open, and which may hold pages of a file whose
+/// data is shared between layers (keyed by the file's origin: the layer
+/// that created the inode, and the inode number).
+#[derive(Default)]
+struct PageState {
+    open: HashMap<u64, u32>,
+    cached: HashMap<(u64, u64), Vec<u64>>,
 }
 
 fn split(ino: INodeNo) -> Option<(u64, u64)> {
@@ -157,47 +168,102 @@ impl LcfsFs {
         }
     }
 
-    /// Whether a file's data may be shared with other layers: everything in
-    /// a frozen layer, and inodes a clone inherited from its parent.
-    fn shares_data(&self, layer: u64, inode: u64) -> bool {
-        let Ok(l) = self.engine.layer_info_by_id(layer) else {
-            return false;
-        };
-        if l.frozen {
-            return true;
-        }
-        match l
-            .parent
-            .as_deref()
-            .and_then(|p| self.engine.layer_info(p).ok())
-        {
-            Some(p) => inode < p.next_inode,
-            None => false,
-        }
-    }
-
-    fn note_open(&self, ino: INodeNo) {
-        *self
-            .open
+    /// Parent and next inode number of a layer (cached once frozen).
+    fn layer_shape(&self, layer: u64) -> Option<(Option<u64>, u64, bool)> {
+        if let Some((p, n)) = self
+            .frozen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(ino.0)
-            .or_insert(0) += 1;
+            .get(&layer)
+        {
+            return Some((*p, *n, true));
+        }
+        let l = self.engine.layer_info_by_id(layer).ok()?;
+        let parent = l
+            .parent
+            .as_deref()
+            .and_then(|p| self.engine.layer_id(p).ok());
+        if l.frozen {
+            self.frozen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(layer, (parent, l.next_inode));
+        }
+        Some((parent, l.next_inode, l.frozen))
     }
 
-    /// Counts a close; true when it was the last handle.
-    fn note_release(&self, ino: INodeNo) -> bool {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        match open.get_mut(&ino.0) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                false
+    /// The origin (creating layer, inode) of a file whose data other layers
+    /// may share: any file of a frozen layer, and inodes a clone inherited.
+    /// None for a file only its own writable layer can see.
+    fn shared_origin(&self, layer: u64, inode: u64) -> Option<(u64, u64)> {
+        let (mut parent, _, frozen) = self.layer_shape(layer)?;
+        let mut origin = layer;
+        let mut inherited = false;
+        for _ in 0..100_000 {
+            let Some(p) = parent else { break };
+            let (pp, p_next, _) = self.layer_shape(p)?;
+            if inode >= p_next {
+                break;
             }
-            Some(_) => {
-                open.remove(&ino.0);
-                true
+            inherited = true;
+            origin = p;
+            parent = pp;
+        }
+        (frozen || inherited).then_some((origin, inode))
+    }
+
+    /// An open: counts it and, for a shared file, drops the pages other
+    /// layers keep of it while they are closed, so that at most one closed
+    /// copy lingers in the page cache.
+    fn note_open(&self, layer: u64, inode: u64) {
+        let ino = join(layer, inode).0;
+        let origin = self.shared_origin(layer, inode);
+        let mut st = self.pages.lock().unwrap_or_else(|p| p.into_inner());
+        *st.open.entry(ino).or_insert(0) += 1;
+        let Some(key) = origin else { return };
+        let copies = std::mem::take(st.cached.entry(key).or_default());
+        let mut kept = Vec::with_capacity(copies.len() + 1);
+        for k in copies {
+            if k != ino && !st.open.contains_key(&k) {
+                let _ = self.drop_pages.try_send(k);
+            } else {
+                kept.push(k);
             }
-            None => false,
+        }
+        if !kept.contains(&ino) {
+            kept.push(ino);
+        }
+        st.cached.insert(key, kept);
+    }
+
+    /// A close: on the last one of a shared file, its pages go if another
+    /// layer may hold a copy too; a single copy stays (re-reads stay fast).
+    fn note_release(&self, layer: u64, inode: u64) {
+        let ino = join(layer, inode).0;
+        {
+            let mut st = self.pages.lock().unwrap_or_else(|p| p.into_inner());
+            match st.open.get_mut(&ino) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    return;
+                }
+                Some(_) => {
+                    st.open.remove(&ino);
+                }
+                None => return,
+            }
+        }
+        let Some(key) = self.shared_origin(layer, inode) else {
+            return;
+        };
+        let mut st = self.pages.lock().unwrap_or_else(|p| p.into_inner());
+        let copies = st.cached.entry(key).or_default();
+        if copies.len() > 1 {
+            copies.retain(|k| *k != ino);
+            let _ = self.drop_pages.try_send(ino);
+        }
+        if copies.is_empty() {
+            st.cached.remove(&key);
         }
     }
 
@@ -480,7 +546,7 @@ impl Filesystem for LcfsFs {
             // Frozen layers never change and every change to a writable layer
             // comes through this mount, so cached pages stay valid.
             Ok(()) => {
-                self.note_open(ino);
+                self.note_open(layer, inode);
                 reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
             }
             Err(e) => reply.error(errno(&e)),
@@ -556,13 +622,11 @@ impl Filesystem for LcfsFs {
             }
             // The kernel keys its page cache by inode, and each layer's copy
             // of a shared file is another inode: twenty containers reading
-            // one image file would hold twenty copies. On the last close of a
-            // shared file its pages go; later reads come from the engine's
-            // block cache, which holds one copy for every layer. (mmap holds
-            // the file open, so mapped pages are never dropped under a user.)
-            if self.note_release(ino) && self.shares_data(layer, inode) {
-                let _ = self.drop_pages.try_send(ino.0);
-            }
+            // one image file would hold twenty copies. At most one closed
+            // copy is kept; the engine's block cache serves the rest, one copy
+            // for every layer. (mmap holds the file open, so mapped pages are
+            // never dropped under a user.)
+            self.note_release(layer, inode);
         }
         reply.ok();
     }
@@ -914,7 +978,7 @@ impl Filesystem for LcfsFs {
         );
         match r.and_then(|a| self.engine.open_inode(layer, a.inode).map(|_| a)) {
             Ok(a) => {
-                self.note_open(join(layer, a.inode));
+                self.note_open(layer, a.inode);
                 reply.created(
                     &self.entry_ttl,
                     &file_attr(layer, &a),
@@ -1005,10 +1069,21 @@ pub(crate) fn spawn(
     let (tx, rx) = sync_channel::<u64>(4096);
     let notifier: Arc<OnceLock<fuser::Notifier>> = Arc::new(OnceLock::new());
     let for_thread = notifier.clone();
+    let pages: Arc<Mutex<PageState>> = Arc::default();
+    let pages_for_thread = pages.clone();
     std::thread::Builder::new()
         .name("lcfs-drop-pages".into())
         .spawn(move || {
             for ino in rx {
+                // Opened again meanwhile: its pages are in use.
+                if pages_for_thread
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .open
+                    .contains_key(&ino)
+                {
+                    continue;
+                }
                 if let Some(n) = for_thread.get() {
                     if let Err(e) = n.inval_inode(INodeNo(ino), 0, 0) {
                         log::debug!("dropping pages of inode {ino:#x}: {e}");
@@ -1017,8 +1092,9 @@ pub(crate) fn spawn(
             }
         })?;
     let fs = LcfsFs {
-        open: Mutex::new(HashMap::new()),
+        pages,
         drop_pages: tx,
+        frozen: Mutex::new(HashMap::new()),
         engine,
         entry_ttl: options.entry_timeout,
         attr_ttl: options.attr_timeout,

@@ -208,5 +208,15 @@ fn clones_reading_a_shared_file_do_not_multiply_the_page_cache() {
         st.block_cache_hits >= ((readers - 1) * size / 4096) as u64 / 2,
         "later readers hit the shared block cache: {st:?}"
     );
+    // The last reader's copy stays: reading it again never reaches the daemon.
+    let touched = st.block_cache_hits + st.block_cache_misses;
+    let again = fs::read(dir.path().join(format!("r{}/blob", readers - 1))).unwrap();
+    assert!(again == data);
+    let st = e.stats();
+    assert_eq!(
+        st.block_cache_hits + st.block_cache_misses,
+        touched,
+        "a single reader's re-read is served by the page cache"
+    );
     m.unmount().unwrap();
 }
