@@ -911,7 +911,7 @@ impl Store {
         }
     }
 
-    /// Inserts or replaces; returns the old value.
+    /// Inserts or replaces; returns the old value (a sorted run of one).
     pub fn insert(
         &mut self,
         tree: Tree,
@@ -919,46 +919,10 @@ impl Store {
         key: Key,
         value: Vec<u8>,
     ) -> Result<Option<Vec<u8>>> {
-        assert!(value.len() <= MAX_VALUE_BYTES, "tree value too large");
-        if *root == 0 {
-            let id = self.new_node(tree, 0);
-            *root = id;
-        }
-        let csum = self.root_checksum(tree);
-        let mut id = self.writable(tree, *root, csum)?;
-        *root = id;
-        let mut path: Vec<(u64, usize)> = Vec::new();
-        loop {
-            let n = self.nodes.get_mut(id).expect("writable node cached");
-            if n.level == 0 {
-                break;
-            }
-            let i = Self::child_index(&n.keys, &key);
-            if key < n.keys[i] {
-                n.keys[i] = key; // keep keys[i] a lower bound of child i
-            }
-            let c = n.children[i];
-            let w = self.writable(tree, c.address, c.checksum)?;
-            let n = self.nodes.get_mut(id).expect("cached");
-            n.children[i] = ChildRef {
-                address: w,
-                checksum: 0,
-            };
-            path.push((id, i));
-            id = w;
-        }
-        let n = self.nodes.get_mut(id).expect("cached");
-        let old = match n.keys.binary_search(&key) {
-            Ok(i) => Some(std::mem::replace(&mut n.values[i], value)),
-            Err(i) => {
-                n.keys.insert(i, key);
-                n.values.insert(i, value);
-                None
-            }
-        };
-        self.nodes.remeasure(id);
-        self.split_up(tree, root, id, path)?;
-        Ok(old)
+        Ok(self
+            .insert_sorted(tree, root, vec![(key, value)])?
+            .pop()
+            .flatten())
     }
 
     /// Inserts entries given in ascending key order, reaching each leaf with
