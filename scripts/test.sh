@@ -35,6 +35,7 @@ steps=(
     "benches build|cargo bench --workspace --no-run"
     "fuzz smoke|bash scripts/fuzz-smoke.sh"
     "fuse conformance|bash scripts/fuse-conformance.sh"
+    "docker end to end|bash scripts/e2e/docker.sh"
 )
 
 passed=0

@@ -385,7 +385,9 @@ impl Driver {
                 info.parent.unwrap_or_default()
             )));
         }
-        let result = crate::apply::apply(&self.engine, info.id, stream);
+        let mut stream = stream;
+        let result = crate::apply::apply(&self.engine, info.id, &mut stream)
+            .and_then(|size| drain_trailing(&mut stream).map(|_| size));
         if result.is_err() {
             self.lock_references().remove(id);
             if let Err(e) = self.engine.remove_layer(id) {
@@ -395,6 +397,38 @@ impl Driver {
         (self.invalidate)(id);
         result
     }
+}
+
+/// The most ApplyDiff reads after the tar's end-of-archive marker. Tar pads
+/// its last record with zeros (10 KiB by default, up to a few MiB with a
+/// large blocking factor); anything beyond this is not a tar.
+const MAX_TRAILING_BYTES: u64 = 64 << 20;
+
+/// Reads the rest of an ApplyDiff body after the tar's end-of-archive
+/// marker. Docker records the stream it sends as it goes (tar-split) and
+/// rebuilds every later `docker save` of the layer from that record; the
+/// plugin proxy stops feeding it once the plugin answers, so bytes left
+/// unread (the record padding) are missing from the record and the saved
+/// layer fails Docker's digest check ("could not verify layer data").
+fn drain_trailing(stream: &mut impl Read) -> Result<u64> {
+    let drained = std::io::copy(
+        &mut stream.take(MAX_TRAILING_BYTES + 1),
+        &mut std::io::sink(),
+    )
+    .map_err(|e| Error::BadRequest {
+        method: "GraphDriver.ApplyDiff".into(),
+        detail: format!("reading the stream after the end of the archive: {e}"),
+    })?;
+    if drained > MAX_TRAILING_BYTES {
+        return Err(Error::BadRequest {
+            method: "GraphDriver.ApplyDiff".into(),
+            detail: format!(
+                "more than {} MiB follow the end of the archive",
+                MAX_TRAILING_BYTES >> 20
+            ),
+        });
+    }
+    Ok(drained)
 }
 
 /// What a Diff will write, decided before the 200 status goes out.

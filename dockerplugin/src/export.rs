@@ -33,9 +33,38 @@ pub(crate) fn changes(engine: &Engine, id: &str, parent: &str) -> Result<Vec<Cha
              changes only against a layer's own parent"
         )));
     }
-    engine
+    let changes = engine
         .layer_changes(id)
-        .map_err(|e| Error::engine(format!("computing the changes of layer {id:?}"), e))
+        .map_err(|e| Error::engine(format!("computing the changes of layer {id:?}"), e))?;
+    Ok(with_ancestors(changes))
+}
+
+/// Adds the directories above every change (not the root) as modified, as
+/// Docker's own change walker does: a layer tar then carries the mode,
+/// owner and times of the directories it changes things in, so extracting
+/// it on any driver reproduces them instead of making them up (an
+/// extractor creates a missing parent with the current time).
+fn with_ancestors(changes: Vec<Change>) -> Vec<Change> {
+    let mut paths: std::collections::HashSet<Vec<u8>> =
+        changes.iter().map(|c| c.path.clone()).collect();
+    let mut out = changes;
+    let mut added = Vec::new();
+    for change in &out {
+        let mut path = change.path.as_slice();
+        while let Some(slash) = path.iter().rposition(|&b| b == b'/') {
+            path = &path[..slash];
+            if path.is_empty() || !paths.insert(path.to_vec()) {
+                break;
+            }
+            added.push(Change {
+                path: path.to_vec(),
+                kind: ChangeKind::Modified,
+            });
+        }
+    }
+    out.extend(added);
+    out.sort();
+    out
 }
 
 pub(crate) fn layer_error(id: &str, e: lcfs_engine::Error) -> Error {
@@ -279,5 +308,38 @@ impl Read for FileReader<'_> {
         buf[..n].copy_from_slice(&self.chunk[self.position..self.position + n]);
         self.position += n;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(path: &str, kind: ChangeKind) -> Change {
+        Change {
+            path: path.as_bytes().to_vec(),
+            kind,
+        }
+    }
+
+    #[test]
+    fn ancestors_of_changes_are_listed_as_modified() {
+        let got = with_ancestors(vec![
+            change("/usr/share", ChangeKind::Modified),
+            change("/usr/share/doc", ChangeKind::Deleted),
+            change("/a/b/c/file", ChangeKind::Added),
+            change("/top", ChangeKind::Added),
+        ]);
+        let want = vec![
+            change("/a", ChangeKind::Modified),
+            change("/a/b", ChangeKind::Modified),
+            change("/a/b/c", ChangeKind::Modified),
+            change("/a/b/c/file", ChangeKind::Added),
+            change("/top", ChangeKind::Added),
+            change("/usr", ChangeKind::Modified),
+            change("/usr/share", ChangeKind::Modified),
+            change("/usr/share/doc", ChangeKind::Deleted),
+        ];
+        assert_eq!(got, want);
     }
 }

@@ -310,3 +310,18 @@ fn replaced_directory_exports_an_opaque_marker() {
     assert!(!tree.contains_key("/replaced/inherited"));
     assert!(!tree.contains_key("/replaced/keepme"));
 }
+
+/// Docker records the ApplyDiff stream as the plugin reads it and rebuilds
+/// `docker save` tars from that record, so ApplyDiff must read the record
+/// padding after the end-of-archive marker too, to the end of the body.
+#[test]
+fn apply_diff_reads_the_padding_after_the_archive() {
+    let p = Plugin::start();
+    p.create("padded", "");
+    let mut body = base_tar();
+    body.extend_from_slice(&[0u8; 10240]);
+    let mut stream = std::io::Cursor::new(body);
+    let answer = p.driver.apply_diff("padded", "", &mut stream);
+    assert!(answer.get("Err").is_none(), "{answer}");
+    assert_eq!(stream.position(), stream.get_ref().len() as u64);
+}

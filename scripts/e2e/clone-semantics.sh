@@ -25,8 +25,7 @@ E2E_NAME="clone-semantics"
 # shellcheck source=scripts/e2e/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-cache_dir=${LCFS_TEST_CACHE:-/var/cache/lcfs-test}
-tarball="$cache_dir/debian-bookworm-minbase.tar"
+tarball=$DEBIAN_TARBALL
 tree=("python3" "$E2E_DIR/tree.py")
 # GNU tar: posix format keeps nanosecond mtimes and xattrs; '*' takes every
 # xattr namespace (the default skips security.* and trusted.* on extraction).
@@ -34,32 +33,6 @@ tar_options=(--numeric-owner --xattrs --xattrs-include='*' --format=posix)
 
 require_commands debootstrap tar
 e2e_init
-
-# The mirror apt uses (deb822 or one-line sources), Debian's by default.
-debian_mirror() {
-    local uri
-    uri=$(grep -hsE '^\s*(URIs:|deb\s)' /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
-        /etc/apt/sources.list.d/*.sources | grep -v -- '-security' |
-        grep -oE 'https?://[^ ]*/debian/?' | head -n 1 || true)
-    echo "${LCFS_TEST_MIRROR:-${uri:-http://deb.debian.org/debian}}"
-}
-
-# Builds the cached rootfs tarball when it is missing (a few minutes; the
-# download comes from the Debian mirror).
-ensure_rootfs_tarball() {
-    [[ -s $tarball ]] && return 0
-    local mirror rootfs="$E2E_SCRATCH/debootstrap" start=$SECONDS
-    mirror=$(debian_mirror)
-    say "building $tarball: debootstrap --variant=minbase bookworm from $mirror (cached for later runs)"
-    mkdir -p "$cache_dir"
-    quietly debootstrap --variant=minbase bookworm "$rootfs" "$mirror" ||
-        die "debootstrap failed (is $mirror reachable?)"
-    tar "${tar_options[@]}" -C "$rootfs" -cpf "$tarball.tmp.$$" . ||
-        die "could not write $tarball"
-    mv "$tarball.tmp.$$" "$tarball"
-    rm -rf "$rootfs"
-    say "rootfs tarball ready: $(du -h "$tarball" | cut -f1) in $((SECONDS - start)) s"
-}
 
 # extract DIR: the rootfs and the extras into DIR, as a container runtime
 # would. Adding the extras changed DIR's mtime after tar set it, so it is set

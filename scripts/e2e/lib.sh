@@ -53,6 +53,12 @@ E2E_MOUNTS=()
 declare -A E2E_OVERLAY_LAYERS=()
 LCFS_PID=""
 E2E_FAILURES=0
+# Private dockerds we started: name -> pid, name -> work directory.
+declare -A DOCKERD_PIDS=()
+declare -A DOCKERD_DIRS=()
+# The name dockerd knows the lcfs plugin by (its socket in /run/docker/plugins);
+# set by lcfs_plugin_name, empty when the daemon serves no plugin.
+LCFS_PLUGIN=""
 
 say() { echo "$E2E_NAME: $*"; }
 # die MESSAGE: the check failed (or could not run); the trap cleans up.
@@ -103,8 +109,12 @@ keep_artifacts() {
 # --- setup and teardown ----------------------------------------------------
 
 e2e_cleanup() {
-    local status=$? index
+    local status=$? index name
     set +e
+    # dockerds first: their containers run on the lcfs mount.
+    for name in "${!DOCKERD_PIDS[@]}"; do
+        dockerd_stop "$name"
+    done
     if [[ -n $LCFS_PID ]] && kill -0 "$LCFS_PID" 2>/dev/null; then
         kill -TERM "$LCFS_PID" 2>/dev/null
         for _ in $(seq 100); do
@@ -114,6 +124,7 @@ e2e_cleanup() {
         kill -KILL "$LCFS_PID" 2>/dev/null
         wait "$LCFS_PID" 2>/dev/null
     fi
+    [[ -z $LCFS_PLUGIN ]] || rm -f "/run/docker/plugins/$LCFS_PLUGIN.sock"
     for ((index = ${#E2E_MOUNTS[@]} - 1; index >= 0; index--)); do
         if mountpoint -q "${E2E_MOUNTS[$index]}" 2>/dev/null ||
             grep -qF " ${E2E_MOUNTS[$index]} " /proc/self/mounts; then
@@ -202,6 +213,38 @@ e2e_finish() {
     exit 1
 }
 
+# --- test images -------------------------------------------------------------
+
+# A Debian bookworm minbase rootfs, made once with debootstrap and cached
+# between runs (GNU tar, posix format: nanosecond mtimes and xattrs).
+DEBIAN_TARBALL="${LCFS_TEST_CACHE:-/var/cache/lcfs-test}/debian-bookworm-minbase.tar"
+
+# The mirror apt uses (deb822 or one-line sources), Debian's by default.
+debian_mirror() {
+    local uri
+    uri=$(grep -hsE '^\s*(URIs:|deb\s)' /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
+        /etc/apt/sources.list.d/*.sources | grep -v -- '-security' |
+        grep -oE 'https?://[^ ]*/debian/?' | head -n 1 || true)
+    echo "${LCFS_TEST_MIRROR:-${uri:-http://deb.debian.org/debian}}"
+}
+
+# Builds the cached rootfs tarball when it is missing (a few minutes; the
+# download comes from the Debian mirror).
+ensure_rootfs_tarball() {
+    [[ -s $DEBIAN_TARBALL ]] && return 0
+    local mirror rootfs="$E2E_SCRATCH/debootstrap" start=$SECONDS
+    mirror=$(debian_mirror)
+    say "building $DEBIAN_TARBALL: debootstrap --variant=minbase bookworm from $mirror (cached for later runs)"
+    mkdir -p "$(dirname "$DEBIAN_TARBALL")"
+    quietly debootstrap --variant=minbase bookworm "$rootfs" "$mirror" ||
+        die "debootstrap failed (is $mirror reachable?)"
+    tar --numeric-owner --xattrs --xattrs-include='*' --format=posix -C "$rootfs" -cpf "$DEBIAN_TARBALL.tmp.$$" . ||
+        die "could not write $DEBIAN_TARBALL"
+    mv "$DEBIAN_TARBALL.tmp.$$" "$DEBIAN_TARBALL"
+    rm -rf "$rootfs"
+    say "rootfs tarball ready: $(du -h "$DEBIAN_TARBALL" | cut -f1) in $((SECONDS - start)) s"
+}
+
 # --- lcfs --------------------------------------------------------------------
 
 # lcfs_build: sets LCFS_BIN, building target/release/lcfs unless LCFS_BIN is
@@ -236,8 +279,10 @@ lcfs_mkfs() {
 lcfs_start() {
     [[ -z $LCFS_PID ]] || die "internal: lcfs_start with a daemon already running ($LCFS_PID)"
     echo "--- lcfs daemon start $(date -Is)" >>"$LCFS_LOG"
+    local plugin=()
+    [[ -z $LCFS_PLUGIN ]] || plugin=(--docker-plugin-socket "/run/docker/plugins/$LCFS_PLUGIN.sock")
     RUST_LOG=${RUST_LOG:-info} "$LCFS_BIN" daemon --device "$LCFS_DEVICE" \
-        --mount "$LCFS_MOUNT" --control-socket "$LCFS_SOCKET" >>"$LCFS_LOG" 2>&1 &
+        --mount "$LCFS_MOUNT" --control-socket "$LCFS_SOCKET" "${plugin[@]}" >>"$LCFS_LOG" 2>&1 &
     LCFS_PID=$!
     # Recorded at once: from here the trap owns the mount, even half made.
     [[ " ${E2E_MOUNTS[*]} " == *" $LCFS_MOUNT "* ]] || E2E_MOUNTS+=("$LCFS_MOUNT")
@@ -392,4 +437,97 @@ target_finish() {
         lcfs_stop
         lcfs_check_log
     fi
+}
+
+# --- docker ------------------------------------------------------------------
+
+# lcfs_plugin_name: makes the next lcfs_start also serve the graphdriver
+# plugin, under a name of this run only (dockerd -s "$LCFS_PLUGIN"), so a
+# check never meets another lcfs plugin on the machine.
+lcfs_plugin_name() {
+    LCFS_PLUGIN="lcfs-e2e-$$"
+    mkdir -p /run/docker/plugins
+}
+
+# The Debian docker client, which matches its dockerd (another docker earlier
+# in PATH may be newer and warn about the old API).
+DOCKER_CLIENT=/usr/bin/docker
+[[ -x $DOCKER_CLIENT ]] || DOCKER_CLIENT=docker
+
+# dockerd_start NAME DRIVER [DOCKERD-ARGS...]: starts a private dockerd with
+# storage driver DRIVER, its data root on the scratch ext4 (overlay2 needs a
+# real file system under it) and its own exec root, socket and pidfile;
+# waits until it answers. Sets nothing global but DOCKERD_PIDS/DOCKERD_DIRS:
+# talk to it with `docker_cli NAME ...`.
+dockerd_start() {
+    local name=$1 driver=$2 dir pid
+    shift 2
+    require_commands dockerd containerd runc
+    [[ -z ${DOCKERD_PIDS[$name]:-} ]] || die "internal: dockerd $name is already running"
+    # Short: containerd's sockets live below the exec root (108-byte limit).
+    dir="$E2E_WORK/d-$name"
+    mkdir -p "$dir/exec" "$E2E_SCRATCH/docker-$name"
+    DOCKERD_DIRS[$name]=$dir
+    echo "--- dockerd $name start $(date -Is)" >>"$dir/dockerd.log"
+    dockerd --experimental -s "$driver" \
+        --data-root "$E2E_SCRATCH/docker-$name" --exec-root "$dir/exec" \
+        -H "unix://$dir/docker.sock" -p "$dir/docker.pid" \
+        --iptables=false --ip6tables=false --bridge=none --ip-forward=false \
+        --ip-masq=false --userland-proxy=false "$@" >>"$dir/dockerd.log" 2>&1 &
+    pid=$!
+    DOCKERD_PIDS[$name]=$pid
+    local waited=0
+    until docker_cli "$name" version >/dev/null 2>&1; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            unset "DOCKERD_PIDS[$name]"
+            tail -n 30 "$dir/dockerd.log" | sed 's/^/    /' >&2
+            die "dockerd $name ($driver) exited before answering"
+        fi
+        waited=$((waited + 1))
+        if [[ $waited -gt 600 ]]; then
+            tail -n 30 "$dir/dockerd.log" | sed 's/^/    /' >&2
+            die "dockerd $name ($driver) did not answer within 60 s"
+        fi
+        sleep 0.1
+    done
+}
+
+# docker_cli NAME ARGS...: the docker client against dockerd NAME.
+docker_cli() {
+    local name=$1
+    shift
+    "$DOCKER_CLIENT" -H "unix://$E2E_WORK/d-$name/docker.sock" "$@"
+}
+
+# dockerd_stop NAME: removes its containers, stops it (SIGTERM, SIGKILL
+# after 60 s) and unmounts what it left below its directories.
+dockerd_stop() {
+    local name=$1 pid dir waited=0
+    pid=${DOCKERD_PIDS[$name]:-}
+    dir=${DOCKERD_DIRS[$name]:-}
+    [[ -n $pid ]] || return 0
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null
+        while kill -0 "$pid" 2>/dev/null && [[ $waited -lt 600 ]]; do
+            waited=$((waited + 1))
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null
+    fi
+    wait "$pid" 2>/dev/null
+    unset "DOCKERD_PIDS[$name]"
+    local mount
+    for mount in $(awk -v a="$dir/" -v b="$E2E_SCRATCH/docker-$name/" \
+        'index($2, a) == 1 || index($2, b) == 1 { print $2 }' /proc/self/mounts | sort -r); do
+        umount -l "$mount" 2>/dev/null
+    done
+    return 0
+}
+
+# dockerd_log_tail NAME
+dockerd_log_tail() {
+    local log="$E2E_WORK/d-$1/dockerd.log"
+    [[ -f $log ]] || return 0
+    echo "$E2E_NAME: last lines of dockerd $1's log:" >&2
+    tail -n 30 "$log" | sed 's/^/    /' >&2
 }
