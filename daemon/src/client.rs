@@ -301,6 +301,10 @@ pub fn stats(socket: &Path, as_json: bool) -> Result<()> {
         "cleaner:      {} segments cleaned, {} blocks relocated",
         s.engine.segments_cleaned, s.engine.blocks_relocated
     );
+    println!(
+        "promotion:    {} taken from container layers at commits instead of written",
+        human_bytes(s.engine.promoted_bytes)
+    );
     Ok(())
 }
 

@@ -213,8 +213,16 @@ fn main() {
     } else {
         "warn"
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
-        .init();
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level));
+    // fuser logs at error level when the kernel has already given up on a
+    // request (the caller was interrupted: a killed process, a container
+    // stopping) and the reply finds nobody, which is routine. Silenced
+    // unless RUST_LOG says something about fuser itself.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("fuser")) {
+        logger.filter_module("fuser::reply", log::LevelFilter::Off);
+    }
+    logger.init();
     if let Err(e) = run(cli) {
         eprintln!("lcfs: {e}");
         std::process::exit(1);

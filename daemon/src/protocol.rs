@@ -116,6 +116,10 @@ pub struct EngineCounters {
     pub checkpoints: u64,
     pub segments_cleaned: u64,
     pub blocks_relocated: u64,
+    /// File bytes image layers took from container layers at a commit
+    /// instead of having them written again.
+    #[serde(default)]
+    pub promoted_bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -160,6 +164,7 @@ impl Stats {
                 checkpoints: s.engine.checkpoints,
                 segments_cleaned: s.engine.segments_cleaned,
                 blocks_relocated: s.engine.blocks_relocated,
+                promoted_bytes: s.engine.promoted_bytes,
             },
             coalescing_ratio: s.coalescing_ratio(),
             node_cache: NodeCache {

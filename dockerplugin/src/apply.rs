@@ -38,7 +38,18 @@ struct Meta {
 /// Unpacks `stream` into `layer`. Returns the bytes of file content the tar
 /// carried (Docker's ApplyDiff size). On error the layer holds part of the
 /// tar: the caller discards it.
-pub(crate) fn apply(engine: &Engine, layer: u64, stream: impl Read) -> Result<u64> {
+///
+/// `source`, when given, is a layer whose files may already hold the
+/// content (the container a Docker commit just diffed): a regular file at
+/// the same path with the same size lends its blocks wherever their
+/// checksums match the incoming bytes, so the content is not written again
+/// (see `Engine::share_blocks` and docs/docker.md).
+pub(crate) fn apply(
+    engine: &Engine,
+    layer: u64,
+    source: Option<u64>,
+    stream: impl Read,
+) -> Result<u64> {
     let mut archive = tar::Archive::new(stream);
     let mut entries = archive
         .entries()
@@ -140,14 +151,19 @@ pub(crate) fn apply(engine: &Engine, layer: u64, stream: impl Read) -> Result<u6
                     .map_err(|e| Error::engine(ctx("creating file"), e))?
                     .inode;
                 let expected = entry.size();
-                let written = copy_content(engine, layer, ino, &mut entry, &mut buf).map_err(
-                    |e| match e {
+                let lender = match source {
+                    Some(src) if expected > 0 => tree::lookup_exact(engine, src, &components)?
+                        .filter(|a| a.kind == FileKind::File && a.size == expected)
+                        .map(|a| (src, a.inode)),
+                    _ => None,
+                };
+                let written = copy_content(engine, layer, ino, lender, &mut entry, &mut buf)
+                    .map_err(|e| match e {
                         Error::Io { source, .. } => {
                             bad(index, format!("{}: {source}", ctx("reading content of")))
                         }
                         other => other,
-                    },
-                )?;
+                    })?;
                 if written != expected {
                     return Err(bad(
                         index,
@@ -316,6 +332,7 @@ fn copy_content(
     engine: &Engine,
     layer: u64,
     ino: u64,
+    lender: Option<(u64, u64)>,
     from: &mut impl Read,
     buf: &mut [u8],
 ) -> Result<u64> {
@@ -336,6 +353,15 @@ fn copy_content(
             break;
         }
         let data = &buf[..filled];
+        if let Some((src_layer, src_ino)) = lender {
+            if share(engine, layer, ino, src_layer, src_ino, offset, data) {
+                offset += filled as u64;
+                if filled < buf.len() {
+                    break;
+                }
+                continue;
+            }
+        }
         let mut start = 0;
         while start < data.len() {
             // Skip zero blocks, then write the next run of non-zero ones.
@@ -374,6 +400,47 @@ fn copy_content(
         )
         .map_err(|e| Error::engine("setting file size", e))?;
     Ok(offset)
+}
+
+/// Tries to take `data` (file bytes at `offset`, block aligned) from the
+/// lender's blocks. False when they differ or the lender is gone: the
+/// caller writes the bytes.
+fn share(
+    engine: &Engine,
+    layer: u64,
+    ino: u64,
+    src_layer: u64,
+    src_ino: u64,
+    offset: u64,
+    data: &[u8],
+) -> bool {
+    let checksums: Vec<u64> = data
+        .chunks(BLOCK_BYTES)
+        .map(|block| {
+            if block.len() == BLOCK_BYTES {
+                lcfs_engine::block_checksum(block)
+            } else {
+                let mut padded = [0u8; BLOCK_BYTES];
+                padded[..block.len()].copy_from_slice(block);
+                lcfs_engine::block_checksum(&padded)
+            }
+        })
+        .collect();
+    match engine.share_blocks(
+        layer,
+        ino,
+        src_layer,
+        src_ino,
+        offset,
+        data.len() as u64,
+        &checksums,
+    ) {
+        Ok(shared) => shared,
+        Err(e) => {
+            log::debug!("promotion from layer {src_layer} inode {src_ino} failed, writing: {e}");
+            false
+        }
+    }
 }
 
 fn set_xattrs(engine: &Engine, layer: u64, ino: u64, meta: &Meta, path: &[u8]) -> Result<()> {

@@ -17,7 +17,7 @@ use crate::export::{self, kind_code, layer_error};
 use lcfs_engine::Engine;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -34,7 +34,13 @@ pub struct Driver {
     invalidate: Invalidate,
     references: Mutex<HashMap<String, u32>>,
     busy: Mutex<HashSet<String>>,
+    /// The layers Diff was last asked for, newest first: the candidates to
+    /// lend their blocks to the ApplyDiff of a commit (docs/docker.md).
+    recent_diffs: Mutex<VecDeque<String>>,
 }
+
+/// How many recently diffed layers ApplyDiff considers as lenders.
+const RECENT_DIFFS: usize = 8;
 
 #[derive(Deserialize, Default)]
 #[serde(default)]
@@ -124,6 +130,7 @@ impl Driver {
             invalidate,
             references: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashSet::new()),
+            recent_diffs: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -346,6 +353,11 @@ impl Driver {
         let r: IdRequest = parse("GraphDriver.Diff", body)?;
         check_id(&r.id)?;
         let changes = export::changes(&self.engine, &r.id, &r.parent)?;
+        let mut recent = self.recent_diffs.lock().unwrap_or_else(|p| p.into_inner());
+        recent.retain(|id| *id != r.id);
+        recent.push_front(r.id.clone());
+        recent.truncate(RECENT_DIFFS);
+        drop(recent);
         Ok(DiffPlan { id: r.id, changes })
     }
 
@@ -385,9 +397,18 @@ impl Driver {
                 info.parent.unwrap_or_default()
             )));
         }
+        let lender = self.lender(parent);
         let mut stream = stream;
-        let result = crate::apply::apply(&self.engine, info.id, &mut stream)
-            .and_then(|size| drain_trailing(&mut stream).map(|_| size));
+        let result = crate::apply::apply(&self.engine, info.id, lender, &mut stream)
+            .and_then(|size| drain_trailing(&mut stream).map(|_| size))
+            // Docker records the layer as soon as we answer: it must
+            // survive a crash from then on (one group-committed checkpoint).
+            .and_then(|size| {
+                self.engine
+                    .sync()
+                    .map_err(|e| Error::engine(format!("syncing layer {id:?}"), e))
+                    .map(|_| size)
+            });
         if result.is_err() {
             self.lock_references().remove(id);
             if let Err(e) = self.engine.remove_layer(id) {
@@ -396,6 +417,39 @@ impl Driver {
         }
         (self.invalidate)(id);
         result
+    }
+}
+
+impl Driver {
+    /// The layer that may lend its blocks to an ApplyDiff onto `parent`:
+    /// the most recently diffed layer descending from `parent` (a commit
+    /// diffs container C, whose chain is C, C-init, image top, then applies
+    /// that tar onto a new layer whose parent is the image top). Content is
+    /// still checked block by block; this only picks where to look.
+    fn lender(&self, parent: &str) -> Option<u64> {
+        if parent.is_empty() {
+            return None;
+        }
+        let recent: Vec<String> = self
+            .recent_diffs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        recent.into_iter().find_map(|candidate| {
+            let info = self.engine.layer_info(&candidate).ok()?;
+            let mut at = info.parent.clone();
+            // Docker's chains are container -> init -> image: a few hops.
+            for _ in 0..16 {
+                let name = at?;
+                if name == parent {
+                    return Some(info.id);
+                }
+                at = self.engine.layer_info(&name).ok()?.parent;
+            }
+            None
+        })
     }
 }
 

@@ -130,7 +130,7 @@ impl Store {
                             lbn,
                             MapValue {
                                 physical_block: new,
-                                checksum: m.checksum,
+                                ..m
                             },
                         )?;
                         self.counters.blocks_relocated += 1;

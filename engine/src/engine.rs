@@ -464,6 +464,35 @@ impl Engine {
         self.change(|s| s.write(layer, ino, offset, data))
     }
 
+    /// Promotion: makes bytes `offset..offset + len` of file `ino` in `layer`
+    /// (a range of holes, `offset` block aligned) the same blocks as in file
+    /// `src_ino` of `src_layer`, without copying data, if `checksums` (one
+    /// [`crate::block_checksum`] per block of the range, the last one over the
+    /// zero-padded tail) match what the source holds. Returns false,
+    /// changing nothing, when any block differs; the caller writes instead.
+    /// Grows the file to `offset + len`. See docs/docker.md.
+    #[allow(clippy::too_many_arguments)]
+    pub fn share_blocks(
+        &self,
+        layer: u64,
+        ino: u64,
+        src_layer: u64,
+        src_ino: u64,
+        offset: u64,
+        len: u64,
+        checksums: &[u64],
+    ) -> Result<bool> {
+        let bs = crate::device::BLOCK_SIZE as u64;
+        if offset % bs != 0 || len == 0 || checksums.len() as u64 != len.div_ceil(bs) {
+            return Err(Error::Invalid(
+                "share_blocks: offset must be block aligned and one checksum given per block"
+                    .into(),
+            ));
+        }
+        let end = offset.checked_add(len).ok_or(Error::FileTooLarge)?;
+        self.change(|s| s.share_blocks(layer, ino, src_layer, src_ino, offset / bs, checksums, end))
+    }
+
     /// fallocate(2): mode 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE.
     pub fn fallocate(&self, layer: u64, ino: u64, mode: u32, offset: u64, len: u64) -> Result<()> {
         self.change(|s| s.fallocate(layer, ino, mode, offset, len))

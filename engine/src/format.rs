@@ -681,48 +681,79 @@ impl SegtableBlock {
 
 // ---------------------------------------------------------------- values
 
-/// A map entry: where a logical block lives and what it must hash to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A map entry: where a logical block lives and what it must hash to, and
+/// how many owners beyond the first share it (blocks promoted from one
+/// layer into another, see [`ExtentValue::shared`]). Encoded in 16 bytes,
+/// or 20 when `extra_owners` is not zero.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MapValue {
     pub physical_block: u64,
     pub checksum: u64,
+    pub extra_owners: u32,
 }
 
 impl MapValue {
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(16);
+        let mut v = Vec::with_capacity(20);
         v.extend_from_slice(&self.physical_block.to_le_bytes());
         v.extend_from_slice(&self.checksum.to_le_bytes());
+        if self.extra_owners != 0 {
+            v.extend_from_slice(&self.extra_owners.to_le_bytes());
+        }
         v
     }
     pub fn decode(b: &[u8]) -> Result<MapValue> {
         let mut r = Reader::new(b);
+        let physical_block = r.u64()?;
+        let checksum = r.u64()?;
+        let extra_owners = if r.rest() > 0 { r.u32()? } else { 0 };
+        if r.rest() != 0 {
+            return Err(Error::corrupt(0, "map value too long"));
+        }
         Ok(MapValue {
-            physical_block: r.u64()?,
-            checksum: r.u64()?,
+            physical_block,
+            checksum,
+            extra_owners,
         })
     }
 }
 
-/// A file block pointer: the logical block and the layer that wrote it.
+/// The top bit of an encoded extent's birth layer: [`ExtentValue::shared`].
+const EXTENT_SHARED: u64 = 1 << 63;
+
+/// A file block pointer: the logical block and the layer that owns it.
+///
+/// Ownership: the birth layer frees the block when it drops the extent (or
+/// is removed) and may overwrite it in place; its descendants inherit the
+/// extent and copy on write. A block promoted into another branch (a
+/// container's data becoming an image layer's, see `Store::share_blocks`)
+/// has several owners, counted in its [`MapValue::extra_owners`]; their
+/// extents are marked `shared`, so every owner copies on write and the
+/// last one to drop it frees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExtentValue {
     pub lbn: u64,
     pub birth_layer: u64,
+    pub shared: bool,
 }
 
 impl ExtentValue {
     pub fn encode(&self) -> Vec<u8> {
+        assert!(self.birth_layer & EXTENT_SHARED == 0, "layer id too large");
         let mut v = Vec::with_capacity(16);
         v.extend_from_slice(&self.lbn.to_le_bytes());
-        v.extend_from_slice(&self.birth_layer.to_le_bytes());
+        let birth = self.birth_layer | if self.shared { EXTENT_SHARED } else { 0 };
+        v.extend_from_slice(&birth.to_le_bytes());
         v
     }
     pub fn decode(b: &[u8]) -> Result<ExtentValue> {
         let mut r = Reader::new(b);
+        let lbn = r.u64()?;
+        let birth = r.u64()?;
         Ok(ExtentValue {
-            lbn: r.u64()?,
-            birth_layer: r.u64()?,
+            lbn,
+            birth_layer: birth & !EXTENT_SHARED,
+            shared: birth & EXTENT_SHARED != 0,
         })
     }
 }

@@ -240,7 +240,7 @@ fn decode_dirent(v: &[u8]) -> Result<(u64, FileKind)> {
 impl Store {
     // ------------------------------------------------------------ layer helpers
 
-    fn layer(&self, layer: u64) -> Result<&LayerRecord> {
+    pub(crate) fn layer(&self, layer: u64) -> Result<&LayerRecord> {
         self.layers.get(&layer).ok_or(Error::NotFound)
     }
 
@@ -251,7 +251,7 @@ impl Store {
             .ok_or(Error::NotFound)
     }
 
-    fn writable_layer(&self, layer: u64) -> Result<()> {
+    pub(crate) fn writable_layer(&self, layer: u64) -> Result<()> {
         self.check_writable()?;
         if self.layer(layer)?.frozen {
             return Err(Error::ReadOnly);
@@ -271,7 +271,7 @@ impl Store {
         self.get(Tree::Layer(layer), root, &key)
     }
 
-    fn set_root(&mut self, layer: u64, root: u64) {
+    pub(crate) fn set_root(&mut self, layer: u64, root: u64) {
         let l = self.layers.get_mut(&layer).expect("layer exists");
         if l.root != root {
             l.root = root;
@@ -311,7 +311,7 @@ impl Store {
         }
     }
 
-    fn put_inode(&mut self, layer: u64, ino: u64, i: &InodeValue) -> Result<()> {
+    pub(crate) fn put_inode(&mut self, layer: u64, ino: u64, i: &InodeValue) -> Result<()> {
         self.lput(layer, Key::new(ino, KIND_INODE, 0), i.encode())?;
         Ok(())
     }
@@ -394,7 +394,7 @@ impl Store {
         Ok(empty)
     }
 
-    fn bump(&mut self) {
+    pub(crate) fn bump(&mut self) {
         self.generation += 1;
     }
 
@@ -1338,7 +1338,7 @@ impl Store {
             let csum = data_checksum(block_data);
             let lbn = match old {
                 // Our own block keeps its logical number and moves in the map.
-                Some(e) if e.birth_layer == layer => e.lbn,
+                Some(e) if e.birth_layer == layer && !e.shared => e.lbn,
                 _ => {
                     let lbn = self.alloc_lbn();
                     extent_items.push((
@@ -1346,10 +1346,16 @@ impl Store {
                         ExtentValue {
                             lbn,
                             birth_layer: layer,
+                            shared: false,
                         }
                         .encode(),
                     ));
-                    self.charge_layer(layer, 1);
+                    match old {
+                        // A block we own with other layers: copy on write,
+                        // and drop our hold on the old one.
+                        Some(e) if e.birth_layer == layer => self.free_lbn(e.lbn)?,
+                        _ => self.charge_layer(layer, 1),
+                    }
                     if old.is_none() {
                         added_blocks += 1;
                     }
@@ -1362,6 +1368,7 @@ impl Store {
                 MapValue {
                     physical_block: phys,
                     checksum: csum,
+                    extra_owners: 0,
                 },
             ));
             pos += n;

@@ -66,6 +66,9 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
     let mut mapped = Bitmap::new(s.next_lbn);
     let mut live = vec![0u32; s.geo.segment_count as usize];
     let mut map: Vec<(u64, MapValue)> = Vec::new();
+    // Blocks with several owners (promotion): logical block -> (extra owners
+    // the map records, owning extents found in the trees).
+    let mut shared_owners: HashMap<u64, (u32, u32)> = HashMap::new();
 
     // 1. The address map.
     if s.map_root != 0 {
@@ -93,6 +96,9 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
             ));
         }
         mapped.set(*lbn);
+        if v.extra_owners > 0 {
+            shared_owners.insert(*lbn, (v.extra_owners, 0));
+        }
         match s.geo.segment_of(v.physical_block) {
             Some(seg) => live[seg as usize] += 1,
             None => r.error(format!("logical block {lbn} maps outside the data area")),
@@ -196,6 +202,9 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
                                 // copies in descendants' leaves are references.
                                 if e.birth_layer == n.owner {
                                     *owned_count.entry(e.birth_layer).or_default() += 1;
+                                    if let Some((_, owners)) = shared_owners.get_mut(&e.lbn) {
+                                        *owners += 1;
+                                    }
                                 }
                             }
                             Err(e) => r.error(format!("bad extent {k:?}: {e}")),
@@ -209,6 +218,16 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
                     stack.push((c.address, Some(n.level - 1), clo, chi));
                 }
             }
+        }
+    }
+    let mut shared: Vec<_> = shared_owners.into_iter().collect();
+    shared.sort_unstable();
+    for (lbn, (extra, owners)) in shared {
+        if owners != extra + 1 {
+            r.error(format!(
+                "logical block {lbn} has {owners} owning extents, its map entry counts {}",
+                extra + 1
+            ));
         }
     }
     for lbn in 1..s.next_lbn {

@@ -15,12 +15,15 @@ mod error;
 pub mod format;
 mod fs;
 mod fsck;
+mod promote;
 mod store;
 mod writer;
 
 pub use diff::{Change, ChangeKind};
 pub use engine::{Engine, FormatOptions, Stats};
 pub use error::{Error, Result};
+/// The checksum the engine keeps for every 4 KiB data block (xxh3-64).
+pub use format::data_checksum as block_checksum;
 pub use format::Timestamp;
 pub use fs::{
     Attr, DirEntry, FileKind, LayerInfo, SetAttr, StatFs, TimeSet, FALLOC_FL_KEEP_SIZE,

@@ -143,6 +143,9 @@ pub struct Counters {
     pub checkpoints: u64,
     pub segments_cleaned: u64,
     pub blocks_relocated: u64,
+    /// File bytes a layer took from another layer's blocks instead of
+    /// having them written (commit promotion).
+    pub promoted_bytes: u64,
 }
 
 /// Tunables.
@@ -1266,24 +1269,39 @@ impl Store {
         }
     }
 
-    /// Points `lbn` at a new physical block; the old block stops being live.
+    /// Points `lbn` at a new physical block (the old block stops being
+    /// live), or, with the same physical block, records a new owner count.
     pub fn map_set(&mut self, lbn: u64, v: MapValue) -> Result<()> {
         let mut root = self.map_root;
         let old = self.insert(Tree::Map, &mut root, Key::new(lbn, KIND_MAP, 0), v.encode());
         self.map_root = root;
         if let Some(old) = old? {
-            self.release_block(MapValue::decode(&old)?.physical_block);
+            let old = MapValue::decode(&old)?.physical_block;
+            if old != v.physical_block {
+                self.release_block(old);
+            }
         }
         Ok(())
     }
 
-    /// Forgets a logical block (its physical block stops being live).
+    /// Drops one owner's hold on `lbn`: frees it when that was the last
+    /// owner, otherwise counts one owner less.
     pub fn free_lbn(&mut self, lbn: u64) -> Result<()> {
         let mut root = self.map_root;
         let old = self.remove(Tree::Map, &mut root, &Key::new(lbn, KIND_MAP, 0));
         self.map_root = root;
         if let Some(old) = old? {
-            self.release_block(MapValue::decode(&old)?.physical_block);
+            let old = MapValue::decode(&old)?;
+            if old.extra_owners > 0 {
+                return self.map_set(
+                    lbn,
+                    MapValue {
+                        extra_owners: old.extra_owners - 1,
+                        ..old
+                    },
+                );
+            }
+            self.release_block(old.physical_block);
         }
         Ok(())
     }
@@ -1453,6 +1471,7 @@ impl Store {
                 MapValue {
                     physical_block: phys,
                     checksum: csum,
+                    extra_owners: 0,
                 },
             )?;
             self.nodes.mark_clean(id);

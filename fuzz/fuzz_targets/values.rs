@@ -24,14 +24,16 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn pair_value(data: &[u8]) {
+    // 16 bytes, or 20 with a count of extra owners (zero is not canonical).
     match MapValue::decode(data) {
         Ok(v) => {
-            assert!(data.len() >= 16);
+            assert!(data.len() == 16 || data.len() == 20);
             let enc = v.encode();
-            assert_eq!(enc, &data[..16]);
+            assert_eq!(enc.len(), if v.extra_owners == 0 { 16 } else { 20 });
+            assert_eq!(enc, &data[..enc.len()]);
             assert_eq!(MapValue::decode(&enc).unwrap(), v);
         }
-        Err(_) => assert!(data.len() < 16),
+        Err(_) => assert!(data.len() != 16 && data.len() != 20),
     }
     match ExtentValue::decode(data) {
         Ok(v) => {

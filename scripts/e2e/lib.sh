@@ -507,19 +507,19 @@ dockerd_stop() {
     dir=${DOCKERD_DIRS[$name]:-}
     [[ -n $pid ]] || return 0
     if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null
+        kill -TERM "$pid" 2>/dev/null || true
         while kill -0 "$pid" 2>/dev/null && [[ $waited -lt 600 ]]; do
             waited=$((waited + 1))
             sleep 0.1
         done
-        kill -KILL "$pid" 2>/dev/null
+        kill -KILL "$pid" 2>/dev/null || true
     fi
-    wait "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null || true
     unset "DOCKERD_PIDS[$name]"
     local mount
     for mount in $(awk -v a="$dir/" -v b="$E2E_SCRATCH/docker-$name/" \
         'index($2, a) == 1 || index($2, b) == 1 { print $2 }' /proc/self/mounts | sort -r); do
-        umount -l "$mount" 2>/dev/null
+        umount -l "$mount" 2>/dev/null || true
     done
     return 0
 }

@@ -1,0 +1,297 @@
+//! Promotion (the Docker commit path): a layer on another branch takes a
+//! container layer's file blocks without copying them, only when every
+//! block's checksum matches; afterwards each side copies on write, removing
+//! either side first leaves the other intact, the last owner frees the
+//! blocks (no leak, no double free: fsck clean at every step), blocks born
+//! in a common ancestor are simply inherited, and all of it survives a
+//! reopen.
+
+use lcfs_engine::device::{Device, MemDevice};
+use lcfs_engine::*;
+use rand::{RngCore, SeedableRng};
+use std::sync::Arc;
+
+const BLOCK: usize = 4096;
+
+fn quiet() -> Config {
+    Config {
+        flush_interval_ms: 0,
+        checkpoint_interval_ms: 0,
+        ..Config::default()
+    }
+}
+
+fn fresh() -> (Arc<dyn Device>, Arc<Engine>) {
+    let dev: Arc<dyn Device> = Arc::new(MemDevice::new(128 << 20));
+    Engine::format(
+        dev.clone(),
+        &FormatOptions {
+            segment_size_bytes: 256 << 10,
+            force: false,
+        },
+    )
+    .unwrap();
+    let e = Engine::open(dev.clone(), quiet()).unwrap();
+    (dev, e)
+}
+
+fn checksums(data: &[u8]) -> Vec<u64> {
+    data.chunks(BLOCK)
+        .map(|c| {
+            let mut block = [0u8; BLOCK];
+            block[..c.len()].copy_from_slice(c);
+            block_checksum(&block)
+        })
+        .collect()
+}
+
+fn read_all(e: &Engine, layer: u64, ino: u64) -> Vec<u8> {
+    let size = e.getattr(layer, ino).unwrap().size;
+    e.read(layer, ino, 0, size as usize).unwrap()
+}
+
+fn fsck_clean(e: &Engine, when: &str) {
+    let report = e.fsck(true).unwrap();
+    assert!(report.errors.is_empty(), "fsck {when}: {:?}", report.errors);
+}
+
+fn random(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut v = vec![0u8; len];
+    rng.fill_bytes(&mut v);
+    v
+}
+
+/// image <- init <- container, and a new image layer beside init: what a
+/// Docker commit sees. Returns (image, container, file in container, data).
+fn container_with_file(e: &Engine, len: usize) -> (u64, u64, u64, Vec<u8>) {
+    let image = e.create_layer("image", true).unwrap();
+    e.mkdir(image, ROOT_INODE, b"etc", 0o755, 0, 0).unwrap();
+    e.clone_layer("image", "init").unwrap();
+    let container = e.clone_layer_with("init", "container", false).unwrap();
+    let ino = e
+        .create(container, ROOT_INODE, b"big", 0o644, 0, 0)
+        .unwrap()
+        .inode;
+    // Data with a hole in the middle (a sparse container file).
+    let mut data = random(7, len);
+    data[BLOCK * 3..BLOCK * 5].fill(0);
+    e.write(container, ino, 0, &data[..BLOCK * 3]).unwrap();
+    e.write(container, ino, (BLOCK * 5) as u64, &data[BLOCK * 5..])
+        .unwrap();
+    (image, container, ino, data)
+}
+
+fn promote(e: &Engine, container: u64, src: u64, data: &[u8]) -> (u64, u64) {
+    let committed = e.clone_layer_with("image", "committed", true).unwrap();
+    let ino = e
+        .create(committed, ROOT_INODE, b"big", 0o644, 0, 0)
+        .unwrap()
+        .inode;
+    let shared = e
+        .share_blocks(
+            committed,
+            ino,
+            container,
+            src,
+            0,
+            data.len() as u64,
+            &checksums(data),
+        )
+        .unwrap();
+    assert!(shared, "identical content must be shared");
+    (committed, ino)
+}
+
+#[test]
+fn promoted_blocks_are_shared_then_copied_on_write() {
+    let (_dev, e) = fresh();
+    let len = 64 * BLOCK + 100;
+    let (_, container, src, data) = container_with_file(&e, len);
+    let written_before = e.stats().engine.user_write_bytes;
+    let (committed, ino) = promote(&e, container, src, &data);
+    assert_eq!(e.stats().engine.user_write_bytes, written_before);
+    assert!(
+        e.stats().engine.promoted_bytes
+            >= (len as u64 / BLOCK as u64) * BLOCK as u64 - 2 * BLOCK as u64
+    );
+    assert_eq!(read_all(&e, committed, ino), data);
+    assert_eq!(e.getattr(committed, ino).unwrap().size, len as u64);
+    fsck_clean(&e, "after promotion");
+
+    // The container writes on (a running container after docker commit):
+    // the image layer keeps what it was given.
+    e.write(container, src, 0, &[0xAB; 10]).unwrap();
+    e.write(container, src, (BLOCK * 10) as u64, &[0xCD; BLOCK])
+        .unwrap();
+    assert_eq!(read_all(&e, committed, ino), data);
+    let now = read_all(&e, container, src);
+    assert_eq!(&now[..10], &[0xAB; 10]);
+    assert_eq!(&now[BLOCK * 10..BLOCK * 11], &[0xCD; BLOCK]);
+    fsck_clean(&e, "after the container wrote");
+
+    // And the image layer's children see it; writes there copy on write.
+    let child = e.clone_layer_with("committed", "child", false).unwrap();
+    e.write(child, ino, 5, b"child").unwrap();
+    assert_eq!(read_all(&e, committed, ino), data);
+    e.remove_layer("child").unwrap();
+    fsck_clean(&e, "after the child came and went");
+}
+
+#[test]
+fn mismatched_content_is_not_shared() {
+    let (_dev, e) = fresh();
+    let (_, container, src, data) = container_with_file(&e, 16 * BLOCK);
+    let committed = e.clone_layer_with("image", "committed", true).unwrap();
+    let ino = e
+        .create(committed, ROOT_INODE, b"big", 0o644, 0, 0)
+        .unwrap()
+        .inode;
+    let mut other = data.clone();
+    other[BLOCK * 9 + 17] ^= 1;
+    let shared = e
+        .share_blocks(
+            committed,
+            ino,
+            container,
+            src,
+            0,
+            other.len() as u64,
+            &checksums(&other),
+        )
+        .unwrap();
+    assert!(!shared);
+    assert_eq!(e.getattr(committed, ino).unwrap().size, 0);
+    assert_eq!(e.stats().engine.promoted_bytes, 0);
+    // A range that is not holes in the destination is refused too.
+    e.write(committed, ino, 0, b"x").unwrap();
+    let shared = e
+        .share_blocks(
+            committed,
+            ino,
+            container,
+            src,
+            0,
+            data.len() as u64,
+            &checksums(&data),
+        )
+        .unwrap();
+    assert!(!shared);
+    // Bad arguments are errors, not panics.
+    assert!(e
+        .share_blocks(committed, ino, container, src, 100, 10, &[0])
+        .is_err());
+    assert!(e
+        .share_blocks(committed, ino, container, src, 0, 10, &[0, 0])
+        .is_err());
+    fsck_clean(&e, "after refused promotions");
+}
+
+#[test]
+fn either_owner_can_go_first_and_the_last_frees() {
+    for container_first in [true, false] {
+        let (dev, e) = fresh();
+        let base_live = {
+            e.create_layer("empty", true).unwrap();
+            e.sync().unwrap();
+            e.stats().live_bytes
+        };
+        let (_, container, src, data) = container_with_file(&e, 256 * BLOCK);
+        let (committed, ino) = promote(&e, container, src, &data);
+        e.write(container, src, 0, &[1; BLOCK]).unwrap();
+        if container_first {
+            e.remove_layer("container").unwrap();
+            e.remove_layer("init").unwrap();
+            fsck_clean(&e, "after removing the container");
+            assert_eq!(read_all(&e, committed, ino), data);
+            // The image layer now owns the blocks alone: it may write in
+            // place or copy, either way its reads stay right.
+            e.write(committed, ino, 0, b"mine").unwrap();
+            assert_eq!(&read_all(&e, committed, ino)[..4], b"mine");
+            e.remove_layer("committed").unwrap();
+        } else {
+            e.remove_layer("committed").unwrap();
+            fsck_clean(&e, "after removing the committed layer");
+            let now = read_all(&e, container, src);
+            assert_eq!(&now[..BLOCK], &[1; BLOCK]);
+            assert_eq!(&now[BLOCK..], &data[BLOCK..]);
+            e.remove_layer("container").unwrap();
+            e.remove_layer("init").unwrap();
+        }
+        e.remove_layer("image").unwrap();
+        fsck_clean(&e, "after removing everything");
+        e.sync().unwrap();
+        let live = e.stats().live_bytes;
+        // Everything but the empty layer's few nodes is free again.
+        assert!(
+            live <= base_live + 64 * 1024,
+            "container_first={container_first}: {live} live bytes, {base_live} at the start"
+        );
+        e.close().unwrap();
+        let e = Engine::open(dev, quiet()).unwrap();
+        fsck_clean(&e, "after reopening");
+    }
+}
+
+#[test]
+fn blocks_of_a_common_ancestor_are_inherited() {
+    let (_dev, e) = fresh();
+    let image = e.create_layer("image", true).unwrap();
+    let ino = e
+        .create(image, ROOT_INODE, b"lib", 0o644, 0, 0)
+        .unwrap()
+        .inode;
+    let data = random(3, 32 * BLOCK);
+    e.write(image, ino, 0, &data).unwrap();
+    e.clone_layer("image", "init").unwrap();
+    let container = e.clone_layer_with("init", "container", false).unwrap();
+    // chmod only: Docker's tar carries the whole file again.
+    e.setattr(
+        container,
+        ino,
+        &SetAttr {
+            mode: Some(0o600),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
+    let committed = e.clone_layer_with("image", "committed", true).unwrap();
+    let copy = e
+        .create(committed, ROOT_INODE, b"lib2", 0o600, 0, 0)
+        .unwrap()
+        .inode;
+    assert!(e
+        .share_blocks(
+            committed,
+            copy,
+            container,
+            ino,
+            0,
+            data.len() as u64,
+            &checksums(&data)
+        )
+        .unwrap());
+    assert_eq!(read_all(&e, committed, copy), data);
+    e.remove_layer("container").unwrap();
+    e.remove_layer("init").unwrap();
+    fsck_clean(&e, "inherited blocks");
+    assert_eq!(read_all(&e, committed, copy), data);
+}
+
+#[test]
+fn promotion_survives_a_reopen() {
+    let (dev, e) = fresh();
+    let (_, container, src, data) = container_with_file(&e, 40 * BLOCK);
+    let (committed, ino) = promote(&e, container, src, &data);
+    e.sync().unwrap();
+    e.crash();
+    let e = Engine::open(dev, quiet()).unwrap();
+    fsck_clean(&e, "after a crash and reopen");
+    assert_eq!(read_all(&e, committed, ino), data);
+    e.write(container, src, 0, &[9; 100]).unwrap();
+    assert_eq!(read_all(&e, committed, ino), data);
+    e.remove_layer("container").unwrap();
+    e.remove_layer("init").unwrap();
+    assert_eq!(read_all(&e, committed, ino), data);
+    fsck_clean(&e, "after the container went");
+}
