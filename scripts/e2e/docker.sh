@@ -159,6 +159,7 @@ d cp "$E2E_WORK/in.txt" kept:/kept
 dockerd_stop lcfs
 dockerd_start lcfs "$LCFS_PLUGIN"
 expect "after a dockerd restart: stopped container" "copied in" "$(d start -a kept)"
+expect "after a dockerd restart: docker diff" "A /kept" "$(d diff kept)"
 expect "after a dockerd restart: image" "one|changed" "$(d "${run[@]}" built:e2e cat /work/one | paste -sd '|')"
 d run -d --network none --name running busybox:e2e sleep 1000 >/dev/null
 
