@@ -918,3 +918,121 @@ pub fn run(specs: &[JobSpec], opts: &RunOptions) -> Result<RunResult, String> {
         verify_only: false,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UNIT: u64 = 4096;
+
+    /// A sequential 4 KiB write job over 16 blocks: generations 1-16 fill
+    /// blocks 0-15, generation 17 + i rewrites block i.
+    fn instance(acknowledged_writes: u64) -> Instance {
+        let mut spec = JobSpec::new("t");
+        spec.set("rw", Some("write")).unwrap();
+        spec.set("size", Some("64k")).unwrap();
+        spec.set("verify", Some("xxh3")).unwrap();
+        Instance {
+            spec,
+            index: 0,
+            clone: 0,
+            file: PathBuf::from("t"),
+            region: Region {
+                start_bytes: 0,
+                length_bytes: 16 * UNIT,
+                unit_bytes: UNIT,
+            },
+            acknowledged_writes,
+        }
+    }
+
+    fn put(file: &File, block: u64, generation: u64) {
+        let mut unit = vec![0u8; UNIT as usize];
+        block::encode(
+            &mut unit,
+            &Header {
+                offset: block * UNIT,
+                generation,
+                seed: 5,
+                job: 0,
+                length: UNIT as u32,
+            },
+        );
+        file.write_all_at(&unit, block * UNIT).unwrap();
+    }
+
+    /// The file as the first `writes` writes of the schedule leave it.
+    fn setup(writes: u64) -> (tempfile::TempDir, Handle, Arc<File>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t");
+        let file = Arc::new(
+            FileOpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .unwrap(),
+        );
+        for generation in 1..=writes {
+            put(&file, (generation - 1) % 16, generation);
+        }
+        let handle = Handle::File {
+            file: file.clone(),
+            path,
+        };
+        (dir, handle, file)
+    }
+
+    fn reasons(instance: &Instance, handle: &Handle, after_crash: bool) -> Vec<(u64, String)> {
+        verify_region(instance, handle, 5, after_crash)
+            .unwrap()
+            .bad_blocks
+            .into_iter()
+            .map(|b| (b.offset_bytes / UNIT, b.reason))
+            .collect()
+    }
+
+    #[test]
+    fn exact_pass_accepts_the_last_write_and_flags_a_stale_block() {
+        let (_dir, handle, file) = setup(20);
+        assert_eq!(reasons(&instance(20), &handle, false), vec![]);
+        put(&file, 2, 3);
+        let bad = reasons(&instance(20), &handle, false);
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert_eq!(bad[0].0, 2);
+        assert!(bad[0].1.contains("stale"), "{}", bad[0].1);
+    }
+
+    #[test]
+    fn after_a_crash_later_scheduled_generations_are_accepted() {
+        // 18 writes acknowledged, 20 landed: blocks 2 and 3 are newer.
+        let (_dir, handle, _file) = setup(20);
+        assert_eq!(reasons(&instance(18), &handle, true), vec![]);
+    }
+
+    #[test]
+    fn after_a_crash_lost_and_foreign_generations_are_errors() {
+        let (_dir, handle, file) = setup(18);
+        // Block 1's acknowledged generation 18 lost (back to 2).
+        put(&file, 1, 2);
+        // Block 5 holds generation 19, which the schedule aimed at block 2.
+        put(&file, 5, 19);
+        // Block 9 reads as zeros.
+        file.write_all_at(&[0u8; UNIT as usize], 9 * UNIT).unwrap();
+        let bad = reasons(&instance(18), &handle, true);
+        let blocks: Vec<u64> = bad.iter().map(|b| b.0).collect();
+        assert_eq!(blocks, vec![1, 5, 9], "{bad:?}");
+        assert!(bad[0].1.contains("stale"));
+        assert!(bad[1].1.contains("never wrote"));
+        assert!(bad[2].1.contains("zeros"));
+    }
+
+    #[test]
+    fn nothing_acknowledged_allows_zeros_and_a_short_file() {
+        let (_dir, handle, _file) = setup(0);
+        assert_eq!(reasons(&instance(0), &handle, true), vec![]);
+        let (_dir, handle, _file) = setup(3);
+        assert_eq!(reasons(&instance(0), &handle, true), vec![]);
+    }
+}
