@@ -11,24 +11,94 @@
 
 use super::schedule::{Direction, Op};
 use io_uring::{opcode, types, IoUring};
-use lcfs_engine::device::AlignedBuf;
 use lcfs_engine::Engine;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::ops::{Deref, DerefMut};
 use std::os::unix::fs::FileExt;
+use std::ptr::NonNull;
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
+
+/// An I/O buffer: page-aligned (as O_DIRECT needs), of ordinary 4 KiB pages.
+///
+/// Its own anonymous mapping with transparent huge pages turned off, so it
+/// is memory like fio's malloc'd buffers. Buffers from the allocator (the
+/// binary's mimalloc) sat on huge pages: a 1 MiB direct request then needs
+/// one physical segment instead of 256, passes a loop device's 128-segment
+/// limit unsplit, and measured up to 1.6x fio's bandwidth on the same file.
+pub struct IoBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: IoBuf owns its mapping exclusively, like a Vec<u8>.
+unsafe impl Send for IoBuf {}
+
+impl IoBuf {
+    /// A zeroed buffer of `len` bytes rounded up to whole pages.
+    pub fn new(len: usize) -> Result<IoBuf, String> {
+        let len = len.div_ceil(4096).max(1) * 4096;
+        // SAFETY: a fresh private anonymous mapping; no existing memory is
+        // touched, and the result is checked before use.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(format!(
+                "mapping a {len}-byte I/O buffer: {}",
+                io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: raw is the mapping just made, of len bytes. Failure only
+        // leaves the default huge page policy, so the result is ignored.
+        unsafe { libc::madvise(raw, len, libc::MADV_NOHUGEPAGE) };
+        let ptr = NonNull::new(raw.cast::<u8>()).expect("mmap never returns null on success");
+        Ok(IoBuf { ptr, len })
+    }
+}
+
+impl Deref for IoBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is a live mapping of len bytes (zero-filled by the
+        // kernel, so initialised) for the life of self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for IoBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and &mut self guarantees exclusivity.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for IoBuf {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made in `new` with this length and nothing
+        // borrows it any more (drop has &mut self).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
 
 /// How often a request is resubmitted after EAGAIN/EINTR before it fails.
 const MAX_RETRIES: u32 = 64;
 
 pub struct Completion {
     pub op: Op,
-    pub buf: AlignedBuf,
+    pub buf: IoBuf,
     pub result: Result<(), String>,
     pub latency_ns: u64,
 }
@@ -36,7 +106,7 @@ pub struct Completion {
 pub trait Queue: Send {
     fn capacity(&self) -> usize;
     fn in_flight(&self) -> usize;
-    fn submit(&mut self, op: Op, buf: AlignedBuf) -> Result<(), String>;
+    fn submit(&mut self, op: Op, buf: IoBuf) -> Result<(), String>;
     fn reap(&mut self, min: usize) -> Result<Vec<Completion>, String>;
     fn fsync(&mut self) -> Result<(), String>;
 }
@@ -73,7 +143,7 @@ impl Queue for PsyncQueue {
     fn in_flight(&self) -> usize {
         usize::from(self.done.is_some())
     }
-    fn submit(&mut self, op: Op, mut buf: AlignedBuf) -> Result<(), String> {
+    fn submit(&mut self, op: Op, mut buf: IoBuf) -> Result<(), String> {
         assert!(self.done.is_none(), "psync queue holds one request");
         let start = Instant::now();
         let length = op.length_bytes as usize;
@@ -102,7 +172,7 @@ impl Queue for PsyncQueue {
 
 struct Slot {
     op: Op,
-    buf: AlignedBuf,
+    buf: IoBuf,
     issued: Instant,
     retries: u32,
 }
@@ -121,9 +191,17 @@ pub struct UringQueue {
 impl UringQueue {
     pub fn new(file: Arc<File>, depth: usize) -> Result<UringQueue, String> {
         let entries = depth.next_power_of_two().max(2) as u32;
-        let ring = IoUring::new(entries).map_err(|e| {
-            format!("io_uring setup: {e} (use --ioengine=psync where io_uring is unavailable)")
-        })?;
+        // Cooperative task work and a single issuer, as fio sets them where the
+        // kernel has them: completions are not delivered as interrupts to the
+        // job thread. The job thread creates the ring and alone uses it.
+        let ring = IoUring::builder()
+            .setup_coop_taskrun()
+            .setup_single_issuer()
+            .build(entries)
+            .or_else(|_| IoUring::new(entries))
+            .map_err(|e| {
+                format!("io_uring setup: {e} (use --ioengine=psync where io_uring is unavailable)")
+            })?;
         Ok(UringQueue {
             ring,
             file,
@@ -147,7 +225,7 @@ impl UringQueue {
         }
         .user_data(index as u64);
         // SAFETY: the buffer lives in `self.slots[index]` (its heap memory does
-        // not move with the AlignedBuf value) and the slot is only emptied when
+        // not move with the IoBuf value) and the slot is only emptied when
         // the kernel has posted this entry's completion; `Drop` waits for every
         // request in flight before the buffers or the file are freed.
         let pushed = unsafe { self.ring.submission().push(&entry) };
@@ -173,7 +251,7 @@ impl Queue for UringQueue {
     fn in_flight(&self) -> usize {
         self.in_flight
     }
-    fn submit(&mut self, op: Op, buf: AlignedBuf) -> Result<(), String> {
+    fn submit(&mut self, op: Op, buf: IoBuf) -> Result<(), String> {
         let index = self.free.pop().expect("submit with a free slot");
         self.slots[index] = Some(Slot {
             op,
@@ -182,7 +260,13 @@ impl Queue for UringQueue {
             retries: 0,
         });
         self.in_flight += 1;
-        self.push(index)
+        self.push(index)?;
+        // Each request goes to the kernel at once, as fio's default
+        // iodepth_batch_submit=1 does, not at the next reap.
+        self.ring
+            .submit()
+            .map(|_| ())
+            .map_err(|e| format!("io_uring submit: {e}"))
     }
     fn reap(&mut self, min: usize) -> Result<Vec<Completion>, String> {
         let want = min.min(self.in_flight);
@@ -304,7 +388,7 @@ impl EngineFile {
 
 struct Request {
     op: Op,
-    buf: AlignedBuf,
+    buf: IoBuf,
     issued: Instant,
 }
 
@@ -389,7 +473,7 @@ impl Queue for EngineQueue {
     fn in_flight(&self) -> usize {
         self.in_flight
     }
-    fn submit(&mut self, op: Op, buf: AlignedBuf) -> Result<(), String> {
+    fn submit(&mut self, op: Op, buf: IoBuf) -> Result<(), String> {
         let sender = self.requests.as_ref().expect("queue open");
         sender
             .send(Request {

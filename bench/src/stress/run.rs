@@ -3,12 +3,12 @@
 //! the verify pass.
 
 use super::block::{self, Decoded, Header};
-use super::queue::{EngineFile, EngineQueue, PsyncQueue, Queue, UringQueue};
+use super::queue::{EngineFile, EngineQueue, IoBuf, PsyncQueue, Queue, UringQueue};
 use super::schedule::{Direction, Op, Region, Schedule};
 use super::spec::{IoEngine, JobSpec};
 use super::state::{JobState, StateFile, StateWriter, STATE_FORMAT};
 use hdrhistogram::Histogram;
-use lcfs_engine::device::{open_device, AlignedBuf, Backend, OpenOptions};
+use lcfs_engine::device::{open_device, Backend, OpenOptions};
 use lcfs_engine::{Config, Engine, Error as EngineError, FormatOptions, ROOT_INODE};
 use std::fs::{File, OpenOptions as FileOpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -335,7 +335,7 @@ fn lay_out(instance: &Instance, handle: &Handle) -> Result<(), String> {
     if length >= end {
         return Ok(());
     }
-    let mut buf = AlignedBuf::new(PASS_CHUNK_BYTES as usize);
+    let mut buf = IoBuf::new(PASS_CHUNK_BYTES as usize)?;
     if !instance.spec.verify {
         block::fill_filler(&mut buf, instance.index as u64 + 1);
     }
@@ -479,13 +479,20 @@ fn run_job(
         }
     };
     let mut schedule = Schedule::new(spec, instance.region, seed, instance.index);
-    let mut pool: Vec<AlignedBuf> = (0..queue.capacity())
+    let pool: Result<Vec<IoBuf>, String> = (0..queue.capacity())
         .map(|i| {
-            let mut b = AlignedBuf::new(spec.block_size_max_bytes as usize);
+            let mut b = IoBuf::new(spec.block_size_max_bytes as usize)?;
             block::fill_filler(&mut b, seed ^ (i as u64) << 32 ^ instance.index as u64);
-            b
+            Ok(b)
         })
         .collect();
+    let mut pool = match pool {
+        Ok(p) => p,
+        Err(e) => {
+            result.error = Some(e);
+            return result;
+        }
+    };
     let byte_limit = if spec.time_based {
         u64::MAX
     } else {
@@ -678,7 +685,7 @@ fn verify_region(
     let units = region.units() as usize;
     let mut observed: Vec<Observed> = Vec::with_capacity(units);
     let chunk = (PASS_CHUNK_BYTES - PASS_CHUNK_BYTES % unit).max(unit);
-    let mut buf = AlignedBuf::new(chunk as usize);
+    let mut buf = IoBuf::new(chunk as usize)?;
     let mut offset = region.start_bytes;
     let mut max_generation = 0u64;
     while offset < region.end_bytes() {
