@@ -199,12 +199,12 @@ pub fn to_text(r: &RunResult) -> String {
     for j in &r.jobs {
         let s = &j.instance.spec;
         out += &format!(
-            "{}: (job {}, copy {}): file={} rw={:?} bs={}-{} iodepth={} direct={}: err={}\n",
+            "{}: (job {}, copy {}): file={} rw={} bs={}-{} iodepth={} direct={}: err={}\n",
             s.name,
             j.instance.index,
             j.instance.clone,
             j.instance.file.display(),
-            s.rw,
+            s.rw.as_str(),
             s.block_size_min_bytes,
             s.block_size_max_bytes,
             s.iodepth,

@@ -154,7 +154,8 @@ impl EngineTarget {
                 device,
                 &OpenOptions {
                     backend: Backend::Auto,
-                    create_size_bytes: Some(opts.engine_size_bytes),
+                    // A verify pass never creates the device it is to check.
+                    create_size_bytes: (!opts.verify_only).then_some(opts.engine_size_bytes),
                 },
             )
             .map_err(e("open_device"))?,
