@@ -9,7 +9,8 @@
 # work directory's filesystem, not on lcfs. After a few seconds the daemon is
 # killed with SIGKILL, then restarted, and `lcfs-stress --verify_only` checks
 # every block: its acknowledged generation, or a later one the writer aimed
-# at it; torn, stale, zeroed or foreign blocks fail the check.
+# at it; torn, stale, zeroed or foreign blocks fail the check. Last, one
+# block is overwritten through the mount and the check must name it alone.
 #   LCFS_SEED       seed of the writers (default: random, printed)
 #   STRESS_SECONDS  how long each writer runs before the kill (default 3)
 E2E_NAME=stress-crash
@@ -75,6 +76,25 @@ round() {
 round buffered --direct=0 --fsync=16
 round direct --direct=1 --iodepth=8 --fsync=32
 
+# The negative check: one 4 KiB block of the buffered round's file
+# overwritten through the mount; the verify pass must fail and name exactly
+# that block.
+corrupt_at=$((1 << 20))
+dd if=/dev/urandom of="$LCFS_MOUNT/buffered/data" bs=4k count=1 seek=$((corrupt_at / 4096)) \
+    conv=notrunc,fsync status=none || die "could not overwrite a block of buffered/data"
+if "$LCFS_STRESS_BIN" --verify_only --verify_state="$E2E_WORK/state-buffered.json" \
+    >"$E2E_WORK/verify-corrupt.log" 2>&1; then
+    fail "a block overwritten behind lcfs-stress's back went unnoticed"
+else
+    bad=$(grep -c 'BAD BLOCK' "$E2E_WORK/verify-corrupt.log" || true)
+    if [[ $bad -eq 1 ]] && grep -q "BAD BLOCK .* offset $corrupt_at " "$E2E_WORK/verify-corrupt.log"; then
+        say "corrupted block: reported at offset $corrupt_at and nothing else"
+    else
+        grep 'BAD BLOCK' "$E2E_WORK/verify-corrupt.log" | head -n 5 | sed 's/^/    /' >&2
+        fail "the corrupted block at $corrupt_at was not reported alone ($bad bad blocks)"
+    fi
+fi
+
 lcfs_stop
 lcfs_check_log
-e2e_finish "2 kill -9 rounds of lcfs-stress crash-verify (seed $seed)"
+e2e_finish "2 kill -9 rounds of lcfs-stress crash-verify, 1 corrupted block found (seed $seed)"
