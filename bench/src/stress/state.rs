@@ -17,6 +17,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 pub const STATE_FORMAT: u32 = 1;
+/// The most acknowledged writes per job a state file may claim (about 12
+/// hours at 100,000 writes a second): a bound on the verify pass's replay.
+pub const MAX_ACKNOWLEDGED_WRITES: u64 = 1 << 32;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobState {
@@ -65,6 +68,32 @@ impl StateFile {
                 ));
             }
             job.spec.validate()?;
+            // The verify pass replays the schedule from these numbers: refuse
+            // what no run of this tool writes rather than assert or loop on it.
+            let (lo, hi) = (job.spec.block_size_min_bytes, job.spec.block_size_max_bytes);
+            if job.region_length_bytes % lo != 0
+                || job.region_length_bytes < hi
+                || job.region_start_bytes % lo != 0
+                || job
+                    .region_start_bytes
+                    .checked_add(job.region_length_bytes)
+                    .is_none()
+            {
+                return Err(format!(
+                    "state file {}: job {i}: region {}+{} does not fit block sizes {lo}-{hi}",
+                    path.display(),
+                    job.region_start_bytes,
+                    job.region_length_bytes
+                ));
+            }
+            if job.acknowledged_writes > MAX_ACKNOWLEDGED_WRITES {
+                return Err(format!(
+                    "state file {}: job {i}: {} acknowledged writes is more than the {} a verify pass replays",
+                    path.display(),
+                    job.acknowledged_writes,
+                    MAX_ACKNOWLEDGED_WRITES
+                ));
+            }
         }
         Ok(state)
     }
@@ -154,5 +183,55 @@ mod tests {
         assert_eq!(loaded.jobs[0].completed_fsyncs, 4);
         assert_eq!(loaded.seed, 99);
         assert!(!path.with_extension("tmp").exists());
+    }
+
+    #[test]
+    fn state_that_no_run_writes_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let mut spec = JobSpec::new("crash");
+        spec.set("rw", Some("randwrite")).unwrap();
+        let good = JobState {
+            spec,
+            index: 0,
+            clone: 0,
+            file: PathBuf::from("/x"),
+            region_start_bytes: 0,
+            region_length_bytes: 1 << 20,
+            acknowledged_writes: 5,
+            completed_fsyncs: 1,
+        };
+        let state = |job: JobState| StateFile {
+            format: STATE_FORMAT,
+            seed: 1,
+            engine: None,
+            engine_layer: "stress".into(),
+            jobs: vec![job],
+        };
+        for bad in [
+            JobState {
+                region_length_bytes: 1000,
+                ..good.clone()
+            },
+            JobState {
+                region_start_bytes: 3,
+                ..good.clone()
+            },
+            JobState {
+                acknowledged_writes: u64::MAX,
+                ..good.clone()
+            },
+            JobState {
+                index: 1,
+                ..good.clone()
+            },
+        ] {
+            state(bad).save(&path).unwrap();
+            assert!(StateFile::load(&path).is_err());
+        }
+        state(good).save(&path).unwrap();
+        StateFile::load(&path).unwrap();
+        std::fs::write(&path, "{not json").unwrap();
+        assert!(StateFile::load(&path).is_err());
     }
 }
