@@ -36,6 +36,7 @@ steps=(
     "fuzz smoke|bash scripts/fuzz-smoke.sh"
     "fuse conformance|bash scripts/fuse-conformance.sh"
     "docker end to end|bash scripts/e2e/docker.sh"
+    "stress crash-verify|bash scripts/e2e/stress-crash.sh"
 )
 
 passed=0

@@ -1,1 +1,3 @@
 //! lcfs benchmarks and comparison tools.
+
+pub mod stress;
