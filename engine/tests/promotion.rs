@@ -45,6 +45,20 @@ fn checksums(data: &[u8]) -> Vec<u64> {
         .collect()
 }
 
+/// Offers `data` (from offset 0) of file `src` in `src_layer` to file `ino`.
+fn share(e: &Engine, layer: u64, ino: u64, src_layer: u64, src: u64, data: &[u8]) -> bool {
+    e.share_blocks(
+        layer,
+        ino,
+        src_layer,
+        src,
+        0,
+        data.len() as u64,
+        &checksums(data),
+    )
+    .unwrap()
+}
+
 fn read_all(e: &Engine, layer: u64, ino: u64) -> Vec<u8> {
     let size = e.getattr(layer, ino).unwrap().size;
     e.read(layer, ino, 0, size as usize).unwrap()
@@ -88,17 +102,7 @@ fn promote(e: &Engine, container: u64, src: u64, data: &[u8]) -> (u64, u64) {
         .create(committed, ROOT_INODE, b"big", 0o644, 0, 0)
         .unwrap()
         .inode;
-    let shared = e
-        .share_blocks(
-            committed,
-            ino,
-            container,
-            src,
-            0,
-            data.len() as u64,
-            &checksums(data),
-        )
-        .unwrap();
+    let shared = share(e, committed, ino, container, src, data);
     assert!(shared, "identical content must be shared");
     (committed, ino)
 }
@@ -149,33 +153,13 @@ fn mismatched_content_is_not_shared() {
         .inode;
     let mut other = data.clone();
     other[BLOCK * 9 + 17] ^= 1;
-    let shared = e
-        .share_blocks(
-            committed,
-            ino,
-            container,
-            src,
-            0,
-            other.len() as u64,
-            &checksums(&other),
-        )
-        .unwrap();
+    let shared = share(&e, committed, ino, container, src, &other);
     assert!(!shared);
     assert_eq!(e.getattr(committed, ino).unwrap().size, 0);
     assert_eq!(e.stats().engine.promoted_bytes, 0);
     // A range that is not holes in the destination is refused too.
     e.write(committed, ino, 0, b"x").unwrap();
-    let shared = e
-        .share_blocks(
-            committed,
-            ino,
-            container,
-            src,
-            0,
-            data.len() as u64,
-            &checksums(&data),
-        )
-        .unwrap();
+    let shared = share(&e, committed, ino, container, src, &data);
     assert!(!shared);
     // Bad arguments are errors, not panics.
     assert!(e
@@ -260,17 +244,7 @@ fn blocks_of_a_common_ancestor_are_inherited() {
         .create(committed, ROOT_INODE, b"lib2", 0o600, 0, 0)
         .unwrap()
         .inode;
-    assert!(e
-        .share_blocks(
-            committed,
-            copy,
-            container,
-            ino,
-            0,
-            data.len() as u64,
-            &checksums(&data)
-        )
-        .unwrap());
+    assert!(share(&e, committed, copy, container, ino, &data));
     assert_eq!(read_all(&e, committed, copy), data);
     e.remove_layer("container").unwrap();
     e.remove_layer("init").unwrap();
