@@ -3,8 +3,8 @@
 # the same dockerd on overlay2 and on fuse-overlayfs (and, on request, btrfs),
 # in the same run, interleaved in rounds.
 #
-#   sudo bash bench/docker-compare.sh                 # full run: 3 rounds, ~25 min
-#   sudo bash bench/docker-compare.sh --quick         # 2 rounds, 20 containers, < 10 min
+#   sudo bash bench/docker-compare.sh                 # full run: 3 rounds, ~10 min
+#   sudo bash bench/docker-compare.sh --quick         # 2 rounds, 20 containers, ~5 min
 #   sudo bash bench/docker-compare.sh --rows launch --counts 20,40,60,80,100
 #   sudo bash bench/docker-compare.sh --peers lcfs,overlay2,fuse-overlayfs,btrfs
 #
@@ -50,7 +50,7 @@ usage() {
 usage: bench/docker-compare.sh [--quick] [--rounds N] [--rows LIST] [--peers LIST]
                                [--counts LIST] [--build-mib N] [--out FILE]
 
-  --quick        2 rounds, 20 containers, a 64 MiB build step (< 10 min)
+  --quick        2 rounds, 20 containers, a 64 MiB build step (~5 min)
   --rounds N     rounds (default 3); the summary shows their median
   --rows LIST    comma-separated subset of launch,build,load (default all)
   --peers LIST   comma-separated subset of lcfs,overlay2,fuse-overlayfs,btrfs
@@ -508,7 +508,7 @@ for row, count, phase, label, total_metric in plugin_lines:
             methods.append((statistics.median(v), name, method_calls))
     methods.sort(reverse=True)
     top = ", ".join(f"{name} {fmt(t)} ({c:.0f})" for t, name, c in methods[:4])
-    share = f"{100 * busy / total:.0f}%" if total else "-"
+    share = f"{100 * busy / total:.{1 if busy < 0.1 * total else 0}f}%" if total else "-"
     print(f"| {label} | {fmt(total)} | {fmt(busy)} | {share} | {fmt(total_sum)} | {calls:.0f} | {top} |")
 if shown:
     print()
