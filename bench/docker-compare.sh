@@ -417,9 +417,10 @@ for ((round = 1; round <= rounds; round++)); do
 done
 
 for peer in "${peer_list[@]}"; do
-    # lib.sh's dockerd_stop ends with a `wait` for dockerd, whose non-zero
-    # exit status (dockerd 20.10 on fuse-overlayfs or btrfs can exit 1 after
-    # SIGTERM) must not end the run before the summary.
+    # Called in a `||` list, so errexit is off inside: lib.sh's dockerd_stop
+    # runs `kill -KILL` and `wait` on a dockerd that may have exited and been
+    # reaped already, and their failure ended a --quick run here before the
+    # summary.
     dockerd_stop "$peer" || true
 done
 if has_peer lcfs; then
