@@ -305,6 +305,26 @@ pub fn stats(socket: &Path, as_json: bool) -> Result<()> {
         "promotion:    {} taken from container layers at commits instead of written",
         human_bytes(s.engine.promoted_bytes)
     );
+    if let Some(p) = &s.plugin {
+        let mut slowest: Vec<_> = p.methods.iter().collect();
+        slowest.sort_by_key(|(_, m)| std::cmp::Reverse(m.total_us));
+        let top: Vec<String> = slowest
+            .iter()
+            .take(3)
+            .map(|(name, m)| {
+                let name = name.strip_prefix("GraphDriver.").unwrap_or(name);
+                format!("{name} {:.3} s", m.total_us as f64 / 1e6)
+            })
+            .collect();
+        println!(
+            "docker plugin: {} calls, busy {:.3} s (sum {:.3} s){}{}",
+            p.calls,
+            p.busy_us as f64 / 1e6,
+            p.total_us as f64 / 1e6,
+            if top.is_empty() { "" } else { "; most time: " },
+            top.join(", ")
+        );
+    }
     Ok(())
 }
 

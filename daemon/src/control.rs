@@ -20,6 +20,8 @@ pub struct Control {
     pub device: PathBuf,
     pub mountpoint: PathBuf,
     pub invalidate: Invalidate,
+    /// The Docker plugin's call counters, when the daemon serves it.
+    pub plugin_calls: Option<Arc<lcfs_dockerplugin::CallCounters>>,
 }
 
 #[derive(Deserialize)]
@@ -154,11 +156,13 @@ impl Control {
             }
             "stats" => {
                 let _: NoArgs = args(&op, fields)?;
-                to_value(&Stats::from_engine(
-                    &self.engine.stats(),
-                    &self.device,
-                    &self.mountpoint,
-                ))
+                let mut stats =
+                    Stats::from_engine(&self.engine.stats(), &self.device, &self.mountpoint);
+                stats.plugin = self
+                    .plugin_calls
+                    .as_ref()
+                    .map(|calls| protocol::PluginCalls::from(&calls.snapshot()));
+                to_value(&stats)
             }
             "fsck" => {
                 let a: FsckArgs = args(&op, fields)?;
@@ -247,6 +251,7 @@ mod tests {
             device: "/dev/test".into(),
             mountpoint: "/mnt/lcfs".into(),
             invalidate: Box::new(move |name| log.lock().unwrap().push(name.to_string())),
+            plugin_calls: None,
         };
         (control, seen)
     }
@@ -327,6 +332,20 @@ mod tests {
         assert!(report.clean, "{report:?}");
         let r = call(&c, r#"{"op":"ping"}"#);
         assert_eq!(r["result"]["pid"], std::process::id());
+        assert_eq!(stats.plugin, None, "no plugin served, no plugin section");
+    }
+
+    #[test]
+    fn stats_carry_the_plugin_calls() {
+        let (mut c, _) = control();
+        c.plugin_calls = Some(Arc::new(lcfs_dockerplugin::CallCounters::default()));
+        let r = call(&c, r#"{"op":"stats"}"#);
+        assert_eq!(
+            r["result"]["plugin"],
+            serde_json::json!({"calls": 0, "in_flight": 0, "busy_us": 0, "total_us": 0, "methods": {}})
+        );
+        let stats: Stats = serde_json::from_value(r["result"].clone()).unwrap();
+        assert_eq!(stats.plugin, Some(protocol::PluginCalls::default()));
     }
 
     #[test]

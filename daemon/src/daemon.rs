@@ -84,21 +84,6 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
             return Err(e);
         }
     };
-    let invalidating = mount.clone();
-    let control = Arc::new(Control {
-        engine: engine.clone(),
-        device: device_path.clone(),
-        mountpoint: mountpoint.clone(),
-        invalidate: Box::new(move |name| {
-            if let Some(m) = invalidating
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-            {
-                m.invalidate_layer(name);
-            }
-        }),
-    });
     let gate = Arc::new(Gate::default());
     let plugin = match &o.docker_plugin_socket {
         None => None,
@@ -132,6 +117,22 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
             }
         }
     };
+    let invalidating = mount.clone();
+    let control = Arc::new(Control {
+        engine: engine.clone(),
+        device: device_path.clone(),
+        mountpoint: mountpoint.clone(),
+        invalidate: Box::new(move |name| {
+            if let Some(m) = invalidating
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+            {
+                m.invalidate_layer(name);
+            }
+        }),
+        plugin_calls: plugin.as_ref().map(|server| server.calls()),
+    });
     log::info!(
         "lcfs daemon ready: control socket {}",
         o.control_socket.display()

@@ -95,6 +95,54 @@ pub struct Stats {
     pub live_bytes: u64,
     pub capacity_bytes: u64,
     pub checkpoint_seq: u64,
+    /// The Docker graphdriver plugin's calls; null when the daemon serves
+    /// no plugin.
+    #[serde(default)]
+    pub plugin: Option<PluginCalls>,
+}
+
+/// Docker graphdriver plugin calls since the daemon started, timed from
+/// taking the request to the end of the answer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PluginCalls {
+    pub calls: u64,
+    pub in_flight: u64,
+    /// Time during which at least one call was in hand.
+    pub busy_us: u64,
+    /// Sum over calls (concurrent calls each count their own time).
+    pub total_us: u64,
+    /// Methods called at least once, by name (`GraphDriver.Create`, ...).
+    pub methods: std::collections::BTreeMap<String, MethodCalls>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MethodCalls {
+    pub calls: u64,
+    pub total_us: u64,
+    pub max_us: u64,
+}
+
+impl From<&lcfs_dockerplugin::CallStats> for PluginCalls {
+    fn from(s: &lcfs_dockerplugin::CallStats) -> PluginCalls {
+        PluginCalls {
+            calls: s.calls,
+            in_flight: s.in_flight,
+            busy_us: s.busy_us,
+            total_us: s.total_us,
+            methods: s
+                .methods
+                .iter()
+                .map(|m| {
+                    let calls = MethodCalls {
+                        calls: m.calls,
+                        total_us: m.total_us,
+                        max_us: m.max_us,
+                    };
+                    (m.method.clone(), calls)
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -186,6 +234,7 @@ impl Stats {
             live_bytes: s.live_bytes,
             capacity_bytes: s.capacity_bytes,
             checkpoint_seq: s.checkpoint_seq,
+            plugin: None,
         }
     }
 }
@@ -271,5 +320,36 @@ mod tests {
         assert_eq!(t(951_782_400, 5), "2000-02-29T00:00:00.000000005Z");
         assert_eq!(t(1_700_000_000, 123), "2023-11-14T22:13:20.000000123Z");
         assert_eq!(t(-1, 0), "1969-12-31T23:59:59.000000000Z");
+    }
+
+    #[test]
+    fn plugin_calls_by_method_name() {
+        let stats = lcfs_dockerplugin::CallStats {
+            calls: 3,
+            in_flight: 1,
+            busy_us: 900,
+            total_us: 1000,
+            methods: vec![
+                lcfs_dockerplugin::MethodStats {
+                    method: "GraphDriver.Get".into(),
+                    calls: 2,
+                    total_us: 400,
+                    max_us: 300,
+                },
+                lcfs_dockerplugin::MethodStats {
+                    method: "GraphDriver.ApplyDiff".into(),
+                    calls: 1,
+                    total_us: 600,
+                    max_us: 600,
+                },
+            ],
+        };
+        let wire = serde_json::to_value(PluginCalls::from(&stats)).unwrap();
+        assert_eq!(
+            wire,
+            json!({"calls": 3, "in_flight": 1, "busy_us": 900, "total_us": 1000, "methods": {
+                "GraphDriver.ApplyDiff": {"calls": 1, "total_us": 600, "max_us": 600},
+                "GraphDriver.Get": {"calls": 2, "total_us": 400, "max_us": 300}}})
+        );
     }
 }

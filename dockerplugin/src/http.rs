@@ -3,6 +3,11 @@
 //! bodies, `Expect: 100-continue`); a fixed pool of workers answers them.
 //! JSON bodies are read up to [`MAX_JSON_BYTES`]; ApplyDiff's tar body and
 //! Diff's tar response are streamed, never held whole in memory.
+//!
+//! Every call is timed from the moment a worker takes the request until the
+//! answer is written (for Diff, the whole tar stream; for ApplyDiff, the
+//! whole upload), per method, in [`CallCounters`]: the storage work inside a
+//! `docker run` or `docker build`, apart from what runc and dockerd spend.
 
 use crate::driver::Driver;
 use serde_json::{json, Value};
@@ -10,8 +15,9 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// The largest JSON request accepted (Docker's are a few hundred bytes).
 pub const MAX_JSON_BYTES: u64 = 1 << 20;
@@ -27,11 +33,17 @@ pub struct PluginServer {
     stop: Arc<AtomicBool>,
     workers: Vec<JoinHandle<()>>,
     socket: PathBuf,
+    calls: Arc<CallCounters>,
 }
 
 impl PluginServer {
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The per-method call counters of this server, live.
+    pub fn calls(&self) -> Arc<CallCounters> {
+        self.calls.clone()
     }
 
     /// Stops taking requests, waits for the workers to finish the calls in
@@ -75,17 +87,28 @@ pub fn serve(driver: Arc<Driver>, socket: &Path, workers: usize) -> io::Result<P
     }
     let server = Arc::new(server);
     let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(CallCounters::default());
     let mut handles = Vec::new();
     for i in 0..workers.max(1) {
         let server = server.clone();
         let stop = stop.clone();
         let driver = driver.clone();
+        let calls = calls.clone();
         let handle = std::thread::Builder::new()
             .name(format!("lcfs-plugin-{i}"))
             .spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     match server.recv() {
-                        Ok(request) => handle(&driver, request),
+                        Ok(request) => {
+                            let started = calls.start();
+                            let method = method_of(request.url());
+                            handle(&driver, request);
+                            let elapsed = calls.finish(&method, started);
+                            log::debug!(
+                                "docker plugin call {method} done in {} us",
+                                elapsed.as_micros()
+                            );
+                        }
                         Err(e) => {
                             if !stop.load(Ordering::SeqCst) {
                                 log::warn!("docker plugin socket: {e}");
@@ -105,7 +128,153 @@ pub fn serve(driver: Arc<Driver>, socket: &Path, workers: usize) -> io::Result<P
         stop,
         workers: handles,
         socket: socket.to_path_buf(),
+        calls,
     })
+}
+
+/// The methods Docker 20.10's graphdriver proxy calls, each counted on its
+/// own; anything else (unknown methods, wrong HTTP verbs) is counted as
+/// [`OTHER_METHOD`], so what a client sends cannot grow the table.
+pub const PLUGIN_METHODS: &[&str] = &[
+    "Plugin.Activate",
+    "GraphDriver.Init",
+    "GraphDriver.Create",
+    "GraphDriver.CreateReadWrite",
+    "GraphDriver.Remove",
+    "GraphDriver.Get",
+    "GraphDriver.Put",
+    "GraphDriver.Exists",
+    "GraphDriver.Status",
+    "GraphDriver.GetMetadata",
+    "GraphDriver.Cleanup",
+    "GraphDriver.Diff",
+    "GraphDriver.Changes",
+    "GraphDriver.ApplyDiff",
+    "GraphDriver.DiffSize",
+    "GraphDriver.Capabilities",
+];
+/// The name unknown methods are counted under.
+pub const OTHER_METHOD: &str = "other";
+
+/// Calls and time per plugin method since the server started. Time is wall
+/// time per call; calls on different workers overlap, so the per-method sums
+/// can exceed the elapsed time, while `busy` counts the time during which at
+/// least one call was in hand.
+#[derive(Default)]
+pub struct CallCounters {
+    state: Mutex<CallState>,
+}
+
+#[derive(Default)]
+struct CallState {
+    in_flight: u64,
+    busy_since: Option<Instant>,
+    busy: Duration,
+    /// Indexed like PLUGIN_METHODS, plus one slot for OTHER_METHOD.
+    methods: [MethodTimes; PLUGIN_METHODS.len() + 1],
+}
+
+#[derive(Clone, Copy, Default)]
+struct MethodTimes {
+    calls: u64,
+    total: Duration,
+    max: Duration,
+}
+
+/// A snapshot of [`CallCounters`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CallStats {
+    /// Calls finished.
+    pub calls: u64,
+    /// Calls taken but not answered yet.
+    pub in_flight: u64,
+    /// Time during which at least one call was in hand (finished or not).
+    pub busy_us: u64,
+    /// The sum of every finished call's time.
+    pub total_us: u64,
+    /// Methods called at least once, in [`PLUGIN_METHODS`] order, then
+    /// [`OTHER_METHOD`].
+    pub methods: Vec<MethodStats>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MethodStats {
+    pub method: String,
+    pub calls: u64,
+    pub total_us: u64,
+    pub max_us: u64,
+}
+
+impl CallCounters {
+    /// A call was taken: from now on the plugin is busy.
+    fn start(&self) -> Instant {
+        let now = Instant::now();
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.in_flight == 0 {
+            s.busy_since = Some(now);
+        }
+        s.in_flight += 1;
+        now
+    }
+
+    /// The call taken at `started` was answered; returns its time.
+    fn finish(&self, method: &str, started: Instant) -> Duration {
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(started);
+        let slot = PLUGIN_METHODS
+            .iter()
+            .position(|m| *m == method)
+            .unwrap_or(PLUGIN_METHODS.len());
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let times = &mut s.methods[slot];
+        times.calls += 1;
+        times.total += elapsed;
+        times.max = times.max.max(elapsed);
+        s.in_flight = s.in_flight.saturating_sub(1);
+        if s.in_flight == 0 {
+            if let Some(since) = s.busy_since.take() {
+                s.busy += now.saturating_duration_since(since);
+            }
+        }
+        elapsed
+    }
+
+    pub fn snapshot(&self) -> CallStats {
+        let now = Instant::now();
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let running = s
+            .busy_since
+            .map_or(Duration::ZERO, |since| now.saturating_duration_since(since));
+        let names = PLUGIN_METHODS.iter().copied().chain([OTHER_METHOD]);
+        let methods: Vec<MethodStats> = names
+            .zip(s.methods.iter())
+            .filter(|(_, t)| t.calls > 0)
+            .map(|(name, t)| MethodStats {
+                method: name.to_string(),
+                calls: t.calls,
+                total_us: micros(t.total),
+                max_us: micros(t.max),
+            })
+            .collect();
+        CallStats {
+            calls: methods.iter().map(|m| m.calls).sum(),
+            in_flight: s.in_flight,
+            busy_us: micros(s.busy + running),
+            total_us: methods.iter().map(|m| m.total_us).sum(),
+            methods,
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The method a request URL names: `/GraphDriver.ApplyDiff?id=...` ->
+/// `GraphDriver.ApplyDiff`.
+fn method_of(url: &str) -> String {
+    let path = url.split_once('?').map_or(url, |(path, _)| path);
+    path.trim_start_matches('/').to_string()
 }
 
 fn json_response(value: &Value, status: u16) -> tiny_http::Response<io::Cursor<Vec<u8>>> {
@@ -346,6 +515,36 @@ mod tests {
         assert_eq!(query_value("id=abc&parent=", "parent").as_deref(), Some(""));
         assert_eq!(query_value("id=abc", "parent"), None);
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+
+    #[test]
+    fn calls_are_counted_per_method() {
+        let c = CallCounters::default();
+        assert_eq!(c.snapshot(), CallStats::default());
+        let a = c.start();
+        let b = c.start();
+        assert_eq!(c.snapshot().in_flight, 2);
+        std::thread::sleep(Duration::from_millis(2));
+        c.finish("GraphDriver.Get", a);
+        c.finish("GraphDriver.Nonsense", b);
+        let d = c.start();
+        c.finish("GraphDriver.Get", d);
+        let s = c.snapshot();
+        assert_eq!(s.calls, 3);
+        assert_eq!(s.in_flight, 0);
+        let names: Vec<&str> = s.methods.iter().map(|m| m.method.as_str()).collect();
+        assert_eq!(names, ["GraphDriver.Get", OTHER_METHOD]);
+        assert_eq!(s.methods[0].calls, 2);
+        assert!(s.methods[0].max_us >= 2_000, "{s:?}");
+        assert!(s.methods[0].max_us <= s.methods[0].total_us);
+        assert_eq!(s.total_us, s.methods[0].total_us + s.methods[1].total_us);
+        // The two overlapping calls count once in busy time, twice in the sum.
+        assert!(s.busy_us >= 2_000 && s.busy_us < s.total_us, "{s:?}");
+        assert_eq!(
+            method_of("/GraphDriver.ApplyDiff?id=a&parent="),
+            "GraphDriver.ApplyDiff"
+        );
+        assert_eq!(method_of("/Plugin.Activate"), "Plugin.Activate");
     }
 
     #[test]

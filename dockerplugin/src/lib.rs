@@ -26,7 +26,10 @@ mod tree;
 
 pub use driver::{DiffPlan, Driver, Invalidate};
 pub use error::{Error, Result};
-pub use http::{serve, PluginServer, MAX_JSON_BYTES};
+pub use http::{
+    serve, CallCounters, CallStats, MethodStats, PluginServer, MAX_JSON_BYTES, OTHER_METHOD,
+    PLUGIN_METHODS,
+};
 
 /// Where Docker looks for a plugin named `lcfs` (`dockerd -s lcfs`).
 pub const DEFAULT_SOCKET: &str = "/run/docker/plugins/lcfs.sock";
