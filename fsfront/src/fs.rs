@@ -24,10 +24,15 @@ use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// The most the kernel reads ahead in one request. The kernel also caps
-/// readahead by the mount's backing device info, 128 KiB by default, which
-/// `set_read_ahead` raises to this.
-const READ_AHEAD_BYTES: u32 = 1 << 20;
+/// The most the kernel reads ahead in one request.
+const READ_AHEAD_REQUEST_BYTES: u32 = 1 << 20;
+/// The readahead window, in requests of the size above: the kernel caps it
+/// by the mount's backing device info, 128 KiB by default, which
+/// `set_read_ahead` raises to this. Four requests in flight keep the I/O
+/// workers reading in parallel (a cold 1 GiB read took about 40% less
+/// time with a 1 MiB window than with 128 KiB, and about 10% less again
+/// with 4 MiB).
+const READ_AHEAD_WINDOW_BYTES: u32 = 4 << 20;
 
 /// Kernel inode of the mount root, the directory of layers.
 pub(crate) const MOUNT_ROOT: u64 = 1;
@@ -391,7 +396,7 @@ impl Filesystem for LcfsFs {
                 | InitFlags::FUSE_NO_OPENDIR_SUPPORT,
         );
         let _ = config.set_max_write(1 << 20);
-        let _ = config.set_max_readahead(READ_AHEAD_BYTES);
+        let _ = config.set_max_readahead(READ_AHEAD_REQUEST_BYTES);
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
         let _ = config.set_time_granularity(Duration::from_nanos(1));
@@ -1265,7 +1270,7 @@ pub(crate) fn spawn(
     config.n_threads = Some(1);
     let session = fuser::spawn_mount(fs, mountpoint, &config)?;
     let _ = notifier.set(session.notifier());
-    set_read_ahead(mountpoint, READ_AHEAD_BYTES);
+    set_read_ahead(mountpoint, READ_AHEAD_WINDOW_BYTES);
     Ok(session)
 }
 
