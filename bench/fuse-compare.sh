@@ -116,6 +116,7 @@ tar_options=(--numeric-owner --xattrs --xattrs-include='*' --format=posix)
 : "${LCFS_DEVICE_SIZE:=12G}"
 # Per-request logging would be measured too.
 export RUST_LOG=${RUST_LOG:-warn}
+given_bin=${LCFS_BIN:-}
 bench_start=$SECONDS
 
 require_root
@@ -646,7 +647,10 @@ cp "$LCFS_BIN" "$E2E_WORK/lcfs"
 LCFS_BIN="$E2E_WORK/lcfs"
 commit=$(git -C "$E2E_REPO" rev-parse --short HEAD)
 dirty=$(git -C "$E2E_REPO" status --porcelain -- engine fsfront daemon Cargo.lock | wc -l)
-say "lcfs at commit $commit ($dirty changed files under engine/ fsfront/ daemon/)"
+measured="lcfs commit $commit ($dirty changed files under engine/ fsfront/ daemon/)"
+# A binary given with LCFS_BIN need not be built from this worktree.
+[[ -z $given_bin ]] || measured="lcfs binary $given_bin (given with LCFS_BIN; this worktree is at commit $commit)"
+say "measuring $measured"
 
 mkdir -p "$E2E_SCRATCH/data"
 dd if=/dev/urandom of="$E2E_SCRATCH/data/seq.bin" bs=1M count="$seq_mib" status=none
@@ -724,7 +728,7 @@ load=$(cut -d' ' -f1-3 /proc/loadavg)
 summary_status=0
 {
     echo "Command: \`$command_line\` (rounds $rounds, seq.bin $seq_mib MiB, mem.bin $mem_mib MiB, $readers readers)"
-    echo "lcfs commit $commit ($dirty changed files under engine/ fsfront/ daemon/); $(uname -r); $(nproc) vCPU; fuse-overlayfs $(fuse-overlayfs --version 2>/dev/null | awk '/fuse-overlayfs:/ { print $3 }'); load average at the end $load; total $((SECONDS - bench_start)) s; warm measurements taken again after another process dropped the page cache: $disturbed"
+    echo "$measured; $(uname -r); $(nproc) vCPU; fuse-overlayfs $(fuse-overlayfs --version 2>/dev/null | awk '/fuse-overlayfs:/ { print $3 }'); load average at the end $load; total $((SECONDS - bench_start)) s; warm measurements taken again after another process dropped the page cache: $disturbed"
     echo "Busiest processes at the end: $(ps -eo pcpu=,comm= --sort=-pcpu | head -n 6 | awk '{ printf "%s%s %s%%", (NR > 1 ? ", " : ""), $2, $1 }')."
     echo
     python3 - "$out" "$signatures" "$readers" <<'EOF'

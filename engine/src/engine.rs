@@ -155,7 +155,7 @@ pub(crate) fn execute_plan(
                         "data block checksum mismatch",
                     ));
                 }
-                let arc: Arc<[u8]> = Arc::from(d);
+                let arc: crate::cache::CachedBlock = Arc::new(d.to_vec());
                 cache.insert(phys, arc.clone());
                 fetched.insert(phys, arc);
             }

@@ -15,9 +15,15 @@ pub struct MountOptions {
     /// Let every user in (containers run as many uids); permission checks
     /// are the kernel's (default_permissions).
     pub allow_other: bool,
-    /// How long the kernel may cache names and attributes.
+    /// How long the kernel may cache names and attributes of writable
+    /// layers. Every change to a writable layer comes through this mount
+    /// (the kernel updates its own copy) or from the control socket and the
+    /// Docker plugin (which invalidate the layer), so this only bounds how
+    /// long a change made some other way could stay unseen.
     pub entry_timeout: Duration,
     pub attr_timeout: Duration,
+    /// The same for frozen layers, which never change.
+    pub frozen_layer_timeout: Duration,
     /// Shown as the mount's source in /proc/mounts.
     pub fsname: String,
 }
@@ -27,8 +33,9 @@ impl Default for MountOptions {
         MountOptions {
             threads: 4,
             allow_other: true,
-            entry_timeout: Duration::from_secs(1),
-            attr_timeout: Duration::from_secs(1),
+            entry_timeout: Duration::from_secs(60),
+            attr_timeout: Duration::from_secs(60),
+            frozen_layer_timeout: Duration::from_secs(24 * 3600),
             fsname: "lcfs".into(),
         }
     }

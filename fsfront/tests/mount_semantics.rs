@@ -220,3 +220,77 @@ fn clones_reading_a_shared_file_do_not_multiply_the_page_cache() {
     );
     m.unmount().unwrap();
 }
+
+/// Runs `sh -c script` as the user nobody (65534) and returns its status.
+fn as_nobody(script: &str) -> bool {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .uid(65534)
+        .gid(65534)
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[test]
+fn set_id_bits_are_cleared_as_the_kernel_would() {
+    // With HANDLE_KILLPRIV_V2 the daemon, not the kernel, clears them.
+    require_root();
+    let e = engine();
+    e.create_layer("base", false).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let m = mount(e.clone(), dir.path(), &MountOptions::default()).unwrap();
+    let base = dir.path().join("base");
+    fs::set_permissions(&base, fs::Permissions::from_mode(0o777)).unwrap();
+    let mode = |name: &str| fs::metadata(base.join(name)).unwrap().mode() & 0o7777;
+    let make = |name: &str, mode: u32| {
+        fs::write(base.join(name), b"data").unwrap();
+        fs::set_permissions(base.join(name), fs::Permissions::from_mode(mode)).unwrap();
+    };
+
+    // chown clears set-user-id, and set-group-id with group execute, even
+    // for root; set-group-id without group execute stays.
+    make("chowned", 0o6755);
+    std::os::unix::fs::chown(base.join("chowned"), Some(1), Some(1)).unwrap();
+    assert_eq!(mode("chowned"), 0o755);
+    make("chowned-g", 0o2644);
+    std::os::unix::fs::chown(base.join("chowned-g"), Some(1), Some(1)).unwrap();
+    assert_eq!(mode("chowned-g"), 0o2644);
+    fs::create_dir(base.join("dir")).unwrap();
+    fs::set_permissions(base.join("dir"), fs::Permissions::from_mode(0o2755)).unwrap();
+    std::os::unix::fs::chown(base.join("dir"), Some(1), Some(1)).unwrap();
+    assert_eq!(mode("dir"), 0o2755, "directories keep set-group-id");
+
+    // Root (CAP_FSETID) writes and truncates without clearing.
+    make("root-writes", 0o4777);
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(base.join("root-writes"))
+        .unwrap();
+    f.write_all(b"more").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(base.join("root-writes"))
+        .unwrap()
+        .set_len(1)
+        .unwrap();
+    assert_eq!(mode("root-writes"), 0o4777);
+
+    // Another user's write and truncate clear them.
+    make("written", 0o6777);
+    let path = base.join("written");
+    assert!(as_nobody(&format!("printf x >> '{}'", path.display())));
+    assert_eq!(mode("written"), 0o777);
+    make("truncated", 0o4777);
+    let path = base.join("truncated");
+    assert!(as_nobody(&format!("truncate -s 0 '{}'", path.display())));
+    assert_eq!(mode("truncated"), 0o777);
+    assert_eq!(fs::metadata(&path).unwrap().len(), 0);
+
+    m.unmount().unwrap();
+}
