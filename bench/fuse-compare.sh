@@ -105,8 +105,7 @@ has_row() { [[ ",$rows," == *",$1,"* ]]; }
 has_peer() { [[ ",$peers," == *",$1,"* ]]; }
 out=${out:-/var/tmp/lcfs-fuse-compare-$(date +%Y%m%d-%H%M%S).tsv}
 
-cache_dir=${LCFS_TEST_CACHE:-/var/cache/lcfs-test}
-tarball="$cache_dir/debian-bookworm-minbase.tar"
+tarball=$DEBIAN_TARBALL
 # The same options as scripts/e2e/clone-semantics.sh: posix format keeps
 # nanosecond mtimes and xattrs; '*' extracts every xattr namespace.
 tar_options=(--numeric-owner --xattrs --xattrs-include='*' --format=posix)
@@ -156,29 +155,8 @@ trap 'exit_status=$?; bench_cleanup; (exit "$exit_status"); e2e_cleanup' EXIT
 
 # --- helpers ------------------------------------------------------------------
 
-debian_mirror() {
-    local uri
-    uri=$(grep -hsE '^\s*(URIs:|deb\s)' /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
-        /etc/apt/sources.list.d/*.sources | grep -v -- '-security' |
-        grep -oE 'https?://[^ ]*/debian/?' | head -n 1 || true)
-    echo "${LCFS_TEST_MIRROR:-${uri:-http://deb.debian.org/debian}}"
-}
-
-# Builds the cached rootfs tarball exactly as clone-semantics.sh does.
-ensure_rootfs_tarball() {
-    [[ -s $tarball ]] && return 0
-    local mirror rootfs="$E2E_SCRATCH/debootstrap" start=$SECONDS
-    mirror=$(debian_mirror)
-    say "building $tarball: debootstrap --variant=minbase bookworm from $mirror (cached for later runs)"
-    mkdir -p "$cache_dir"
-    quietly debootstrap --variant=minbase bookworm "$rootfs" "$mirror" ||
-        die "debootstrap failed (is $mirror reachable?)"
-    tar "${tar_options[@]}" -C "$rootfs" -cpf "$tarball.tmp.$$" . ||
-        die "could not write $tarball"
-    mv "$tarball.tmp.$$" "$tarball"
-    rm -rf "$rootfs"
-    say "rootfs tarball ready: $(du -h "$tarball" | cut -f1) in $((SECONDS - start)) s"
-}
+# ensure_rootfs_tarball (scripts/e2e/lib.sh) builds $DEBIAN_TARBALL when it
+# is missing.
 
 drop_caches() {
     sync

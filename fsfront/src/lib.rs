@@ -10,7 +10,8 @@ use std::time::Duration;
 /// How the filesystem is mounted.
 #[derive(Clone, Debug)]
 pub struct MountOptions {
-    /// FUSE worker threads (each with its own cloned /dev/fuse fd).
+    /// Worker threads for data reads and fsyncs (one thread reads /dev/fuse
+    /// and answers everything else itself; see docs/fuse.md).
     pub threads: usize,
     /// Let every user in (containers run as many uids); permission checks
     /// are the kernel's (default_permissions).
