@@ -161,6 +161,16 @@ fn posix_basics_through_the_mount() {
     assert!(e.fsck(true).unwrap().is_clean());
 }
 
+/// How often anyone has written to /proc/sys/vm/drop_caches (page cache).
+fn drop_pagecache_count() -> u64 {
+    fs::read_to_string("/proc/vmstat")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("drop_pagecache "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 fn cached_kib() -> u64 {
     let m = fs::read_to_string("/proc/meminfo").unwrap();
     m.lines()
@@ -182,23 +192,41 @@ fn clones_reading_a_shared_file_do_not_multiply_the_page_cache() {
     let data: Vec<u8> = (0..size).map(|i| (i / 4096 % 251) as u8).collect();
     fs::write(dir.path().join("img/blob"), &data).unwrap();
     let readers = 5;
-    for i in 0..readers {
-        e.clone_layer("img", &format!("r{i}")).unwrap();
+    // /proc/meminfo counts the whole machine's page cache: other work can
+    // add to it (measure again, with fresh clones) or drop it (seen in
+    // /proc/vmstat's drop_pagecache; measure again). Three tries.
+    let mut last = None;
+    let mut reader_dir = String::new();
+    for attempt in 0..3 {
+        for i in 0..readers {
+            e.clone_layer("img", &format!("r{attempt}-{i}")).unwrap();
+        }
+        // Settle, then measure the page cache while each clone reads the
+        // file through its own path (its own kernel inode) and closes it.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let drops = drop_pagecache_count();
+        let before = cached_kib();
+        for i in 0..readers {
+            let got = fs::read(dir.path().join(format!("r{attempt}-{i}/blob"))).unwrap();
+            assert!(got == data, "reader {i} saw other bytes");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let grown_mib = cached_kib().saturating_sub(before) / 1024;
+        reader_dir = format!("r{attempt}-{}", readers - 1);
+        println!(
+            "attempt {attempt}: page cache grew {grown_mib} MiB for {readers} readers of a {} MiB shared file",
+            size >> 20
+        );
+        if drop_pagecache_count() != drops {
+            println!("attempt {attempt}: another process dropped the page cache; again");
+            continue;
+        }
+        last = Some(grown_mib);
+        if grown_mib < 2 * (size as u64 >> 20) {
+            break;
+        }
     }
-    // Settle, then measure the page cache while each clone reads the file
-    // through its own path (its own kernel inode) and closes it.
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let before = cached_kib();
-    for i in 0..readers {
-        let got = fs::read(dir.path().join(format!("r{i}/blob"))).unwrap();
-        assert!(got == data, "reader {i} saw other bytes");
-    }
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let grown_mib = cached_kib().saturating_sub(before) / 1024;
-    println!(
-        "page cache grew {grown_mib} MiB for {readers} readers of a {} MiB shared file",
-        size >> 20
-    );
+    let grown_mib = last.expect("every attempt saw the page cache dropped by someone else");
     assert!(
         grown_mib < 2 * (size as u64 >> 20),
         "page cache grew {grown_mib} MiB: shared pages were not dropped at last close"
@@ -210,7 +238,7 @@ fn clones_reading_a_shared_file_do_not_multiply_the_page_cache() {
     );
     // The last reader's copy stays: reading it again never reaches the daemon.
     let touched = st.block_cache_hits + st.block_cache_misses;
-    let again = fs::read(dir.path().join(format!("r{}/blob", readers - 1))).unwrap();
+    let again = fs::read(dir.path().join(&reader_dir).join("blob")).unwrap();
     assert!(again == data);
     let st = e.stats();
     assert_eq!(
