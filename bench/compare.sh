@@ -80,6 +80,7 @@ mkdir -p "$out_dir"
 : >"$out_dir/stages.tsv"
 echo "$command_line" >"$out_dir/command.txt"
 compare_start=$SECONDS
+failed_parts=()
 
 # stage NAME COMMAND...: runs one tool, its output in NAME.log, its time in
 # stages.tsv (the report lists both).
@@ -92,6 +93,7 @@ stage() {
     if [[ $status -ne 0 ]]; then
         tail -n 20 "$out_dir/$name.log" >&2
         say "$name failed (exit $status; log $out_dir/$name.log); going on with the rest"
+        failed_parts+=("$name")
     else
         say "$name done in $((SECONDS - start)) s"
     fi
@@ -111,7 +113,10 @@ if runs engine; then
         >"$out_dir/engine-vs-fio.json" 2>"$out_dir/engine.log" || status=$?
     printf '%s\t%s\t%s\t%s\n' engine "$((SECONDS - engine_start))" "$status" \
         "target/release/engine-vs-fio --json ${engine_args[*]}" >>"$out_dir/stages.tsv"
-    [[ $status -eq 0 ]] || say "engine-vs-fio failed (exit $status; log $out_dir/engine.log)"
+    if [[ $status -ne 0 ]]; then
+        say "engine-vs-fio failed (exit $status; log $out_dir/engine.log)"
+        failed_parts+=(engine)
+    fi
 fi
 if runs fuse; then
     stage fuse bash "$E2E_REPO/bench/fuse-compare.sh" "${fuse_args[@]}" --out "$out_dir/fuse-compare.tsv"
@@ -131,3 +136,4 @@ if [[ $write_docs -eq 1 ]]; then
     say "wrote docs/benchmarks-summary.md and docs/charts/"
 fi
 say "done in $((SECONDS - compare_start)) s; outputs in $out_dir"
+[[ ${#failed_parts[@]} -eq 0 ]] || die "failed: ${failed_parts[*]} (the summary says 'Not run, or it failed')"

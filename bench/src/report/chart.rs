@@ -123,12 +123,14 @@ fn draw(
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(64)
-        .build_cartesian_2d(x_low.saturating_sub(margin)..x_high + margin, 0.0..y_top)?;
+        .build_cartesian_2d(
+            (x_low.saturating_sub(margin)..x_high + margin).with_key_points(counts.to_vec()),
+            0.0..y_top,
+        )?;
     chart
         .configure_mesh()
         .x_desc("containers (N)")
         .y_desc("seconds (median; bar: min-max)")
-        .x_labels(counts.len().max(2) + 2)
         .axis_desc_style(("sans-serif", 18))
         .label_style(("sans-serif", 15))
         .draw()?;
