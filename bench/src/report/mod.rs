@@ -215,6 +215,15 @@ fn engine_table(engine: &EngineResults) -> Table {
                 better: Better::Higher,
                 values: vec![engine.values("engine_rand_4k"), fio],
             },
+            Row {
+                label: "random read 4 KiB, queue depth 1, cold (fio: the same)".into(),
+                unit: "MiB/s",
+                better: Better::Higher,
+                values: vec![
+                    engine.values("engine_randread_4k_qd1"),
+                    engine.values("fio_randread_4k_qd1"),
+                ],
+            },
         ],
     }
 }
@@ -290,7 +299,7 @@ pub fn write_report(options: &ReportOptions) -> Result<(), ReportError> {
         Some(e) => {
             md.push_str(&format!(
                 "`engine-vs-fio` (docs/benchmarks.md section 2): {} MiB per run, {}, O_DIRECT loop device; \
-                 each round runs fio, the engine's sequential writes and its random writes.\n\n",
+                 each round runs fio, the engine's sequential writes, its random writes, its random reads of that file after a reopen, and fio's random reads.\n\n",
                 e.size_bytes >> 20,
                 e.fio_version
             ));
