@@ -25,6 +25,9 @@
 #   2. sequential read of bench/seq.bin with dd bs=1M: cold, cached (a second
 #      read), and, as an extra, cached while another descriptor holds the
 #      file open.
+#   randrw (extra row): fio in the merged view, buffered psync: a sequential
+#      1 MiB write of a --randrw-mib file (+ fsync), then 4 KiB random reads
+#      (cold) and 4 KiB random writes (+ fsync) over it, 5 s each (2 s in --quick).
 #   3. memory: one container reading bench/mem.bin, then N containers one
 #      after another, then N at once (and an idle control): growth of
 #      /proc/meminfo Cached plus the daemons' VmRSS, after the readers finish
@@ -47,14 +50,18 @@ E2E_NAME=fuse-compare
 usage() {
     cat <<'EOF'
 usage: bench/fuse-compare.sh [--quick] [--rounds N] [--rows LIST] [--peers LIST]
-                             [--seq-mib N] [--mem-mib N] [--readers N] [--out FILE]
+                             [--seq-mib N] [--mem-mib N] [--randrw-mib N] [--readers N]
+                             [--out FILE]
 
-  --quick        2 rounds, bench/seq.bin 512 MiB, bench/mem.bin 64 MiB (< 5 min)
+  --quick        2 rounds, bench/seq.bin 512 MiB, bench/mem.bin 64 MiB, randrw
+                 64 MiB and 2 s per random job (< 5 min)
   --rounds N     rounds per row (default 5); the summary shows their median
-  --rows LIST    comma-separated subset of metadata,seqread,memory (default all)
+  --rows LIST    comma-separated subset of metadata,seqread,randrw,memory
+                 (default all)
   --peers LIST   comma-separated subset of lcfs,overlay,fuse-overlayfs (default all)
   --seq-mib N    size of the sequential-read file (default 1024)
   --mem-mib N    size of the file the memory row's readers share (default 256)
+  --randrw-mib N size of the file the randrw row writes and reads (default 256)
   --readers N    containers in the memory row (default 20)
   --out FILE     raw results (TSV) and the summary (FILE.md)
                  (default /var/tmp/lcfs-fuse-compare-<time>.tsv)
@@ -65,10 +72,12 @@ EOF
 
 command_line="bench/fuse-compare.sh${*:+ $*}"
 rounds=5
-rows=metadata,seqread,memory
+rows=metadata,seqread,randrw,memory
 peers=lcfs,overlay,fuse-overlayfs
 seq_mib=1024
 mem_mib=256
+randrw_mib=256
+randrw_seconds=5
 readers=20
 out=""
 while [[ $# -gt 0 ]]; do
@@ -77,12 +86,15 @@ while [[ $# -gt 0 ]]; do
             rounds=2
             seq_mib=512
             mem_mib=64
+            randrw_mib=64
+            randrw_seconds=2
             ;;
         --rounds) rounds=$2; shift ;;
         --rows) rows=$2; shift ;;
         --peers) peers=$2; shift ;;
         --seq-mib) seq_mib=$2; shift ;;
         --mem-mib) mem_mib=$2; shift ;;
+        --randrw-mib) randrw_mib=$2; shift ;;
         --readers) readers=$2; shift ;;
         --out) out=$2; shift ;;
         -h | --help) usage; exit 0 ;;
@@ -90,13 +102,13 @@ while [[ $# -gt 0 ]]; do
     esac
     shift
 done
-for number in "$rounds" "$seq_mib" "$mem_mib" "$readers"; do
+for number in "$rounds" "$seq_mib" "$mem_mib" "$randrw_mib" "$readers"; do
     [[ $number =~ ^[1-9][0-9]*$ ]] || die "'$number' is not a positive integer"
 done
 IFS=, read -r -a row_list <<<"$rows"
 IFS=, read -r -a peer_list <<<"$peers"
 for row in "${row_list[@]}"; do
-    [[ $row =~ ^(metadata|seqread|memory)$ ]] || die "unknown row '$row'"
+    [[ $row =~ ^(metadata|seqread|randrw|memory)$ ]] || die "unknown row '$row'"
 done
 for peer in "${peer_list[@]}"; do
     [[ $peer =~ ^(lcfs|overlay|fuse-overlayfs)$ ]] || die "unknown peer '$peer'"
@@ -126,6 +138,7 @@ if ! command -v fuse-overlayfs >/dev/null 2>&1 && has_peer fuse-overlayfs; then
         die "could not install fuse-overlayfs"
 fi
 require_commands debootstrap tar dd python3 jq fusermount3
+has_row randrw && require_commands fio
 has_peer fuse-overlayfs && require_commands fuse-overlayfs
 e2e_init
 
@@ -470,8 +483,37 @@ run_files() {
         undisturbed seqread "$round" "$peer" seq_held_mibs step_read "$file"
         exec {holder}<&-
     fi
+    if has_row randrw; then
+        run_randrw "$peer" "$round" "$c/randrw.bin"
+    fi
     [[ $peer != lcfs ]] || lcfs_alive
     container_down "$peer" "$name"
+    settle
+}
+
+# fio_mibs ARGS...: one buffered psync fio job; prints its bandwidth in MiB/s.
+fio_mibs() {
+    local json
+    json=$(fio --name=randrw --ioengine=psync --direct=0 --output-format=json "$@") ||
+        die "fio $* failed"
+    jq -r '.jobs[0] | (.read.bw_bytes + .write.bw_bytes) / 1048576 | . * 10 | round / 10' <<<"$json"
+}
+
+# The randrw row for one peer in one round: FILE is in its container.
+run_randrw() {
+    local peer=$1 round=$2 file=$3
+    drop_caches
+    record randrw "$round" "$peer" seqwrite_mibs \
+        "$(fio_mibs --filename="$file" --rw=write --bs=1m --size="${randrw_mib}M" --end_fsync=1)"
+    drop_caches
+    record randrw "$round" "$peer" randread_mibs \
+        "$(fio_mibs --filename="$file" --rw=randread --bs=4k --size="${randrw_mib}M" \
+            --time_based --runtime="$randrw_seconds")"
+    drop_caches
+    record randrw "$round" "$peer" randwrite_mibs \
+        "$(fio_mibs --filename="$file" --rw=randwrite --bs=4k --size="${randrw_mib}M" \
+            --time_based --runtime="$randrw_seconds" --end_fsync=1)"
+    rm -f "$file"
     settle
 }
 
@@ -678,7 +720,7 @@ rotated() {
     done
 }
 
-if has_row metadata || has_row seqread; then
+if has_row metadata || has_row seqread || has_row randrw; then
     for ((round = 1; round <= rounds; round++)); do
         for peer in $(rotated "$round"); do
             run_start=$SECONDS
@@ -757,6 +799,9 @@ table([
     ("seq_cold_mibs", "sequential read, cold", "MiB/s", True, "seq"),
     ("seq_cached_mibs", "sequential read, cached (second read)", "MiB/s", True, "cached"),
     ("seq_held_mibs", "(extra) cached read, file held open by another fd", "MiB/s", True, "none"),
+    ("seqwrite_mibs", "(randrw) sequential write 1 MiB + fsync", "MiB/s", True, "none"),
+    ("randread_mibs", "(randrw) random read 4 KiB, cold", "MiB/s", True, "none"),
+    ("randwrite_mibs", "(randrw) random write 4 KiB + fsync", "MiB/s", True, "none"),
 ])
 memory_rows = []
 for kind, what in (("attributed", "files' page cache + daemon RSS, after"),

@@ -1,3 +1,4 @@
 //! lcfs benchmarks and comparison tools.
 
+pub mod report;
 pub mod stress;

@@ -6,7 +6,10 @@
 //! (a) fio, 1 MiB sequential writes, io_uring, O_DIRECT, queue depth 16;
 //! (b) the engine, one file written in 1 MiB calls, then `sync`;
 //! (c) the engine, 4 KiB writes at random 4 KiB-aligned offsets (each block of
-//!     the file once, in a seeded random order), then `sync`.
+//!     the file once, in a seeded random order), then `sync`;
+//! (d) fio, 4 KiB random reads, psync (queue depth 1), O_DIRECT, 32 MiB in all;
+//! (e) the engine, reopened (cold cache) on (c)'s device, 4 KiB reads of the
+//!     same number of distinct random blocks of that file, one at a time.
 //! Each engine run formats the device afresh and uses the io_uring backend.
 //! The loop device is detached and the file deleted on every exit path that
 //! runs destructors (success, error, panic, SIGINT/SIGTERM).
@@ -33,13 +36,17 @@ use std::time::Instant;
 const MIB: u64 = 1 << 20;
 const SEQUENTIAL_CALL_BYTES: usize = 1 << 20;
 const RANDOM_CALL_BYTES: usize = 4096;
+/// Bytes the random-read runs (d) and (e) read, in 4 KiB reads.
+const RANDOM_READ_BYTES: u64 = 32 << 20;
 
 const USAGE: &str = "\
 usage: engine-vs-fio [options]   (as root)
 
 Writes S bytes to a loop device with fio (1 MiB sequential, io_uring, direct,
 iodepth 16) and with the lcfs engine (1 MiB sequential calls; 4 KiB random
-calls), interleaved for N rounds, and reports bandwidths, medians and ratios.
+calls), interleaved for N rounds, then 32 MiB of 4 KiB random reads at queue
+depth 1 by the reopened engine and by fio, and reports bandwidths, medians
+and ratios.
 
 options:
   --size-bytes N     bytes written per run (S)             [default 1GiB]
@@ -230,17 +237,47 @@ fn fio_available() -> Result<String, String> {
     }
 }
 
-/// One fio run; returns bytes per second from its JSON report.
+/// One fio run of 1 MiB sequential writes; returns bytes per second.
 fn run_fio(device: &str, size_bytes: u64) -> Result<f64, String> {
+    let job = [
+        "--ioengine=io_uring",
+        "--rw=write",
+        "--bs=1m",
+        "--iodepth=16",
+        "--name=seq",
+    ];
+    run_fio_job(device, size_bytes, &job, "write", size_bytes)
+}
+
+/// One fio run of 4 KiB random reads at queue depth 1 over the first
+/// `size_bytes` of the device, RANDOM_READ_BYTES in all.
+fn run_fio_random_reads(device: &str, size_bytes: u64) -> Result<f64, String> {
+    let io_size = format!("--io_size={RANDOM_READ_BYTES}");
+    let job = [
+        "--ioengine=psync",
+        "--rw=randread",
+        "--bs=4k",
+        &io_size,
+        "--name=randread",
+    ];
+    run_fio_job(device, size_bytes, &job, "read", RANDOM_READ_BYTES)
+}
+
+/// Runs fio with `job` (plus O_DIRECT, the size and the device) and returns
+/// the bytes per second of `direction` ("read" or "write") from its JSON
+/// report, which must show at least `expected_bytes` moved.
+fn run_fio_job(
+    device: &str,
+    size_bytes: u64,
+    job: &[&str],
+    direction: &str,
+    expected_bytes: u64,
+) -> Result<f64, String> {
     let out = Command::new("fio")
+        .args(job)
         .args([
-            "--ioengine=io_uring",
             "--direct=1",
-            "--rw=write",
-            "--bs=1m",
-            "--iodepth=16",
             &format!("--size={size_bytes}"),
-            "--name=seq",
             &format!("--filename={device}"),
             "--output-format=json",
         ])
@@ -258,19 +295,19 @@ fn run_fio(device: &str, size_bytes: u64) -> Result<f64, String> {
     let start = text.find('{').ok_or("fio printed no JSON")?;
     let report: Value =
         serde_json::from_str(&text[start..]).map_err(|e| format!("parsing fio JSON: {e}"))?;
-    let write = &report["jobs"][0]["write"];
-    let bytes = write["io_bytes"]
+    let result = &report["jobs"][0][direction];
+    let bytes = result["io_bytes"]
         .as_f64()
-        .ok_or("fio JSON: no jobs[0].write.io_bytes")?;
-    let runtime_ms = write["runtime"]
+        .ok_or_else(|| format!("fio JSON: no jobs[0].{direction}.io_bytes"))?;
+    let runtime_ms = result["runtime"]
         .as_f64()
-        .ok_or("fio JSON: no jobs[0].write.runtime")?;
-    if bytes < size_bytes as f64 || runtime_ms <= 0.0 {
+        .ok_or_else(|| format!("fio JSON: no jobs[0].{direction}.runtime"))?;
+    if bytes < expected_bytes as f64 || runtime_ms <= 0.0 {
         return Err(format!(
-            "fio wrote {bytes} bytes in {runtime_ms} ms, expected {size_bytes} bytes"
+            "fio moved {bytes} bytes ({direction}) in {runtime_ms} ms, expected {expected_bytes} bytes"
         ));
     }
-    write["bw_bytes"]
+    result["bw_bytes"]
         .as_f64()
         .filter(|bw| *bw > 0.0)
         .map_or_else(|| Ok(bytes / (runtime_ms / 1000.0)), Ok)
@@ -292,6 +329,8 @@ struct EngineRun {
     checkpoints: u64,
     coalescing_ratio: f64,
     backend: &'static str,
+    /// Random4k only: run (e), 4 KiB random reads after reopening.
+    random_read_bytes_per_second: Option<f64>,
 }
 
 fn engine_error(what: &str) -> impl Fn(lcfs_engine::Error) -> String + '_ {
@@ -374,7 +413,56 @@ fn run_engine(
         ));
     }
     engine.close().map_err(engine_error("close"))?;
-    Ok(engine_run(size_bytes as f64 / elapsed, &before, &after))
+    drop(engine);
+    let mut run = engine_run(size_bytes as f64 / elapsed, &before, &after);
+    if pattern == Pattern::Random4k {
+        run.random_read_bytes_per_second = Some(run_engine_random_reads(
+            device, size_bytes, layer, file.inode, seed,
+        )?);
+    }
+    Ok(run)
+}
+
+/// Reopens the engine on `device` (its block cache starts empty) and reads
+/// RANDOM_READ_BYTES of the file in 4 KiB reads of distinct random blocks,
+/// one at a time, as fio's psync job does; returns bytes per second.
+fn run_engine_random_reads(
+    device: &str,
+    size_bytes: u64,
+    layer: u64,
+    inode: u64,
+    seed: u64,
+) -> Result<f64, String> {
+    let opts = OpenOptions {
+        backend: Backend::IoUring,
+        create_size_bytes: None,
+    };
+    let dev: Arc<dyn Device> =
+        Arc::from(open_device(Path::new(device), &opts).map_err(engine_error("open_device"))?);
+    let engine = Engine::open(dev, Config::default()).map_err(engine_error("reopen"))?;
+    let mut offsets: Vec<u64> = (0..size_bytes / RANDOM_CALL_BYTES as u64)
+        .map(|i| i * RANDOM_CALL_BYTES as u64)
+        .collect();
+    offsets.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x5eed));
+    offsets.truncate((RANDOM_READ_BYTES / RANDOM_CALL_BYTES as u64) as usize);
+    let start = Instant::now();
+    for (n, &offset) in offsets.iter().enumerate() {
+        let data = engine
+            .read(layer, inode, offset, RANDOM_CALL_BYTES)
+            .map_err(engine_error("read"))?;
+        if data.len() != RANDOM_CALL_BYTES {
+            return Err(format!(
+                "engine read {} bytes at {offset}, expected {RANDOM_CALL_BYTES}",
+                data.len()
+            ));
+        }
+        if n % 1024 == 0 {
+            check_interrupted()?;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    engine.close().map_err(engine_error("close"))?;
+    Ok((offsets.len() * RANDOM_CALL_BYTES) as f64 / elapsed)
 }
 
 fn engine_run(bytes_per_second: f64, before: &Stats, after: &Stats) -> EngineRun {
@@ -393,6 +481,7 @@ fn engine_run(bytes_per_second: f64, before: &Stats, after: &Stats) -> EngineRun
             user_write_calls as f64 / device_writes as f64
         },
         backend: after.backend,
+        random_read_bytes_per_second: None,
     }
 }
 
@@ -452,6 +541,7 @@ fn run(o: &Options) -> Result<Value, String> {
     ));
 
     let (mut fio, mut seq, mut rand) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut fio_random_read, mut engine_random_read) = (Vec::new(), Vec::new());
     let mut engine_runs = Vec::new();
     for round in 1..=o.rounds {
         check_interrupted()?;
@@ -491,7 +581,21 @@ fn run(o: &Options) -> Result<Value, String> {
                 "device_flushes": r.device_flushes, "user_write_calls": r.user_write_calls,
                 "checkpoints": r.checkpoints, "coalescing_ratio": r.coalescing_ratio,
             }));
+            if let Some(read) = r.random_read_bytes_per_second {
+                say(format!(
+                    "round {round}: engine randread 4k qd1 {:8.1} MiB/s  (reopened, cold cache)",
+                    mib_per_second(read)
+                ));
+                engine_random_read.push(read);
+            }
         }
+        check_interrupted()?;
+        let f = run_fio_random_reads(&device, o.size_bytes)?;
+        say(format!(
+            "round {round}: fio randread 4k qd1    {:8.1} MiB/s",
+            mib_per_second(f)
+        ));
+        fio_random_read.push(f);
     }
     let ratios_seq: Vec<f64> = seq.iter().zip(&fio).map(|(e, f)| e / f).collect();
     let ratios_rand: Vec<f64> = rand.iter().zip(&fio).map(|(e, f)| e / f).collect();
@@ -500,6 +604,8 @@ fn run(o: &Options) -> Result<Value, String> {
         ("fio seq 1m qd16", &fio),
         ("engine seq 1m", &seq),
         ("engine rand 4k", &rand),
+        ("fio randread 4k qd1", &fio_random_read),
+        ("engine randread 4k qd1", &engine_random_read),
     ] {
         let mibs: Vec<String> = values
             .iter()
@@ -534,7 +640,9 @@ fn run(o: &Options) -> Result<Value, String> {
         "device_bytes": o.device_bytes,
         "rounds": o.rounds,
         "seed": o.seed,
-        "results": [summary("fio_seq_1m_qd16", &fio), summary("engine_seq_1m", &seq), summary("engine_rand_4k", &rand)],
+        "results": [summary("fio_seq_1m_qd16", &fio), summary("engine_seq_1m", &seq), summary("engine_rand_4k", &rand),
+                    summary("fio_randread_4k_qd1", &fio_random_read),
+                    summary("engine_randread_4k_qd1", &engine_random_read)],
         "ratio_engine_seq_to_fio_seq": m_seq / m_fio,
         "ratio_engine_rand4k_to_fio_seq": m_rand / m_fio,
         "ratio_engine_seq_to_fio_seq_per_round": ratios_seq,
