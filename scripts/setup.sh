@@ -18,10 +18,11 @@ FSX_VERSION=0.3.2
 # test images; kmod: modprobe; docker.io: graphdriver tests (installed, never
 # started here); g++: libfuzzer-sys compiles libFuzzer (C++); python3: the
 # e2e checks' tree manifests (scripts/e2e/tree.py); busybox-static: the small
-# image the Docker checks build (scripts/e2e/images.py).
+# image the Docker checks build (scripts/e2e/images.py); fonts-dejavu-core: the
+# benchmark charts' text (lcfs-bench-report).
 APT_PACKAGES=(
     fio fuse3 util-linux e2fsprogs btrfs-progs debootstrap kmod docker.io fuse-overlayfs
-    jq curl ca-certificates g++ python3 busybox-static
+    jq curl ca-certificates g++ python3 busybox-static fonts-dejavu-core
 )
 
 export DEBIAN_FRONTEND=noninteractive
