@@ -64,34 +64,18 @@ fn number<T: std::str::FromStr>(
 
 /// bench/fuse-compare.sh: `row round peer metric value`.
 pub fn parse_fuse_tsv(text: &str) -> Result<Samples, ReportError> {
-    const FILE: &str = "fuse-compare.tsv";
-    let mut samples = Vec::new();
-    for (index, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let n = index + 1;
-        let fields: Vec<&str> = line.split('\t').collect();
-        let [row, round, peer, metric, value] = fields[..] else {
-            return Err(bad(FILE, n, format!("{} fields, expected 5", fields.len())));
-        };
-        samples.push(Sample {
-            row: row.to_string(),
-            count: None,
-            round: number(FILE, n, "round", round)?,
-            peer: peer.to_string(),
-            metric: metric.to_string(),
-            value: number(FILE, n, "value", value)?,
-        });
-    }
-    Ok(Samples(samples))
+    parse_tsv(text, "fuse-compare.tsv", false)
 }
 
 /// bench/docker-compare.sh: `row count round peer metric value`, count `-`
 /// outside the launch row.
 pub fn parse_docker_tsv(text: &str) -> Result<Samples, ReportError> {
-    const FILE: &str = "docker-compare.tsv";
+    parse_tsv(text, "docker-compare.tsv", true)
+}
+
+/// One sample per non-empty line: `row [count] round peer metric value`.
+fn parse_tsv(text: &str, file: &str, with_count: bool) -> Result<Samples, ReportError> {
+    let expected = if with_count { 6 } else { 5 };
     let mut samples = Vec::new();
     for (index, line) in text
         .lines()
@@ -99,21 +83,31 @@ pub fn parse_docker_tsv(text: &str) -> Result<Samples, ReportError> {
         .filter(|(_, l)| !l.trim().is_empty())
     {
         let n = index + 1;
-        let fields: Vec<&str> = line.split('\t').collect();
-        let [row, count, round, peer, metric, value] = fields[..] else {
-            return Err(bad(FILE, n, format!("{} fields, expected 6", fields.len())));
+        let mut fields: Vec<&str> = line.split('\t').collect();
+        if fields.len() != expected {
+            return Err(bad(
+                file,
+                n,
+                format!("{} fields, expected {expected}", fields.len()),
+            ));
+        }
+        let count = match with_count {
+            true => match fields.remove(1) {
+                "-" => None,
+                count => Some(number(file, n, "count", count)?),
+            },
+            false => None,
+        };
+        let [row, round, peer, metric, value] = fields[..] else {
+            return Err(bad(file, n, "fields lost after the count"));
         };
         samples.push(Sample {
             row: row.to_string(),
-            count: if count == "-" {
-                None
-            } else {
-                Some(number(FILE, n, "count", count)?)
-            },
-            round: number(FILE, n, "round", round)?,
+            count,
+            round: number(file, n, "round", round)?,
             peer: peer.to_string(),
             metric: metric.to_string(),
-            value: number(FILE, n, "value", value)?,
+            value: number(file, n, "value", value)?,
         });
     }
     Ok(Samples(samples))
