@@ -23,7 +23,7 @@ tree=("python3" "$E2E_DIR/tree.py")
 images=("python3" "$E2E_DIR/images.py")
 run=(run --rm --network none)
 
-require_commands dockerd busybox tar python3
+require_commands dockerd busybox tar python3 jq
 e2e_init
 ensure_rootfs_tarball
 lcfs_build
@@ -43,13 +43,14 @@ expect() {
     fi
 }
 
-live_bytes() {
-    lcfs_ctl stats --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["live_bytes"])'
+# lcfs_stat FILTER: one value of `lcfs stats --json` (a jq path).
+lcfs_stat() {
+    lcfs_ctl stats --json | jq -er "$1"
 }
 
 driver=$(d info --format '{{.Driver}}')
 expect "dockerd uses the lcfs plugin" "$LCFS_PLUGIN" "$driver"
-baseline=$(live_bytes)
+baseline=$(lcfs_stat .live_bytes)
 
 # --- import, load, run -----------------------------------------------------------
 "${images[@]}" busybox "$E2E_WORK/busybox.tar"
@@ -115,14 +116,14 @@ COPY tree /copied
 RUN head -c 67108864 /dev/urandom > /work/big && sha256sum /work/big > /work/big.sha256
 RUN ln /work/one /work/one-link && mkfifo /work/fifo
 EOF
-bytes_before=$(lcfs_ctl stats --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["device_io"]["write_bytes"])')
+bytes_before=$(lcfs_stat .device_io.write_bytes)
 start=$SECONDS
 DOCKER_BUILDKIT=0 quietly d build -t built:e2e "$context" || die "classic build failed"
 say "classic build in $((SECONDS - start)) s"
 expect "build result" "one|changed|a|b|/work/big: OK|2" "$(d "${run[@]}" built:e2e sh -c \
     'cat /work/one /copied/a /copied/sub/b; cd / && sha256sum -c /work/big.sha256; stat -c %h /work/one; test -e /work/two && echo two is back; test -e /usr/share/doc && echo doc is back' | paste -sd '|')"
-promoted=$(lcfs_ctl stats --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["engine"]["promoted_bytes"])' 2>/dev/null || echo 0)
-written=$(($(lcfs_ctl stats --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["device_io"]["write_bytes"])') - bytes_before))
+promoted=$(lcfs_stat .engine.promoted_bytes)
+written=$(($(lcfs_stat .device_io.write_bytes) - bytes_before))
 say "build: $((written >> 20)) MiB written to the device, $((promoted >> 20)) MiB promoted from container layers"
 [[ $promoted -ge $((64 << 20)) ]] || fail "the build's commits did not promote the 64 MiB the RUN step wrote (promoted $promoted bytes)"
 
@@ -183,7 +184,7 @@ d image prune -f >/dev/null
 leftover=$(d images -aq | wc -l)
 expect "no images left" 0 "$leftover"
 expect "no lcfs layers left" "" "$(lcfs_ctl layer ls | grep -v '^NAME' || true)"
-after=$(live_bytes)
+after=$(lcfs_stat .live_bytes)
 say "live bytes: $baseline before the first image, $after after rm and rmi"
 [[ $after -le $((baseline + (4 << 20))) ]] ||
     fail "rm and rmi left $(((after - baseline) >> 10)) KiB live on the device"
