@@ -77,6 +77,19 @@ fn temp_device_file(dir: &tempfile::TempDir, name: &str, size: u64) -> (PathBuf,
     (path, file)
 }
 
+/// Held while a test runs another program, and while a test checks that a
+/// closed device can be reopened exclusively at once. A child process holds a
+/// copy of this process's file table from fork to exec (every descriptor,
+/// close-on-exec or not), so a device another test thread closes in that window
+/// stays open, and exclusively claimed, until the child execs.
+static FILE_TABLE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Runs `command` to its end, with no exclusive reopen check in progress.
+fn run_program(command: &mut Command) -> std::io::Result<std::process::Output> {
+    let _spawning = FILE_TABLE.read().unwrap_or_else(|e| e.into_inner());
+    command.output()
+}
+
 /// A loop device attached to a file, detached on drop even when the test panics.
 struct LoopDevice {
     path: PathBuf,
@@ -85,12 +98,13 @@ struct LoopDevice {
 impl LoopDevice {
     fn attach(backing: &Path, extra_args: &[&str]) -> LoopDevice {
         require_root("attach a loop device");
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .args(extra_args)
-            .arg(backing)
-            .output()
-            .expect("run losetup");
+        let out = run_program(
+            Command::new("losetup")
+                .args(["--find", "--show"])
+                .args(extra_args)
+                .arg(backing),
+        )
+        .expect("run losetup");
         assert!(
             out.status.success(),
             "losetup failed: {}",
@@ -111,8 +125,8 @@ impl LoopDevice {
 
 impl Drop for LoopDevice {
     fn drop(&mut self) {
-        match Command::new("losetup").arg("-d").arg(&self.path).status() {
-            Ok(s) if s.success() => {}
+        match run_program(Command::new("losetup").arg("-d").arg(&self.path)) {
+            Ok(out) if out.status.success() => {}
             other => eprintln!(
                 "warning: could not detach {}: {other:?}",
                 self.path.display()
@@ -457,6 +471,7 @@ fn loop_device_keeps_the_contract_with_both_backends() {
     check_contract(&*dev, s ^ 7);
     // Dropping an io_uring device releases the exclusive open at once, so the
     // device can be reopened straight away (unmount, then mount again).
+    let _no_children = FILE_TABLE.write().unwrap_or_else(|e| e.into_inner());
     drop(dev);
     for round in 0..20 {
         let opts = OpenOptions {
@@ -789,12 +804,8 @@ fn detect_signature_finds_ext4_and_nothing_on_a_zeroed_device() {
         "a fresh sparse file has no signature"
     );
     drop(dev);
-    let status = match Command::new("mkfs.ext4")
-        .args(["-q", "-F"])
-        .arg(&path)
-        .status()
-    {
-        Ok(status) => status,
+    let status = match run_program(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&path)) {
+        Ok(out) => out.status,
         Err(e) => {
             eprintln!("SKIPPED the ext4 half of this test: mkfs.ext4 cannot run ({e})");
             return;
