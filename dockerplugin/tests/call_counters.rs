@@ -67,7 +67,14 @@ fn calls_are_counted_per_method() {
         assert!(String::from_utf8_lossy(&body).contains("Err"));
     }
 
-    let s = calls.snapshot();
+    // A call is counted once its answer is fully written, which can be just
+    // after the client has read that answer: wait for the last one to land.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut s = calls.snapshot();
+    while s.in_flight > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        s = calls.snapshot();
+    }
     let count = |name: &str| s.methods.iter().find(|m| m.method == name).map(|m| m.calls);
     assert_eq!(count("Plugin.Activate"), Some(1), "{s:?}");
     assert_eq!(count("GraphDriver.Create"), Some(1), "{s:?}");
