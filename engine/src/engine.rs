@@ -461,7 +461,21 @@ impl Engine {
     }
 
     pub fn write(&self, layer: u64, ino: u64, offset: u64, data: &[u8]) -> Result<usize> {
-        self.change(|s| s.write(layer, ino, offset, data))
+        self.change(|s| s.write(layer, ino, offset, data, true))
+    }
+
+    /// [`Engine::write`] that leaves mtime and ctime alone: for data a
+    /// writeback cache held (FUSE's), whose owner keeps the file's times and
+    /// sets them itself, as they were when the data was written rather than
+    /// when it arrives here.
+    pub fn write_keeping_times(
+        &self,
+        layer: u64,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<usize> {
+        self.change(|s| s.write(layer, ino, offset, data, false))
     }
 
     /// Promotion: makes bytes `offset..offset + len` of file `ino` in `layer`

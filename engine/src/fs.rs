@@ -1224,13 +1224,15 @@ impl Store {
 
     // ------------------------------------------------------------ data
 
-    /// Public write entry: checks, space, then the block loop.
+    /// Public write entry: checks, space, then the block loop. `touch` sets
+    /// mtime and ctime to now.
     pub(crate) fn write(
         &mut self,
         layer: u64,
         ino: u64,
         offset: u64,
         data: &[u8],
+        touch: bool,
     ) -> Result<usize> {
         self.writable_layer(layer)?;
         let i = self.inode(layer, ino)?;
@@ -1239,7 +1241,7 @@ impl Store {
             Some(FileKind::Directory) => return Err(Error::IsDirectory),
             _ => return Err(Error::Invalid("not a regular file".into())),
         }
-        self.write_data(layer, ino, i, offset, data, true)?;
+        self.write_data(layer, ino, i, offset, data, touch)?;
         Ok(data.len())
     }
 

@@ -105,3 +105,29 @@ fn clone_isolates_changes_and_remove_frees() {
     assert_clean(&e);
     assert!(e.list_layers().is_empty());
 }
+
+#[test]
+fn a_write_back_keeps_the_times_its_writer_set() {
+    let (_dev, e) = fresh(64 << 20);
+    let l = e.create_layer("base", false).unwrap();
+    let f = e.create(l, ROOT_INODE, b"cached", 0o644, 0, 0).unwrap();
+    let set = Timestamp {
+        seconds: 1_700_000_000,
+        nanoseconds: 123,
+    };
+    let s = SetAttr {
+        mtime: Some(TimeSet::At(set)),
+        ctime: Some(set),
+        ..SetAttr::default()
+    };
+    e.setattr(l, f.inode, &s).unwrap();
+    assert_eq!(e.write_keeping_times(l, f.inode, 4096, b"late").unwrap(), 4);
+    let a = e.getattr(l, f.inode).unwrap();
+    assert_eq!((a.mtime, a.ctime), (set, set), "a write-back moves no time");
+    assert_eq!(a.size, 4100, "but grows the file");
+    assert_eq!(e.read(l, f.inode, 4096, 4).unwrap(), b"late");
+    e.write(l, f.inode, 0, b"now").unwrap();
+    let a = e.getattr(l, f.inode).unwrap();
+    assert!(a.mtime != set && a.ctime != set, "a plain write sets both");
+    assert_clean(&e);
+}
