@@ -139,6 +139,13 @@ settle() {
 }
 
 # seconds_since START: START is an earlier $EPOCHREALTIME.
+# stamp_lines START: copies its input, each line after the seconds since START.
+stamp_lines() {
+    local line
+    while IFS= read -r line; do
+        printf '%s %s\n' "$(seconds_since "$1")" "$line"
+    done
+}
 seconds_since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.3f", b - a }'; }
 
 record() { # record ROW COUNT ROUND PEER METRIC VALUE
@@ -239,8 +246,10 @@ run_build() {
     drop_caches
     [[ $peer != lcfs ]] || plugin_mark
     start=$EPOCHREALTIME
+    # Each line of the log starts with the seconds since the start, so the
+    # time of every step can be read from it.
     DOCKER_BUILDKIT=0 d "$peer" build --no-cache --network none -t built:bench \
-        "$E2E_WORK/context" >"$E2E_WORK/build-$peer-$round.log" 2>&1 || {
+        "$E2E_WORK/context" 2>&1 | stamp_lines "$start" >"$E2E_WORK/build-$peer-$round.log" || {
         tail -n 20 "$E2E_WORK/build-$peer-$round.log" >&2
         die "$peer: docker build failed"
     }
