@@ -3,6 +3,7 @@
 //! shape can be tested on an in-memory engine.
 
 use crate::protocol::{self, failure, success, FsckReport, Layer, Ping, Stats, OPS};
+use lcfs_dockerplugin::KernelCache;
 use lcfs_engine::Engine;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -10,16 +11,15 @@ use serde_json::{Map, Value};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-/// Called with a layer's name after it appeared or went away, so the FUSE
-/// mount can drop the kernel's cached entry for it.
-pub type Invalidate = Box<dyn Fn(&str) + Send + Sync>;
-
 /// What a request is executed against.
 pub struct Control {
     pub engine: Arc<Engine>,
     pub device: PathBuf,
     pub mountpoint: PathBuf,
-    pub invalidate: Invalidate,
+    /// The FUSE mount: told when a layer appears, goes away or changes
+    /// state, and asked to write back cached writes before a layer is
+    /// cloned, frozen, checked or synced.
+    pub kernel: Arc<dyn KernelCache>,
     /// The Docker plugin's call counters, when the daemon serves it.
     pub plugin_calls: Option<Arc<lcfs_dockerplugin::CallCounters>>,
 }
@@ -101,6 +101,10 @@ impl Control {
         match op.as_str() {
             "layer.create" => {
                 let a: CreateArgs = args(&op, fields)?;
+                if a.parent.is_some() {
+                    // The clone freezes the parent.
+                    self.write_back()?;
+                }
                 let result = match &a.parent {
                     None => self.engine.create_layer(&a.name, a.cold),
                     Some(parent) => self.engine.clone_layer_with(parent, &a.name, a.cold),
@@ -110,18 +114,19 @@ impl Control {
                     Some(parent) => format!("clone layer {parent:?} into {:?}", a.name),
                 };
                 result.map_err(|e| Refusal::engine(&context, e))?;
-                (self.invalidate)(&a.name);
+                self.kernel.invalidate(&a.name);
                 log::info!("{context}");
                 self.layer(&a.name)
             }
             "layer.commit" => {
                 let a: NameArgs = args(&op, fields)?;
                 let context = format!("commit layer {:?}", a.name);
+                self.write_back()?;
                 self.engine
                     .commit_layer(&a.name)
                     .map_err(|e| Refusal::engine(&context, e))?;
                 // The layer directory's attributes change (it becomes read-only).
-                (self.invalidate)(&a.name);
+                self.kernel.invalidate(&a.name);
                 log::info!("{context}");
                 self.layer(&a.name)
             }
@@ -131,7 +136,7 @@ impl Control {
                 self.engine
                     .remove_layer(&a.name)
                     .map_err(|e| Refusal::engine(&context, e))?;
-                (self.invalidate)(&a.name);
+                self.kernel.invalidate(&a.name);
                 log::info!("{context}");
                 Ok(Value::Null)
             }
@@ -147,10 +152,13 @@ impl Control {
             }
             "layer.stat" => {
                 let a: NameArgs = args(&op, fields)?;
+                // Its sizes count what the kernel still caches.
+                self.write_back()?;
                 self.layer(&a.name)
             }
             "sync" => {
                 let _: NoArgs = args(&op, fields)?;
+                self.write_back()?;
                 self.engine.sync().map_err(|e| Refusal::engine("sync", e))?;
                 Ok(Value::Null)
             }
@@ -166,6 +174,7 @@ impl Control {
             }
             "fsck" => {
                 let a: FsckArgs = args(&op, fields)?;
+                self.write_back()?;
                 let report = self
                     .engine
                     .fsck(a.verify_data)
@@ -189,6 +198,15 @@ impl Control {
                 message: format!("unknown op {op:?} (known: {})", OPS.join(", ")),
             }),
         }
+    }
+
+    /// Has the mount write back what the kernel caches of writes, so the
+    /// engine holds every write made before this request.
+    fn write_back(&self) -> Result<(), Refusal> {
+        self.kernel.write_back().map_err(|e| Refusal {
+            errno: e.raw_os_error().unwrap_or(libc::EIO),
+            message: format!("writing the mount's cached writes back to the layers: {e}"),
+        })
     }
 
     fn layer(&self, name: &str) -> Result<Value, Refusal> {
@@ -225,7 +243,7 @@ mod tests {
     use lcfs_engine::{Config, FormatOptions};
     use std::sync::Mutex;
 
-    fn control() -> (Control, Arc<Mutex<Vec<String>>>) {
+    fn control() -> (Control, Arc<Recorder>) {
         let dev: Arc<dyn lcfs_engine::device::Device> = Arc::new(MemDevice::new(64 << 20));
         Engine::format(
             dev.clone(),
@@ -244,16 +262,30 @@ mod tests {
             },
         )
         .unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = seen.clone();
+        let kernel = Arc::new(Recorder::default());
         let control = Control {
             engine,
             device: "/dev/test".into(),
             mountpoint: "/mnt/lcfs".into(),
-            invalidate: Box::new(move |name| log.lock().unwrap().push(name.to_string())),
+            kernel: kernel.clone(),
             plugin_calls: None,
         };
-        (control, seen)
+        (control, kernel)
+    }
+
+    /// Stands in for the FUSE mount: what the control told it, in order.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl KernelCache for Recorder {
+        fn invalidate(&self, layer: &str) {
+            self.0.lock().unwrap().push(format!("invalidate {layer}"));
+        }
+
+        fn write_back(&self) -> std::io::Result<()> {
+            self.0.lock().unwrap().push("write back".into());
+            Ok(())
+        }
     }
 
     fn call(c: &Control, request: &str) -> Value {
@@ -270,7 +302,7 @@ mod tests {
 
     #[test]
     fn layer_lifecycle() {
-        let (c, invalidated) = control();
+        let (c, kernel) = control();
         let r = call(&c, r#"{"op":"layer.create","name":"base","cold":true}"#);
         assert_eq!(r["ok"], true, "{r}");
         let base: Layer = serde_json::from_value(r["result"].clone()).unwrap();
@@ -312,9 +344,19 @@ mod tests {
             libc::EEXIST as i64
         );
         assert_eq!(
-            *invalidated.lock().unwrap(),
-            ["base", "c1", "c1", "c1"],
-            "create, clone, commit and remove invalidate the layer's entry"
+            *kernel.0.lock().unwrap(),
+            [
+                "invalidate base",
+                "write back",
+                "invalidate c1",
+                "write back",
+                "write back",
+                "invalidate c1",
+                "invalidate c1",
+                "write back",
+            ],
+            "create, clone, commit and remove invalidate the layer's entry; \
+             clone, commit and stat first write back what the kernel caches"
         );
     }
 

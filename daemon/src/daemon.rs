@@ -11,6 +11,7 @@ use crate::control::Control;
 use crate::device;
 use crate::error::{Error, Result};
 use crate::server::{self, Gate};
+use lcfs_dockerplugin::KernelCache;
 use lcfs_engine::Config;
 use lcfs_fsfront::{Mount, MountOptions};
 use std::io;
@@ -28,6 +29,8 @@ pub struct DaemonOptions {
     pub threads: usize,
     pub node_cache_mib: usize,
     pub block_cache_mib: usize,
+    /// The mount's writeback cache (see `MountOptions::writeback_cache`).
+    pub writeback_cache: bool,
     /// Serve the Docker graphdriver plugin here too (see lcfs-dockerplugin).
     pub docker_plugin_socket: Option<PathBuf>,
 }
@@ -65,6 +68,7 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
 
     let options = MountOptions {
         threads: o.threads.max(1),
+        writeback_cache: o.writeback_cache,
         ..MountOptions::default()
     };
     let mount = lcfs_fsfront::mount(engine.clone(), &mountpoint, &options)
@@ -76,6 +80,7 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
         options.threads
     );
     let mount = Arc::new(RwLock::new(Some(mount)));
+    let kernel: Arc<dyn KernelCache> = Arc::new(SharedMount(mount.clone()));
     let listener = match server::bind(&o.control_socket) {
         Ok(l) => l,
         Err(e) => {
@@ -88,20 +93,8 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
     let plugin = match &o.docker_plugin_socket {
         None => None,
         Some(socket) => {
-            let invalidating = mount.clone();
-            let driver = lcfs_dockerplugin::Driver::new(
-                engine.clone(),
-                &mountpoint,
-                Box::new(move |name| {
-                    if let Some(m) = invalidating
-                        .read()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .as_ref()
-                    {
-                        m.invalidate_layer(name);
-                    }
-                }),
-            );
+            let driver =
+                lcfs_dockerplugin::Driver::new(engine.clone(), &mountpoint, kernel.clone());
             match lcfs_dockerplugin::serve(Arc::new(driver), socket, o.threads.max(4)) {
                 Ok(server) => Some(server),
                 Err(e) => {
@@ -117,20 +110,11 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
             }
         }
     };
-    let invalidating = mount.clone();
     let control = Arc::new(Control {
         engine: engine.clone(),
         device: device_path.clone(),
         mountpoint: mountpoint.clone(),
-        invalidate: Box::new(move |name| {
-            if let Some(m) = invalidating
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-            {
-                m.invalidate_layer(name);
-            }
-        }),
+        kernel: kernel.clone(),
         plugin_calls: plugin.as_ref().map(|server| server.calls()),
     });
     log::info!(
@@ -157,6 +141,27 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
     closed?;
     log::info!("checkpointed and unmounted; bye");
     Ok(())
+}
+
+/// The mount as the control socket and the Docker plugin see it; after
+/// the unmount there is nothing left to invalidate or write back.
+struct SharedMount(Arc<RwLock<Option<Mount>>>);
+
+impl KernelCache for SharedMount {
+    fn invalidate(&self, layer: &str) {
+        if let Some(m) = self.0.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            m.invalidate_layer(layer);
+        }
+    }
+
+    fn write_back(&self) -> io::Result<()> {
+        // Under the read lock: the unmount (which takes the write lock)
+        // waits until the kernel has written back.
+        match self.0.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(m) => m.write_back(),
+            None => Ok(()),
+        }
+    }
 }
 
 fn absolute(path: &Path) -> Result<PathBuf> {

@@ -146,6 +146,13 @@ struct DaemonArgs {
     #[arg(long, value_name = "N", default_value_t = 256)]
     block_cache_mib: usize,
 
+    /// Send every write(2) to the daemon before it returns, instead of
+    /// letting the kernel cache writes and send them in large pieces (at the
+    /// latest on close, fsync, and before a layer is cloned, committed or
+    /// diffed). Slower; see docs/fuse.md
+    #[arg(long)]
+    no_writeback_cache: bool,
+
     /// Also serve the Docker graphdriver plugin on this socket (off by
     /// default; Docker looks for /run/docker/plugins/lcfs.sock)
     #[arg(long, value_name = "PATH")]
@@ -245,6 +252,7 @@ fn run(cli: Cli) -> Result<()> {
             threads: a.threads,
             node_cache_mib: a.cache_mib,
             block_cache_mib: a.block_cache_mib,
+            writeback_cache: !a.no_writeback_cache,
             docker_plugin_socket: a.docker_plugin_socket,
         }),
         Command::Layer(c) => match c {

@@ -22,16 +22,33 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// Called with a layer name after the plugin created, removed or filled a
-/// layer behind the FUSE mount's back, so the kernel drops cached entries.
-pub type Invalidate = Box<dyn Fn(&str) + Send + Sync>;
+/// What the kernel caches, through the FUSE mount, of the layers the plugin
+/// works on behind the mount's back.
+pub trait KernelCache: Send + Sync {
+    /// The plugin created, removed or filled layer `layer`: the kernel
+    /// drops its cached entries for it.
+    fn invalidate(&self, layer: &str);
+    /// Writes the kernel still holds (the mount's writeback cache) reach the
+    /// engine. Called before a layer is cloned or its changes are read.
+    fn write_back(&self) -> std::io::Result<()>;
+}
+
+/// No mount: nothing cached (tools and tests that use the engine alone).
+pub struct NoMount;
+
+impl KernelCache for NoMount {
+    fn invalidate(&self, _layer: &str) {}
+    fn write_back(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// The state of the graphdriver: the engine, where its layers are mounted,
 /// and the Get/Put reference counts.
 pub struct Driver {
     engine: Arc<Engine>,
     mountpoint: PathBuf,
-    invalidate: Invalidate,
+    kernel: Arc<dyn KernelCache>,
     references: Mutex<HashMap<String, u32>>,
     busy: Mutex<HashSet<String>>,
     /// The layers Diff was last asked for, newest first: the candidates to
@@ -123,11 +140,11 @@ fn check_id(id: &str) -> Result<()> {
 impl Driver {
     /// A driver over `engine`, whose layers are mounted at `mountpoint`
     /// (`<mountpoint>/<id>` is what Get returns).
-    pub fn new(engine: Arc<Engine>, mountpoint: &Path, invalidate: Invalidate) -> Driver {
+    pub fn new(engine: Arc<Engine>, mountpoint: &Path, kernel: Arc<dyn KernelCache>) -> Driver {
         Driver {
             engine,
             mountpoint: mountpoint.to_path_buf(),
-            invalidate,
+            kernel,
             references: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashSet::new()),
             recent_diffs: Mutex::new(VecDeque::new()),
@@ -205,6 +222,11 @@ impl Driver {
                 }
                 let _guard = self.claim(&r.id)?;
                 let cold = method == "GraphDriver.Create";
+                if !r.parent.is_empty() {
+                    // The clone freezes the parent: what the kernel still
+                    // caches of writes to it must be in first.
+                    self.write_back()?;
+                }
                 let result = if r.parent.is_empty() {
                     e.create_layer(&r.id, cold)
                 } else {
@@ -221,7 +243,7 @@ impl Driver {
                         err,
                     ),
                 })?;
-                (self.invalidate)(&r.id);
+                self.kernel.invalidate(&r.id);
                 Ok(json!({}))
             }
             "GraphDriver.Remove" => {
@@ -291,6 +313,7 @@ impl Driver {
                 }}))
             }
             "GraphDriver.Cleanup" => {
+                self.write_back()?;
                 e.sync()
                     .map_err(|err| Error::engine("syncing at Cleanup", err))?;
                 Ok(json!({}))
@@ -302,6 +325,7 @@ impl Driver {
             "GraphDriver.Changes" => {
                 let r: IdRequest = parse(method, body)?;
                 check_id(&r.id)?;
+                self.write_back()?;
                 let changes = export::changes(e, &r.id, &r.parent)?;
                 let list: Vec<Value> = changes
                     .iter()
@@ -317,11 +341,20 @@ impl Driver {
             "GraphDriver.DiffSize" => {
                 let r: IdRequest = parse(method, body)?;
                 check_id(&r.id)?;
+                self.write_back()?;
                 let changes = export::changes(e, &r.id, &r.parent)?;
                 Ok(json!({ "Size": export::diff_size(e, &r.id, &changes)? }))
             }
             other => Err(Error::UnknownMethod(other.to_string())),
         }
+    }
+
+    /// Brings what the kernel caches of writes into the engine (see
+    /// [`KernelCache::write_back`]).
+    fn write_back(&self) -> Result<()> {
+        self.kernel
+            .write_back()
+            .map_err(|e| Error::io("writing the mount's cached writes back to the layers", e))
     }
 
     fn remove(&self, id: &str) -> Result<()> {
@@ -343,7 +376,7 @@ impl Driver {
             }
             Err(e) => return Err(Error::engine(format!("removing layer {id:?}"), e)),
         }
-        (self.invalidate)(id);
+        self.kernel.invalidate(id);
         Ok(())
     }
 
@@ -352,6 +385,7 @@ impl Driver {
     pub fn prepare_diff(&self, body: &[u8]) -> Result<DiffPlan> {
         let r: IdRequest = parse("GraphDriver.Diff", body)?;
         check_id(&r.id)?;
+        self.write_back()?;
         let changes = export::changes(&self.engine, &r.id, &r.parent)?;
         let mut recent = self.recent_diffs.lock().unwrap_or_else(|p| p.into_inner());
         recent.retain(|id| *id != r.id);
@@ -415,7 +449,7 @@ impl Driver {
                 log::error!("discarding half-applied layer {id:?}: {e}");
             }
         }
-        (self.invalidate)(id);
+        self.kernel.invalidate(id);
         result
     }
 }

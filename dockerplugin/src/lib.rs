@@ -6,9 +6,11 @@
 //! ```no_run
 //! # fn demo(engine: std::sync::Arc<lcfs_engine::Engine>) -> std::io::Result<()> {
 //! use std::path::Path;
-//! let driver = lcfs_dockerplugin::Driver::new(engine, Path::new("/var/lib/lcfs/mnt"), Box::new(|_| {}));
+//! use std::sync::Arc;
+//! let mount = Path::new("/var/lib/lcfs/mnt");
+//! let driver = lcfs_dockerplugin::Driver::new(engine, mount, Arc::new(lcfs_dockerplugin::NoMount));
 //! let server = lcfs_dockerplugin::serve(
-//!     std::sync::Arc::new(driver),
+//!     Arc::new(driver),
 //!     Path::new(lcfs_dockerplugin::DEFAULT_SOCKET),
 //!     8,
 //! )?;
@@ -24,7 +26,7 @@ mod export;
 mod http;
 mod tree;
 
-pub use driver::{DiffPlan, Driver, Invalidate};
+pub use driver::{DiffPlan, Driver, KernelCache, NoMount};
 pub use error::{Error, Result};
 pub use http::{
     serve, CallCounters, CallStats, MethodStats, PluginServer, MAX_JSON_BYTES, OTHER_METHOD,

@@ -66,6 +66,7 @@ fn layer_lifecycle_as_docker_drives_it() {
         p.call("GraphDriver.Exists", r#"{"ID":"nope"}"#),
         json!({"Exists": false})
     );
+    let write_backs = p.kernel.write_backs();
     for (id, parent) in [(&init, &image), (&container, &init)] {
         let r = p.call(
             "GraphDriver.CreateReadWrite",
@@ -73,6 +74,11 @@ fn layer_lifecycle_as_docker_drives_it() {
         );
         assert_eq!(r, json!({}));
     }
+    assert_eq!(
+        p.kernel.write_backs(),
+        write_backs + 2,
+        "cached writes to a parent are written back before the clone freezes it"
+    );
     assert!(
         p.engine.layer_info(&image).unwrap().frozen,
         "a parent freezes"
@@ -115,11 +121,15 @@ fn layer_lifecycle_as_docker_drives_it() {
         .unwrap();
     p.engine.write(layer, f.inode, 0, b"hello world").unwrap();
     let req = format!(r#"{{"ID":"{container}","Parent":"{init}"}}"#);
+    // Each reads the layer's changes, so each first has the mount write back
+    // what the kernel caches of writes to it.
+    let write_backs = p.kernel.write_backs();
     assert_eq!(
         p.call("GraphDriver.Changes", &req),
         json!({"Changes": [{"Path": "/hello", "Kind": 1}]})
     );
     assert_eq!(p.call("GraphDriver.DiffSize", &req), json!({"Size": 11}));
+    assert_eq!(p.kernel.write_backs(), write_backs + 2);
     // Diffing against anything but the layer's own parent is refused.
     let wrong = format!(r#"{{"ID":"{container}","Parent":"{image}"}}"#);
     assert!(err_of(&p.call("GraphDriver.Changes", &wrong)).contains("own parent"));
@@ -138,7 +148,7 @@ fn layer_lifecycle_as_docker_drives_it() {
         json!({})
     );
     assert!(p.layer_names().is_empty());
-    let seen = p.invalidated.lock().unwrap().clone();
+    let seen = p.kernel.invalidated.lock().unwrap().clone();
     assert!(seen.contains(&container) && seen.contains(&image));
 }
 

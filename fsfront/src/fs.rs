@@ -57,6 +57,8 @@ struct LcfsFs {
     frozen: Mutex<HashMap<u64, (Option<u64>, u64)>>,
     /// Data reads and fsyncs, done by the worker threads (see `spawn`).
     work: SyncSender<Job>,
+    /// Ask for the kernel's writeback cache at init.
+    writeback_cache: bool,
 }
 
 /// Work the FUSE thread hands to a worker: it may wait for the device.
@@ -383,8 +385,13 @@ impl Filesystem for LcfsFs {
         // every chown nor asks for security.capability before every write.
         // NO_OPENDIR_SUPPORT: opendir answers ENOSYS once, and directories
         // are then opened without a round trip (and without releasedir).
-        // No writeback cache: layer operations (clone, commit, diff) read
-        // the engine, so a write must reach it before write(2) returns.
+        // WRITEBACK_CACHE: the kernel keeps written pages and sends them in
+        // large writes (at the latest on close and fsync); whoever clones,
+        // freezes or diffs a layer calls `Mount::write_back` first, since
+        // those read the engine.
+        if self.writeback_cache {
+            let _ = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE);
+        }
         let _ = config.add_capabilities(
             InitFlags::FUSE_DO_READDIRPLUS
                 | InitFlags::FUSE_READDIRPLUS_AUTO
@@ -724,7 +731,15 @@ impl Filesystem for LcfsFs {
                 }
             }
         }
-        match self.engine.write(layer, inode, offset, data) {
+        // A write-back from the page cache: the kernel owns the file's times
+        // while it caches writes and sends them itself (setattr), as they
+        // were at write(2), so the data's late arrival must not move them.
+        let written = if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) {
+            self.engine.write_keeping_times(layer, inode, offset, data)
+        } else {
+            self.engine.write(layer, inode, offset, data)
+        };
+        match written {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(&e)),
         }
@@ -1270,6 +1285,7 @@ pub(crate) fn spawn(
         attr_ttl: options.attr_timeout,
         frozen_ttl: options.frozen_layer_timeout,
         started: SystemTime::now(),
+        writeback_cache: options.writeback_cache,
     };
     let mut config = Config::default();
     config.mount_options = vec![

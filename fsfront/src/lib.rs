@@ -27,6 +27,12 @@ pub struct MountOptions {
     pub frozen_layer_timeout: Duration,
     /// Shown as the mount's source in /proc/mounts.
     pub fsname: String,
+    /// Let the kernel cache writes (FUSE's writeback cache) and send them
+    /// in large pieces later, at the latest on close, fsync, or
+    /// [`Mount::write_back`], which everything that clones, freezes or diffs
+    /// a layer calls first. Off: every write(2) is a round trip that
+    /// reaches the engine before it returns. See docs/fuse.md.
+    pub writeback_cache: bool,
 }
 
 impl Default for MountOptions {
@@ -38,6 +44,7 @@ impl Default for MountOptions {
             attr_timeout: Duration::from_secs(60),
             frozen_layer_timeout: Duration::from_secs(24 * 3600),
             fsname: "lcfs".into(),
+            writeback_cache: true,
         }
     }
 }
@@ -46,6 +53,7 @@ impl Default for MountOptions {
 pub struct Mount {
     mountpoint: PathBuf,
     session: Option<fuser::BackgroundSession>,
+    writeback_cache: bool,
 }
 
 impl Mount {
@@ -63,8 +71,42 @@ impl Mount {
         }
     }
 
-    /// Unmounts and waits for the worker threads.
+    /// Makes every write the kernel still caches reach the engine: with the
+    /// writeback cache on, data written to files that are still open (or
+    /// mapped) may sit in the page cache until the kernel writes it back.
+    /// Call it before cloning, freezing, diffing or checkpointing a layer.
+    /// Returns when the kernel has written everything back (syncfs(2) on the
+    /// mount: the kernel's part of it sends the cached writes to this
+    /// daemon). Must not be called from a thread that serves the mount or
+    /// holds a lock its requests need.
+    pub fn write_back(&self) -> io::Result<()> {
+        if !self.writeback_cache || self.session.is_none() {
+            return Ok(());
+        }
+        let root = std::fs::File::open(&self.mountpoint)?;
+        // SAFETY: syncfs only reads the descriptor, which `root` keeps open.
+        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&root)) } != 0 {
+            // The kernel reports, once, a write-back that failed since the
+            // last report (a write into a layer frozen while the file was
+            // open, or a full device). The data of that write is gone, and
+            // its writer is told at fsync or close; the caller's operation
+            // has nothing to do with it, so it goes on.
+            log::warn!(
+                "a cached write could not be written back to its layer (its writer \
+                 is told at fsync or close): {}",
+                io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    }
+
+    /// Unmounts and waits for the worker threads. Cached writes are written
+    /// back first (the kernel would do it during the unmount too, but a
+    /// busy mount falls back to a lazy unmount, which would lose them).
     pub fn unmount(mut self) -> io::Result<()> {
+        if let Err(e) = self.write_back() {
+            log::warn!("writing cached writes back before unmounting: {e}");
+        }
         match self.session.take() {
             Some(s) => s.umount_and_join(),
             None => Ok(()),
@@ -78,6 +120,7 @@ pub fn mount(engine: Arc<Engine>, mountpoint: &Path, options: &MountOptions) -> 
     Ok(Mount {
         mountpoint: mountpoint.to_path_buf(),
         session: Some(session),
+        writeback_cache: options.writeback_cache,
     })
 }
 

@@ -3,22 +3,48 @@
 
 #![allow(dead_code)]
 
-use lcfs_dockerplugin::{serve, Driver, PluginServer};
+use lcfs_dockerplugin::{serve, Driver, KernelCache, PluginServer};
 use lcfs_engine::device::{Device, MemDevice};
 use lcfs_engine::{Config, Engine, FormatOptions};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub const MOUNT: &str = "/var/lib/lcfs/mnt";
+
+/// Stands in for the FUSE mount: records what the plugin tells it.
+#[derive(Default)]
+pub struct Recorder {
+    pub invalidated: Mutex<Vec<String>>,
+    write_backs: AtomicUsize,
+}
+
+impl Recorder {
+    /// How many times the plugin asked for cached writes to be written back.
+    pub fn write_backs(&self) -> usize {
+        self.write_backs.load(Ordering::SeqCst)
+    }
+}
+
+impl KernelCache for Recorder {
+    fn invalidate(&self, layer: &str) {
+        self.invalidated.lock().unwrap().push(layer.to_string());
+    }
+
+    fn write_back(&self) -> std::io::Result<()> {
+        self.write_backs.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
 
 pub struct Plugin {
     pub engine: Arc<Engine>,
     pub driver: Arc<Driver>,
     pub socket: PathBuf,
-    pub invalidated: Arc<Mutex<Vec<String>>>,
+    pub kernel: Arc<Recorder>,
     server: Option<PluginServer>,
     _dir: tempfile::TempDir,
 }
@@ -43,12 +69,11 @@ impl Plugin {
             },
         )
         .unwrap();
-        let invalidated = Arc::new(Mutex::new(Vec::new()));
-        let log = invalidated.clone();
+        let kernel = Arc::new(Recorder::default());
         let driver = Arc::new(Driver::new(
             engine.clone(),
             std::path::Path::new(MOUNT),
-            Box::new(move |name| log.lock().unwrap().push(name.to_string())),
+            kernel.clone(),
         ));
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("plugins").join("lcfs.sock");
@@ -57,7 +82,7 @@ impl Plugin {
             engine,
             driver,
             socket,
-            invalidated,
+            kernel,
             server: Some(server),
             _dir: dir,
         }
