@@ -10,8 +10,9 @@ mod common;
 
 use common::{require_root_and_fuse, Harness};
 use serde_json::Value;
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::path::Path;
 
 const KIB: usize = 1 << 10;
 
@@ -20,6 +21,17 @@ fn pattern(seed: u8) -> Vec<u8> {
     (0..256 * KIB)
         .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
         .collect()
+}
+
+/// Creates `path`, writes `data` into it and keeps it open (no fsync, no close).
+fn write_and_hold(path: &Path, data: &[u8]) -> File {
+    let mut file = OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    file.write_all(data).unwrap();
+    file
 }
 
 #[test]
@@ -32,12 +44,7 @@ fn writes_held_by_the_kernel_reach_clone_stat_and_sync() {
 
     h.ok(&["layer", "create", "base"]);
     let data = pattern(1);
-    let mut open = OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .open(mnt.join("base/held"))
-        .unwrap();
-    open.write_all(&data).unwrap();
+    let mut open = write_and_hold(&mnt.join("base/held"), &data);
 
     // `layer stat` writes back first: the bytes are counted.
     let stat: Value = serde_json::from_str(&h.ok(&["layer", "stat", "base", "--json"])).unwrap();
@@ -75,12 +82,7 @@ fn writes_held_by_the_kernel_reach_clone_stat_and_sync() {
     // `lcfs sync` writes back too: after kill -9 the data is there.
     h.ok(&["layer", "create", "synced"]);
     let synced = pattern(2);
-    let mut open = OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .open(mnt.join("synced/held"))
-        .unwrap();
-    open.write_all(&synced).unwrap();
+    let open = write_and_hold(&mnt.join("synced/held"), &synced);
     h.ok(&["sync"]);
     h.stop_with(libc::SIGKILL);
     drop(open);
