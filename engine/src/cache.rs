@@ -261,36 +261,52 @@ impl BlockCache {
         }
     }
 
-    pub fn get(&self, physical_block: u64) -> Option<CachedBlock> {
+    /// Looks up several blocks under one lock (a read of many blocks would
+    /// otherwise take it once per block, and the I/O workers contend for it).
+    pub fn get_many(
+        &self,
+        physical_blocks: impl IntoIterator<Item = u64>,
+    ) -> Vec<Option<CachedBlock>> {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let g = &mut *g;
-        match g.blocks.get_mut(&physical_block) {
-            Some((data, tick)) => {
-                g.tick += 1;
-                g.lru.remove(tick);
-                *tick = g.tick;
-                g.lru.insert(g.tick, physical_block);
-                self.hits.fetch_add(1, Ordering::Relaxed);
-                Some(data.clone())
-            }
-            None => {
-                self.misses.fetch_add(1, Ordering::Relaxed);
-                None
-            }
-        }
+        let (mut hits, mut misses) = (0, 0);
+        let found = physical_blocks
+            .into_iter()
+            .map(|physical_block| match g.blocks.get_mut(&physical_block) {
+                Some((data, tick)) => {
+                    g.tick += 1;
+                    g.lru.remove(tick);
+                    *tick = g.tick;
+                    g.lru.insert(g.tick, physical_block);
+                    hits += 1;
+                    Some(data.clone())
+                }
+                None => {
+                    misses += 1;
+                    None
+                }
+            })
+            .collect();
+        self.hits.fetch_add(hits, Ordering::Relaxed);
+        self.misses.fetch_add(misses, Ordering::Relaxed);
+        found
     }
 
-    pub fn insert(&self, physical_block: u64, data: CachedBlock) {
+    /// Inserts several blocks under one lock, evicting the least recently
+    /// used beyond the capacity.
+    pub fn insert_many(&self, blocks: impl IntoIterator<Item = (u64, CachedBlock)>) {
         if self.capacity_blocks == 0 {
             return;
         }
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let g = &mut *g;
-        g.tick += 1;
-        if let Some((_, old)) = g.blocks.insert(physical_block, (data, g.tick)) {
-            g.lru.remove(&old);
+        for (physical_block, data) in blocks {
+            g.tick += 1;
+            if let Some((_, old)) = g.blocks.insert(physical_block, (data, g.tick)) {
+                g.lru.remove(&old);
+            }
+            g.lru.insert(g.tick, physical_block);
         }
-        g.lru.insert(g.tick, physical_block);
         while g.blocks.len() > self.capacity_blocks {
             let Some((&t, &b)) = g.lru.iter().next() else {
                 break;
