@@ -27,6 +27,8 @@ pub struct DaemonOptions {
     pub mountpoint: PathBuf,
     pub control_socket: PathBuf,
     pub threads: usize,
+    /// Threads reading /dev/fuse (`MountOptions::fuse_threads`).
+    pub fuse_threads: usize,
     pub node_cache_mib: usize,
     pub block_cache_mib: usize,
     /// The mount's writeback cache (see `MountOptions::writeback_cache`).
@@ -68,15 +70,17 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
 
     let options = MountOptions {
         threads: o.threads.max(1),
+        fuse_threads: o.fuse_threads.max(1),
         writeback_cache: o.writeback_cache,
         ..MountOptions::default()
     };
     let mount = lcfs_fsfront::mount(engine.clone(), &mountpoint, &options)
         .map_err(|e| Error::io(format!("mounting at {}", mountpoint.display()), e))?;
     log::info!(
-        "mounted {} at {} ({} FUSE threads)",
+        "mounted {} at {} ({} thread(s) reading /dev/fuse, {} I/O workers)",
         device_path.display(),
         mountpoint.display(),
+        options.fuse_threads,
         options.threads
     );
     let mount = Arc::new(RwLock::new(Some(mount)));

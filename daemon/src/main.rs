@@ -138,6 +138,11 @@ struct DaemonArgs {
     #[arg(long, value_name = "N", default_value_t = 4)]
     threads: usize,
 
+    /// Threads reading /dev/fuse (each on a cloned descriptor when more than
+    /// one). 1 was fastest on the 2-vCPU machines measured; see docs/fuse.md
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    fuse_threads: usize,
+
     /// Memory for cached metadata (tree nodes), in MiB
     #[arg(long, value_name = "N", default_value_t = 64)]
     cache_mib: usize,
@@ -250,6 +255,7 @@ fn run(cli: Cli) -> Result<()> {
             mountpoint: a.mountpoint,
             control_socket: cli.control_socket.clone(),
             threads: a.threads,
+            fuse_threads: a.fuse_threads,
             node_cache_mib: a.cache_mib,
             block_cache_mib: a.block_cache_mib,
             writeback_cache: !a.no_writeback_cache,

@@ -1301,7 +1301,10 @@ pub(crate) fn spawn(
     } else {
         SessionACL::Owner
     };
-    config.n_threads = Some(1);
+    let fuse_threads = options.fuse_threads.max(1);
+    config.n_threads = Some(fuse_threads);
+    // Each reader its own descriptor: no shared file position or lock.
+    config.clone_fd = fuse_threads > 1;
     let session = fuser::spawn_mount(fs, mountpoint, &config)?;
     let _ = notifier.set(session.notifier());
     set_read_ahead(mountpoint, READ_AHEAD_WINDOW_BYTES);

@@ -34,6 +34,8 @@ pub struct Harness {
     pub socket: PathBuf,
     pub daemon: Option<Child>,
     pub log: PathBuf,
+    /// More `lcfs daemon` arguments, after the harness's own.
+    pub daemon_args: Vec<String>,
 }
 
 impl Harness {
@@ -49,6 +51,7 @@ impl Harness {
             socket: root.join("run").join("control.sock"),
             log: root.join("daemon.log"),
             daemon: None,
+            daemon_args: Vec::new(),
             dir,
         }
     }
@@ -111,6 +114,7 @@ impl Harness {
             .arg("2")
             .arg("--block-cache-mib")
             .arg("16")
+            .args(&self.daemon_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null());
         c
