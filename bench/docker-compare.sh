@@ -42,6 +42,11 @@
 # Needs root, dockerd 20.10 (Debian's docker.io), fuse-overlayfs, and for
 # btrfs mkfs.btrfs.
 E2E_NAME=docker-compare
+# Room for every peer's copy of the image, a loaded image and a build at
+# once (sparse: only what is written takes space).
+# Set before lib.sh, which gives unset sizes its own, smaller defaults.
+: "${E2E_SCRATCH_SIZE:=64G}"
+: "${LCFS_DEVICE_SIZE:=16G}"
 # shellcheck source=scripts/e2e/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/../scripts/e2e/lib.sh"
 
@@ -107,10 +112,6 @@ has_row() { [[ ",$rows," == *",$1,"* ]]; }
 has_peer() { [[ ",$peers," == *",$1,"* ]]; }
 out=${out:-/var/tmp/lcfs-docker-compare-$(date +%Y%m%d-%H%M%S).tsv}
 
-# Room for every peer's copy of the image, a loaded image and a build at
-# once (sparse: only what is written takes space).
-: "${E2E_SCRATCH_SIZE:=64G}"
-: "${LCFS_DEVICE_SIZE:=16G}"
 BTRFS_SIZE=${BTRFS_SIZE:-16G}
 # Per-request logging would be measured too.
 export RUST_LOG=${RUST_LOG:-warn}

@@ -44,6 +44,11 @@
 # keeps every raw measurement in a TSV file (--out). Needs root; installs
 # fuse-overlayfs with apt when it is missing.
 E2E_NAME=fuse-compare
+# The lcfs device and both overlay lowers each hold the rootfs (~210 MB), both
+# data files and the rounds' untarred copies: sized with room to spare.
+# Set before lib.sh, which gives unset sizes its own, smaller defaults.
+: "${E2E_SCRATCH_SIZE:=32G}"
+: "${LCFS_DEVICE_SIZE:=12G}"
 # shellcheck source=scripts/e2e/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/../scripts/e2e/lib.sh"
 
@@ -121,10 +126,6 @@ tarball=$DEBIAN_TARBALL
 # The same options as scripts/e2e/clone-semantics.sh: posix format keeps
 # nanosecond mtimes and xattrs; '*' extracts every xattr namespace.
 tar_options=(--numeric-owner --xattrs --xattrs-include='*' --format=posix)
-# The lcfs device and both overlay lowers each hold the rootfs (~210 MB), both
-# data files and the rounds' untarred copies: sized with room to spare.
-: "${E2E_SCRATCH_SIZE:=32G}"
-: "${LCFS_DEVICE_SIZE:=12G}"
 # Per-request logging would be measured too.
 export RUST_LOG=${RUST_LOG:-warn}
 given_bin=${LCFS_BIN:-}
