@@ -432,6 +432,77 @@ fn uring_serves_concurrent_callers() {
 }
 
 #[test]
+fn uring_reads_on_callers_rings_follow_each_device() {
+    // Reads run on a ring of the calling thread's own, which outlives any one
+    // device: two devices read alternately from the same threads, one of them
+    // dropped halfway, short-lived threads each making a ring of their own.
+    let dir = tempfile::tempdir().unwrap();
+    let (_, file_a) = temp_device_file(&dir, "a", 8 * MIB);
+    let (_, file_b) = temp_device_file(&dir, "b", 8 * MIB);
+    let a = UringDevice::from_file(file_a, 8 * MIB, 512).unwrap();
+    let b = Arc::new(UringDevice::from_file(file_b, 8 * MIB, 512).unwrap());
+    let s = seed("uring_reads_on_callers_rings_follow_each_device");
+    let blocks = 8 * MIB / BS;
+    let data_a = pattern(s, (8 * MIB) as usize);
+    let data_b = pattern(s ^ 1, (8 * MIB) as usize);
+    a.write_at(0, &data_a).unwrap();
+    b.write_at(0, &data_b).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(s);
+    for r in 0..400 {
+        let block = rng.gen_range(0..blocks);
+        let at = (block * BS) as usize;
+        let from_b = read(&*b, block * BS, BS as usize);
+        assert_eq!(
+            &from_b[..],
+            &data_b[at..at + BS as usize],
+            "b, read {r} (seed {s})"
+        );
+        let from_a = read(&a, block * BS, BS as usize);
+        assert_eq!(
+            &from_a[..],
+            &data_a[at..at + BS as usize],
+            "a, read {r} (seed {s})"
+        );
+    }
+    drop(a);
+    for t in 0..8u64 {
+        let b = Arc::clone(&b);
+        let data_b = data_b.clone();
+        std::thread::spawn(move || {
+            let mut rng = ChaCha8Rng::seed_from_u64(s ^ t);
+            // Up to 16 ops run on the thread's ring; more go to the I/O thread.
+            for n in [1usize, 3, 16, 17] {
+                let picks: Vec<u64> = (0..n).map(|_| rng.gen_range(0..blocks)).collect();
+                let mut back: Vec<AlignedBuf> =
+                    (0..n).map(|_| AlignedBuf::new(BS as usize)).collect();
+                let mut ops: Vec<IoOp> = back
+                    .iter_mut()
+                    .zip(&picks)
+                    .map(|(buf, &block)| IoOp::Read {
+                        offset: block * BS,
+                        buf,
+                    })
+                    .collect();
+                b.submit(&mut ops).unwrap();
+                drop(ops);
+                for (buf, &block) in back.iter().zip(&picks) {
+                    let at = (block * BS) as usize;
+                    assert_eq!(
+                        &buf[..],
+                        &data_b[at..at + BS as usize],
+                        "thread {t}, {n} ops (seed {s})"
+                    );
+                }
+            }
+        })
+        .join()
+        .expect("reader thread");
+    }
+    let stats = b.stats();
+    assert_eq!(stats.reads, 400 + 8 * (1 + 3 + 16 + 17));
+}
+
+#[test]
 fn loop_device_keeps_the_contract_with_both_backends() {
     require_root("attach a loop device");
     let dir = tempfile::tempdir().unwrap();
