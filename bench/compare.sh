@@ -5,7 +5,7 @@
 # ratios to the best peer and charts of the container lifecycle.
 #
 #   sudo bash bench/compare.sh --quick --write-docs   # < 10 min
-#   sudo bash bench/compare.sh                        # full run, ~45 min
+#   sudo bash bench/compare.sh                        # full run, ~35 min
 #
 # The three tools it runs set up their peers themselves and interleave them
 # in rounds, in an order that rotates, so drift on the machine hits every
@@ -29,7 +29,7 @@ usage() {
 usage: bench/compare.sh [--quick] [--out-dir DIR] [--write-docs] [--only LIST]
 
   --quick        fewer rounds, smaller files, N = 20,40 containers (< 10 min);
-                 default: the full run, N = 20,40,60,80,100 (~45 min)
+                 default: the full run, N = 20,40,60,80,100 (~35 min)
   --out-dir DIR  raw outputs, logs, the summary and the charts
                  (default /var/tmp/lcfs-compare-<time>)
   --write-docs   also write docs/benchmarks-summary.md and docs/charts/*.png
