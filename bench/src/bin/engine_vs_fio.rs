@@ -330,7 +330,7 @@ struct EngineRun {
     coalescing_ratio: f64,
     backend: &'static str,
     /// Random4k only: run (e), 4 KiB random reads after reopening.
-    random_read_bytes_per_second: Option<f64>,
+    random_reads: Option<RandomReads>,
 }
 
 fn engine_error(what: &str) -> impl Fn(lcfs_engine::Error) -> String + '_ {
@@ -416,7 +416,7 @@ fn run_engine(
     drop(engine);
     let mut run = engine_run(size_bytes as f64 / elapsed, &before, &after);
     if pattern == Pattern::Random4k {
-        run.random_read_bytes_per_second = Some(run_engine_random_reads(
+        run.random_reads = Some(run_engine_random_reads(
             device, size_bytes, layer, file.inode, seed,
         )?);
     }
@@ -432,7 +432,7 @@ fn run_engine_random_reads(
     layer: u64,
     inode: u64,
     seed: u64,
-) -> Result<f64, String> {
+) -> Result<RandomReads, String> {
     let opts = OpenOptions {
         backend: Backend::IoUring,
         create_size_bytes: None,
@@ -445,6 +445,7 @@ fn run_engine_random_reads(
         .collect();
     offsets.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x5eed));
     offsets.truncate((RANDOM_READ_BYTES / RANDOM_CALL_BYTES as u64) as usize);
+    let before = engine.stats();
     let start = Instant::now();
     for (n, &offset) in offsets.iter().enumerate() {
         let data = engine
@@ -461,8 +462,23 @@ fn run_engine_random_reads(
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let after = engine.stats();
     engine.close().map_err(engine_error("close"))?;
-    Ok((offsets.len() * RANDOM_CALL_BYTES) as f64 / elapsed)
+    let per_read = |n: u64| n as f64 / offsets.len() as f64;
+    Ok(RandomReads {
+        bytes_per_second: (offsets.len() * RANDOM_CALL_BYTES) as f64 / elapsed,
+        device_reads_per_read: per_read(after.device.reads - before.device.reads),
+        node_misses_per_read: per_read(after.node_cache_misses - before.node_cache_misses),
+    })
+}
+
+/// What the engine's random reads of one run cost.
+struct RandomReads {
+    bytes_per_second: f64,
+    /// Device reads per 4 KiB read: the data block plus the tree nodes that
+    /// were not cached (the cache starts empty).
+    device_reads_per_read: f64,
+    node_misses_per_read: f64,
 }
 
 fn engine_run(bytes_per_second: f64, before: &Stats, after: &Stats) -> EngineRun {
@@ -481,7 +497,7 @@ fn engine_run(bytes_per_second: f64, before: &Stats, after: &Stats) -> EngineRun
             user_write_calls as f64 / device_writes as f64
         },
         backend: after.backend,
-        random_read_bytes_per_second: None,
+        random_reads: None,
     }
 }
 
@@ -581,12 +597,15 @@ fn run(o: &Options) -> Result<Value, String> {
                 "device_flushes": r.device_flushes, "user_write_calls": r.user_write_calls,
                 "checkpoints": r.checkpoints, "coalescing_ratio": r.coalescing_ratio,
             }));
-            if let Some(read) = r.random_read_bytes_per_second {
+            if let Some(reads) = &r.random_reads {
                 say(format!(
-                    "round {round}: engine randread 4k qd1 {:8.1} MiB/s  (reopened, cold cache)",
-                    mib_per_second(read)
+                    "round {round}: engine randread 4k qd1 {:8.1} MiB/s  (reopened, cold cache; \
+                     per read: {:.2} device reads, {:.2} node cache misses)",
+                    mib_per_second(reads.bytes_per_second),
+                    reads.device_reads_per_read,
+                    reads.node_misses_per_read
                 ));
-                engine_random_read.push(read);
+                engine_random_read.push(reads.bytes_per_second);
             }
         }
         check_interrupted()?;
