@@ -3,7 +3,8 @@
 //!
 //! As root: creates a sparse backing file, attaches it with
 //! `losetup --find --show --direct-io=on`, then for each round runs
-//! (a) fio, 1 MiB sequential writes, io_uring, O_DIRECT, queue depth 16;
+//! (a) fio, 1 MiB sequential writes, io_uring, O_DIRECT, queue depth 16,
+//!     ending with an fsync (end_fsync=1);
 //! (b) the engine, one file written in 1 MiB calls, then `sync`;
 //! (c) the engine, 4 KiB writes at random 4 KiB-aligned offsets (each block of
 //!     the file once, in a seeded random order), then `sync`;
@@ -43,8 +44,8 @@ const USAGE: &str = "\
 usage: engine-vs-fio [options]   (as root)
 
 Writes S bytes to a loop device with fio (1 MiB sequential, io_uring, direct,
-iodepth 16) and with the lcfs engine (1 MiB sequential calls; 4 KiB random
-calls), interleaved for N rounds, then 32 MiB of 4 KiB random reads at queue
+iodepth 16, end_fsync) and with the lcfs engine (1 MiB sequential calls; 4 KiB
+random calls; each run ends with sync), interleaved for N rounds, then 32 MiB of 4 KiB random reads at queue
 depth 1 by the reopened engine and by fio, and reports bandwidths, medians
 and ratios.
 
@@ -237,13 +238,16 @@ fn fio_available() -> Result<String, String> {
     }
 }
 
-/// One fio run of 1 MiB sequential writes; returns bytes per second.
+/// One fio run of 1 MiB sequential writes, ending with an fsync (the
+/// device's cache flush) inside fio's timed part, as the engine's runs end
+/// with `sync`; returns bytes per second.
 fn run_fio(device: &str, size_bytes: u64) -> Result<f64, String> {
     let job = [
         "--ioengine=io_uring",
         "--rw=write",
         "--bs=1m",
         "--iodepth=16",
+        "--end_fsync=1",
         "--name=seq",
     ];
     run_fio_job(device, size_bytes, &job, "write", size_bytes)
