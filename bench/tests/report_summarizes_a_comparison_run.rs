@@ -28,7 +28,11 @@ fn report_summarizes_a_comparison_run() {
     assert!(md.contains("**This is a `--quick` run on a shared, noisy machine**"));
     assert!(md.contains("| fuse | `bash bench/fuse-compare.sh --quick --readers 10 --out fuse-compare.tsv` | 189 | 0 |"));
     // Engine: medians 1300 and 1600 MiB/s; fio is the only peer.
-    assert!(row(&md, "sequential write 1 MiB (fio: the same)").ends_with("| fio | **0.81** |"));
+    assert!(row(
+        &md,
+        "sequential write 1 MiB, then sync (fio: the same, end_fsync)"
+    )
+    .ends_with("| fio | **0.81** |"));
     assert!(row(
         &md,
         "random read 4 KiB, queue depth 1, cold (fio: the same)"

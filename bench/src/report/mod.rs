@@ -204,7 +204,7 @@ fn engine_table(engine: &EngineResults) -> Table {
         columns: vec!["engine".into(), "fio".into()],
         rows: vec![
             Row {
-                label: "sequential write 1 MiB (fio: the same)".into(),
+                label: "sequential write 1 MiB, then sync (fio: the same, end_fsync)".into(),
                 unit: "MiB/s",
                 better: Better::Higher,
                 values: vec![engine.values("engine_seq_1m"), fio.clone()],
