@@ -236,15 +236,18 @@ fn clones_reading_a_shared_file_do_not_multiply_the_page_cache() {
         st.block_cache_hits >= ((readers - 1) * size / 4096) as u64 / 2,
         "later readers hit the shared block cache: {st:?}"
     );
-    // The last reader's copy stays: reading it again never reaches the daemon.
+    // The last reader's copy stays: reading it again does not reach the
+    // daemon. Nearly: proactive reclaim (DAMON's pageout scheme runs on the
+    // machines this is tested on) may page out a few cold pages between the
+    // reads; without the copy kept, all 16,384 blocks would come back.
     let touched = st.block_cache_hits + st.block_cache_misses;
     let again = fs::read(dir.path().join(&reader_dir).join("blob")).unwrap();
     assert!(again == data);
     let st = e.stats();
-    assert_eq!(
-        st.block_cache_hits + st.block_cache_misses,
-        touched,
-        "a single reader's re-read is served by the page cache"
+    let reread_blocks = st.block_cache_hits + st.block_cache_misses - touched;
+    assert!(
+        reread_blocks <= (size / 4096 / 64) as u64,
+        "a single reader's re-read is served by the page cache, but {reread_blocks} blocks reached the daemon"
     );
     m.unmount().unwrap();
 }
