@@ -55,7 +55,8 @@ struct LcfsFs {
     drop_pages: SyncSender<u64>,
     /// Parent id and next inode number of frozen layers (they never change).
     frozen: Mutex<HashMap<u64, (Option<u64>, u64)>>,
-    /// Data reads and fsyncs, done by the worker threads (see `spawn`).
+    /// Data reads larger than `INLINE_READ_MAX` and fsyncs, done by the
+    /// worker threads (see `spawn`).
     work: SyncSender<Job>,
     /// Ask for the kernel's writeback cache at init.
     writeback_cache: bool,
@@ -63,6 +64,13 @@ struct LcfsFs {
 
 /// Work the FUSE thread hands to a worker: it may wait for the device.
 type Job = Box<dyn FnOnce() + Send>;
+
+/// Reads of at most this many bytes are done on the FUSE thread itself.
+/// Small reads are random reads, one at a time, where handing the request
+/// to a worker costs a thread wake-up, about as long as the device read
+/// (on the 2-vCPU VMs measured, 4 KiB random reads went from 47 to 71
+/// MiB/s); large ones are readahead, which the workers read in parallel.
+const INLINE_READ_MAX: usize = 32 * 1024;
 
 /// Which kernel inodes are open, and which may hold pages of a file whose
 /// data is shared between layers (keyed by the file's origin: the layer
@@ -696,12 +704,17 @@ impl Filesystem for LcfsFs {
             return reply.error(Errno::from_i32(libc::EISDIR));
         };
         let engine = self.engine.clone();
-        self.run(Box::new(move || {
-            match engine.read(layer, inode, offset, size as usize) {
+        let job: Job = Box::new(
+            move || match engine.read(layer, inode, offset, size as usize) {
                 Ok(d) => reply.data(&d),
                 Err(e) => reply.error(errno(&e)),
-            }
-        }));
+            },
+        );
+        if size as usize <= INLINE_READ_MAX {
+            job();
+        } else {
+            self.run(job);
+        }
     }
 
     fn write(
