@@ -134,7 +134,7 @@ struct DaemonArgs {
     #[arg(long = "mount", value_name = "DIR", default_value = daemon::DEFAULT_MOUNTPOINT)]
     mountpoint: PathBuf,
 
-    /// Worker threads for FUSE data reads and fsyncs (one thread reads /dev/fuse)
+    /// Worker threads for FUSE data reads over 32 KiB (readahead) and fsyncs
     #[arg(long, value_name = "N", default_value_t = 4)]
     threads: usize,
 

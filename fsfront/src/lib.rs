@@ -10,8 +10,8 @@ use std::time::Duration;
 /// How the filesystem is mounted.
 #[derive(Clone, Debug)]
 pub struct MountOptions {
-    /// Worker threads for data reads and fsyncs (one thread reads /dev/fuse
-    /// and answers everything else itself; see docs/fuse.md).
+    /// Worker threads for data reads over 32 KiB and fsyncs (the threads
+    /// reading /dev/fuse answer everything else themselves; see docs/fuse.md).
     pub threads: usize,
     /// Threads reading /dev/fuse and answering requests, each on its own
     /// cloned descriptor when more than one. One is the default: on the
