@@ -211,8 +211,7 @@ fn read_on(ring: &mut IoUring, fd: types::Fd, ops: &[RawOp]) -> io::Result<bool>
         pushed += 1;
     }
     let mut all_read = pushed == ops.len();
-    let (mut submitted, mut completed) = (0usize, 0usize);
-    let mut logged = false;
+    let (mut submitted, mut completed, mut enter_errors) = (0usize, 0usize, 0u64);
     while completed < pushed {
         match ring.submit_and_wait(1) {
             Ok(n) => submitted += n,
@@ -221,14 +220,9 @@ fn read_on(ring: &mut IoUring, fd: types::Fd, ops: &[RawOp]) -> io::Result<bool>
             }
             Err(e) => {
                 // Ops are in flight: their buffers may not be given back before
-                // they complete, so wait on.
-                if e.raw_os_error() != Some(libc::EINTR) {
-                    if !logged {
-                        log::warn!("io_uring: waiting for reads on this thread's ring: {e}");
-                        logged = true;
-                    }
-                    std::thread::sleep(Duration::from_millis(1));
-                }
+                // they complete, so wait on, as the I/O thread does.
+                enter_errors += 1;
+                on_enter_error(&e, enter_errors);
             }
         }
         for cqe in ring.completion() {
