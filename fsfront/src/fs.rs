@@ -704,16 +704,14 @@ impl Filesystem for LcfsFs {
             return reply.error(Errno::from_i32(libc::EISDIR));
         };
         let engine = self.engine.clone();
-        let job: Job = Box::new(
-            move || match engine.read(layer, inode, offset, size as usize) {
-                Ok(d) => reply.data(&d),
-                Err(e) => reply.error(errno(&e)),
-            },
-        );
+        let read = move || match engine.read(layer, inode, offset, size as usize) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno(&e)),
+        };
         if size as usize <= INLINE_READ_MAX {
-            job();
+            read();
         } else {
-            self.run(job);
+            self.run(Box::new(read));
         }
     }
 
