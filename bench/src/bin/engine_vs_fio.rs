@@ -45,9 +45,9 @@ usage: engine-vs-fio [options]   (as root)
 
 Writes S bytes to a loop device with fio (1 MiB sequential, io_uring, direct,
 iodepth 16, end_fsync) and with the lcfs engine (1 MiB sequential calls; 4 KiB
-random calls; each run ends with sync), interleaved for N rounds, then 32 MiB of 4 KiB random reads at queue
-depth 1 by the reopened engine and by fio, and reports bandwidths, medians
-and ratios.
+random calls; each run ends with sync), interleaved for N rounds, then 32 MiB
+of 4 KiB random reads at queue depth 1 by the reopened engine and by fio, and
+reports bandwidths, medians and ratios.
 
 options:
   --size-bytes N     bytes written per run (S)             [default 1GiB]
