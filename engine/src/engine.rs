@@ -291,6 +291,54 @@ impl Engine {
         self.change(|s| s.create_layer(name, Some(parent), cold))
     }
 
+    /// Creates a layer (a clone of `parent`, or an empty base layer) with
+    /// its metadata, in one change: no checkpoint can hold one without the
+    /// other.
+    pub fn create_layer_with_metadata(
+        &self,
+        name: &str,
+        parent: Option<&str>,
+        cold: bool,
+        metadata: &crate::LayerMetadata,
+    ) -> Result<u64> {
+        crate::metadata::encode(metadata)?;
+        self.change(|s| {
+            let id = s.create_layer(name, parent, cold)?;
+            s.set_layer_metadata(id, metadata)?;
+            Ok(id)
+        })
+    }
+
+    /// A layer's metadata (empty when none was set).
+    pub fn layer_metadata(&self, name: &str) -> Result<crate::LayerMetadata> {
+        self.change(|s| {
+            let id = s.layer_id(name)?;
+            s.layer_metadata(id)
+        })
+    }
+
+    /// Replaces a layer's metadata; frozen layers accept it too.
+    pub fn set_layer_metadata(&self, name: &str, metadata: &crate::LayerMetadata) -> Result<()> {
+        self.change(|s| {
+            let id = s.layer_id(name)?;
+            s.set_layer_metadata(id, metadata)
+        })
+    }
+
+    /// Freezes a layer and replaces its metadata, in one change.
+    pub fn commit_layer_with_metadata(
+        &self,
+        name: &str,
+        metadata: &crate::LayerMetadata,
+    ) -> Result<()> {
+        crate::metadata::encode(metadata)?;
+        self.change(|s| {
+            let id = s.layer_id(name)?;
+            s.freeze_layer(id)?;
+            s.set_layer_metadata(id, metadata)
+        })
+    }
+
     /// Freezes a layer (commit). O(1); durable at the next sync.
     pub fn commit_layer(&self, name: &str) -> Result<()> {
         self.change(|s| {
@@ -686,6 +734,16 @@ impl Engine {
         self.s.crashed.store(true, Ordering::SeqCst);
         self.stop.store(true, Ordering::SeqCst);
         self.lock().failed = Some("simulated crash".into());
+    }
+
+    /// Makes the next layer created get id `id` (at least the next one it
+    /// would get): tests use it to reach large layer ids without creating
+    /// every layer in between.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn set_next_layer_id(&self, id: u64) {
+        let mut s = self.lock();
+        s.next_layer_id = s.next_layer_id.max(id);
+        s.bump();
     }
 
     /// When the last checkpoint was taken (for tests and stats).

@@ -507,6 +507,7 @@ impl Store {
         if root != 0 {
             self.free_owned(layer, root)?;
         }
+        self.remove_layer_metadata(layer)?;
         self.layers.remove(&layer);
         self.layer_names.remove(&name);
         self.dirty_layers.remove(&layer);

@@ -8,7 +8,7 @@ use crate::format::*;
 use crate::fs::{
     KIND_DIRENT, KIND_EXTENT, KIND_INODE, KIND_ORPHAN, KIND_SYMLINK, KIND_XATTR, ROOT_INODE,
 };
-use crate::store::{Store, Tree, KIND_LAYER, KIND_MAP, PHYS_TAG, VIRT_TAG};
+use crate::store::{Store, Tree, KIND_LAYER, KIND_LAYER_META, KIND_MAP, PHYS_TAG, VIRT_TAG};
 use std::collections::HashMap;
 
 /// What fsck found. `errors` empty means clean.
@@ -253,7 +253,28 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
         }
     }
 
-    // 4. Layer table.
+    // 4. Layer table: records, and metadata only for layers that exist.
+    let mut metadata_owners = std::collections::BTreeSet::new();
+    let table_root = s.layer_table_root;
+    s.scan(
+        Tree::Layer(0),
+        table_root,
+        Key::MIN,
+        Key::MAX,
+        &mut |k, _| {
+            if k.kind == KIND_LAYER_META {
+                metadata_owners.insert(k.object);
+            }
+            true
+        },
+    )?;
+    for id in metadata_owners {
+        if !s.layers.contains_key(&id) {
+            r.error(format!("metadata of layer {id}, which does not exist"));
+        } else if let Err(e) = s.layer_metadata(id) {
+            r.error(format!("layer {id} metadata: {e}"));
+        }
+    }
     let mut children: HashMap<u64, u32> = HashMap::new();
     for l in s.layers.values() {
         if l.parent != 0 {

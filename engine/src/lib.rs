@@ -15,6 +15,7 @@ mod error;
 pub mod format;
 mod fs;
 mod fsck;
+mod metadata;
 mod promote;
 mod store;
 mod writer;
@@ -32,4 +33,5 @@ pub use fs::{
     XATTR_CREATE, XATTR_REPLACE,
 };
 pub use fsck::FsckReport;
+pub use metadata::{LayerMetadata, MAX_METADATA_BYTES};
 pub use store::{Config, Counters};

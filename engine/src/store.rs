@@ -20,6 +20,8 @@ pub(crate) const VIRT_TAG: u64 = 1 << 61;
 pub(crate) const KIND_MAP: u8 = 0x20;
 /// Key kind of layer records in the layer table.
 pub(crate) const KIND_LAYER: u8 = 0x10;
+/// Key kind of layer metadata chunks in the layer table (see metadata.rs).
+pub(crate) const KIND_LAYER_META: u8 = 0x11;
 
 /// Which tree an operation works on. Layer(0) is the layer table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -419,8 +421,10 @@ impl Store {
             root,
             Key::new(0, KIND_LAYER, 0),
             Key::MAX,
-            &mut |_, v| {
-                recs.push(LayerRecord::decode(v));
+            &mut |k, v| {
+                if k.kind == KIND_LAYER {
+                    recs.push(LayerRecord::decode(v));
+                }
                 true
             },
         )?;
