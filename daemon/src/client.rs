@@ -245,6 +245,10 @@ pub fn stats(socket: &Path, as_json: bool) -> Result<()> {
     println!("device:       {} (I/O backend {})", s.device, s.backend);
     println!("mountpoint:   {}", s.mountpoint);
     println!("layers:       {}", s.layers);
+    match &s.read_only_reason {
+        None => println!("state:        writing"),
+        Some(why) => println!("state:        READ-ONLY: {why} (restart the daemon to recover from the last checkpoint)"),
+    }
     println!(
         "space:        {} live of {} ({:.1}%); {} of {} segments free ({} each)",
         human_bytes(s.live_bytes),

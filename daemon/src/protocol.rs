@@ -95,6 +95,10 @@ pub struct Stats {
     pub live_bytes: u64,
     pub capacity_bytes: u64,
     pub checkpoint_seq: u64,
+    /// Why the engine stopped writing (it serves reads only until it is
+    /// restarted and recovers from its last checkpoint); null while it writes.
+    #[serde(default)]
+    pub read_only_reason: Option<String>,
     /// The Docker graphdriver plugin's calls; null when the daemon serves
     /// no plugin.
     #[serde(default)]
@@ -234,6 +238,7 @@ impl Stats {
             live_bytes: s.live_bytes,
             capacity_bytes: s.capacity_bytes,
             checkpoint_seq: s.checkpoint_seq,
+            read_only_reason: s.read_only_reason.clone(),
             plugin: None,
         }
     }

@@ -58,6 +58,8 @@ pub(crate) struct NodeCache {
     pub capacity_bytes: usize,
     pub hits: u64,
     pub misses: u64,
+    /// Changes to node content or dirtiness (see `Store::mutation_mark`).
+    mutations: u64,
 }
 
 impl NodeCache {
@@ -71,7 +73,12 @@ impl NodeCache {
             capacity_bytes,
             hits: 0,
             misses: 0,
+            mutations: 0,
         }
+    }
+
+    pub fn mutations(&self) -> u64 {
+        self.mutations
     }
 
     pub fn contains(&self, id: u64) -> bool {
@@ -93,6 +100,7 @@ impl NodeCache {
 
     /// Mutable access marks the node dirty (pinned until written).
     pub fn get_mut(&mut self, id: u64) -> Option<&mut NodeImage> {
+        self.mutations = self.mutations.wrapping_add(1);
         self.mark_dirty(id);
         self.map.get_mut(&id).map(|e| &mut e.node)
     }
@@ -102,6 +110,7 @@ impl NodeCache {
     }
 
     pub fn mark_dirty(&mut self, id: u64) {
+        self.mutations = self.mutations.wrapping_add(1);
         if let Some(e) = self.map.get_mut(&id) {
             if !e.dirty {
                 e.dirty = true;
@@ -117,6 +126,7 @@ impl NodeCache {
         let bytes = node_bytes(&node);
         self.bytes += bytes;
         if dirty {
+            self.mutations = self.mutations.wrapping_add(1);
             self.dirty_count += 1;
             self.dirty_bytes += bytes;
         }
@@ -135,6 +145,7 @@ impl NodeCache {
         let e = self.map.remove(&id)?;
         self.bytes -= e.bytes;
         if e.dirty {
+            self.mutations = self.mutations.wrapping_add(1);
             self.dirty_count -= 1;
             self.dirty_bytes -= e.bytes;
         }
@@ -248,6 +259,23 @@ struct BlockCacheInner {
 }
 
 impl BlockCache {
+    /// The cache's state. A panic while it was held may have left the index
+    /// and the LRU order out of step: the cache then starts over empty
+    /// (it only ever holds copies of verified device blocks).
+    fn lock(&self) -> std::sync::MutexGuard<'_, BlockCacheInner> {
+        match self.inner.lock() {
+            Ok(g) => g,
+            Err(poisoned) => {
+                let mut g = poisoned.into_inner();
+                self.inner.clear_poison();
+                log::warn!("block cache: a thread panicked while using it; emptying it");
+                g.blocks.clear();
+                g.lru.clear();
+                g
+            }
+        }
+    }
+
     pub fn new(capacity_bytes: usize) -> BlockCache {
         BlockCache {
             inner: Mutex::new(BlockCacheInner {
@@ -267,7 +295,7 @@ impl BlockCache {
         &self,
         physical_blocks: impl IntoIterator<Item = u64>,
     ) -> Vec<Option<CachedBlock>> {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.lock();
         let g = &mut *g;
         let (mut hits, mut misses) = (0, 0);
         let found = physical_blocks
@@ -298,7 +326,7 @@ impl BlockCache {
         if self.capacity_blocks == 0 {
             return;
         }
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.lock();
         let g = &mut *g;
         for (physical_block, data) in blocks {
             g.tick += 1;
@@ -318,7 +346,7 @@ impl BlockCache {
 
     /// Forgets every block in [start, end): the range is about to be rewritten.
     pub fn invalidate_range(&self, start: u64, end: u64) {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.lock();
         let g = &mut *g;
         let keys: Vec<u64> = g.blocks.range(start..end).map(|(k, _)| *k).collect();
         for k in keys {
@@ -329,7 +357,7 @@ impl BlockCache {
     }
 
     pub fn clear(&self) {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.lock();
         g.blocks.clear();
         g.lru.clear();
     }
@@ -341,10 +369,6 @@ impl BlockCache {
         self.misses.load(Ordering::Relaxed)
     }
     pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .blocks
-            .len()
+        self.lock().blocks.len()
     }
 }

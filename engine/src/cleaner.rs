@@ -51,6 +51,10 @@ impl Store {
     /// (fewest live blocks) when `urgent`, otherwise cost-benefit:
     /// (1 - u) * age / (1 + u).
     pub(crate) fn clean(&mut self, urgent: bool, max: usize) -> Result<usize> {
+        self.self_contained(|s| s.clean_segments(urgent, max))
+    }
+
+    fn clean_segments(&mut self, urgent: bool, max: usize) -> Result<usize> {
         self.check_writable()?;
         // Victims are read from the device: nothing may still be in flight.
         self.wait_inflight()?;

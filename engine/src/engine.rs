@@ -56,6 +56,8 @@ pub struct Stats {
     pub live_bytes: u64,
     pub capacity_bytes: u64,
     pub checkpoint_seq: u64,
+    /// Why the engine refuses changes, once it does (see [`Error::Stopped`]).
+    pub read_only_reason: Option<String>,
 }
 
 impl Stats {
@@ -80,9 +82,30 @@ struct Shared {
 }
 
 impl Shared {
+    /// Takes the store lock. A thread that panicked while holding it may
+    /// have left a change half-applied: the engine stops changing anything
+    /// (see [`Error::Stopped`]) rather than use that state as if it were
+    /// whole.
     fn lock(&self) -> MutexGuard<'_, Store> {
-        self.store.lock().unwrap_or_else(|p| p.into_inner())
+        match self.store.lock() {
+            Ok(g) => g,
+            Err(poisoned) => {
+                let mut g = poisoned.into_inner();
+                self.store.clear_poison();
+                g.stop("a thread panicked while it held the engine lock".into());
+                g
+            }
+        }
     }
+}
+
+/// The text of a caught panic.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// The layer store. Cheap to share: wrap it in an `Arc`. Dropping the last
@@ -263,10 +286,28 @@ impl Engine {
         self.s.lock()
     }
 
-    /// Runs a change, then bounded upkeep (checkpoint past the dirty limit, evict).
-    fn change<T>(&self, f: impl FnOnce(&mut Store) -> Result<T>) -> Result<T> {
+    /// Runs `f` under the store lock, then bounded upkeep (a checkpoint past
+    /// the dirty limit, eviction). An operation that fails after it began to
+    /// change what a checkpoint writes, or panics, stops the engine: its
+    /// half-applied change is never checkpointed.
+    fn run<T>(&self, f: impl FnOnce(&mut Store) -> Result<T>) -> Result<T> {
         let mut s = self.lock();
-        let r = f(&mut s);
+        let before = s.mutation_mark();
+        let r = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut s))) {
+            Ok(r) => r,
+            Err(payload) => {
+                let reason = format!("an operation panicked: {}", panic_message(&*payload));
+                s.stop(reason.clone());
+                return Err(Error::Stopped(reason));
+            }
+        };
+        if let Err(e) = &r {
+            if s.mutation_mark() != before {
+                s.stop(format!(
+                    "an operation failed after it had begun to change the filesystem: {e}"
+                ));
+            }
+        }
         let m = s.maintain();
         match (r, m) {
             (Ok(v), Ok(())) => Ok(v),
@@ -278,17 +319,17 @@ impl Engine {
 
     /// Creates an empty base layer (`cold`: data goes to the cold log, for image layers).
     pub fn create_layer(&self, name: &str, cold: bool) -> Result<u64> {
-        self.change(|s| s.create_layer(name, None, cold))
+        self.run(|s| s.create_layer(name, None, cold))
     }
 
     /// Clones `parent` into a new writable layer `name`; freezes the parent. O(1).
     pub fn clone_layer(&self, parent: &str, name: &str) -> Result<u64> {
-        self.change(|s| s.create_layer(name, Some(parent), false))
+        self.run(|s| s.create_layer(name, Some(parent), false))
     }
 
     /// Like [`Engine::clone_layer`] with a choice of log temperature.
     pub fn clone_layer_with(&self, parent: &str, name: &str, cold: bool) -> Result<u64> {
-        self.change(|s| s.create_layer(name, Some(parent), cold))
+        self.run(|s| s.create_layer(name, Some(parent), cold))
     }
 
     /// Creates a layer (a clone of `parent`, or an empty base layer) with
@@ -302,7 +343,7 @@ impl Engine {
         metadata: &crate::LayerMetadata,
     ) -> Result<u64> {
         crate::metadata::encode(metadata)?;
-        self.change(|s| {
+        self.run(|s| {
             let id = s.create_layer(name, parent, cold)?;
             s.set_layer_metadata(id, metadata)?;
             Ok(id)
@@ -311,7 +352,7 @@ impl Engine {
 
     /// A layer's metadata (empty when none was set).
     pub fn layer_metadata(&self, name: &str) -> Result<crate::LayerMetadata> {
-        self.change(|s| {
+        self.run(|s| {
             let id = s.layer_id(name)?;
             s.layer_metadata(id)
         })
@@ -319,7 +360,7 @@ impl Engine {
 
     /// Replaces a layer's metadata; frozen layers accept it too.
     pub fn set_layer_metadata(&self, name: &str, metadata: &crate::LayerMetadata) -> Result<()> {
-        self.change(|s| {
+        self.run(|s| {
             let id = s.layer_id(name)?;
             s.set_layer_metadata(id, metadata)
         })
@@ -332,7 +373,7 @@ impl Engine {
         metadata: &crate::LayerMetadata,
     ) -> Result<()> {
         crate::metadata::encode(metadata)?;
-        self.change(|s| {
+        self.run(|s| {
             let id = s.layer_id(name)?;
             s.freeze_layer(id)?;
             s.set_layer_metadata(id, metadata)
@@ -341,7 +382,7 @@ impl Engine {
 
     /// Freezes a layer (commit). O(1); durable at the next sync.
     pub fn commit_layer(&self, name: &str) -> Result<()> {
-        self.change(|s| {
+        self.run(|s| {
             let id = s.layer_id(name)?;
             s.freeze_layer(id)
         })
@@ -349,7 +390,7 @@ impl Engine {
 
     /// Removes a childless layer and frees what it alone owns.
     pub fn remove_layer(&self, name: &str) -> Result<()> {
-        self.change(|s| {
+        self.run(|s| {
             let id = s.layer_id(name)?;
             s.remove_layer(id)
         })
@@ -358,7 +399,7 @@ impl Engine {
     /// What a layer changed against its parent (everything, for a base
     /// layer), computed from the nodes the layer owns: O(changes).
     pub fn layer_changes(&self, name: &str) -> Result<Vec<crate::diff::Change>> {
-        self.change(|s| {
+        self.run(|s| {
             let id = s.layer_id(name)?;
             s.layer_changes(id)
         })
@@ -390,15 +431,15 @@ impl Engine {
     // ------------------------------------------------------------ files
 
     pub fn lookup(&self, layer: u64, dir: u64, name: &[u8]) -> Result<Attr> {
-        self.change(|s| s.lookup(layer, dir, name))
+        self.run(|s| s.lookup(layer, dir, name))
     }
 
     pub fn getattr(&self, layer: u64, ino: u64) -> Result<Attr> {
-        self.change(|s| s.getattr(layer, ino))
+        self.run(|s| s.getattr(layer, ino))
     }
 
     pub fn setattr(&self, layer: u64, ino: u64, attr: &SetAttr) -> Result<Attr> {
-        self.change(|s| s.setattr(layer, ino, attr))
+        self.run(|s| s.setattr(layer, ino, attr))
     }
 
     /// Creates a regular file.
@@ -411,7 +452,7 @@ impl Engine {
         uid: u32,
         gid: u32,
     ) -> Result<Attr> {
-        self.change(|s| {
+        self.run(|s| {
             s.make_node(
                 layer,
                 dir,
@@ -440,7 +481,7 @@ impl Engine {
         if crate::fs::FileKind::from_mode(mode) == Some(crate::fs::FileKind::Symlink) {
             return Err(Error::Invalid("use symlink".into()));
         }
-        self.change(|s| s.make_node(layer, dir, name, mode, rdev, uid, gid, None))
+        self.run(|s| s.make_node(layer, dir, name, mode, rdev, uid, gid, None))
     }
 
     pub fn mkdir(
@@ -452,7 +493,7 @@ impl Engine {
         uid: u32,
         gid: u32,
     ) -> Result<Attr> {
-        self.change(|s| {
+        self.run(|s| {
             s.make_node(
                 layer,
                 dir,
@@ -475,7 +516,7 @@ impl Engine {
         uid: u32,
         gid: u32,
     ) -> Result<Attr> {
-        self.change(|s| {
+        self.run(|s| {
             s.make_node(
                 layer,
                 dir,
@@ -490,15 +531,15 @@ impl Engine {
     }
 
     pub fn readlink(&self, layer: u64, ino: u64) -> Result<Vec<u8>> {
-        self.change(|s| s.readlink(layer, ino))
+        self.run(|s| s.readlink(layer, ino))
     }
 
     pub fn unlink(&self, layer: u64, dir: u64, name: &[u8]) -> Result<()> {
-        self.change(|s| s.unlink(layer, dir, name, false))
+        self.run(|s| s.unlink(layer, dir, name, false))
     }
 
     pub fn rmdir(&self, layer: u64, dir: u64, name: &[u8]) -> Result<()> {
-        self.change(|s| s.unlink(layer, dir, name, true))
+        self.run(|s| s.unlink(layer, dir, name, true))
     }
 
     /// Renames within one layer; `flags` takes RENAME_NOREPLACE or RENAME_EXCHANGE.
@@ -511,12 +552,12 @@ impl Engine {
         to: &[u8],
         flags: u32,
     ) -> Result<()> {
-        self.change(|s| s.rename(layer, from_dir, from, to_dir, to, flags))
+        self.run(|s| s.rename(layer, from_dir, from, to_dir, to, flags))
     }
 
     /// Adds a hard link.
     pub fn link(&self, layer: u64, ino: u64, dir: u64, name: &[u8]) -> Result<Attr> {
-        self.change(|s| s.link(layer, ino, dir, name))
+        self.run(|s| s.link(layer, ino, dir, name))
     }
 
     /// Reads up to `len` bytes at `offset` (short at end of file).
@@ -534,7 +575,7 @@ impl Engine {
     }
 
     pub fn write(&self, layer: u64, ino: u64, offset: u64, data: &[u8]) -> Result<usize> {
-        self.change(|s| s.write(layer, ino, offset, data, true))
+        self.run(|s| s.write(layer, ino, offset, data, true))
     }
 
     /// [`Engine::write`] that leaves mtime and ctime alone: for data a
@@ -548,7 +589,7 @@ impl Engine {
         offset: u64,
         data: &[u8],
     ) -> Result<usize> {
-        self.change(|s| s.write(layer, ino, offset, data, false))
+        self.run(|s| s.write(layer, ino, offset, data, false))
     }
 
     /// Promotion: makes bytes `offset..offset + len` of file `ino` in `layer`
@@ -577,12 +618,12 @@ impl Engine {
             ));
         }
         let end = offset.checked_add(len).ok_or(Error::FileTooLarge)?;
-        self.change(|s| s.share_blocks(layer, ino, src_layer, src_ino, offset / bs, checksums, end))
+        self.run(|s| s.share_blocks(layer, ino, src_layer, src_ino, offset / bs, checksums, end))
     }
 
     /// fallocate(2): mode 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE.
     pub fn fallocate(&self, layer: u64, ino: u64, mode: u32, offset: u64, len: u64) -> Result<()> {
-        self.change(|s| s.fallocate(layer, ino, mode, offset, len))
+        self.run(|s| s.fallocate(layer, ino, mode, offset, len))
     }
 
     /// Up to `limit` entries after `cookie` (0 starts). "." and ".." are not listed.
@@ -593,7 +634,7 @@ impl Engine {
         cookie: u64,
         limit: usize,
     ) -> Result<Vec<DirEntry>> {
-        self.change(|s| s.readdir(layer, dir, cookie, limit))
+        self.run(|s| s.readdir(layer, dir, cookie, limit))
     }
 
     /// Like readdir, with each entry's attributes.
@@ -604,7 +645,7 @@ impl Engine {
         cookie: u64,
         limit: usize,
     ) -> Result<Vec<(DirEntry, Attr)>> {
-        self.change(|s| {
+        self.run(|s| {
             let entries = s.readdir(layer, dir, cookie, limit)?;
             entries
                 .into_iter()
@@ -617,7 +658,7 @@ impl Engine {
     }
 
     pub fn getxattr(&self, layer: u64, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
-        self.change(|s| s.getxattr(layer, ino, name))
+        self.run(|s| s.getxattr(layer, ino, name))
     }
 
     /// `flags`: XATTR_CREATE or XATTR_REPLACE.
@@ -629,28 +670,28 @@ impl Engine {
         value: &[u8],
         flags: u32,
     ) -> Result<()> {
-        self.change(|s| s.setxattr(layer, ino, name, value, flags))
+        self.run(|s| s.setxattr(layer, ino, name, value, flags))
     }
 
     pub fn listxattr(&self, layer: u64, ino: u64) -> Result<Vec<Vec<u8>>> {
-        self.change(|s| s.listxattr(layer, ino))
+        self.run(|s| s.listxattr(layer, ino))
     }
 
     pub fn removexattr(&self, layer: u64, ino: u64, name: &[u8]) -> Result<()> {
-        self.change(|s| s.removexattr(layer, ino, name))
+        self.run(|s| s.removexattr(layer, ino, name))
     }
 
     pub fn statfs(&self, layer: u64) -> Result<StatFs> {
-        self.change(|s| s.statfs(layer))
+        self.run(|s| s.statfs(layer))
     }
 
     /// Notes an open handle: an unlinked file lives until its last release.
     pub fn open_inode(&self, layer: u64, ino: u64) -> Result<()> {
-        self.change(|s| s.open_inode(layer, ino))
+        self.run(|s| s.open_inode(layer, ino))
     }
 
     pub fn release_inode(&self, layer: u64, ino: u64) -> Result<()> {
-        self.change(|s| s.release_inode(layer, ino))
+        self.run(|s| s.release_inode(layer, ino))
     }
 
     /// fsync: everything changed so far becomes durable (one checkpoint serves
@@ -673,7 +714,7 @@ impl Engine {
 
     /// Runs the cleaner now (`urgent`: greedy). Returns segments freed.
     pub fn clean(&self, urgent: bool, max_segments: usize) -> Result<usize> {
-        self.change(|s| s.clean(urgent, max_segments))
+        self.run(|s| s.clean(urgent, max_segments))
     }
 
     pub fn stats(&self) -> Stats {
@@ -698,6 +739,7 @@ impl Engine {
             live_bytes: s.live_blocks_total() * BLOCK_SIZE as u64,
             capacity_bytes: s.geo.segment_count as u64 * seg,
             checkpoint_seq: s.checkpoint_seq,
+            read_only_reason: s.failed.clone(),
         }
     }
 
@@ -744,6 +786,25 @@ impl Engine {
         let mut s = self.lock();
         s.next_layer_id = s.next_layer_id.max(id);
         s.bump();
+    }
+
+    /// Makes the next change panic after it has changed something, as a bug
+    /// would, to test that the engine then stops instead of checkpointing it.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn inject_panic_in_next_change(&self) {
+        self.lock().panic_in_next_change = true;
+    }
+
+    /// Panics on another thread while it holds the store lock, leaving the
+    /// lock poisoned, as a bug outside a change would.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn poison_lock(&self) {
+        let shared = self.s.clone();
+        let _ = std::thread::spawn(move || {
+            let _guard = shared.store.lock();
+            panic!("injected panic while holding the engine lock");
+        })
+        .join();
     }
 
     /// When the last checkpoint was taken (for tests and stats).

@@ -57,6 +57,12 @@ pub enum Error {
     /// A misuse of the device contract (misaligned offset, out of range).
     #[error("device contract violated: {0}")]
     DeviceContract(String),
+    /// The engine can no longer guarantee consistency (a device write
+    /// failed, or a change failed or panicked half-way): it refuses every
+    /// change and checkpoint from then on, so the device keeps the last
+    /// consistent checkpoint. Reopening recovers it.
+    #[error("lcfs is read-only after an error: {0}")]
+    Stopped(String),
 }
 
 impl Error {
@@ -82,6 +88,7 @@ impl Error {
             Error::TooManyLinks => libc::EMLINK,
             Error::NotPermitted => libc::EPERM,
             Error::Unsupported(_) => libc::EOPNOTSUPP,
+            Error::Stopped(_) => libc::EROFS,
             Error::Signature(_) | Error::NotFormatted | Error::DeviceContract(_) => libc::EINVAL,
         }
     }

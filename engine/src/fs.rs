@@ -275,7 +275,7 @@ impl Store {
         let l = self.layers.get_mut(&layer).expect("layer exists");
         if l.root != root {
             l.root = root;
-            self.dirty_layers.insert(layer);
+            self.mark_layer_dirty(layer);
         }
     }
 
@@ -394,7 +394,12 @@ impl Store {
         Ok(empty)
     }
 
+    /// Ends a change: one more generation to make durable.
     pub(crate) fn bump(&mut self) {
+        #[cfg(any(test, feature = "testing"))]
+        if std::mem::take(&mut self.panic_in_next_change) {
+            panic!("injected panic in the middle of a change");
+        }
         self.generation += 1;
     }
 
@@ -450,11 +455,11 @@ impl Store {
             rec.root = pr.root;
             rec.next_inode = pr.next_inode;
             rec.inode_count = pr.inode_count;
-            self.dirty_layers.insert(pid);
+            self.mark_layer_dirty(pid);
         }
         self.layers.insert(id, rec);
         self.layer_names.insert(name.as_bytes().to_vec(), id);
-        self.dirty_layers.insert(id);
+        self.mark_layer_dirty(id);
         if parent.is_none() {
             let root = InodeValue {
                 mode: S_IFDIR | 0o755,
@@ -478,7 +483,7 @@ impl Store {
         if !l.frozen {
             l.frozen = true;
             l.frozen_at = Timestamp::now();
-            self.dirty_layers.insert(layer);
+            self.mark_layer_dirty(layer);
             self.bump();
         }
         Ok(())
@@ -515,7 +520,7 @@ impl Store {
         self.orphans.retain(|(l, _)| *l != layer);
         if let Some(p) = self.layers.get_mut(&parent) {
             p.children -= 1;
-            self.dirty_layers.insert(parent);
+            self.mark_layer_dirty(parent);
         }
         self.bump();
         Ok(())
@@ -699,7 +704,7 @@ impl Store {
         let ino = l.next_inode;
         l.next_inode += 1;
         l.inode_count += 1;
-        self.dirty_layers.insert(layer);
+        self.mark_layer_dirty(layer);
         let mut gid = gid;
         let mut mode = mode;
         if parent.mode & S_ISGID != 0 {
@@ -831,7 +836,7 @@ impl Store {
         }
         let l = self.layers.get_mut(&layer).expect("exists");
         l.inode_count = l.inode_count.saturating_sub(1);
-        self.dirty_layers.insert(layer);
+        self.mark_layer_dirty(layer);
         Ok(())
     }
 

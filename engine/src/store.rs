@@ -222,6 +222,11 @@ pub(crate) struct Store {
     pub orphans: HashSet<(u64, u64)>,
     /// Bumped by every change; `durable_generation` is the one last checkpointed.
     pub generation: u64,
+    /// See [`Store::mutation_mark`].
+    mutations: u64,
+    /// Tests: the next change panics once it has changed something.
+    #[cfg(any(test, feature = "testing"))]
+    pub panic_in_next_change: bool,
     pub durable_generation: u64,
 }
 
@@ -280,6 +285,9 @@ impl Store {
             orphans: HashSet::new(),
             generation: 0,
             durable_generation: 0,
+            mutations: 0,
+            #[cfg(any(test, feature = "testing"))]
+            panic_in_next_change: false,
             geo,
         }
     }
@@ -438,24 +446,57 @@ impl Store {
 
     pub fn check_writable(&self) -> Result<()> {
         match &self.failed {
-            Some(m) => Err(Error::Io(std::io::Error::other(format!(
-                "engine stopped accepting changes after a device error: {m}"
-            )))),
+            Some(m) => Err(Error::Stopped(m.clone())),
             None => Ok(()),
         }
     }
 
-    fn fail<T>(&mut self, e: Error) -> Result<T> {
+    /// Stops the engine from changing anything from now on (see
+    /// [`Error::Stopped`]); the first reason given is the one kept.
+    pub fn stop(&mut self, reason: String) {
         if self.failed.is_none() {
-            log::error!("device write failed, refusing further changes: {e}");
-            self.failed = Some(e.to_string());
+            log::error!("lcfs is read-only from now on: {reason}");
+            self.failed = Some(reason);
         }
+    }
+
+    fn fail<T>(&mut self, e: Error) -> Result<T> {
+        self.stop(format!("a device write failed: {e}"));
         Err(e)
+    }
+
+    /// Counts changes to what a checkpoint writes (tree nodes, layer
+    /// records, space, allocators). A change that fails after this moved
+    /// has been applied in part.
+    pub fn mutation_mark(&self) -> u64 {
+        self.mutations.wrapping_add(self.nodes.mutations())
+    }
+
+    fn note_mutation(&mut self) {
+        self.mutations = self.mutations.wrapping_add(1);
+    }
+
+    /// Runs a step that is complete and consistent when it returns (a
+    /// checkpoint, cleaning): its own changes are not part of the change
+    /// that triggered it, so they leave [`Store::mutation_mark`] alone.
+    pub fn self_contained<T>(&mut self, f: impl FnOnce(&mut Store) -> T) -> T {
+        let before = self.mutation_mark();
+        let r = f(self);
+        let added = self.mutation_mark().wrapping_sub(before);
+        self.mutations = self.mutations.wrapping_sub(added);
+        r
+    }
+
+    /// Marks a layer record for the next checkpoint.
+    pub fn mark_layer_dirty(&mut self, layer: u64) {
+        self.note_mutation();
+        self.dirty_layers.insert(layer);
     }
 
     // ------------------------------------------------------------ space
 
     pub fn alloc_lbn(&mut self) -> u64 {
+        self.note_mutation();
         let l = self.next_lbn;
         self.next_lbn += 1;
         assert!(l < (1 << 56), "logical block numbers exhausted");
@@ -464,6 +505,7 @@ impl Store {
 
     /// One fewer live block in the segment holding `block`.
     pub fn release_block(&mut self, block: u64) {
+        self.note_mutation();
         let Some(seg) = self.geo.segment_of(block) else {
             debug_assert!(false, "release of block {block:#x} outside the data area");
             return;
@@ -586,6 +628,7 @@ impl Store {
         checksum: u64,
     ) -> Result<u64> {
         debug_assert_eq!(data.len(), BLOCK_SIZE);
+        self.note_mutation();
         let seg_blocks = self.geo.segment_blocks as usize;
         {
             let st = &self.streams[t as usize];
@@ -824,7 +867,7 @@ impl Store {
         }
         if let Some(l) = self.layers.get_mut(&owner) {
             l.owned_blocks = l.owned_blocks.saturating_add_signed(delta);
-            self.dirty_layers.insert(owner);
+            self.mark_layer_dirty(owner);
         }
     }
 
@@ -1430,7 +1473,7 @@ impl Store {
     /// Makes everything durable: dirty nodes, map, segment table, superblock.
     pub fn checkpoint(&mut self) -> Result<()> {
         self.check_writable()?;
-        let r = self.checkpoint_inner();
+        let r = self.self_contained(|s| s.checkpoint_inner());
         if let Err(e) = r {
             return self.fail(e);
         }
@@ -1572,7 +1615,7 @@ impl Store {
     /// Drops clean nodes over budget; checkpoints when dirty nodes pass their limit.
     pub fn maintain(&mut self) -> Result<()> {
         let limit = self.nodes.capacity_bytes / 100 * self.config.dirty_limit_percent as usize;
-        if self.nodes.dirty_bytes() > limit.max(1 << 20) {
+        if self.failed.is_none() && self.nodes.dirty_bytes() > limit.max(1 << 20) {
             self.checkpoint()?;
         }
         self.nodes.evict();

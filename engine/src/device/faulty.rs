@@ -48,6 +48,7 @@ struct State {
     unflushed: Vec<UnflushedWrite>,
     ops: u64,
     crash_after_ops: Option<u64>,
+    fail_op: Option<u64>,
     crashed: bool,
     rng: ChaCha8Rng,
 }
@@ -84,6 +85,7 @@ impl FaultyDevice {
                 unflushed: Vec::new(),
                 ops: 0,
                 crash_after_ops: config.crash_after_ops,
+                fail_op: config.fail_op,
                 crashed: false,
                 rng,
             }),
@@ -140,6 +142,12 @@ impl FaultyDevice {
         self.lock().crash_after_ops = crash_after_ops;
     }
 
+    /// Changes which op (numbered from 1, as [`FaultyDevice::ops`] counts)
+    /// fails with EIO; `None` fails none.
+    pub fn set_fail_op(&self, fail_op: Option<u64>) {
+        self.lock().fail_op = fail_op;
+    }
+
     /// Whether the device has been powered off by `crash_after_ops`.
     pub fn is_crashed(&self) -> bool {
         self.lock().crashed
@@ -162,7 +170,7 @@ impl FaultyDevice {
         if state.crashed {
             return Err(eio());
         }
-        if self.config.fail_op == Some(n) {
+        if state.fail_op == Some(n) {
             log::debug!("faulty device: failing op {n} ({what})");
             return Err(eio());
         }
