@@ -115,6 +115,11 @@ fn format(o: &MkfsOptions<'_>, progress: &ProgressBar) -> Result<(u64, u64, &'st
              destroying every layer on it)",
             path.display()
         )),
+        lcfs_engine::Error::Signature(sig) if sig.starts_with("lcfs") => Error::Usage(format!(
+            "{} holds an {sig}; refusing to format it: `lcfs fsck` may recover it (use \
+             --force to start over, destroying every layer on it)",
+            path.display()
+        )),
         lcfs_engine::Error::Signature(sig) => Error::Usage(format!(
             "{}: device carries a {sig} signature; refusing to format it (use --force to \
              overwrite, destroying what is on it)",

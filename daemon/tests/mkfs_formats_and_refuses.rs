@@ -1,4 +1,4 @@
-//! Proves that `lcfs mkfs` creates a sparse device file, refuses a device carrying another filesystem or an lcfs unless --force, and that `lcfs fsck` checks the result offline with exit code 0.
+//! Proves that `lcfs mkfs` creates a sparse device file, refuses a device carrying another filesystem or an lcfs (even one it cannot open) unless --force, and that `lcfs fsck` checks the result offline with exit code 0.
 
 mod common;
 
@@ -26,6 +26,19 @@ fn creates_a_sparse_file_and_refuses_signatures() {
     let e = h.fails(&["mkfs", dev]);
     assert!(
         e.contains("already holds an lcfs") && e.contains("--force"),
+        "{e}"
+    );
+    h.ok(&["mkfs", dev, "--force"]);
+
+    // An lcfs whose both superblocks are corrupt is still an lcfs: refused.
+    let f = fs::OpenOptions::new().write(true).open(&h.device).unwrap();
+    for slot in 0..2u64 {
+        f.write_all_at(&[0xA5; 16], slot * 4096 + 64).unwrap();
+    }
+    drop(f);
+    let e = h.fails(&["mkfs", dev]);
+    assert!(
+        e.contains("cannot be opened") && e.contains("--force"),
         "{e}"
     );
     h.ok(&["mkfs", dev, "--force"]);

@@ -232,10 +232,18 @@ impl Engine {
             if let Some(sig) = detect_signature(&*dev)? {
                 return Err(Error::Signature(sig));
             }
+            // Anything but "no lcfs here" refuses: an lcfs that cannot be
+            // opened (both superblocks corrupt or unreadable, a tree that
+            // fails to load) may still be recoverable, and formatting it
+            // would lose that.
             match Store::open(dev.clone(), Config::default()) {
                 Ok(_) => return Err(Error::Signature("lcfs".into())),
                 Err(Error::NotFormatted) => {}
-                Err(e) => log::info!("existing superblock unreadable ({e}); formatting"),
+                Err(e) => {
+                    return Err(Error::Signature(format!(
+                        "lcfs that cannot be opened ({e})"
+                    )))
+                }
             }
         }
         let cfg = Config {

@@ -52,6 +52,10 @@ pub enum Error {
     Signature(String),
     #[error("operation not supported: {0}")]
     Unsupported(String),
+    /// The device holds lcfs superblocks (or slots that cannot be read) but
+    /// no valid one: it is an lcfs that cannot be opened, not a blank device.
+    #[error("lcfs superblocks found but none is valid: {0}")]
+    Unopenable(String),
     #[error("not an lcfs device (no valid superblock)")]
     NotFormatted,
     /// A misuse of the device contract (misaligned offset, out of range).
@@ -89,6 +93,7 @@ impl Error {
             Error::NotPermitted => libc::EPERM,
             Error::Unsupported(_) => libc::EOPNOTSUPP,
             Error::Stopped(_) => libc::EROFS,
+            Error::Unopenable(_) => libc::EIO,
             Error::Signature(_) | Error::NotFormatted | Error::DeviceContract(_) => libc::EINVAL,
         }
     }

@@ -311,9 +311,19 @@ impl Store {
     pub fn open(dev: Arc<dyn Device>, config: Config) -> Result<Store> {
         let mut best: Option<Superblock> = None;
         let mut errors = Vec::new();
+        // Whether any slot looks like lcfs (its magic, or a slot that could
+        // not be read at all): then "not formatted" would be a guess.
+        let mut maybe_lcfs = false;
         for slot in 0..SUPERBLOCK_SLOTS {
             let mut b = AlignedBuf::new(BLOCK_SIZE);
-            dev.read_at(slot * BLOCK_SIZE as u64, &mut b)?;
+            // A slot that cannot be read is skipped: the other one may hold
+            // a valid checkpoint.
+            if let Err(e) = dev.read_at(slot * BLOCK_SIZE as u64, &mut b) {
+                errors.push(format!("superblock slot {slot} unreadable: {e}"));
+                maybe_lcfs = true;
+                continue;
+            }
+            maybe_lcfs |= b[..SUPERBLOCK_MAGIC.len()] == SUPERBLOCK_MAGIC;
             match Superblock::decode(&b, slot * BLOCK_SIZE as u64) {
                 Ok(sb) => {
                     if best
@@ -326,7 +336,13 @@ impl Store {
                 Err(e) => errors.push(e.to_string()),
             }
         }
-        let sb = best.ok_or(Error::NotFormatted)?;
+        let sb = match best {
+            Some(sb) => sb,
+            None if maybe_lcfs => {
+                return Err(Error::Unopenable(errors.join("; ")));
+            }
+            None => return Err(Error::NotFormatted),
+        };
         if !errors.is_empty() {
             log::info!("superblock slot skipped: {}", errors.join("; "));
         }
