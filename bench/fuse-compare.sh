@@ -7,7 +7,7 @@
 #   sudo bash bench/fuse-compare.sh --rows memory   # rerun only the memory row
 #
 # The backing disk is one fresh ext4 in a sparse loop image under /var/tmp
-# (scripts/e2e/lib.sh; never /tmp, see DESIGN.md section 7). It holds the lcfs
+# (scripts/e2e/lib.sh; never /tmp, which may be a journal-less or tmpfs mount unlike a host's disk). It holds the lcfs
 # device file, kernel overlayfs's lower/upper/work directories and
 # fuse-overlayfs's. Each peer's lower layer (for lcfs: an image layer, made
 # with `layer create --cold` and committed) holds the Debian bookworm minbase
