@@ -41,8 +41,8 @@ struct Meta {
 ///
 /// `source`, when given, is a layer whose files may already hold the
 /// content (the container a Docker commit just diffed): a regular file at
-/// the same path with the same size lends its blocks wherever their
-/// checksums match the incoming bytes, so the content is not written again
+/// the same path with the same size lends its blocks wherever they hold
+/// exactly the incoming bytes, so the content is not written again
 /// (see `Engine::share_blocks` and docs/docker.md).
 pub(crate) fn apply(
     engine: &Engine,
@@ -414,27 +414,7 @@ fn share(
     offset: u64,
     data: &[u8],
 ) -> bool {
-    let checksums: Vec<u64> = data
-        .chunks(BLOCK_BYTES)
-        .map(|block| {
-            if block.len() == BLOCK_BYTES {
-                lcfs_engine::block_checksum(block)
-            } else {
-                let mut padded = [0u8; BLOCK_BYTES];
-                padded[..block.len()].copy_from_slice(block);
-                lcfs_engine::block_checksum(&padded)
-            }
-        })
-        .collect();
-    match engine.share_blocks(
-        layer,
-        ino,
-        src_layer,
-        src_ino,
-        offset,
-        data.len() as u64,
-        &checksums,
-    ) {
+    match engine.share_blocks(layer, ino, src_layer, src_ino, offset, data) {
         Ok(shared) => shared,
         Err(e) => {
             log::debug!("promotion from layer {src_layer} inode {src_ino} failed, writing: {e}");

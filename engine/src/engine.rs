@@ -600,14 +600,14 @@ impl Engine {
         self.run(|s| s.write(layer, ino, offset, data, false))
     }
 
-    /// Promotion: makes bytes `offset..offset + len` of file `ino` in `layer`
-    /// (a range of holes, `offset` block aligned) the same blocks as in file
-    /// `src_ino` of `src_layer`, without copying data, if `checksums` (one
-    /// [`crate::block_checksum`] per block of the range, the last one over the
-    /// zero-padded tail) match what the source holds. Returns false,
-    /// changing nothing, when any block differs; the caller writes instead.
-    /// Grows the file to `offset + len`. See docs/docker.md.
-    #[allow(clippy::too_many_arguments)]
+    /// Promotion: makes bytes `offset..offset + data.len()` of file `ino` in
+    /// `layer` (a range of holes, `offset` block aligned) the same blocks as
+    /// in file `src_ino` of `src_layer`, without writing data, if the source
+    /// holds exactly `data` there (compared byte for byte: a checksum match
+    /// could be forged by whoever writes the source). Returns false, changing
+    /// nothing, when any byte differs or the source changed meanwhile; the
+    /// caller writes instead. Grows the file to the range's end. The source
+    /// is read outside the store lock. See docs/docker.md.
     pub fn share_blocks(
         &self,
         layer: u64,
@@ -615,21 +615,33 @@ impl Engine {
         src_layer: u64,
         src_ino: u64,
         offset: u64,
-        len: u64,
-        checksums: &[u64],
+        data: &[u8],
     ) -> Result<bool> {
         let bs = crate::device::BLOCK_SIZE as u64;
-        if offset % bs != 0 || len == 0 || checksums.len() as u64 != len.div_ceil(bs) {
+        if offset % bs != 0 || data.is_empty() {
             return Err(Error::Invalid(
-                "share_blocks: offset must be block aligned and one checksum given per block"
-                    .into(),
+                "share_blocks: offset must be block aligned and the range not empty".into(),
             ));
         }
+        let len = data.len() as u64;
         let end = offset.checked_add(len).ok_or(Error::FileTooLarge)?;
-        self.run(|s| s.share_blocks(layer, ino, src_layer, src_ino, offset / bs, checksums, end))
+        let (first, count) = (offset / bs, len.div_ceil(bs));
+        let plan = |s: &mut Store| s.share_plan(layer, ino, src_layer, src_ino, first, count, end);
+        let Some(before) = self.run(plan)? else {
+            return Ok(false);
+        };
+        if self.read(src_layer, src_ino, offset, data.len())? != data {
+            return Ok(false);
+        }
+        self.run(|s| match plan(s)? {
+            Some(now) if now == before => {
+                s.share_apply(layer, ino, src_layer, src_ino, now, end)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        })
     }
 
-    /// fallocate(2): mode 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE.
     pub fn fallocate(&self, layer: u64, ino: u64, mode: u32, offset: u64, len: u64) -> Result<()> {
         self.run(|s| s.fallocate(layer, ino, mode, offset, len))
     }

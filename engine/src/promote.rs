@@ -2,8 +2,8 @@
 //! copying data. A Docker commit sends the plugin a tar of what a container
 //! changed, to be extracted into a new image layer on another branch of
 //! the layer tree (a sibling of the container). Instead of writing that
-//! content again, the new layer takes the container's blocks, once their
-//! checksums prove they hold exactly the bytes the tar carries.
+//! content again, the new layer takes the container's blocks, once a byte
+//! comparison proves they hold exactly the bytes the tar carries.
 //!
 //! Ownership (see [`ExtentValue`]): a block born in an ancestor of the
 //! destination is simply inherited, as a clone would. A block from another
@@ -19,39 +19,41 @@ use crate::format::*;
 use crate::fs::{FileKind, KIND_EXTENT};
 use crate::store::{Store, Tree};
 use std::collections::HashSet;
-use std::sync::OnceLock;
 
-/// The checksum of a block of zeros: what a hole reads as.
-pub(crate) fn zero_block_checksum() -> u64 {
-    static ZERO: OnceLock<u64> = OnceLock::new();
-    *ZERO.get_or_init(|| data_checksum(&[0u8; BLOCK_SIZE]))
+/// What a promotion would take: the lender's extents over the range, with
+/// the address-map entry each pointed at when they were looked up. Taken
+/// twice, before and after the lender's bytes are compared outside the store
+/// lock; equal plans mean the lender did not change in between (a write gets
+/// a new address, so a changed block never shows the same entry again).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct SharePlan {
+    blocks: Vec<(u64, ExtentValue, MapValue)>,
 }
 
 impl Store {
-    /// Makes blocks `first_block..first_block + checksums.len()` of file
-    /// `ino` in `layer` the blocks of file `src_ino` in `src_layer`, if each
-    /// of those holds content with the given checksum (a hole matches the
-    /// checksum of a zero block; a last partial block counts zero-padded).
-    /// The destination range must be holes. Grows the destination's size to
-    /// `end_bytes` if it is smaller. Returns false, having changed nothing,
-    /// when any block differs: the caller then writes the data.
+    /// Checks that blocks `first_block..first_block + count` of file `ino`
+    /// in `layer` can take the blocks of file `src_ino` in `src_layer`: both
+    /// regular files, the destination range all holes, the source at least
+    /// `end_bytes` long. Returns the source's extents over the range, or
+    /// None when promotion does not apply (the caller writes instead).
+    /// Changes nothing.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn share_blocks(
+    pub(crate) fn share_plan(
         &mut self,
         layer: u64,
         ino: u64,
         src_layer: u64,
         src_ino: u64,
         first_block: u64,
-        checksums: &[u64],
+        count: u64,
         end_bytes: u64,
-    ) -> Result<bool> {
+    ) -> Result<Option<SharePlan>> {
         self.writable_layer(layer)?;
-        if checksums.is_empty() || src_layer == layer {
-            return Ok(false);
+        if count == 0 || src_layer == layer {
+            return Ok(None);
         }
         let last_block = first_block
-            .checked_add(checksums.len() as u64 - 1)
+            .checked_add(count - 1)
             .ok_or(Error::FileTooLarge)?;
         let bs = BLOCK_SIZE as u64;
         if end_bytes > (last_block + 1) * bs || end_bytes <= last_block * bs {
@@ -59,15 +61,15 @@ impl Store {
                 "share_blocks: end outside the last block".into(),
             ));
         }
-        let mut inode = self.inode(layer, ino)?;
+        let inode = self.inode(layer, ino)?;
         let src = self.inode(src_layer, src_ino)?;
         if FileKind::from_mode(inode.mode) != Some(FileKind::File)
             || FileKind::from_mode(src.mode) != Some(FileKind::File)
         {
-            return Ok(false);
+            return Ok(None);
         }
         if src.size < end_bytes {
-            return Ok(false);
+            return Ok(None);
         }
         let mut source = Vec::new();
         self.lscan(
@@ -79,29 +81,13 @@ impl Store {
                 true
             },
         )?;
-        // Every block must match before anything changes.
         let mut blocks = Vec::with_capacity(source.len());
-        let mut next = first_block;
         for (block, value) in &source {
             let e = ExtentValue::decode(value)?;
-            for hole in next..*block {
-                if checksums[(hole - first_block) as usize] != zero_block_checksum() {
-                    return Ok(false);
-                }
-            }
             let m = self
                 .map_get(e.lbn)?
                 .ok_or_else(|| Error::corrupt(0, format!("file block {} has no address", e.lbn)))?;
-            if m.checksum != checksums[(block - first_block) as usize] {
-                return Ok(false);
-            }
             blocks.push((*block, e, m));
-            next = block + 1;
-        }
-        for hole in next..=last_block {
-            if checksums[(hole - first_block) as usize] != zero_block_checksum() {
-                return Ok(false);
-            }
         }
         let mut occupied = false;
         self.lscan(
@@ -114,9 +100,27 @@ impl Store {
             },
         )?;
         if occupied {
-            return Ok(false);
+            return Ok(None);
         }
+        Ok(Some(SharePlan { blocks }))
+    }
 
+    /// Makes the planned blocks of `src_ino` in `src_layer` blocks of file
+    /// `ino` in `layer` (holes stay holes), growing its size to `end_bytes`.
+    /// The plan must have been taken under this same lock hold, and the
+    /// caller must have proved the lender's bytes equal the incoming ones.
+    pub(crate) fn share_apply(
+        &mut self,
+        layer: u64,
+        ino: u64,
+        src_layer: u64,
+        src_ino: u64,
+        plan: SharePlan,
+        end_bytes: u64,
+    ) -> Result<()> {
+        let bs = BLOCK_SIZE as u64;
+        let blocks = plan.blocks;
+        let mut inode = self.inode(layer, ino)?;
         self.ensure_space(0, false)?;
         let mut ancestors = HashSet::new();
         let mut at = self.layer(layer)?.parent;
@@ -179,6 +183,6 @@ impl Store {
         self.put_inode(layer, ino, &inode)?;
         self.counters.promoted_bytes += shared_blocks * bs;
         self.bump();
-        Ok(true)
+        Ok(())
     }
 }

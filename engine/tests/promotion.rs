@@ -1,6 +1,6 @@
 //! Promotion (the Docker commit path): a layer on another branch takes a
-//! container layer's file blocks without copying them, only when every
-//! block's checksum matches; afterwards each side copies on write, removing
+//! container layer's file blocks without copying them, only when they hold
+//! exactly the incoming bytes (a forged checksum collision is refused); afterwards each side copies on write, removing
 //! either side first leaves the other intact, the last owner frees the
 //! blocks (no leak, no double free: fsck clean at every step), blocks born
 //! in a common ancestor are simply inherited, and all of it survives a
@@ -35,28 +35,9 @@ fn fresh() -> (Arc<dyn Device>, Arc<Engine>) {
     (dev, e)
 }
 
-fn checksums(data: &[u8]) -> Vec<u64> {
-    data.chunks(BLOCK)
-        .map(|c| {
-            let mut block = [0u8; BLOCK];
-            block[..c.len()].copy_from_slice(c);
-            block_checksum(&block)
-        })
-        .collect()
-}
-
 /// Offers `data` (from offset 0) of file `src` in `src_layer` to file `ino`.
 fn share(e: &Engine, layer: u64, ino: u64, src_layer: u64, src: u64, data: &[u8]) -> bool {
-    e.share_blocks(
-        layer,
-        ino,
-        src_layer,
-        src,
-        0,
-        data.len() as u64,
-        &checksums(data),
-    )
-    .unwrap()
+    e.share_blocks(layer, ino, src_layer, src, 0, data).unwrap()
 }
 
 fn read_all(e: &Engine, layer: u64, ino: u64) -> Vec<u8> {
@@ -163,12 +144,68 @@ fn mismatched_content_is_not_shared() {
     assert!(!shared);
     // Bad arguments are errors, not panics.
     assert!(e
-        .share_blocks(committed, ino, container, src, 100, 10, &[0])
+        .share_blocks(committed, ino, container, src, 100, &[0; 10])
         .is_err());
     assert!(e
-        .share_blocks(committed, ino, container, src, 0, 10, &[0, 0])
+        .share_blocks(committed, ino, container, src, 0, &[])
         .is_err());
     fsck_clean(&e, "after refused promotions");
+}
+
+/// Two different 4 KiB blocks with the same xxh3-64, the engine's block
+/// checksum: XXH3 adds each 8-byte input lane to a neighbouring accumulator
+/// and multiplies the two 32-bit halves of (lane ^ secret) into its own.
+/// With the low half of (lane ^ secret) zero the product is zero whatever
+/// the high half, so raising one lane's high half by one and lowering
+/// another lane's (same position, next stripe) by one leaves every
+/// accumulator as it was. A container can write such a block.
+fn xxh3_collision() -> (Vec<u8>, Vec<u8>) {
+    // The low halves of XXH3's default secret words 0 and 1 (little endian).
+    const SECRET_LO: [u32; 2] = [0x396c_feb8, 0x2c81_017c];
+    let mut a = random(11, BLOCK);
+    for (stripe, lo) in SECRET_LO.iter().enumerate() {
+        let at = stripe * 64; // lane 0 of stripes 0 and 1
+        let word = u64::from(*lo) | (0x1000u64 << 32);
+        a[at..at + 8].copy_from_slice(&word.to_le_bytes());
+    }
+    let mut b = a.clone();
+    let lane = |v: &[u8], at: usize| u64::from_le_bytes(v[at..at + 8].try_into().unwrap());
+    b[0..8].copy_from_slice(&(lane(&a, 0) + (1 << 32)).to_le_bytes());
+    b[64..72].copy_from_slice(&(lane(&a, 64) - (1 << 32)).to_le_bytes());
+    (a, b)
+}
+
+#[test]
+fn a_forged_checksum_never_stands_in_for_content() {
+    let (a, b) = xxh3_collision();
+    assert_ne!(a, b);
+    assert_eq!(
+        block_checksum(&a),
+        block_checksum(&b),
+        "the collision construction must hold for the engine's checksum"
+    );
+    let (_dev, e) = fresh();
+    e.create_layer("image", true).unwrap();
+    e.clone_layer("image", "init").unwrap();
+    let container = e.clone_layer_with("init", "container", false).unwrap();
+    let src = e
+        .create(container, ROOT_INODE, b"bin", 0o755, 0, 0)
+        .unwrap()
+        .inode;
+    // The container holds the forged block; the pulled or committed content
+    // is `a`. Matching on checksums would give the new layer `b`.
+    e.write(container, src, 0, &b).unwrap();
+    let committed = e.clone_layer_with("image", "committed", true).unwrap();
+    let ino = e
+        .create(committed, ROOT_INODE, b"bin", 0o755, 0, 0)
+        .unwrap()
+        .inode;
+    assert!(!share(&e, committed, ino, container, src, &a));
+    assert_eq!(e.stats().engine.promoted_bytes, 0);
+    // The caller writes instead, and the layer holds the real content.
+    e.write(committed, ino, 0, &a).unwrap();
+    assert_eq!(read_all(&e, committed, ino), a);
+    fsck_clean(&e, "after a refused forgery");
 }
 
 #[test]
@@ -306,15 +343,7 @@ fn promotion_is_crash_safe() {
     let scenario = |e: &Engine| -> std::result::Result<(), Error> {
         let committed = e.clone_layer_with("image", "committed", true)?;
         let ino = e.create(committed, ROOT_INODE, b"big", 0o644, 0, 0)?.inode;
-        e.share_blocks(
-            committed,
-            ino,
-            container,
-            src,
-            0,
-            data.len() as u64,
-            &checksums(&data),
-        )?;
+        e.share_blocks(committed, ino, container, src, 0, &data)?;
         e.sync()?;
         e.write(container, src, 0, &[0xAB; BLOCK])?;
         e.sync()?;
