@@ -97,6 +97,15 @@ impl Shared {
             }
         }
     }
+
+    /// A checkpoint whose device writes and flushes run without the store
+    /// lock (see crate::checkpoint). The caller holds `commit_lock`.
+    fn checkpoint_unlocked(&self) -> Result<()> {
+        let write = self.lock().checkpoint_begin()?;
+        // The result reaches checkpoint_finish through the completion.
+        let _ = write.run();
+        self.lock().checkpoint_finish()
+    }
 }
 
 /// The text of a caught panic.
@@ -725,11 +734,13 @@ impl Engine {
     pub fn sync(&self) -> Result<()> {
         let target = self.lock().generation;
         let _c = self.s.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut s = self.lock();
-        if s.durable_generation >= target && s.failed.is_none() {
-            return Ok(());
+        {
+            let s = self.lock();
+            if s.durable_generation >= target && s.failed.is_none() {
+                return Ok(());
+            }
         }
-        s.checkpoint()
+        self.s.checkpoint_unlocked()
     }
 
     /// Runs the cleaner now (`urgent`: greedy). Returns segments freed.
@@ -887,8 +898,7 @@ fn background(e: Arc<Shared>, stop: Arc<AtomicBool>, config: Config) {
         if due && s.generation != s.durable_generation {
             drop(s);
             let _c = e.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-            let mut s = e.lock();
-            if let Err(err) = s.checkpoint() {
+            if let Err(err) = e.checkpoint_unlocked() {
                 log::warn!("periodic checkpoint: {err}");
             }
             last_checkpoint = Instant::now();

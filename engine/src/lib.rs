@@ -7,6 +7,7 @@
 //! with redundant, checksummed superblocks. See docs/format.md.
 
 mod cache;
+mod checkpoint;
 mod cleaner;
 pub mod device;
 mod diff;

@@ -197,13 +197,13 @@ pub(crate) struct Store {
     // Space.
     pub segs: Vec<SegmentUsage>,
     /// For each segment table block, the checkpoint seq held by copy 0 and copy 1.
-    segtable_copies: Vec<[u64; 2]>,
-    segtable_dirty: BTreeSet<u32>,
+    pub(crate) segtable_copies: Vec<[u64; 2]>,
+    pub(crate) segtable_dirty: BTreeSet<u32>,
     pub free: BTreeSet<u32>,
     pub pending_free: BTreeSet<u32>,
     pub streams: [Stream; 2],
     writer: Option<SegmentWriter>,
-    inflight: VecDeque<Inflight>,
+    pub(crate) inflight: VecDeque<Inflight>,
     spare_buffers: Vec<AlignedBuf>,
     pub nodes: NodeCache,
     pub blocks: Arc<BlockCache>,
@@ -228,9 +228,11 @@ pub(crate) struct Store {
     #[cfg(any(test, feature = "testing"))]
     pub panic_in_next_change: bool,
     pub durable_generation: u64,
+    /// A checkpoint whose device writes run outside the store lock.
+    pub(crate) checkpoint_in_flight: Option<crate::checkpoint::CheckpointInFlight>,
 }
 
-fn seg_table_checksum(segs: &[SegmentUsage]) -> u64 {
+pub(crate) fn seg_table_checksum(segs: &[SegmentUsage]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(&SegtableBlock::entries_bytes(segs))
 }
 
@@ -285,6 +287,7 @@ impl Store {
             orphans: HashSet::new(),
             generation: 0,
             durable_generation: 0,
+            checkpoint_in_flight: None,
             mutations: 0,
             #[cfg(any(test, feature = "testing"))]
             panic_in_next_change: false,
@@ -476,7 +479,7 @@ impl Store {
         }
     }
 
-    fn fail<T>(&mut self, e: Error) -> Result<T> {
+    pub(crate) fn fail<T>(&mut self, e: Error) -> Result<T> {
         self.stop(format!("a device write failed: {e}"));
         Err(e)
     }
@@ -613,11 +616,23 @@ impl Store {
         if st.written == st.fill {
             return Ok(());
         }
-        let off = (self.geo.segment_start(seg) + st.written as u64) * BLOCK_SIZE as u64;
-        let r = self
-            .dev
-            .write_at(off, &st.buf[st.written * BLOCK_SIZE..st.fill * BLOCK_SIZE]);
-        if let Err(e) = r {
+        let start_block = self.geo.segment_start(seg) + st.written as u64;
+        let tail = &st.buf[st.written * BLOCK_SIZE..st.fill * BLOCK_SIZE];
+        if let Some(writer) = &self.writer {
+            // The writer thread writes a copy, so the store lock is not held
+            // across device I/O; the copy serves reads until it is written.
+            let mut buf = AlignedBuf::new(tail.len());
+            buf.copy_from_slice(tail);
+            let valid_blocks = tail.len() / BLOCK_SIZE;
+            let buf = Arc::new(buf);
+            let done = writer.submit(start_block, buf.clone(), 0, valid_blocks);
+            self.inflight.push_back(Inflight {
+                start_block,
+                valid_blocks,
+                buf,
+                done,
+            });
+        } else if let Err(e) = self.dev.write_at(start_block * BLOCK_SIZE as u64, tail) {
             return self.fail(e);
         }
         let st = &mut self.streams[t as usize];
@@ -729,10 +744,23 @@ impl Store {
         if let Err(m) = f.done.wait() {
             return self.fail(Error::Io(std::io::Error::other(m)));
         }
+        let seg_bytes = self.geo.segment_blocks as usize * BLOCK_SIZE;
         if let Ok(b) = Arc::try_unwrap(f.buf) {
-            if self.spare_buffers.len() <= self.config.write_behind_segments {
+            // Only whole segment buffers are reused (a written-out stream
+            // tail is a smaller copy).
+            if b.len() == seg_bytes && self.spare_buffers.len() <= self.config.write_behind_segments
+            {
                 self.spare_buffers.push(b);
             }
+        }
+        Ok(())
+    }
+
+    /// Gives back the buffers of log writes that have completed, without
+    /// waiting for any.
+    pub(crate) fn reap_finished(&mut self) -> Result<()> {
+        while self.inflight.front().is_some_and(|f| f.done.is_done()) {
+            self.reap_one()?;
         }
         Ok(())
     }
@@ -1420,7 +1448,7 @@ impl Store {
     // ------------------------------------------------------------ checkpoint
 
     /// Writes a map node and (first) its dirty children; returns its pointer.
-    fn write_map_node(&mut self, id: u64) -> Result<ChildRef> {
+    pub(crate) fn write_map_node(&mut self, id: u64) -> Result<ChildRef> {
         let kids: Vec<(usize, u64)> = {
             let n = self.nodes.get(id).expect("dirty map node cached");
             n.children
@@ -1484,148 +1512,6 @@ impl Store {
         let st = &self.streams[t as usize];
         let at = st.fill + usize::from(st.batch_at.is_none());
         Ok(self.geo.segment_start(st.seg.expect("open")) + at as u64)
-    }
-
-    /// Makes everything durable: dirty nodes, map, segment table, superblock.
-    pub fn checkpoint(&mut self) -> Result<()> {
-        self.check_writable()?;
-        let r = self.self_contained(|s| s.checkpoint_inner());
-        if let Err(e) = r {
-            return self.fail(e);
-        }
-        Ok(())
-    }
-
-    fn checkpoint_inner(&mut self) -> Result<()> {
-        let seq = self.checkpoint_seq + 1;
-        // 1. Layer records into the layer table.
-        let dirty: Vec<u64> = std::mem::take(&mut self.dirty_layers).into_iter().collect();
-        let mut root = self.layer_table_root;
-        for id in dirty {
-            if let Some(r) = self.layers.get(&id) {
-                let v = r.encode();
-                self.insert(Tree::Layer(0), &mut root, Key::new(id, KIND_LAYER, 0), v)?;
-            }
-        }
-        for id in std::mem::take(&mut self.removed_layers) {
-            self.remove(Tree::Layer(0), &mut root, &Key::new(id, KIND_LAYER, 0))?;
-        }
-        self.layer_table_root = root;
-        // 2. Layer-tree nodes: append, then point the map at them. Map updates
-        //    never dirty layer-tree nodes, so one pass suffices.
-        let ids: Vec<u64> = self
-            .nodes
-            .dirty_ids()
-            .into_iter()
-            .filter(|id| id & (PHYS_TAG | VIRT_TAG) == 0)
-            .collect();
-        let mut b = AlignedBuf::new(BLOCK_SIZE);
-        for id in ids {
-            {
-                let n = self.nodes.get_mut(id).expect("dirty");
-                n.seq = seq;
-                n.self_address = id;
-                n.encode(&mut b);
-            }
-            let csum = NodeImage::block_checksum(&b);
-            let phys = self.append(Temperature::Hot, BlockTag::Logical(id), &b, csum)?;
-            self.map_set(
-                id,
-                MapValue {
-                    physical_block: phys,
-                    checksum: csum,
-                    extra_owners: 0,
-                },
-            )?;
-            self.nodes.mark_clean(id);
-        }
-        // 3. The address map, bottom-up.
-        if self.map_root & VIRT_TAG != 0 {
-            let r = self.write_map_node(self.map_root)?;
-            self.map_root = r.address;
-            self.map_root_checksum = r.checksum;
-        }
-        debug_assert_eq!(self.nodes.dirty_count(), 0, "every dirty node written");
-        // 4. Stream tails, and every segment still in flight.
-        self.write_out(Temperature::Hot)?;
-        self.write_out(Temperature::Cold)?;
-        self.wait_inflight()?;
-        // 5. Segment table blocks that changed, each into the copy not holding
-        //    the newest valid version.
-        let dirty_tables: Vec<u32> = std::mem::take(&mut self.segtable_dirty)
-            .into_iter()
-            .collect();
-        let mut bufs = Vec::new();
-        for i in dirty_tables {
-            let first = i as usize * SEGTABLE_ENTRIES;
-            let last = (first + SEGTABLE_ENTRIES).min(self.segs.len());
-            let tb = SegtableBlock {
-                index: i,
-                checkpoint_seq: seq,
-                entries: self.segs[first..last].to_vec(),
-            };
-            let mut b = AlignedBuf::new(BLOCK_SIZE);
-            tb.encode(&mut b);
-            let copies = &mut self.segtable_copies[i as usize];
-            let copy = if copies[0] <= copies[1] { 0 } else { 1 };
-            copies[copy] = seq;
-            let block = self.geo.segtable_start_block + 2 * i as u64 + copy as u64;
-            bufs.push((block * BLOCK_SIZE as u64, b));
-        }
-        if !bufs.is_empty() {
-            let mut ops: Vec<crate::device::IoOp<'_>> = bufs
-                .iter()
-                .map(|(off, b)| crate::device::IoOp::Write {
-                    offset: *off,
-                    buf: &b[..],
-                })
-                .collect();
-            self.dev.submit(&mut ops)?;
-        }
-        // 6. Barrier, then the superblock, then a barrier.
-        self.dev.flush()?;
-        let map_root_block = if self.map_root == 0 {
-            0
-        } else {
-            self.map_root & !PHYS_TAG
-        };
-        let sb = Superblock {
-            version: FORMAT_VERSION,
-            uuid: self.geo.uuid,
-            device_blocks: self.geo.device_blocks,
-            segment_blocks: self.geo.segment_blocks,
-            segment_count: self.geo.segment_count,
-            data_start_block: self.geo.data_start_block,
-            segtable_start_block: self.geo.segtable_start_block,
-            segtable_blocks: self.geo.segtable_blocks,
-            checkpoint_seq: seq,
-            next_batch_seq: self.next_batch_seq,
-            map_root_block,
-            map_root_checksum: self.map_root_checksum,
-            layer_table_root: self.layer_table_root,
-            next_lbn: self.next_lbn,
-            next_layer_id: self.next_layer_id,
-            segtable_checksum: seg_table_checksum(&self.segs),
-            created_unix_ns: self.geo.created_unix_ns,
-        };
-        let mut b = AlignedBuf::new(BLOCK_SIZE);
-        sb.encode(&mut b);
-        self.dev
-            .write_at((seq % SUPERBLOCK_SLOTS) * BLOCK_SIZE as u64, &b)?;
-        self.dev.flush()?;
-        self.checkpoint_seq = seq;
-        self.counters.checkpoints += 1;
-        // 7. Space freed before this checkpoint is now reusable.
-        let freed = std::mem::take(&mut self.pending_free);
-        for s in freed {
-            if self.segs[s as usize].live_blocks == 0
-                && !self.streams.iter().any(|st| st.seg == Some(s))
-            {
-                self.free.insert(s);
-            }
-        }
-        self.durable_generation = self.generation;
-        Ok(())
     }
 
     /// Drops clean nodes over budget; checkpoints when dirty nodes pass their limit.

@@ -18,7 +18,7 @@ pub(crate) struct Completion {
 }
 
 impl Completion {
-    fn finish(&self, r: Result<(), String>) {
+    pub fn finish(&self, r: Result<(), String>) {
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
         self.cv.notify_all();
     }

@@ -118,9 +118,17 @@ fn corrupt_metadata_is_detected_and_superblock_falls_back() {
             assert!(!e.fsck(false).unwrap().is_clean());
         }
     }
-    // Both superblocks gone: not an lcfs device.
+    // Both superblocks corrupt: an lcfs that cannot be opened (never taken
+    // for a blank device, which format would overwrite without --force).
     dev.corrupt(10, 0xff);
     dev.corrupt(4096 + 10, 0xff);
+    assert!(matches!(
+        Engine::open(dev.clone(), quiet()),
+        Err(Error::Unopenable(_))
+    ));
+    // Magic gone too: not an lcfs device.
+    dev.corrupt(0, 0xff);
+    dev.corrupt(4096, 0xff);
     assert!(matches!(
         Engine::open(dev.clone(), quiet()),
         Err(Error::NotFormatted)
