@@ -303,11 +303,13 @@ impl Engine {
         self.s.lock()
     }
 
-    /// Runs `f` under the store lock, then bounded upkeep (a checkpoint past
-    /// the dirty limit, eviction). An operation that fails after it began to
-    /// change what a checkpoint writes, or panics, stops the engine: its
-    /// half-applied change is never checkpointed.
-    fn run<T>(&self, f: impl FnOnce(&mut Store) -> Result<T>) -> Result<T> {
+    /// Runs operation `f` under the store lock, then bounded upkeep (a
+    /// checkpoint past the dirty limit, eviction). An operation that fails
+    /// after it began to change what a checkpoint writes, or panics, stops
+    /// the engine: its half-applied change is never checkpointed. The
+    /// result is the operation's own: upkeep that fails has stopped the
+    /// engine (and logged why), which the next change reports.
+    fn op_then_upkeep<T>(&self, f: impl FnOnce(&mut Store) -> Result<T>) -> Result<T> {
         let mut s = self.lock();
         let before = s.mutation_mark();
         let r = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut s))) {
@@ -325,28 +327,27 @@ impl Engine {
                 ));
             }
         }
-        let m = s.maintain();
-        match (r, m) {
-            (Ok(v), Ok(())) => Ok(v),
-            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+        if let Err(e) = s.maintain() {
+            log::warn!("upkeep after an operation: {e}");
         }
+        r
     }
 
     // ------------------------------------------------------------ layers
 
     /// Creates an empty base layer (`cold`: data goes to the cold log, for image layers).
     pub fn create_layer(&self, name: &str, cold: bool) -> Result<u64> {
-        self.run(|s| s.create_layer(name, None, cold))
+        self.op_then_upkeep(|s| s.create_layer(name, None, cold))
     }
 
     /// Clones `parent` into a new writable layer `name`; freezes the parent. O(1).
     pub fn clone_layer(&self, parent: &str, name: &str) -> Result<u64> {
-        self.run(|s| s.create_layer(name, Some(parent), false))
+        self.op_then_upkeep(|s| s.create_layer(name, Some(parent), false))
     }
 
     /// Like [`Engine::clone_layer`] with a choice of log temperature.
     pub fn clone_layer_with(&self, parent: &str, name: &str, cold: bool) -> Result<u64> {
-        self.run(|s| s.create_layer(name, Some(parent), cold))
+        self.op_then_upkeep(|s| s.create_layer(name, Some(parent), cold))
     }
 
     /// Creates a layer (a clone of `parent`, or an empty base layer) with
@@ -360,7 +361,7 @@ impl Engine {
         metadata: &crate::LayerMetadata,
     ) -> Result<u64> {
         crate::metadata::encode(metadata)?;
-        self.run(|s| {
+        self.op_then_upkeep(|s| {
             let id = s.create_layer(name, parent, cold)?;
             s.set_layer_metadata(id, metadata)?;
             Ok(id)
@@ -369,7 +370,7 @@ impl Engine {
 
     /// A layer's metadata (empty when none was set).
     pub fn layer_metadata(&self, name: &str) -> Result<crate::LayerMetadata> {
-        self.run(|s| {
+        self.op_then_upkeep(|s| {
             let id = s.layer_id(name)?;
             s.layer_metadata(id)
         })
@@ -377,7 +378,7 @@ impl Engine {
 
     /// Replaces a layer's metadata; frozen layers accept it too.
     pub fn set_layer_metadata(&self, name: &str, metadata: &crate::LayerMetadata) -> Result<()> {
-        self.run(|s| {
+        self.op_then_upkeep(|s| {
             let id = s.layer_id(name)?;
             s.set_layer_metadata(id, metadata)
         })
@@ -390,7 +391,7 @@ impl Engine {
         metadata: &crate::LayerMetadata,
     ) -> Result<()> {
         crate::metadata::encode(metadata)?;
-        self.run(|s| {
+        self.op_then_upkeep(|s| {
             let id = s.layer_id(name)?;
             s.freeze_layer(id)?;
             s.set_layer_metadata(id, metadata)
@@ -399,7 +400,7 @@ impl Engine {
 
     /// Freezes a layer (commit). O(1); durable at the next sync.
     pub fn commit_layer(&self, name: &str) -> Result<()> {
-        self.run(|s| {
+        self.op_then_upkeep(|s| {
             let id = s.layer_id(name)?;
             s.freeze_layer(id)
         })
@@ -407,7 +408,7 @@ impl Engine {
 
     /// Removes a childless layer and frees what it alone owns.
     pub fn remove_layer(&self, name: &str) -> Result<()> {
-        self.run(|s| {
+        self.op_then_upkeep(|s| {
             let id = s.layer_id(name)?;
             s.remove_layer(id)
         })
@@ -416,7 +417,7 @@ impl Engine {
     /// What a layer changed against its parent (everything, for a base
     /// layer), computed from the nodes the layer owns: O(changes).
     pub fn layer_changes(&self, name: &str) -> Result<Vec<crate::diff::Change>> {
-        self.run(|s| {
+        self.op_then_upkeep(|s| {
             let id = s.layer_id(name)?;
             s.layer_changes(id)
         })
@@ -448,15 +449,15 @@ impl Engine {
     // ------------------------------------------------------------ files
 
     pub fn lookup(&self, layer: u64, dir: u64, name: &[u8]) -> Result<Attr> {
-        self.run(|s| s.lookup(layer, dir, name))
+        self.op_then_upkeep(|s| s.lookup(layer, dir, name))
     }
 
     pub fn getattr(&self, layer: u64, ino: u64) -> Result<Attr> {
-        self.run(|s| s.getattr(layer, ino))
+        self.op_then_upkeep(|s| s.getattr(layer, ino))
     }
 
     pub fn setattr(&self, layer: u64, ino: u64, attr: &SetAttr) -> Result<Attr> {
-        self.run(|s| s.setattr(layer, ino, attr))
+        self.op_then_upkeep(|s| s.setattr(layer, ino, attr))
     }
 
     /// Creates a regular file.
@@ -469,7 +470,7 @@ impl Engine {
         uid: u32,
         gid: u32,
     ) -> Result<Attr> {
-        self.run(|s| {
+        self.op_then_upkeep(|s| {
             s.make_node(
                 layer,
                 dir,
@@ -498,7 +499,7 @@ impl Engine {
         if crate::fs::FileKind::from_mode(mode) == Some(crate::fs::FileKind::Symlink) {
             return Err(Error::Invalid("use symlink".into()));
         }
-        self.run(|s| s.make_node(layer, dir, name, mode, rdev, uid, gid, None))
+        self.op_then_upkeep(|s| s.make_node(layer, dir, name, mode, rdev, uid, gid, None))
     }
 
     pub fn mkdir(
@@ -510,7 +511,7 @@ impl Engine {
         uid: u32,
         gid: u32,
     ) -> Result<Attr> {
-        self.run(|s| {
+        self.op_then_upkeep(|s| {
             s.make_node(
                 layer,
                 dir,
@@ -533,7 +534,7 @@ impl Engine {
         uid: u32,
         gid: u32,
     ) -> Result<Attr> {
-        self.run(|s| {
+        self.op_then_upkeep(|s| {
             s.make_node(
                 layer,
                 dir,
@@ -548,15 +549,15 @@ impl Engine {
     }
 
     pub fn readlink(&self, layer: u64, ino: u64) -> Result<Vec<u8>> {
-        self.run(|s| s.readlink(layer, ino))
+        self.op_then_upkeep(|s| s.readlink(layer, ino))
     }
 
     pub fn unlink(&self, layer: u64, dir: u64, name: &[u8]) -> Result<()> {
-        self.run(|s| s.unlink(layer, dir, name, false))
+        self.op_then_upkeep(|s| s.unlink(layer, dir, name, false))
     }
 
     pub fn rmdir(&self, layer: u64, dir: u64, name: &[u8]) -> Result<()> {
-        self.run(|s| s.unlink(layer, dir, name, true))
+        self.op_then_upkeep(|s| s.unlink(layer, dir, name, true))
     }
 
     /// Renames within one layer; `flags` takes RENAME_NOREPLACE or RENAME_EXCHANGE.
@@ -569,12 +570,12 @@ impl Engine {
         to: &[u8],
         flags: u32,
     ) -> Result<()> {
-        self.run(|s| s.rename(layer, from_dir, from, to_dir, to, flags))
+        self.op_then_upkeep(|s| s.rename(layer, from_dir, from, to_dir, to, flags))
     }
 
     /// Adds a hard link.
     pub fn link(&self, layer: u64, ino: u64, dir: u64, name: &[u8]) -> Result<Attr> {
-        self.run(|s| s.link(layer, ino, dir, name))
+        self.op_then_upkeep(|s| s.link(layer, ino, dir, name))
     }
 
     /// Reads up to `len` bytes at `offset` (short at end of file).
@@ -592,7 +593,7 @@ impl Engine {
     }
 
     pub fn write(&self, layer: u64, ino: u64, offset: u64, data: &[u8]) -> Result<usize> {
-        self.run(|s| s.write(layer, ino, offset, data, true))
+        self.op_then_upkeep(|s| s.write(layer, ino, offset, data, true))
     }
 
     /// [`Engine::write`] that leaves mtime and ctime alone: for data a
@@ -606,7 +607,7 @@ impl Engine {
         offset: u64,
         data: &[u8],
     ) -> Result<usize> {
-        self.run(|s| s.write(layer, ino, offset, data, false))
+        self.op_then_upkeep(|s| s.write(layer, ino, offset, data, false))
     }
 
     /// Promotion: makes bytes `offset..offset + data.len()` of file `ino` in
@@ -636,13 +637,13 @@ impl Engine {
         let end = offset.checked_add(len).ok_or(Error::FileTooLarge)?;
         let (first, count) = (offset / bs, len.div_ceil(bs));
         let plan = |s: &mut Store| s.share_plan(layer, ino, src_layer, src_ino, first, count, end);
-        let Some(before) = self.run(plan)? else {
+        let Some(before) = self.op_then_upkeep(plan)? else {
             return Ok(false);
         };
         if self.read(src_layer, src_ino, offset, data.len())? != data {
             return Ok(false);
         }
-        self.run(|s| match plan(s)? {
+        self.op_then_upkeep(|s| match plan(s)? {
             Some(now) if now == before => {
                 s.share_apply(layer, ino, src_layer, src_ino, now, end)?;
                 Ok(true)
@@ -652,7 +653,7 @@ impl Engine {
     }
 
     pub fn fallocate(&self, layer: u64, ino: u64, mode: u32, offset: u64, len: u64) -> Result<()> {
-        self.run(|s| s.fallocate(layer, ino, mode, offset, len))
+        self.op_then_upkeep(|s| s.fallocate(layer, ino, mode, offset, len))
     }
 
     /// Up to `limit` entries after `cookie` (0 starts). "." and ".." are not listed.
@@ -663,7 +664,7 @@ impl Engine {
         cookie: u64,
         limit: usize,
     ) -> Result<Vec<DirEntry>> {
-        self.run(|s| s.readdir(layer, dir, cookie, limit))
+        self.op_then_upkeep(|s| s.readdir(layer, dir, cookie, limit))
     }
 
     /// Like readdir, with each entry's attributes.
@@ -674,7 +675,7 @@ impl Engine {
         cookie: u64,
         limit: usize,
     ) -> Result<Vec<(DirEntry, Attr)>> {
-        self.run(|s| {
+        self.op_then_upkeep(|s| {
             let entries = s.readdir(layer, dir, cookie, limit)?;
             entries
                 .into_iter()
@@ -687,7 +688,7 @@ impl Engine {
     }
 
     pub fn getxattr(&self, layer: u64, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
-        self.run(|s| s.getxattr(layer, ino, name))
+        self.op_then_upkeep(|s| s.getxattr(layer, ino, name))
     }
 
     /// `flags`: XATTR_CREATE or XATTR_REPLACE.
@@ -699,38 +700,34 @@ impl Engine {
         value: &[u8],
         flags: u32,
     ) -> Result<()> {
-        self.run(|s| s.setxattr(layer, ino, name, value, flags))
+        self.op_then_upkeep(|s| s.setxattr(layer, ino, name, value, flags))
     }
 
     pub fn listxattr(&self, layer: u64, ino: u64) -> Result<Vec<Vec<u8>>> {
-        self.run(|s| s.listxattr(layer, ino))
+        self.op_then_upkeep(|s| s.listxattr(layer, ino))
     }
 
     pub fn removexattr(&self, layer: u64, ino: u64, name: &[u8]) -> Result<()> {
-        self.run(|s| s.removexattr(layer, ino, name))
+        self.op_then_upkeep(|s| s.removexattr(layer, ino, name))
     }
 
     pub fn statfs(&self, layer: u64) -> Result<StatFs> {
-        self.run(|s| s.statfs(layer))
+        self.op_then_upkeep(|s| s.statfs(layer))
     }
 
     /// Notes an open handle: an unlinked file lives until its last release.
     pub fn open_inode(&self, layer: u64, ino: u64) -> Result<()> {
-        self.run(|s| s.open_inode(layer, ino))
+        self.op_then_upkeep(|s| s.open_inode(layer, ino))
     }
 
     pub fn release_inode(&self, layer: u64, ino: u64) -> Result<()> {
-        self.run(|s| s.release_inode(layer, ino))
+        self.op_then_upkeep(|s| s.release_inode(layer, ino))
     }
 
-    /// fsync: everything changed so far becomes durable (one checkpoint serves
-    /// every caller waiting at the time).
-    pub fn fsync(&self, _layer: u64, _ino: u64) -> Result<()> {
-        self.sync()
-    }
-
-    /// Makes every change made before the call durable. Concurrent callers
-    /// share checkpoints (group commit).
+    /// Makes every change made before the call durable, in every layer: an
+    /// fsync of one file is served by this too (there is no per-file log, so
+    /// it costs a checkpoint of everything changed so far). Concurrent
+    /// callers share checkpoints (group commit).
     pub fn sync(&self) -> Result<()> {
         let target = self.lock().generation;
         let _c = self.s.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -745,7 +742,7 @@ impl Engine {
 
     /// Runs the cleaner now (`urgent`: greedy). Returns segments freed.
     pub fn clean(&self, urgent: bool, max_segments: usize) -> Result<usize> {
-        self.run(|s| s.clean(urgent, max_segments))
+        self.op_then_upkeep(|s| s.clean(urgent, max_segments))
     }
 
     pub fn stats(&self) -> Stats {

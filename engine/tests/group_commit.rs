@@ -45,7 +45,7 @@ fn run(e: &Engine, l: u64) -> Vec<u64> {
                     e.write(l, *ino, at, rec.as_bytes()).unwrap();
                     at += rec.len() as u64;
                     barrier.wait();
-                    e.fsync(l, *ino).unwrap();
+                    e.sync().unwrap();
                     // Nobody writes the next record before every fsync of
                     // this round returned: the round's fsyncs cover the same
                     // writes, so however threads are scheduled they share.

@@ -380,9 +380,7 @@ impl EngineFile {
         Ok(())
     }
     pub fn fsync(&self) -> Result<(), String> {
-        self.engine
-            .fsync(self.layer, self.inode)
-            .map_err(|e| format!("engine fsync: {e}"))
+        self.engine.sync().map_err(|e| format!("engine sync: {e}"))
     }
 }
 
