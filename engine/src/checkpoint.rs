@@ -21,7 +21,7 @@
 use crate::device::{AlignedBuf, Device, IoOp, BLOCK_SIZE};
 use crate::error::{Error, Result};
 use crate::format::*;
-use crate::store::{seg_table_checksum, Store, Temperature, Tree, KIND_LAYER, PHYS_TAG, VIRT_TAG};
+use crate::store::{seg_table_checksum, Store, Temperature, Tree, PHYS_TAG, VIRT_TAG};
 use crate::writer::Completion;
 use std::collections::BTreeSet;
 use std::sync::Arc;

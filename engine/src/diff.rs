@@ -8,9 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::format::*;
-use crate::fs::{
-    FileKind, KIND_DIRENT, KIND_EXTENT, KIND_INODE, KIND_SYMLINK, KIND_XATTR, ROOT_INODE,
-};
+use crate::fs::{FileKind, ROOT_INODE};
 use crate::store::{Store, Tree};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -36,11 +34,8 @@ type Differences = BTreeMap<Key, (Option<Vec<u8>>, Option<Vec<u8>>)>;
 fn dirent_map(v: Option<&Vec<u8>>) -> Result<BTreeMap<Vec<u8>, u64>> {
     let mut m = BTreeMap::new();
     if let Some(v) = v {
-        for (name, payload) in decode_named(v)? {
-            if payload.len() != 9 {
-                return Err(Error::corrupt(0, "bad directory entry"));
-            }
-            m.insert(name, u64::from_le_bytes(payload[..8].try_into().unwrap()));
+        for (name, ino, _) in decode_dirents(v)? {
+            m.insert(name, ino);
         }
     }
     Ok(m)
@@ -97,15 +92,11 @@ impl Store {
             Key::new(dir, KIND_DIRENT, 0),
             Key::new(dir, KIND_DIRENT, u64::MAX),
             &mut |_, v| {
-                match decode_named(v) {
+                match decode_dirents(v) {
                     Ok(list) => {
-                        for (name, payload) in list {
-                            if payload.len() == 9
-                                && u64::from_le_bytes(payload[..8].try_into().unwrap()) == ino
-                            {
-                                found = Some(name);
-                                return false;
-                            }
+                        if let Some((name, _, _)) = list.into_iter().find(|e| e.1 == ino) {
+                            found = Some(name);
+                            return false;
                         }
                     }
                     Err(e) => bad = Some(e),

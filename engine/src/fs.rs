@@ -9,16 +9,11 @@
 use crate::device::BLOCK_SIZE;
 use crate::error::{Error, Result};
 use crate::format::*;
+use crate::read::{BlockSource, ReadPlan};
 use crate::store::{Store, Temperature, Tree};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 pub const ROOT_INODE: u64 = 1;
-pub(crate) const KIND_INODE: u8 = 1;
-pub(crate) const KIND_DIRENT: u8 = 2;
-pub(crate) const KIND_XATTR: u8 = 3;
-pub(crate) const KIND_EXTENT: u8 = 4;
-pub(crate) const KIND_SYMLINK: u8 = 5;
-pub(crate) const KIND_ORPHAN: u8 = 6;
 /// Longest file name, as on every Linux filesystem.
 pub const NAME_MAX: usize = 255;
 /// Symlink targets longer than this are stored in data blocks.
@@ -167,20 +162,6 @@ pub struct LayerInfo {
     pub next_inode: u64,
 }
 
-/// Where each block of a read comes from (resolved under the lock, read after).
-pub(crate) enum BlockSource {
-    Hole,
-    Buffered(Vec<u8>),
-    Device { physical_block: u64, checksum: u64 },
-}
-
-pub(crate) struct ReadPlan {
-    /// Offset of the read within its first block.
-    pub skip: usize,
-    pub len: usize,
-    pub blocks: Vec<BlockSource>,
-}
-
 fn name_hash(name: &[u8]) -> u64 {
     // 8 low bits index collisions inside one key; keep cookies above 0x100
     // so front ends can use small cookies for "." and "..".
@@ -222,19 +203,12 @@ fn attr_of(ino: u64, i: &InodeValue) -> Result<Attr> {
 }
 
 fn encode_dirent(ino: u64, kind: FileKind) -> Vec<u8> {
-    let mut v = ino.to_le_bytes().to_vec();
-    v.push(kind.code());
-    v
+    crate::format::encode_dirent(ino, kind.code())
 }
 
 fn decode_dirent(v: &[u8]) -> Result<(u64, FileKind)> {
-    if v.len() != 9 {
-        return Err(Error::corrupt(0, "bad directory entry"));
-    }
-    Ok((
-        u64::from_le_bytes(v[..8].try_into().unwrap()),
-        FileKind::from_code(v[8])?,
-    ))
+    let (ino, code) = crate::format::decode_dirent(v)?;
+    Ok((ino, FileKind::from_code(code)?))
 }
 
 impl Store {
@@ -1464,7 +1438,7 @@ impl Store {
 
     /// Executes a plan synchronously (used under the lock for small reads).
     pub(crate) fn read_now(&self, plan: ReadPlan) -> Result<Vec<u8>> {
-        crate::engine::execute_plan(&*self.dev, &self.blocks, plan)
+        crate::read::execute_plan(&*self.dev, &self.blocks, plan)
     }
 
     // ------------------------------------------------------------ xattrs

@@ -5,10 +5,8 @@
 use crate::device::BLOCK_SIZE;
 use crate::error::Result;
 use crate::format::*;
-use crate::fs::{
-    KIND_DIRENT, KIND_EXTENT, KIND_INODE, KIND_ORPHAN, KIND_SYMLINK, KIND_XATTR, ROOT_INODE,
-};
-use crate::store::{Store, Tree, KIND_LAYER, KIND_LAYER_META, KIND_MAP, PHYS_TAG, VIRT_TAG};
+use crate::fs::ROOT_INODE;
+use crate::store::{Store, Tree, PHYS_TAG, VIRT_TAG};
 use std::collections::HashMap;
 
 /// What fsck found. `errors` empty means clean.
@@ -473,18 +471,10 @@ fn check_layer_semantics(s: &mut Store, r: &mut FsckReport, l: &LayerRecord) -> 
                 }
                 Err(e) => problems.push(format!("inode {}: {e}", k.object)),
             },
-            KIND_DIRENT => match decode_named(v) {
+            KIND_DIRENT => match decode_dirents(v) {
                 Ok(list) => {
-                    for (_, p) in list {
-                        if p.len() == 9 {
-                            entries.push((
-                                k.object,
-                                u64::from_le_bytes(p[..8].try_into().unwrap()),
-                                p[8],
-                            ));
-                        } else {
-                            problems.push(format!("bad entry in directory {}", k.object));
-                        }
+                    for (_, ino, kind) in list {
+                        entries.push((k.object, ino, kind));
                     }
                 }
                 Err(e) => problems.push(format!("directory {}: {e}", k.object)),

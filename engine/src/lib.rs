@@ -18,6 +18,7 @@ mod fs;
 mod fsck;
 mod metadata;
 mod promote;
+mod read;
 mod store;
 mod writer;
 

@@ -8,8 +8,8 @@
 //! so this keeps the encoding trivial. A layer without metadata has no keys.
 
 use crate::error::{Error, Result};
-use crate::format::{Key, Reader, MAX_VALUE_BYTES};
-use crate::store::{Store, Tree, KIND_LAYER_META};
+use crate::format::{Key, Reader, KIND_LAYER_META, MAX_VALUE_BYTES};
+use crate::store::{Store, Tree};
 use std::collections::BTreeMap;
 
 /// A layer's metadata: keys and values are UTF-8 strings.

@@ -16,7 +16,7 @@
 use crate::device::BLOCK_SIZE;
 use crate::error::{Error, Result};
 use crate::format::*;
-use crate::fs::{FileKind, KIND_EXTENT};
+use crate::fs::FileKind;
 use crate::store::{Store, Tree};
 use std::collections::HashSet;
 

@@ -16,12 +16,6 @@ const MAX_RUN_PER_LEAF: usize = 256;
 pub(crate) const PHYS_TAG: u64 = 1 << 62;
 /// Node ids of address-map nodes that exist only in memory so far.
 pub(crate) const VIRT_TAG: u64 = 1 << 61;
-/// Key kind of address-map entries.
-pub(crate) const KIND_MAP: u8 = 0x20;
-/// Key kind of layer records in the layer table.
-pub(crate) const KIND_LAYER: u8 = 0x10;
-/// Key kind of layer metadata chunks in the layer table (see metadata.rs).
-pub(crate) const KIND_LAYER_META: u8 = 0x11;
 
 /// Which tree an operation works on. Layer(0) is the layer table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,0 +1,244 @@
+//! Tree values: address-map entries, extents, inodes, layer records.
+
+use super::*;
+
+/// A map entry: where a logical block lives and what it must hash to, and
+/// how many owners beyond the first share it (blocks promoted from one
+/// layer into another, see [`ExtentValue::shared`]). Encoded in 16 bytes,
+/// or 20 when `extra_owners` is not zero.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapValue {
+    pub physical_block: u64,
+    pub checksum: u64,
+    pub extra_owners: u32,
+}
+
+impl MapValue {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(20);
+        v.extend_from_slice(&self.physical_block.to_le_bytes());
+        v.extend_from_slice(&self.checksum.to_le_bytes());
+        if self.extra_owners != 0 {
+            v.extend_from_slice(&self.extra_owners.to_le_bytes());
+        }
+        v
+    }
+    pub fn decode(b: &[u8]) -> Result<MapValue> {
+        let mut r = Reader::new(b);
+        let physical_block = r.u64()?;
+        let checksum = r.u64()?;
+        let extra_owners = if r.rest() > 0 { r.u32()? } else { 0 };
+        if r.rest() != 0 {
+            return Err(Error::corrupt(0, "map value too long"));
+        }
+        Ok(MapValue {
+            physical_block,
+            checksum,
+            extra_owners,
+        })
+    }
+}
+
+/// The top bit of an encoded extent's birth layer: [`ExtentValue::shared`].
+const EXTENT_SHARED: u64 = 1 << 63;
+
+/// A file block pointer: the logical block and the layer that owns it.
+///
+/// Ownership: the birth layer frees the block when it drops the extent (or
+/// is removed) and may overwrite it in place; its descendants inherit the
+/// extent and copy on write. A block promoted into another branch (a
+/// container's data becoming an image layer's, see `Store::share_blocks`)
+/// has several owners, counted in its [`MapValue::extra_owners`]; their
+/// extents are marked `shared`, so every owner copies on write and the
+/// last one to drop it frees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExtentValue {
+    pub lbn: u64,
+    pub birth_layer: u64,
+    pub shared: bool,
+}
+
+impl ExtentValue {
+    pub fn encode(&self) -> Vec<u8> {
+        assert!(self.birth_layer & EXTENT_SHARED == 0, "layer id too large");
+        let mut v = Vec::with_capacity(16);
+        v.extend_from_slice(&self.lbn.to_le_bytes());
+        let birth = self.birth_layer | if self.shared { EXTENT_SHARED } else { 0 };
+        v.extend_from_slice(&birth.to_le_bytes());
+        v
+    }
+    pub fn decode(b: &[u8]) -> Result<ExtentValue> {
+        let mut r = Reader::new(b);
+        let lbn = r.u64()?;
+        let birth = r.u64()?;
+        Ok(ExtentValue {
+            lbn,
+            birth_layer: birth & !EXTENT_SHARED,
+            shared: birth & EXTENT_SHARED != 0,
+        })
+    }
+}
+
+/// A timestamp in nanoseconds precision.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp {
+    pub seconds: i64,
+    pub nanoseconds: u32,
+}
+
+impl Timestamp {
+    pub fn now() -> Timestamp {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Timestamp {
+            seconds: d.as_secs() as i64,
+            nanoseconds: d.subsec_nanos(),
+        }
+    }
+}
+
+/// An inode record.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InodeValue {
+    /// File type and permission bits (as st_mode).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub size: u64,
+    /// 4 KiB blocks this inode references (shared or owned).
+    pub blocks: u64,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+    pub rdev: u64,
+    /// Directory: its parent (rename loop checks). Other files: the directory
+    /// of the name they were created or last renamed under (to name them in
+    /// layer diffs).
+    pub parent: u64,
+    pub generation: u64,
+}
+
+impl InodeValue {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = vec![0u8; 112];
+        let mut w = Writer::new(&mut v);
+        w.u32(self.mode);
+        w.u32(self.uid);
+        w.u32(self.gid);
+        w.u32(self.nlink);
+        w.u64(self.size);
+        w.u64(self.blocks);
+        for t in [self.atime, self.mtime, self.ctime] {
+            w.i64(t.seconds);
+            w.u32(t.nanoseconds);
+            w.u32(0);
+        }
+        w.u64(self.rdev);
+        w.u64(self.parent);
+        w.u64(self.generation);
+        v
+    }
+    pub fn decode(b: &[u8]) -> Result<InodeValue> {
+        let mut r = Reader::new(b);
+        let mut i = InodeValue {
+            mode: r.u32()?,
+            uid: r.u32()?,
+            gid: r.u32()?,
+            nlink: r.u32()?,
+            size: r.u64()?,
+            blocks: r.u64()?,
+            ..Default::default()
+        };
+        let mut ts = [Timestamp::default(); 3];
+        for t in &mut ts {
+            t.seconds = r.i64()?;
+            t.nanoseconds = r.u32()?;
+            r.u32()?;
+            if t.nanoseconds >= 1_000_000_000 {
+                return Err(Error::corrupt(0, "timestamp nanoseconds out of range"));
+            }
+        }
+        [i.atime, i.mtime, i.ctime] = ts;
+        i.rdev = r.u64()?;
+        i.parent = r.u64()?;
+        i.generation = r.u64()?;
+        Ok(i)
+    }
+}
+
+/// The persistent record of one layer, kept in the layer table tree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerRecord {
+    pub id: u64,
+    pub name: Vec<u8>,
+    /// 0 for a base layer.
+    pub parent: u64,
+    /// Logical block of the layer's tree root.
+    pub root: u64,
+    pub frozen: bool,
+    pub cold: bool,
+    pub children: u32,
+    pub created: Timestamp,
+    pub frozen_at: Timestamp,
+    pub next_inode: u64,
+    pub inode_count: u64,
+    /// Blocks (data and tree nodes) this layer wrote and still owns.
+    pub owned_blocks: u64,
+}
+
+impl LayerRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = vec![0u8; 88 + self.name.len()];
+        let mut w = Writer::new(&mut v);
+        w.u64(self.id);
+        w.u64(self.parent);
+        w.u64(self.root);
+        w.u8(self.frozen as u8);
+        w.u8(self.cold as u8);
+        w.u16(self.name.len() as u16);
+        w.u32(self.children);
+        for t in [self.created, self.frozen_at] {
+            w.i64(t.seconds);
+            w.u32(t.nanoseconds);
+            w.u32(0);
+        }
+        w.u64(self.next_inode);
+        w.u64(self.inode_count);
+        w.u64(self.owned_blocks);
+        w.bytes(&self.name);
+        debug_assert_eq!(w.at, 88 + self.name.len());
+        v
+    }
+    pub fn decode(b: &[u8]) -> Result<LayerRecord> {
+        let mut r = Reader::new(b);
+        let id = r.u64()?;
+        let parent = r.u64()?;
+        let root = r.u64()?;
+        let frozen = r.u8()? != 0;
+        let cold = r.u8()? != 0;
+        let name_len = r.u16()? as usize;
+        let children = r.u32()?;
+        let mut ts = [Timestamp::default(); 2];
+        for t in &mut ts {
+            t.seconds = r.i64()?;
+            t.nanoseconds = r.u32()?;
+            r.u32()?;
+        }
+        Ok(LayerRecord {
+            id,
+            parent,
+            root,
+            frozen,
+            cold,
+            children,
+            created: ts[0],
+            frozen_at: ts[1],
+            next_inode: r.u64()?,
+            inode_count: r.u64()?,
+            owned_blocks: r.u64()?,
+            name: r.bytes(name_len)?.to_vec(),
+        })
+    }
+}
