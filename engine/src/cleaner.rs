@@ -11,6 +11,14 @@ use crate::error::{Error, Result};
 use crate::format::*;
 use crate::store::{Store, Temperature};
 
+/// A segment the cleaner reads without the store lock.
+pub(crate) struct Victim {
+    seg: u32,
+    open_seq: u64,
+    pub offset: u64,
+    pub bytes: usize,
+}
+
 impl Store {
     /// Admits a change that will append `data_blocks` blocks. Deletions may use
     /// half of the reserve, so a full device can still be emptied.
@@ -54,17 +62,14 @@ impl Store {
         self.self_contained(|s| s.clean_segments(urgent, max))
     }
 
-    fn clean_segments(&mut self, urgent: bool, max: usize) -> Result<usize> {
-        self.check_writable()?;
-        // Victims are read from the device: nothing may still be in flight.
-        self.wait_inflight()?;
+    /// Segments worth cleaning, best first: neither free, pending, open nor
+    /// nearly full. Greedy (fewest live blocks) when `urgent`, otherwise
+    /// cost-benefit.
+    fn victims(&self, urgent: bool) -> Vec<u32> {
         let seg_blocks = self.geo.segment_blocks as u64;
         let now = self.next_batch_seq;
-        let open: Vec<u32> = self.streams.iter().filter_map(|s| s.seg).collect();
         let mut cands: Vec<(f64, u32)> = (0..self.geo.segment_count)
-            .filter(|s| {
-                !self.free.contains(s) && !self.pending_free.contains(s) && !open.contains(s)
-            })
+            .filter(|&s| self.may_clean(s))
             .filter(|&s| (self.segs[s as usize].live_blocks as u64) < seg_blocks * 95 / 100)
             .map(|s| {
                 let u = self.segs[s as usize].live_blocks as f64 / seg_blocks as f64;
@@ -78,32 +83,114 @@ impl Store {
             })
             .collect();
         cands.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        cands.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// Whether `seg` holds blocks that can be moved: not free, not waiting to
+    /// be free, not being filled by a log stream.
+    fn may_clean(&self, seg: u32) -> bool {
+        !self.free.contains(&seg)
+            && !self.pending_free.contains(&seg)
+            && !self.streams.iter().any(|st| st.seg == Some(seg))
+    }
+
+    /// Whether a write of `seg` is still in the writer's hands (its device
+    /// content is not yet what the engine wrote).
+    fn segment_in_flight(&self, seg: u32) -> bool {
+        let start = self.geo.segment_start(seg);
+        let end = start + self.geo.segment_blocks as u64;
+        self.inflight
+            .iter()
+            .any(|f| f.start_block < end && start < f.start_block + f.valid_blocks as u64)
+    }
+
+    /// Moving a segment with `live` blocks must fit without touching the
+    /// checkpoint reserve's half.
+    fn room_to_move(&self, live: u64) -> bool {
+        self.available_blocks() >= live + self.metadata_estimate(live) + self.reserve_blocks() / 2
+    }
+
+    fn clean_segments(&mut self, urgent: bool, max: usize) -> Result<usize> {
+        self.check_writable()?;
+        // Victims are read from the device: nothing may still be in flight.
+        self.wait_inflight()?;
         let mut cleaned = Vec::new();
-        for (_, seg) in cands.into_iter().take(max) {
-            let live = self.segs[seg as usize].live_blocks as u64;
-            // Moving it must fit without touching the checkpoint reserve's half.
-            if self.available_blocks()
-                < live + self.metadata_estimate(live) + self.reserve_blocks() / 2
-            {
+        for seg in self.victims(urgent).into_iter().take(max) {
+            if !self.room_to_move(self.segs[seg as usize].live_blocks as u64) {
                 continue;
             }
-            self.clean_segment(seg)?;
+            let buf = self.read_segment(seg)?;
+            self.clean_segment(seg, &buf)?;
             cleaned.push(seg);
         }
         if cleaned.is_empty() {
             return Ok(0);
         }
         self.checkpoint()?;
-        let freed = cleaned.iter().filter(|s| self.free.contains(s)).count();
-        self.counters.segments_cleaned += freed as u64;
-        Ok(freed)
+        Ok(self.count_cleaned(&cleaned))
     }
 
-    fn clean_segment(&mut self, seg: u32) -> Result<()> {
+    /// Segments of `cleaned` that are free now, counted as cleaned.
+    pub(crate) fn count_cleaned(&mut self, cleaned: &[u32]) -> usize {
+        let freed = cleaned.iter().filter(|s| self.free.contains(s)).count();
+        self.counters.segments_cleaned += freed as u64;
+        freed
+    }
+
+    fn read_segment(&self, seg: u32) -> Result<AlignedBuf> {
+        let mut buf = AlignedBuf::new(self.geo.segment_blocks as usize * BLOCK_SIZE);
+        let start = self.geo.segment_start(seg);
+        self.dev.read_at(start * BLOCK_SIZE as u64, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// The cleaner without device reads under the store lock, part 1: up to
+    /// `max` victims whose segments the caller may read without the lock,
+    /// each with its device offset and the open sequence it had.
+    pub(crate) fn victims_to_read(&mut self, urgent: bool, max: usize) -> Result<Vec<Victim>> {
+        self.check_writable()?;
+        self.reap_finished()?;
+        Ok(self
+            .victims(urgent)
+            .into_iter()
+            .filter(|&seg| !self.segment_in_flight(seg))
+            .take(max)
+            .map(|seg| Victim {
+                seg,
+                open_seq: self.segs[seg as usize].open_seq,
+                offset: self.geo.segment_start(seg) * BLOCK_SIZE as u64,
+                bytes: self.geo.segment_blocks as usize * BLOCK_SIZE,
+            })
+            .collect())
+    }
+
+    /// Part 2, under the lock again: moves the live blocks of each victim
+    /// read meanwhile. A segment that changed while it was read (cleaned by
+    /// someone else, freed, reused: its open sequence moved) is skipped; a
+    /// closed segment's content never changes otherwise. Returns the
+    /// segments cleaned; a checkpoint must land before they are free.
+    pub(crate) fn clean_victims(&mut self, read: Vec<(Victim, AlignedBuf)>) -> Result<Vec<u32>> {
+        self.self_contained(|s| {
+            s.check_writable()?;
+            let mut cleaned = Vec::new();
+            for (v, buf) in read {
+                let unchanged = s.may_clean(v.seg)
+                    && s.segs[v.seg as usize].open_seq == v.open_seq
+                    && !s.segment_in_flight(v.seg);
+                if !unchanged || !s.room_to_move(s.segs[v.seg as usize].live_blocks as u64) {
+                    continue;
+                }
+                s.clean_segment(v.seg, &buf)?;
+                cleaned.push(v.seg);
+            }
+            Ok(cleaned)
+        })
+    }
+
+    /// Moves the live blocks of `seg`, whose content is `buf`, to the cold log.
+    fn clean_segment(&mut self, seg: u32, buf: &[u8]) -> Result<()> {
         let start = self.geo.segment_start(seg);
         let n = self.geo.segment_blocks as usize;
-        let mut buf = AlignedBuf::new(n * BLOCK_SIZE);
-        self.dev.read_at(start * BLOCK_SIZE as u64, &mut buf)?;
         let open_seq = self.segs[seg as usize].open_seq;
         let mut at = 0usize;
         while at < n && self.segs[seg as usize].live_blocks > 0 {

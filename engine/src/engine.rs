@@ -7,7 +7,7 @@
 //! write lock, so an address resolved under the mutex stays valid.
 
 use crate::cache::BlockCache;
-use crate::device::{detect_signature, Device, DeviceStats, BLOCK_SIZE};
+use crate::device::{detect_signature, AlignedBuf, Device, DeviceStats, BLOCK_SIZE};
 use crate::error::{Error, Result};
 use crate::format::Timestamp;
 use crate::fs::{Attr, DirEntry, LayerInfo, SetAttr, StatFs};
@@ -97,6 +97,30 @@ impl Shared {
                 g
             }
         }
+    }
+
+    /// The cleaner, reading its victim segments without the store lock
+    /// (moving their live blocks and the checkpoint that frees them still
+    /// need it, the checkpoint only for its first and last phase). Returns
+    /// the segments freed.
+    fn clean_unlocked(&self, urgent: bool, max: usize) -> Result<usize> {
+        let victims = self.lock().victims_to_read(urgent, max)?;
+        if victims.is_empty() {
+            return Ok(0);
+        }
+        let mut read = Vec::with_capacity(victims.len());
+        for v in victims {
+            let mut buf = AlignedBuf::new(v.bytes);
+            self.dev.read_at(v.offset, &mut buf)?;
+            read.push((v, buf));
+        }
+        let cleaned = self.lock().clean_victims(read)?;
+        if cleaned.is_empty() {
+            return Ok(0);
+        }
+        let _c = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.checkpoint_unlocked()?;
+        Ok(self.lock().count_cleaned(&cleaned))
     }
 
     /// A checkpoint whose device writes and flushes run without the store
@@ -642,7 +666,7 @@ impl Engine {
 
     /// Runs the cleaner now (`urgent`: greedy). Returns segments freed.
     pub fn clean(&self, urgent: bool, max_segments: usize) -> Result<usize> {
-        self.op_then_upkeep(|s| s.clean(urgent, max_segments))
+        self.s.clean_unlocked(urgent, max_segments)
     }
 
     pub fn stats(&self) -> Stats {
@@ -786,9 +810,11 @@ fn background(e: Arc<Shared>, stop: Arc<AtomicBool>, config: Config) {
             .write_out(Temperature::Hot)
             .and_then(|_| s.write_out(Temperature::Cold));
         if s.wants_cleaning() {
-            if let Err(err) = s.clean(false, 2) {
+            drop(s);
+            if let Err(err) = e.clean_unlocked(false, 2) {
                 log::warn!("background cleaning: {err}");
             }
+            s = e.lock();
         }
         let due = config.checkpoint_interval_ms > 0
             && last_checkpoint.elapsed() >= Duration::from_millis(config.checkpoint_interval_ms);
