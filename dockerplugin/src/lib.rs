@@ -26,12 +26,13 @@ mod export;
 mod http;
 mod tree;
 
-pub use driver::{DiffPlan, Driver, KernelCache, NoMount};
+pub use driver::{DiffPlan, Driver};
 pub use error::{Error, Result};
 pub use http::{
     serve, CallCounters, CallStats, MethodStats, PluginServer, MAX_JSON_BYTES, OTHER_METHOD,
     PLUGIN_METHODS,
 };
+pub use lcfs_fsfront::{KernelCache, NoMount};
 
 /// Where Docker looks for a plugin named `lcfs` (`dockerd -s lcfs`).
 pub const DEFAULT_SOCKET: &str = "/run/docker/plugins/lcfs.sock";

@@ -1,18 +1,18 @@
-//! The fuser filesystem over the engine.
-//!
-//! Kernel inode numbers encode (layer, inode): `layer_id << 40 | inode`.
-//! Layer ids start at 1, so the mount root (kernel inode 1) never collides
-//! with a layer's root directory (`layer_id << 40 | 1`). Layer and inode
-//! numbers are never reused, so no lookup counting is needed and the
-//! generation is always 0.
+//! The fuser filesystem over the engine: each FUSE operation turns the
+//! kernel's node ids into (layer, inode) (inodes.rs), calls the engine and
+//! answers. Which pages the kernel keeps is pages.rs's; how the filesystem
+//! is mounted, mount.rs's.
 
+use crate::inodes::{Inodes, MOUNT_ROOT};
+use crate::mount::ROOT_MODE;
+use crate::pages::{self, PageCache};
 use crate::MountOptions;
 use fuser::{
-    AccessFlags, BsdFileFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem,
-    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode,
-    OpenFlags, PollEvents, PollFlags, PollNotifier, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyPoll, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, PollEvents, PollFlags,
+    PollNotifier, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyPoll, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use lcfs_engine::{Attr, Engine, Error, FileKind, SetAttr, TimeSet, Timestamp, ROOT_INODE};
 use std::collections::HashMap;
@@ -21,38 +21,26 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::mpsc::{sync_channel, SyncSender};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The most the kernel reads ahead in one request.
 const READ_AHEAD_REQUEST_BYTES: u32 = 1 << 20;
-/// The readahead window, in requests of the size above: the kernel caps it
-/// by the mount's backing device info, 128 KiB by default, which
-/// `set_read_ahead` raises to this. Four requests in flight keep the I/O
-/// workers reading in parallel (a cold 1 GiB read took about 40% less
-/// time with a 1 MiB window than with 128 KiB, and about 10% less again
-/// with 4 MiB).
-const READ_AHEAD_WINDOW_BYTES: u32 = 4 << 20;
-
-/// Kernel inode of the mount root, the directory of layers.
-pub(crate) const MOUNT_ROOT: u64 = 1;
-const LAYER_SHIFT: u32 = 40;
-const INODE_MASK: u64 = (1 << LAYER_SHIFT) - 1;
 /// readdir offsets of "." and ".." (engine cookies start at 0x101).
 const DOT: u64 = 1;
 const DOTDOT: u64 = 2;
 
-struct LcfsFs {
+pub(crate) struct LcfsFs {
     engine: Arc<Engine>,
     entry_ttl: Duration,
     attr_ttl: Duration,
     /// Names and attributes of frozen layers: they never change.
     frozen_ttl: Duration,
     started: SystemTime,
-    /// Open handles and cached copies (see `PageState`).
-    pages: Arc<Mutex<PageState>>,
-    /// Kernel inodes whose page cache is to be dropped.
-    drop_pages: SyncSender<u64>,
+    /// Kernel node ids <-> (layer, inode).
+    inodes: Inodes,
+    /// Which page caches the kernel keeps.
+    pages: Arc<PageCache>,
     /// Parent id and next inode number of frozen layers (they never change).
     frozen: Mutex<HashMap<u64, (Option<u64>, u64)>>,
     /// Data reads larger than `INLINE_READ_MAX` and fsyncs, done by the
@@ -71,26 +59,6 @@ type Job = Box<dyn FnOnce() + Send>;
 /// (on the 2-vCPU VMs measured, 4 KiB random reads went from 47 to 71
 /// MiB/s); large ones are readahead, which the workers read in parallel.
 const INLINE_READ_MAX: usize = 32 * 1024;
-
-/// Which kernel inodes are open, and which may hold pages of a file whose
-/// data is shared between layers (keyed by the file's origin: the layer
-/// that created the inode, and the inode number).
-#[derive(Default)]
-struct PageState {
-    open: HashMap<u64, u32>,
-    cached: HashMap<(u64, u64), Vec<u64>>,
-}
-
-fn split(ino: INodeNo) -> Option<(u64, u64)> {
-    let v = ino.0;
-    let layer = v >> LAYER_SHIFT;
-    let inode = v & INODE_MASK;
-    (layer != 0 && inode != 0).then_some((layer, inode))
-}
-
-fn join(layer: u64, inode: u64) -> INodeNo {
-    INodeNo(layer << LAYER_SHIFT | inode)
-}
 
 fn errno(e: &Error) -> Errno {
     Errno::from_i32(e.errno())
@@ -139,9 +107,9 @@ fn file_type(k: FileKind) -> FileType {
     }
 }
 
-fn file_attr(layer: u64, a: &Attr) -> FileAttr {
+fn file_attr(ino: INodeNo, a: &Attr) -> FileAttr {
     FileAttr {
-        ino: join(layer, a.inode),
+        ino,
         size: a.size,
         blocks: a.blocks_512,
         atime: system_time(a.atime),
@@ -192,7 +160,7 @@ impl LcfsFs {
             ctime: self.started,
             crtime: self.started,
             kind: FileType::Directory,
-            perm: 0o755,
+            perm: ROOT_MODE,
             nlink: 2 + layers,
             uid: 0,
             gid: 0,
@@ -202,14 +170,46 @@ impl LcfsFs {
         }
     }
 
+    /// The (layer, inode) kernel node id `ino` names.
+    fn split(&self, ino: INodeNo) -> Option<(u64, u64)> {
+        self.inodes.split(ino.0)
+    }
+
+    /// The kernel node id and generation of `inode` in `layer`.
+    fn node(&self, layer: u64, inode: u64) -> Result<(INodeNo, Generation), Errno> {
+        let live = || self.engine.list_layers().iter().map(|l| l.id).collect();
+        match self.inodes.join(layer, inode, live) {
+            Ok((node, generation)) => Ok((INodeNo(node), Generation(generation))),
+            Err(e) => {
+                log::warn!("no kernel node id for inode {inode} of layer {layer}: {e:?}");
+                Err(Errno::from_i32(e.errno()))
+            }
+        }
+    }
+
+    /// The attributes the kernel sees of `a`, an inode of `layer`.
+    fn file_attr(&self, layer: u64, a: &Attr) -> Result<(FileAttr, Generation), Errno> {
+        let (ino, generation) = self.node(layer, a.inode)?;
+        Ok((file_attr(ino, a), generation))
+    }
+
     fn entry(&self, layer: u64, r: lcfs_engine::Result<Attr>, reply: ReplyEntry) {
-        match r {
-            Ok(a) => reply.entry(
-                &self.entry_ttl_of(layer),
-                &file_attr(layer, &a),
-                Generation(0),
-            ),
-            Err(e) => reply.error(errno(&e)),
+        match r
+            .map_err(|e| errno(&e))
+            .and_then(|a| self.file_attr(layer, &a))
+        {
+            Ok((fa, generation)) => reply.entry(&self.entry_ttl_of(layer), &fa, generation),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn attr(&self, layer: u64, r: lcfs_engine::Result<Attr>, reply: ReplyAttr) {
+        match r
+            .map_err(|e| errno(&e))
+            .and_then(|a| self.file_attr(layer, &a))
+        {
+            Ok((fa, _)) => reply.attr(&self.attr_ttl_of(layer), &fa),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -309,59 +309,17 @@ impl LcfsFs {
         (frozen || inherited).then_some((origin, inode))
     }
 
-    /// An open: counts it and, for a shared file, drops the pages other
-    /// layers keep of it while they are closed, so that at most one closed
-    /// copy lingers in the page cache.
+    /// An open of `inode` in `layer`, for the page-cache policy.
     fn note_open(&self, layer: u64, inode: u64) {
-        let ino = join(layer, inode).0;
-        let origin = self.shared_origin(layer, inode);
-        let mut st = self.pages.lock().unwrap_or_else(|p| p.into_inner());
-        *st.open.entry(ino).or_insert(0) += 1;
-        let Some(key) = origin else { return };
-        let copies = std::mem::take(st.cached.entry(key).or_default());
-        let mut kept = Vec::with_capacity(copies.len() + 1);
-        for k in copies {
-            if k != ino && !st.open.contains_key(&k) {
-                let _ = self.drop_pages.try_send(k);
-            } else {
-                kept.push(k);
-            }
+        if let Ok((node, _)) = self.node(layer, inode) {
+            self.pages.opened(node.0, self.shared_origin(layer, inode));
         }
-        if !kept.contains(&ino) {
-            kept.push(ino);
-        }
-        st.cached.insert(key, kept);
     }
 
-    /// A close: on the last one of a shared file, its pages go if another
-    /// layer may hold a copy too; a single copy stays (re-reads stay fast).
-    fn note_release(&self, layer: u64, inode: u64) {
-        let ino = join(layer, inode).0;
-        {
-            let mut st = self.pages.lock().unwrap_or_else(|p| p.into_inner());
-            match st.open.get_mut(&ino) {
-                Some(n) if *n > 1 => {
-                    *n -= 1;
-                    return;
-                }
-                Some(_) => {
-                    st.open.remove(&ino);
-                }
-                None => return,
-            }
-        }
-        let Some(key) = self.shared_origin(layer, inode) else {
-            return;
-        };
-        let mut st = self.pages.lock().unwrap_or_else(|p| p.into_inner());
-        let copies = st.cached.entry(key).or_default();
-        if copies.len() > 1 {
-            copies.retain(|k| *k != ino);
-            let _ = self.drop_pages.try_send(ino);
-        }
-        if copies.is_empty() {
-            st.cached.remove(&key);
-        }
+    /// A close of `inode` in `layer`, for the page-cache policy.
+    fn note_release(&self, node: INodeNo, layer: u64, inode: u64) {
+        self.pages
+            .released(node.0, || self.shared_origin(layer, inode));
     }
 
     /// Hands `job` to a worker; runs it here when the queue is full (the
@@ -380,7 +338,7 @@ impl LcfsFs {
             // Layers are made through the control socket, never by mkdir.
             return Err(Errno::from_i32(libc::EPERM));
         }
-        split(parent).ok_or(Errno::from_i32(libc::ENOENT))
+        self.split(parent).ok_or(Errno::from_i32(libc::ENOENT))
     }
 }
 
@@ -433,7 +391,7 @@ impl Filesystem for LcfsFs {
             }
             return;
         }
-        let Some((layer, dir)) = split(parent) else {
+        let Some((layer, dir)) = self.split(parent) else {
             return reply.error(Errno::from_i32(libc::ENOENT));
         };
         self.entry(
@@ -447,13 +405,10 @@ impl Filesystem for LcfsFs {
         if ino.0 == MOUNT_ROOT {
             return reply.attr(&self.attr_ttl, &self.root_attr());
         }
-        let Some((layer, inode)) = split(ino) else {
+        let Some((layer, inode)) = self.split(ino) else {
             return reply.error(Errno::from_i32(libc::ENOENT));
         };
-        match self.engine.getattr(layer, inode) {
-            Ok(a) => reply.attr(&self.attr_ttl_of(layer), &file_attr(layer, &a)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.attr(layer, self.engine.getattr(layer, inode), reply);
     }
 
     fn setattr(
@@ -477,7 +432,7 @@ impl Filesystem for LcfsFs {
         if ino.0 == MOUNT_ROOT {
             return reply.error(Errno::from_i32(libc::EPERM));
         }
-        let Some((layer, inode)) = split(ino) else {
+        let Some((layer, inode)) = self.split(ino) else {
             return reply.error(Errno::from_i32(libc::ENOENT));
         };
         let mut mode = mode;
@@ -496,14 +451,11 @@ impl Filesystem for LcfsFs {
             mtime: mtime.map(time_set),
             ctime: ctime.map(timestamp),
         };
-        match self.engine.setattr(layer, inode, &s) {
-            Ok(a) => reply.attr(&self.attr_ttl_of(layer), &file_attr(layer, &a)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.attr(layer, self.engine.setattr(layer, inode, &s), reply);
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let Some((layer, inode)) = split(ino) else {
+        let Some((layer, inode)) = self.split(ino) else {
             return reply.error(Errno::from_i32(libc::EINVAL));
         };
         match self.engine.readlink(layer, inode) {
@@ -650,7 +602,7 @@ impl Filesystem for LcfsFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let Some((layer, inode)) = split(ino) else {
+        let Some((layer, inode)) = self.split(ino) else {
             return reply.error(Errno::from_i32(libc::EPERM));
         };
         let (to_layer, dir) = match self.dir_for_change(newparent) {
@@ -668,7 +620,7 @@ impl Filesystem for LcfsFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let Some((layer, inode)) = split(ino) else {
+        let Some((layer, inode)) = self.split(ino) else {
             return reply.error(Errno::from_i32(libc::EISDIR));
         };
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
@@ -679,11 +631,9 @@ impl Filesystem for LcfsFs {
             }
         }
         match self.engine.open_inode(layer, inode) {
-            // Frozen layers never change and every change to a writable layer
-            // comes through this mount, so cached pages stay valid.
             Ok(()) => {
                 self.note_open(layer, inode);
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+                reply.opened(FileHandle(0), pages::open_flags())
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -700,7 +650,7 @@ impl Filesystem for LcfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some((layer, inode)) = split(ino) else {
+        let Some((layer, inode)) = self.split(ino) else {
             return reply.error(Errno::from_i32(libc::EISDIR));
         };
         let engine = self.engine.clone();
@@ -727,7 +677,7 @@ impl Filesystem for LcfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let Some((layer, inode)) = split(ino) else {
+        let Some((layer, inode)) = self.split(ino) else {
             return reply.error(Errno::from_i32(libc::EISDIR));
         };
         if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
@@ -779,17 +729,11 @@ impl Filesystem for LcfsFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Some((layer, inode)) = split(ino) {
+        if let Some((layer, inode)) = self.split(ino) {
             if let Err(e) = self.engine.release_inode(layer, inode) {
                 log::warn!("release of {layer}/{inode}: {e}");
             }
-            // The kernel keys its page cache by inode, and each layer's copy
-            // of a shared file is another inode: twenty containers reading
-            // one image file would hold twenty copies. At most one closed
-            // copy is kept; the engine's block cache serves the rest, one copy
-            // for every layer. (mmap holds the file open, so mapped pages are
-            // never dropped under a user.)
-            self.note_release(layer, inode);
+            self.note_release(ino, layer, inode);
         }
         reply.ok();
     }
@@ -797,14 +741,15 @@ impl Filesystem for LcfsFs {
     fn fsync(
         &self,
         _req: &Request,
-        ino: INodeNo,
+        _ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let (layer, inode) = split(ino).unwrap_or((0, 0));
+        // One checkpoint makes every change durable, this file's among them
+        // (fdatasync the same: metadata is in the same checkpoint).
         let engine = self.engine.clone();
-        self.run(Box::new(move || match engine.fsync(layer, inode) {
+        self.run(Box::new(move || match engine.sync() {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }));
@@ -834,11 +779,10 @@ impl Filesystem for LcfsFs {
                 (INodeNo(MOUNT_ROOT), FileType::Directory, ".".to_string()),
                 (INodeNo(MOUNT_ROOT), FileType::Directory, "..".to_string()),
             ];
-            entries.extend(
-                layers
-                    .into_iter()
-                    .map(|l| (join(l.id, ROOT_INODE), FileType::Directory, l.name)),
-            );
+            entries.extend(layers.into_iter().filter_map(|l| {
+                let (node, _) = self.node(l.id, ROOT_INODE).ok()?;
+                Some((node, FileType::Directory, l.name))
+            }));
             for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
                 if reply.add(ino, i as u64 + 1, kind, name) {
                     break;
@@ -846,7 +790,7 @@ impl Filesystem for LcfsFs {
             }
             return reply.ok();
         }
-        let Some((layer, dir)) = split(ino) else {
+        let Some((layer, dir)) = self.split(ino) else {
             return reply.error(Errno::from_i32(libc::ENOENT));
         };
         if offset < DOT && reply.add(ino, DOT, FileType::Directory, ".") {
@@ -872,8 +816,12 @@ impl Filesystem for LcfsFs {
                 return reply.ok();
             }
             for e in batch {
+                let node = match self.node(layer, e.inode) {
+                    Ok((node, _)) => node,
+                    Err(errno) => return reply.error(errno),
+                };
                 if reply.add(
-                    join(layer, e.inode),
+                    node,
                     e.cookie,
                     file_type(e.kind),
                     OsStr::from_bytes(&e.name),
@@ -927,35 +875,36 @@ impl Filesystem for LcfsFs {
                 let Ok(a) = self.engine.getattr(l.id, ROOT_INODE) else {
                     continue;
                 };
-                if reply.add(
-                    join(l.id, ROOT_INODE),
-                    off,
-                    &l.name,
-                    &self.entry_ttl,
-                    &file_attr(l.id, &a),
-                    Generation(0),
-                ) {
+                let Ok((fa, generation)) = self.file_attr(l.id, &a) else {
+                    continue;
+                };
+                if reply.add(fa.ino, off, &l.name, &self.entry_ttl, &fa, generation) {
                     break;
                 }
             }
             return reply.ok();
         }
-        let Some((layer, dir)) = split(ino) else {
+        let Some((layer, dir)) = self.split(ino) else {
             return reply.error(Errno::from_i32(libc::ENOENT));
         };
-        let me = match self.engine.getattr(layer, dir) {
-            Ok(a) => file_attr(layer, &a),
-            Err(e) => return reply.error(errno(&e)),
+        let (me, my_generation) = match self
+            .engine
+            .getattr(layer, dir)
+            .map_err(|e| errno(&e))
+            .and_then(|a| self.file_attr(layer, &a))
+        {
+            Ok(v) => v,
+            Err(e) => return reply.error(e),
         };
         let ttl = self.entry_ttl_of(layer);
-        if offset < DOT && reply.add(ino, DOT, ".", &ttl, &me, Generation(0)) {
+        if offset < DOT && reply.add(ino, DOT, ".", &ttl, &me, my_generation) {
             return reply.ok();
         }
         if offset < DOTDOT {
-            let parent = if dir == ROOT_INODE {
-                self.root_attr()
+            let (parent, generation) = if dir == ROOT_INODE {
+                (self.root_attr(), Generation(0))
             } else {
-                me
+                (me, my_generation)
             };
             if reply.add(
                 parent.ino,
@@ -963,7 +912,7 @@ impl Filesystem for LcfsFs {
                 "..",
                 &self.attr_ttl,
                 &parent,
-                Generation(0),
+                generation,
             ) {
                 return reply.ok();
             }
@@ -978,14 +927,17 @@ impl Filesystem for LcfsFs {
                 return reply.ok();
             }
             for (e, a) in batch {
-                let fa = file_attr(layer, &a);
+                let (fa, generation) = match self.file_attr(layer, &a) {
+                    Ok(v) => v,
+                    Err(errno) => return reply.error(errno),
+                };
                 if reply.add(
                     fa.ino,
                     e.cookie,
                     OsStr::from_bytes(&e.name),
                     &ttl,
                     &fa,
-                    Generation(0),
+                    generation,
                 ) {
                     return reply.ok();
                 }
@@ -1010,7 +962,8 @@ impl Filesystem for LcfsFs {
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
-        let layer = split(ino)
+        let layer = self
+            .split(ino)
             .map(|(l, _)| l)
             .or_else(|| self.engine.list_layers().first().map(|l| l.id));
         let r = match layer {
@@ -1050,7 +1003,7 @@ impl Filesystem for LcfsFs {
         if position != 0 {
             return reply.error(Errno::from_i32(libc::EINVAL));
         }
-        let Some((layer, inode)) = split(ino) else {
+        let Some((layer, inode)) = self.split(ino) else {
             return reply.error(Errno::from_i32(libc::EPERM));
         };
         match self
@@ -1063,7 +1016,7 @@ impl Filesystem for LcfsFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let Some((layer, inode)) = split(ino) else {
+        let Some((layer, inode)) = self.split(ino) else {
             return reply.error(Errno::from_i32(libc::ENODATA));
         };
         match self.engine.getxattr(layer, inode, name.as_bytes()) {
@@ -1075,7 +1028,7 @@ impl Filesystem for LcfsFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let names = match split(ino) {
+        let names = match self.split(ino) {
             Some((layer, inode)) => match self.engine.listxattr(layer, inode) {
                 Ok(n) => n,
                 Err(e) => return reply.error(errno(&e)),
@@ -1097,7 +1050,7 @@ impl Filesystem for LcfsFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let Some((layer, inode)) = split(ino) else {
+        let Some((layer, inode)) = self.split(ino) else {
             return reply.error(Errno::from_i32(libc::ENODATA));
         };
         match self.engine.removexattr(layer, inode, name.as_bytes()) {
@@ -1151,18 +1104,22 @@ impl Filesystem for LcfsFs {
             req.uid(),
             req.gid(),
         );
-        match r.and_then(|a| self.engine.open_inode(layer, a.inode).map(|_| a)) {
-            Ok(a) => {
-                self.note_open(layer, a.inode);
+        let opened = r
+            .and_then(|a| self.engine.open_inode(layer, a.inode).map(|_| a))
+            .map_err(|e| errno(&e))
+            .and_then(|a| Ok((a.inode, self.file_attr(layer, &a)?)));
+        match opened {
+            Ok((inode, (fa, generation))) => {
+                self.note_open(layer, inode);
                 reply.created(
                     &self.entry_ttl_of(layer),
-                    &file_attr(layer, &a),
-                    Generation(0),
+                    &fa,
+                    generation,
                     FileHandle(0),
-                    FopenFlags::FOPEN_KEEP_CACHE,
+                    pages::open_flags(),
                 )
             }
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -1221,7 +1178,7 @@ impl Filesystem for LcfsFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let Some((layer, inode)) = split(ino) else {
+        let Some((layer, inode)) = self.split(ino) else {
             return reply.error(Errno::from_i32(libc::EISDIR));
         };
         match self
@@ -1234,140 +1191,46 @@ impl Filesystem for LcfsFs {
     }
 }
 
-pub(crate) fn spawn(
-    engine: Arc<Engine>,
-    mountpoint: &Path,
-    options: &MountOptions,
-) -> io::Result<fuser::BackgroundSession> {
-    // Page-cache drops are sent from their own thread: a notification written
-    // from inside a request handler could wait on that very request.
-    let (tx, rx) = sync_channel::<u64>(4096);
-    let notifier: Arc<OnceLock<fuser::Notifier>> = Arc::new(OnceLock::new());
-    let for_thread = notifier.clone();
-    let pages: Arc<Mutex<PageState>> = Arc::default();
-    let pages_for_thread = pages.clone();
-    std::thread::Builder::new()
-        .name("lcfs-drop-pages".into())
-        .spawn(move || {
-            for ino in rx {
-                // Opened again meanwhile: its pages are in use.
-                if pages_for_thread
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .open
-                    .contains_key(&ino)
-                {
-                    continue;
-                }
-                if let Some(n) = for_thread.get() {
-                    if let Err(e) = n.inval_inode(INodeNo(ino), 0, 0) {
-                        log::debug!("dropping pages of inode {ino:#x}: {e}");
+impl LcfsFs {
+    /// The filesystem over `engine`, with its worker threads started, and
+    /// its page cache (which needs the session's notifier once mounted).
+    pub(crate) fn new(
+        engine: Arc<Engine>,
+        options: &MountOptions,
+    ) -> io::Result<(LcfsFs, Arc<PageCache>)> {
+        // One thread reads /dev/fuse and answers everything that only needs the
+        // store (its mutex serializes those anyway): on 2 vCPUs several reader
+        // threads made each round trip slower (untar took about twice as long
+        // with four). Requests that may wait for the device (data reads, fsync)
+        // go to `threads` workers, so reads run in parallel and keep the device
+        // busy while the FUSE thread goes on.
+        let (work, jobs) = sync_channel::<Job>(1024);
+        let jobs = Arc::new(Mutex::new(jobs));
+        for i in 0..options.threads.max(1) {
+            let jobs = jobs.clone();
+            std::thread::Builder::new()
+                .name(format!("lcfs-io-{i}"))
+                .spawn(move || loop {
+                    let job = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
                     }
-                }
-            }
-        })?;
-    // One thread reads /dev/fuse and answers everything that only needs the
-    // store (its mutex serializes those anyway): on 2 vCPUs several reader
-    // threads made each round trip slower (untar took about twice as long
-    // with four). Requests that may wait for the device (data reads, fsync)
-    // go to `threads` workers, so reads run in parallel and keep the device
-    // busy while the FUSE thread goes on.
-    let (work, jobs) = sync_channel::<Job>(1024);
-    let jobs = Arc::new(Mutex::new(jobs));
-    for i in 0..options.threads.max(1) {
-        let jobs = jobs.clone();
-        std::thread::Builder::new()
-            .name(format!("lcfs-io-{i}"))
-            .spawn(move || loop {
-                let job = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                match job {
-                    Ok(job) => job(),
-                    Err(_) => return,
-                }
-            })?;
-    }
-    let fs = LcfsFs {
-        work,
-        pages,
-        drop_pages: tx,
-        frozen: Mutex::new(HashMap::new()),
-        engine,
-        entry_ttl: options.entry_timeout,
-        attr_ttl: options.attr_timeout,
-        frozen_ttl: options.frozen_layer_timeout,
-        started: SystemTime::now(),
-        writeback_cache: options.writeback_cache,
-    };
-    let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName(options.fsname.clone()),
-        MountOption::Subtype("lcfs".into()),
-        MountOption::DefaultPermissions,
-        MountOption::Dev,
-        MountOption::Suid,
-        MountOption::RW,
-    ];
-    config.acl = if options.allow_other {
-        SessionACL::All
-    } else {
-        SessionACL::Owner
-    };
-    let fuse_threads = options.fuse_threads.max(1);
-    config.n_threads = Some(fuse_threads);
-    // Each reader its own descriptor: no shared file position or lock.
-    config.clone_fd = fuse_threads > 1;
-    let session = fuser::spawn_mount(fs, mountpoint, &config)?;
-    let _ = notifier.set(session.notifier());
-    set_read_ahead(mountpoint, READ_AHEAD_WINDOW_BYTES);
-    Ok(session)
-}
-
-/// Raises the readahead window of the mount's backing device info (the
-/// kernel starts FUSE mounts at 128 KiB whatever max_readahead says): with
-/// 128 KiB a cold sequential read is a round trip and a device read per
-/// 128 KiB. Found through /proc/self/mountinfo (a stat of the mountpoint
-/// would be a FUSE request). Needs root; without it the default stays.
-fn set_read_ahead(mountpoint: &Path, bytes: u32) {
-    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let want = mountpoint.as_os_str().as_bytes();
-    // Fields: id parent major:minor root mountpoint ...; the last match is
-    // the newest mount on that path.
-    let device = mountinfo
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            (f.len() > 4 && unescape_mountinfo(f[4]) == want).then(|| f[2].to_string())
-        })
-        .next_back();
-    let Some(device) = device else {
-        log::debug!("readahead: {} not in mountinfo", mountpoint.display());
-        return;
-    };
-    let path = format!("/sys/class/bdi/{device}/read_ahead_kb");
-    if let Err(e) = std::fs::write(&path, format!("{}", bytes / 1024)) {
-        log::info!("readahead stays at the kernel's default: writing {path}: {e}");
-    }
-}
-
-/// mountinfo escapes space, tab, newline and backslash as \ooo.
-fn unescape_mountinfo(field: &str) -> Vec<u8> {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c));
-        if b[i] == b'\\' && octal {
-            let value = b[i + 1..i + 4]
-                .iter()
-                .fold(0u32, |v, c| v * 8 + u32::from(c - b'0'));
-            out.push(value as u8);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
+                })?;
         }
+        let pages = Arc::new(PageCache::start()?);
+        let fs = LcfsFs {
+            work,
+            inodes: Inodes::new(),
+            pages: pages.clone(),
+            frozen: Mutex::new(HashMap::new()),
+            engine,
+            entry_ttl: options.entry_timeout,
+            attr_ttl: options.attr_timeout,
+            frozen_ttl: options.frozen_layer_timeout,
+            started: SystemTime::now(),
+            writeback_cache: options.writeback_cache,
+        };
+        Ok((fs, pages))
     }
-    out
 }

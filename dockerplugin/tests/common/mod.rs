@@ -30,7 +30,7 @@ impl Recorder {
 }
 
 impl KernelCache for Recorder {
-    fn invalidate(&self, layer: &str) {
+    fn forget_layer_entry(&self, layer: &str) {
         self.invalidated.lock().unwrap().push(layer.to_string());
     }
 
