@@ -98,7 +98,11 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
         Some(socket) => {
             let driver =
                 lcfs_dockerplugin::Driver::new(engine.clone(), &mountpoint, kernel.clone());
-            match lcfs_dockerplugin::serve(Arc::new(driver), socket, o.threads.max(4)) {
+            match lcfs_dockerplugin::serve(
+                Arc::new(driver),
+                socket,
+                lcfs_dockerplugin::Limits::default(),
+            ) {
                 Ok(server) => Some(server),
                 Err(e) => {
                     drop(listener);

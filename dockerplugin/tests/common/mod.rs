@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use lcfs_dockerplugin::{serve, Driver, KernelCache, PluginServer};
+use lcfs_dockerplugin::{serve, Driver, KernelCache, Limits, PluginServer};
 use lcfs_engine::device::{Device, MemDevice};
 use lcfs_engine::{Config, Engine, FormatOptions};
 use serde_json::Value;
@@ -77,7 +77,7 @@ impl Plugin {
         ));
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("plugins").join("lcfs.sock");
-        let server = serve(driver.clone(), &socket, 4).unwrap();
+        let server = serve(driver.clone(), &socket, Limits::default()).unwrap();
         Plugin {
             engine,
             driver,
