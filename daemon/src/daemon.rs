@@ -63,7 +63,7 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
         ..Config::default()
     };
     let engine = device::open_engine(&device_path, dev, config)?;
-    server::check_socket_free(&o.control_socket)?;
+    server::claim_socket_path(&o.control_socket)?;
     lcfs_fsfront::prepare_mountpoint(&mountpoint)
         .map_err(|e| Error::io("preparing the mountpoint (--mount)", e))?;
 

@@ -29,7 +29,7 @@ const MAX_CONNECTIONS: usize = 64;
 
 /// Makes sure `path` can be bound: creates its directory (0700) and removes
 /// a socket left by a daemon that died, but refuses when a daemon answers there.
-pub fn check_socket_free(path: &Path) -> Result<()> {
+pub fn claim_socket_path(path: &Path) -> Result<()> {
     if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::DirBuilder::new()
             .recursive(true)

@@ -247,7 +247,7 @@ impl LcfsFs {
     /// `caller` None clears unconditionally). Set-group-id goes only with
     /// group execute (else it marks mandatory locking). Returns the mode to
     /// set, if any bit goes.
-    fn kill_set_id(&self, layer: u64, inode: u64, caller: Option<u32>) -> Option<u32> {
+    fn mode_without_set_id(&self, layer: u64, inode: u64, caller: Option<u32>) -> Option<u32> {
         let a = self.engine.getattr(layer, inode).ok()?;
         if a.kind == FileKind::Directory {
             return None;
@@ -347,7 +347,7 @@ impl Filesystem for LcfsFs {
         // Each flag saves round trips; docs/fuse.md says what each costs.
         // HANDLE_KILLPRIV_V2: the daemon clears set-id bits on chown, on
         // truncate and write by callers without CAP_FSETID (see
-        // `kill_set_id`), so the kernel no longer fetches attributes before
+        // `mode_without_set_id`), so the kernel no longer fetches attributes before
         // every chown nor asks for security.capability before every write.
         // NO_OPENDIR_SUPPORT: opendir answers ENOSYS once, and directories
         // are then opened without a round trip (and without releasedir).
@@ -440,7 +440,7 @@ impl Filesystem for LcfsFs {
         if mode.is_none() && (chown || size.is_some()) {
             // chown clears whoever asks; truncate unless CAP_FSETID.
             let caller = (!chown).then(|| req.pid());
-            mode = self.kill_set_id(layer, inode, caller);
+            mode = self.mode_without_set_id(layer, inode, caller);
         }
         let s = SetAttr {
             mode,
@@ -682,7 +682,7 @@ impl Filesystem for LcfsFs {
         };
         if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
             // The kernel sets the flag for callers without CAP_FSETID.
-            if let Some(mode) = self.kill_set_id(layer, inode, None) {
+            if let Some(mode) = self.mode_without_set_id(layer, inode, None) {
                 let s = SetAttr {
                     mode: Some(mode),
                     ..SetAttr::default()
