@@ -1,11 +1,14 @@
 //! The fuser filesystem over the engine: each FUSE operation turns the
 //! kernel's node ids into (layer, inode) (inodes.rs), calls the engine and
-//! answers. Which pages the kernel keeps is pages.rs's; how the filesystem
-//! is mounted, mount.rs's.
+//! answers, converting attributes (attr.rs). How long the kernel keeps
+//! names, attributes and pages is cache.rs's; which requests go to worker
+//! threads, workers.rs's; how the filesystem is mounted, mount.rs's.
 
+use crate::attr::{errno, file_attr, file_type, mode_without_set_id, time_set, timestamp};
+use crate::cache::{self, CachePolicy, PageCache};
 use crate::inodes::{Inodes, MOUNT_ROOT};
 use crate::mount::ROOT_MODE;
-use crate::pages::{self, PageCache};
+use crate::workers::{self, Workers};
 use crate::MountOptions;
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, Generation,
@@ -14,15 +17,13 @@ use fuser::{
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyPoll, ReplyStatfs, ReplyWrite,
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use lcfs_engine::{Attr, Engine, Error, FileKind, SetAttr, TimeSet, Timestamp, ROOT_INODE};
-use std::collections::HashMap;
+use lcfs_engine::{Attr, Engine, SetAttr, ROOT_INODE};
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::mpsc::{sync_channel, SyncSender};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 /// The most the kernel reads ahead in one request.
 const READ_AHEAD_REQUEST_BYTES: u32 = 1 << 20;
@@ -32,120 +33,15 @@ const DOTDOT: u64 = 2;
 
 pub(crate) struct LcfsFs {
     engine: Arc<Engine>,
-    entry_ttl: Duration,
-    attr_ttl: Duration,
-    /// Names and attributes of frozen layers: they never change.
-    frozen_ttl: Duration,
     started: SystemTime,
     /// Kernel node ids <-> (layer, inode).
     inodes: Inodes,
-    /// Which page caches the kernel keeps.
-    pages: Arc<PageCache>,
-    /// Parent id and next inode number of frozen layers (they never change).
-    frozen: Mutex<HashMap<u64, (Option<u64>, u64)>>,
-    /// Data reads larger than `INLINE_READ_MAX` and fsyncs, done by the
-    /// worker threads (see `spawn`).
-    work: SyncSender<Job>,
+    /// How long the kernel keeps names and attributes, and which pages.
+    cache: CachePolicy,
+    /// Data reads larger than `INLINE_READ_MAX` and fsyncs.
+    workers: Workers,
     /// Ask for the kernel's writeback cache at init.
     writeback_cache: bool,
-}
-
-/// Work the FUSE thread hands to a worker: it may wait for the device.
-type Job = Box<dyn FnOnce() + Send>;
-
-/// Reads of at most this many bytes are done on the FUSE thread itself.
-/// Small reads are random reads, one at a time, where handing the request
-/// to a worker costs a thread wake-up, about as long as the device read
-/// (on the 2-vCPU VMs measured, 4 KiB random reads went from 47 to 71
-/// MiB/s); large ones are readahead, which the workers read in parallel.
-const INLINE_READ_MAX: usize = 32 * 1024;
-
-fn errno(e: &Error) -> Errno {
-    Errno::from_i32(e.errno())
-}
-
-fn system_time(t: Timestamp) -> SystemTime {
-    if t.seconds >= 0 {
-        UNIX_EPOCH + Duration::new(t.seconds as u64, t.nanoseconds)
-    } else {
-        UNIX_EPOCH - Duration::from_secs(t.seconds.unsigned_abs())
-            + Duration::from_nanos(t.nanoseconds as u64)
-    }
-}
-
-fn timestamp(t: SystemTime) -> Timestamp {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => Timestamp {
-            seconds: d.as_secs() as i64,
-            nanoseconds: d.subsec_nanos(),
-        },
-        Err(e) => {
-            let d = e.duration();
-            let mut seconds = -(d.as_secs() as i64);
-            let mut nanoseconds = 0;
-            if d.subsec_nanos() > 0 {
-                seconds -= 1;
-                nanoseconds = 1_000_000_000 - d.subsec_nanos();
-            }
-            Timestamp {
-                seconds,
-                nanoseconds,
-            }
-        }
-    }
-}
-
-fn file_type(k: FileKind) -> FileType {
-    match k {
-        FileKind::File => FileType::RegularFile,
-        FileKind::Directory => FileType::Directory,
-        FileKind::Symlink => FileType::Symlink,
-        FileKind::CharDevice => FileType::CharDevice,
-        FileKind::BlockDevice => FileType::BlockDevice,
-        FileKind::Fifo => FileType::NamedPipe,
-        FileKind::Socket => FileType::Socket,
-    }
-}
-
-fn file_attr(ino: INodeNo, a: &Attr) -> FileAttr {
-    FileAttr {
-        ino,
-        size: a.size,
-        blocks: a.blocks_512,
-        atime: system_time(a.atime),
-        mtime: system_time(a.mtime),
-        ctime: system_time(a.ctime),
-        crtime: system_time(a.ctime),
-        kind: file_type(a.kind),
-        perm: (a.mode & 0o7777) as u16,
-        nlink: a.nlink,
-        uid: a.uid,
-        gid: a.gid,
-        rdev: a.rdev as u32,
-        blksize: 4096,
-        flags: 0,
-    }
-}
-
-/// Whether process `pid` holds CAP_FSETID (bit 4 of CapEff). Unknown
-/// counts as not holding it: clearing a set-id bit is the safe side.
-fn has_fsetid(pid: u32) -> bool {
-    const CAP_FSETID: u32 = 4;
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return false;
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .is_some_and(|caps| caps & (1 << CAP_FSETID) != 0)
-}
-
-fn time_set(t: TimeOrNow) -> TimeSet {
-    match t {
-        TimeOrNow::Now => TimeSet::Now,
-        TimeOrNow::SpecificTime(s) => TimeSet::At(timestamp(s)),
-    }
 }
 
 impl LcfsFs {
@@ -167,6 +63,13 @@ impl LcfsFs {
             rdev: 0,
             blksize: 4096,
             flags: 0,
+        }
+    }
+
+    /// An open of `inode` in `layer`, for the page-cache policy.
+    fn note_open(&self, layer: u64, inode: u64) {
+        if let Ok((node, _)) = self.node(layer, inode) {
+            self.cache.opened(node.0, layer, inode);
         }
     }
 
@@ -198,7 +101,7 @@ impl LcfsFs {
             .map_err(|e| errno(&e))
             .and_then(|a| self.file_attr(layer, &a))
         {
-            Ok((fa, generation)) => reply.entry(&self.entry_ttl_of(layer), &fa, generation),
+            Ok((fa, generation)) => reply.entry(&self.cache.entry_ttl(layer), &fa, generation),
             Err(e) => reply.error(e),
         }
     }
@@ -208,127 +111,8 @@ impl LcfsFs {
             .map_err(|e| errno(&e))
             .and_then(|a| self.file_attr(layer, &a))
         {
-            Ok((fa, _)) => reply.attr(&self.attr_ttl_of(layer), &fa),
+            Ok((fa, _)) => reply.attr(&self.cache.attr_ttl(layer), &fa),
             Err(e) => reply.error(e),
-        }
-    }
-
-    /// How long the kernel may keep a name in `layer`: long for a frozen
-    /// layer (known frozen once `layer_shape` has seen it so), else the
-    /// mount's entry timeout.
-    fn entry_ttl_of(&self, layer: u64) -> Duration {
-        if self.known_frozen(layer) {
-            self.frozen_ttl
-        } else {
-            self.entry_ttl
-        }
-    }
-
-    fn attr_ttl_of(&self, layer: u64) -> Duration {
-        if self.known_frozen(layer) {
-            self.frozen_ttl
-        } else {
-            self.attr_ttl
-        }
-    }
-
-    fn known_frozen(&self, layer: u64) -> bool {
-        self.frozen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&layer)
-    }
-
-    /// HANDLE_KILLPRIV_V2 leaves clearing set-user-id and set-group-id to
-    /// us, as the kernel would: on chown of a non-directory always, on
-    /// truncate and write only when the caller lacks CAP_FSETID (the kernel
-    /// flags such a write; for truncate fuser does not pass the flag on, so
-    /// `caller`'s capabilities are read from /proc, only for set-id files;
-    /// `caller` None clears unconditionally). Set-group-id goes only with
-    /// group execute (else it marks mandatory locking). Returns the mode to
-    /// set, if any bit goes.
-    fn mode_without_set_id(&self, layer: u64, inode: u64, caller: Option<u32>) -> Option<u32> {
-        let a = self.engine.getattr(layer, inode).ok()?;
-        if a.kind == FileKind::Directory {
-            return None;
-        }
-        let mut kill = 0;
-        if a.mode & libc::S_ISUID != 0 {
-            kill |= libc::S_ISUID;
-        }
-        if a.mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
-            kill |= libc::S_ISGID;
-        }
-        if kill == 0 || caller.is_some_and(has_fsetid) {
-            return None;
-        }
-        Some(a.mode & !kill)
-    }
-
-    /// Parent and next inode number of a layer (cached once frozen).
-    fn layer_shape(&self, layer: u64) -> Option<(Option<u64>, u64, bool)> {
-        if let Some((p, n)) = self
-            .frozen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&layer)
-        {
-            return Some((*p, *n, true));
-        }
-        let l = self.engine.layer_info_by_id(layer).ok()?;
-        let parent = l
-            .parent
-            .as_deref()
-            .and_then(|p| self.engine.layer_id(p).ok());
-        if l.frozen {
-            self.frozen
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(layer, (parent, l.next_inode));
-        }
-        Some((parent, l.next_inode, l.frozen))
-    }
-
-    /// The origin (creating layer, inode) of a file whose data other layers
-    /// may share: any file of a frozen layer, and inodes a clone inherited.
-    /// None for a file only its own writable layer can see.
-    fn shared_origin(&self, layer: u64, inode: u64) -> Option<(u64, u64)> {
-        let (mut parent, _, frozen) = self.layer_shape(layer)?;
-        let mut origin = layer;
-        let mut inherited = false;
-        for _ in 0..100_000 {
-            let Some(p) = parent else { break };
-            let (pp, p_next, _) = self.layer_shape(p)?;
-            if inode >= p_next {
-                break;
-            }
-            inherited = true;
-            origin = p;
-            parent = pp;
-        }
-        (frozen || inherited).then_some((origin, inode))
-    }
-
-    /// An open of `inode` in `layer`, for the page-cache policy.
-    fn note_open(&self, layer: u64, inode: u64) {
-        if let Ok((node, _)) = self.node(layer, inode) {
-            self.pages.opened(node.0, self.shared_origin(layer, inode));
-        }
-    }
-
-    /// A close of `inode` in `layer`, for the page-cache policy.
-    fn note_release(&self, node: INodeNo, layer: u64, inode: u64) {
-        self.pages
-            .released(node.0, || self.shared_origin(layer, inode));
-    }
-
-    /// Hands `job` to a worker; runs it here when the queue is full (the
-    /// queue is bounded, and the FUSE thread never waits for room).
-    fn run(&self, job: Job) {
-        if let Err(e) = self.work.try_send(job) {
-            let (std::sync::mpsc::TrySendError::Full(job)
-            | std::sync::mpsc::TrySendError::Disconnected(job)) = e;
-            job();
         }
     }
 
@@ -384,7 +168,7 @@ impl Filesystem for LcfsFs {
             match self.engine.layer_id(n) {
                 Ok(id) => {
                     // Notes whether the layer is frozen (for its timeouts).
-                    let _ = self.layer_shape(id);
+                    self.cache.note_layer(id);
                     self.entry(id, self.engine.getattr(id, ROOT_INODE), reply)
                 }
                 Err(e) => reply.error(errno(&e)),
@@ -403,7 +187,7 @@ impl Filesystem for LcfsFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         if ino.0 == MOUNT_ROOT {
-            return reply.attr(&self.attr_ttl, &self.root_attr());
+            return reply.attr(&self.cache.mount_attr_ttl(), &self.root_attr());
         }
         let Some((layer, inode)) = self.split(ino) else {
             return reply.error(Errno::from_i32(libc::ENOENT));
@@ -440,7 +224,7 @@ impl Filesystem for LcfsFs {
         if mode.is_none() && (chown || size.is_some()) {
             // chown clears whoever asks; truncate unless CAP_FSETID.
             let caller = (!chown).then(|| req.pid());
-            mode = self.mode_without_set_id(layer, inode, caller);
+            mode = mode_without_set_id(&self.engine, layer, inode, caller);
         }
         let s = SetAttr {
             mode,
@@ -633,7 +417,7 @@ impl Filesystem for LcfsFs {
         match self.engine.open_inode(layer, inode) {
             Ok(()) => {
                 self.note_open(layer, inode);
-                reply.opened(FileHandle(0), pages::open_flags())
+                reply.opened(FileHandle(0), cache::open_flags())
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -658,10 +442,10 @@ impl Filesystem for LcfsFs {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno(&e)),
         };
-        if size as usize <= INLINE_READ_MAX {
+        if size as usize <= workers::INLINE_READ_MAX {
             read();
         } else {
-            self.run(Box::new(read));
+            self.workers.run(Box::new(read));
         }
     }
 
@@ -682,7 +466,7 @@ impl Filesystem for LcfsFs {
         };
         if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
             // The kernel sets the flag for callers without CAP_FSETID.
-            if let Some(mode) = self.mode_without_set_id(layer, inode, None) {
+            if let Some(mode) = mode_without_set_id(&self.engine, layer, inode, None) {
                 let s = SetAttr {
                     mode: Some(mode),
                     ..SetAttr::default()
@@ -733,7 +517,7 @@ impl Filesystem for LcfsFs {
             if let Err(e) = self.engine.release_inode(layer, inode) {
                 log::warn!("release of {layer}/{inode}: {e}");
             }
-            self.note_release(ino, layer, inode);
+            self.cache.released(ino.0, layer, inode);
         }
         reply.ok();
     }
@@ -749,7 +533,7 @@ impl Filesystem for LcfsFs {
         // One checkpoint makes every change durable, this file's among them
         // (fdatasync the same: metadata is in the same checkpoint).
         let engine = self.engine.clone();
-        self.run(Box::new(move || match engine.sync() {
+        self.workers.run(Box::new(move || match engine.sync() {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }));
@@ -848,7 +632,7 @@ impl Filesystem for LcfsFs {
                     INodeNo(MOUNT_ROOT),
                     1,
                     ".",
-                    &self.attr_ttl,
+                    &self.cache.mount_attr_ttl(),
                     &root,
                     Generation(0),
                 )
@@ -860,7 +644,7 @@ impl Filesystem for LcfsFs {
                     INodeNo(MOUNT_ROOT),
                     2,
                     "..",
-                    &self.attr_ttl,
+                    &self.cache.mount_attr_ttl(),
                     &root,
                     Generation(0),
                 )
@@ -878,7 +662,14 @@ impl Filesystem for LcfsFs {
                 let Ok((fa, generation)) = self.file_attr(l.id, &a) else {
                     continue;
                 };
-                if reply.add(fa.ino, off, &l.name, &self.entry_ttl, &fa, generation) {
+                if reply.add(
+                    fa.ino,
+                    off,
+                    &l.name,
+                    &self.cache.mount_entry_ttl(),
+                    &fa,
+                    generation,
+                ) {
                     break;
                 }
             }
@@ -896,7 +687,7 @@ impl Filesystem for LcfsFs {
             Ok(v) => v,
             Err(e) => return reply.error(e),
         };
-        let ttl = self.entry_ttl_of(layer);
+        let ttl = self.cache.entry_ttl(layer);
         if offset < DOT && reply.add(ino, DOT, ".", &ttl, &me, my_generation) {
             return reply.ok();
         }
@@ -910,7 +701,7 @@ impl Filesystem for LcfsFs {
                 parent.ino,
                 DOTDOT,
                 "..",
-                &self.attr_ttl,
+                &self.cache.mount_attr_ttl(),
                 &parent,
                 generation,
             ) {
@@ -955,7 +746,7 @@ impl Filesystem for LcfsFs {
         reply: ReplyEmpty,
     ) {
         let engine = self.engine.clone();
-        self.run(Box::new(move || match engine.sync() {
+        self.workers.run(Box::new(move || match engine.sync() {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }));
@@ -1112,11 +903,11 @@ impl Filesystem for LcfsFs {
             Ok((inode, (fa, generation))) => {
                 self.note_open(layer, inode);
                 reply.created(
-                    &self.entry_ttl_of(layer),
+                    &self.cache.entry_ttl(layer),
                     &fa,
                     generation,
                     FileHandle(0),
-                    pages::open_flags(),
+                    cache::open_flags(),
                 )
             }
             Err(e) => reply.error(e),
@@ -1198,36 +989,12 @@ impl LcfsFs {
         engine: Arc<Engine>,
         options: &MountOptions,
     ) -> io::Result<(LcfsFs, Arc<PageCache>)> {
-        // One thread reads /dev/fuse and answers everything that only needs the
-        // store (its mutex serializes those anyway): on 2 vCPUs several reader
-        // threads made each round trip slower (untar took about twice as long
-        // with four). Requests that may wait for the device (data reads, fsync)
-        // go to `threads` workers, so reads run in parallel and keep the device
-        // busy while the FUSE thread goes on.
-        let (work, jobs) = sync_channel::<Job>(1024);
-        let jobs = Arc::new(Mutex::new(jobs));
-        for i in 0..options.threads.max(1) {
-            let jobs = jobs.clone();
-            std::thread::Builder::new()
-                .name(format!("lcfs-io-{i}"))
-                .spawn(move || loop {
-                    let job = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => return,
-                    }
-                })?;
-        }
         let pages = Arc::new(PageCache::start()?);
         let fs = LcfsFs {
-            work,
+            workers: Workers::start(options.threads)?,
             inodes: Inodes::new(),
-            pages: pages.clone(),
-            frozen: Mutex::new(HashMap::new()),
+            cache: CachePolicy::new(engine.clone(), options, pages.clone()),
             engine,
-            entry_ttl: options.entry_timeout,
-            attr_ttl: options.attr_timeout,
-            frozen_ttl: options.frozen_layer_timeout,
             started: SystemTime::now(),
             writeback_cache: options.writeback_cache,
         };

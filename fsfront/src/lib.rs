@@ -1,11 +1,13 @@
 //! lcfs FUSE front: serves every engine layer as a directory of one mount,
 //! `<mountpoint>/<layer-name>/`. See docs/fuse.md for the caching policy.
 
+mod attr;
+mod cache;
 mod fs;
 mod inodes;
 mod layers;
 mod mount;
-mod pages;
+mod workers;
 
 pub use layers::{KernelCache, LayerError, LayerOps, NoMount};
 pub use mount::{lazy_unmount, mount, prepare_mountpoint, Mount, MountOptions};
