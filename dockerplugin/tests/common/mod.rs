@@ -18,7 +18,7 @@ pub const MOUNT: &str = "/var/lib/lcfs/mnt";
 /// Stands in for the FUSE mount: records what the plugin tells it.
 #[derive(Default)]
 pub struct Recorder {
-    pub invalidated: Mutex<Vec<String>>,
+    pub forgotten_entries: Mutex<Vec<String>>,
     write_backs: AtomicUsize,
 }
 
@@ -31,7 +31,7 @@ impl Recorder {
 
 impl KernelCache for Recorder {
     fn forget_layer_entry(&self, layer: &str) {
-        self.invalidated.lock().unwrap().push(layer.to_string());
+        self.forgotten_entries.lock().unwrap().push(layer.to_string());
     }
 
     fn write_back(&self) -> std::io::Result<()> {
