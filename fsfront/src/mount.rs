@@ -53,8 +53,9 @@ pub struct MountOptions {
     /// How long the kernel may cache names and attributes of writable
     /// layers. Every change to a writable layer comes through this mount
     /// (the kernel updates its own copy) or from the control socket and the
-    /// Docker plugin (which invalidate the layer), so this only bounds how
-    /// long a change made some other way could stay unseen.
+    /// Docker plugin (which make the kernel forget the layer's entry), so
+    /// this only bounds how long a change made some other way could stay
+    /// unseen.
     pub entry_timeout: Duration,
     pub attr_timeout: Duration,
     /// The same for frozen layers, which never change.

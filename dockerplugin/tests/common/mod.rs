@@ -31,7 +31,10 @@ impl Recorder {
 
 impl KernelCache for Recorder {
     fn forget_layer_entry(&self, layer: &str) {
-        self.forgotten_entries.lock().unwrap().push(layer.to_string());
+        self.forgotten_entries
+            .lock()
+            .unwrap()
+            .push(layer.to_string());
     }
 
     fn write_back(&self) -> std::io::Result<()> {
