@@ -3,8 +3,8 @@
 //! shape can be tested on an in-memory engine.
 
 use crate::protocol::{self, failure, success, FsckReport, Layer, Ping, Stats, OPS};
-use lcfs_dockerplugin::KernelCache;
 use lcfs_engine::Engine;
+use lcfs_fsfront::{LayerError, LayerOps};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -13,13 +13,11 @@ use std::sync::Arc;
 
 /// What a request is executed against.
 pub struct Control {
-    pub engine: Arc<Engine>,
+    /// The engine, and the FUSE mount's cache kept right as layers change
+    /// (the same operations the Docker plugin uses).
+    pub layers: LayerOps,
     pub device: PathBuf,
     pub mountpoint: PathBuf,
-    /// The FUSE mount: told when a layer appears, goes away or changes
-    /// state, and asked to write back cached writes before a layer is
-    /// cloned, frozen, checked or synced.
-    pub kernel: Arc<dyn KernelCache>,
     /// The Docker plugin's call counters, when the daemon serves it.
     pub plugin_calls: Option<Arc<lcfs_dockerplugin::CallCounters>>,
 }
@@ -71,6 +69,13 @@ impl Refusal {
             message: format!("{context}: {e}"),
         }
     }
+
+    fn layer(context: &str, e: LayerError) -> Refusal {
+        Refusal {
+            errno: e.errno(),
+            message: format!("{context}: {e}"),
+        }
+    }
 }
 
 fn args<T: DeserializeOwned>(op: &str, rest: Map<String, Value>) -> Result<T, Refusal> {
@@ -101,49 +106,38 @@ impl Control {
         match op.as_str() {
             "layer.create" => {
                 let a: CreateArgs = args(&op, fields)?;
-                if a.parent.is_some() {
-                    // The clone freezes the parent.
-                    self.write_back()?;
-                }
-                let result = match &a.parent {
-                    None => self.engine.create_layer(&a.name, a.cold),
-                    Some(parent) => self.engine.clone_layer_with(parent, &a.name, a.cold),
-                };
                 let context = match &a.parent {
                     None => format!("create layer {:?}", a.name),
                     Some(parent) => format!("clone layer {parent:?} into {:?}", a.name),
                 };
-                result.map_err(|e| Refusal::engine(&context, e))?;
-                self.kernel.invalidate(&a.name);
+                self.layers
+                    .create(&a.name, a.parent.as_deref(), a.cold)
+                    .map_err(|e| Refusal::layer(&context, e))?;
                 log::info!("{context}");
                 self.layer(&a.name)
             }
             "layer.commit" => {
                 let a: NameArgs = args(&op, fields)?;
                 let context = format!("commit layer {:?}", a.name);
-                self.write_back()?;
-                self.engine
-                    .commit_layer(&a.name)
-                    .map_err(|e| Refusal::engine(&context, e))?;
-                // The layer directory's attributes change (it becomes read-only).
-                self.kernel.invalidate(&a.name);
+                self.layers
+                    .commit(&a.name)
+                    .map_err(|e| Refusal::layer(&context, e))?;
                 log::info!("{context}");
                 self.layer(&a.name)
             }
             "layer.remove" => {
                 let a: NameArgs = args(&op, fields)?;
                 let context = format!("remove layer {:?}", a.name);
-                self.engine
-                    .remove_layer(&a.name)
-                    .map_err(|e| Refusal::engine(&context, e))?;
-                self.kernel.invalidate(&a.name);
+                self.layers
+                    .remove(&a.name)
+                    .map_err(|e| Refusal::layer(&context, e))?;
                 log::info!("{context}");
                 Ok(Value::Null)
             }
             "layer.list" => {
                 let _: NoArgs = args(&op, fields)?;
                 let layers: Vec<Layer> = self
-                    .engine
+                    .engine()
                     .list_layers()
                     .iter()
                     .map(|info| Layer::from_info(info, &self.mountpoint))
@@ -158,14 +152,13 @@ impl Control {
             }
             "sync" => {
                 let _: NoArgs = args(&op, fields)?;
-                self.write_back()?;
-                self.engine.sync().map_err(|e| Refusal::engine("sync", e))?;
+                self.layers.sync().map_err(|e| Refusal::layer("sync", e))?;
                 Ok(Value::Null)
             }
             "stats" => {
                 let _: NoArgs = args(&op, fields)?;
                 let mut stats =
-                    Stats::from_engine(&self.engine.stats(), &self.device, &self.mountpoint);
+                    Stats::from_engine(&self.engine().stats(), &self.device, &self.mountpoint);
                 stats.plugin = self
                     .plugin_calls
                     .as_ref()
@@ -176,7 +169,7 @@ impl Control {
                 let a: FsckArgs = args(&op, fields)?;
                 self.write_back()?;
                 let report = self
-                    .engine
+                    .engine()
                     .fsck(a.verify_data)
                     .map_err(|e| Refusal::engine("fsck", e))?;
                 if !report.is_clean() {
@@ -203,15 +196,18 @@ impl Control {
     /// Has the mount write back what the kernel caches of writes, so the
     /// engine holds every write made before this request.
     fn write_back(&self) -> Result<(), Refusal> {
-        self.kernel.write_back().map_err(|e| Refusal {
-            errno: e.raw_os_error().unwrap_or(libc::EIO),
-            message: format!("writing the mount's cached writes back to the layers: {e}"),
-        })
+        self.layers
+            .write_back()
+            .map_err(|e| Refusal::layer("before reading the layers", e))
+    }
+
+    fn engine(&self) -> &Arc<Engine> {
+        self.layers.engine()
     }
 
     fn layer(&self, name: &str) -> Result<Value, Refusal> {
         let info = self
-            .engine
+            .engine()
             .layer_info(name)
             .map_err(|e| Refusal::engine(&format!("layer {name:?}"), e))?;
         to_value(&Layer::from_info(&info, &self.mountpoint))
@@ -241,6 +237,7 @@ mod tests {
     use super::*;
     use lcfs_engine::device::MemDevice;
     use lcfs_engine::{Config, FormatOptions};
+    use lcfs_fsfront::KernelCache;
     use std::sync::Mutex;
 
     fn control() -> (Control, Arc<Recorder>) {
@@ -264,10 +261,9 @@ mod tests {
         .unwrap();
         let kernel = Arc::new(Recorder::default());
         let control = Control {
-            engine,
+            layers: LayerOps::new(engine, kernel.clone()),
             device: "/dev/test".into(),
             mountpoint: "/mnt/lcfs".into(),
-            kernel: kernel.clone(),
             plugin_calls: None,
         };
         (control, kernel)
@@ -278,8 +274,8 @@ mod tests {
     struct Recorder(Mutex<Vec<String>>);
 
     impl KernelCache for Recorder {
-        fn invalidate(&self, layer: &str) {
-            self.0.lock().unwrap().push(format!("invalidate {layer}"));
+        fn forget_layer_entry(&self, layer: &str) {
+            self.0.lock().unwrap().push(format!("forget {layer}"));
         }
 
         fn write_back(&self) -> std::io::Result<()> {
@@ -346,16 +342,16 @@ mod tests {
         assert_eq!(
             *kernel.0.lock().unwrap(),
             [
-                "invalidate base",
+                "forget base",
                 "write back",
-                "invalidate c1",
+                "forget c1",
                 "write back",
                 "write back",
-                "invalidate c1",
-                "invalidate c1",
+                "forget c1",
+                "forget c1",
                 "write back",
             ],
-            "create, clone, commit and remove invalidate the layer's entry; \
+            "create, clone, commit and remove make the kernel forget the layer's entry; \
              clone, commit and stat first write back what the kernel caches"
         );
     }

@@ -11,13 +11,11 @@ use crate::control::Control;
 use crate::device;
 use crate::error::{Error, Result};
 use crate::server::{self, Gate};
-use lcfs_dockerplugin::KernelCache;
 use lcfs_engine::Config;
-use lcfs_fsfront::{Mount, MountOptions};
+use lcfs_fsfront::{KernelCache, LayerOps, Mount, MountOptions};
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, RwLock};
 
 pub const DEFAULT_MOUNTPOINT: &str = "/var/lib/lcfs/mnt";
@@ -65,8 +63,9 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
         ..Config::default()
     };
     let engine = device::open_engine(&device_path, dev, config)?;
-    server::check_socket_free(&o.control_socket)?;
-    prepare_mountpoint(&mountpoint)?;
+    server::claim_socket_path(&o.control_socket)?;
+    lcfs_fsfront::prepare_mountpoint(&mountpoint)
+        .map_err(|e| Error::io("preparing the mountpoint (--mount)", e))?;
 
     let options = MountOptions {
         threads: o.threads.max(1),
@@ -99,7 +98,11 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
         Some(socket) => {
             let driver =
                 lcfs_dockerplugin::Driver::new(engine.clone(), &mountpoint, kernel.clone());
-            match lcfs_dockerplugin::serve(Arc::new(driver), socket, o.threads.max(4)) {
+            match lcfs_dockerplugin::serve(
+                Arc::new(driver),
+                socket,
+                lcfs_dockerplugin::Limits::default(),
+            ) {
                 Ok(server) => Some(server),
                 Err(e) => {
                     drop(listener);
@@ -115,10 +118,9 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
         }
     };
     let control = Arc::new(Control {
-        engine: engine.clone(),
+        layers: LayerOps::new(engine.clone(), kernel.clone()),
         device: device_path.clone(),
         mountpoint: mountpoint.clone(),
-        kernel: kernel.clone(),
         plugin_calls: plugin.as_ref().map(|server| server.calls()),
     });
     log::info!(
@@ -152,9 +154,9 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
 struct SharedMount(Arc<RwLock<Option<Mount>>>);
 
 impl KernelCache for SharedMount {
-    fn invalidate(&self, layer: &str) {
+    fn forget_layer_entry(&self, layer: &str) {
         if let Some(m) = self.0.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            m.invalidate_layer(layer);
+            m.forget_layer_entry(layer);
         }
     }
 
@@ -182,67 +184,7 @@ fn unmount(mount: &RwLock<Option<Mount>>, mountpoint: &Path) {
                 "unmounting {}: {e}; detaching it lazily",
                 mountpoint.display()
             );
-            lazy_unmount(mountpoint);
+            lcfs_fsfront::lazy_unmount(mountpoint);
         }
     }
-}
-
-fn lazy_unmount(mountpoint: &Path) {
-    match Command::new("umount").arg("-l").arg(mountpoint).status() {
-        Ok(s) if s.success() => {}
-        Ok(s) => log::warn!("umount -l {}: {s}", mountpoint.display()),
-        Err(e) => log::warn!("umount -l {}: {e}", mountpoint.display()),
-    }
-}
-
-/// Creates the mountpoint if missing and clears a dead FUSE mount that a
-/// killed daemon left there (stat answers ENOTCONN). Refuses a live mount.
-fn prepare_mountpoint(mountpoint: &Path) -> Result<()> {
-    let metadata = match std::fs::metadata(mountpoint) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(mountpoint)
-                .map_err(|e| Error::io(format!("creating {}", mountpoint.display()), e))?;
-            return Ok(());
-        }
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            log::warn!(
-                "{} holds a dead FUSE mount (a daemon was killed); unmounting it",
-                mountpoint.display()
-            );
-            lazy_unmount(mountpoint);
-            std::fs::metadata(mountpoint).map_err(|e| {
-                Error::io(
-                    format!("{} after unmounting the dead mount", mountpoint.display()),
-                    e,
-                )
-            })?
-        }
-        Err(e) => return Err(Error::io(mountpoint.display().to_string(), e)),
-    };
-    if !metadata.is_dir() {
-        return Err(Error::Usage(format!(
-            "{} is not a directory",
-            mountpoint.display()
-        )));
-    }
-    if is_mount_point(mountpoint)? {
-        return Err(Error::Usage(format!(
-            "{} is already a mount point; unmount it or choose another --mount",
-            mountpoint.display()
-        )));
-    }
-    Ok(())
-}
-
-/// Whether `path` is the root of a mount: its device differs from its parent's.
-fn is_mount_point(path: &Path) -> Result<bool> {
-    use std::os::unix::fs::MetadataExt;
-    let Some(parent) = path.parent() else {
-        return Ok(true);
-    };
-    let own = std::fs::metadata(path).map_err(|e| Error::io(path.display().to_string(), e))?;
-    let above =
-        std::fs::metadata(parent).map_err(|e| Error::io(parent.display().to_string(), e))?;
-    Ok(own.dev() != above.dev() || own.ino() == above.ino())
 }

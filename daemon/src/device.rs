@@ -31,7 +31,7 @@ pub fn lock(path: &Path) -> Result<DeviceLock> {
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = io::Error::last_os_error();
         return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            in_use(path)
+            in_use_error(path)
         } else {
             Error::io(format!("{}: locking", path.display()), e)
         });
@@ -39,7 +39,7 @@ pub fn lock(path: &Path) -> Result<DeviceLock> {
     Ok(DeviceLock { _file: Some(file) })
 }
 
-fn in_use(path: &Path) -> Error {
+fn in_use_error(path: &Path) -> Error {
     Error::Usage(format!(
         "{} is in use by another lcfs process (a running `lcfs daemon`?)",
         path.display()
@@ -50,7 +50,7 @@ fn in_use(path: &Path) -> Error {
 pub fn open(path: &Path) -> Result<Arc<dyn Device>> {
     match open_device(path, &OpenOptions::default()) {
         Ok(dev) => Ok(Arc::from(dev)),
-        Err(lcfs_engine::Error::Busy(_)) => Err(in_use(path)),
+        Err(lcfs_engine::Error::Busy(_)) => Err(in_use_error(path)),
         Err(lcfs_engine::Error::Io(e)) if e.kind() == io::ErrorKind::NotFound => {
             Err(no_device(path))
         }

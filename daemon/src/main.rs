@@ -74,6 +74,9 @@ directory of one FUSE mount at DIR, and serve management requests on the
 control socket (root-only, newline-delimited JSON, see
 docs/control-protocol.md). SIGTERM or SIGINT unmounts, checkpoints and exits
 0. A dead FUSE mount left at DIR by a killed daemon is cleared at start.
+Only root may enter the mount: its root is mode 0700, and the directory
+above DIR is made root's alone (created 0700, or narrowed to at most 0710;
+one owned by another user, or shared like /tmp, is refused; docs/fuse.md).
 The log level comes from RUST_LOG (default: info).")]
     Daemon(DaemonArgs),
 

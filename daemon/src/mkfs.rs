@@ -23,7 +23,7 @@ const STEPS: u64 = 4;
 pub fn run(o: &MkfsOptions<'_>) -> Result<()> {
     let progress = progress_bar();
     progress.set_message("preparing the device");
-    let created = prepare(o)?;
+    let created = create_device_file(o)?;
     let result = format(o, &progress);
     progress.finish_and_clear();
     if result.is_err() && created {
@@ -59,7 +59,7 @@ fn progress_bar() -> ProgressBar {
 }
 
 /// Creates the sparse file when asked to; returns whether it did.
-fn prepare(o: &MkfsOptions<'_>) -> Result<bool> {
+fn create_device_file(o: &MkfsOptions<'_>) -> Result<bool> {
     let path = o.device;
     match (std::fs::symlink_metadata(path), o.size_bytes) {
         (Err(e), Some(size)) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -10,7 +10,7 @@ use serde_json::Value;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -29,7 +29,7 @@ const MAX_CONNECTIONS: usize = 64;
 
 /// Makes sure `path` can be bound: creates its directory (0700) and removes
 /// a socket left by a daemon that died, but refuses when a daemon answers there.
-pub fn check_socket_free(path: &Path) -> Result<()> {
+pub fn claim_socket_path(path: &Path) -> Result<()> {
     if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -58,18 +58,9 @@ pub fn check_socket_free(path: &Path) -> Result<()> {
     }
 }
 
-/// Binds the socket with mode 0600. The umask is narrowed around bind(2) so
-/// the socket is never reachable by others, not even between bind and chmod.
+/// Binds the socket with mode 0600 (see [`lcfs_dockerplugin::bind_root_only`]).
 pub fn bind(path: &Path) -> Result<UnixListener> {
-    // SAFETY: umask only swaps the process's file mode mask; it cannot fail.
-    let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
-    // SAFETY: as above, restoring the previous mask.
-    unsafe { libc::umask(old) };
-    let listener = bound.map_err(|e| Error::io(format!("binding {}", path.display()), e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| Error::io(format!("chmod {}", path.display()), e))?;
-    Ok(listener)
+    lcfs_dockerplugin::bind_root_only(path).map_err(|e| Error::io("control socket", e))
 }
 
 /// Lets shutdown wait for requests being executed, and refuse new ones.
@@ -183,31 +174,6 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// The uid of the process at the other end (SO_PEERCRED).
-fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
-    let mut credentials = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: credentials is a live ucred and len holds its exact size, as
-    // SO_PEERCRED requires; the kernel writes at most len bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut credentials as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(credentials.uid)
-}
-
 fn send(stream: &mut UnixStream, answer: &Value) -> io::Result<()> {
     let mut line = answer.to_string().into_bytes();
     line.push(b'\n');
@@ -261,7 +227,7 @@ fn connection(
         );
         return refuse(stream, reader, &answer);
     }
-    let uid = peer_uid(&stream)?;
+    let uid = lcfs_dockerplugin::peer_uid(&stream)?;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let own = unsafe { libc::geteuid() };
     if uid != 0 && uid != own {

@@ -53,7 +53,7 @@ pub(crate) fn apply(
     let mut archive = tar::Archive::new(stream);
     let mut entries = archive
         .entries()
-        .map_err(|e| bad(0, format!("reading the stream: {e}")))?;
+        .map_err(|e| bad_tar(0, format!("reading the stream: {e}")))?;
     let mut deferred_dirs: Vec<(u64, Meta)> = Vec::new();
     let mut unpacked: HashSet<Vec<u8>> = HashSet::new();
     let mut size = 0u64;
@@ -64,15 +64,15 @@ pub(crate) fn apply(
         let mut entry = match entries.next() {
             None => break,
             Some(Ok(e)) => e,
-            Some(Err(e)) => return Err(bad(index, format!("reading the header: {e}"))),
+            Some(Err(e)) => return Err(bad_tar(index, format!("reading the header: {e}"))),
         };
         let kind = entry.header().entry_type();
         if matches!(kind, EntryType::XGlobalHeader) {
             continue;
         }
         let raw_path = entry.path_bytes().into_owned();
-        let components = clean(&raw_path).map_err(|d| bad(index, d))?;
-        let meta = read_meta(&mut entry).map_err(|d| bad(index, d))?;
+        let components = clean(&raw_path).map_err(|d| bad_tar(index, d))?;
+        let meta = read_meta(&mut entry).map_err(|d| bad_tar(index, d))?;
         let Some((name, parents)) = components.split_last() else {
             // The layer root itself: only its attributes can change.
             if kind.is_dir() {
@@ -96,7 +96,7 @@ pub(crate) fn apply(
         }
         if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
             if hidden.is_empty() || hidden == b"." || hidden == b".." {
-                return Err(bad(index, format!("bad whiteout {}", show(&raw_path))));
+                return Err(bad_tar(index, format!("bad whiteout {}", show(&raw_path))));
             }
             remove_all(engine, layer, dir, hidden)?;
             continue;
@@ -106,18 +106,18 @@ pub(crate) fn apply(
         let link_target = if kind == EntryType::Link {
             let target = entry
                 .link_name_bytes()
-                .ok_or_else(|| bad(index, "hard link without a target".into()))?
+                .ok_or_else(|| bad_tar(index, "hard link without a target".into()))?
                 .into_owned();
-            let tc = clean(&target).map_err(|d| bad(index, d))?;
+            let tc = clean(&target).map_err(|d| bad_tar(index, d))?;
             let Some((tname, tparents)) = tc.split_last() else {
-                return Err(bad(index, "hard link to the layer root".into()));
+                return Err(bad_tar(index, "hard link to the layer root".into()));
             };
             let tdir = resolve_dir(engine, layer, tparents, false)?;
             let attr = engine
                 .lookup(layer, tdir, tname)
                 .map_err(|e| Error::engine(format!("hard link target {}", show(&target)), e))?;
             if attr.kind == FileKind::Directory {
-                return Err(bad(index, "hard link to a directory".into()));
+                return Err(bad_tar(index, "hard link to a directory".into()));
             }
             Some(attr.inode)
         } else {
@@ -160,12 +160,12 @@ pub(crate) fn apply(
                 let written = copy_content(engine, layer, ino, lender, &mut entry, &mut buf)
                     .map_err(|e| match e {
                         Error::Io { source, .. } => {
-                            bad(index, format!("{}: {source}", ctx("reading content of")))
+                            bad_tar(index, format!("{}: {source}", ctx("reading content of")))
                         }
                         other => other,
                     })?;
                 if written != expected {
-                    return Err(bad(
+                    return Err(bad_tar(
                         index,
                         format!(
                             "{} is truncated: {written} of {expected} bytes",
@@ -179,7 +179,7 @@ pub(crate) fn apply(
             EntryType::Symlink => {
                 let target = entry
                     .link_name_bytes()
-                    .ok_or_else(|| bad(index, "symlink without a target".into()))?
+                    .ok_or_else(|| bad_tar(index, "symlink without a target".into()))?
                     .into_owned();
                 engine
                     .symlink(layer, dir, name, &target, meta.uid, meta.gid)
@@ -224,7 +224,7 @@ pub(crate) fn apply(
                     .inode
             }
             other => {
-                return Err(bad(
+                return Err(bad_tar(
                     index,
                     format!(
                         "unsupported entry type {:?} for {}",
@@ -253,7 +253,7 @@ pub(crate) fn apply(
     Ok(size)
 }
 
-fn bad(entry: u64, detail: String) -> Error {
+fn bad_tar(entry: u64, detail: String) -> Error {
     Error::BadTar { entry, detail }
 }
 
@@ -354,7 +354,7 @@ fn copy_content(
         }
         let data = &buf[..filled];
         if let Some((src_layer, src_ino)) = lender {
-            if share(engine, layer, ino, src_layer, src_ino, offset, data) {
+            if try_share_lender_blocks(engine, layer, ino, src_layer, src_ino, offset, data) {
                 offset += filled as u64;
                 if filled < buf.len() {
                     break;
@@ -405,7 +405,7 @@ fn copy_content(
 /// Tries to take `data` (file bytes at `offset`, block aligned) from the
 /// lender's blocks. False when they differ or the lender is gone: the
 /// caller writes the bytes.
-fn share(
+fn try_share_lender_blocks(
     engine: &Engine,
     layer: u64,
     ino: u64,

@@ -15,6 +15,7 @@
 use crate::error::{Error, Result};
 use crate::export::{self, kind_code, layer_error};
 use lcfs_engine::Engine;
+use lcfs_fsfront::{KernelCache, LayerError, LayerOps};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -22,33 +23,12 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// What the kernel caches, through the FUSE mount, of the layers the plugin
-/// works on behind the mount's back.
-pub trait KernelCache: Send + Sync {
-    /// The plugin created, removed or filled layer `layer`: the kernel
-    /// drops its cached entries for it.
-    fn invalidate(&self, layer: &str);
-    /// Writes the kernel still holds (the mount's writeback cache) reach the
-    /// engine. Called before a layer is cloned or its changes are read.
-    fn write_back(&self) -> std::io::Result<()>;
-}
-
-/// No mount: nothing cached (tools and tests that use the engine alone).
-pub struct NoMount;
-
-impl KernelCache for NoMount {
-    fn invalidate(&self, _layer: &str) {}
-    fn write_back(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// The state of the graphdriver: the engine, where its layers are mounted,
 /// and the Get/Put reference counts.
 pub struct Driver {
-    engine: Arc<Engine>,
+    /// The engine, and the mount's cache kept right as layers change.
+    layers: LayerOps,
     mountpoint: PathBuf,
-    kernel: Arc<dyn KernelCache>,
     references: Mutex<HashMap<String, u32>>,
     busy: Mutex<HashSet<String>>,
     /// The layers Diff was last asked for, newest first: the candidates to
@@ -142,9 +122,8 @@ impl Driver {
     /// (`<mountpoint>/<id>` is what Get returns).
     pub fn new(engine: Arc<Engine>, mountpoint: &Path, kernel: Arc<dyn KernelCache>) -> Driver {
         Driver {
-            engine,
+            layers: LayerOps::new(engine, kernel),
             mountpoint: mountpoint.to_path_buf(),
-            kernel,
             references: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashSet::new()),
             recent_diffs: Mutex::new(VecDeque::new()),
@@ -152,7 +131,7 @@ impl Driver {
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
+        self.layers.engine()
     }
 
     /// How many Gets of `id` are not yet Put.
@@ -192,7 +171,7 @@ impl Driver {
     }
 
     fn dispatch(&self, method: &str, body: &[u8]) -> Result<Value> {
-        let e = &self.engine;
+        let e = self.engine();
         match method {
             "Plugin.Activate" => Ok(json!({ "Implements": ["GraphDriver"] })),
             "GraphDriver.Init" => {
@@ -222,28 +201,22 @@ impl Driver {
                 }
                 let _guard = self.claim(&r.id)?;
                 let cold = method == "GraphDriver.Create";
-                if !r.parent.is_empty() {
-                    // The clone freezes the parent: what the kernel still
-                    // caches of writes to it must be in first.
-                    self.write_back()?;
-                }
-                let result = if r.parent.is_empty() {
-                    e.create_layer(&r.id, cold)
-                } else {
-                    e.clone_layer_with(&r.parent, &r.id, cold)
-                };
-                result.map_err(|err| match err {
-                    lcfs_engine::Error::NotFound => Error::UnknownLayer(r.parent.clone()),
-                    lcfs_engine::Error::Exists => Error::engine(
-                        format!("creating layer {:?}", r.id),
-                        lcfs_engine::Error::Exists,
-                    ),
-                    err => Error::engine(
-                        format!("creating layer {:?} from {:?}", r.id, r.parent),
-                        err,
-                    ),
-                })?;
-                self.kernel.invalidate(&r.id);
+                let parent = Some(r.parent.as_str()).filter(|p| !p.is_empty());
+                self.layers
+                    .create(&r.id, parent, cold)
+                    .map_err(|err| match err {
+                        LayerError::Engine(lcfs_engine::Error::NotFound) => {
+                            Error::UnknownLayer(r.parent.clone())
+                        }
+                        LayerError::Engine(lcfs_engine::Error::Exists) => Error::engine(
+                            format!("creating layer {:?}", r.id),
+                            lcfs_engine::Error::Exists,
+                        ),
+                        err => layer_op_error(
+                            format!("creating layer {:?} from {:?}", r.id, r.parent),
+                            err,
+                        ),
+                    })?;
                 Ok(json!({}))
             }
             "GraphDriver.Remove" => {
@@ -313,9 +286,9 @@ impl Driver {
                 }}))
             }
             "GraphDriver.Cleanup" => {
-                self.write_back()?;
-                e.sync()
-                    .map_err(|err| Error::engine("syncing at Cleanup", err))?;
+                self.layers
+                    .sync()
+                    .map_err(|err| layer_op_error("syncing at Cleanup", err))?;
                 Ok(json!({}))
             }
             "GraphDriver.Capabilities" => {
@@ -352,9 +325,9 @@ impl Driver {
     /// Brings what the kernel caches of writes into the engine (see
     /// [`KernelCache::write_back`]).
     fn write_back(&self) -> Result<()> {
-        self.kernel
+        self.layers
             .write_back()
-            .map_err(|e| Error::io("writing the mount's cached writes back to the layers", e))
+            .map_err(|e| layer_op_error("before reading the layers", e))
     }
 
     fn remove(&self, id: &str) -> Result<()> {
@@ -362,22 +335,18 @@ impl Driver {
         if let Some(n) = held {
             log::warn!("removing layer {id:?} while {n} Get(s) are not Put");
         }
-        match self.engine.remove_layer(id) {
-            Ok(()) => {}
-            Err(lcfs_engine::Error::NotFound) => {
+        match self.layers.remove(id) {
+            Ok(()) => Ok(()),
+            Err(LayerError::Engine(lcfs_engine::Error::NotFound)) => {
                 log::debug!("Remove of {id:?}: no such layer (already removed)");
-                return Ok(());
+                Ok(())
             }
-            Err(lcfs_engine::Error::Busy(why)) => {
-                return Err(Error::engine(
-                    format!("removing layer {id:?} (remove the layers made from it first)"),
-                    lcfs_engine::Error::Busy(why),
-                ))
-            }
-            Err(e) => return Err(Error::engine(format!("removing layer {id:?}"), e)),
+            Err(LayerError::Engine(lcfs_engine::Error::Busy(why))) => Err(Error::engine(
+                format!("removing layer {id:?} (remove the layers made from it first)"),
+                lcfs_engine::Error::Busy(why),
+            )),
+            Err(e) => Err(layer_op_error(format!("removing layer {id:?}"), e)),
         }
-        self.kernel.invalidate(id);
-        Ok(())
     }
 
     /// GraphDriver.Diff, part one: checks the request and lists the changes.
@@ -386,7 +355,7 @@ impl Driver {
         let r: IdRequest = parse("GraphDriver.Diff", body)?;
         check_id(&r.id)?;
         self.write_back()?;
-        let changes = export::changes(&self.engine, &r.id, &r.parent)?;
+        let changes = export::changes(self.engine(), &r.id, &r.parent)?;
         let mut recent = self.recent_diffs.lock().unwrap_or_else(|p| p.into_inner());
         recent.retain(|id| *id != r.id);
         recent.push_front(r.id.clone());
@@ -397,7 +366,7 @@ impl Driver {
 
     /// GraphDriver.Diff, part two: streams the tar.
     pub fn write_diff(&self, plan: &DiffPlan, out: impl Write) -> Result<()> {
-        export::write_diff(&self.engine, &plan.id, &plan.changes, out)
+        export::write_diff(self.engine(), &plan.id, &plan.changes, out)
     }
 
     /// GraphDriver.ApplyDiff: unpacks `stream` into layer `id` (made by
@@ -418,7 +387,8 @@ impl Driver {
     fn try_apply_diff(&self, id: &str, parent: &str, stream: impl Read) -> Result<u64> {
         check_id(id)?;
         let _guard = self.claim(id)?;
-        let info = self.engine.layer_info(id).map_err(|e| layer_error(id, e))?;
+        let engine = self.engine();
+        let info = engine.layer_info(id).map_err(|e| layer_error(id, e))?;
         if info.frozen || info.children > 0 {
             return Err(Error::engine(
                 format!("applying a diff to layer {id:?}"),
@@ -433,23 +403,23 @@ impl Driver {
         }
         let lender = self.lender(parent);
         let mut stream = stream;
-        let result = crate::apply::apply(&self.engine, info.id, lender, &mut stream)
+        let result = crate::apply::apply(engine, info.id, lender, &mut stream)
             .and_then(|size| drain_trailing(&mut stream).map(|_| size))
             // Docker records the layer as soon as we answer: it must
             // survive a crash from then on (one group-committed checkpoint).
             .and_then(|size| {
-                self.engine
+                engine
                     .sync()
                     .map_err(|e| Error::engine(format!("syncing layer {id:?}"), e))
                     .map(|_| size)
             });
         if result.is_err() {
             self.lock_references().remove(id);
-            if let Err(e) = self.engine.remove_layer(id) {
+            if let Err(e) = engine.remove_layer(id) {
                 log::error!("discarding half-applied layer {id:?}: {e}");
             }
         }
-        self.kernel.invalidate(id);
+        self.layers.filled(id);
         result
     }
 }
@@ -472,7 +442,7 @@ impl Driver {
             .cloned()
             .collect();
         recent.into_iter().find_map(|candidate| {
-            let info = self.engine.layer_info(&candidate).ok()?;
+            let info = self.engine().layer_info(&candidate).ok()?;
             let mut at = info.parent.clone();
             // Docker's chains are container -> init -> image: a few hops.
             for _ in 0..16 {
@@ -480,7 +450,7 @@ impl Driver {
                 if name == parent {
                     return Some(info.id);
                 }
-                at = self.engine.layer_info(&name).ok()?.parent;
+                at = self.engine().layer_info(&name).ok()?.parent;
             }
             None
         })
@@ -523,4 +493,19 @@ fn drain_trailing(stream: &mut impl Read) -> Result<u64> {
 pub struct DiffPlan {
     id: String,
     changes: Vec<lcfs_engine::Change>,
+}
+
+/// A failed layer operation as a plugin error.
+fn layer_op_error(context: impl Into<String>, e: LayerError) -> Error {
+    match e {
+        LayerError::Engine(e) => Error::engine(context, e),
+        LayerError::WriteBack(e) => Error::io(
+            format!(
+                "{}: writing the mount's cached writes back to the layers",
+                context.into()
+            ),
+            e,
+        ),
+        e => Error::io(context, std::io::Error::other(e)),
+    }
 }

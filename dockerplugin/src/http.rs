@@ -1,39 +1,158 @@
 //! HTTP/1.1 on a unix socket: every call is `POST /<Method>` (Docker's
-//! plugin protocol). tiny_http parses requests (Content-Length and chunked
-//! bodies, `Expect: 100-continue`); a fixed pool of workers answers them.
-//! JSON bodies are read up to [`MAX_JSON_BYTES`]; ApplyDiff's tar body and
-//! Diff's tar response are streamed, never held whole in memory.
+//! plugin protocol), read and answered by wire.rs. Each connection has its
+//! own thread. JSON bodies are read up to [`MAX_JSON_BYTES`]; ApplyDiff's
+//! tar body and Diff's tar answer are streamed, never held whole in memory.
 //!
-//! Every call is timed from the moment a worker takes the request until the
-//! answer is written (for Diff, the whole tar stream; for ApplyDiff, the
-//! whole upload), per method, in [`CallCounters`]: the storage work inside a
+//! The socket is root's alone, as the control socket is: it is made 0600 in
+//! a directory made 0700, and a peer whose uid is neither root nor the
+//! daemon's is refused (SO_PEERCRED), since the plugin hands out mounted
+//! layers with their set-user-id binaries and devices. What a client sends
+//! is bounded ([`Limits`]): connections at once, the time a request may take
+//! to arrive, how long a connection may stay silent or leave its answer
+//! unread, and how many Diffs (each streaming a whole layer) run at once.
+//!
+//! Every call is timed from the moment its head is read until the answer is
+//! written (for Diff, the whole tar stream; for ApplyDiff, the whole
+//! upload), per method, in [`CallCounters`]: the storage work inside a
 //! `docker run` or `docker build`, apart from what runc and dockerd spend.
 
 use crate::driver::Driver;
+use crate::socket::{bind_root_only, peer_uid};
+use crate::wire::{self, Body, Head, HeadError, StreamAnswer, Timing};
 use serde_json::{json, Value};
-use std::io::{self, Read, Write};
+use std::collections::HashMap;
+use std::io::{self, BufReader, Read};
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// The largest JSON request accepted (Docker's are a few hundred bytes).
 pub const MAX_JSON_BYTES: u64 = 1 << 20;
-/// Tar bytes buffered between the Diff writer thread and the socket.
-const PIPE_CHUNKS: usize = 8;
-const PIPE_CHUNK_BYTES: usize = 256 << 10;
 const CONTENT_TYPE_JSON: &str = "application/vnd.docker.plugins.v1+json";
+/// How long a refused connection is given to send its request, so that it
+/// reads the refusal instead of failing its write.
+const REFUSAL_READ_TIME: Duration = Duration::from_secs(2);
+
+/// The bounds of the plugin server.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Connections served at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// Diffs streamed at once: each reads a whole layer and holds its
+    /// connection until the client has read the tar.
+    pub max_diffs: usize,
+    /// How long a Diff waits for one of those slots before it is answered
+    /// 503 (Docker reports the error; the commit can be retried).
+    pub diff_wait: Duration,
+    /// A connection silent for this long (between requests, or in the
+    /// middle of one) is closed.
+    pub idle_timeout: Duration,
+    /// The most a request head, or a JSON body, may take to arrive,
+    /// however slowly its bytes trickle in.
+    pub request_timeout: Duration,
+    /// A client that does not read its answer for this long is dropped.
+    pub write_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 64,
+            max_diffs: 4,
+            diff_wait: Duration::from_secs(120),
+            idle_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(60),
+        }
+    }
+}
 
 /// A running plugin server. Dropping it without [`PluginServer::shutdown`]
-/// leaves the workers running.
+/// leaves it running.
 pub struct PluginServer {
-    server: Arc<tiny_http::Server>,
-    stop: Arc<AtomicBool>,
-    workers: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    acceptor: Option<JoinHandle<()>>,
     socket: PathBuf,
     calls: Arc<CallCounters>,
+}
+
+/// What the acceptor and the connection threads share.
+struct Shared {
+    driver: Arc<Driver>,
+    limits: Limits,
+    calls: Arc<CallCounters>,
+    stop: AtomicBool,
+    state: Mutex<State>,
+    /// Signalled when a call ends or a Diff slot frees.
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    /// Open connections, to shut down at the end.
+    connections: HashMap<u64, UnixStream>,
+    next_connection: u64,
+    threads: Vec<JoinHandle<()>>,
+    calls_in_hand: usize,
+    diffs: usize,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a call in hand, unless the server is stopping.
+    fn begin_call(&self) -> Option<CallGuard<'_>> {
+        let mut st = self.lock();
+        if self.stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        st.calls_in_hand += 1;
+        Some(CallGuard(self))
+    }
+
+    /// Takes a Diff slot, waiting at most `limits.diff_wait`.
+    fn take_diff_slot(&self) -> Option<DiffSlot<'_>> {
+        let deadline = Instant::now() + self.limits.diff_wait;
+        let mut st = self.lock();
+        while st.diffs >= self.limits.max_diffs.max(1) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.stop.load(Ordering::SeqCst) {
+                return None;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        st.diffs += 1;
+        Some(DiffSlot(self))
+    }
+}
+
+struct CallGuard<'a>(&'a Shared);
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        self.0.lock().calls_in_hand -= 1;
+        self.0.changed.notify_all();
+    }
+}
+
+struct DiffSlot<'a>(&'a Shared);
+
+impl Drop for DiffSlot<'_> {
+    fn drop(&mut self) {
+        self.0.lock().diffs -= 1;
+        self.0.changed.notify_all();
+    }
 }
 
 impl PluginServer {
@@ -46,27 +165,39 @@ impl PluginServer {
         self.calls.clone()
     }
 
-    /// Stops taking requests, waits for the workers to finish the calls in
-    /// hand, and removes the socket.
-    pub fn shutdown(self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for _ in &self.workers {
-            self.server.unblock();
+    /// Stops taking connections and calls, waits for the calls in hand to
+    /// be answered, closes the connections and removes the socket.
+    pub fn shutdown(mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.join();
         }
-        for w in self.workers {
-            let _ = w.join();
+        let threads = {
+            let mut st = self.shared.lock();
+            while st.calls_in_hand > 0 {
+                st = self
+                    .shared
+                    .changed
+                    .wait(st)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+            for c in st.connections.values() {
+                let _ = c.shutdown(Shutdown::Both);
+            }
+            std::mem::take(&mut st.threads)
+        };
+        for t in threads {
+            let _ = t.join();
         }
-        drop(self.server);
         let _ = std::fs::remove_file(&self.socket);
     }
 }
 
-/// Serves `driver` on a unix socket at `socket` with `workers` threads
-/// (calls beyond that wait their turn). A stale socket file nobody listens
-/// on is replaced; a live one is refused.
-pub fn serve(driver: Arc<Driver>, socket: &Path, workers: usize) -> io::Result<PluginServer> {
+/// Serves `driver` on a unix socket at `socket` within `limits`. A stale
+/// socket file nobody listens on is replaced; a live one is refused.
+pub fn serve(driver: Arc<Driver>, socket: &Path, limits: Limits) -> io::Result<PluginServer> {
     if socket.exists() {
-        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        if UnixStream::connect(socket).is_ok() {
             return Err(io::Error::new(
                 io::ErrorKind::AddrInUse,
                 format!(
@@ -77,59 +208,283 @@ pub fn serve(driver: Arc<Driver>, socket: &Path, workers: usize) -> io::Result<P
         }
         std::fs::remove_file(socket)?;
     }
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let server = tiny_http::Server::http_unix(socket).map_err(io::Error::other)?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))?;
-    }
-    let server = Arc::new(server);
-    let stop = Arc::new(AtomicBool::new(false));
+    let listener = bind_root_only(socket)?;
+    listener.set_nonblocking(true)?;
     let calls = Arc::new(CallCounters::default());
-    let mut handles = Vec::new();
-    for i in 0..workers.max(1) {
-        let server = server.clone();
-        let stop = stop.clone();
-        let driver = driver.clone();
-        let calls = calls.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("lcfs-plugin-{i}"))
-            .spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    match server.recv() {
-                        Ok(request) => {
-                            let started = calls.start();
-                            let method = method_of(request.url());
-                            handle(&driver, request);
-                            let elapsed = calls.finish(&method, started);
-                            log::debug!(
-                                "docker plugin call {method} done in {} us",
-                                elapsed.as_micros()
-                            );
-                        }
-                        Err(e) => {
-                            if !stop.load(Ordering::SeqCst) {
-                                log::warn!("docker plugin socket: {e}");
-                            }
-                        }
-                    }
-                }
-            })?;
-        handles.push(handle);
-    }
+    let shared = Arc::new(Shared {
+        driver,
+        limits,
+        calls: calls.clone(),
+        stop: AtomicBool::new(false),
+        state: Mutex::new(State::default()),
+        changed: Condvar::new(),
+    });
+    let for_acceptor = shared.clone();
+    let acceptor = std::thread::Builder::new()
+        .name("lcfs-plugin-accept".into())
+        .spawn(move || accept(&listener, &for_acceptor))?;
     log::info!(
         "docker graphdriver plugin listening on {}",
         socket.display()
     );
     Ok(PluginServer {
-        server,
-        stop,
-        workers: handles,
+        shared,
+        acceptor: Some(acceptor),
         socket: socket.to_path_buf(),
         calls,
     })
+}
+
+/// Accepts connections until the server stops, each on its own thread.
+fn accept(listener: &UnixListener, shared: &Arc<Shared>) {
+    while !shared.stop.load(Ordering::SeqCst) {
+        let mut fds = [libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: fds is a live array of one initialised pollfd; the length matches.
+        // A timeout, so the stop flag is seen within 100 ms.
+        unsafe { libc::poll(fds.as_mut_ptr(), 1, 100) };
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                log::warn!("accept on the docker plugin socket: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let mut st = shared.lock();
+        st.threads.retain(|t| !t.is_finished());
+        let admitted = st.connections.len() < shared.limits.max_connections.max(1);
+        let id = st.next_connection;
+        st.next_connection += 1;
+        if admitted {
+            match stream.try_clone() {
+                Ok(clone) => {
+                    st.connections.insert(id, clone);
+                }
+                Err(e) => {
+                    log::warn!("docker plugin connection: {e}");
+                    continue;
+                }
+            }
+        }
+        let for_thread = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("lcfs-plugin".into())
+            .spawn(move || {
+                if let Err(e) = connection(stream, admitted, &for_thread) {
+                    log::debug!("docker plugin connection: {e}");
+                }
+                for_thread.lock().connections.remove(&id);
+            });
+        match spawned {
+            Ok(t) => st.threads.push(t),
+            Err(e) => {
+                st.connections.remove(&id);
+                log::warn!("cannot start a docker plugin connection thread: {e}");
+            }
+        }
+    }
+}
+
+/// Answers a connection that will not be served: reads its request head
+/// briefly (so the client reads the answer rather than failing its write),
+/// answers `status` with `message` and closes.
+fn refuse(
+    mut stream: UnixStream,
+    reader: &mut BufReader<UnixStream>,
+    status: u16,
+    message: &str,
+) -> io::Result<()> {
+    let _ = wire::read_head(reader, REFUSAL_READ_TIME, REFUSAL_READ_TIME);
+    let body = json!({ "Err": message }).to_string();
+    wire::write_answer(
+        &mut stream,
+        status,
+        CONTENT_TYPE_JSON,
+        body.as_bytes(),
+        true,
+    )
+}
+
+/// Serves one connection: requests in order until the client closes, asks
+/// to close, stays silent past the idle timeout, or breaks a bound.
+fn connection(mut stream: UnixStream, admitted: bool, shared: &Shared) -> io::Result<()> {
+    let limits = &shared.limits;
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(Some(limits.write_timeout))?;
+    let mut reader = BufReader::with_capacity(64 << 10, stream.try_clone()?);
+    if !admitted {
+        let message = format!(
+            "too many connections to the lcfs plugin (at most {})",
+            limits.max_connections
+        );
+        return refuse(stream, &mut reader, 503, &message);
+    }
+    let uid = peer_uid(&stream)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let own = unsafe { libc::geteuid() };
+    if uid != 0 && uid != own {
+        log::warn!("refused a docker plugin connection from uid {uid}");
+        let message = format!("uid {uid} may not use the lcfs plugin: its socket is root-only");
+        return refuse(stream, &mut reader, 403, &message);
+    }
+    loop {
+        let head = match wire::read_head(&mut reader, limits.idle_timeout, limits.request_timeout) {
+            Ok(h) => h,
+            Err(HeadError::Gone) => return Ok(()),
+            Err(HeadError::Bad(message)) => {
+                let body = json!({ "Err": message }).to_string();
+                return wire::write_answer(
+                    &mut stream,
+                    400,
+                    CONTENT_TYPE_JSON,
+                    body.as_bytes(),
+                    true,
+                );
+            }
+            Err(HeadError::Io(e)) => {
+                if wire::timed_out(&e) {
+                    log::warn!("docker plugin: a request head did not arrive in time; closing");
+                }
+                return Err(e);
+            }
+        };
+        let Some(_call) = shared.begin_call() else {
+            let body = json!({ "Err": "the lcfs daemon is shutting down" }).to_string();
+            return wire::write_answer(&mut stream, 503, CONTENT_TYPE_JSON, body.as_bytes(), true);
+        };
+        let method = method_of(&head.target);
+        let started = shared.calls.start();
+        log::debug!("docker plugin call {method}");
+        let keep = handle(shared, &head, &mut reader, &mut stream);
+        let elapsed = shared.calls.finish(&method, started);
+        log::debug!(
+            "docker plugin call {method} done in {} us",
+            elapsed.as_micros()
+        );
+        match keep {
+            Ok(true) if !head.wants_close() => {}
+            Ok(_) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Answers one request. Ok(true): the connection may carry another.
+fn handle(
+    shared: &Shared,
+    head: &Head,
+    reader: &mut BufReader<UnixStream>,
+    out: &mut UnixStream,
+) -> io::Result<bool> {
+    let driver = &shared.driver;
+    let limits = &shared.limits;
+    let (path, query) = head.target.split_once('?').unwrap_or((&head.target, ""));
+    let method = path.trim_start_matches('/');
+    let json_timing = Timing {
+        idle: limits.idle_timeout,
+        deadline: Some(Instant::now() + limits.request_timeout),
+    };
+    let answer = |out: &mut UnixStream, status: u16, value: &Value, finished: bool| {
+        let close = !finished || head.wants_close();
+        wire::write_answer(
+            out,
+            status,
+            CONTENT_TYPE_JSON,
+            value.to_string().as_bytes(),
+            close,
+        )
+        .map(|_| !close)
+    };
+    // A tar of any size: only each read is timed. JSON: all of it by a deadline.
+    let timing = if method == "GraphDriver.ApplyDiff" {
+        Timing {
+            idle: limits.idle_timeout,
+            deadline: None,
+        }
+    } else {
+        json_timing
+    };
+    let mut body = match Body::new(head, reader, timing) {
+        Ok(b) => b,
+        Err(e) => return answer(out, 400, &json!({ "Err": e }), false),
+    };
+    if head.method != "POST" {
+        let value = json!({ "Err": format!("{} {path}: plugin calls are POST", head.method) });
+        return answer(out, 405, &value, false);
+    }
+    match method {
+        "GraphDriver.ApplyDiff" => {
+            let id = query_value(query, "id").unwrap_or_default();
+            let parent = query_value(query, "parent").unwrap_or_default();
+            let value = driver.apply_diff(&id, &parent, &mut body);
+            let finished = body.finished();
+            answer(out, 200, &value, finished)
+        }
+        "GraphDriver.Diff" => {
+            let request = match read_json_body(&mut body) {
+                Ok(b) => b,
+                Err(e) => return text_answer(out, 400, &e),
+            };
+            let Some(_slot) = shared.take_diff_slot() else {
+                let message = format!(
+                    "too many Diffs in progress (at most {} at once, waited {} s); try again",
+                    limits.max_diffs,
+                    limits.diff_wait.as_secs()
+                );
+                log::warn!("GraphDriver.Diff: {message}");
+                return text_answer(out, 503, &message);
+            };
+            let plan = match driver.prepare_diff(&request) {
+                Ok(p) => p,
+                Err(e) => {
+                    log::warn!("GraphDriver.Diff: {e}");
+                    return text_answer(out, 500, &e.to_string());
+                }
+            };
+            let mut stream = StreamAnswer::start(out, "application/x-tar", head.http11)?;
+            if let Err(e) = driver.write_diff(&plan, &mut stream) {
+                // Unterminated: the client sees a broken answer, not a short tar.
+                log::warn!("GraphDriver.Diff: {e}");
+                return Ok(false);
+            }
+            stream.finish()?;
+            Ok(head.http11)
+        }
+        _ => {
+            let value = match read_json_body(&mut body) {
+                Ok(request) => driver.call(method, &request),
+                Err(e) => json!({ "Err": e }),
+            };
+            let finished = body.finished();
+            answer(out, 200, &value, finished)
+        }
+    }
+}
+
+/// Answers with plain text (Diff's only way to fail is its status), and
+/// closes: the request body may not have been read to its end.
+fn text_answer(out: &mut UnixStream, status: u16, message: &str) -> io::Result<bool> {
+    wire::write_answer(out, status, "text/plain", message.as_bytes(), true).map(|_| false)
+}
+
+fn read_json_body(body: &mut Body<'_>) -> Result<Vec<u8>, String> {
+    let mut bytes = Vec::new();
+    body.take(MAX_JSON_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("reading the request body: {e}"))?;
+    if bytes.len() as u64 > MAX_JSON_BYTES {
+        return Err(format!(
+            "request body larger than {MAX_JSON_BYTES} bytes; plugin calls carry small JSON"
+        ));
+    }
+    Ok(bytes)
 }
 
 /// The methods Docker 20.10's graphdriver proxy calls, each counted on its
@@ -277,102 +632,6 @@ fn method_of(url: &str) -> String {
     path.trim_start_matches('/').to_string()
 }
 
-fn json_response(value: &Value, status: u16) -> tiny_http::Response<io::Cursor<Vec<u8>>> {
-    let header = tiny_http::Header::from_bytes("Content-Type", CONTENT_TYPE_JSON)
-        .expect("static header is valid");
-    tiny_http::Response::from_data(value.to_string().into_bytes())
-        .with_status_code(status)
-        .with_header(header)
-}
-
-fn respond<R: Read>(request: tiny_http::Request, response: tiny_http::Response<R>) {
-    if let Err(e) = request.respond(response) {
-        log::debug!("docker plugin: answering: {e}");
-    }
-}
-
-fn handle(driver: &Arc<Driver>, mut request: tiny_http::Request) {
-    let url = request.url().to_string();
-    let (path, query) = url.split_once('?').unwrap_or((&url, ""));
-    let method = path.trim_start_matches('/').to_string();
-    if *request.method() != tiny_http::Method::Post {
-        let body = json!({ "Err": format!("{} {path}: plugin calls are POST", request.method()) });
-        return respond(request, json_response(&body, 405));
-    }
-    log::debug!("docker plugin call {method}");
-    match method.as_str() {
-        "GraphDriver.ApplyDiff" => {
-            let id = query_value(query, "id").unwrap_or_default();
-            let parent = query_value(query, "parent").unwrap_or_default();
-            let answer = driver.apply_diff(&id, &parent, request.as_reader());
-            respond(request, json_response(&answer, 200));
-        }
-        "GraphDriver.Diff" => {
-            let body = match read_json_body(&mut request) {
-                Ok(b) => b,
-                Err(e) => return respond(request, text_response(&e, 400)),
-            };
-            let plan = match driver.prepare_diff(&body) {
-                Ok(p) => p,
-                Err(e) => {
-                    log::warn!("GraphDriver.Diff: {e}");
-                    return respond(request, text_response(&e.to_string(), 500));
-                }
-            };
-            let (writer, reader) = pipe();
-            let producer = driver.clone();
-            let spawned = std::thread::Builder::new()
-                .name("lcfs-plugin-diff".into())
-                .spawn(move || {
-                    let mut writer = writer;
-                    if let Err(e) = producer.write_diff(&plan, &mut writer) {
-                        log::warn!("GraphDriver.Diff: {e}");
-                        writer.fail(e.to_string());
-                    }
-                });
-            if let Err(e) = spawned {
-                return respond(request, text_response(&e.to_string(), 500));
-            }
-            let header = tiny_http::Header::from_bytes("Content-Type", "application/x-tar")
-                .expect("static header is valid");
-            let response = tiny_http::Response::new(
-                tiny_http::StatusCode(200),
-                vec![header],
-                reader,
-                None,
-                None,
-            );
-            respond(request, response);
-        }
-        _ => {
-            let answer = match read_json_body(&mut request) {
-                Ok(body) => driver.call(&method, &body),
-                Err(e) => json!({ "Err": e }),
-            };
-            respond(request, json_response(&answer, 200));
-        }
-    }
-}
-
-fn text_response(message: &str, status: u16) -> tiny_http::Response<io::Cursor<Vec<u8>>> {
-    tiny_http::Response::from_string(message).with_status_code(status)
-}
-
-fn read_json_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, String> {
-    let mut body = Vec::new();
-    request
-        .as_reader()
-        .take(MAX_JSON_BYTES + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| format!("reading the request body: {e}"))?;
-    if body.len() as u64 > MAX_JSON_BYTES {
-        return Err(format!(
-            "request body larger than {MAX_JSON_BYTES} bytes; plugin calls carry small JSON"
-        ));
-    }
-    Ok(body)
-}
-
 /// The value of `key` in a query string, percent-decoded.
 fn query_value(query: &str, key: &str) -> Option<String> {
     query.split('&').find_map(|pair| {
@@ -402,104 +661,6 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-/// A bounded in-memory pipe: the Diff thread writes, the socket reads.
-fn pipe() -> (PipeWriter, PipeReader) {
-    let (tx, rx) = sync_channel(PIPE_CHUNKS);
-    (
-        PipeWriter {
-            tx,
-            buf: Vec::with_capacity(PIPE_CHUNK_BYTES),
-        },
-        PipeReader {
-            rx,
-            chunk: Vec::new(),
-            position: 0,
-            done: false,
-        },
-    )
-}
-
-type Chunk = Result<Vec<u8>, String>;
-
-struct PipeWriter {
-    tx: SyncSender<Chunk>,
-    buf: Vec<u8>,
-}
-
-impl PipeWriter {
-    /// Ends the stream with an error: the reader fails, so the client sees
-    /// a broken response rather than a short tar that looks complete.
-    fn fail(&mut self, message: String) {
-        self.buf.clear();
-        let _ = self.tx.send(Err(message));
-    }
-
-    fn send_buffer(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(PIPE_CHUNK_BYTES));
-        self.tx
-            .send(Ok(chunk))
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the client went away"))
-    }
-}
-
-impl Write for PipeWriter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let room = PIPE_CHUNK_BYTES - self.buf.len();
-        let n = data.len().min(room);
-        self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() == PIPE_CHUNK_BYTES {
-            self.send_buffer()?;
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.send_buffer()
-    }
-}
-
-impl Drop for PipeWriter {
-    fn drop(&mut self) {
-        let _ = self.send_buffer();
-    }
-}
-
-struct PipeReader {
-    rx: Receiver<Chunk>,
-    chunk: Vec<u8>,
-    position: usize,
-    done: bool,
-}
-
-impl Read for PipeReader {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        while self.position == self.chunk.len() {
-            if self.done {
-                return Ok(0);
-            }
-            match self.rx.recv() {
-                Ok(Ok(chunk)) => {
-                    self.chunk = chunk;
-                    self.position = 0;
-                }
-                Ok(Err(message)) => {
-                    self.done = true;
-                    return Err(io::Error::other(message));
-                }
-                // The writer finished (and flushed on drop).
-                Err(_) => self.done = true,
-            }
-        }
-        let n = out.len().min(self.chunk.len() - self.position);
-        out[..n].copy_from_slice(&self.chunk[self.position..self.position + n]);
-        self.position += n;
-        Ok(n)
-    }
 }
 
 #[cfg(test)]
@@ -545,19 +706,5 @@ mod tests {
             "GraphDriver.ApplyDiff"
         );
         assert_eq!(method_of("/Plugin.Activate"), "Plugin.Activate");
-    }
-
-    #[test]
-    fn pipe_carries_bytes_and_errors() {
-        let (mut w, mut r) = pipe();
-        let t = std::thread::spawn(move || {
-            w.write_all(&vec![7u8; PIPE_CHUNK_BYTES * 3 + 5]).unwrap();
-            w.fail("boom".into());
-        });
-        let mut got = Vec::new();
-        let e = r.read_to_end(&mut got).unwrap_err();
-        t.join().unwrap();
-        assert_eq!(e.to_string(), "boom");
-        assert_eq!(got.len(), PIPE_CHUNK_BYTES * 3);
     }
 }

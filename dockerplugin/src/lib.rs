@@ -12,7 +12,7 @@
 //! let server = lcfs_dockerplugin::serve(
 //!     Arc::new(driver),
 //!     Path::new(lcfs_dockerplugin::DEFAULT_SOCKET),
-//!     8,
+//!     lcfs_dockerplugin::Limits::default(),
 //! )?;
 //! server.shutdown();
 //! # Ok(())
@@ -24,14 +24,18 @@ mod driver;
 mod error;
 mod export;
 mod http;
+mod socket;
 mod tree;
+mod wire;
 
-pub use driver::{DiffPlan, Driver, KernelCache, NoMount};
+pub use driver::{DiffPlan, Driver};
 pub use error::{Error, Result};
 pub use http::{
-    serve, CallCounters, CallStats, MethodStats, PluginServer, MAX_JSON_BYTES, OTHER_METHOD,
-    PLUGIN_METHODS,
+    serve, CallCounters, CallStats, Limits, MethodStats, PluginServer, MAX_JSON_BYTES,
+    OTHER_METHOD, PLUGIN_METHODS,
 };
+pub use lcfs_fsfront::{KernelCache, NoMount};
+pub use socket::{bind_root_only, peer_uid};
 
 /// Where Docker looks for a plugin named `lcfs` (`dockerd -s lcfs`).
 pub const DEFAULT_SOCKET: &str = "/run/docker/plugins/lcfs.sock";

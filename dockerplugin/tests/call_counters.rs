@@ -5,7 +5,7 @@
 mod common;
 
 use common::{Plugin, TarMaker};
-use lcfs_dockerplugin::{serve, OTHER_METHOD};
+use lcfs_dockerplugin::{serve, Limits, OTHER_METHOD};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -41,7 +41,7 @@ fn calls_are_counted_per_method() {
     // A second server on the same driver, whose counters this test reads
     // (the shared harness keeps its server to itself).
     let socket = p.socket.with_file_name("counted.sock");
-    let server = serve(p.driver.clone(), &socket, 2).unwrap();
+    let server = serve(p.driver.clone(), &socket, Limits::default()).unwrap();
     let calls = server.calls();
 
     assert_eq!(post(&socket, "Plugin.Activate", b"").0, 200);

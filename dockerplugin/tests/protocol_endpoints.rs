@@ -148,7 +148,7 @@ fn layer_lifecycle_as_docker_drives_it() {
         json!({})
     );
     assert!(p.layer_names().is_empty());
-    let seen = p.kernel.invalidated.lock().unwrap().clone();
+    let seen = p.kernel.forgotten_entries.lock().unwrap().clone();
     assert!(seen.contains(&container) && seen.contains(&image));
 }
 

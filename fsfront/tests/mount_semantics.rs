@@ -134,7 +134,7 @@ fn posix_basics_through_the_mount() {
 
     // Clone: the parent freezes; the clone sees the same files and can change them.
     e.clone_layer("base", "ctr").unwrap();
-    m.invalidate_layer("ctr");
+    m.forget_layer_entry("ctr");
     let ctr = dir.path().join("ctr");
     assert_eq!(
         fs::read(ctr.join("etc/hosts")).unwrap(),
@@ -312,7 +312,20 @@ fn set_id_bits_are_cleared_as_the_kernel_would() {
         .unwrap();
     assert_eq!(mode("root-writes"), 0o4777);
 
-    // Another user's write and truncate clear them.
+    // Another user's write and truncate clear them. Other users reach the
+    // layer only through a bind mount (the mount root is root's alone), as
+    // a container does.
+    let bind = tempfile::tempdir().unwrap();
+    fs::set_permissions(bind.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let bound = std::process::Command::new("mount")
+        .arg("--bind")
+        .arg(&base)
+        .arg(bind.path())
+        .status()
+        .unwrap();
+    assert!(bound.success());
+    let unbind = Unbind(bind.path().to_path_buf());
+    let base = bind.path().to_path_buf();
     make("written", 0o6777);
     let path = base.join("written");
     assert!(as_nobody(&format!("printf x >> '{}'", path.display())));
@@ -323,5 +336,15 @@ fn set_id_bits_are_cleared_as_the_kernel_would() {
     assert_eq!(mode("truncated"), 0o777);
     assert_eq!(fs::metadata(&path).unwrap().len(), 0);
 
+    drop(unbind);
     m.unmount().unwrap();
+}
+
+/// Unmounts a bind mount when dropped, pass or fail.
+struct Unbind(std::path::PathBuf);
+
+impl Drop for Unbind {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
 }

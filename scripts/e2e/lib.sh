@@ -265,12 +265,15 @@ lcfs_build() {
 # lcfs_mkfs: makes a fresh lcfs device file on the scratch ext4.
 lcfs_mkfs() {
     LCFS_DEVICE="$E2E_SCRATCH/lcfs.device"
-    LCFS_MOUNT="$E2E_WORK/mnt"
+    # The mountpoint's parent is root's alone (the daemon insists: other
+    # users must not reach the layers); see docs/fuse.md.
+    LCFS_MOUNT="$E2E_WORK/lcfs/mnt"
     LCFS_SOCKET="$E2E_WORK/control.sock"
     LCFS_LOG="$E2E_WORK/daemon.log"
     rm -f "$LCFS_DEVICE"
     quietly "$LCFS_BIN" mkfs "$LCFS_DEVICE" --size "$LCFS_DEVICE_SIZE" ||
         die "lcfs mkfs $LCFS_DEVICE --size $LCFS_DEVICE_SIZE failed"
+    install -d -m 0700 "$E2E_WORK/lcfs"
     mkdir -p "$LCFS_MOUNT"
 }
 

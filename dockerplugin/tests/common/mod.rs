@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use lcfs_dockerplugin::{serve, Driver, KernelCache, PluginServer};
+use lcfs_dockerplugin::{serve, Driver, KernelCache, Limits, PluginServer};
 use lcfs_engine::device::{Device, MemDevice};
 use lcfs_engine::{Config, Engine, FormatOptions};
 use serde_json::Value;
@@ -18,7 +18,7 @@ pub const MOUNT: &str = "/var/lib/lcfs/mnt";
 /// Stands in for the FUSE mount: records what the plugin tells it.
 #[derive(Default)]
 pub struct Recorder {
-    pub invalidated: Mutex<Vec<String>>,
+    pub forgotten_entries: Mutex<Vec<String>>,
     write_backs: AtomicUsize,
 }
 
@@ -30,8 +30,11 @@ impl Recorder {
 }
 
 impl KernelCache for Recorder {
-    fn invalidate(&self, layer: &str) {
-        self.invalidated.lock().unwrap().push(layer.to_string());
+    fn forget_layer_entry(&self, layer: &str) {
+        self.forgotten_entries
+            .lock()
+            .unwrap()
+            .push(layer.to_string());
     }
 
     fn write_back(&self) -> std::io::Result<()> {
@@ -77,7 +80,7 @@ impl Plugin {
         ));
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("plugins").join("lcfs.sock");
-        let server = serve(driver.clone(), &socket, 4).unwrap();
+        let server = serve(driver.clone(), &socket, Limits::default()).unwrap();
         Plugin {
             engine,
             driver,

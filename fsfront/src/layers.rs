@@ -1,0 +1,143 @@
+//! Layer operations done beside the mount (by the control socket and the
+//! Docker plugin), written once: each keeps the kernel's view of the mount
+//! right. A layer is cloned, frozen or read only after the kernel has
+//! written back what it caches of writes (the writeback cache), and the
+//! kernel forgets its entry for a layer that was created, removed, frozen
+//! or filled, so the next lookup sees the change.
+
+use lcfs_engine::Engine;
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+
+/// What the kernel caches, through the FUSE mount, of layers changed
+/// beside it.
+pub trait KernelCache: Send + Sync {
+    /// Layer `layer` was created, removed, frozen or filled beside the
+    /// mount: the kernel forgets its cached entry for the layer's directory
+    /// (its name in the mount root, and with it the directory's attributes).
+    fn forget_layer_entry(&self, layer: &str);
+    /// Writes the kernel still holds (the mount's writeback cache) reach the
+    /// engine.
+    fn write_back(&self) -> io::Result<()>;
+}
+
+/// No mount: nothing cached (tools and tests that use the engine alone).
+pub struct NoMount;
+
+impl KernelCache for NoMount {
+    fn forget_layer_entry(&self, _layer: &str) {}
+    fn write_back(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Why a layer operation failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum LayerError {
+    /// The kernel's cached writes could not be written back.
+    WriteBack(io::Error),
+    /// The engine refused or failed.
+    Engine(lcfs_engine::Error),
+}
+
+impl LayerError {
+    /// The errno to report.
+    pub fn errno(&self) -> i32 {
+        match self {
+            LayerError::WriteBack(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            LayerError::Engine(e) => e.errno(),
+        }
+    }
+}
+
+impl fmt::Display for LayerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LayerError::WriteBack(e) => {
+                write!(
+                    f,
+                    "writing the mount's cached writes back to the layers: {e}"
+                )
+            }
+            LayerError::Engine(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for LayerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LayerError::WriteBack(e) => Some(e),
+            LayerError::Engine(e) => Some(e),
+        }
+    }
+}
+
+/// The engine and the mount's cache, for operations on whole layers.
+pub struct LayerOps {
+    engine: Arc<Engine>,
+    kernel: Arc<dyn KernelCache>,
+}
+
+impl LayerOps {
+    pub fn new(engine: Arc<Engine>, kernel: Arc<dyn KernelCache>) -> LayerOps {
+        LayerOps { engine, kernel }
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Makes the engine hold every write made through the mount before
+    /// this call. Every operation that reads a layer's contents or sizes
+    /// (diff, changes, stat, fsck) calls it first.
+    pub fn write_back(&self) -> Result<(), LayerError> {
+        self.kernel.write_back().map_err(LayerError::WriteBack)
+    }
+
+    /// Creates layer `name`: empty, or a clone of `parent` (which freezes
+    /// the parent, so what the kernel caches of writes to it goes in first).
+    /// `cold`: in the cold log (image layers).
+    pub fn create(&self, name: &str, parent: Option<&str>, cold: bool) -> Result<(), LayerError> {
+        let result = match parent {
+            None => self.engine.create_layer(name, cold),
+            Some(parent) => {
+                self.write_back()?;
+                self.engine.clone_layer_with(parent, name, cold)
+            }
+        };
+        result.map_err(LayerError::Engine)?;
+        self.kernel.forget_layer_entry(name);
+        Ok(())
+    }
+
+    /// Freezes layer `name` after writing back what the kernel caches.
+    pub fn commit(&self, name: &str) -> Result<(), LayerError> {
+        self.write_back()?;
+        self.engine.commit_layer(name).map_err(LayerError::Engine)?;
+        // The layer directory's attributes change (it becomes read-only).
+        self.kernel.forget_layer_entry(name);
+        Ok(())
+    }
+
+    /// Removes layer `name`.
+    pub fn remove(&self, name: &str) -> Result<(), LayerError> {
+        self.engine.remove_layer(name).map_err(LayerError::Engine)?;
+        self.kernel.forget_layer_entry(name);
+        Ok(())
+    }
+
+    /// Layer `name` was filled (or emptied) beside the mount.
+    pub fn filled(&self, name: &str) {
+        self.kernel.forget_layer_entry(name);
+    }
+
+    /// Makes every write made before the call durable, those the kernel
+    /// still caches included.
+    pub fn sync(&self) -> Result<(), LayerError> {
+        self.write_back()?;
+        self.engine.sync().map_err(LayerError::Engine)
+    }
+}

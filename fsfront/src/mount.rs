@@ -1,0 +1,352 @@
+//! Mount handling: the mount options, making and guarding the mountpoint,
+//! mounting, writing back and unmounting.
+//!
+//! Who may enter: the mount carries suid and dev (containers need their
+//! set-user-id binaries and device nodes) and allow_other (containers run
+//! as many uids), so a host user who could walk into a layer could run a
+//! container's set-user-id binaries or open its devices. The mount root is
+//! therefore root's alone ([`ROOT_MODE`]), and [`prepare_mountpoint`] makes
+//! the directory above it root's alone too, as Docker does with its own
+//! directories. Containers reach their layer through a bind mount or
+//! pivot_root of the layer directory, which does not pass through either.
+
+use crate::fs;
+use crate::inodes::MOUNT_ROOT;
+use fuser::{Config, MountOption, SessionACL};
+use lcfs_engine::Engine;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Mode of the mount root, the directory of layers: root only.
+pub(crate) const ROOT_MODE: u16 = 0o700;
+/// The most a mountpoint's parent may grant others: group search, as
+/// Docker's 0710 directories do.
+const PARENT_MODE_MAX: u32 = 0o710;
+
+/// The readahead window, in requests of the size set at init: the kernel caps it
+/// by the mount's backing device info, 128 KiB by default, which
+/// `set_read_ahead` raises to this. Four requests in flight keep the I/O
+/// workers reading in parallel (a cold 1 GiB read took about 40% less
+/// time with a 1 MiB window than with 128 KiB, and about 10% less again
+/// with 4 MiB).
+const READ_AHEAD_WINDOW_BYTES: u32 = 4 << 20;
+
+/// How the filesystem is mounted.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// Worker threads for data reads over 32 KiB and fsyncs (the threads
+    /// reading /dev/fuse answer everything else themselves; see docs/fuse.md).
+    pub threads: usize,
+    /// Threads reading /dev/fuse and answering requests, each on its own
+    /// cloned descriptor when more than one. One is the default: on the
+    /// 2-vCPU machines measured, more made every round trip slower (the
+    /// wake-ups between vCPUs dominate, docs/fuse.md).
+    pub fuse_threads: usize,
+    /// Let every user in (containers run as many uids); permission checks
+    /// are the kernel's (default_permissions).
+    pub allow_other: bool,
+    /// How long the kernel may cache names and attributes of writable
+    /// layers. Every change to a writable layer comes through this mount
+    /// (the kernel updates its own copy) or from the control socket and the
+    /// Docker plugin (which make the kernel forget the layer's entry), so
+    /// this only bounds how long a change made some other way could stay
+    /// unseen.
+    pub entry_timeout: Duration,
+    pub attr_timeout: Duration,
+    /// The same for frozen layers, which never change.
+    pub frozen_layer_timeout: Duration,
+    /// Shown as the mount's source in /proc/mounts.
+    pub fsname: String,
+    /// Let the kernel cache writes (FUSE's writeback cache) and send them
+    /// in large pieces later, at the latest on close, fsync, or
+    /// [`Mount::write_back`], which everything that clones, freezes or diffs
+    /// a layer calls first. Off: every write(2) is a round trip that
+    /// reaches the engine before it returns. See docs/fuse.md.
+    pub writeback_cache: bool,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            threads: 4,
+            fuse_threads: 1,
+            allow_other: true,
+            entry_timeout: Duration::from_secs(60),
+            attr_timeout: Duration::from_secs(60),
+            frozen_layer_timeout: Duration::from_secs(24 * 3600),
+            fsname: "lcfs".into(),
+            writeback_cache: true,
+        }
+    }
+}
+
+/// A mounted lcfs. Dropping it unmounts.
+pub struct Mount {
+    mountpoint: PathBuf,
+    session: Option<fuser::BackgroundSession>,
+    writeback_cache: bool,
+}
+
+impl Mount {
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Makes the kernel forget its entry for layer directory `name` (after
+    /// a layer was created, removed, frozen or filled beside the mount).
+    pub fn forget_layer_entry(&self, name: &str) {
+        if let Some(s) = &self.session {
+            let _ = s
+                .notifier()
+                .inval_entry(fuser::INodeNo(MOUNT_ROOT), std::ffi::OsStr::new(name));
+        }
+    }
+
+    /// Makes every write the kernel still caches reach the engine: with the
+    /// writeback cache on, data written to files that are still open (or
+    /// mapped) may sit in the page cache until the kernel writes it back.
+    /// Call it before cloning, freezing, diffing or checkpointing a layer.
+    /// Returns when the kernel has written everything back (syncfs(2) on the
+    /// mount: the kernel's part of it sends the cached writes to this
+    /// daemon). Must not be called from a thread that serves the mount or
+    /// holds a lock its requests need.
+    pub fn write_back(&self) -> io::Result<()> {
+        if !self.writeback_cache || self.session.is_none() {
+            return Ok(());
+        }
+        let root = std::fs::File::open(&self.mountpoint)?;
+        // SAFETY: syncfs only reads the descriptor, which `root` keeps open.
+        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&root)) } != 0 {
+            // The kernel reports, once, a write-back that failed since the
+            // last report (a write into a layer frozen while the file was
+            // open, or a full device). The data of that write is gone, and
+            // its writer is told at fsync or close; the caller's operation
+            // has nothing to do with it, so it goes on.
+            log::warn!(
+                "a cached write could not be written back to its layer (its writer \
+                 is told at fsync or close): {}",
+                io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    }
+
+    /// Unmounts and waits for the worker threads. Cached writes are written
+    /// back first (the kernel would do it during the unmount too, but a
+    /// busy mount falls back to a lazy unmount, which would lose them).
+    pub fn unmount(mut self) -> io::Result<()> {
+        if let Err(e) = self.write_back() {
+            log::warn!("writing cached writes back before unmounting: {e}");
+        }
+        match self.session.take() {
+            Some(s) => s.umount_and_join(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Mounts `engine` at `mountpoint`.
+pub fn mount(engine: Arc<Engine>, mountpoint: &Path, options: &MountOptions) -> io::Result<Mount> {
+    let (fs, pages) = fs::LcfsFs::new(engine, options)?;
+    let session = fuser::spawn_mount(fs, mountpoint, &fuser_config(options))?;
+    pages.set_notifier(session.notifier());
+    set_read_ahead(mountpoint, READ_AHEAD_WINDOW_BYTES);
+    Ok(Mount {
+        mountpoint: mountpoint.to_path_buf(),
+        session: Some(session),
+        writeback_cache: options.writeback_cache,
+    })
+}
+
+fn fuser_config(options: &MountOptions) -> Config {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(options.fsname.clone()),
+        MountOption::Subtype("lcfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::Dev,
+        MountOption::Suid,
+        MountOption::RW,
+    ];
+    config.acl = if options.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    let fuse_threads = options.fuse_threads.max(1);
+    config.n_threads = Some(fuse_threads);
+    // Each reader its own descriptor: no shared file position or lock.
+    config.clone_fd = fuse_threads > 1;
+    config
+}
+
+/// Makes `mountpoint` ready for [`mount`]: creates it if missing, clears a
+/// dead FUSE mount that a killed daemon left there (stat answers
+/// ENOTCONN), refuses a live mount, and makes its parent root's alone (see
+/// the module comment): a missing parent is made 0700; an existing one that
+/// grants others more than group search is narrowed to at most 0710 if it
+/// belongs to root, and refused if it belongs to someone else or is a shared
+/// sticky directory such as /tmp.
+pub fn prepare_mountpoint(mountpoint: &Path) -> io::Result<()> {
+    let context = |what: String, e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
+    if let Some(parent) = mountpoint.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| context(format!("creating {}", parent.display()), e))?;
+        guard_parent(parent)?;
+    }
+    let metadata = match std::fs::metadata(mountpoint) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(mountpoint)
+                .map_err(|e| context(format!("creating {}", mountpoint.display()), e))?;
+            return Ok(());
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            log::warn!(
+                "{} holds a dead FUSE mount (a daemon was killed); unmounting it",
+                mountpoint.display()
+            );
+            lazy_unmount(mountpoint);
+            std::fs::metadata(mountpoint).map_err(|e| {
+                context(
+                    format!("{} after unmounting the dead mount", mountpoint.display()),
+                    e,
+                )
+            })?
+        }
+        Err(e) => return Err(context(mountpoint.display().to_string(), e)),
+    };
+    if !metadata.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a directory", mountpoint.display()),
+        ));
+    }
+    if is_mount_point(mountpoint)? {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} is already a mount point; unmount it or choose another mountpoint",
+                mountpoint.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Narrows the mountpoint's parent to root's alone, or refuses it.
+fn guard_parent(parent: &Path) -> io::Result<()> {
+    let m = std::fs::metadata(parent)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", parent.display())))?;
+    let mode = m.mode() & 0o7777;
+    if mode & 0o777 & !PARENT_MODE_MAX == 0 {
+        return Ok(());
+    }
+    let refuse = |why: &str| {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} (mode {mode:o}) {why}; other users could reach the layers' \
+                 set-user-id binaries and devices through it: choose a mountpoint \
+                 in a directory of root's own, such as /var/lib/lcfs/mnt",
+                parent.display()
+            ),
+        ))
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let own = unsafe { libc::geteuid() };
+    if m.uid() != own {
+        return refuse(&format!("belongs to uid {}, not to this daemon", m.uid()));
+    }
+    if mode & libc::S_ISVTX != 0 || parent.parent().is_none() {
+        return refuse("is a directory shared with other users");
+    }
+    let narrowed = mode & !0o777 | mode & PARENT_MODE_MAX;
+    std::fs::set_permissions(parent, std::fs::Permissions::from_mode(narrowed))
+        .map_err(|e| io::Error::new(e.kind(), format!("chmod {}: {e}", parent.display())))?;
+    log::warn!(
+        "narrowed {} from mode {mode:o} to {narrowed:o}: host users other than root \
+         must not reach the layers below it",
+        parent.display()
+    );
+    Ok(())
+}
+
+/// Whether `path` is the root of a mount: its device differs from its parent's.
+fn is_mount_point(path: &Path) -> io::Result<bool> {
+    let Some(parent) = path.parent() else {
+        return Ok(true);
+    };
+    let own = std::fs::metadata(path)?;
+    let above = std::fs::metadata(parent)?;
+    Ok(own.dev() != above.dev() || own.ino() == above.ino())
+}
+
+/// Detaches the mount at `mountpoint` even while it is busy (umount -l).
+pub fn lazy_unmount(mountpoint: &Path) {
+    match Command::new("umount").arg("-l").arg(mountpoint).status() {
+        Ok(s) if s.success() => {}
+        Ok(s) => log::warn!("umount -l {}: {s}", mountpoint.display()),
+        Err(e) => log::warn!("umount -l {}: {e}", mountpoint.display()),
+    }
+}
+
+/// Raises the readahead window of the mount's backing device info (the
+/// kernel starts FUSE mounts at 128 KiB whatever max_readahead says): with
+/// 128 KiB a cold sequential read is a round trip and a device read per
+/// 128 KiB. Found through /proc/self/mountinfo (a stat of the mountpoint
+/// would be a FUSE request). Needs root; without it the default stays.
+fn set_read_ahead(mountpoint: &Path, bytes: u32) {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let want = mountpoint.as_os_str().as_bytes();
+    // Fields: id parent major:minor root mountpoint ...; the last match is
+    // the newest mount on that path.
+    let device = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.len() > 4 && unescape_mountinfo(f[4]) == want).then(|| f[2].to_string())
+        })
+        .next_back();
+    let Some(device) = device else {
+        log::debug!("readahead: {} not in mountinfo", mountpoint.display());
+        return;
+    };
+    let path = format!("/sys/class/bdi/{device}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&path, format!("{}", bytes / 1024)) {
+        log::info!("readahead stays at the kernel's default: writing {path}: {e}");
+    }
+}
+
+/// mountinfo escapes space, tab, newline and backslash as \ooo.
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c));
+        if b[i] == b'\\' && octal {
+            let value = b[i + 1..i + 4]
+                .iter()
+                .fold(0u32, |v, c| v * 8 + u32::from(c - b'0'));
+            out.push(value as u8);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
