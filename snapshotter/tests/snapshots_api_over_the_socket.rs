@@ -426,3 +426,56 @@ async fn socket_is_private_and_a_second_server_is_refused() {
     let mut c = connect(&served.socket).await;
     assert_eq!(kind(&stat(&mut c, "a").await.unwrap()), Kind::Active);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_users_are_refused_even_when_the_socket_is_opened_up() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "switches to another user: run as root"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (_dev, e) = mem_engine();
+    let served = serve_mem(dir.path(), e);
+    // Open the directory and the socket to everyone: the peer check alone
+    // must refuse the connection (closed before any HTTP/2 frame).
+    std::fs::set_permissions(
+        served.socket.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::set_permissions(&served.socket, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let probe = |uid: u32| {
+        use std::os::unix::process::CommandExt;
+        let script = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+s.connect(sys.argv[1])
+try:
+    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+    data = s.recv(64)
+except (BrokenPipeError, ConnectionResetError):
+    data = b""
+print("served" if data else "closed")
+"#;
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(&served.socket)
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    assert_eq!(probe(65534), "closed", "nobody is refused");
+    assert_eq!(probe(0), "served", "root is served");
+}
