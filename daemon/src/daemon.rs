@@ -33,6 +33,8 @@ pub struct DaemonOptions {
     pub writeback_cache: bool,
     /// Serve the Docker graphdriver plugin here too (see lcfs-dockerplugin).
     pub docker_plugin_socket: Option<PathBuf>,
+    /// Serve the containerd snapshotter here too (see lcfs-snapshotter).
+    pub containerd_socket: Option<PathBuf>,
 }
 
 pub fn run(o: &DaemonOptions) -> Result<()> {
@@ -117,6 +119,27 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
             }
         }
     };
+    let snapshotter = match &o.containerd_socket {
+        None => None,
+        Some(socket) => {
+            match lcfs_snapshotter::serve(engine.clone(), &mountpoint, kernel.clone(), socket) {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    if let Some(server) = plugin {
+                        server.shutdown();
+                    }
+                    drop(listener);
+                    let _ = std::fs::remove_file(&o.control_socket);
+                    unmount(&mount, &mountpoint);
+                    let _ = engine.close();
+                    return Err(Error::Usage(format!(
+                        "serving the containerd snapshotter on {}: {e}",
+                        socket.display()
+                    )));
+                }
+            }
+        }
+    };
     let control = Arc::new(Control {
         layers: LayerOps::new(engine.clone(), kernel.clone()),
         device: device_path.clone(),
@@ -130,6 +153,9 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
     let served = server::serve(&listener, &wake, &control, &gate);
 
     log::info!("shutting down");
+    if let Some(server) = snapshotter {
+        server.shutdown();
+    }
     if let Some(server) = plugin {
         server.shutdown();
     }

@@ -165,6 +165,16 @@ struct DaemonArgs {
     /// default; Docker looks for /run/docker/plugins/lcfs.sock)
     #[arg(long, value_name = "PATH")]
     docker_plugin_socket: Option<PathBuf>,
+
+    /// Serve the containerd snapshotter (proxy plugin `lcfs`, see
+    /// docs/containerd.md) on this socket [default: snapshotter.sock next to
+    /// the control socket: /run/lcfs/snapshotter.sock]
+    #[arg(long, value_name = "PATH", conflicts_with = "no_containerd")]
+    containerd_socket: Option<PathBuf>,
+
+    /// Do not serve the containerd snapshotter
+    #[arg(long)]
+    no_containerd: bool,
 }
 
 #[derive(Subcommand)]
@@ -263,6 +273,12 @@ fn run(cli: Cli) -> Result<()> {
             block_cache_mib: a.block_cache_mib,
             writeback_cache: !a.no_writeback_cache,
             docker_plugin_socket: a.docker_plugin_socket,
+            containerd_socket: (!a.no_containerd).then(|| {
+                a.containerd_socket.unwrap_or_else(|| {
+                    let dir = cli.control_socket.parent().unwrap_or(Path::new("/"));
+                    dir.join("snapshotter.sock")
+                })
+            }),
         }),
         Command::Layer(c) => match c {
             LayerCommand::Create { name, parent, cold } => {

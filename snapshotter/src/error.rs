@@ -1,0 +1,104 @@
+//! The snapshotter's errors and the gRPC codes containerd's errdefs turns
+//! back into its own (`errdefs/grpc.go`: NotFound, AlreadyExists,
+//! FailedPrecondition, InvalidArgument, Unimplemented; anything else is
+//! unknown to it).
+
+use tonic::{Code, Status};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("snapshot {0:?}: not found")]
+    NotFound(String),
+    #[error("snapshot {0:?}: already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    Unimplemented(String),
+    #[error("{what}: {source}")]
+    Engine {
+        what: String,
+        source: lcfs_engine::Error,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn engine(what: impl Into<String>, source: lcfs_engine::Error) -> Error {
+        Error::Engine {
+            what: what.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Error {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// The gRPC code containerd maps back to the matching errdefs error.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::NotFound(_) => Code::NotFound,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::Unimplemented(_) => Code::Unimplemented,
+            Error::Engine { source, .. } => match source {
+                lcfs_engine::Error::NotFound => Code::NotFound,
+                lcfs_engine::Error::Exists => Code::AlreadyExists,
+                lcfs_engine::Error::Invalid(_) | lcfs_engine::Error::NameTooLong => {
+                    Code::InvalidArgument
+                }
+                lcfs_engine::Error::Busy(_) => Code::FailedPrecondition,
+                lcfs_engine::Error::NoSpace => Code::ResourceExhausted,
+                _ => Code::Internal,
+            },
+            Error::Io { .. } => Code::Internal,
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_errors_map_to_errdefs_codes() {
+        let cases = [
+            (lcfs_engine::Error::NotFound, Code::NotFound),
+            (lcfs_engine::Error::Exists, Code::AlreadyExists),
+            (
+                lcfs_engine::Error::Invalid("x".into()),
+                Code::InvalidArgument,
+            ),
+            (
+                lcfs_engine::Error::Busy("x".into()),
+                Code::FailedPrecondition,
+            ),
+            (lcfs_engine::Error::ReadOnly, Code::Internal),
+        ];
+        for (source, code) in cases {
+            assert_eq!(Error::engine("op", source).code(), code);
+        }
+        let status: Status = Error::NotFound("k".into()).into();
+        assert_eq!(status.code(), Code::NotFound);
+    }
+}

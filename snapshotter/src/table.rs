@@ -1,0 +1,684 @@
+//! The snapshot table: containerd snapshots as engine layers.
+//!
+//! Each snapshot is one layer named `containerd-<n>` (a counter: keys are
+//! arbitrary strings and never become paths). Its metadata holds the
+//! snapshot's key, kind, labels and times; an index in memory maps keys to
+//! layers and is rebuilt from the metadata at start. Every changing call
+//! changes the layer and its metadata in one engine change and syncs before
+//! it answers, so what containerd was told survives a crash.
+//!
+//! Invariants (those of containerd's own metastore, `snapshots/storage`):
+//! keys and committed names share one namespace; a parent is committed; a
+//! snapshot with children is not removed; only an active is committed.
+
+use crate::error::{Error, Result};
+use crate::filter::Filters;
+use lcfs_engine::{Engine, LayerMetadata, Timestamp};
+use lcfs_fsfront::KernelCache;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// The longest snapshot key or committed name accepted, in bytes.
+pub const KEY_MAX_BYTES: usize = 4096;
+/// containerd's bound on one label: key and value together, in bytes.
+pub const LABEL_MAX_BYTES: usize = 4096;
+/// Labels per snapshot, and their key and value bytes all together: well
+/// inside the engine's bound on one layer's metadata.
+pub const LABELS_MAX_COUNT: usize = 1024;
+pub const LABELS_MAX_BYTES: usize = 128 << 10;
+
+/// Layer names: this prefix and a counter.
+const LAYER_PREFIX: &str = "containerd-";
+/// Metadata keys. A layer is a snapshot when it has `META_KIND`.
+const META_KEY: &str = "containerd.key";
+const META_KIND: &str = "containerd.kind";
+const META_CREATED: &str = "containerd.created";
+const META_UPDATED: &str = "containerd.updated";
+/// Set by Remove: the snapshot is gone, its layer waits to be freed.
+const META_REMOVED: &str = "containerd.removed";
+const META_LABEL_PREFIX: &str = "containerd.label.";
+// The largest metadata a snapshot can have (labels with their prefix and
+// the engine's 8 length bytes each, the key, times, kind) fits the engine's
+// bound, so a change that passed our checks is never refused by the engine.
+const _: () = assert!(
+    LABELS_MAX_BYTES + LABELS_MAX_COUNT * (8 + META_LABEL_PREFIX.len()) + KEY_MAX_BYTES + 1024
+        < lcfs_engine::MAX_METADATA_BYTES
+);
+/// The label containerd's unpacker puts on the snapshots it extracts image
+/// layers into: their data goes to the cold log.
+const LABEL_TARGET_REF: &str = "containerd.io/snapshot.ref";
+/// How often removed layers are freed when nobody calls Cleanup.
+const RECLAIM_INTERVAL: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    View,
+    Active,
+    Committed,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::View => "view",
+            Kind::Active => "active",
+            Kind::Committed => "committed",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Kind> {
+        match s {
+            "view" => Some(Kind::View),
+            "active" => Some(Kind::Active),
+            "committed" => Some(Kind::Committed),
+            _ => None,
+        }
+    }
+}
+
+/// What Stat answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub name: String,
+    /// The parent's key, empty for none.
+    pub parent: String,
+    pub kind: Kind,
+    pub labels: BTreeMap<String, String>,
+    pub created: Timestamp,
+    pub updated: Timestamp,
+}
+
+/// A bind mount of a snapshot's layer directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BindMount {
+    pub source: PathBuf,
+    pub read_only: bool,
+}
+
+/// What Usage answers: bytes the layer owns on the device and the inodes
+/// it added over its parent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Usage {
+    pub size_bytes: u64,
+    pub inodes: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    layer: String,
+    parent: Option<String>,
+    kind: Kind,
+    labels: BTreeMap<String, String>,
+    created: Timestamp,
+    updated: Timestamp,
+    children: u32,
+}
+
+#[derive(Default)]
+struct State {
+    by_key: HashMap<String, Entry>,
+    /// Layers of removed snapshots not yet freed.
+    pending: BTreeSet<String>,
+    next_layer: u64,
+}
+
+pub struct Table {
+    engine: Arc<Engine>,
+    mountpoint: PathBuf,
+    kernel: Arc<dyn KernelCache>,
+    state: Mutex<State>,
+    stop: Mutex<bool>,
+    wake: Condvar,
+}
+
+fn encode_time(t: Timestamp) -> String {
+    format!("{}.{:09}", t.seconds, t.nanoseconds)
+}
+
+fn decode_time(s: Option<&String>) -> Timestamp {
+    let parsed = s.and_then(|s| {
+        let (secs, nanos) = s.split_once('.')?;
+        Some(Timestamp {
+            seconds: secs.parse().ok()?,
+            nanoseconds: nanos.parse().ok().filter(|n| *n < 1_000_000_000)?,
+        })
+    });
+    parsed.unwrap_or_default()
+}
+
+fn check_key(what: &str, key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::InvalidArgument(format!("{what} is empty")));
+    }
+    if key.len() > KEY_MAX_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "{what} is {} bytes, over {KEY_MAX_BYTES}",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks labels against containerd's bound and ours; drops empty values
+/// (containerd's stores treat an empty value as no label).
+fn check_labels(labels: BTreeMap<String, String>) -> Result<BTreeMap<String, String>> {
+    let mut total = 0usize;
+    for (k, v) in &labels {
+        let len = k.len() + v.len();
+        if len > LABEL_MAX_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "label key and value length ({len} bytes) greater than maximum size \
+                 ({LABEL_MAX_BYTES} bytes), key: {}",
+                k.chars().take(64).collect::<String>()
+            )));
+        }
+        total += len;
+    }
+    let labels: BTreeMap<String, String> =
+        labels.into_iter().filter(|(_, v)| !v.is_empty()).collect();
+    if labels.len() > LABELS_MAX_COUNT {
+        return Err(Error::InvalidArgument(format!(
+            "{} labels, over {LABELS_MAX_COUNT}",
+            labels.len()
+        )));
+    }
+    if total > LABELS_MAX_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "labels take {total} bytes, over {LABELS_MAX_BYTES}"
+        )));
+    }
+    Ok(labels)
+}
+
+fn metadata_of(key: &str, e: &Entry) -> LayerMetadata {
+    let mut m = LayerMetadata::new();
+    m.insert(META_KEY.into(), key.into());
+    m.insert(META_KIND.into(), e.kind.as_str().into());
+    m.insert(META_CREATED.into(), encode_time(e.created));
+    m.insert(META_UPDATED.into(), encode_time(e.updated));
+    for (k, v) in &e.labels {
+        m.insert(format!("{META_LABEL_PREFIX}{k}"), v.clone());
+    }
+    m
+}
+
+impl Entry {
+    fn info(&self, key: &str) -> SnapshotInfo {
+        SnapshotInfo {
+            name: key.to_string(),
+            parent: self.parent.clone().unwrap_or_default(),
+            kind: self.kind,
+            labels: self.labels.clone(),
+            created: self.created,
+            updated: self.updated,
+        }
+    }
+}
+
+impl Table {
+    /// Rebuilds the table from the layers' metadata. Layers without
+    /// snapshot metadata (the Docker plugin's, the command line's) are not
+    /// snapshots and are left alone.
+    pub fn open(
+        engine: Arc<Engine>,
+        mountpoint: &Path,
+        kernel: Arc<dyn KernelCache>,
+    ) -> Result<Table> {
+        let mut state = State {
+            next_layer: 1,
+            ..State::default()
+        };
+        let layers = engine.list_layers();
+        let mut key_of_layer: HashMap<String, String> = HashMap::new();
+        let mut found: Vec<(String, Entry)> = Vec::new();
+        for info in &layers {
+            if let Some(n) = info
+                .name
+                .strip_prefix(LAYER_PREFIX)
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                state.next_layer = state.next_layer.max(n.saturating_add(1));
+            }
+            let meta = engine
+                .layer_metadata(&info.name)
+                .map_err(|e| Error::engine(format!("reading layer {:?}", info.name), e))?;
+            let Some(kind) = meta.get(META_KIND) else {
+                continue;
+            };
+            let Some(kind) = Kind::parse(kind) else {
+                log::warn!(
+                    "layer {:?}: unknown snapshot kind {kind:?}; skipped",
+                    info.name
+                );
+                continue;
+            };
+            if meta.contains_key(META_REMOVED) {
+                state.pending.insert(info.name.clone());
+                continue;
+            }
+            let Some(key) = meta.get(META_KEY) else {
+                log::warn!("layer {:?}: snapshot without a key; skipped", info.name);
+                continue;
+            };
+            // A crash between creating a view and freezing it leaves it
+            // writable: finish the job.
+            if kind != Kind::Active && !info.frozen {
+                engine
+                    .commit_layer(&info.name)
+                    .map_err(|e| Error::engine(format!("freezing view {:?}", info.name), e))?;
+            }
+            let labels = meta
+                .iter()
+                .filter_map(|(k, v)| {
+                    k.strip_prefix(META_LABEL_PREFIX)
+                        .map(|k| (k.to_string(), v.clone()))
+                })
+                .collect();
+            key_of_layer.insert(info.name.clone(), key.clone());
+            found.push((
+                key.clone(),
+                Entry {
+                    layer: info.name.clone(),
+                    parent: info.parent.clone(), // a layer name until resolved below
+                    kind,
+                    labels,
+                    created: decode_time(meta.get(META_CREATED)),
+                    updated: decode_time(meta.get(META_UPDATED)),
+                    children: 0,
+                },
+            ));
+        }
+        for (key, mut entry) in found {
+            entry.parent = entry
+                .parent
+                .as_ref()
+                .and_then(|layer| key_of_layer.get(layer).cloned());
+            if state.by_key.insert(key.clone(), entry).is_some() {
+                log::error!("two layers hold snapshot {key:?}; keeping the later one");
+            }
+        }
+        let parents: Vec<String> = state
+            .by_key
+            .values()
+            .filter_map(|e| e.parent.clone())
+            .collect();
+        for p in parents {
+            if let Some(e) = state.by_key.get_mut(&p) {
+                e.children += 1;
+            }
+        }
+        log::info!(
+            "containerd snapshots: {} ({} removed, waiting to be freed)",
+            state.by_key.len(),
+            state.pending.len()
+        );
+        Ok(Table {
+            engine,
+            mountpoint: mountpoint.to_path_buf(),
+            kernel,
+            state: Mutex::new(state),
+            stop: Mutex::new(false),
+            wake: Condvar::new(),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn sync(&self, what: &str) -> Result<()> {
+        self.engine
+            .sync()
+            .map_err(|e| Error::engine(format!("making {what} durable"), e))
+    }
+
+    fn mount_of(&self, e: &Entry) -> BindMount {
+        BindMount {
+            source: self.mountpoint.join(&e.layer),
+            read_only: e.kind != Kind::Active,
+        }
+    }
+
+    /// Prepare (`kind` Active) or View (`kind` View) `key` on `parent`.
+    pub fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<BindMount> {
+        check_key("key", key)?;
+        if !parent.is_empty() {
+            check_key("parent", parent)?;
+        }
+        if kind == Kind::Committed {
+            return Err(Error::InvalidArgument(
+                "only active and view snapshots can be created".into(),
+            ));
+        }
+        let labels = check_labels(labels)?;
+        let mut st = self.state();
+        let parent_layer = if parent.is_empty() {
+            None
+        } else {
+            let p = st
+                .by_key
+                .get(parent)
+                .ok_or_else(|| Error::NotFound(parent.to_string()))?;
+            if p.kind != Kind::Committed {
+                return Err(Error::InvalidArgument(format!(
+                    "parent {parent:?} is not a committed snapshot"
+                )));
+            }
+            Some(p.layer.clone())
+        };
+        if st.by_key.contains_key(key) {
+            return Err(Error::AlreadyExists(key.to_string()));
+        }
+        let now = Timestamp::now();
+        let cold = labels.contains_key(LABEL_TARGET_REF);
+        let mut entry = Entry {
+            layer: String::new(),
+            parent: (!parent.is_empty()).then(|| parent.to_string()),
+            kind,
+            labels,
+            created: now,
+            updated: now,
+            children: 0,
+        };
+        // A layer someone else named like ours is skipped (bounded).
+        let mut tries = 0;
+        loop {
+            entry.layer = format!("{LAYER_PREFIX}{}", st.next_layer);
+            st.next_layer += 1;
+            let made = self.engine.create_layer_with_metadata(
+                &entry.layer,
+                parent_layer.as_deref(),
+                cold,
+                &metadata_of(key, &entry),
+            );
+            match made {
+                Ok(_) => break,
+                Err(lcfs_engine::Error::Exists) if tries < 64 => tries += 1,
+                Err(e) => return Err(Error::engine(format!("creating snapshot {key:?}"), e)),
+            }
+        }
+        if kind == Kind::View {
+            // Views are read-only in the layer itself, not only in the
+            // mount options: a frozen layer refuses every write.
+            if let Err(e) = self.engine.commit_layer(&entry.layer) {
+                if let Err(e) = self.engine.remove_layer(&entry.layer) {
+                    log::warn!("discarding unfrozen view layer {:?}: {e}", entry.layer);
+                }
+                return Err(Error::engine(format!("freezing view {key:?}"), e));
+            }
+        }
+        self.kernel.forget_layer_entry(&entry.layer);
+        if let Some(p) = &entry.parent {
+            if let Some(p) = st.by_key.get_mut(p) {
+                p.children += 1;
+            }
+        }
+        let mount = self.mount_of(&entry);
+        st.by_key.insert(key.to_string(), entry);
+        drop(st);
+        self.sync(&format!("snapshot {key:?}"))?;
+        Ok(mount)
+    }
+
+    pub fn mounts(&self, key: &str) -> Result<BindMount> {
+        let st = self.state();
+        let e = st
+            .by_key
+            .get(key)
+            .ok_or_else(|| Error::NotFound(key.to_string()))?;
+        if e.kind == Kind::Committed {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} is committed: it has no mounts (prepare or view it)"
+            )));
+        }
+        Ok(self.mount_of(e))
+    }
+
+    /// Commits active `key` as `name`: freezes its layer (O(1)); the labels
+    /// replace the active's.
+    pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
+        check_key("name", name)?;
+        check_key("key", key)?;
+        let labels = check_labels(labels)?;
+        // Writes the kernel still caches for the layer reach it before it freezes.
+        self.kernel
+            .write_back()
+            .map_err(|e| Error::io("writing back cached writes", e))?;
+        let mut st = self.state();
+        if st.by_key.contains_key(name) {
+            return Err(Error::AlreadyExists(name.to_string()));
+        }
+        let e = st
+            .by_key
+            .get(key)
+            .ok_or_else(|| Error::NotFound(key.to_string()))?;
+        if e.kind != Kind::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} is not active"
+            )));
+        }
+        let now = Timestamp::now();
+        let mut committed = e.clone();
+        committed.kind = Kind::Committed;
+        committed.labels = labels;
+        committed.created = now;
+        committed.updated = now;
+        self.engine
+            .commit_layer_with_metadata(&committed.layer, &metadata_of(name, &committed))
+            .map_err(|err| Error::engine(format!("committing {key:?} as {name:?}"), err))?;
+        st.by_key.remove(key);
+        st.by_key.insert(name.to_string(), committed);
+        drop(st);
+        self.sync(&format!("commit of {name:?}"))
+    }
+
+    /// Removes `key` at once for containerd; its layer is freed later (by
+    /// Cleanup or the background pass).
+    pub fn remove(&self, key: &str) -> Result<()> {
+        let mut st = self.state();
+        let e = st
+            .by_key
+            .get(key)
+            .ok_or_else(|| Error::NotFound(key.to_string()))?;
+        if e.children > 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot remove snapshot {key:?} with {} child(ren)",
+                e.children
+            )));
+        }
+        let mut meta = metadata_of(key, e);
+        meta.insert(META_REMOVED.into(), encode_time(Timestamp::now()));
+        let layer = e.layer.clone();
+        let parent = e.parent.clone();
+        self.engine
+            .set_layer_metadata(&layer, &meta)
+            .map_err(|err| Error::engine(format!("removing {key:?}"), err))?;
+        st.by_key.remove(key);
+        if let Some(p) = parent.and_then(|p| st.by_key.get_mut(&p)) {
+            p.children = p.children.saturating_sub(1);
+        }
+        st.pending.insert(layer);
+        drop(st);
+        self.sync(&format!("removal of {key:?}"))
+    }
+
+    pub fn stat(&self, key: &str) -> Result<SnapshotInfo> {
+        let st = self.state();
+        st.by_key
+            .get(key)
+            .map(|e| e.info(key))
+            .ok_or_else(|| Error::NotFound(key.to_string()))
+    }
+
+    /// Updates the labels of `name` as `paths` say: `labels` replaces them
+    /// all, `labels.<key>` sets (or, with no value, removes) one; no paths
+    /// means `labels`. Every other field is immutable: InvalidArgument.
+    pub fn update(
+        &self,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        paths: &[String],
+    ) -> Result<SnapshotInfo> {
+        let mut st = self.state();
+        let e = st
+            .by_key
+            .get(name)
+            .ok_or_else(|| Error::NotFound(name.to_string()))?;
+        let mut updated = e.labels.clone();
+        if paths.is_empty() {
+            updated = labels;
+        } else {
+            for path in paths {
+                if let Some(k) = path.strip_prefix("labels.") {
+                    match labels.get(k) {
+                        Some(v) if !v.is_empty() => updated.insert(k.to_string(), v.clone()),
+                        _ => updated.remove(k),
+                    };
+                } else if path == "labels" {
+                    updated = labels.clone();
+                } else {
+                    return Err(Error::InvalidArgument(format!(
+                        "cannot update {path:?} field on snapshot {name:?}"
+                    )));
+                }
+            }
+        }
+        let mut entry = e.clone();
+        entry.labels = check_labels(updated)?;
+        entry.updated = Timestamp::now();
+        self.engine
+            .set_layer_metadata(&entry.layer, &metadata_of(name, &entry))
+            .map_err(|err| Error::engine(format!("updating {name:?}"), err))?;
+        let info = entry.info(name);
+        st.by_key.insert(name.to_string(), entry);
+        drop(st);
+        self.sync(&format!("update of {name:?}"))?;
+        Ok(info)
+    }
+
+    /// From the engine's per-layer counters: O(1), no tree walk. Writes the
+    /// kernel still caches (writeback) are not counted yet.
+    pub fn usage(&self, key: &str) -> Result<Usage> {
+        let layer = {
+            let st = self.state();
+            st.by_key
+                .get(key)
+                .map(|e| e.layer.clone())
+                .ok_or_else(|| Error::NotFound(key.to_string()))?
+        };
+        let info = self
+            .engine
+            .layer_info(&layer)
+            .map_err(|e| Error::engine(format!("usage of {key:?}"), e))?;
+        let inherited = match &info.parent {
+            Some(p) => self
+                .engine
+                .layer_info(p)
+                .map(|p| p.inode_count)
+                .unwrap_or(0),
+            None => 0,
+        };
+        Ok(Usage {
+            size_bytes: info.owned_bytes,
+            inodes: info.inode_count.saturating_sub(inherited),
+        })
+    }
+
+    /// Every snapshot matching `filters`, ordered by key.
+    pub fn list(&self, filters: &Filters) -> Vec<SnapshotInfo> {
+        let st = self.state();
+        let mut all: Vec<SnapshotInfo> = st
+            .by_key
+            .iter()
+            .map(|(k, e)| e.info(k))
+            .filter(|i| filters.matches(i))
+            .collect();
+        drop(st);
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// How many removed snapshots still hold their layer.
+    pub fn pending_removals(&self) -> usize {
+        self.state().pending.len()
+    }
+
+    /// Frees the layers of removed snapshots, children before parents, and
+    /// makes that durable. Layers still busy (open files) wait for the next
+    /// pass. Returns how many were freed.
+    pub fn cleanup(&self) -> Result<usize> {
+        let freed = self.reclaim();
+        self.sync("cleanup")?;
+        Ok(freed)
+    }
+
+    fn reclaim(&self) -> usize {
+        let mut left: Vec<String> = self.state().pending.iter().cloned().collect();
+        let mut freed = Vec::new();
+        // Each pass frees at least one layer or stops: bounded by the count.
+        loop {
+            let before = left.len();
+            left.retain(|layer| match self.engine.remove_layer(layer) {
+                Ok(()) | Err(lcfs_engine::Error::NotFound) => {
+                    self.kernel.forget_layer_entry(layer);
+                    freed.push(layer.clone());
+                    false
+                }
+                Err(lcfs_engine::Error::Busy(_)) => true,
+                Err(e) => {
+                    log::warn!("freeing removed snapshot layer {layer:?}: {e}");
+                    true
+                }
+            });
+            if left.is_empty() || left.len() == before {
+                break;
+            }
+        }
+        let mut st = self.state();
+        for layer in &freed {
+            st.pending.remove(layer);
+        }
+        freed.len()
+    }
+
+    /// Frees removed layers every few seconds until [`Table::stop_background`].
+    pub(crate) fn background(&self) {
+        loop {
+            let mut stop = self.stop.lock().unwrap_or_else(|p| p.into_inner());
+            if !*stop {
+                stop = self
+                    .wake
+                    .wait_timeout(stop, RECLAIM_INTERVAL)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            if *stop {
+                return;
+            }
+            drop(stop);
+            if self.pending_removals() > 0 {
+                let n = self.reclaim();
+                if n > 0 {
+                    log::info!("freed {n} removed snapshot layer(s)");
+                }
+            }
+        }
+    }
+
+    pub(crate) fn stop_background(&self) {
+        *self.stop.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.wake.notify_all();
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+}
