@@ -104,6 +104,9 @@ impl Mount {
             let _ = s
                 .notifier()
                 .inval_entry(fuser::INodeNo(MOUNT_ROOT), std::ffi::OsStr::new(name));
+            // And the root's cached listing and attributes (its entries
+            // changed).
+            let _ = s.notifier().inval_inode(fuser::INodeNo(MOUNT_ROOT), 0, 0);
         }
     }
 
@@ -232,6 +235,17 @@ pub fn prepare_mountpoint(mountpoint: &Path) -> io::Result<()> {
             format!("{} is not a directory", mountpoint.display()),
         ));
     }
+    // A daemon killed a moment after its mount root was looked at leaves a
+    // dead mount whose root attributes the kernel still has cached, so the
+    // stat above succeeded. statfs always reaches the daemon: ENOTCONN says
+    // nobody serves the mount any more.
+    if is_mount_point(mountpoint)? && statfs_errno(mountpoint) == Some(libc::ENOTCONN) {
+        log::warn!(
+            "{} holds a dead FUSE mount (a daemon was killed); unmounting it",
+            mountpoint.display()
+        );
+        lazy_unmount(mountpoint);
+    }
     if is_mount_point(mountpoint)? {
         return Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
@@ -242,6 +256,19 @@ pub fn prepare_mountpoint(mountpoint: &Path) -> io::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The error statfs(2) gives for `path`, if any.
+fn statfs_errno(path: &Path) -> Option<i32> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated path and `buf` a writable statfs.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; statfs writes only into `buf`.
+    if unsafe { libc::statfs(c.as_ptr(), &mut buf) } == 0 {
+        None
+    } else {
+        io::Error::last_os_error().raw_os_error()
+    }
 }
 
 /// Narrows the mountpoint's parent to root's alone, or refuses it.
