@@ -8,6 +8,9 @@
 #   setup.sh --demo   only what scripts/demo.sh uses: the demo's apt packages
 #                     and containerd 1.7 (no Rust tools, no Docker 26, no
 #                     registry)
+#   setup.sh --deb-dir PACKAGE
+#                     prints where the pinned Debian 13 PACKAGE is unpacked
+#                     (fails if it is not); installs nothing
 #
 # Besides Debian 12's own packages, the containerd checks use a few Debian 13
 # (trixie) packages: containerd 1.7 (Debian 12 has 1.6), docker.io and
@@ -26,6 +29,7 @@ mode=tests
 case ${1:-} in
     "") ;;
     --demo) mode=demo ;;
+    --deb-dir) mode=deb-dir ;;
     -h | --help)
         sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
         exit 0
@@ -58,6 +62,22 @@ TRIXIE_DEBS=(
 )
 DEMO_TRIXIE_DEBS=(containerd)
 LCFS_DEB_CACHE=${LCFS_DEB_CACHE:-/var/cache/lcfs/debs}
+
+if [[ $mode == deb-dir ]]; then
+    for entry in "${TRIXIE_DEBS[@]}"; do
+        read -r name version sum <<<"$entry"
+        [[ $name == "${2:-}" ]] || continue
+        dir="$LCFS_DEB_CACHE/$name-$version"
+        if [[ -f $dir/.lcfs-unpacked && $(cat "$dir/.lcfs-unpacked") == "$sum" ]]; then
+            echo "$dir"
+            exit 0
+        fi
+        echo "setup.sh: $name $version is not unpacked in $dir; run scripts/setup.sh" >&2
+        exit 1
+    done
+    echo "setup.sh: no Debian 13 package '${2:-}' is pinned here" >&2
+    exit 2
+fi
 
 # fio: I/O baselines; fuse3: the FUSE front; util-linux: losetup; fuse-overlayfs: the FUSE peer in benchmarks;
 # e2fsprogs/btrfs-progs: reference filesystems in loop images; debootstrap:

@@ -1,9 +1,16 @@
 #!/usr/bin/env python3
-"""Test images for the Docker checks, built locally (no registry).
+"""Test images for the Docker and containerd checks, built locally.
 
   images.py busybox OUT.tar       a rootfs tarball (for `docker import`):
                                   /bin/busybox (static) and a symlink per
                                   applet, /etc/passwd and /etc/group
+  images.py busybox-image OUT.tar NAME:TAG
+                                  the same rootfs as a one-layer image, a
+                                  `docker save` archive (for `docker load`
+                                  and `ctr images import`)
+  images.py rootfs-image ROOTFS.tar OUT.tar NAME:TAG
+                                  any rootfs tarball as a one-layer image
+                                  (read in a stream; PATH set as Debian's)
   images.py multilayer OUT.tar    a `docker save` archive (for `docker load`)
                                   of image multilayer:1, three layers:
                                     1. the busybox rootfs plus /data with a
@@ -128,13 +135,23 @@ def sha256(data):
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def save_archive(out, repo_tag, layers):
-    diff_ids = [sha256(layer) for layer in layers]
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def save_archive(out, repo_tag, layers, path_env="/bin"):
+    """Writes a `docker save` archive. A layer is the bytes of a layer tar or
+    the path of a tar file (streamed, for large root file systems)."""
+    diff_ids = [file_sha256(layer) if isinstance(layer, str) else sha256(layer) for layer in layers]
     config = {
         "architecture": "amd64",
         "os": "linux",
         "created": "2023-11-14T22:13:20Z",
-        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
+        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=" + path_env]},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
         "history": [{"created": "2023-11-14T22:13:20Z", "created_by": "images.py layer %d" % (i + 1)} for i in range(len(layers))],
     }
@@ -146,7 +163,11 @@ def save_archive(out, repo_tag, layers):
             name = diff_id.split(":")[1] + "/layer.tar"
             manifest[0]["Layers"].append(name)
             add_dir(tar, diff_id.split(":")[1])
-            add_file(tar, name, layer)
+            if isinstance(layer, str):
+                with open(layer, "rb") as f:
+                    tar.addfile(info(name, size=os.path.getsize(layer)), f)
+            else:
+                add_file(tar, name, layer)
         add_file(tar, config_name, config_bytes)
         add_file(tar, "manifest.json", json.dumps(manifest).encode())
 
@@ -187,6 +208,10 @@ def main():
             f.write(layer_tar(busybox_rootfs))
     elif len(sys.argv) == 3 and sys.argv[1] == "multilayer":
         save_archive(sys.argv[2], "multilayer:1", [layer_tar(layer1), layer_tar(layer2), layer_tar(layer3)])
+    elif len(sys.argv) == 4 and sys.argv[1] == "busybox-image":
+        save_archive(sys.argv[2], sys.argv[3], [layer_tar(busybox_rootfs)])
+    elif len(sys.argv) == 5 and sys.argv[1] == "rootfs-image":
+        save_archive(sys.argv[3], sys.argv[4], [sys.argv[2]], "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     elif len(sys.argv) == 2 and sys.argv[1] == "expect-multilayer":
         sys.stdout.write(EXPECT_MULTILAYER)
     else:
