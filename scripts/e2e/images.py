@@ -8,9 +8,10 @@
                                   the same rootfs as a one-layer image, a
                                   `docker save` archive (for `docker load`
                                   and `ctr images import`)
-  images.py rootfs-image ROOTFS.tar OUT.tar NAME:TAG
+  images.py rootfs-image ROOTFS.tar OUT.tar NAME:TAG [--gzip]
                                   any rootfs tarball as a one-layer image
-                                  (read in a stream; PATH set as Debian's)
+                                  (read in a stream; PATH set as Debian's),
+                                  with --gzip its layer gzipped
   images.py multilayer OUT.tar    a `docker save` archive (for `docker load`)
                                   of image multilayer:1, three layers:
                                     1. the busybox rootfs plus /data with a
@@ -30,6 +31,7 @@ Everything is deterministic (fixed mtimes, owners, content), so the image
 IDs are the same on every run.
 """
 
+import gzip
 import hashlib
 import io
 import json
@@ -143,9 +145,20 @@ def file_sha256(path):
     return "sha256:" + digest.hexdigest()
 
 
-def save_archive(out, repo_tag, layers, path_env="/bin"):
+def gzip_file(path, out):
+    """Compresses the file at path into out (level 1: a registry-style layer in
+    seconds; mtime 0, so the same input gives the same bytes)."""
+    with open(path, "rb") as src, open(out, "wb") as raw:
+        with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as dst:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                dst.write(chunk)
+
+
+def save_archive(out, repo_tag, layers, path_env="/bin", compress=False):
     """Writes a `docker save` archive. A layer is the bytes of a layer tar or
-    the path of a tar file (streamed, for large root file systems)."""
+    the path of a tar file (streamed, for large root file systems). With
+    compress, each path layer is stored gzipped, as registries serve layers
+    (docker load and ctr images import detect that)."""
     diff_ids = [file_sha256(layer) if isinstance(layer, str) else sha256(layer) for layer in layers]
     config = {
         "architecture": "amd64",
@@ -164,8 +177,14 @@ def save_archive(out, repo_tag, layers, path_env="/bin"):
             manifest[0]["Layers"].append(name)
             add_dir(tar, diff_id.split(":")[1])
             if isinstance(layer, str):
-                with open(layer, "rb") as f:
-                    tar.addfile(info(name, size=os.path.getsize(layer)), f)
+                source = layer
+                if compress:
+                    source = out + ".layer.gz"
+                    gzip_file(layer, source)
+                with open(source, "rb") as f:
+                    tar.addfile(info(name, size=os.path.getsize(source)), f)
+                if compress:
+                    os.unlink(source)
             else:
                 add_file(tar, name, layer)
         add_file(tar, config_name, config_bytes)
@@ -210,8 +229,9 @@ def main():
         save_archive(sys.argv[2], "multilayer:1", [layer_tar(layer1), layer_tar(layer2), layer_tar(layer3)])
     elif len(sys.argv) == 4 and sys.argv[1] == "busybox-image":
         save_archive(sys.argv[2], sys.argv[3], [layer_tar(busybox_rootfs)])
-    elif len(sys.argv) == 5 and sys.argv[1] == "rootfs-image":
-        save_archive(sys.argv[3], sys.argv[4], [sys.argv[2]], "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    elif len(sys.argv) in (5, 6) and sys.argv[1] == "rootfs-image" and sys.argv[5:] in ([], ["--gzip"]):
+        save_archive(sys.argv[3], sys.argv[4], [sys.argv[2]], "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                     compress=len(sys.argv) == 6)
     elif len(sys.argv) == 2 and sys.argv[1] == "expect-multilayer":
         sys.stdout.write(EXPECT_MULTILAYER)
     else:
