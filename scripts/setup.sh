@@ -191,10 +191,18 @@ for entry in "${TRIXIE_DEBS[@]}"; do
     dir="$LCFS_DEB_CACHE/$name-$version"
     [[ -f $dir/.lcfs-unpacked && $(cat "$dir/.lcfs-unpacked") == "$sum" ]] || wanted_debs+=("$entry")
 done
+if [[ ${#wanted_debs[@]} -gt 0 ]]; then
+    is_root || die "Debian 13 packages are not unpacked in $LCFS_DEB_CACHE; run as root"
+    mkdir -p "$LCFS_DEB_CACHE"
+    # One setup at a time fills the cache; a second one waits, then finds
+    # the packages ready.
+    exec {deb_cache_lock}>"$LCFS_DEB_CACHE/.lock"
+    flock "$deb_cache_lock"
+fi
 for entry in "${wanted_debs[@]}"; do
     read -r name version sum <<<"$entry"
-    is_root || die "Debian 13 package $name $version is not unpacked in $LCFS_DEB_CACHE; run as root"
     dir="$LCFS_DEB_CACHE/$name-$version"
+    [[ -f $dir/.lcfs-unpacked && $(cat "$dir/.lcfs-unpacked") == "$sum" ]] && continue
     deb="$LCFS_DEB_CACHE/archives/${name}_${version}_amd64.deb"
     mkdir -p "$LCFS_DEB_CACHE/archives"
     if [[ ! -f $deb ]] || ! echo "$sum  $deb" | sha256sum --check --status; then
