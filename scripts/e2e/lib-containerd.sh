@@ -278,6 +278,8 @@ docker26_start() {
     [[ -z ${DOCKERD_PIDS[$name]:-} ]] || die "internal: dockerd $name is already running"
     dir="$E2E_WORK/d-$name"
     mkdir -p "$dir/exec" "$E2E_SCRATCH/docker-$name"
+    # lib.sh's associative arrays (dockerd_stop and the trap read them).
+    # shellcheck disable=SC2034,SC2004
     DOCKERD_DIRS[$name]=$dir
     cat >"$dir/daemon.json" <<EOF
 {"features": {"containerd-snapshotter": true}, "storage-driver": "$snapshotter"}
@@ -291,6 +293,7 @@ EOF
         --iptables=false --ip6tables=false --bridge=none --ip-forward=false \
         --ip-masq=false --userland-proxy=false >>"$dir/dockerd.log" 2>&1 &
     pid=$!
+    # shellcheck disable=SC2004
     DOCKERD_PIDS[$name]=$pid
     until docker26 "$name" version >/dev/null 2>&1; do
         if ! kill -0 "$pid" 2>/dev/null; then
