@@ -41,10 +41,14 @@ done
 wants() { [[ " ${parts[*]} " == *" $1 "* ]]; }
 
 bash scripts/setup.sh --demo
-echo "demo.sh: building lcfs (release)"
-cargo build --release -p lcfs
-
-lcfs=$PWD/target/release/lcfs
+# LCFS_BIN: use this lcfs binary instead of building one (as the e2e checks).
+if [[ -n ${LCFS_BIN:-} ]]; then
+    lcfs=$LCFS_BIN
+else
+    echo "demo.sh: building lcfs (release)"
+    cargo build --release -p lcfs
+    lcfs=$PWD/target/release/lcfs
+fi
 demo_dir=${LCFS_DEMO_DIR:-/var/tmp/lcfs-demo}
 device=$demo_dir/device.img
 mnt=$demo_dir/mnt
@@ -197,7 +201,7 @@ if wants containerd && [[ $containerd_service == yes ]]; then
         [[ -S $snapshotter_sock ]] && break
         sleep 0.1
     done
-    ctrd plugins ls | awk 'NR == 1 || $1 == "io.containerd.snapshotter.v1"'
+    ctrd plugins ls | awk 'NR == 1 || $2 == "lcfs"'
 
     step "the busybox image, imported into containerd and unpacked by lcfs"
     python3 scripts/e2e/images.py busybox-image "$demo_dir/busybox-image.tar" demo/busybox:1
