@@ -317,5 +317,6 @@ registry_stop
 target_finish
 part_report
 # The summary names the snapshotter under test.
+# shellcheck disable=SC2034
 E2E_TARGET=$target
 e2e_finish "containerd $("$CONTAINERD_BIN" --version | cut -d' ' -f3) and dockerd $("$DOCKERD26_BIN" --version | cut -d' ' -f3 | tr -d ,) on $target"

@@ -72,9 +72,13 @@ containerd_tools() {
     require_commands runc
 }
 
+# Every ctr and docker command gets this many seconds: a snapshotter that
+# stops answering fails the check instead of holding CI until its limit.
+E2E_COMMAND_TIMEOUT=${E2E_COMMAND_TIMEOUT:-300}
+
 # ctrd ARGS...: ctr against our containerd, namespace $CTRD_NAMESPACE.
 ctrd() {
-    "$CTR_BIN" --address "$CONTAINERD_ADDRESS" --namespace "$CTRD_NAMESPACE" "$@"
+    timeout "$E2E_COMMAND_TIMEOUT" "$CTR_BIN" --address "$CONTAINERD_ADDRESS" --namespace "$CTRD_NAMESPACE" "$@"
 }
 
 # lcfs_snapshotter_wait: waits (10 s at most) until the lcfs daemon serves
@@ -137,6 +141,7 @@ EOF
     PATH=$CTRD_PATH "$CONTAINERD_BIN" --config "$CONTAINERD_DIR/config.toml" \
         >>"$CONTAINERD_DIR/containerd.log" 2>&1 &
     CONTAINERD_PID=$!
+    echo "$CONTAINERD_PID" >"$CONTAINERD_DIR/containerd.pid"
     local waited=0
     until "$CTR_BIN" --address "$CONTAINERD_ADDRESS" version >/dev/null 2>&1; do
         if ! kill -0 "$CONTAINERD_PID" 2>/dev/null; then
@@ -230,6 +235,7 @@ EOF
     [[ " ${E2E_CLEANUP_HOOKS[*]} " == *" registry_stop "* ]] || E2E_CLEANUP_HOOKS+=(registry_stop)
     "$REGISTRY_BIN" serve "$dir/config.yml" >>"$dir/registry.log" 2>&1 &
     REGISTRY_PID=$!
+    echo "$REGISTRY_PID" >"$dir/registry.pid"
     REGISTRY="127.0.0.1:$port"
     until curl -fsS "http://$REGISTRY/v2/" >/dev/null 2>&1; do
         if ! kill -0 "$REGISTRY_PID" 2>/dev/null || [[ $waited -gt 100 ]]; then
@@ -253,7 +259,7 @@ registry_stop() {
 # gzipped as a registry serves them) and pushes it as $REGISTRY/REF.
 registry_push() {
     local archive=$1 ref=$2 source
-    quietly "$CTR_BIN" --address "$CONTAINERD_ADDRESS" -n e2e-push images import \
+    quietly timeout "$E2E_COMMAND_TIMEOUT" "$CTR_BIN" --address "$CONTAINERD_ADDRESS" -n e2e-push images import \
         --no-unpack --compress-blobs "$archive" || die "ctr images import $archive failed"
     # The name the archive carries, as containerd normalizes it.
     source=$(tar -xOf "$archive" manifest.json | python3 -c 'import json, sys; print(json.load(sys.stdin)[0]["RepoTags"][0])')
@@ -261,7 +267,7 @@ registry_push() {
     [[ $source == *.*/* ]] || source="docker.io/$source"
     quietly "$CTR_BIN" --address "$CONTAINERD_ADDRESS" -n e2e-push images tag --force "$source" "$REGISTRY/$ref" ||
         die "could not tag $source as $REGISTRY/$ref"
-    quietly "$CTR_BIN" --address "$CONTAINERD_ADDRESS" -n e2e-push images push --plain-http "$REGISTRY/$ref" ||
+    quietly timeout "$E2E_COMMAND_TIMEOUT" "$CTR_BIN" --address "$CONTAINERD_ADDRESS" -n e2e-push images push --plain-http "$REGISTRY/$ref" ||
         die "pushing $REGISTRY/$ref failed"
 }
 
@@ -314,5 +320,5 @@ EOF
 docker26() {
     local name=$1
     shift
-    "$DOCKER26_CLI" -H "unix://$E2E_WORK/d-$name/docker.sock" "$@"
+    timeout "$E2E_COMMAND_TIMEOUT" "$DOCKER26_CLI" -H "unix://$E2E_WORK/d-$name/docker.sock" "$@"
 }
