@@ -40,7 +40,7 @@ done
 [[ ${#parts[@]} -gt 0 ]] || parts=(docker containerd)
 wants() { [[ " ${parts[*]} " == *" $1 "* ]]; }
 
-bash scripts/setup.sh --demo
+bash scripts/setup.sh --demo "${parts[@]}"
 # LCFS_BIN: use this lcfs binary instead of building one (as the e2e checks).
 if [[ -n ${LCFS_BIN:-} ]]; then
     lcfs=$LCFS_BIN

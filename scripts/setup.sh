@@ -5,9 +5,11 @@
 # Works without a terminal; needs root only when something is missing.
 #
 #   setup.sh          everything the tests use
-#   setup.sh --demo   only what scripts/demo.sh uses: the demo's apt packages
-#                     and containerd 1.7 (no Rust tools, no Docker 26, no
-#                     registry)
+#   setup.sh --demo [docker] [containerd]
+#                     only what scripts/demo.sh uses for those parts (both by
+#                     default): a few apt packages, Docker 20.10 for the
+#                     docker part, containerd 1.7 for the containerd part (no
+#                     Rust tools, no Docker 26, no registry)
 #   setup.sh --deb-dir PACKAGE
 #                     prints where the pinned Debian 13 PACKAGE is unpacked
 #                     (fails if it is not); installs nothing
@@ -28,7 +30,18 @@ set -euo pipefail
 mode=tests
 case ${1:-} in
     "") ;;
-    --demo) mode=demo ;;
+    --demo)
+        mode=demo
+        shift
+        demo_parts=("$@")
+        [[ ${#demo_parts[@]} -gt 0 ]] || demo_parts=(docker containerd)
+        for part in "${demo_parts[@]}"; do
+            [[ $part == docker || $part == containerd ]] || {
+                echo "setup.sh: unknown demo part '$part' (expected docker and/or containerd)" >&2
+                exit 2
+            }
+        done
+        ;;
     --deb-dir) mode=deb-dir ;;
     -h | --help)
         sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
@@ -60,7 +73,8 @@ TRIXIE_DEBS=(
     "docker-cli 26.1.5+dfsg1-9+deb13u1+b1 596647bc4ffaaaf2e2321116b8a10f6a6086ada797c17a7117798cb391a72776"
     "docker-registry 2.8.3+ds1-2+b8 f0577a2581fbf090716d8bd57f14d0b25a25eba6c87c3a8c252ddbf1a6bd0470"
 )
-DEMO_TRIXIE_DEBS=(containerd)
+DEMO_TRIXIE_DEBS=()
+[[ $mode != demo || " ${demo_parts[*]} " != *" containerd "* ]] || DEMO_TRIXIE_DEBS=(containerd)
 LCFS_DEB_CACHE=${LCFS_DEB_CACHE:-/var/cache/lcfs/debs}
 
 if [[ $mode == deb-dir ]]; then
@@ -91,11 +105,12 @@ APT_PACKAGES=(
     fio fuse3 util-linux e2fsprogs btrfs-progs debootstrap kmod docker.io runc tini fuse-overlayfs
     jq curl ca-certificates g++ python3 busybox-static fonts-dejavu-core
 )
-# What scripts/demo.sh uses: the FUSE front, Docker 20.10 with runc, and the
-# image builder (python3, busybox-static).
-DEMO_APT_PACKAGES=(fuse3 util-linux docker.io runc python3 busybox-static ca-certificates)
+# What scripts/demo.sh uses: the FUSE front, runc, the image builder
+# (python3, busybox-static), and for its docker part Docker 20.10.
+DEMO_APT_PACKAGES=(fuse3 util-linux runc python3 busybox-static ca-certificates)
 if [[ $mode == demo ]]; then
     APT_PACKAGES=("${DEMO_APT_PACKAGES[@]}")
+    [[ " ${demo_parts[*]} " != *" docker "* ]] || APT_PACKAGES+=(docker.io)
 fi
 
 export DEBIAN_FRONTEND=noninteractive
