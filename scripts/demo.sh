@@ -65,7 +65,7 @@ containerd_pid=
 
 # The containerd part needs a daemon that serves containerd's snapshots API.
 containerd_service=yes
-if wants containerd && ! "$lcfs" daemon --help | grep -q -- '--containerd-socket'; then
+if wants containerd && [[ $("$lcfs" daemon --help) != *--containerd-socket* ]]; then
     echo "demo.sh: this lcfs does not serve containerd's snapshots API yet (no --containerd-socket); the containerd part is skipped" >&2
     containerd_service=no
 fi

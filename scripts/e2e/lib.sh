@@ -328,10 +328,10 @@ lcfs_start() {
 LCFS_HAS_CONTAINERD=""
 lcfs_has_containerd() {
     if [[ -z $LCFS_HAS_CONTAINERD ]]; then
+        local help
+        help=$("$LCFS_BIN" daemon --help 2>/dev/null || true)
         LCFS_HAS_CONTAINERD=no
-        if "$LCFS_BIN" daemon --help 2>/dev/null | grep -q -- '--containerd-socket'; then
-            LCFS_HAS_CONTAINERD=yes
-        fi
+        [[ $help != *--containerd-socket* ]] || LCFS_HAS_CONTAINERD=yes
     fi
     [[ $LCFS_HAS_CONTAINERD == yes ]]
 }
