@@ -37,6 +37,7 @@ steps=(
     "fuse conformance|bash scripts/fuse-conformance.sh"
     "docker end to end|bash scripts/e2e/docker.sh"
     "stress crash-verify|bash scripts/e2e/stress-crash.sh"
+    "containerd end to end|bash scripts/e2e/containerd.sh"
 )
 
 passed=0

@@ -1,9 +1,17 @@
 #!/usr/bin/env python3
-"""Test images for the Docker checks, built locally (no registry).
+"""Test images for the Docker and containerd checks, built locally.
 
   images.py busybox OUT.tar       a rootfs tarball (for `docker import`):
                                   /bin/busybox (static) and a symlink per
                                   applet, /etc/passwd and /etc/group
+  images.py busybox-image OUT.tar NAME:TAG
+                                  the same rootfs as a one-layer image, a
+                                  `docker save` archive (for `docker load`
+                                  and `ctr images import`)
+  images.py rootfs-image ROOTFS.tar OUT.tar NAME:TAG [--gzip]
+                                  any rootfs tarball as a one-layer image
+                                  (read in a stream; PATH set as Debian's),
+                                  with --gzip its layer gzipped
   images.py multilayer OUT.tar    a `docker save` archive (for `docker load`)
                                   of image multilayer:1, three layers:
                                     1. the busybox rootfs plus /data with a
@@ -23,6 +31,7 @@ Everything is deterministic (fixed mtimes, owners, content), so the image
 IDs are the same on every run.
 """
 
+import gzip
 import hashlib
 import io
 import json
@@ -128,13 +137,34 @@ def sha256(data):
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def save_archive(out, repo_tag, layers):
-    diff_ids = [sha256(layer) for layer in layers]
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def gzip_file(path, out):
+    """Compresses the file at path into out (level 1: a registry-style layer in
+    seconds; mtime 0, so the same input gives the same bytes)."""
+    with open(path, "rb") as src, open(out, "wb") as raw:
+        with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as dst:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                dst.write(chunk)
+
+
+def save_archive(out, repo_tag, layers, path_env="/bin", compress=False):
+    """Writes a `docker save` archive. A layer is the bytes of a layer tar or
+    the path of a tar file (streamed, for large root file systems). With
+    compress, each path layer is stored gzipped, as registries serve layers
+    (docker load and ctr images import detect that)."""
+    diff_ids = [file_sha256(layer) if isinstance(layer, str) else sha256(layer) for layer in layers]
     config = {
         "architecture": "amd64",
         "os": "linux",
         "created": "2023-11-14T22:13:20Z",
-        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
+        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=" + path_env]},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
         "history": [{"created": "2023-11-14T22:13:20Z", "created_by": "images.py layer %d" % (i + 1)} for i in range(len(layers))],
     }
@@ -146,7 +176,17 @@ def save_archive(out, repo_tag, layers):
             name = diff_id.split(":")[1] + "/layer.tar"
             manifest[0]["Layers"].append(name)
             add_dir(tar, diff_id.split(":")[1])
-            add_file(tar, name, layer)
+            if isinstance(layer, str):
+                source = layer
+                if compress:
+                    source = out + ".layer.gz"
+                    gzip_file(layer, source)
+                with open(source, "rb") as f:
+                    tar.addfile(info(name, size=os.path.getsize(source)), f)
+                if compress:
+                    os.unlink(source)
+            else:
+                add_file(tar, name, layer)
         add_file(tar, config_name, config_bytes)
         add_file(tar, "manifest.json", json.dumps(manifest).encode())
 
@@ -187,6 +227,11 @@ def main():
             f.write(layer_tar(busybox_rootfs))
     elif len(sys.argv) == 3 and sys.argv[1] == "multilayer":
         save_archive(sys.argv[2], "multilayer:1", [layer_tar(layer1), layer_tar(layer2), layer_tar(layer3)])
+    elif len(sys.argv) == 4 and sys.argv[1] == "busybox-image":
+        save_archive(sys.argv[2], sys.argv[3], [layer_tar(busybox_rootfs)])
+    elif len(sys.argv) in (5, 6) and sys.argv[1] == "rootfs-image" and sys.argv[5:] in ([], ["--gzip"]):
+        save_archive(sys.argv[3], sys.argv[4], [sys.argv[2]], "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                     compress=len(sys.argv) == 6)
     elif len(sys.argv) == 2 and sys.argv[1] == "expect-multilayer":
         sys.stdout.write(EXPECT_MULTILAYER)
     else:

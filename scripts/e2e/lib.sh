@@ -59,6 +59,13 @@ declare -A DOCKERD_DIRS=()
 # The name dockerd knows the lcfs plugin by (its socket in /run/docker/plugins);
 # set by lcfs_plugin_name, empty when the daemon serves no plugin.
 LCFS_PLUGIN=""
+# The socket the next lcfs_start serves containerd's snapshots API on
+# (lcfs daemon --containerd-socket); empty: none (--no-containerd, so checks
+# running side by side never meet on the daemon's default socket).
+LCFS_CONTAINERD_SOCKET=""
+# Functions e2e_cleanup calls after stopping the dockerds and before the lcfs
+# daemon (lib-containerd.sh adds containerd and the registry).
+E2E_CLEANUP_HOOKS=()
 
 say() { echo "$E2E_NAME: $*"; }
 # die MESSAGE: the check failed (or could not run); the trap cleans up.
@@ -114,6 +121,9 @@ e2e_cleanup() {
     # dockerds first: their containers run on the lcfs mount.
     for name in "${!DOCKERD_PIDS[@]}"; do
         dockerd_stop "$name"
+    done
+    for ((index = ${#E2E_CLEANUP_HOOKS[@]} - 1; index >= 0; index--)); do
+        "${E2E_CLEANUP_HOOKS[$index]}"
     done
     if [[ -n $LCFS_PID ]] && kill -0 "$LCFS_PID" 2>/dev/null; then
         kill -TERM "$LCFS_PID" 2>/dev/null
@@ -282,10 +292,18 @@ lcfs_mkfs() {
 lcfs_start() {
     [[ -z $LCFS_PID ]] || die "internal: lcfs_start with a daemon already running ($LCFS_PID)"
     echo "--- lcfs daemon start $(date -Is)" >>"$LCFS_LOG"
-    local plugin=()
+    local plugin=() containerd=()
     [[ -z $LCFS_PLUGIN ]] || plugin=(--docker-plugin-socket "/run/docker/plugins/$LCFS_PLUGIN.sock")
+    if [[ -n $LCFS_CONTAINERD_SOCKET ]]; then
+        # A daemon without the service would refuse the flag and exit;
+        # lcfs_snapshotter_wait says what is missing instead.
+        ! lcfs_has_containerd || containerd=(--containerd-socket "$LCFS_CONTAINERD_SOCKET")
+    elif lcfs_has_containerd; then
+        containerd=(--no-containerd)
+    fi
     RUST_LOG=${RUST_LOG:-info} "$LCFS_BIN" daemon --device "$LCFS_DEVICE" \
-        --mount "$LCFS_MOUNT" --control-socket "$LCFS_SOCKET" "${plugin[@]}" >>"$LCFS_LOG" 2>&1 &
+        --mount "$LCFS_MOUNT" --control-socket "$LCFS_SOCKET" "${plugin[@]}" "${containerd[@]}" \
+        >>"$LCFS_LOG" 2>&1 &
     LCFS_PID=$!
     # Recorded at once: from here the trap owns the mount, even half made.
     [[ " ${E2E_MOUNTS[*]} " == *" $LCFS_MOUNT "* ]] || E2E_MOUNTS+=("$LCFS_MOUNT")
@@ -306,6 +324,19 @@ lcfs_start() {
         fi
         sleep 0.1
     done
+}
+
+# lcfs_has_containerd: whether this lcfs daemon can serve containerd's
+# snapshots API (it knows --containerd-socket).
+LCFS_HAS_CONTAINERD=""
+lcfs_has_containerd() {
+    if [[ -z $LCFS_HAS_CONTAINERD ]]; then
+        local help
+        help=$("$LCFS_BIN" daemon --help 2>/dev/null || true)
+        LCFS_HAS_CONTAINERD=no
+        [[ $help != *--containerd-socket* ]] || LCFS_HAS_CONTAINERD=yes
+    fi
+    [[ $LCFS_HAS_CONTAINERD == yes ]]
 }
 
 # lcfs_stop: clean shutdown (SIGTERM); the daemon must exit 0 and unmount.

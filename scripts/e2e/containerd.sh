@@ -1,0 +1,322 @@
+#!/usr/bin/env bash
+# containerd on lcfs: a private containerd 1.7 whose proxy snapshotter "lcfs"
+# is the snapshots service of the lcfs daemon under test, a private dockerd
+# 26.1 on containerd's image store in that snapshotter, and a private
+# registry 2.8 on 127.0.0.1 that every image is pulled from. The images are
+# built here (scripts/e2e/images.py: busybox-static, a three-layer image with
+# whiteouts, hardlinks, a fifo and an xattr, the cached Debian minbase
+# rootfs) and pushed with ctr. One lcfs daemon, one containerd and one
+# registry serve every part; each part's time is printed at the end.
+#   infrastructure  registry, containerd, pushes; pull and run on containerd's
+#                   own overlayfs snapshotter (the reference for part c)
+#   a. ctr          pull, run, a container that writes, its snapshot
+#                   committed and checked through a fresh snapshot and a
+#                   diff, removal, `ctr snapshots ls`, image removal and
+#                   garbage collection down to no snapshot and no lcfs layer
+#   b. docker 26    pull, run, write, docker commit, run the committed
+#                   image, diff, rm, image rm
+#   c. byte for byte every file of each image (content, mode, owner, size,
+#                   mtime, links, xattrs) as the lcfs snapshot shows it
+#                   equals containerd's overlayfs unpack of the same image
+#   d. kill -9      the lcfs daemon killed while a container writes;
+#                   restarted, containerd (not restarted) lists the same
+#                   committed snapshots, runs the images, removes the dead
+#                   container; fsck clean
+#   e. both fronts  dockerd 20.10 through the graphdriver plugin and
+#                   containerd through the snapshotter, served by the same
+#                   lcfs daemon at the same time
+# E2E_CONTAINERD_TARGET=overlayfs runs parts a to c on containerd's overlayfs
+# snapshotter instead, which proves the checks themselves (d and e need lcfs).
+# The lcfs daemon serves the snapshotter on E2E_SNAPSHOTTER_SOCKET (default: a
+# socket in the work directory). Without that service the check stops with
+# "snapshotter socket not found" after the infrastructure part.
+E2E_NAME="containerd"
+# shellcheck source=scripts/e2e/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source=scripts/e2e/lib-containerd.sh
+. "$E2E_DIR/lib-containerd.sh"
+
+target=${E2E_CONTAINERD_TARGET:-lcfs}
+case $target in
+    lcfs | overlayfs) ;;
+    *) die "E2E_CONTAINERD_TARGET must be lcfs or overlayfs, not '$target'" ;;
+esac
+tree=("python3" "$E2E_DIR/tree.py")
+images=("python3" "$E2E_DIR/images.py")
+
+require_commands python3 curl tar busybox runc dockerd
+e2e_init
+containerd_tools docker registry
+
+# --- timing ---------------------------------------------------------------------
+part_names=()
+part_seconds=()
+part_start=0
+part() {
+    part_done
+    part_names+=("$1")
+    part_start=$SECONDS
+    say "--- $1"
+}
+part_done() {
+    [[ ${#part_names[@]} -gt ${#part_seconds[@]} ]] || return 0
+    part_seconds+=($((SECONDS - part_start)))
+}
+part_report() {
+    local index
+    part_done
+    for index in "${!part_seconds[@]}"; do
+        printf '%s: %4d s  %s\n' "$E2E_NAME" "${part_seconds[$index]}" "${part_names[$index]}"
+    done
+}
+
+# expect WHAT WANT GOT
+expect() {
+    if [[ $2 == "$3" ]]; then
+        say "ok: $1"
+    else
+        fail "$1: expected [$2], got [$3]"
+    fi
+}
+
+# snapshots SNAPSHOTTER: `ctr snapshots ls` as sorted "KEY KIND" lines.
+snapshots() {
+    ctrd snapshots --snapshotter "$1" ls | awk 'NR > 1 { print $1, $NF }' | LC_ALL=C sort
+}
+
+# lcfs_layers_left: the lcfs layers, once the snapshotter has freed what
+# containerd removed (Remove only marks a layer; Cleanup, which containerd's
+# garbage collection calls, or the daemon's background pass frees it):
+# waits up to 10 s for the list to empty.
+lcfs_layers_left() {
+    local layers waited=0
+    while :; do
+        layers=$(lcfs_ctl layer ls | grep -v '^NAME' || true)
+        [[ -n $layers && $waited -lt 100 ]] || break
+        waited=$((waited + 1))
+        sleep 0.1
+    done
+    echo "$layers"
+}
+
+# mount_snapshot SNAPSHOTTER KEY DIR: mounts snapshot KEY at DIR the way
+# containerd would for a container (the mounts the snapshotter returns).
+mount_snapshot() {
+    local command
+    mkdir -p "$3"
+    command=$(ctrd snapshots --snapshotter "$1" mounts "$3" "$2") || die "ctr snapshots mounts $2 failed"
+    [[ $command == "mount "* ]] || die "unexpected mount command for snapshot $2: $command"
+    bash -c "$command" || die "mounting snapshot $2 ($command) failed"
+    E2E_MOUNTS+=("$3")
+}
+
+# image_manifest SNAPSHOTTER IMAGE OUT: tree.py manifest of IMAGE's root file
+# system as SNAPSHOTTER unpacked it (a read-only view, as a container sees
+# it before it writes). Left out: the root entry (containerd makes it) and
+# directory link counts (overlayfs answers 1 for merged directories).
+image_manifest() {
+    local snapshotter=$1 image=$2 out=$3 dir
+    dir="$E2E_WORK/view-$snapshotter"
+    mkdir -p "$dir"
+    quietly ctrd images mount --snapshotter "$snapshotter" "$image" "$dir" ||
+        die "ctr images mount $image ($snapshotter) failed"
+    "${tree[@]}" manifest "$dir" | grep -v $'^\\.\t' |
+        sed -E $'s/^([^\t]*\td\t[^\t]*\t[^\t]*\t)nlink=[0-9]+/\\1/' >"$out"
+    quietly ctrd images unmount --rm "$dir" || die "ctr images unmount $dir failed"
+}
+
+lcfs_build
+lcfs_mkfs
+lcfs_plugin_name
+LCFS_CONTAINERD_SOCKET=${E2E_SNAPSHOTTER_SOCKET:-$E2E_WORK/snapshotter.sock}
+mkdir -p "$(dirname "$LCFS_CONTAINERD_SOCKET")"
+
+# --- infrastructure -----------------------------------------------------------------
+part "infrastructure: registry, containerd, images pushed, overlayfs reference"
+lcfs_start
+registry_start
+containerd_start
+say "containerd $("$CONTAINERD_BIN" --version | cut -d' ' -f3), registry $REGISTRY, lcfs daemon $LCFS_PID"
+ensure_rootfs_tarball
+"${images[@]}" busybox-image "$E2E_WORK/busybox.tar" busybox:1
+"${images[@]}" multilayer "$E2E_WORK/multilayer.tar"
+"${images[@]}" rootfs-image "$DEBIAN_TARBALL" "$E2E_WORK/debian.tar" debian:1 --gzip
+say "images built in $((SECONDS - part_start)) s"
+start=$SECONDS
+busybox=$REGISTRY/e2e/busybox:1
+multilayer=$REGISTRY/e2e/multilayer:1
+debian=$REGISTRY/e2e/debian:1
+registry_push "$E2E_WORK/busybox.tar" e2e/busybox:1
+registry_push "$E2E_WORK/multilayer.tar" e2e/multilayer:1
+registry_push "$E2E_WORK/debian.tar" e2e/debian:1
+rm -f "$E2E_WORK/debian.tar"
+say "pushed in $((SECONDS - start)) s"
+start=$SECONDS
+for image in "$busybox" "$multilayer" "$debian"; do
+    quietly ctrd images pull --plain-http --snapshotter overlayfs "$image" || die "pulling $image (overlayfs) failed"
+done
+say "pulled and unpacked on overlayfs in $((SECONDS - start)) s"
+expect "run on overlayfs" "hello from overlayfs" \
+    "$(ctrd run --rm --snapshotter overlayfs "$busybox" ref-hello echo hello from overlayfs)"
+for image in multilayer debian; do
+    image_manifest overlayfs "$REGISTRY/e2e/$image:1" "$E2E_WORK/$image.overlayfs.manifest"
+done
+say "reference manifests: $(wc -l <"$E2E_WORK/debian.overlayfs.manifest") entries (Debian)"
+# The reference images leave the store: from here on, containerd's content
+# store is empty and every pull fetches from the registry.
+quietly ctrd images rm --sync "$busybox" "$multilayer" "$debian"
+expect "overlayfs snapshots after image removal" "" "$(snapshots overlayfs)"
+
+if [[ $target == lcfs ]]; then
+    lcfs_snapshotter_wait
+    say "lcfs serves containerd's snapshots API on $LCFS_CONTAINERD_SOCKET"
+fi
+snap=$target
+
+# --- a. ctr ----------------------------------------------------------------------------
+part "a. ctr on $snap: pull, run, write, commit, remove"
+start=$SECONDS
+quietly ctrd images pull --plain-http --snapshotter "$snap" "$busybox" || die "pulling $busybox ($snap) failed"
+say "pulled $busybox in $((SECONDS - start)) s"
+expect "ctr run" "hello from $snap" "$(ctrd run --rm --snapshotter "$snap" "$busybox" hello echo hello from "$snap")"
+ctrd run --snapshotter "$snap" "$busybox" writer sh -c \
+    'echo written > /written && head -c 8388608 /dev/urandom > /big && sha256sum /big > /big.sha256 && rm /etc/group' ||
+    fail "the writing container failed"
+if [[ $snap == lcfs ]]; then
+    lcfs_ctl layer ls | grep -qv '^NAME' || fail "lcfs lists no layers while containerd holds snapshots"
+fi
+quietly ctrd snapshots --snapshotter "$snap" commit writer-committed writer || fail "ctr snapshots commit failed"
+expect "committed snapshot kind" "Committed" "$(ctrd snapshots --snapshotter "$snap" info writer-committed |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["Kind"])')"
+quietly ctrd snapshots --snapshotter "$snap" prepare check writer-committed || fail "ctr snapshots prepare failed"
+mount_snapshot "$snap" check "$E2E_WORK/check"
+expect "the committed writes, seen from a child snapshot" "written|/big: OK|no group" "$(cd "$E2E_WORK/check" && {
+    cat written
+    sed 's# /big# big#' big.sha256 | sha256sum -c | sed 's#^big#/big#'
+    test -e etc/group || echo no group
+} | paste -sd '|')"
+echo "child write" >"$E2E_WORK/check/child" || fail "the child snapshot is not writable"
+umount "$E2E_WORK/check"
+expect "diff of the committed snapshot" "big|big.sha256|etc/|etc/.wh.group|run/|written" \
+    "$(ctrd snapshots --snapshotter "$snap" diff --media-type application/vnd.oci.image.layer.v1.tar writer-committed | tar -t | LC_ALL=C sort | paste -sd '|')"
+quietly ctrd snapshots --snapshotter "$snap" rm check || fail "removing the child snapshot failed"
+quietly ctrd snapshots --snapshotter "$snap" rm writer-committed || fail "removing the committed snapshot failed"
+quietly ctrd containers rm writer || fail "removing the container failed"
+chain=$(snapshots "$snap")
+expect "snapshots left: the image's one committed layer" "1 Committed" "$(echo "$chain" | awk '{ print $2 }' | uniq -c | awk '{ print $1, $2 }')"
+ctrd snapshots --snapshotter "$snap" ls
+quietly ctrd images rm --sync "$busybox" || fail "ctr images rm failed"
+expect "no snapshots after image removal" "" "$(snapshots "$snap")"
+if [[ $snap == lcfs ]]; then
+    expect "no lcfs layers after image removal" "" "$(lcfs_layers_left)"
+fi
+
+# --- b. docker 26 ---------------------------------------------------------------------------
+part "b. docker 26 on the containerd image store in $snap: pull, run, commit, rm"
+docker26_start c "$snap"
+d() { docker26 c "$@"; }
+say "$(d version --format 'dockerd {{.Server.Version}}'), storage driver $(d info --format '{{.Driver}} {{.DriverStatus}}')"
+expect "docker info: the storage driver is the snapshotter" "$snap" "$(d info --format '{{.Driver}}')"
+quietly d pull "$busybox" || die "docker pull $busybox failed"
+expect "docker run" "hello from docker" "$(d run --rm --network none "$busybox" echo hello from docker)"
+d run --network none --name writer "$busybox" sh -c \
+    'echo docker wrote > /written && head -c 8388608 /dev/urandom > /big && sha256sum /big > /big.sha256 && rm /etc/group' ||
+    fail "the writing container failed"
+expect "docker diff" "A /big|A /big.sha256|A /written|C /etc|D /etc/group" "$(d diff writer | LC_ALL=C sort | paste -sd '|')"
+quietly d commit writer e2e/committed:1 || fail "docker commit failed"
+expect "run the committed image" "docker wrote|/big: OK|no group" "$(d run --rm --network none e2e/committed:1 sh -c \
+    'cat /written; cd / && sha256sum -c /big.sha256; test -e /etc/group || echo no group' | paste -sd '|')"
+expect "committed image: two layers" 2 "$(d image inspect e2e/committed:1 --format '{{len .RootFS.Layers}}')"
+quietly d rm writer || fail "docker rm failed"
+quietly d image rm e2e/committed:1 "$busybox" || fail "docker image rm failed"
+expect "docker images after rm" "" "$(d images -q)"
+dockerd_stop c
+# The dockerd's namespace in containerd holds nothing once its images are gone.
+leftover=$(CTRD_NAMESPACE=docker-c snapshots "$snap")
+expect "no snapshots left by docker" "" "$leftover"
+
+# --- c. byte for byte ---------------------------------------------------------------------------
+part "c. byte for byte: $snap against overlayfs"
+for image in multilayer debian; do
+    start=$SECONDS
+    quietly ctrd images pull --plain-http --snapshotter "$snap" "$REGISTRY/e2e/$image:1" ||
+        die "pulling $image ($snap) failed"
+    image_manifest "$snap" "$REGISTRY/e2e/$image:1" "$E2E_WORK/$image.$snap.manifest"
+    entries=$(wc -l <"$E2E_WORK/$image.$snap.manifest")
+    if diff -u "$E2E_WORK/$image.overlayfs.manifest" "$E2E_WORK/$image.$snap.manifest" >"$E2E_WORK/$image.diff"; then
+        say "ok: $image: all $entries entries equal on $snap and overlayfs ($((SECONDS - start)) s)"
+    else
+        keep_artifacts "$E2E_WORK/$image.diff" "$E2E_WORK/$image.$snap.manifest" "$E2E_WORK/$image.overlayfs.manifest"
+        head -n 20 "$E2E_WORK/$image.diff" >&2
+        fail "$image on $snap differs from overlayfs ($(grep -c '^[-+][^-+]' "$E2E_WORK/$image.diff") lines)"
+    fi
+done
+expect "inside a container: the multi-layer image" "$("${images[@]}" expect-multilayer)" \
+    "$(ctrd run --rm --snapshotter "$snap" "$multilayer" find-data sh -c 'find /data | sort')"
+expect "inside a container: Debian" "12" \
+    "$(ctrd run --rm --snapshotter "$snap" "$debian" deb cut -d. -f1 /etc/debian_version)"
+
+if [[ $target == lcfs ]]; then
+    # --- d. kill -9 ---------------------------------------------------------------------------
+    part "d. kill -9 of the lcfs daemon under a running container"
+    committed_before=$(snapshots lcfs | grep ' Committed$')
+    ctrd run -d --snapshotter lcfs "$debian" busy sh -c \
+        'i=0; while :; do i=$((i+1)); head -c 65536 /dev/urandom > /tmp/f$((i % 64)); done' >/dev/null ||
+        die "starting the busy container failed"
+    sleep 2
+    lcfs_kill9
+    lcfs_start
+    lcfs_snapshotter_wait
+    expect "after kill -9: containerd lists the same committed snapshots" "$committed_before" \
+        "$(snapshots lcfs | grep ' Committed$')"
+    timeout 30 "$CTR_BIN" --address "$CONTAINERD_ADDRESS" -n "$CTRD_NAMESPACE" tasks kill -a -s KILL busy >/dev/null 2>&1
+    timeout 30 "$CTR_BIN" --address "$CONTAINERD_ADDRESS" -n "$CTRD_NAMESPACE" tasks delete -f busy >/dev/null 2>&1
+    quietly ctrd containers rm busy || fail "removing the container that ran through the crash failed"
+    expect "after kill -9: run the images" "12|$("${images[@]}" expect-multilayer | paste -sd '|')" "$( {
+        ctrd run --rm --snapshotter lcfs "$debian" after-deb cut -d. -f1 /etc/debian_version
+        ctrd run --rm --snapshotter lcfs "$multilayer" after-ml sh -c 'find /data | sort'
+    } | paste -sd '|')"
+    image_manifest lcfs "$debian" "$E2E_WORK/debian.after-crash.manifest"
+    if cmp -s "$E2E_WORK/debian.overlayfs.manifest" "$E2E_WORK/debian.after-crash.manifest"; then
+        say "ok: after kill -9: the Debian image on lcfs still equals overlayfs's, file by file"
+    else
+        fail "after kill -9 the Debian image on lcfs differs from overlayfs"
+    fi
+    quietly lcfs_ctl fsck --online || fail "fsck after kill -9 found problems"
+
+    # --- e. both front ends ---------------------------------------------------------------------
+    part "e. dockerd 20.10 (graphdriver plugin) and containerd (snapshotter) on one lcfs daemon"
+    dockerd_start g "$LCFS_PLUGIN"
+    "${images[@]}" busybox "$E2E_WORK/busybox-rootfs.tar"
+    quietly docker_cli g import "$E2E_WORK/busybox-rootfs.tar" busybox:graphdriver || die "docker import (20.10) failed"
+    quietly ctrd images pull --plain-http --snapshotter lcfs "$busybox" || die "pulling $busybox (lcfs) failed"
+    writes='for i in $(seq 200); do head -c 65536 /dev/urandom > /f; sha256sum /f > /f.sum; sha256sum -c -s /f.sum || exit 1; done; echo ok'
+    docker_cli g run --rm --network none busybox:graphdriver sh -c "$writes" >"$E2E_WORK/both.docker" 2>&1 &
+    docker_pid=$!
+    ctrd run --rm --snapshotter lcfs "$busybox" both sh -c "$writes" >"$E2E_WORK/both.ctr" 2>&1 &
+    ctr_pid=$!
+    wait "$docker_pid" || fail "the dockerd 20.10 container failed: $(tail -n 3 "$E2E_WORK/both.docker")"
+    wait "$ctr_pid" || fail "the containerd container failed: $(tail -n 3 "$E2E_WORK/both.ctr")"
+    expect "both front ends wrote and read back at the same time" "ok|ok" \
+        "$(cat "$E2E_WORK/both.docker" "$E2E_WORK/both.ctr" | paste -sd '|')"
+    layers=$(lcfs_ctl layer ls | grep -vc '^NAME' || true)
+    say "lcfs layers with both front ends' images: $layers"
+    quietly docker_cli g rmi busybox:graphdriver || fail "docker rmi (20.10) failed"
+    dockerd_stop g
+    quietly ctrd images rm --sync "$busybox" "$multilayer" "$debian" || fail "ctr images rm failed"
+    expect "no snapshots left" "" "$(snapshots lcfs)"
+    expect "no lcfs layers left" "" "$(lcfs_layers_left)"
+else
+    quietly ctrd images rm --sync "$multilayer" "$debian" || fail "ctr images rm failed"
+    say "parts d and e need lcfs: not run on $target"
+fi
+
+part "shutdown"
+containerd_stop
+registry_stop
+target_finish
+part_report
+# The summary names the snapshotter under test.
+# shellcheck disable=SC2034
+E2E_TARGET=$target
+e2e_finish "containerd $("$CONTAINERD_BIN" --version | cut -d' ' -f3) and dockerd $("$DOCKERD26_BIN" --version | cut -d' ' -f3 | tr -d ,) on $target"
