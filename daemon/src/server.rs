@@ -10,7 +10,6 @@ use serde_json::Value;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -27,35 +26,21 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections served at once; more are answered EBUSY and closed.
 const MAX_CONNECTIONS: usize = 64;
 
-/// Makes sure `path` can be bound: creates its directory (0700) and removes
-/// a socket left by a daemon that died, but refuses when a daemon answers there.
+/// Makes sure the control socket's path can be bound (see
+/// [`lcfs_fsfront::claim_socket_path`]).
 pub fn claim_socket_path(path: &Path) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(path.display().to_string(), e)),
-        Ok(m) if !m.file_type().is_socket() => Err(Error::Usage(format!(
+    use lcfs_fsfront::ClaimError;
+    lcfs_fsfront::claim_socket_path(path).map_err(|e| match e {
+        ClaimError::NotASocket => Error::Usage(format!(
             "{} exists and is not a socket; choose another --control-socket",
             path.display()
-        ))),
-        Ok(_) => match UnixStream::connect(path) {
-            Ok(_) => Err(Error::Usage(format!(
-                "another lcfs daemon is serving the control socket {}",
-                path.display()
-            ))),
-            Err(_) => {
-                log::warn!("removing stale control socket {}", path.display());
-                std::fs::remove_file(path)
-                    .map_err(|e| Error::io(format!("removing {}", path.display()), e))
-            }
-        },
-    }
+        )),
+        ClaimError::Live => Error::Usage(format!(
+            "another lcfs daemon is serving the control socket {}",
+            path.display()
+        )),
+        ClaimError::Io(what, e) => Error::io(what, e),
+    })
 }
 
 /// Binds the socket with mode 0600 (see [`lcfs_dockerplugin::bind_root_only`]).

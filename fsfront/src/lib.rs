@@ -7,7 +7,9 @@ mod fs;
 mod inodes;
 mod layers;
 mod mount;
+mod socket;
 mod workers;
 
 pub use layers::{KernelCache, LayerError, LayerOps, NoMount};
 pub use mount::{lazy_unmount, mount, prepare_mountpoint, Mount, MountOptions};
+pub use socket::{claim_socket_path, ClaimError};

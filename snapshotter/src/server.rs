@@ -10,7 +10,7 @@ use crate::table::Table;
 use lcfs_engine::Engine;
 use lcfs_fsfront::KernelCache;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -73,35 +73,19 @@ impl Drop for SnapshotterServer {
     }
 }
 
-/// Makes `path` bindable: creates its directory 0700 when missing, removes
-/// a socket nobody answers on, refuses one somebody does.
+/// Makes `path` bindable (see [`lcfs_fsfront::claim_socket_path`]).
 fn prepare_socket(path: &Path) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(path.display().to_string(), e)),
-        Ok(m) if !m.file_type().is_socket() => Err(Error::InvalidArgument(format!(
-            "{} exists and is not a socket",
+    use lcfs_fsfront::ClaimError;
+    lcfs_fsfront::claim_socket_path(path).map_err(|e| match e {
+        ClaimError::NotASocket => {
+            Error::InvalidArgument(format!("{} exists and is not a socket", path.display()))
+        }
+        ClaimError::Live => Error::AlreadyExists(format!(
+            "{} (another snapshotter serves it)",
             path.display()
-        ))),
-        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => Err(Error::AlreadyExists(format!(
-                "{} (another snapshotter serves it)",
-                path.display()
-            ))),
-            Err(_) => {
-                log::warn!("removing stale snapshotter socket {}", path.display());
-                std::fs::remove_file(path)
-                    .map_err(|e| Error::io(format!("removing {}", path.display()), e))
-            }
-        },
-    }
+        )),
+        ClaimError::Io(what, e) => Error::io(what, e),
+    })
 }
 
 /// Binds with mode 0600; the umask is narrowed around bind(2) so the socket
