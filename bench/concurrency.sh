@@ -46,8 +46,10 @@ git worktree add --detach "$tree" "$before" >/dev/null
 cp bench/src/bin/engine_concurrency.rs "$tree/bench/src/bin/"
 cp bench/Cargo.toml "$tree/bench/Cargo.toml"
 echo "concurrency.sh: building after ($(git rev-parse --short HEAD)) and before ($before)" >&2
-cargo build --release -q -p lcfs-bench --bin engine-concurrency -p lcfs
-(cd "$tree" && CARGO_TARGET_DIR=$scratch/target cargo build --release -q -p lcfs-bench --bin engine-concurrency -p lcfs)
+cargo build --release -q -p lcfs-bench --bin engine-concurrency
+cargo build --release -q -p lcfs
+(cd "$tree" && CARGO_TARGET_DIR=$scratch/target cargo build --release -q -p lcfs-bench --bin engine-concurrency)
+(cd "$tree" && CARGO_TARGET_DIR=$scratch/target cargo build --release -q -p lcfs)
 after_bin=target/release/engine-concurrency
 before_bin=$scratch/target/release/engine-concurrency
 after_lcfs=$PWD/target/release/lcfs
