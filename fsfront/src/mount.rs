@@ -216,7 +216,8 @@ pub fn prepare_mountpoint(mountpoint: &Path) -> io::Result<()> {
         }
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             log::warn!(
-                "{} holds a dead FUSE mount (a daemon was killed); unmounting it",
+                "{} holds a dead FUSE mount (a daemon was killed); unmounting it: containers \
+                 started before keep a root that answers ENOTCONN until they are restarted",
                 mountpoint.display()
             );
             lazy_unmount(mountpoint);
@@ -241,7 +242,8 @@ pub fn prepare_mountpoint(mountpoint: &Path) -> io::Result<()> {
     // nobody serves the mount any more.
     if is_mount_point(mountpoint)? && statfs_errno(mountpoint) == Some(libc::ENOTCONN) {
         log::warn!(
-            "{} holds a dead FUSE mount (a daemon was killed); unmounting it",
+            "{} holds a dead FUSE mount (a daemon was killed); unmounting it: containers \
+                 started before keep a root that answers ENOTCONN until they are restarted",
             mountpoint.display()
         );
         lazy_unmount(mountpoint);
