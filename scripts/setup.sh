@@ -16,8 +16,9 @@
 #
 # Besides Debian 12's own packages, the containerd checks use a few Debian 13
 # (trixie) packages: containerd 1.7 (Debian 12 has 1.6), docker.io and
-# docker-cli 26.1 (Docker's containerd image store; Debian 12 has 20.10) and
-# docker-registry 2.8 (a local registry to pull from). They are downloaded
+# docker-cli 26.1 (Docker's containerd image store; Debian 12 has 20.10),
+# docker-buildx 0.13 (the CLI plugin docker 26 builds with BuildKit through)
+# and docker-registry 2.8 (a local registry to pull from). They are downloaded
 # with apt against a private trixie sources list and state directory, checked
 # against the SHA-256 sums pinned below and unpacked with `dpkg-deb -x` under
 # $LCFS_DEB_CACHE (default /var/cache/lcfs/debs/<package>-<version>/). They
@@ -71,6 +72,7 @@ TRIXIE_DEBS=(
     "containerd 1.7.24~ds1-6+deb13u1 ed708deb96fe476a3bce4efa5c0538dfbcf717ab9a7c7944ba7260342c25899c"
     "docker.io 26.1.5+dfsg1-9+deb13u1+b1 53ae1a99f15113f0a0d2226808ec0d24ee31b3b87b87ab8ec35be09a1a2ee13b"
     "docker-cli 26.1.5+dfsg1-9+deb13u1+b1 596647bc4ffaaaf2e2321116b8a10f6a6086ada797c17a7117798cb391a72776"
+    "docker-buildx 0.13.1+ds1-3 fcf8c48204d1603c8f209451d7827eb91bf30759578baf7704e9e1a87e5f1d7f"
     "docker-registry 2.8.3+ds1-2+b8 f0577a2581fbf090716d8bd57f14d0b25a25eba6c87c3a8c252ddbf1a6bd0470"
 )
 DEMO_TRIXIE_DEBS=()

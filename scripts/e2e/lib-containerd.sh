@@ -43,7 +43,8 @@ deb_dir() {
 
 # containerd_tools [docker] [registry]: sets CONTAINERD_BIN, CTR_BIN and
 # CTRD_PATH (containerd's shims first, then dockerd 26's helpers, then the
-# system's runc); with "docker" also DOCKERD26_BIN and DOCKER26_CLI, with
+# system's runc); with "docker" also DOCKERD26_BIN, DOCKER26_CLI and
+# DOCKER26_BUILDX (the CLI plugin `docker build` runs BuildKit through), with
 # "registry" REGISTRY_BIN.
 containerd_tools() {
     local containerd docker docker_cli registry want
@@ -60,6 +61,8 @@ containerd_tools() {
                 docker_cli=$(deb_dir docker-cli)
                 DOCKERD26_BIN=$docker/usr/sbin/dockerd
                 DOCKER26_CLI=$docker_cli/usr/bin/docker
+                DOCKER26_BUILDX=$(deb_dir docker-buildx)/usr/libexec/docker/cli-plugins/docker-buildx
+                [[ -x $DOCKER26_BUILDX ]] || die "no docker-buildx plugin at $DOCKER26_BUILDX"
                 CTRD_PATH="$containerd/usr/bin:$docker/usr/sbin:$docker/usr/bin:$PATH"
                 ;;
             registry)
@@ -316,9 +319,15 @@ EOF
     done
 }
 
-# docker26 NAME ARGS...: the docker 26 client against dockerd NAME.
+# docker26 NAME ARGS...: the docker 26 client against dockerd NAME, with a
+# private client configuration (DOCKER_CONFIG) whose only CLI plugin is the
+# pinned docker-buildx: `docker build` is a BuildKit build.
 docker26() {
-    local name=$1
+    local name=$1 config="$E2E_WORK/docker26-config"
     shift
-    timeout "$E2E_COMMAND_TIMEOUT" "$DOCKER26_CLI" -H "unix://$E2E_WORK/d-$name/docker.sock" "$@"
+    if [[ ! -L $config/cli-plugins/docker-buildx ]]; then
+        mkdir -p "$config/cli-plugins"
+        ln -sfn "$DOCKER26_BUILDX" "$config/cli-plugins/docker-buildx"
+    fi
+    DOCKER_CONFIG=$config timeout "$E2E_COMMAND_TIMEOUT" "$DOCKER26_CLI" -H "unix://$E2E_WORK/d-$name/docker.sock" "$@"
 }
