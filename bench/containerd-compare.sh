@@ -19,6 +19,8 @@
 #   import   `ctr images import --snapshotter X debian.tar` (content written
 #            and the layer unpacked into the snapshotter); before it, untimed,
 #            the image of the previous round is removed (`images rm --sync`).
+#            Also timed up to the end of a `sync` and `lcfs sync` right after
+#            ("import+sync"): the peers leave different amounts in memory.
 #   prepare  N x (`ctr snapshots prepare --target DIR key TOP` + the printed
 #            mount command + umount + `ctr snapshots rm key`), TOP = the
 #            image's committed snapshot.
@@ -31,7 +33,7 @@
 # from round to round. Prints a Markdown table (median over the rounds per
 # peer, ratio lcfs/overlayfs, the goal and its verdict) and keeps every raw
 # measurement in a TSV file (--out).
-E2E_NAME=containerd-compare
+E2E_NAME="containerd-compare"
 : "${E2E_SCRATCH_SIZE:=48G}"
 : "${LCFS_DEVICE_SIZE:=16G}"
 # shellcheck source=scripts/e2e/lib.sh
@@ -165,6 +167,8 @@ row_import() {
     quietly c "$peer" images import --snapshotter "$peer" "$E2E_WORK/debian.tar" || die "import ($peer) failed"
     end=$(now)
     record import "$peer" "$round" "$(elapsed "$start" "$end")"
+    settle
+    record import+sync "$peer" "$round" "$(elapsed "$start" "$(now)")"
 }
 
 row_prepare() {
@@ -275,6 +279,7 @@ for r in csv.DictReader(open(path), delimiter="\t"):
     rows.setdefault(r["row"], {}).setdefault(r["peer"], []).append(float(r["seconds"]))
 what = {
     "import": ("1. `ctr images import` of the ~200 MB Debian image (s)", 0.8),
+    "import+sync": ("1. the same + `sync` + `lcfs sync` (s)", 0.8),
     "prepare": (f"2. {prepares} x prepare + mount + umount + rm (s)", 0.25),
     "remove": (f"3. rm {writers} snapshots of {files} small files each, until reclaimed (s)", 0.25),
     "run": (f"4. {runs} x `ctr run --rm ... true` (s)", 0.9),
@@ -282,7 +287,7 @@ what = {
 print(f"`sudo {command}` ({rounds} rounds)\n")
 print("| row | lcfs median (min-max) | overlayfs median (min-max) | ratio lcfs/overlayfs | per-round ratios | goal | verdict |")
 print("|---|---|---|---|---|---|---|")
-for key in ["import", "prepare", "remove", "run"]:
+for key in ["import", "import+sync", "prepare", "remove", "run"]:
     if key not in rows:
         continue
     l, o = rows[key].get("lcfs", []), rows[key].get("overlayfs", [])
