@@ -33,6 +33,8 @@
 # from round to round. Prints a Markdown table (median over the rounds per
 # peer, ratio lcfs/overlayfs, the goal and its verdict) and keeps every raw
 # measurement in a TSV file (--out).
+# The row_* functions are called by name ("row_$row").
+# shellcheck disable=SC2317
 E2E_NAME="containerd-compare"
 : "${E2E_SCRATCH_SIZE:=48G}"
 : "${LCFS_DEVICE_SIZE:=16G}"
