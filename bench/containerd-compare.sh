@@ -33,6 +33,10 @@
 #            snapshotter's storage is back to what it was (overlayfs: its
 #            snapshot directories; lcfs: its layers).
 #   run      N x `ctr run --rm --snapshotter X IMAGE id true`.
+#   docker   (not in the default rows) N x `docker run --rm --network none
+#            debian:bench true` on a private dockerd 26.1 per peer, on the
+#            same containerd, image store in snapshotter X (the image is
+#            loaded once, untimed).
 # In every round each peer runs each row once, the peers' order rotating
 # from round to round. Prints a Markdown table (median over the rounds per
 # peer, ratio lcfs/overlayfs, the goal and its verdict) and keeps every raw
@@ -55,12 +59,12 @@ usage: bench/containerd-compare.sh [--quick] [--rounds N] [--rows LIST]
 
   --quick        2 rounds, --prepares 20 --writers 4 --runs 10
   --rounds N     rounds (default 3); the table shows their median
-  --rows LIST    comma-separated subset of import,prepare,ctr,remove,run
-                 (default all)
+  --rows LIST    comma-separated subset of import,prepare,ctr,remove,run,docker
+                 (default all but docker)
   --prepares N   prepare/mount/umount/remove cycles per measurement (default 50)
   --writers N    snapshots written and then removed (default 10)
   --files N      small files each writer snapshot gets (default 5000)
-  --runs N       `ctr run --rm` per measurement (default 30)
+  --runs N       `ctr run --rm` (and `docker run --rm`) per measurement (default 30)
   --out FILE     raw results (TSV) and the table (FILE.md)
                  (default /var/tmp/lcfs-containerd-compare-<time>.tsv)
 Environment: LCFS_BIN (a built lcfs instead of target/release/lcfs),
@@ -101,7 +105,7 @@ for number in "$rounds" "$prepares" "$writers" "$files" "$runs"; do
     [[ $number =~ ^[1-9][0-9]*$ ]] || die "'$number' is not a positive integer"
 done
 for row in "${row_list[@]}"; do
-    [[ $row =~ ^(import|prepare|ctr|remove|run)$ ]] || die "unknown row '$row'"
+    [[ $row =~ ^(import|prepare|ctr|remove|run|docker)$ ]] || die "unknown row '$row'"
 done
 out=${out:-/var/tmp/lcfs-containerd-compare-$(date +%Y%m%d-%H%M%S).tsv}
 peers=(lcfs overlayfs)
@@ -112,7 +116,7 @@ bench_start=$SECONDS
 require_root
 require_commands python3 tar runc curl
 e2e_init
-containerd_tools
+if [[ ",$rows," == *,docker,* ]]; then containerd_tools docker; else containerd_tools; fi
 
 # --- helpers ------------------------------------------------------------------
 
@@ -266,6 +270,21 @@ row_run() {
     gc "$peer"
 }
 
+row_docker() {
+    local peer=$1 round=$2 i start end
+    if [[ -z ${DOCKERD_PIDS[$peer]:-} ]]; then
+        docker26_start "$peer" "$peer"
+        quietly docker26 "$peer" load -i "$E2E_WORK/debian.tar" || die "docker load ($peer) failed"
+    fi
+    settle
+    start=$(now)
+    for ((i = 0; i < runs; i++)); do
+        docker26 "$peer" run --rm --network none debian:bench true || die "docker run ($peer) failed"
+    done
+    end=$(now)
+    record docker "$peer" "$round" "$(elapsed "$start" "$end")"
+}
+
 # --- setup ----------------------------------------------------------------------
 
 lcfs_build
@@ -324,6 +343,7 @@ what = {
     "prepare-ctr": (f"2. prepare minus ctr: the snapshotter and the mount (s)", 0.25),
     "remove": (f"3. rm {writers} snapshots of {files} small files each, until reclaimed (s)", 0.25),
     "run": (f"4. {runs} x `ctr run --rm ... true` (s)", 0.9),
+    "docker": (f"5. {runs} x docker 26 `docker run --rm ... true` (s)", 0.9),
 }
 print(f"`sudo {command}` ({rounds} rounds)\n")
 print("| row | lcfs median (min-max) | overlayfs median (min-max) | ratio lcfs/overlayfs | per-round ratios | goal | verdict |")
@@ -331,7 +351,7 @@ print("|---|---|---|---|---|---|---|")
 if "prepare" in rows and "ctr" in rows:
     rows["prepare-ctr"] = {p: [a - b for a, b in zip(rows["prepare"].get(p, []), rows["ctr"].get(p, []))]
                            for p in ("lcfs", "overlayfs")}
-for key in ["import", "import+sync", "prepare", "ctr", "prepare-ctr", "remove", "run"]:
+for key in ["import", "import+sync", "prepare", "ctr", "prepare-ctr", "remove", "run", "docker"]:
     if key not in rows:
         continue
     l, o = rows[key].get("lcfs", []), rows[key].get("overlayfs", [])
@@ -347,5 +367,8 @@ for key in ["import", "import+sync", "prepare", "ctr", "prepare-ctr", "remove", 
 EOF
 cat "$out.md"
 say "done in $((SECONDS - bench_start)) s; raw results in $out, table in $out.md"
+for peer in "${!DOCKERD_PIDS[@]}"; do
+    dockerd_stop "$peer"
+done
 containerd_stop
 e2e_finish "containerd $("$CONTAINERD_BIN" --version | cut -d" " -f3): lcfs vs overlayfs"
