@@ -26,7 +26,7 @@
 #            image's committed snapshot.
 #   ctr      row prepare's fixed cost: N x two `ctr snapshots info TOP`
 #            (two ctr processes, one snapshotter call each, no mount); the
-#            table also shows prepare minus ctr, the snapshotter's share.
+#            table also shows prepare minus ctr: what is not the CLI.
 #   remove   N snapshots prepared from TOP, each mounted and given 5,000
 #            small files (untimed), then one `ctr snapshots rm` of all N and
 #            a garbage collection (see gc below), timed until the
