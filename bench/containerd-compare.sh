@@ -37,6 +37,11 @@
 #            debian:bench true` on a private dockerd 26.1 per peer, on the
 #            same containerd, image store in snapshotter X (the image is
 #            loaded once, untimed).
+#   build    (not in the default rows) a BuildKit build (`docker buildx
+#            build --no-cache`, dockerd 26's BuildKit) of a 6-step Dockerfile
+#            FROM debian:bench: 500 small files, a COPY of 200, 64 MiB of
+#            random bytes and their sha256sum, a check and an rm -rf, a
+#            chown -R; image and build cache removed after, untimed.
 # In every round each peer runs each row once, the peers' order rotating
 # from round to round. Prints a Markdown table (median over the rounds per
 # peer, ratio lcfs/overlayfs, the goal and its verdict) and keeps every raw
@@ -59,8 +64,8 @@ usage: bench/containerd-compare.sh [--quick] [--rounds N] [--rows LIST]
 
   --quick        2 rounds, --prepares 20 --writers 4 --runs 10
   --rounds N     rounds (default 3); the table shows their median
-  --rows LIST    comma-separated subset of import,prepare,ctr,remove,run,docker
-                 (default all but docker)
+  --rows LIST    comma-separated subset of import,prepare,ctr,remove,run,docker,
+                 build (default all but docker and build)
   --prepares N   prepare/mount/umount/remove cycles per measurement (default 50)
   --writers N    snapshots written and then removed (default 10)
   --files N      small files each writer snapshot gets (default 5000)
@@ -105,7 +110,7 @@ for number in "$rounds" "$prepares" "$writers" "$files" "$runs"; do
     [[ $number =~ ^[1-9][0-9]*$ ]] || die "'$number' is not a positive integer"
 done
 for row in "${row_list[@]}"; do
-    [[ $row =~ ^(import|prepare|ctr|remove|run|docker)$ ]] || die "unknown row '$row'"
+    [[ $row =~ ^(import|prepare|ctr|remove|run|docker|build)$ ]] || die "unknown row '$row'"
 done
 out=${out:-/var/tmp/lcfs-containerd-compare-$(date +%Y%m%d-%H%M%S).tsv}
 peers=(lcfs overlayfs)
@@ -116,7 +121,20 @@ bench_start=$SECONDS
 require_root
 require_commands python3 tar runc curl
 e2e_init
-if [[ ",$rows," == *,docker,* ]]; then containerd_tools docker; else containerd_tools; fi
+if [[ ",$rows," == *,docker,* || ",$rows," == *,build,* ]]; then
+    containerd_tools docker
+    # The buildx plugin, for docker 26's CLI: setup.sh unpacks Debian 13's
+    # docker-buildx beside docker.io (not pinned: --deb-dir does not know it).
+    buildx=$(compgen -G "$(dirname "$(deb_dir docker.io)")/docker-buildx-*/usr/libexec/docker/cli-plugins/docker-buildx" | head -n 1 || true)
+    if [[ ",$rows," == *,build,* && ! -x $buildx ]]; then
+        die "docker-buildx is not unpacked next to docker.io (scripts/setup.sh)"
+    fi
+    mkdir -p "$E2E_WORK/docker-config/cli-plugins"
+    [[ -z $buildx ]] || ln -s "$buildx" "$E2E_WORK/docker-config/cli-plugins/"
+    export DOCKER_CONFIG=$E2E_WORK/docker-config
+else
+    containerd_tools
+fi
 
 # --- helpers ------------------------------------------------------------------
 
@@ -270,12 +288,17 @@ row_run() {
     gc "$peer"
 }
 
+# docker_ready PEER: PEER's dockerd 26, started on first use, holding
+# debian:bench.
+docker_ready() {
+    [[ -z ${DOCKERD_PIDS[$1]:-} ]] || return 0
+    docker26_start "$1" "$1"
+    quietly docker26 "$1" load -i "$E2E_WORK/debian.tar" || die "docker load ($1) failed"
+}
+
 row_docker() {
     local peer=$1 round=$2 i start end
-    if [[ -z ${DOCKERD_PIDS[$peer]:-} ]]; then
-        docker26_start "$peer" "$peer"
-        quietly docker26 "$peer" load -i "$E2E_WORK/debian.tar" || die "docker load ($peer) failed"
-    fi
+    docker_ready "$peer"
     settle
     start=$(now)
     for ((i = 0; i < runs; i++)); do
@@ -283,6 +306,22 @@ row_docker() {
     done
     end=$(now)
     record docker "$peer" "$round" "$(elapsed "$start" "$end")"
+}
+
+# A BuildKit build (dockerd 26's own BuildKit, buildx's "docker" driver) of
+# $E2E_WORK/build, without cache; the image and the build cache are removed
+# after, untimed.
+row_build() {
+    local peer=$1 round=$2 start end
+    docker_ready "$peer"
+    settle
+    start=$(now)
+    quietly docker26 "$peer" buildx build --no-cache --network none -t built:bench "$E2E_WORK/build" ||
+        die "docker buildx build ($peer) failed"
+    end=$(now)
+    record build "$peer" "$round" "$(elapsed "$start" "$end")"
+    quietly docker26 "$peer" image rm built:bench || die "docker image rm ($peer) failed"
+    quietly docker26 "$peer" builder prune -af || die "docker builder prune ($peer) failed"
 }
 
 # --- setup ----------------------------------------------------------------------
@@ -310,6 +349,16 @@ with tarfile.open(out, "w") as tar:
         data = data[:100 + (i * 37) % 300]
         t = tarfile.TarInfo(f"small/d{i % 50}/f{i}"); t.size = len(data); t.mode = 0o644
         tar.addfile(t, io.BytesIO(data))
+EOF
+mkdir -p "$E2E_WORK/build/context"
+for i in $(seq 200); do echo "copied file $i" >"$E2E_WORK/build/context/c$i"; done
+cat >"$E2E_WORK/build/Dockerfile" <<'EOF'
+FROM debian:bench
+RUN mkdir /files && for i in $(seq 500); do echo "file $i" > /files/f$i; done
+COPY context/ /copied/
+RUN head -c 64M /dev/urandom > /big && sha256sum /big > /big.sum
+RUN sha256sum -c /big.sum && rm -rf /usr/share/doc /usr/share/man
+RUN chown -R 1000:1000 /files /copied
 EOF
 mkdir -p "$(dirname "$out")"
 printf 'row\tpeer\tround\tseconds\n' >"$out"
@@ -343,6 +392,7 @@ what = {
     "prepare-ctr": (f"2. prepare minus ctr: the snapshotter and the mount (s)", 0.25),
     "remove": (f"3. rm {writers} snapshots of {files} small files each, until reclaimed (s)", 0.25),
     "run": (f"4. {runs} x `ctr run --rm ... true` (s)", 0.9),
+    "build": ("5. BuildKit build, 6 steps, no cache (s)", None),
     "docker": (f"5. {runs} x docker 26 `docker run --rm ... true` (s)", 0.9),
 }
 print(f"`sudo {command}` ({rounds} rounds)\n")
@@ -351,7 +401,7 @@ print("|---|---|---|---|---|---|---|")
 if "prepare" in rows and "ctr" in rows:
     rows["prepare-ctr"] = {p: [a - b for a, b in zip(rows["prepare"].get(p, []), rows["ctr"].get(p, []))]
                            for p in ("lcfs", "overlayfs")}
-for key in ["import", "import+sync", "prepare", "ctr", "prepare-ctr", "remove", "run", "docker"]:
+for key in ["import", "import+sync", "prepare", "ctr", "prepare-ctr", "remove", "run", "docker", "build"]:
     if key not in rows:
         continue
     l, o = rows[key].get("lcfs", []), rows[key].get("overlayfs", [])
