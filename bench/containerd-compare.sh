@@ -6,6 +6,7 @@
 #   sudo bash bench/containerd-compare.sh                  # 3 rounds, N = 50 / 10 / 30
 #   sudo bash bench/containerd-compare.sh --quick          # 2 rounds, N = 20 / 4 / 10
 #   sudo bash bench/containerd-compare.sh --rows import,run --rounds 5
+#   sudo bash bench/containerd-compare.sh --rows docker,build  # docker 26 (opt-in)
 #
 # One containerd (scripts/e2e/lib-containerd.sh: own root, state, sockets,
 # pidfile), its root on a fresh ext4 in a sparse loop image under /var/tmp;
