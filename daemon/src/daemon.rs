@@ -12,8 +12,7 @@ use crate::device;
 use crate::error::{Error, Result};
 use crate::server::{self, Gate};
 use lcfs_engine::Config;
-use lcfs_fsfront::{KernelCache, LayerOps, Mount, MountOptions};
-use std::io;
+use lcfs_fsfront::{KernelCache, LayerOps, Mount, MountOptions, SharedMount};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -173,27 +172,6 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
     closed?;
     log::info!("checkpointed and unmounted; bye");
     Ok(())
-}
-
-/// The mount as the control socket and the Docker plugin see it; after
-/// the unmount there is nothing left to invalidate or write back.
-struct SharedMount(Arc<RwLock<Option<Mount>>>);
-
-impl KernelCache for SharedMount {
-    fn forget_layer_entry(&self, layer: &str) {
-        if let Some(m) = self.0.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            m.forget_layer_entry(layer);
-        }
-    }
-
-    fn write_back(&self) -> io::Result<()> {
-        // Under the read lock: the unmount (which takes the write lock)
-        // waits until the kernel has written back.
-        match self.0.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            Some(m) => m.write_back(),
-            None => Ok(()),
-        }
-    }
 }
 
 fn absolute(path: &Path) -> Result<PathBuf> {

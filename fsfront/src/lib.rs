@@ -11,5 +11,5 @@ mod socket;
 mod workers;
 
 pub use layers::{KernelCache, LayerError, LayerOps, NoMount};
-pub use mount::{lazy_unmount, mount, prepare_mountpoint, Mount, MountOptions};
+pub use mount::{lazy_unmount, mount, prepare_mountpoint, Mount, MountOptions, SharedMount};
 pub use socket::{claim_socket_path, ClaimError};

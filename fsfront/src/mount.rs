@@ -19,7 +19,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// Mode of the mount root, the directory of layers: root only.
@@ -378,4 +378,27 @@ fn unescape_mountinfo(field: &str) -> Vec<u8> {
         }
     }
     out
+}
+
+/// A mount shared by the daemon's front ends (control socket, Docker plugin,
+/// containerd snapshotter) and unmounted at shutdown by whoever holds the
+/// write lock: after the unmount there is nothing left to invalidate or write
+/// back.
+pub struct SharedMount(pub Arc<RwLock<Option<Mount>>>);
+
+impl crate::KernelCache for SharedMount {
+    fn forget_layer_entry(&self, layer: &str) {
+        if let Some(m) = self.0.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            m.forget_layer_entry(layer);
+        }
+    }
+
+    fn write_back(&self) -> io::Result<()> {
+        // Under the read lock: the unmount (which takes the write lock)
+        // waits until the kernel has written back.
+        match self.0.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(m) => m.write_back(),
+            None => Ok(()),
+        }
+    }
 }

@@ -11,8 +11,7 @@ mod common;
 
 use common::*;
 use lcfs_engine::Engine;
-use lcfs_fsfront::KernelCache;
-use lcfs_fsfront::{Mount as FuseMount, MountOptions};
+use lcfs_fsfront::{Mount as FuseMount, MountOptions, SharedMount};
 use lcfs_snapshotter::api::snapshots::Kind;
 use lcfs_snapshotter::api::types::Mount;
 use std::collections::BTreeMap;
@@ -29,23 +28,6 @@ fn require_root_and_fuse() {
         "mounts FUSE and bind mounts: must run as root"
     );
     assert!(Path::new("/dev/fuse").exists(), "needs /dev/fuse");
-}
-
-/// The mount as the daemon shares it with the snapshotter.
-struct SharedMount(Arc<RwLock<Option<FuseMount>>>);
-
-impl KernelCache for SharedMount {
-    fn forget_layer_entry(&self, layer: &str) {
-        if let Some(m) = self.0.read().unwrap().as_ref() {
-            m.forget_layer_entry(layer);
-        }
-    }
-    fn write_back(&self) -> std::io::Result<()> {
-        match self.0.read().unwrap().as_ref() {
-            Some(m) => m.write_back(),
-            None => Ok(()),
-        }
-    }
 }
 
 /// An engine, its FUSE mount, the snapshotter, a client and a work area.
