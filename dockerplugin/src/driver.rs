@@ -8,6 +8,7 @@
 //!   layers stay writable until they have children (ApplyDiff and BuildKit
 //!   write into them); a clone freezes its parent, Docker's invariant too.
 //! - CreateReadWrite does the same in the hot log (container layers).
+//! - Create, CreateReadWrite and Remove are durable when they answer.
 //! - Remove is idempotent, like overlay2's: an id that does not exist is
 //!   already removed (Docker calls Remove after a failed ApplyDiff, which
 //!   has already discarded the layer).
@@ -217,6 +218,7 @@ impl Driver {
                             err,
                         ),
                     })?;
+                self.make_durable(&r.id)?;
                 Ok(json!({}))
             }
             "GraphDriver.Remove" => {
@@ -224,6 +226,7 @@ impl Driver {
                 check_id(&r.id)?;
                 let _guard = self.claim(&r.id)?;
                 self.remove(&r.id)?;
+                self.make_durable(&r.id)?;
                 Ok(json!({}))
             }
             "GraphDriver.Get" => {
@@ -328,6 +331,17 @@ impl Driver {
         self.layers
             .write_back()
             .map_err(|e| layer_op_error("before reading the layers", e))
+    }
+
+    /// Docker records a Create, CreateReadWrite or Remove as soon as it is
+    /// answered, so the change is made durable first (one group-committed
+    /// checkpoint): a layer lost to a kill -9 breaks the container Docker
+    /// still has, and a removed layer that comes back is a child Docker
+    /// cannot see, which keeps its parent from ever being removed.
+    fn make_durable(&self, id: &str) -> Result<()> {
+        self.engine()
+            .sync()
+            .map_err(|e| Error::engine(format!("making the change to layer {id:?} durable"), e))
     }
 
     fn remove(&self, id: &str) -> Result<()> {

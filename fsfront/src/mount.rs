@@ -129,12 +129,17 @@ impl Mount {
             // last report (a write into a layer frozen while the file was
             // open, or a full device). The data of that write is gone, and
             // its writer is told at fsync or close; the caller's operation
-            // has nothing to do with it, so it goes on.
-            log::warn!(
-                "a cached write could not be written back to its layer (its writer \
-                 is told at fsync or close): {}",
-                io::Error::last_os_error()
-            );
+            // has nothing to do with it, so it goes on. ENOENT: the file's
+            // layer was removed, which discards its writes, as it should.
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENOENT) {
+                log::debug!("cached writes to a removed layer were dropped");
+            } else {
+                log::warn!(
+                    "a cached write could not be written back to its layer (its writer \
+                     is told at fsync or close): {err}"
+                );
+            }
         }
         Ok(())
     }

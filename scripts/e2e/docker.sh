@@ -175,6 +175,9 @@ expect "after kill -9 of lcfs: images" "hello|12|one|changed" "$( {
 } | paste -sd '|')"
 expect "after kill -9 of lcfs: multi-layer image" "$("${images[@]}" expect-multilayer)" \
     "$(d "${run[@]}" multilayer:1 sh -c 'find /data | sort')"
+# Docker kept the container it made just before the kill: its layers must be there.
+expect "after kill -9 of lcfs: the container made just before" "up" \
+    "$(d start running >/dev/null && d exec running echo up)"
 quietly lcfs_ctl fsck --online || fail "fsck after kill -9 found problems"
 
 # --- rm and rmi give the space back ----------------------------------------------------------
