@@ -119,12 +119,12 @@ impl Store {
         }
         self.checkpoint_seq = c.seq;
         self.counters.checkpoints += 1;
-        for s in c.freed {
-            if self.segs[s as usize].live_blocks == 0
-                && !self.streams.iter().any(|st| st.seg == Some(s))
-            {
-                self.free.insert(s);
-            }
+        if self.segment_pins > 0 {
+            // An online fsck reads an older checkpoint, which may still
+            // use these segments.
+            self.held_free.extend(c.freed);
+        } else {
+            self.make_free(c.freed);
         }
         self.durable_generation = self.durable_generation.max(c.generation);
         // Log writes that have completed give back their buffers.
@@ -132,7 +132,20 @@ impl Store {
         Ok(())
     }
 
+    /// Segments a landed checkpoint freed become reusable (unless a log
+    /// stream has opened one since).
+    pub(crate) fn make_free(&mut self, segments: impl IntoIterator<Item = u32>) {
+        for s in segments {
+            if self.segs[s as usize].live_blocks == 0
+                && !self.streams.iter().any(|st| st.seg == Some(s))
+            {
+                self.free.insert(s);
+            }
+        }
+    }
+
     fn checkpoint_prepare(&mut self) -> Result<CheckpointWrite> {
+        self.checkpoints_begun += 1;
         let seq = self.checkpoint_seq + 1;
         // 1. Layer records into the layer table.
         let dirty: Vec<u64> = std::mem::take(&mut self.dirty_layers).into_iter().collect();

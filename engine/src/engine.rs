@@ -11,7 +11,8 @@ use crate::device::{detect_signature, AlignedBuf, Device, DeviceStats, BLOCK_SIZ
 use crate::error::{Error, Result};
 use crate::format::Timestamp;
 use crate::fs::{Attr, DirEntry, LayerInfo, SetAttr, StatFs};
-use crate::read::execute_plan;
+use crate::metacache::{MetaCache, NameHit};
+use crate::read::{execute_plan, KnownBlock};
 use crate::store::{Config, Counters, Store, Temperature};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -50,6 +51,10 @@ pub struct Stats {
     pub block_cache_hits: u64,
     pub block_cache_misses: u64,
     pub block_cache_blocks: usize,
+    /// Lookups and getattrs answered without the store lock, and those
+    /// that took it.
+    pub metadata_cache_hits: u64,
+    pub metadata_cache_misses: u64,
     pub layers: usize,
     pub segments: u32,
     pub segments_free: usize,
@@ -77,6 +82,7 @@ struct Shared {
     store: Mutex<Store>,
     dev: Arc<dyn Device>,
     blocks: Arc<BlockCache>,
+    meta: Arc<MetaCache>,
     reuse: Arc<RwLock<()>>,
     commit_lock: Mutex<()>,
     crashed: AtomicBool,
@@ -201,6 +207,7 @@ impl Engine {
         );
         let shared = Arc::new(Shared {
             blocks: store.blocks.clone(),
+            meta: store.meta.clone(),
             reuse: store.reuse.clone(),
             store: Mutex::new(store),
             dev,
@@ -372,12 +379,25 @@ impl Engine {
 
     // ------------------------------------------------------------ files
 
+    /// Answers a repeated lookup of an unchanged layer without the store
+    /// lock (see the metadata cache in `metacache.rs`).
     pub fn lookup(&self, layer: u64, dir: u64, name: &[u8]) -> Result<Attr> {
+        if name.len() <= crate::fs::NAME_MAX {
+            match self.s.meta.lookup(layer, dir, name) {
+                Some(NameHit::Found(a)) => return Ok(a),
+                Some(NameHit::Missing) => return Err(Error::NotFound),
+                None => {}
+            }
+        }
         self.op_then_upkeep(|s| s.lookup(layer, dir, name))
     }
 
+    /// Answers a repeated getattr of an unchanged layer without the store lock.
     pub fn getattr(&self, layer: u64, ino: u64) -> Result<Attr> {
-        self.op_then_upkeep(|s| s.getattr(layer, ino))
+        if let Some(a) = self.s.meta.attr(layer, ino) {
+            return Ok(a);
+        }
+        self.op_then_upkeep(|s| s.getattr_kept(layer, ino))
     }
 
     pub fn setattr(&self, layer: u64, ino: u64, attr: &SetAttr) -> Result<Attr> {
@@ -517,7 +537,35 @@ impl Engine {
     }
 
     pub fn write(&self, layer: u64, ino: u64, offset: u64, data: &[u8]) -> Result<usize> {
-        self.op_then_upkeep(|s| s.write(layer, ino, offset, data, true))
+        self.write_with(layer, ino, offset, data, true)
+    }
+
+    /// A write whose edges cover part of a block merges with the block's
+    /// current bytes: those on the device are read first, without the store
+    /// lock (a failed read fails the write before it changed anything).
+    fn write_with(
+        &self,
+        layer: u64,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+        touch: bool,
+    ) -> Result<usize> {
+        let bs = BLOCK_SIZE as u64;
+        let end = offset.saturating_add(data.len() as u64);
+        let mut known = Vec::new();
+        if !data.is_empty() && (offset % bs != 0 || end % bs != 0) {
+            let reuse = self.s.reuse.clone();
+            let found = {
+                let mut s = self.lock();
+                s.partial_blocks_on_device(layer, ino, offset, data.len())?
+                    .map(|plan| (plan, reuse.read().unwrap_or_else(|p| p.into_inner())))
+            };
+            if let Some((plan, _guard)) = found {
+                known = KnownBlock::read_all(&*self.s.dev, &self.s.blocks, plan)?;
+            }
+        }
+        self.op_then_upkeep(|s| s.write(layer, ino, offset, data, touch, &known))
     }
 
     /// [`Engine::write`] that leaves mtime and ctime alone: for data a
@@ -531,7 +579,7 @@ impl Engine {
         offset: u64,
         data: &[u8],
     ) -> Result<usize> {
-        self.op_then_upkeep(|s| s.write(layer, ino, offset, data, false))
+        self.write_with(layer, ino, offset, data, false)
     }
 
     /// Promotion: makes bytes `offset..offset + data.len()` of file `ino` in
@@ -684,6 +732,8 @@ impl Engine {
             block_cache_hits: self.s.blocks.hits(),
             block_cache_misses: self.s.blocks.misses(),
             block_cache_blocks: self.s.blocks.len(),
+            metadata_cache_hits: self.s.meta.hits_and_misses().0,
+            metadata_cache_misses: self.s.meta.hits_and_misses().1,
             layers: s.layers.len(),
             segments: s.geo.segment_count,
             segments_free: s.free.len(),
@@ -695,10 +745,52 @@ impl Engine {
         }
     }
 
-    /// Verifies the whole structure (see [`crate::FsckReport`]).
+    /// Verifies the whole structure (see [`crate::FsckReport`]) as of a
+    /// checkpoint taken now, without the store lock: the check reads that
+    /// checkpoint from the device through a private read-only store while
+    /// the engine goes on, and the segments it may read are not reused
+    /// until it is done. A stopped engine (nothing changes any more, and
+    /// nothing can be checkpointed) is checked in memory, under the lock.
     pub fn fsck(&self, verify_data: bool) -> Result<crate::fsck::FsckReport> {
-        let mut s = self.lock();
-        crate::fsck::run(&mut s, verify_data)
+        if self.sync().is_err() {
+            let mut s = self.lock();
+            if s.failed.is_some() {
+                return crate::fsck::run(&mut s, verify_data);
+            }
+            drop(s);
+            self.sync()?;
+        }
+        let _pin = SegmentPin::new(self);
+        let mut snapshot = self.open_checkpoint()?;
+        crate::fsck::run(&mut snapshot, verify_data)
+    }
+
+    /// A read-only store of the newest checkpoint on the device, opened
+    /// while no checkpoint was written (one that lands meanwhile could
+    /// overwrite the segment table being read: then try again).
+    fn open_checkpoint(&self) -> Result<Store> {
+        let config = Config {
+            node_cache_bytes: 16 << 20,
+            block_cache_bytes: 0,
+            write_behind_segments: 0,
+            ..Config::default()
+        };
+        let quiet = || {
+            let s = self.lock();
+            (s.checkpoint_in_flight.is_none()).then_some(s.checkpoints_begun)
+        };
+        for _ in 0..1000 {
+            if let Some(before) = quiet() {
+                let snapshot = Store::open(self.s.dev.clone(), config.clone());
+                if quiet() == Some(before) {
+                    return snapshot;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Checkpoints without pause: open it under the lock (a few reads).
+        let _s = self.lock();
+        Store::open(self.s.dev.clone(), config)
     }
 
     /// Drops clean cached nodes and data blocks (for cold-cache measurements).
@@ -706,6 +798,7 @@ impl Engine {
         let mut s = self.lock();
         s.nodes.drop_clean();
         self.s.blocks.clear();
+        self.s.meta.clear();
     }
 
     /// Checkpoints and stops the background thread.
@@ -767,6 +860,28 @@ impl Engine {
     /// Timestamp helper for callers building SetAttr.
     pub fn now() -> Timestamp {
         Timestamp::now()
+    }
+}
+
+/// Holds segments freed by new checkpoints while an online fsck reads an
+/// older one; dropping it makes them reusable.
+struct SegmentPin<'a>(&'a Engine);
+
+impl<'a> SegmentPin<'a> {
+    fn new(e: &'a Engine) -> SegmentPin<'a> {
+        e.lock().segment_pins += 1;
+        SegmentPin(e)
+    }
+}
+
+impl Drop for SegmentPin<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.segment_pins -= 1;
+        if s.segment_pins == 0 {
+            let held = std::mem::take(&mut s.held_free);
+            s.make_free(held);
+        }
     }
 }
 

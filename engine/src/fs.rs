@@ -9,7 +9,7 @@
 use crate::device::BLOCK_SIZE;
 use crate::error::{Error, Result};
 use crate::format::*;
-use crate::read::{BlockSource, ReadPlan};
+use crate::read::{BlockSource, KnownBlock, ReadPlan};
 use crate::store::{Store, Temperature, Tree};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
@@ -487,6 +487,7 @@ impl Store {
             self.free_owned(layer, root)?;
         }
         self.remove_layer_metadata(layer)?;
+        self.meta.layer_changed(layer);
         self.layers.remove(&layer);
         self.layer_names.remove(&name);
         self.dirty_layers.remove(&layer);
@@ -566,14 +567,33 @@ impl Store {
         attr_of(ino, &i)
     }
 
+    /// [`Store::getattr`], keeping the answer for lock-free repeats.
+    pub(crate) fn getattr_kept(&mut self, layer: u64, ino: u64) -> Result<Attr> {
+        let version = self.meta.version(layer);
+        let a = self.getattr(layer, ino)?;
+        self.meta.put_attr(layer, ino, version, a);
+        Ok(a)
+    }
+
+    /// Looks `name` up in `dir`, keeping the answer (a missing name too)
+    /// for lock-free repeats.
     pub(crate) fn lookup(&mut self, layer: u64, dir: u64, name: &[u8]) -> Result<Attr> {
         if name.len() > NAME_MAX {
             return Err(Error::NameTooLong);
         }
+        let version = self.meta.version(layer);
         self.dir_inode(layer, dir)?;
         match self.dirent_get(layer, dir, name)? {
-            Some((ino, _)) => self.getattr(layer, ino),
-            None => Err(Error::NotFound),
+            Some((ino, _)) => {
+                let a = self.getattr(layer, ino)?;
+                self.meta.put_attr(layer, ino, version, a);
+                self.meta.put_name(layer, dir, name, version, Some(ino));
+                Ok(a)
+            }
+            None => {
+                self.meta.put_name(layer, dir, name, version, None);
+                Err(Error::NotFound)
+            }
         }
     }
 
@@ -716,7 +736,7 @@ impl Store {
                 self.lput(layer, Key::new(ino, KIND_SYMLINK, 0), t.to_vec())?;
             } else {
                 let i = self.inode(layer, ino)?;
-                self.write_data(layer, ino, i, 0, t, false)?;
+                self.write_data((layer, ino, i), 0, t, false, &[])?;
             }
         }
         self.dirent_put(layer, dir, name, ino, kind)?;
@@ -1109,8 +1129,13 @@ impl Store {
             return Ok(());
         }
         let zeros = vec![0u8; to - from];
-        let added =
-            self.write_blocks(layer, ino, block * BLOCK_SIZE as u64 + from as u64, &zeros)?;
+        let added = self.write_blocks(
+            layer,
+            ino,
+            block * BLOCK_SIZE as u64 + from as u64,
+            &zeros,
+            &[],
+        )?;
         debug_assert_eq!(added, 0, "the block existed");
         Ok(())
     }
@@ -1213,6 +1238,7 @@ impl Store {
         offset: u64,
         data: &[u8],
         touch: bool,
+        known: &[KnownBlock],
     ) -> Result<usize> {
         self.writable_layer(layer)?;
         let i = self.inode(layer, ino)?;
@@ -1221,19 +1247,58 @@ impl Store {
             Some(FileKind::Directory) => return Err(Error::IsDirectory),
             _ => return Err(Error::Invalid("not a regular file".into())),
         }
-        self.write_data(layer, ino, i, offset, data, touch)?;
+        self.write_data((layer, ino, i), offset, data, touch, known)?;
         Ok(data.len())
     }
 
-    /// Writes data and updates the inode `i` (read by the caller) once.
-    fn write_data(
+    /// Where the partial blocks at the edges of a write of `len` bytes at
+    /// `offset` are on the device, if any are (holes and blocks still in
+    /// the log buffer need no read). The caller reads them without the
+    /// lock and hands them to [`Store::write`] as [`KnownBlock`]s.
+    pub(crate) fn partial_blocks_on_device(
         &mut self,
         layer: u64,
         ino: u64,
-        mut i: InodeValue,
+        offset: u64,
+        len: usize,
+    ) -> Result<Option<ReadPlan>> {
+        let bs = BLOCK_SIZE as u64;
+        let Some(end) = offset.checked_add(len as u64).filter(|_| len > 0) else {
+            return Ok(None);
+        };
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        let mut edges = Vec::new();
+        if offset % bs != 0 || (first == last && end % bs != 0) {
+            edges.push(first);
+        }
+        if end % bs != 0 && last != first {
+            edges.push(last);
+        }
+        let mut blocks = Vec::new();
+        for b in edges {
+            if let Some(v) = self.lget(layer, Key::new(ino, KIND_EXTENT, b))? {
+                let e = ExtentValue::decode(&v)?;
+                if let src @ BlockSource::Device { .. } = self.block_source(e.lbn)? {
+                    blocks.push(src);
+                }
+            }
+        }
+        Ok((!blocks.is_empty()).then(|| ReadPlan {
+            skip: 0,
+            len: blocks.len() * BLOCK_SIZE,
+            blocks,
+        }))
+    }
+
+    /// Writes data and updates the inode `i` (read by the caller) once.
+    /// `touch`: set mtime and ctime; `known`: see [`Store::write_blocks`].
+    fn write_data(
+        &mut self,
+        (layer, ino, mut i): (u64, u64, InodeValue),
         offset: u64,
         data: &[u8],
         touch: bool,
+        known: &[KnownBlock],
     ) -> Result<()> {
         if data.is_empty() {
             return Ok(());
@@ -1245,7 +1310,7 @@ impl Store {
         let bs = BLOCK_SIZE as u64;
         let blocks = end.div_ceil(bs) - offset / bs;
         self.ensure_space(blocks, false)?;
-        i.blocks += self.write_blocks(layer, ino, offset, data)?;
+        i.blocks += self.write_blocks(layer, ino, offset, data, known)?;
         if end > i.size {
             i.size = end;
         }
@@ -1265,7 +1330,16 @@ impl Store {
     /// change the size. Space must have been ensured by the caller. The map
     /// and extent updates of the whole call go in as sorted runs.
     /// Returns how many blocks were added (were holes before).
-    fn write_blocks(&mut self, layer: u64, ino: u64, offset: u64, data: &[u8]) -> Result<u64> {
+    /// A partial block's current bytes in `known` (read before the lock was
+    /// taken) stand in for a device read when the block is still there.
+    fn write_blocks(
+        &mut self,
+        layer: u64,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+        known: &[KnownBlock],
+    ) -> Result<u64> {
         let bs = BLOCK_SIZE as u64;
         let temp = self.temperature(layer);
         let mut buf = crate::device::AlignedBuf::new(BLOCK_SIZE);
@@ -1304,13 +1378,19 @@ impl Store {
             } else {
                 match old {
                     Some(e) => {
-                        let plan = ReadPlan {
-                            skip: 0,
-                            len: BLOCK_SIZE,
-                            blocks: vec![self.block_source(e.lbn)?],
-                        };
-                        let cur = self.read_now(plan)?;
-                        buf.copy_from_slice(&cur);
+                        let src = self.block_source(e.lbn)?;
+                        match known.iter().find(|k| k.is(&src)) {
+                            Some(k) => buf.copy_from_slice(&k.bytes),
+                            None => {
+                                let plan = ReadPlan {
+                                    skip: 0,
+                                    len: BLOCK_SIZE,
+                                    blocks: vec![src],
+                                };
+                                let cur = self.read_now(plan)?;
+                                buf.copy_from_slice(&cur);
+                            }
+                        }
                     }
                     None => buf.fill(0),
                 }

@@ -17,6 +17,53 @@ pub(crate) enum BlockSource {
     Device { physical_block: u64, checksum: u64 },
 }
 
+/// A device block's bytes as read (and verified) without the store lock.
+pub(crate) struct KnownBlock {
+    pub physical_block: u64,
+    pub checksum: u64,
+    pub bytes: Vec<u8>,
+}
+
+impl KnownBlock {
+    /// Whether these are the bytes `src` names (the same device block with
+    /// the same checksum: it was not rewritten since).
+    pub fn is(&self, src: &BlockSource) -> bool {
+        matches!(src, BlockSource::Device { physical_block, checksum }
+            if *physical_block == self.physical_block && *checksum == self.checksum)
+    }
+
+    /// Reads a plan of device blocks (as made by
+    /// `Store::partial_blocks_on_device`) into one KnownBlock each.
+    pub fn read_all(
+        dev: &dyn Device,
+        cache: &BlockCache,
+        plan: ReadPlan,
+    ) -> Result<Vec<KnownBlock>> {
+        let ids: Vec<(u64, u64)> = plan
+            .blocks
+            .iter()
+            .filter_map(|b| match b {
+                BlockSource::Device {
+                    physical_block,
+                    checksum,
+                } => Some((*physical_block, *checksum)),
+                _ => None,
+            })
+            .collect();
+        debug_assert_eq!(ids.len(), plan.blocks.len(), "device blocks only");
+        let bytes = execute_plan(dev, cache, plan)?;
+        Ok(ids
+            .into_iter()
+            .zip(bytes.chunks(BLOCK_SIZE))
+            .map(|((physical_block, checksum), b)| KnownBlock {
+                physical_block,
+                checksum,
+                bytes: b.to_vec(),
+            })
+            .collect())
+    }
+}
+
 pub(crate) struct ReadPlan {
     /// Offset of the read within its first block.
     pub skip: usize,

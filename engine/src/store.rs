@@ -6,6 +6,7 @@ use crate::cache::{BlockCache, NodeCache};
 use crate::device::{AlignedBuf, Device, BLOCK_SIZE};
 use crate::error::{Error, Result};
 use crate::format::*;
+use crate::metacache::MetaCache;
 use crate::writer::{Inflight, SegmentWriter};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, RwLock};
@@ -201,6 +202,9 @@ pub(crate) struct Store {
     spare_buffers: Vec<AlignedBuf>,
     pub nodes: NodeCache,
     pub blocks: Arc<BlockCache>,
+    /// Lookup and getattr answers served without this lock; every change
+    /// to a layer invalidates that layer's (see [`MetaCache`]).
+    pub(crate) meta: Arc<MetaCache>,
     pub reuse: Arc<RwLock<()>>,
     pub counters: Counters,
     /// Set after a device write failed: the in-memory state may be ahead of
@@ -224,6 +228,13 @@ pub(crate) struct Store {
     pub durable_generation: u64,
     /// A checkpoint whose device writes run outside the store lock.
     pub(crate) checkpoint_in_flight: Option<crate::checkpoint::CheckpointInFlight>,
+    /// Checkpoints begun since open (an online fsck checks that none began
+    /// while it read the checkpoint it checks).
+    pub(crate) checkpoints_begun: u64,
+    /// Online fscks reading a checkpoint: while any does, segments a newer
+    /// checkpoint frees are held in `held_free` instead of being reused.
+    pub(crate) segment_pins: usize,
+    pub(crate) held_free: BTreeSet<u32>,
 }
 
 pub(crate) fn seg_table_checksum(segs: &[SegmentUsage]) -> u64 {
@@ -270,6 +281,7 @@ impl Store {
             spare_buffers: Vec::new(),
             nodes: NodeCache::new(config.node_cache_bytes),
             blocks: Arc::new(BlockCache::new(config.block_cache_bytes)),
+            meta: Arc::new(MetaCache::new(config.node_cache_bytes / 1024)),
             reuse: Arc::new(RwLock::new(())),
             counters: Counters::default(),
             failed: None,
@@ -282,6 +294,9 @@ impl Store {
             generation: 0,
             durable_generation: 0,
             checkpoint_in_flight: None,
+            checkpoints_begun: 0,
+            segment_pins: 0,
+            held_free: BTreeSet::new(),
             mutations: 0,
             #[cfg(any(test, feature = "testing"))]
             panic_in_next_change: false,
@@ -503,6 +518,7 @@ impl Store {
     /// Marks a layer record for the next checkpoint.
     pub fn mark_layer_dirty(&mut self, layer: u64) {
         self.note_mutation();
+        self.meta.layer_changed(layer);
         self.dirty_layers.insert(layer);
     }
 
@@ -946,6 +962,8 @@ impl Store {
                 Ok(v)
             }
             Tree::Layer(owner) => {
+                // Every change to a layer's tree starts here, at its root.
+                self.meta.layer_changed(owner);
                 let n = self.nodes.get(id).expect("loaded");
                 if n.owner == owner {
                     self.nodes.mark_dirty(id);

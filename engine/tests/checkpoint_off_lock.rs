@@ -1,10 +1,13 @@
 //! Device I/O without the store lock: while a sync waits on a slow flush,
-//! or the cleaner on a slow read of its victim segment, other layers are
-//! read, written and looked up; the sync still makes exactly what it covered
-//! durable, and the cleaner still moves every live block.
+//! the cleaner on a slow read of its victim segment, or an online fsck on
+//! its reads, other layers are read, written and looked up; the sync still
+//! makes exactly what it covered durable, the cleaner still moves every live
+//! block, and the fsck (which checks a checkpoint while the engine goes on)
+//! finds no problem that is not there, however much changes meanwhile.
 
 use lcfs_engine::device::{Device, DeviceStats, IoOp, MemDevice};
 use lcfs_engine::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -25,6 +28,9 @@ struct GatedFlush {
     gate: Mutex<(bool, u32)>,
     cv: Condvar,
     gate_reads_from: usize,
+    /// Only reads by the thread of this name, after its first `.1` reads.
+    only: Option<(&'static str, usize)>,
+    reads: AtomicUsize,
 }
 
 impl GatedFlush {
@@ -34,6 +40,24 @@ impl GatedFlush {
             gate: Mutex::new((false, 0)),
             cv: Condvar::new(),
             gate_reads_from,
+            only: None,
+            reads: AtomicUsize::new(0),
+        }
+    }
+    /// Gates the reads of one thread only, once it has made `after` reads.
+    fn reads_of_thread(inner: Arc<MemDevice>, name: &'static str, after: usize) -> GatedFlush {
+        GatedFlush {
+            only: Some((name, after)),
+            ..GatedFlush::new(inner, 0)
+        }
+    }
+    fn gates_read(&self, len: usize) -> bool {
+        match self.only {
+            Some((name, after)) => {
+                std::thread::current().name() == Some(name)
+                    && self.reads.fetch_add(1, Ordering::SeqCst) >= after
+            }
+            None => len >= self.gate_reads_from,
         }
     }
     fn pass(&self, gated: bool) {
@@ -67,13 +91,16 @@ impl Device for GatedFlush {
         self.inner.logical_block_size()
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.pass(buf.len() >= self.gate_reads_from);
+        self.pass(self.gates_read(buf.len()));
         self.inner.read_at(offset, buf)
     }
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.inner.write_at(offset, buf)
     }
     fn submit(&self, ops: &mut [IoOp<'_>]) -> Result<()> {
+        if self.only.is_some() && ops.iter().any(|o| matches!(o, IoOp::Read { .. })) {
+            self.pass(self.gates_read(0));
+        }
         self.inner.submit(ops)
     }
     fn flush(&self) -> Result<()> {
@@ -228,5 +255,76 @@ fn changes_and_reads_go_on_while_the_cleaner_reads_a_victim() {
             .all(|&x| x == 3));
     }
     assert_eq!(e.read(b, g.inode, 0, 6).unwrap(), b"during");
+    assert!(e.fsck(true).unwrap().is_clean());
+}
+
+/// An online fsck reads the checkpoint it checks without the store lock:
+/// while it waits on a read, other layers are read, written, synced and
+/// cleaned; segments the newer checkpoints free are not reused before the
+/// fsck is done (it would read someone else's blocks in them and report
+/// corruption that is not there), and are reusable after.
+#[test]
+fn changes_go_on_while_an_online_fsck_reads_and_it_sees_no_false_problems() {
+    const SEGMENT: u64 = 1 << 20;
+    let mem = Arc::new(MemDevice::new(48 << 20));
+    Engine::format(
+        mem.clone(),
+        &FormatOptions {
+            segment_size_bytes: SEGMENT,
+            ..FormatOptions::default()
+        },
+    )
+    .unwrap();
+    // The fsck thread's reads wait once it has opened the checkpoint.
+    let dev = Arc::new(GatedFlush::reads_of_thread(mem.clone(), "fsck", 16));
+    let e = Engine::open(dev.clone(), quiet()).unwrap();
+    let a = e.create_layer("a", false).unwrap();
+    let f = e.create(a, ROOT_INODE, b"data", 0o644, 0, 0).unwrap();
+    let first: Vec<u8> = (0..8 << 20).map(|i: u32| ((i * 7) >> 9) as u8).collect();
+    e.write(a, f.inode, 0, &first).unwrap();
+    e.sync().unwrap();
+
+    dev.set_closed(true);
+    let fsck = {
+        let e = e.clone();
+        std::thread::Builder::new()
+            .name("fsck".into())
+            .spawn(move || e.fsck(true))
+            .unwrap()
+    };
+    dev.wait_for_a_blocked_flush();
+    let (tx, rx) = mpsc::channel();
+    let worker = {
+        let e = e.clone();
+        std::thread::spawn(move || {
+            // Every block of the checked checkpoint's file dies, twice over,
+            // and the cleaner frees what it can.
+            for round in 1..=2u8 {
+                e.write(a, f.inode, 0, &vec![round; 8 << 20]).unwrap();
+                e.sync().unwrap();
+                e.clean(true, 64).unwrap();
+                e.sync().unwrap();
+            }
+            let g = e.create(a, ROOT_INODE, b"during", 0o644, 0, 0).unwrap();
+            assert_eq!(e.getattr(a, g.inode).unwrap().size, 0);
+            tx.send(()).unwrap();
+        })
+    };
+    let went_on = rx.recv_timeout(Duration::from_secs(60));
+    dev.set_closed(false);
+    worker.join().unwrap();
+    let report = fsck.join().unwrap().unwrap();
+    assert!(
+        went_on.is_ok(),
+        "changes waited for the online fsck: device I/O under the store lock"
+    );
+    assert!(report.is_clean(), "{:?}", report.errors);
+    assert!(report.data_blocks_verified >= 2048);
+    // The held segments are reusable now: the device takes the churn again.
+    for round in 3..=8u8 {
+        e.write(a, f.inode, 0, &vec![round; 8 << 20]).unwrap();
+        e.sync().unwrap();
+    }
+    assert_eq!(e.read(a, f.inode, 0, 8 << 20).unwrap(), vec![8u8; 8 << 20]);
     assert!(e.fsck(true).unwrap().is_clean());
 }

@@ -77,6 +77,45 @@ fn flipped_data_byte_reads_as_eio() {
     );
 }
 
+/// A write that covers part of a block merges with the block's bytes, read
+/// before the write changes anything (and without the store lock): a corrupt
+/// block fails that write with EIO, and the engine goes on (a read in the
+/// middle of the write would have left it half applied, stopping the engine).
+#[test]
+fn a_partial_write_onto_a_corrupt_block_fails_alone() {
+    let dev = Arc::new(FaultyDevice::new(32 << 20, FaultConfig::default()));
+    format(dev.clone(), 256 << 10);
+    let e = Engine::open(dev.clone(), quiet()).unwrap();
+    let l = e.create_layer("l", false).unwrap();
+    let f = e.create(l, ROOT_INODE, b"f", 0o644, 0, 0).unwrap();
+    let data = pattern(9, 3 * 4096);
+    e.write(l, f.inode, 0, &data).unwrap();
+    e.close().unwrap();
+    drop(e);
+    let image = dev.crash_image().snapshot();
+    let at = find(&image, &data[8192..8192 + 64]).expect("block on device") as u64;
+    dev.corrupt(at + 100, 0x40);
+    let e = Engine::open(dev.clone(), quiet()).unwrap();
+    let l = e.layer_id("l").unwrap();
+    // Whole first block, partial last: the last block is read first.
+    match e.write(l, f.inode, 0, &[5u8; 4096 + 4096 + 10]) {
+        Err(err) => assert_eq!(err.errno(), libc::EIO, "{err}"),
+        Ok(_) => panic!("merged with a corrupt block"),
+    }
+    assert_eq!(e.stats().read_only_reason, None);
+    assert_eq!(
+        e.read(l, f.inode, 0, 8192).unwrap(),
+        data[..8192],
+        "unchanged"
+    );
+    // Partial writes onto sound blocks, at both edges, still work.
+    e.write(l, f.inode, 100, &[6u8; 4096]).unwrap();
+    let mut want = data[..8192].to_vec();
+    want[100..4196].fill(6);
+    assert_eq!(e.read(l, f.inode, 0, 8192).unwrap(), want);
+    e.sync().unwrap();
+}
+
 #[test]
 fn corrupt_metadata_is_detected_and_superblock_falls_back() {
     let dev = Arc::new(FaultyDevice::new(32 << 20, FaultConfig::default()));
