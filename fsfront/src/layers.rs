@@ -1,11 +1,11 @@
-//! Layer operations done beside the mount (by the control socket and the
-//! Docker plugin), written once: each keeps the kernel's view of the mount
+//! Layer operations done beside the mount (by the control socket, the
+//! Docker plugin and the containerd snapshotter), written once: each keeps the kernel's view of the mount
 //! right. A layer is cloned, frozen or read only after the kernel has
 //! written back what it caches of writes (the writeback cache), and the
 //! kernel forgets its entry for a layer that was created, removed, frozen
 //! or filled, so the next lookup sees the change.
 
-use lcfs_engine::Engine;
+use lcfs_engine::{Engine, LayerMetadata};
 use std::fmt;
 use std::io;
 use std::sync::Arc;
@@ -101,12 +101,34 @@ impl LayerOps {
     /// the parent, so what the kernel caches of writes to it goes in first).
     /// `cold`: in the cold log (image layers).
     pub fn create(&self, name: &str, parent: Option<&str>, cold: bool) -> Result<(), LayerError> {
-        let result = match parent {
-            None => self.engine.create_layer(name, cold),
-            Some(parent) => {
+        self.create_with_metadata(name, parent, cold, None)
+    }
+
+    /// [`LayerOps::create`], with the layer's metadata set in the same
+    /// change when given.
+    pub fn create_with_metadata(
+        &self,
+        name: &str,
+        parent: Option<&str>,
+        cold: bool,
+        metadata: Option<&LayerMetadata>,
+    ) -> Result<(), LayerError> {
+        if let Some(parent) = parent {
+            // A frozen parent takes no writes: nothing cached to write back.
+            let frozen = self.engine.layer_info(parent).is_ok_and(|p| p.frozen);
+            if !frozen {
                 self.write_back()?;
-                self.engine.clone_layer_with(parent, name, cold)
             }
+        }
+        let result = match metadata {
+            Some(m) => self
+                .engine
+                .create_layer_with_metadata(name, parent, cold, m)
+                .map(|_| ()),
+            None => match parent {
+                None => self.engine.create_layer(name, cold).map(|_| ()),
+                Some(parent) => self.engine.clone_layer_with(parent, name, cold).map(|_| ()),
+            },
         };
         result.map_err(LayerError::Engine)?;
         self.kernel.forget_layer_entry(name);
@@ -115,9 +137,32 @@ impl LayerOps {
 
     /// Freezes layer `name` after writing back what the kernel caches.
     pub fn commit(&self, name: &str) -> Result<(), LayerError> {
+        self.commit_with_metadata(name, None)
+    }
+
+    /// [`LayerOps::commit`], replacing the layer's metadata in the same
+    /// change when given.
+    pub fn commit_with_metadata(
+        &self,
+        name: &str,
+        metadata: Option<&LayerMetadata>,
+    ) -> Result<(), LayerError> {
         self.write_back()?;
-        self.engine.commit_layer(name).map_err(LayerError::Engine)?;
+        match metadata {
+            Some(m) => self.engine.commit_layer_with_metadata(name, m),
+            None => self.engine.commit_layer(name),
+        }
+        .map_err(LayerError::Engine)?;
         // The layer directory's attributes change (it becomes read-only).
+        self.kernel.forget_layer_entry(name);
+        Ok(())
+    }
+
+    /// Freezes layer `name`, made just now and not yet written to (a
+    /// read-only view): nothing of it can be cached, so nothing is written
+    /// back.
+    pub fn freeze_new(&self, name: &str) -> Result<(), LayerError> {
+        self.engine.commit_layer(name).map_err(LayerError::Engine)?;
         self.kernel.forget_layer_entry(name);
         Ok(())
     }

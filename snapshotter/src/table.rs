@@ -14,7 +14,7 @@
 use crate::error::{Error, Result};
 use crate::filter::Filters;
 use lcfs_engine::{Engine, LayerMetadata, Timestamp};
-use lcfs_fsfront::KernelCache;
+use lcfs_fsfront::{KernelCache, LayerError, LayerOps};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -125,9 +125,9 @@ struct State {
 }
 
 pub struct Table {
-    engine: Arc<Engine>,
+    /// The engine and the mount's cache, kept right as layers change.
+    layers: LayerOps,
     mountpoint: PathBuf,
-    kernel: Arc<dyn KernelCache>,
     state: Mutex<State>,
     stop: Mutex<bool>,
     wake: Condvar,
@@ -214,6 +214,15 @@ impl Entry {
             created: self.created,
             updated: self.updated,
         }
+    }
+}
+
+/// A failed layer operation as the snapshotter reports it.
+fn layer_error(what: String, e: LayerError) -> Error {
+    match e {
+        LayerError::Engine(e) => Error::engine(what, e),
+        LayerError::WriteBack(e) => Error::io(format!("{what}: writing back cached writes"), e),
+        other => Error::io(what, std::io::Error::other(other.to_string())),
     }
 }
 
@@ -315,9 +324,8 @@ impl Table {
             state.pending.len()
         );
         Ok(Table {
-            engine,
+            layers: LayerOps::new(engine, kernel),
             mountpoint: mountpoint.to_path_buf(),
-            kernel,
             state: Mutex::new(state),
             stop: Mutex::new(false),
             wake: Condvar::new(),
@@ -329,7 +337,7 @@ impl Table {
     }
 
     fn sync(&self, what: &str) -> Result<()> {
-        self.engine
+        self.engine()
             .sync()
             .map_err(|e| Error::engine(format!("making {what} durable"), e))
     }
@@ -393,29 +401,28 @@ impl Table {
         loop {
             entry.layer = format!("{LAYER_PREFIX}{}", st.next_layer);
             st.next_layer += 1;
-            let made = self.engine.create_layer_with_metadata(
+            let made = self.layers.create_with_metadata(
                 &entry.layer,
                 parent_layer.as_deref(),
                 cold,
-                &metadata_of(key, &entry),
+                Some(&metadata_of(key, &entry)),
             );
             match made {
-                Ok(_) => break,
-                Err(lcfs_engine::Error::Exists) if tries < 64 => tries += 1,
-                Err(e) => return Err(Error::engine(format!("creating snapshot {key:?}"), e)),
+                Ok(()) => break,
+                Err(LayerError::Engine(lcfs_engine::Error::Exists)) if tries < 64 => tries += 1,
+                Err(e) => return Err(layer_error(format!("creating snapshot {key:?}"), e)),
             }
         }
         if kind == Kind::View {
             // Views are read-only in the layer itself, not only in the
             // mount options: a frozen layer refuses every write.
-            if let Err(e) = self.engine.commit_layer(&entry.layer) {
-                if let Err(e) = self.engine.remove_layer(&entry.layer) {
+            if let Err(e) = self.layers.freeze_new(&entry.layer) {
+                if let Err(e) = self.layers.remove(&entry.layer) {
                     log::warn!("discarding unfrozen view layer {:?}: {e}", entry.layer);
                 }
-                return Err(Error::engine(format!("freezing view {key:?}"), e));
+                return Err(layer_error(format!("freezing view {key:?}"), e));
             }
         }
-        self.kernel.forget_layer_entry(&entry.layer);
         if let Some(p) = &entry.parent {
             if let Some(p) = st.by_key.get_mut(p) {
                 p.children += 1;
@@ -448,10 +455,6 @@ impl Table {
         check_key("name", name)?;
         check_key("key", key)?;
         let labels = check_labels(labels)?;
-        // Writes the kernel still caches for the layer reach it before it freezes.
-        self.kernel
-            .write_back()
-            .map_err(|e| Error::io("writing back cached writes", e))?;
         let mut st = self.state();
         if st.by_key.contains_key(name) {
             return Err(Error::AlreadyExists(name.to_string()));
@@ -471,9 +474,11 @@ impl Table {
         committed.labels = labels;
         committed.created = now;
         committed.updated = now;
-        self.engine
-            .commit_layer_with_metadata(&committed.layer, &metadata_of(name, &committed))
-            .map_err(|err| Error::engine(format!("committing {key:?} as {name:?}"), err))?;
+        // Writes the kernel still caches for the layer reach it before it
+        // freezes.
+        self.layers
+            .commit_with_metadata(&committed.layer, Some(&metadata_of(name, &committed)))
+            .map_err(|err| layer_error(format!("committing {key:?} as {name:?}"), err))?;
         st.by_key.remove(key);
         st.by_key.insert(name.to_string(), committed);
         drop(st);
@@ -498,7 +503,7 @@ impl Table {
         meta.insert(META_REMOVED.into(), encode_time(Timestamp::now()));
         let layer = e.layer.clone();
         let parent = e.parent.clone();
-        self.engine
+        self.engine()
             .set_layer_metadata(&layer, &meta)
             .map_err(|err| Error::engine(format!("removing {key:?}"), err))?;
         st.by_key.remove(key);
@@ -554,7 +559,7 @@ impl Table {
         let mut entry = e.clone();
         entry.labels = check_labels(updated)?;
         entry.updated = Timestamp::now();
-        self.engine
+        self.engine()
             .set_layer_metadata(&entry.layer, &metadata_of(name, &entry))
             .map_err(|err| Error::engine(format!("updating {name:?}"), err))?;
         let info = entry.info(name);
@@ -565,7 +570,9 @@ impl Table {
     }
 
     /// From the engine's per-layer counters: O(1), no tree walk. Writes the
-    /// kernel still caches (writeback) are not counted yet.
+    /// kernel still caches (writeback) are not counted yet: CRI calls this
+    /// every few seconds for every container, too often to write back the
+    /// whole mount each time (docs/containerd.md).
     pub fn usage(&self, key: &str) -> Result<Usage> {
         let layer = {
             let st = self.state();
@@ -575,12 +582,12 @@ impl Table {
                 .ok_or_else(|| Error::NotFound(key.to_string()))?
         };
         let info = self
-            .engine
+            .engine()
             .layer_info(&layer)
             .map_err(|e| Error::engine(format!("usage of {key:?}"), e))?;
         let inherited = match &info.parent {
             Some(p) => self
-                .engine
+                .engine()
                 .layer_info(p)
                 .map(|p| p.inode_count)
                 .unwrap_or(0),
@@ -626,13 +633,12 @@ impl Table {
         // Each pass frees at least one layer or stops: bounded by the count.
         loop {
             let before = left.len();
-            left.retain(|layer| match self.engine.remove_layer(layer) {
-                Ok(()) | Err(lcfs_engine::Error::NotFound) => {
-                    self.kernel.forget_layer_entry(layer);
+            left.retain(|layer| match self.layers.remove(layer) {
+                Ok(()) | Err(LayerError::Engine(lcfs_engine::Error::NotFound)) => {
                     freed.push(layer.clone());
                     false
                 }
-                Err(lcfs_engine::Error::Busy(_)) => true,
+                Err(LayerError::Engine(lcfs_engine::Error::Busy(_))) => true,
                 Err(e) => {
                     log::warn!("freeing removed snapshot layer {layer:?}: {e}");
                     true
@@ -679,6 +685,6 @@ impl Table {
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
+        self.layers.engine()
     }
 }
