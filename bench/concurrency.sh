@@ -3,8 +3,10 @@
 # and as it was at BEFORE (default: the commit before checkpoints and the
 # cleaner moved their device I/O out of the store lock). As root.
 #  - engine: engine-concurrency (the current tool's source in both builds;
-#    only the engine differs): 1, 2, 4, 8 threads on separate layers, and
-#    4 KiB read latency alone, during checkpoints, during cleaning.
+#    only the engine differs): 1, 2, 4, 8 threads on separate layers;
+#    1, 2, 4, 8 threads of lookups + getattrs in clones of a frozen layer
+#    beside a writer; 4 KiB read latency alone, during checkpoints, during
+#    cleaning, during online fscks.
 #  - mount: each build's `lcfs daemon` on a fresh device file, T layers, fio
 #    with T jobs, one per layer directory (64 KiB random reads and writes,
 #    psync, an fsync every 64 writes, 64 MiB per job, time based), T = 1, 2,
@@ -25,7 +27,7 @@ while [[ $# -gt 0 ]]; do
         --before) before=$2; shift 2 ;;
         --rounds) rounds=$2; shift 2 ;;
         --seconds) seconds=$2; shift 2 ;;
-        -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "concurrency.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -117,18 +119,20 @@ import json, statistics, sys
 rows = {}
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    key = (r["test"], r["threads"]) if r["test"] in ("scaling", "mount") else ("read_latency", r["during"])
+    key = (r["test"], r["threads"]) if r["test"] in ("scaling", "mount", "metadata") else ("read_latency", r["during"])
     rows.setdefault(key, {}).setdefault(r["build"], []).append(r)
 print()
 print("| row | metric | before | after | after / before |")
 print("|---|---|---|---|---|")
 for key in sorted(rows, key=str):
-    metrics = {"scaling": ["write_mib_s", "ops_s"], "mount": ["rw_mib_s"]}.get(
+    metrics = {"scaling": ["write_mib_s", "ops_s"], "mount": ["rw_mib_s"],
+               "metadata": ["ops_s", "writer_mib_s"]}.get(
         key[0], ["p50_us", "p99_us", "p999_us", "max_us"])
     for m in metrics:
         b = statistics.median(r[m] for r in rows[key].get("before", []))
         a = statistics.median(r[m] for r in rows[key].get("after", []))
-        name = {"scaling": f"engine, {key[1]} threads", "mount": f"mount, {key[1]} fio jobs"}.get(
+        name = {"scaling": f"engine, {key[1]} threads", "mount": f"mount, {key[1]} fio jobs",
+                "metadata": f"lookup + getattr, {key[1]} threads beside a writer"}.get(
             key[0], f"4 KiB read during {key[1]}")
         print(f"| {name} | {m} | {b:.1f} | {a:.1f} | {a / b if b else float('nan'):.2f} |")
 PY

@@ -9,10 +9,16 @@
 //! Reports MiB/s written and read and operations per second, summed over the
 //! threads.
 //!
+//! Metadata: for each thread count T, T threads, each in its own clone of a
+//! frozen image layer of 1000 files, look a random file up and get its
+//! attributes, while one more thread writes and syncs on a layer of its own.
+//! Reports lookups + getattrs per second and the writer's MiB/s.
+//!
 //! Read latency: one thread reads 4 KiB of a cached file in a loop and
 //! records each read's latency (p50, p99, p99.9, max), (a) alone, (b) while another thread writes
 //! and syncs in a loop, (c) while another thread runs the cleaner over a
-//! device full of dead blocks.
+//! device full of dead blocks, (d) while another thread runs online fscks
+//! that verify every data block.
 //!
 //! Method, results and the before/after comparison: docs/benchmarks.md and
 //! bench/concurrency.sh.
@@ -35,8 +41,10 @@ const USAGE: &str = "\
 usage: engine-concurrency [--file PATH] [--seconds N] [--threads 1,2,4,8] [--seed N]
 
 Runs the engine with 1, 2, 4 and 8 threads on separate layers (64 KiB writes
-and reads, a sync every 64 writes) and then measures 4 KiB read latency alone,
-during checkpoints and during cleaning. Prints one JSON object per result.
+and reads, a sync every 64 writes), then 1, 2, 4 and 8 threads of lookups and
+getattrs beside a writer, then measures 4 KiB read latency alone, during
+checkpoints, during cleaning and during online fscks. Prints one JSON object
+per result.
 
   --file PATH     device file (created sparse, removed at the end)
                                        [default /var/tmp/lcfs-concurrency.img]
@@ -184,6 +192,86 @@ fn scaling(a: &Args, threads: usize) -> Result<(), String> {
     Ok(())
 }
 
+fn metadata(a: &Args, threads: usize) -> Result<(), String> {
+    const FILES: u64 = 1000;
+    let fx = fresh(&a.file)?;
+    let e = &fx.engine;
+    let image = e.create_layer("image", false).map_err(|e| e.to_string())?;
+    for i in 0..FILES {
+        let f = e
+            .create(image, ROOT_INODE, format!("f{i}").as_bytes(), 0o644, 0, 0)
+            .map_err(|e| e.to_string())?;
+        e.write(image, f.inode, 0, &[1u8; 100])
+            .map_err(|e| e.to_string())?;
+    }
+    e.commit_layer("image").map_err(|e| e.to_string())?;
+    let mut clones = Vec::new();
+    for t in 0..threads {
+        let name = format!("container{t}");
+        clones.push(e.clone_layer("image", &name).map_err(|e| e.to_string())?);
+    }
+    let (wl, wi) = layer_with_file(e, "writer")?;
+    e.sync().map_err(|e| e.to_string())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops = Arc::new(AtomicU64::new(0));
+    let written = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let writer = {
+        let (e, stop, written) = (e.clone(), stop.clone(), written.clone());
+        let seed = a.seed;
+        std::thread::spawn(move || -> Result<(), String> {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let data = vec![2u8; IO_BYTES];
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let at = rng.gen_range(0..FILE_BYTES / IO_BYTES as u64) * IO_BYTES as u64;
+                e.write(wl, wi, at, &data).map_err(|e| e.to_string())?;
+                written.fetch_add(IO_BYTES as u64, Ordering::Relaxed);
+                n += 1;
+                if n % 64 == 0 {
+                    e.sync().map_err(|e| e.to_string())?;
+                }
+            }
+            Ok(())
+        })
+    };
+    let readers: Vec<_> = clones
+        .into_iter()
+        .enumerate()
+        .map(|(t, layer)| {
+            let (e, stop, ops) = (e.clone(), stop.clone(), ops.clone());
+            let seed = a.seed.wrapping_add(100 + t as u64);
+            std::thread::spawn(move || -> Result<(), String> {
+                let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                while !stop.load(Ordering::Relaxed) {
+                    let name = format!("f{}", rng.gen_range(0..FILES));
+                    let found = e
+                        .lookup(layer, ROOT_INODE, name.as_bytes())
+                        .map_err(|e| e.to_string())?;
+                    e.getattr(layer, found.inode).map_err(|e| e.to_string())?;
+                    ops.fetch_add(2, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(a.seconds));
+    stop.store(true, Ordering::SeqCst);
+    for h in readers {
+        h.join().map_err(|_| "a reader panicked".to_string())??;
+    }
+    writer
+        .join()
+        .map_err(|_| "the writer panicked".to_string())??;
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{{\"test\":\"metadata\",\"threads\":{threads},\"ops_s\":{:.0},\"writer_mib_s\":{:.1}}}",
+        ops.load(Ordering::Relaxed) as f64 / secs,
+        written.load(Ordering::Relaxed) as f64 / (1 << 20) as f64 / secs
+    );
+    Ok(())
+}
+
 fn latency(a: &Args, during: &str) -> Result<(), String> {
     let fx = fresh(&a.file)?;
     let e = &fx.engine;
@@ -226,6 +314,12 @@ fn latency(a: &Args, during: &str) -> Result<(), String> {
                             std::thread::sleep(Duration::from_millis(1));
                         }
                     }
+                    "fsck" => {
+                        let report = e.fsck(true).map_err(|e| e.to_string())?;
+                        if !report.is_clean() {
+                            return Err(format!("fsck: {:?}", report.errors));
+                        }
+                    }
                     _ => std::thread::sleep(Duration::from_millis(10)),
                 }
                 rounds += 1;
@@ -264,7 +358,10 @@ fn run() -> Result<(), String> {
     for &t in &a.threads {
         scaling(&a, t)?;
     }
-    for during in ["idle", "checkpoints", "cleaning"] {
+    for &t in &a.threads {
+        metadata(&a, t)?;
+    }
+    for during in ["idle", "checkpoints", "cleaning", "fsck"] {
         latency(&a, during)?;
     }
     Ok(())
