@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every comparison in one command: the engine beside fio, the lcfs mount
-# beside kernel overlayfs and fuse-overlayfs, and dockerd 20.10 on lcfs beside
-# overlay2, fuse-overlayfs and btrfs; then one report with medians, spreads,
-# ratios to the best peer and charts of the container lifecycle.
+# beside kernel overlayfs and fuse-overlayfs, dockerd 20.10 on lcfs beside
+# overlay2, fuse-overlayfs and btrfs, and containerd 1.7 with the lcfs
+# snapshotter beside its overlayfs one; then one report with medians,
+# spreads, ratios to the best peer and charts of the container lifecycle.
 #
 #   sudo bash bench/compare.sh --quick --write-docs   # < 10 min
 #   sudo bash bench/compare.sh                        # full run, ~35 min
@@ -17,6 +18,8 @@
 #                                                   each started and stopped by it:
 #                                                   launch and tear down N containers
 #                                                   (N = 20..100), build, load
+#   4. bench/containerd-compare.sh                  containerd 1.7, both snapshotters:
+#                                                   import, prepare, remove, ctr run
 # Their raw outputs (JSON, TSV) go to one directory (--out-dir), and
 # target/release/lcfs-bench-report turns them into benchmarks-summary.md and
 # charts/*.png there; --write-docs writes those to docs/ instead.
@@ -33,7 +36,8 @@ usage: bench/compare.sh [--quick] [--out-dir DIR] [--write-docs] [--only LIST]
   --out-dir DIR  raw outputs, logs, the summary and the charts
                  (default /var/tmp/lcfs-compare-<time>)
   --write-docs   also write docs/benchmarks-summary.md and docs/charts/*.png
-  --only LIST    comma-separated subset of engine,fuse,docker (default all)
+  --only LIST    comma-separated subset of engine,fuse,docker,containerd
+                 (default all)
 Environment: LCFS_BIN (a built lcfs instead of target/release/lcfs).
 EOF
 }
@@ -42,7 +46,7 @@ command_line="bench/compare.sh${*:+ $*}"
 mode=full
 out_dir=""
 write_docs=0
-only=engine,fuse,docker
+only=engine,fuse,docker,containerd
 while [[ $# -gt 0 ]]; do
     case $1 in
         --quick) mode=quick ;;
@@ -56,7 +60,7 @@ while [[ $# -gt 0 ]]; do
 done
 IFS=, read -r -a only_list <<<"$only"
 for part in "${only_list[@]}"; do
-    [[ $part =~ ^(engine|fuse|docker)$ ]] || die "unknown part '$part'"
+    [[ $part =~ ^(engine|fuse|docker|containerd)$ ]] || die "unknown part '$part'"
 done
 runs() { [[ ",$only," == *",$1,"* ]]; }
 out_dir=${out_dir:-/var/tmp/lcfs-compare-$(date +%Y%m%d-%H%M%S)}
@@ -67,10 +71,12 @@ if [[ $mode == quick ]]; then
     engine_args=(--rounds 3 --size-bytes 512M --device-bytes 2G)
     fuse_args=(--quick --readers 10)
     docker_args=(--rounds 2 --counts "20,40" --build-mib 64)
+    containerd_args=(--rounds 2 --prepares 20 --writers 4 --runs 10)
 else
     engine_args=(--rounds 5)
     fuse_args=(--rounds 5)
     docker_args=(--rounds 3 --counts "20,40,60,80,100")
+    containerd_args=(--rounds 3)
 fi
 docker_args+=(--peers "lcfs,overlay2,fuse-overlayfs,btrfs")
 
@@ -123,6 +129,10 @@ if runs fuse; then
 fi
 if runs docker; then
     stage docker bash "$E2E_REPO/bench/docker-compare.sh" "${docker_args[@]}" --out "$out_dir/docker-compare.tsv"
+fi
+if runs containerd; then
+    stage containerd bash "$E2E_REPO/bench/containerd-compare.sh" "${containerd_args[@]}" \
+        --out "$out_dir/containerd-compare.tsv"
 fi
 say "measurements done in $((SECONDS - compare_start)) s"
 

@@ -1,5 +1,5 @@
 //! lcfs-bench-report turns a comparison run's raw outputs (fixtures in
-//! tests/fixtures/compare-run) into tables with medians, spreads and ratios
+//! tests/fixtures/compare-run: engine, mount, Docker and containerd) into tables with medians, spreads and ratios
 //! to the best peer, and into PNG charts of the container lifecycle.
 
 use lcfs_bench::report::{write_report, ReportOptions};
@@ -61,6 +61,18 @@ fn report_summarizes_a_comparison_run() {
     assert!(row(&md, "launch + tear down 40").ends_with("| overlay2 | **1.22** |"));
     assert!(row(&md, "classic build (DOCKER_BUILDKIT=0)").ends_with("| overlay2 | **1.60** |"));
 
+    // containerd: one row per measured row, labels from the stage's flags.
+    let import = row(&md, "`ctr images import` of the ~200 MB Debian image");
+    assert!(import.ends_with("| overlayfs | **1.27** |"), "{import}");
+    assert!(
+        row(&md, "20 x prepare + mount + umount + remove").ends_with("| overlayfs | **0.91** |")
+    );
+    assert!(row(&md, "10 x `ctr run --rm ... true`").ends_with("| overlayfs | **0.90** |"));
+    assert!(
+        !md.contains("BuildKit build"),
+        "rows not measured are not shown"
+    );
+
     for name in [
         "docker-launch.png",
         "docker-teardown.png",
@@ -95,6 +107,6 @@ fn a_missing_part_is_reported_as_not_run() {
     write_report(&options).unwrap();
     let md = std::fs::read_to_string(&options.output).unwrap();
     assert!(!md.contains("--quick"));
-    assert_eq!(md.matches("Not run, or it failed").count(), 2, "{md}");
+    assert_eq!(md.matches("Not run, or it failed").count(), 3, "{md}");
     assert!(!input.path().join("charts").exists());
 }

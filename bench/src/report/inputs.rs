@@ -1,6 +1,7 @@
 //! Reading what the comparison tools wrote: engine-vs-fio's `--json`
-//! summary, the TSV files of bench/fuse-compare.sh and
-//! bench/docker-compare.sh, and bench/compare.sh's stages.tsv.
+//! summary, the TSV files of bench/fuse-compare.sh,
+//! bench/docker-compare.sh and bench/containerd-compare.sh, and
+//! bench/compare.sh's stages.tsv.
 
 use super::ReportError;
 use serde_json::Value;
@@ -71,6 +72,31 @@ pub fn parse_fuse_tsv(text: &str) -> Result<Samples, ReportError> {
 /// outside the launch row.
 pub fn parse_docker_tsv(text: &str) -> Result<Samples, ReportError> {
     parse_tsv(text, "docker-compare.tsv", true)
+}
+
+/// bench/containerd-compare.sh: a header, then `row peer round seconds`;
+/// each row's metric is the row's name.
+pub fn parse_containerd_tsv(text: &str) -> Result<Samples, ReportError> {
+    let file = "containerd-compare.tsv";
+    let mut samples = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let n = index + 1;
+        if line.trim().is_empty() || (n == 1 && line.starts_with("row\t")) {
+            continue;
+        }
+        let [row, peer, round, seconds] = line.split('\t').collect::<Vec<_>>()[..] else {
+            return Err(bad(file, n, "expected 4 fields: row, peer, round, seconds"));
+        };
+        samples.push(Sample {
+            row: row.to_string(),
+            count: None,
+            round: number(file, n, "round", round)?,
+            peer: peer.to_string(),
+            metric: row.to_string(),
+            value: number(file, n, "seconds", seconds)?,
+        });
+    }
+    Ok(Samples(samples))
 }
 
 /// One sample per non-empty line: `row [count] round peer metric value`.
@@ -225,6 +251,16 @@ mod tests {
         assert_eq!(s.counts(), vec![20, 40]);
         assert_eq!(s.values("launch_s", "lcfs", Some(40)), vec![14.2]);
         assert_eq!(s.values("build_s", "btrfs", None), vec![20.0]);
+    }
+
+    #[test]
+    fn containerd_tsv_rows_are_their_own_metric() {
+        let text = "row\tpeer\tround\tseconds\nimport\tlcfs\t1\t4.9\nimport\toverlayfs\t1\t3.8\n";
+        let s = parse_containerd_tsv(text).unwrap();
+        assert_eq!(s.values("import", "lcfs", None), vec![4.9]);
+        assert_eq!(s.values("import", "overlayfs", None), vec![3.8]);
+        assert!(parse_containerd_tsv("row\tpeer\tround\tseconds\nimport\tlcfs\t1\n").is_err());
+        assert!(parse_containerd_tsv("import\tlcfs\tx\t1\n").is_err());
     }
 
     #[test]

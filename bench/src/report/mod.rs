@@ -11,8 +11,8 @@ mod table;
 
 pub use chart::lifecycle_charts;
 pub use inputs::{
-    parse_docker_tsv, parse_engine_json, parse_fuse_tsv, parse_stages, EngineResults, Samples,
-    Stage,
+    parse_containerd_tsv, parse_docker_tsv, parse_engine_json, parse_fuse_tsv, parse_stages,
+    EngineResults, Samples, Stage,
 };
 pub use stats::{best_peer, ratio_to_best_peer, Better, Summary};
 pub use table::{Row, Table};
@@ -86,6 +86,7 @@ fn read_optional(path: &Path) -> Result<Option<String>, ReportError> {
 
 const FUSE_PEERS: &[&str] = &["lcfs", "overlay", "fuse-overlayfs"];
 const DOCKER_PEERS: &[&str] = &["lcfs", "overlay2", "fuse-overlayfs", "btrfs"];
+const CONTAINERD_PEERS: &[&str] = &["lcfs", "overlayfs"];
 
 /// fuse-compare.sh's metrics that make rows: (metric, label, unit, better).
 fn fuse_rows(readers: &str) -> Vec<(String, String, &'static str, Better)> {
@@ -264,6 +265,9 @@ pub fn write_report(options: &ReportOptions) -> Result<(), ReportError> {
     let docker = read_optional(&dir.join("docker-compare.tsv"))?
         .map(|t| parse_docker_tsv(&t))
         .transpose()?;
+    let containerd = read_optional(&dir.join("containerd-compare.tsv"))?
+        .map(|t| parse_containerd_tsv(&t))
+        .transpose()?;
     let stage_command = |name: &str| {
         stages
             .iter()
@@ -409,6 +413,63 @@ pub fn write_report(options: &ReportOptions) -> Result<(), ReportError> {
             }
         }
         None => md.push_str("Not run, or it failed (see docker.log in the output directory).\n"),
+    }
+
+    md.push_str("\n## 4. containerd: the lcfs snapshotter vs overlayfs\n\n");
+    match &containerd {
+        Some(samples) => {
+            let flag = |name: &str, default: &str| {
+                stage_command("containerd")
+                    .and_then(|c| flag_value(&c, name).map(str::to_string))
+                    .unwrap_or_else(|| default.to_string())
+            };
+            md.push_str(
+                "`bench/containerd-compare.sh` (docs/benchmarks.md section 7): one private containerd 1.7 \
+                 with both snapshotters, a private registry, docker 26 for the docker rows. Seconds.\n\n",
+            );
+            let peers = present(samples, CONTAINERD_PEERS);
+            let (prepares, writers, files, runs) = (
+                flag("--prepares", "50"),
+                flag("--writers", "10"),
+                flag("--files", "5000"),
+                flag("--runs", "30"),
+            );
+            let rows = [
+                (
+                    "import",
+                    "`ctr images import` of the ~200 MB Debian image".to_string(),
+                ),
+                ("import+sync", "the same + sync".to_string()),
+                (
+                    "prepare",
+                    format!("{prepares} x prepare + mount + umount + remove"),
+                ),
+                (
+                    "ctr",
+                    format!("its ctr cost: {prepares} x two `ctr snapshots info`"),
+                ),
+                (
+                    "remove",
+                    format!(
+                        "remove {writers} snapshots of {files} small files each, until reclaimed"
+                    ),
+                ),
+                ("run", format!("{runs} x `ctr run --rm ... true`")),
+                (
+                    "docker",
+                    format!("{runs} x docker 26 `docker run --rm ... true`"),
+                ),
+                ("build", "BuildKit build, 6 steps, no cache".to_string()),
+            ]
+            .into_iter()
+            .filter(|(metric, _)| !samples.values(metric, "lcfs", None).is_empty())
+            .map(|(metric, label)| (metric.to_string(), label, "s", Better::Lower, None))
+            .collect();
+            md.push_str(&samples_table(samples, &peers, rows).to_markdown());
+        }
+        None => {
+            md.push_str("Not run, or it failed (see containerd.log in the output directory).\n")
+        }
     }
 
     if let Some(parent) = options.output.parent() {
