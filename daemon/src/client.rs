@@ -298,6 +298,15 @@ pub fn stats(socket: &Path, as_json: bool) -> Result<()> {
         s.block_cache.blocks
     );
     println!(
+        "lookups:      {} answered without the store lock, {} with it ({:.1}% without)",
+        s.metadata_cache.hits,
+        s.metadata_cache.misses,
+        percent(
+            s.metadata_cache.hits,
+            s.metadata_cache.hits + s.metadata_cache.misses
+        )
+    );
+    println!(
         "log:          {} blocks appended, {} checkpoints (sequence {})",
         s.engine.log_blocks_appended, s.engine.checkpoints, s.checkpoint_seq
     );

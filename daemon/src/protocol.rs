@@ -88,6 +88,9 @@ pub struct Stats {
     pub coalescing_ratio: f64,
     pub node_cache: NodeCache,
     pub block_cache: BlockCache,
+    /// Lookups and getattrs answered without the engine's store lock.
+    #[serde(default)]
+    pub metadata_cache: MetadataCache,
     pub layers: u64,
     pub segments: u64,
     pub segments_free: u64,
@@ -183,6 +186,12 @@ pub struct NodeCache {
     pub dirty_nodes: u64,
 }
 
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MetadataCache {
+    pub hits: u64,
+    pub misses: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BlockCache {
     pub hits: u64,
@@ -230,6 +239,10 @@ impl Stats {
                 hits: s.block_cache_hits,
                 misses: s.block_cache_misses,
                 blocks: s.block_cache_blocks as u64,
+            },
+            metadata_cache: MetadataCache {
+                hits: s.metadata_cache_hits,
+                misses: s.metadata_cache_misses,
             },
             layers: s.layers as u64,
             segments: u64::from(s.segments),
