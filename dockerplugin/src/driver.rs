@@ -302,7 +302,7 @@ impl Driver {
                 let r: IdRequest = parse(method, body)?;
                 check_id(&r.id)?;
                 self.write_back()?;
-                let changes = export::changes(e, &r.id, &r.parent)?;
+                let (changes, _) = export::changes(e, &r.id, &r.parent)?;
                 let list: Vec<Value> = changes
                     .iter()
                     .map(|c| {
@@ -318,7 +318,7 @@ impl Driver {
                 let r: IdRequest = parse(method, body)?;
                 check_id(&r.id)?;
                 self.write_back()?;
-                let changes = export::changes(e, &r.id, &r.parent)?;
+                let (changes, _) = export::changes(e, &r.id, &r.parent)?;
                 Ok(json!({ "Size": export::diff_size(e, &r.id, &changes)? }))
             }
             other => Err(Error::UnknownMethod(other.to_string())),
@@ -369,18 +369,22 @@ impl Driver {
         let r: IdRequest = parse("GraphDriver.Diff", body)?;
         check_id(&r.id)?;
         self.write_back()?;
-        let changes = export::changes(self.engine(), &r.id, &r.parent)?;
+        let (changes, against) = export::changes(self.engine(), &r.id, &r.parent)?;
         let mut recent = self.recent_diffs.lock().unwrap_or_else(|p| p.into_inner());
         recent.retain(|id| *id != r.id);
         recent.push_front(r.id.clone());
         recent.truncate(RECENT_DIFFS);
         drop(recent);
-        Ok(DiffPlan { id: r.id, changes })
+        Ok(DiffPlan {
+            id: r.id,
+            changes,
+            against,
+        })
     }
 
     /// GraphDriver.Diff, part two: streams the tar.
     pub fn write_diff(&self, plan: &DiffPlan, out: impl Write) -> Result<()> {
-        export::write_diff(self.engine(), &plan.id, &plan.changes, out)
+        export::write_diff(self.engine(), &plan.id, (&plan.changes, plan.against), out)
     }
 
     /// GraphDriver.ApplyDiff: unpacks `stream` into layer `id` (made by
@@ -507,6 +511,7 @@ fn drain_trailing(stream: &mut impl Read) -> Result<u64> {
 pub struct DiffPlan {
     id: String,
     changes: Vec<lcfs_engine::Change>,
+    against: export::Against,
 }
 
 /// A failed layer operation as a plugin error.

@@ -11,7 +11,7 @@
 //! own entries, not each name the old one had.
 
 use crate::error::{Error, Result};
-use crate::tree::{clean, lookup_exact};
+use crate::tree::{clean, list_dir, lookup_exact};
 use lcfs_engine::{Attr, Change, ChangeKind, Engine, FileKind};
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -21,22 +21,69 @@ use std::path::Path;
 
 const READ_CHUNK_BYTES: usize = 1 << 20;
 
-/// A layer's changes against `parent`, which must be the layer's own parent
-/// in the engine ("" for none): the engine records each layer's changes
-/// against its parent only.
-pub(crate) fn changes(engine: &Engine, id: &str, parent: &str) -> Result<Vec<Change>> {
+/// What a layer's changes are taken against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Against {
+    /// The layer's own parent: the engine's record of what the layer changed.
+    Parent,
+    /// Nothing (an empty parent in the request for a layer that has one):
+    /// everything the layer shows, its ancestors' files included, as
+    /// Docker's naive diff driver gives.
+    Nothing,
+}
+
+/// A layer's changes against `parent`: its own parent in the engine (fast:
+/// from what the engine recorded), or "" (everything it shows). Any other
+/// layer is refused: the engine records changes against the parent only.
+pub(crate) fn changes(engine: &Engine, id: &str, parent: &str) -> Result<(Vec<Change>, Against)> {
     let info = engine.layer_info(id).map_err(|e| layer_error(id, e))?;
     let actual = info.parent.as_deref().unwrap_or("");
-    if actual != parent {
-        return Err(Error::Unsupported(format!(
-            "layer {id:?} was created from {actual:?}, not {parent:?}: lcfs computes \
-             changes only against a layer's own parent"
-        )));
+    if actual == parent {
+        let changes = engine
+            .layer_changes(id)
+            .map_err(|e| Error::engine(format!("computing the changes of layer {id:?}"), e))?;
+        return Ok((with_ancestors(changes), Against::Parent));
     }
-    let changes = engine
-        .layer_changes(id)
-        .map_err(|e| Error::engine(format!("computing the changes of layer {id:?}"), e))?;
-    Ok(with_ancestors(changes))
+    if parent.is_empty() {
+        return Ok((everything(engine, info.id)?, Against::Nothing));
+    }
+    Err(Error::Unsupported(format!(
+        "layer {id:?} was created from {actual:?}, not {parent:?}: lcfs computes \
+         changes against a layer's own parent or against nothing (\"\")"
+    )))
+}
+
+/// Deepest directory nesting a full export walks (the kernel's PATH_MAX
+/// allows at most 2048 levels of one-byte names).
+const MAX_DEPTH: usize = 4096;
+
+/// Every entry a layer shows, as added, in path order (parents first).
+fn everything(engine: &Engine, layer: u64) -> Result<Vec<Change>> {
+    let mut out = Vec::new();
+    // (directory inode, its path, its depth)
+    let mut pending = vec![(lcfs_engine::ROOT_INODE, Vec::new(), 0usize)];
+    while let Some((dir, path, depth)) = pending.pop() {
+        if depth >= MAX_DEPTH {
+            return Err(Error::Unsupported(format!(
+                "a full export of layer {layer} goes deeper than {MAX_DEPTH} directories"
+            )));
+        }
+        for entry in list_dir(engine, layer, dir)? {
+            // Absolute, as the engine reports its own changes.
+            let mut child = path.clone();
+            child.push(b'/');
+            child.extend_from_slice(&entry.name);
+            if entry.kind == FileKind::Directory {
+                pending.push((entry.inode, child.clone(), depth + 1));
+            }
+            out.push(Change {
+                path: child,
+                kind: ChangeKind::Added,
+            });
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Adds the directories above every change (not the root) as modified, as
@@ -101,17 +148,18 @@ pub(crate) fn diff_size(engine: &Engine, id: &str, changes: &[Change]) -> Result
 }
 
 /// Writes the layer tar of `changes` (in path order, parents first).
+/// Against nothing, there is nothing to white out or to make opaque.
 pub(crate) fn write_diff(
     engine: &Engine,
     id: &str,
-    changes: &[Change],
+    (changes, against): (&[Change], Against),
     out: impl Write,
 ) -> Result<()> {
     let info = engine.layer_info(id).map_err(|e| layer_error(id, e))?;
     let layer = info.id;
-    let parent_layer = match &info.parent {
-        Some(p) => Some(engine.layer_id(p).map_err(|e| layer_error(p, e))?),
-        None => None,
+    let parent_layer = match (&info.parent, against) {
+        (Some(p), Against::Parent) => Some(engine.layer_id(p).map_err(|e| layer_error(p, e))?),
+        _ => None,
     };
     let io = |e: std::io::Error| Error::io(format!("writing the diff of layer {id:?}"), e);
     let mut builder = tar::Builder::new(out);

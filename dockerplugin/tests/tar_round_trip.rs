@@ -274,6 +274,77 @@ fn every_entry_kind_round_trips() {
     assert_eq!(p.diff("top", "base").1, diff);
 }
 
+/// In the graphdriver contract an empty parent means "against nothing":
+/// Diff, Changes and DiffSize of a layer that has a parent, asked against
+/// "", give everything the layer shows (its ancestors' files too, no
+/// whiteouts), consistent with each other; applied to an empty layer that
+/// tar rebuilds the same tree.
+#[test]
+fn diff_against_nothing_is_the_whole_layer() {
+    let p = Plugin::start();
+    p.create("base", "");
+    let r = p.apply("base", "", &base_tar(), false);
+    assert!(r.get("Err").is_none(), "{r}");
+    p.create("top", "base");
+    let r = p.apply("top", "base", &top_tar(), false);
+    assert!(r.get("Err").is_none(), "{r}");
+    let tree = walk(&p.engine, "top");
+
+    let (status, diff) = p.diff("top", "");
+    assert_eq!(status, 200);
+    let entries = read_tar(&diff);
+    assert!(
+        !entries
+            .iter()
+            .any(|e| e.path.rsplit('/').next().unwrap().starts_with(".wh.")),
+        "nothing to white out against nothing"
+    );
+    p.create("copy", "");
+    let r = p.apply("copy", "", &diff, false);
+    assert!(r.get("Err").is_none(), "{r}");
+    assert_eq!(walk(&p.engine, "copy"), tree);
+
+    // Changes: every path the layer shows, as added.
+    let changes = p.call("GraphDriver.Changes", r#"{"ID":"top","Parent":""}"#);
+    let listed: Vec<(String, u64)> = changes["Changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["Path"].as_str().unwrap().to_string(),
+                c["Kind"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let shown: Vec<String> = tree.keys().filter(|k| *k != "/").cloned().collect();
+    assert_eq!(
+        listed.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
+        shown
+    );
+    assert!(listed.iter().all(|(_, kind)| *kind == 1));
+    // DiffSize: the regular-file bytes of the Diff stream, each inode once.
+    let size = p.call("GraphDriver.DiffSize", r#"{"ID":"top","Parent":""}"#);
+    let in_stream: u64 = entries
+        .iter()
+        .filter(|e| e.kind == b'0')
+        .map(|e| e.content.len() as u64)
+        .sum();
+    assert_eq!(size, json!({"Size": in_stream}));
+    // Against the real parent it is still the layer's own changes.
+    let (_, own) = p.diff("top", "base");
+    assert!(read_tar(&own).iter().any(|e| e.path.contains(".wh.")));
+    // Any other layer is refused.
+    let r = p.call("GraphDriver.Changes", r#"{"ID":"top","Parent":"copy"}"#);
+    assert!(
+        r["Err"]
+            .as_str()
+            .unwrap()
+            .contains("own parent or against nothing"),
+        "{r}"
+    );
+}
+
 #[test]
 fn replaced_directory_exports_an_opaque_marker() {
     let p = Plugin::start();
