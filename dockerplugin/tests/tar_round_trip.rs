@@ -80,6 +80,25 @@ struct Node {
 
 /// Every path of a layer with what it holds (directory mtimes left out:
 /// unpacking below a directory the tar does not name changes them).
+/// GraphDriver.Changes of `id` against `parent`: (path, Docker's kind code).
+fn changes(p: &Plugin, id: &str, parent: &str) -> Vec<(String, u64)> {
+    let answer = p.call(
+        "GraphDriver.Changes",
+        &format!(r#"{{"ID":"{id}","Parent":"{parent}"}}"#),
+    );
+    answer["Changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["Path"].as_str().unwrap().to_string(),
+                c["Kind"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 fn walk(e: &Engine, layer: &str) -> BTreeMap<String, Node> {
     let l = e.layer_id(layer).unwrap();
     let mut out = BTreeMap::new();
@@ -187,18 +206,7 @@ fn every_entry_kind_round_trips() {
     assert_eq!(tree["/usr/sparse"].content[4 << 20], 0xab);
 
     // Changes, in Docker's codes.
-    let changes = p.call("GraphDriver.Changes", r#"{"ID":"top","Parent":"base"}"#);
-    let list: BTreeMap<String, u64> = changes["Changes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            (
-                c["Path"].as_str().unwrap().to_string(),
-                c["Kind"].as_u64().unwrap(),
-            )
-        })
-        .collect();
+    let list: BTreeMap<String, u64> = changes(&p, "top", "base").into_iter().collect();
     assert_eq!(list["/etc/gone"], 2);
     assert_eq!(list["/olddir"], 2);
     assert_eq!(list["/etc/passwd"], 0);
@@ -305,18 +313,7 @@ fn diff_against_nothing_is_the_whole_layer() {
     assert_eq!(walk(&p.engine, "copy"), tree);
 
     // Changes: every path the layer shows, as added.
-    let changes = p.call("GraphDriver.Changes", r#"{"ID":"top","Parent":""}"#);
-    let listed: Vec<(String, u64)> = changes["Changes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            (
-                c["Path"].as_str().unwrap().to_string(),
-                c["Kind"].as_u64().unwrap(),
-            )
-        })
-        .collect();
+    let listed = changes(&p, "top", "");
     let shown: Vec<String> = tree.keys().filter(|k| *k != "/").cloned().collect();
     assert_eq!(
         listed.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),

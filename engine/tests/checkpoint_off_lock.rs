@@ -115,6 +115,22 @@ impl Device for GatedFlush {
     }
 }
 
+const SEGMENT: u64 = 1 << 20;
+
+/// A memory device of `bytes`, formatted with SEGMENT-byte segments.
+fn formatted(bytes: u64) -> Arc<MemDevice> {
+    let mem = Arc::new(MemDevice::new(bytes));
+    Engine::format(
+        mem.clone(),
+        &FormatOptions {
+            segment_size_bytes: SEGMENT,
+            ..FormatOptions::default()
+        },
+    )
+    .unwrap();
+    mem
+}
+
 #[test]
 fn changes_and_reads_go_on_while_a_checkpoint_flushes() {
     let mem = Arc::new(MemDevice::new(128 << 20));
@@ -185,16 +201,7 @@ fn changes_and_reads_go_on_while_a_checkpoint_flushes() {
 
 #[test]
 fn changes_and_reads_go_on_while_the_cleaner_reads_a_victim() {
-    const SEGMENT: u64 = 1 << 20;
-    let mem = Arc::new(MemDevice::new(128 << 20));
-    Engine::format(
-        mem.clone(),
-        &FormatOptions {
-            segment_size_bytes: SEGMENT,
-            ..FormatOptions::default()
-        },
-    )
-    .unwrap();
+    let mem = formatted(128 << 20);
     // Only whole-segment reads wait: the cleaner's.
     let dev = Arc::new(GatedFlush::new(mem.clone(), SEGMENT as usize));
     let e = Engine::open(dev.clone(), quiet()).unwrap();
@@ -265,16 +272,7 @@ fn changes_and_reads_go_on_while_the_cleaner_reads_a_victim() {
 /// corruption that is not there), and are reusable after.
 #[test]
 fn changes_go_on_while_an_online_fsck_reads_and_it_sees_no_false_problems() {
-    const SEGMENT: u64 = 1 << 20;
-    let mem = Arc::new(MemDevice::new(48 << 20));
-    Engine::format(
-        mem.clone(),
-        &FormatOptions {
-            segment_size_bytes: SEGMENT,
-            ..FormatOptions::default()
-        },
-    )
-    .unwrap();
+    let mem = formatted(48 << 20);
     // The fsck thread's reads wait once it has opened the checkpoint.
     let dev = Arc::new(GatedFlush::reads_of_thread(mem.clone(), "fsck", 16));
     let e = Engine::open(dev.clone(), quiet()).unwrap();
