@@ -136,9 +136,7 @@ impl Store {
     /// stream has opened one since).
     pub(crate) fn make_free(&mut self, segments: impl IntoIterator<Item = u32>) {
         for s in segments {
-            if self.segs[s as usize].live_blocks == 0
-                && !self.streams.iter().any(|st| st.seg == Some(s))
-            {
+            if self.segs[s as usize].live_blocks == 0 && !self.log.is_open(s) {
                 self.free.insert(s);
             }
         }
@@ -199,7 +197,7 @@ impl Store {
         //    log write handed off so far.
         self.write_out(Temperature::Hot)?;
         self.write_out(Temperature::Cold)?;
-        let log_writes = self.inflight.iter().map(|f| f.done.clone()).collect();
+        let log_writes = self.log.pending_writes();
         // 5. Segment table blocks that changed, each into the copy not holding
         //    the newest valid version.
         let dirty_tables: Vec<u32> = std::mem::take(&mut self.segtable_dirty)
@@ -238,7 +236,7 @@ impl Store {
             segtable_start_block: self.geo.segtable_start_block,
             segtable_blocks: self.geo.segtable_blocks,
             checkpoint_seq: seq,
-            next_batch_seq: self.next_batch_seq,
+            next_batch_seq: self.log.next_batch_seq(),
             map_root_block,
             map_root_checksum: self.map_root_checksum,
             layer_table_root: self.layer_table_root,

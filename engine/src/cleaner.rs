@@ -67,7 +67,7 @@ impl Store {
     /// cost-benefit.
     fn victims(&self, urgent: bool) -> Vec<u32> {
         let seg_blocks = self.geo.segment_blocks as u64;
-        let now = self.next_batch_seq;
+        let now = self.log.next_batch_seq();
         let mut cands: Vec<(f64, u32)> = (0..self.geo.segment_count)
             .filter(|&s| self.may_clean(s))
             .filter(|&s| (self.segs[s as usize].live_blocks as u64) < seg_blocks * 95 / 100)
@@ -89,19 +89,7 @@ impl Store {
     /// Whether `seg` holds blocks that can be moved: not free, not waiting to
     /// be free, not being filled by a log stream.
     fn may_clean(&self, seg: u32) -> bool {
-        !self.free.contains(&seg)
-            && !self.pending_free.contains(&seg)
-            && !self.streams.iter().any(|st| st.seg == Some(seg))
-    }
-
-    /// Whether a write of `seg` is still in the writer's hands (its device
-    /// content is not yet what the engine wrote).
-    fn segment_in_flight(&self, seg: u32) -> bool {
-        let start = self.geo.segment_start(seg);
-        let end = start + self.geo.segment_blocks as u64;
-        self.inflight
-            .iter()
-            .any(|f| f.start_block < end && start < f.start_block + f.valid_blocks as u64)
+        !self.free.contains(&seg) && !self.pending_free.contains(&seg) && !self.log.is_open(seg)
     }
 
     /// Moving a segment with `live` blocks must fit without touching the
@@ -153,7 +141,7 @@ impl Store {
         Ok(self
             .victims(urgent)
             .into_iter()
-            .filter(|&seg| !self.segment_in_flight(seg))
+            .filter(|&seg| !self.log.segment_in_flight(seg))
             .take(max)
             .map(|seg| Victim {
                 seg,
@@ -176,7 +164,7 @@ impl Store {
             for (v, buf) in read {
                 let unchanged = s.may_clean(v.seg)
                     && s.segs[v.seg as usize].open_seq == v.open_seq
-                    && !s.segment_in_flight(v.seg);
+                    && !s.log.segment_in_flight(v.seg);
                 if !unchanged || !s.room_to_move(s.segs[v.seg as usize].live_blocks as u64) {
                     continue;
                 }

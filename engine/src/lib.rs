@@ -16,6 +16,7 @@ mod error;
 pub mod format;
 mod fs;
 mod fsck;
+mod log;
 mod metacache;
 mod metadata;
 mod promote;

@@ -6,9 +6,10 @@ use crate::cache::{BlockCache, NodeCache};
 use crate::device::{AlignedBuf, Device, BLOCK_SIZE};
 use crate::error::{Error, Result};
 use crate::format::*;
+use crate::log::Log;
+pub(crate) use crate::log::Temperature;
 use crate::metacache::MetaCache;
-use crate::writer::{Inflight, SegmentWriter};
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 /// Most entries `insert_sorted` puts into one leaf before splitting it.
@@ -97,39 +98,6 @@ impl Geometry {
     }
 }
 
-/// Which log a block goes to: hot (writable layers, metadata) or cold (image
-/// layers and cleaner output), so long-lived data does not mix with churn.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Temperature {
-    Hot = 0,
-    Cold = 1,
-}
-
-/// An open segment being filled in memory, written in large sequential writes.
-pub(crate) struct Stream {
-    pub seg: Option<u32>,
-    buf: AlignedBuf,
-    /// Blocks of `buf` in use (summaries included).
-    fill: usize,
-    /// Blocks of `buf` already on the device.
-    written: usize,
-    batch_at: Option<usize>,
-    batch: Vec<(BlockTag, u64)>,
-}
-
-impl Stream {
-    fn new(segment_blocks: u32) -> Stream {
-        Stream {
-            seg: None,
-            buf: AlignedBuf::new(segment_blocks as usize * BLOCK_SIZE),
-            fill: 0,
-            written: 0,
-            batch_at: None,
-            batch: Vec::new(),
-        }
-    }
-}
-
 /// Engine counters (device-level counters come from the device itself).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Counters {
@@ -182,7 +150,6 @@ pub(crate) struct Store {
     pub geo: Geometry,
     pub config: Config,
     pub checkpoint_seq: u64,
-    pub next_batch_seq: u64,
     pub map_root: u64,
     pub map_root_checksum: u64,
     pub layer_table_root: u64,
@@ -196,10 +163,7 @@ pub(crate) struct Store {
     pub(crate) segtable_dirty: BTreeSet<u32>,
     pub free: BTreeSet<u32>,
     pub pending_free: BTreeSet<u32>,
-    pub streams: [Stream; 2],
-    writer: Option<SegmentWriter>,
-    pub(crate) inflight: VecDeque<Inflight>,
-    spare_buffers: Vec<AlignedBuf>,
+    pub(crate) log: Log,
     pub nodes: NodeCache,
     pub blocks: Arc<BlockCache>,
     /// Lookup and getattr answers served without this lock; every change
@@ -243,27 +207,19 @@ pub(crate) fn seg_table_checksum(segs: &[SegmentUsage]) -> u64 {
 
 impl Store {
     fn empty(dev: Arc<dyn Device>, geo: Geometry, config: Config) -> Store {
-        let mut s = Store::empty_sync(dev.clone(), geo, config.clone());
-        if config.write_behind_segments > 0 {
-            match SegmentWriter::new(dev, config.write_behind_segments) {
-                Ok(w) => s.writer = Some(w),
-                Err(e) => {
-                    log::warn!("no write-behind thread ({e}); writing segments synchronously")
-                }
-            }
-        }
+        let mut s = Store::empty_sync(dev, geo, config);
+        s.log.start_writer();
         s
     }
 
     fn empty_sync(dev: Arc<dyn Device>, geo: Geometry, config: Config) -> Store {
         let n = geo.segment_count as usize;
         let tb = geo.segtable_blocks as usize;
-        let sb = geo.segment_blocks;
         Store {
+            log: Log::new(dev.clone(), &geo, config.write_behind_segments),
             dev,
             config: config.clone(),
             checkpoint_seq: 0,
-            next_batch_seq: 1,
             map_root: 0,
             map_root_checksum: 0,
             layer_table_root: 0,
@@ -275,10 +231,6 @@ impl Store {
             segtable_dirty: (0..tb as u32).collect(),
             free: (0..geo.segment_count).collect(),
             pending_free: BTreeSet::new(),
-            streams: [Stream::new(sb), Stream::new(sb)],
-            writer: None,
-            inflight: VecDeque::new(),
-            spare_buffers: Vec::new(),
             nodes: NodeCache::new(config.node_cache_bytes),
             blocks: Arc::new(BlockCache::new(config.block_cache_bytes)),
             meta: Arc::new(MetaCache::new(config.node_cache_bytes / 1024)),
@@ -375,7 +327,7 @@ impl Store {
         };
         let mut s = Store::empty(dev, geo, config);
         s.checkpoint_seq = sb.checkpoint_seq;
-        s.next_batch_seq = sb.next_batch_seq;
+        s.log.set_next_batch_seq(sb.next_batch_seq);
         s.map_root = if sb.map_root_block == 0 {
             0
         } else {
@@ -543,7 +495,7 @@ impl Store {
         debug_assert!(u.live_blocks > 0, "segment {seg} live count underflow");
         u.live_blocks = u.live_blocks.saturating_sub(1);
         self.segtable_dirty.insert(seg / SEGTABLE_ENTRIES as u32);
-        if u.live_blocks == 0 && !self.streams.iter().any(|s| s.seg == Some(seg)) {
+        if u.live_blocks == 0 && !self.log.is_open(seg) {
             // Reusable only once a checkpoint no longer references it.
             self.pending_free.insert(seg);
         }
@@ -552,13 +504,7 @@ impl Store {
     /// Blocks that can still be written before the device is full.
     pub fn available_blocks(&self) -> u64 {
         let seg = self.geo.segment_blocks as u64;
-        let open: u64 = self
-            .streams
-            .iter()
-            .filter(|s| s.seg.is_some())
-            .map(|s| seg - s.fill as u64)
-            .sum();
-        self.free.len() as u64 * seg + open
+        self.free.len() as u64 * seg + self.log.open_room_blocks()
     }
 
     /// Blocks held back for checkpoints and the cleaner.
@@ -579,6 +525,12 @@ impl Store {
         self.segs.iter().map(|u| u.live_blocks as u64).sum()
     }
 
+    /// Stops the engine on a log error: every one is a device error, after
+    /// which the in-memory log is ahead of the device.
+    fn log_result<T>(&mut self, r: Result<T>) -> Result<T> {
+        r.or_else(|e| self.fail(e))
+    }
+
     fn open_segment(&mut self, t: Temperature) -> Result<u32> {
         let Some(&seg) = self.free.iter().next() else {
             return Err(Error::NoSpace);
@@ -590,72 +542,34 @@ impl Store {
         self.blocks
             .invalidate_range(start, start + self.geo.segment_blocks as u64);
         let u = &mut self.segs[seg as usize];
-        u.open_seq = self.next_batch_seq;
+        u.open_seq = self.log.next_batch_seq();
         self.segtable_dirty.insert(seg / SEGTABLE_ENTRIES as u32);
-        let st = &mut self.streams[t as usize];
-        st.seg = Some(seg);
-        st.fill = 0;
-        st.written = 0;
-        st.batch_at = None;
-        st.batch.clear();
+        self.log.start_segment(t, seg);
         Ok(seg)
-    }
-
-    fn close_batch(&mut self, t: Temperature) {
-        let seq = self.next_batch_seq;
-        let st = &mut self.streams[t as usize];
-        let (Some(at), Some(seg)) = (st.batch_at, st.seg) else {
-            return;
-        };
-        let self_block = self.geo.segment_start(seg) + at as u64;
-        let s = Summary {
-            self_block,
-            seq,
-            entries: std::mem::take(&mut st.batch),
-        };
-        s.encode(&mut st.buf[at * BLOCK_SIZE..(at + 1) * BLOCK_SIZE]);
-        st.batch_at = None;
-        self.next_batch_seq += 1;
     }
 
     /// Writes the unwritten part of a stream's segment in one device write.
     pub fn write_out(&mut self, t: Temperature) -> Result<()> {
-        self.close_batch(t);
-        let st = &self.streams[t as usize];
-        let Some(seg) = st.seg else { return Ok(()) };
-        if st.written == st.fill {
-            return Ok(());
-        }
-        let start_block = self.geo.segment_start(seg) + st.written as u64;
-        let tail = &st.buf[st.written * BLOCK_SIZE..st.fill * BLOCK_SIZE];
-        if let Some(writer) = &self.writer {
-            // The writer thread writes a copy, so the store lock is not held
-            // across device I/O; the copy serves reads until it is written.
-            let mut buf = AlignedBuf::new(tail.len());
-            buf.copy_from_slice(tail);
-            let valid_blocks = tail.len() / BLOCK_SIZE;
-            let buf = Arc::new(buf);
-            let done = writer.submit(start_block, buf.clone(), 0, valid_blocks);
-            self.inflight.push_back(Inflight {
-                start_block,
-                valid_blocks,
-                buf,
-                done,
-            });
-        } else if let Err(e) = self.dev.write_at(start_block * BLOCK_SIZE as u64, tail) {
-            return self.fail(e);
-        }
-        let st = &mut self.streams[t as usize];
-        st.written = st.fill;
-        Ok(())
+        let r = self.log.write_out(t);
+        self.log_result(r)
     }
 
     fn retire_stream(&mut self, t: Temperature) -> Result<()> {
         self.write_out(t)?;
-        if let Some(seg) = self.streams[t as usize].seg.take() {
+        if let Some(seg) = self.log.detach(t) {
             if self.segs[seg as usize].live_blocks == 0 {
                 self.pending_free.insert(seg);
             }
+        }
+        Ok(())
+    }
+
+    /// Makes sure stream `t` can take one more block, retiring its full
+    /// segment and opening a new one if needed.
+    fn make_room(&mut self, t: Temperature) -> Result<()> {
+        if !self.log.has_room(t) {
+            self.retire_stream(t)?;
+            self.open_segment(t)?;
         }
         Ok(())
     }
@@ -670,137 +584,47 @@ impl Store {
     ) -> Result<u64> {
         debug_assert_eq!(data.len(), BLOCK_SIZE);
         self.note_mutation();
-        let seg_blocks = self.geo.segment_blocks as usize;
-        {
-            let st = &self.streams[t as usize];
-            let room =
-                st.seg.is_some() && st.fill + usize::from(st.batch_at.is_none()) < seg_blocks;
-            if !room {
-                self.retire_stream(t)?;
-                self.open_segment(t)?;
-            }
-        }
-        let st = &mut self.streams[t as usize];
-        if st.batch_at.is_none() {
-            st.batch_at = Some(st.fill);
-            st.fill += 1;
-        }
-        let at = st.fill;
-        st.buf[at * BLOCK_SIZE..(at + 1) * BLOCK_SIZE].copy_from_slice(data);
-        st.batch.push((tag, checksum));
-        st.fill += 1;
-        let seg = st.seg.expect("stream has a segment");
-        let full_batch = st.batch.len() == SUMMARY_ENTRIES;
-        let full_seg = st.fill == seg_blocks;
-        self.segs[seg as usize].live_blocks += 1;
-        self.segtable_dirty.insert(seg / SEGTABLE_ENTRIES as u32);
+        self.make_room(t)?;
+        let p = self.log.push(t, tag, data, checksum);
+        self.segs[p.seg as usize].live_blocks += 1;
+        self.segtable_dirty.insert(p.seg / SEGTABLE_ENTRIES as u32);
         self.counters.log_blocks_appended += 1;
-        if full_batch {
-            self.close_batch(t);
-        }
-        if full_seg {
-            if self.writer.is_some() {
+        if p.segment_full {
+            if self.log.writes_behind() {
                 self.hand_off(t)?;
             } else {
                 self.write_out(t)?;
             }
         }
-        Ok(self.geo.segment_start(seg) + at as u64)
+        Ok(p.block)
     }
 
     /// Gives a full segment to the writer thread and detaches it from the stream.
     fn hand_off(&mut self, t: Temperature) -> Result<()> {
-        self.close_batch(t);
-        let seg_bytes = self.geo.segment_blocks as usize * BLOCK_SIZE;
-        let fresh = self
-            .spare_buffers
-            .pop()
-            .unwrap_or_else(|| AlignedBuf::new(seg_bytes));
-        let st = &mut self.streams[t as usize];
-        let seg = st.seg.take().expect("full stream has a segment");
-        let (from, to) = (st.written, st.fill);
-        let buf = Arc::new(std::mem::replace(&mut st.buf, fresh));
-        st.fill = 0;
-        st.written = 0;
-        st.batch_at = None;
+        let seg = self.log.hand_off(t);
         if self.segs[seg as usize].live_blocks == 0 {
             self.pending_free.insert(seg);
         }
-        let start_block = self.geo.segment_start(seg);
-        if from < to {
-            let writer = self.writer.as_ref().expect("write-behind on");
-            let done = writer.submit(start_block, buf.clone(), from, to);
-            self.inflight.push_back(Inflight {
-                start_block,
-                valid_blocks: to,
-                buf,
-                done,
-            });
-        }
-        let limit = self.config.write_behind_segments;
-        while self.inflight.len() > limit {
-            self.reap_one()?;
-        }
-        while self.inflight.front().is_some_and(|f| f.done.is_done()) {
-            self.reap_one()?;
-        }
-        Ok(())
-    }
-
-    fn reap_one(&mut self) -> Result<()> {
-        let Some(f) = self.inflight.pop_front() else {
-            return Ok(());
-        };
-        if let Err(m) = f.done.wait() {
-            return self.fail(Error::Io(std::io::Error::other(m)));
-        }
-        let seg_bytes = self.geo.segment_blocks as usize * BLOCK_SIZE;
-        if let Ok(b) = Arc::try_unwrap(f.buf) {
-            // Only whole segment buffers are reused (a written-out stream
-            // tail is a smaller copy).
-            if b.len() == seg_bytes && self.spare_buffers.len() <= self.config.write_behind_segments
-            {
-                self.spare_buffers.push(b);
-            }
-        }
-        Ok(())
+        let r = self.log.reap_to_limit();
+        self.log_result(r)
     }
 
     /// Gives back the buffers of log writes that have completed, without
     /// waiting for any.
     pub(crate) fn reap_finished(&mut self) -> Result<()> {
-        while self.inflight.front().is_some_and(|f| f.done.is_done()) {
-            self.reap_one()?;
-        }
-        Ok(())
+        let r = self.log.reap_finished();
+        self.log_result(r)
     }
 
     /// Waits for every handed-off segment write.
     pub fn wait_inflight(&mut self) -> Result<()> {
-        while !self.inflight.is_empty() {
-            self.reap_one()?;
-        }
-        Ok(())
+        let r = self.log.wait_inflight();
+        self.log_result(r)
     }
 
     /// The bytes of `block` if it is still in a stream buffer.
     pub fn buffered_block(&self, block: u64) -> Option<&[u8]> {
-        for f in &self.inflight {
-            if block >= f.start_block && block < f.start_block + f.valid_blocks as u64 {
-                let i = (block - f.start_block) as usize;
-                return Some(&f.buf[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]);
-            }
-        }
-        for st in &self.streams {
-            if let Some(seg) = st.seg {
-                let start = self.geo.segment_start(seg);
-                if block >= start && block < start + st.fill as u64 {
-                    let i = (block - start) as usize;
-                    return Some(&st.buf[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]);
-                }
-            }
-        }
-        None
+        self.log.buffered_block(block)
     }
 
     /// Reads one block (stream buffers first), into a fresh aligned buffer.
@@ -1514,16 +1338,8 @@ impl Store {
     /// The physical block the next append to stream `t` will use, opening a
     /// segment first if needed (a node must name its own address).
     fn peek_next_block(&mut self, t: Temperature) -> Result<u64> {
-        let seg_blocks = self.geo.segment_blocks as usize;
-        let st = &self.streams[t as usize];
-        let room = st.seg.is_some() && st.fill + usize::from(st.batch_at.is_none()) < seg_blocks;
-        if !room {
-            self.retire_stream(t)?;
-            self.open_segment(t)?;
-        }
-        let st = &self.streams[t as usize];
-        let at = st.fill + usize::from(st.batch_at.is_none());
-        Ok(self.geo.segment_start(st.seg.expect("open")) + at as u64)
+        self.make_room(t)?;
+        Ok(self.log.next_block(t))
     }
 
     /// Drops clean nodes over budget; checkpoints when dirty nodes pass their limit.
