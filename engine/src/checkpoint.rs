@@ -21,7 +21,7 @@
 use crate::device::{AlignedBuf, Device, IoOp, BLOCK_SIZE};
 use crate::error::{Error, Result};
 use crate::format::*;
-use crate::store::{seg_table_checksum, Store, Temperature, Tree, PHYS_TAG, VIRT_TAG};
+use crate::store::{Store, Temperature, Tree, PHYS_TAG, VIRT_TAG};
 use crate::writer::Completion;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -119,27 +119,13 @@ impl Store {
         }
         self.checkpoint_seq = c.seq;
         self.counters.checkpoints += 1;
-        if self.segment_pins > 0 {
-            // An online fsck reads an older checkpoint, which may still
-            // use these segments.
-            self.held_free.extend(c.freed);
-        } else {
-            self.make_free(c.freed);
-        }
+        let log = &self.log;
+        self.space
+            .free_after_checkpoint(c.freed, |s| log.is_open(s));
         self.durable_generation = self.durable_generation.max(c.generation);
         // Log writes that have completed give back their buffers.
         self.reap_finished()?;
         Ok(())
-    }
-
-    /// Segments a landed checkpoint freed become reusable (unless a log
-    /// stream has opened one since).
-    pub(crate) fn make_free(&mut self, segments: impl IntoIterator<Item = u32>) {
-        for s in segments {
-            if self.segs[s as usize].live_blocks == 0 && !self.log.is_open(s) {
-                self.free.insert(s);
-            }
-        }
     }
 
     fn checkpoint_prepare(&mut self) -> Result<CheckpointWrite> {
@@ -200,26 +186,7 @@ impl Store {
         let log_writes = self.log.pending_writes();
         // 5. Segment table blocks that changed, each into the copy not holding
         //    the newest valid version.
-        let dirty_tables: Vec<u32> = std::mem::take(&mut self.segtable_dirty)
-            .into_iter()
-            .collect();
-        let mut segtable = Vec::with_capacity(dirty_tables.len());
-        for i in dirty_tables {
-            let first = i as usize * SEGTABLE_ENTRIES;
-            let last = (first + SEGTABLE_ENTRIES).min(self.segs.len());
-            let tb = SegtableBlock {
-                index: i,
-                checkpoint_seq: seq,
-                entries: self.segs[first..last].to_vec(),
-            };
-            let mut b = AlignedBuf::new(BLOCK_SIZE);
-            tb.encode(&mut b);
-            let copies = &mut self.segtable_copies[i as usize];
-            let copy = if copies[0] <= copies[1] { 0 } else { 1 };
-            copies[copy] = seq;
-            let block = self.geo.segtable_start_block + 2 * i as u64 + copy as u64;
-            segtable.push((block * BLOCK_SIZE as u64, b));
-        }
+        let segtable = self.space.encode_dirty_tables(seq);
         // 6. The superblock.
         let map_root_block = if self.map_root == 0 {
             0
@@ -242,7 +209,7 @@ impl Store {
             layer_table_root: self.layer_table_root,
             next_lbn: self.next_lbn,
             next_layer_id: self.next_layer_id,
-            segtable_checksum: seg_table_checksum(&self.segs),
+            segtable_checksum: self.space.checksum(),
             created_unix_ns: self.geo.created_unix_ns,
         };
         let mut superblock = AlignedBuf::new(BLOCK_SIZE);
@@ -250,7 +217,7 @@ impl Store {
         let done = Arc::new(Completion::default());
         self.checkpoint_in_flight = Some(CheckpointInFlight {
             seq,
-            freed: std::mem::take(&mut self.pending_free),
+            freed: self.space.take_pending_free(),
             generation: self.generation,
             done: done.clone(),
         });

@@ -33,7 +33,7 @@ impl Store {
             if self.available_blocks() >= need {
                 return Ok(());
             }
-            if !self.pending_free.is_empty() {
+            if self.space.has_pending_free() {
                 self.checkpoint()?;
                 continue;
             }
@@ -51,7 +51,7 @@ impl Store {
 
     /// Share of free segments below which background cleaning starts.
     pub(crate) fn wants_cleaning(&self) -> bool {
-        let free = self.free.len() + self.pending_free.len();
+        let free = self.space.free_count() + self.space.pending_free_count();
         free * 8 < self.geo.segment_count as usize
     }
 
@@ -70,10 +70,10 @@ impl Store {
         let now = self.log.next_batch_seq();
         let mut cands: Vec<(f64, u32)> = (0..self.geo.segment_count)
             .filter(|&s| self.may_clean(s))
-            .filter(|&s| (self.segs[s as usize].live_blocks as u64) < seg_blocks * 95 / 100)
+            .filter(|&s| (self.space.live_blocks(s) as u64) < seg_blocks * 95 / 100)
             .map(|s| {
-                let u = self.segs[s as usize].live_blocks as f64 / seg_blocks as f64;
-                let age = (now - self.segs[s as usize].open_seq.min(now)) as f64 + 1.0;
+                let u = self.space.live_blocks(s) as f64 / seg_blocks as f64;
+                let age = (now - self.space.open_seq(s).min(now)) as f64 + 1.0;
                 let score = if urgent {
                     1.0 - u
                 } else {
@@ -89,7 +89,7 @@ impl Store {
     /// Whether `seg` holds blocks that can be moved: not free, not waiting to
     /// be free, not being filled by a log stream.
     fn may_clean(&self, seg: u32) -> bool {
-        !self.free.contains(&seg) && !self.pending_free.contains(&seg) && !self.log.is_open(seg)
+        !self.space.is_free(seg) && !self.space.is_pending_free(seg) && !self.log.is_open(seg)
     }
 
     /// Moving a segment with `live` blocks must fit without touching the
@@ -104,7 +104,7 @@ impl Store {
         self.wait_inflight()?;
         let mut cleaned = Vec::new();
         for seg in self.victims(urgent).into_iter().take(max) {
-            if !self.room_to_move(self.segs[seg as usize].live_blocks as u64) {
+            if !self.room_to_move(self.space.live_blocks(seg) as u64) {
                 continue;
             }
             let buf = self.read_segment(seg)?;
@@ -120,7 +120,7 @@ impl Store {
 
     /// Segments of `cleaned` that are free now, counted as cleaned.
     pub(crate) fn count_cleaned(&mut self, cleaned: &[u32]) -> usize {
-        let freed = cleaned.iter().filter(|s| self.free.contains(s)).count();
+        let freed = cleaned.iter().filter(|&&s| self.space.is_free(s)).count();
         self.counters.segments_cleaned += freed as u64;
         freed
     }
@@ -145,7 +145,7 @@ impl Store {
             .take(max)
             .map(|seg| Victim {
                 seg,
-                open_seq: self.segs[seg as usize].open_seq,
+                open_seq: self.space.open_seq(seg),
                 offset: self.geo.segment_start(seg) * BLOCK_SIZE as u64,
                 bytes: self.geo.segment_blocks as usize * BLOCK_SIZE,
             })
@@ -163,9 +163,9 @@ impl Store {
             let mut cleaned = Vec::new();
             for (v, buf) in read {
                 let unchanged = s.may_clean(v.seg)
-                    && s.segs[v.seg as usize].open_seq == v.open_seq
+                    && s.space.open_seq(v.seg) == v.open_seq
                     && !s.log.segment_in_flight(v.seg);
-                if !unchanged || !s.room_to_move(s.segs[v.seg as usize].live_blocks as u64) {
+                if !unchanged || !s.room_to_move(s.space.live_blocks(v.seg) as u64) {
                     continue;
                 }
                 s.clean_segment(v.seg, &buf)?;
@@ -179,9 +179,9 @@ impl Store {
     fn clean_segment(&mut self, seg: u32, buf: &[u8]) -> Result<()> {
         let start = self.geo.segment_start(seg);
         let n = self.geo.segment_blocks as usize;
-        let open_seq = self.segs[seg as usize].open_seq;
+        let open_seq = self.space.open_seq(seg);
         let mut at = 0usize;
-        while at < n && self.segs[seg as usize].live_blocks > 0 {
+        while at < n && self.space.live_blocks(seg) > 0 {
             let Ok(summary) = Summary::decode(
                 &buf[at * BLOCK_SIZE..(at + 1) * BLOCK_SIZE],
                 start + at as u64,
@@ -226,7 +226,7 @@ impl Store {
             }
             at += 1 + summary.entries.len();
         }
-        let left = self.segs[seg as usize].live_blocks;
+        let left = self.space.live_blocks(seg);
         if left != 0 {
             log::warn!("segment {seg}: {left} live blocks not found by the cleaner; left in place");
         }

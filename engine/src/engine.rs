@@ -736,7 +736,7 @@ impl Engine {
             metadata_cache_misses: self.s.meta.hits_and_misses().1,
             layers: s.layers.len(),
             segments: s.geo.segment_count,
-            segments_free: s.free.len(),
+            segments_free: s.space.free_count(),
             segment_size_bytes: seg,
             live_bytes: s.live_blocks_total() * BLOCK_SIZE as u64,
             capacity_bytes: s.geo.segment_count as u64 * seg,
@@ -869,19 +869,14 @@ struct SegmentPin<'a>(&'a Engine);
 
 impl<'a> SegmentPin<'a> {
     fn new(e: &'a Engine) -> SegmentPin<'a> {
-        e.lock().segment_pins += 1;
+        e.lock().pin_segments();
         SegmentPin(e)
     }
 }
 
 impl Drop for SegmentPin<'_> {
     fn drop(&mut self) {
-        let mut s = self.0.lock();
-        s.segment_pins -= 1;
-        if s.segment_pins == 0 {
-            let held = std::mem::take(&mut s.held_free);
-            s.make_free(held);
-        }
+        self.0.lock().unpin_segments();
     }
 }
 

@@ -237,14 +237,14 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
     }
 
     // 3. Space accounting.
-    for (seg, (&counted, usage)) in live.iter().zip(&s.segs).enumerate() {
+    for (seg, (&counted, usage)) in live.iter().zip(s.space.usages()).enumerate() {
         if counted != usage.live_blocks {
             r.error(format!(
                 "segment {seg}: segment table says {} live blocks, structure has {counted}",
                 usage.live_blocks
             ));
         }
-        if counted > 0 && s.free.contains(&(seg as u32)) {
+        if counted > 0 && s.space.is_free(seg as u32) {
             r.error(format!(
                 "segment {seg} is on the free list but holds {counted} live blocks"
             ));

@@ -21,6 +21,7 @@ mod metacache;
 mod metadata;
 mod promote;
 mod read;
+mod space;
 mod store;
 mod writer;
 

@@ -9,6 +9,7 @@ use crate::format::*;
 use crate::log::Log;
 pub(crate) use crate::log::Temperature;
 use crate::metacache::MetaCache;
+use crate::space::Space;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
@@ -156,13 +157,7 @@ pub(crate) struct Store {
     pub next_lbn: u64,
     pub next_layer_id: u64,
     next_virtual: u64,
-    // Space.
-    pub segs: Vec<SegmentUsage>,
-    /// For each segment table block, the checkpoint seq held by copy 0 and copy 1.
-    pub(crate) segtable_copies: Vec<[u64; 2]>,
-    pub(crate) segtable_dirty: BTreeSet<u32>,
-    pub free: BTreeSet<u32>,
-    pub pending_free: BTreeSet<u32>,
+    pub(crate) space: Space,
     pub(crate) log: Log,
     pub nodes: NodeCache,
     pub blocks: Arc<BlockCache>,
@@ -195,14 +190,6 @@ pub(crate) struct Store {
     /// Checkpoints begun since open (an online fsck checks that none began
     /// while it read the checkpoint it checks).
     pub(crate) checkpoints_begun: u64,
-    /// Online fscks reading a checkpoint: while any does, segments a newer
-    /// checkpoint frees are held in `held_free` instead of being reused.
-    pub(crate) segment_pins: usize,
-    pub(crate) held_free: BTreeSet<u32>,
-}
-
-pub(crate) fn seg_table_checksum(segs: &[SegmentUsage]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(&SegtableBlock::entries_bytes(segs))
 }
 
 impl Store {
@@ -213,8 +200,6 @@ impl Store {
     }
 
     fn empty_sync(dev: Arc<dyn Device>, geo: Geometry, config: Config) -> Store {
-        let n = geo.segment_count as usize;
-        let tb = geo.segtable_blocks as usize;
         Store {
             log: Log::new(dev.clone(), &geo, config.write_behind_segments),
             dev,
@@ -226,11 +211,7 @@ impl Store {
             next_lbn: 1,
             next_layer_id: 1,
             next_virtual: 1,
-            segs: vec![SegmentUsage::default(); n],
-            segtable_copies: vec![[0, 0]; tb],
-            segtable_dirty: (0..tb as u32).collect(),
-            free: (0..geo.segment_count).collect(),
-            pending_free: BTreeSet::new(),
+            space: Space::new(&geo),
             nodes: NodeCache::new(config.node_cache_bytes),
             blocks: Arc::new(BlockCache::new(config.block_cache_bytes)),
             meta: Arc::new(MetaCache::new(config.node_cache_bytes / 1024)),
@@ -247,8 +228,6 @@ impl Store {
             durable_generation: 0,
             checkpoint_in_flight: None,
             checkpoints_begun: 0,
-            segment_pins: 0,
-            held_free: BTreeSet::new(),
             mutations: 0,
             #[cfg(any(test, feature = "testing"))]
             panic_in_next_change: false,
@@ -337,68 +316,10 @@ impl Store {
         s.layer_table_root = sb.layer_table_root;
         s.next_lbn = sb.next_lbn;
         s.next_layer_id = sb.next_layer_id;
-        let stale = s.load_segtable(sb.checkpoint_seq, sb.segtable_checksum)?;
-        s.segtable_dirty = stale.into_iter().collect();
-        s.free = (0..s.geo.segment_count)
-            .filter(|&i| s.segs[i as usize].live_blocks == 0)
-            .collect();
+        s.space = Space::load(&*s.dev, &s.geo, sb.checkpoint_seq, sb.segtable_checksum)?;
         s.load_layers()?;
         s.durable_generation = 0;
         Ok(s)
-    }
-
-    /// Loads the segment table; returns blocks that must be rewritten.
-    fn load_segtable(&mut self, seq: u64, expect: u64) -> Result<Vec<u32>> {
-        let n = self.geo.segtable_blocks as usize;
-        let mut buf = AlignedBuf::new(2 * n * BLOCK_SIZE);
-        let start = self.geo.segtable_start_block * BLOCK_SIZE as u64;
-        self.dev.read_at(start, &mut buf)?;
-        let mut stale = Vec::new();
-        for i in 0..n {
-            let mut chosen: Option<SegtableBlock> = None;
-            for copy in 0..2 {
-                let at = (2 * i + copy) * BLOCK_SIZE;
-                let off = start + at as u64;
-                if let Ok(b) = SegtableBlock::decode(&buf[at..at + BLOCK_SIZE], off, i as u32) {
-                    if b.checkpoint_seq > seq {
-                        // Written by a checkpoint that never landed. The next
-                        // checkpoint reuses its sequence number, so this copy
-                        // must be overwritten before then: count it as empty
-                        // (the write target) and rewrite the block.
-                        self.segtable_copies[i][copy] = 0;
-                        stale.push(i as u32);
-                        continue;
-                    }
-                    self.segtable_copies[i][copy] = b.checkpoint_seq;
-                    if b.checkpoint_seq <= seq
-                        && chosen
-                            .as_ref()
-                            .is_none_or(|c| b.checkpoint_seq > c.checkpoint_seq)
-                    {
-                        chosen = Some(b);
-                    }
-                }
-            }
-            let b = chosen.ok_or_else(|| {
-                Error::corrupt(
-                    start + (2 * i * BLOCK_SIZE) as u64,
-                    "no valid copy of a segment table block",
-                )
-            })?;
-            let first = i * SEGTABLE_ENTRIES;
-            for (j, e) in b.entries.iter().enumerate() {
-                if let Some(slot) = self.segs.get_mut(first + j) {
-                    *slot = *e;
-                }
-            }
-        }
-        if seg_table_checksum(&self.segs) != expect {
-            return Err(Error::corrupt(
-                start,
-                "segment table does not match the superblock checksum",
-            ));
-        }
-        Ok(stale)
     }
 
     fn load_layers(&mut self) -> Result<()> {
@@ -487,30 +408,30 @@ impl Store {
     /// One fewer live block in the segment holding `block`.
     pub fn release_block(&mut self, block: u64) {
         self.note_mutation();
-        let Some(seg) = self.geo.segment_of(block) else {
-            debug_assert!(false, "release of block {block:#x} outside the data area");
-            return;
-        };
-        let u = &mut self.segs[seg as usize];
-        debug_assert!(u.live_blocks > 0, "segment {seg} live count underflow");
-        u.live_blocks = u.live_blocks.saturating_sub(1);
-        self.segtable_dirty.insert(seg / SEGTABLE_ENTRIES as u32);
-        if u.live_blocks == 0 && !self.log.is_open(seg) {
-            // Reusable only once a checkpoint no longer references it.
-            self.pending_free.insert(seg);
-        }
+        let log = &self.log;
+        self.space.release_block(block, |seg| log.is_open(seg));
+    }
+
+    /// An online fsck starts reading a checkpoint: segments that newer
+    /// checkpoints free are held, not reused, until it ends.
+    pub(crate) fn pin_segments(&mut self) {
+        self.space.pin();
+    }
+
+    /// An online fsck ended; after the last one the held segments are reusable.
+    pub(crate) fn unpin_segments(&mut self) {
+        let log = &self.log;
+        self.space.unpin(|s| log.is_open(s));
     }
 
     /// Blocks that can still be written before the device is full.
     pub fn available_blocks(&self) -> u64 {
-        let seg = self.geo.segment_blocks as u64;
-        self.free.len() as u64 * seg + self.log.open_room_blocks()
+        self.space.free_blocks() + self.log.open_room_blocks()
     }
 
     /// Blocks held back for checkpoints and the cleaner.
     pub fn reserve_blocks(&self) -> u64 {
-        let seg = self.geo.segment_blocks as u64;
-        (3 * seg).max(self.geo.segment_count as u64 * seg / 50)
+        self.space.reserve_blocks()
     }
 
     /// Blocks the next checkpoint may need beyond what is already dirty.
@@ -522,7 +443,7 @@ impl Store {
     }
 
     pub fn live_blocks_total(&self) -> u64 {
-        self.segs.iter().map(|u| u.live_blocks as u64).sum()
+        self.space.live_blocks_total()
     }
 
     /// Stops the engine on a log error: every one is a device error, after
@@ -532,18 +453,14 @@ impl Store {
     }
 
     fn open_segment(&mut self, t: Temperature) -> Result<u32> {
-        let Some(&seg) = self.free.iter().next() else {
+        let Some(seg) = self.space.open_segment(self.log.next_batch_seq()) else {
             return Err(Error::NoSpace);
         };
-        self.free.remove(&seg);
         // Wait for readers that resolved addresses in this segment's old life.
         drop(self.reuse.write().unwrap_or_else(|p| p.into_inner()));
         let start = self.geo.segment_start(seg);
         self.blocks
             .invalidate_range(start, start + self.geo.segment_blocks as u64);
-        let u = &mut self.segs[seg as usize];
-        u.open_seq = self.log.next_batch_seq();
-        self.segtable_dirty.insert(seg / SEGTABLE_ENTRIES as u32);
         self.log.start_segment(t, seg);
         Ok(seg)
     }
@@ -557,9 +474,7 @@ impl Store {
     fn retire_stream(&mut self, t: Temperature) -> Result<()> {
         self.write_out(t)?;
         if let Some(seg) = self.log.detach(t) {
-            if self.segs[seg as usize].live_blocks == 0 {
-                self.pending_free.insert(seg);
-            }
+            self.space.closed(seg);
         }
         Ok(())
     }
@@ -586,8 +501,7 @@ impl Store {
         self.note_mutation();
         self.make_room(t)?;
         let p = self.log.push(t, tag, data, checksum);
-        self.segs[p.seg as usize].live_blocks += 1;
-        self.segtable_dirty.insert(p.seg / SEGTABLE_ENTRIES as u32);
+        self.space.add_live(p.seg);
         self.counters.log_blocks_appended += 1;
         if p.segment_full {
             if self.log.writes_behind() {
@@ -602,9 +516,7 @@ impl Store {
     /// Gives a full segment to the writer thread and detaches it from the stream.
     fn hand_off(&mut self, t: Temperature) -> Result<()> {
         let seg = self.log.hand_off(t);
-        if self.segs[seg as usize].live_blocks == 0 {
-            self.pending_free.insert(seg);
-        }
+        self.space.closed(seg);
         let r = self.log.reap_to_limit();
         self.log_result(r)
     }
