@@ -47,7 +47,7 @@ impl Store {
         let mut out = Vec::new();
         let mut stack = vec![(root, Key::MIN, None::<Key>)];
         while let Some((id, lo, hi)) = stack.pop() {
-            let n = self.node_public(Tree::Layer(layer), id, 0)?;
+            let n = self.node(Tree::Layer(layer), id, 0)?;
             if n.owner != layer {
                 continue;
             }

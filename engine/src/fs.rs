@@ -1702,7 +1702,7 @@ impl Store {
         id: u64,
         f: &mut dyn FnMut(&NodeImage),
     ) -> Result<()> {
-        let n = self.node_public(Tree::Layer(layer), id, 0)?;
+        let n = self.node(Tree::Layer(layer), id, 0)?;
         f(n);
         Ok(())
     }

@@ -146,7 +146,7 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
                 continue;
             }
             let first_visit = !visited.set(id);
-            let n = match s.node_public(Tree::Layer(layer), id, 0) {
+            let n = match s.node(Tree::Layer(layer), id, 0) {
                 Ok(n) => n.clone(),
                 Err(e) => {
                     r.error(format!("layer {layer} node {id}: {e}"));
@@ -399,7 +399,7 @@ fn walk_map(
     live: &mut [u32],
     out: &mut Vec<(u64, MapValue)>,
 ) -> Result<()> {
-    let n = match s.node_public(Tree::Map, id, csum) {
+    let n = match s.node(Tree::Map, id, csum) {
         Ok(n) => n.clone(),
         Err(e) => {
             r.error(format!("map node {id:#x}: {e}"));

@@ -23,6 +23,7 @@ mod promote;
 mod read;
 mod space;
 mod store;
+mod tree;
 mod writer;
 
 pub use diff::{Change, ChangeKind};
