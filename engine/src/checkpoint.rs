@@ -173,11 +173,7 @@ impl Store {
             self.nodes.mark_clean(id);
         }
         // 3. The address map, bottom-up.
-        if self.map_root & VIRT_TAG != 0 {
-            let r = self.write_map_node(self.map_root)?;
-            self.map_root = r.address;
-            self.map_root_checksum = r.checksum;
-        }
+        self.write_address_map()?;
         debug_assert_eq!(self.nodes.dirty_count(), 0, "every dirty node written");
         // 4. Stream tails go to the writer; the checkpoint waits for every
         //    log write handed off so far.
@@ -188,11 +184,6 @@ impl Store {
         //    the newest valid version.
         let segtable = self.space.encode_dirty_tables(seq);
         // 6. The superblock.
-        let map_root_block = if self.map_root == 0 {
-            0
-        } else {
-            self.map_root & !PHYS_TAG
-        };
         let sb = Superblock {
             version: FORMAT_VERSION,
             uuid: self.geo.uuid,
@@ -204,10 +195,10 @@ impl Store {
             segtable_blocks: self.geo.segtable_blocks,
             checkpoint_seq: seq,
             next_batch_seq: self.log.next_batch_seq(),
-            map_root_block,
-            map_root_checksum: self.map_root_checksum,
+            map_root_block: self.address_map.root_block(),
+            map_root_checksum: self.address_map.root_checksum(),
             layer_table_root: self.layer_table_root,
-            next_lbn: self.next_lbn,
+            next_lbn: self.address_map.next_lbn(),
             next_layer_id: self.next_layer_id,
             segtable_checksum: self.space.checksum(),
             created_unix_ns: self.geo.created_unix_ns,

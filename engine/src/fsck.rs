@@ -61,7 +61,7 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
         ..Default::default()
     };
     let mut physical = Bitmap::new(s.geo.device_blocks);
-    let mut mapped = Bitmap::new(s.next_lbn);
+    let mut mapped = Bitmap::new(s.address_map.next_lbn());
     let mut live = vec![0u32; s.geo.segment_count as usize];
     let mut map: Vec<(u64, MapValue)> = Vec::new();
     // Blocks with several owners (promotion): logical block -> (extra owners
@@ -69,9 +69,9 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
     let mut shared_owners: HashMap<u64, (u32, u32)> = HashMap::new();
 
     // 1. The address map.
-    if s.map_root != 0 {
-        let root = s.map_root;
-        let csum = s.map_root_checksum;
+    if s.address_map.root() != 0 {
+        let root = s.address_map.root();
+        let csum = s.address_map.root_checksum();
         walk_map(
             s,
             &mut r,
@@ -87,10 +87,10 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
     }
     for (lbn, v) in &map {
         r.map_entries += 1;
-        if *lbn >= s.next_lbn {
+        if *lbn >= s.address_map.next_lbn() {
             r.error(format!(
                 "map entry for logical block {lbn} beyond next_lbn {}",
-                s.next_lbn
+                s.address_map.next_lbn()
             ));
         }
         mapped.set(*lbn);
@@ -111,8 +111,8 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
     drop(map);
 
     // 2. Trees: structure once per node, ownership, references.
-    let mut referenced = Bitmap::new(s.next_lbn);
-    let mut visited = Bitmap::new(s.next_lbn);
+    let mut referenced = Bitmap::new(s.address_map.next_lbn());
+    let mut visited = Bitmap::new(s.address_map.next_lbn());
     let mut trees: Vec<(u64, u64)> = vec![(0, s.layer_table_root)];
     let mut ids: Vec<u64> = s.layers.keys().copied().collect();
     ids.sort_unstable();
@@ -228,7 +228,7 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
             ));
         }
     }
-    for lbn in 1..s.next_lbn {
+    for lbn in 1..s.address_map.next_lbn() {
         if mapped.get(lbn) && !referenced.get(lbn) {
             r.error(format!(
                 "logical block {lbn} is mapped but referenced by no tree (leak)"
@@ -314,7 +314,7 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
 
     // 6. Data.
     if verify_data {
-        let mut seen = Bitmap::new(s.next_lbn);
+        let mut seen = Bitmap::new(s.address_map.next_lbn());
         for l in &recs {
             let mut lbns = Vec::new();
             s.scan(

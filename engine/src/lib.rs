@@ -6,6 +6,7 @@
 //! (io_uring + O_DIRECT on real devices); durability comes from checkpoints
 //! with redundant, checksummed superblocks. See docs/format.md.
 
+mod addrmap;
 mod cache;
 mod checkpoint;
 mod cleaner;

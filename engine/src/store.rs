@@ -2,6 +2,7 @@
 //! copy-on-write B+tree shared by the address map, the layer table and every
 //! layer's filesystem tree. Everything here runs under the engine lock.
 
+use crate::addrmap::AddressMap;
 use crate::cache::{BlockCache, NodeCache};
 use crate::device::{AlignedBuf, Device, BLOCK_SIZE};
 use crate::error::{Error, Result};
@@ -129,13 +130,10 @@ pub(crate) struct Store {
     pub geo: Geometry,
     pub config: Config,
     pub checkpoint_seq: u64,
-    pub map_root: u64,
-    pub map_root_checksum: u64,
     pub layer_table_root: u64,
-    pub next_lbn: u64,
     pub next_layer_id: u64,
-    pub(crate) next_virtual: u64,
     pub(crate) space: Space,
+    pub(crate) address_map: AddressMap,
     pub(crate) log: Log,
     pub nodes: NodeCache,
     pub blocks: Arc<BlockCache>,
@@ -183,13 +181,10 @@ impl Store {
             dev,
             config: config.clone(),
             checkpoint_seq: 0,
-            map_root: 0,
-            map_root_checksum: 0,
             layer_table_root: 0,
-            next_lbn: 1,
             next_layer_id: 1,
-            next_virtual: 1,
             space: Space::new(&geo),
+            address_map: AddressMap::new(),
             nodes: NodeCache::new(config.node_cache_bytes),
             blocks: Arc::new(BlockCache::new(config.block_cache_bytes)),
             meta: Arc::new(MetaCache::new(config.node_cache_bytes / 1024)),
@@ -285,14 +280,8 @@ impl Store {
         let mut s = Store::empty(dev, geo, config);
         s.checkpoint_seq = sb.checkpoint_seq;
         s.log.set_next_batch_seq(sb.next_batch_seq);
-        s.map_root = if sb.map_root_block == 0 {
-            0
-        } else {
-            PHYS_TAG | sb.map_root_block
-        };
-        s.map_root_checksum = sb.map_root_checksum;
+        s.address_map = AddressMap::recovered(sb.map_root_block, sb.map_root_checksum, sb.next_lbn);
         s.layer_table_root = sb.layer_table_root;
-        s.next_lbn = sb.next_lbn;
         s.next_layer_id = sb.next_layer_id;
         s.space = Space::load(&*s.dev, &s.geo, sb.checkpoint_seq, sb.segtable_checksum)?;
         s.load_layers()?;
@@ -351,7 +340,7 @@ impl Store {
         self.mutations.wrapping_add(self.nodes.mutations())
     }
 
-    fn note_mutation(&mut self) {
+    pub(crate) fn note_mutation(&mut self) {
         self.mutations = self.mutations.wrapping_add(1);
     }
 
@@ -374,14 +363,6 @@ impl Store {
     }
 
     // ------------------------------------------------------------ space
-
-    pub fn alloc_lbn(&mut self) -> u64 {
-        self.note_mutation();
-        let l = self.next_lbn;
-        self.next_lbn += 1;
-        assert!(l < (1 << 56), "logical block numbers exhausted");
-        l
-    }
 
     /// One fewer live block in the segment holding `block`.
     pub fn release_block(&mut self, block: u64) {
@@ -541,174 +522,9 @@ impl Store {
         }
     }
 
-    // ------------------------------------------------------------ address map
-
-    /// Points many logical blocks at new places (any order).
-    pub fn map_set_many(&mut self, mut items: Vec<(u64, MapValue)>) -> Result<()> {
-        items.sort_unstable_by_key(|(l, _)| *l);
-        let entries = items
-            .iter()
-            .map(|(l, v)| (Key::new(*l, KIND_MAP, 0), v.encode()))
-            .collect();
-        let mut root = self.map_root;
-        let olds = self.insert_sorted(Tree::Map, &mut root, entries);
-        self.map_root = root;
-        for old in olds?.into_iter().flatten() {
-            self.release_block(MapValue::decode(&old)?.physical_block);
-        }
-        Ok(())
-    }
-
-    pub fn map_get(&mut self, lbn: u64) -> Result<Option<MapValue>> {
-        let root = self.map_root;
-        match self.get(Tree::Map, root, &Key::new(lbn, KIND_MAP, 0))? {
-            Some(v) => Ok(Some(MapValue::decode(&v)?)),
-            None => Ok(None),
-        }
-    }
-
-    /// Points `lbn` at a new physical block (the old block stops being
-    /// live), or, with the same physical block, records a new owner count.
-    pub fn map_set(&mut self, lbn: u64, v: MapValue) -> Result<()> {
-        let mut root = self.map_root;
-        let old = self.insert(Tree::Map, &mut root, Key::new(lbn, KIND_MAP, 0), v.encode());
-        self.map_root = root;
-        if let Some(old) = old? {
-            let old = MapValue::decode(&old)?.physical_block;
-            if old != v.physical_block {
-                self.release_block(old);
-            }
-        }
-        Ok(())
-    }
-
-    /// Drops one owner's hold on `lbn`: frees it when that was the last
-    /// owner, otherwise counts one owner less.
-    pub fn free_lbn(&mut self, lbn: u64) -> Result<()> {
-        let mut root = self.map_root;
-        let old = self.remove(Tree::Map, &mut root, &Key::new(lbn, KIND_MAP, 0));
-        self.map_root = root;
-        if let Some(old) = old? {
-            let old = MapValue::decode(&old)?;
-            if old.extra_owners > 0 {
-                return self.map_set(
-                    lbn,
-                    MapValue {
-                        extra_owners: old.extra_owners - 1,
-                        ..old
-                    },
-                );
-            }
-            self.release_block(old.physical_block);
-        }
-        Ok(())
-    }
-
-    /// Makes the map node at physical `phys` (found through `first_object` at
-    /// `level`) dirty so the next checkpoint rewrites it elsewhere. Returns
-    /// false when that node is no longer part of the map.
-    pub fn map_relocate_node(&mut self, first_object: u64, level: u8, phys: u64) -> Result<bool> {
-        let key = Key::new(first_object, KIND_MAP, 0);
-        let mut id = self.map_root;
-        let mut csum = self.map_root_checksum;
-        if id == 0 {
-            return Ok(false);
-        }
-        loop {
-            let n = self.node(Tree::Map, id, csum)?;
-            if n.level == level {
-                break;
-            }
-            if n.level < level {
-                return Ok(false);
-            }
-            let c = n.children[Self::child_index(&n.keys, &key)];
-            id = c.address;
-            csum = c.checksum;
-        }
-        if id != PHYS_TAG | phys {
-            return Ok(false);
-        }
-        // Re-insert the node's first entry along the path: that copies every
-        // node from the root down to it.
-        let mut root = self.map_root;
-        let mut cur = self.writable(Tree::Map, root, self.map_root_checksum)?;
-        root = cur;
-        loop {
-            let n = self.nodes.get(cur).expect("cached");
-            if n.level == level {
-                break;
-            }
-            let i = Self::child_index(&n.keys, &key);
-            let c = n.children[i];
-            let w = self.writable(Tree::Map, c.address, c.checksum)?;
-            self.nodes.get_mut(cur).expect("cached").children[i] = ChildRef {
-                address: w,
-                checksum: 0,
-            };
-            cur = w;
-        }
-        self.map_root = root;
-        Ok(true)
-    }
-
-    // ------------------------------------------------------------ checkpoint
-
-    /// Writes a map node and (first) its dirty children; returns its pointer.
-    pub(crate) fn write_map_node(&mut self, id: u64) -> Result<ChildRef> {
-        let kids: Vec<(usize, u64)> = {
-            let n = self.nodes.get(id).expect("dirty map node cached");
-            n.children
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| c.address & VIRT_TAG != 0)
-                .map(|(i, c)| (i, c.address))
-                .collect()
-        };
-        for (i, kid) in kids {
-            let r = self.write_map_node(kid)?;
-            self.nodes.get_mut(id).expect("cached").children[i] = r;
-        }
-        // Children are addressed physically on disk.
-        let mut img = self.nodes.get(id).expect("cached").clone();
-        for c in &mut img.children {
-            debug_assert!(c.address & PHYS_TAG != 0);
-            c.address &= !PHYS_TAG;
-        }
-        let target_block = self.peek_next_block(Temperature::Hot)?;
-        img.self_address = target_block;
-        img.seq = self.checkpoint_seq + 1;
-        let mut b = AlignedBuf::new(BLOCK_SIZE);
-        img.encode(&mut b);
-        let csum = NodeImage::block_checksum(&b);
-        let first_object = img.keys.first().map(|k| k.object).unwrap_or(0);
-        let phys = self.append(
-            Temperature::Hot,
-            BlockTag::MapNode {
-                first_object,
-                level: img.level,
-            },
-            &b,
-            csum,
-        )?;
-        assert_eq!(phys, target_block, "map node landed where it was addressed");
-        // Re-key: children pointers inside the cached node become PHYS ids.
-        let mut cached = self.nodes.remove(id).expect("cached").node;
-        cached.self_address = phys;
-        cached.seq = img.seq;
-        for c in &mut cached.children {
-            c.address |= PHYS_TAG;
-        }
-        self.nodes.insert(PHYS_TAG | phys, cached, false);
-        Ok(ChildRef {
-            address: PHYS_TAG | phys,
-            checksum: csum,
-        })
-    }
-
     /// The physical block the next append to stream `t` will use, opening a
     /// segment first if needed (a node must name its own address).
-    fn peek_next_block(&mut self, t: Temperature) -> Result<u64> {
+    pub(crate) fn peek_next_block(&mut self, t: Temperature) -> Result<u64> {
         self.make_room(t)?;
         Ok(self.log.next_block(t))
     }

@@ -108,8 +108,7 @@ impl Store {
     fn new_node(&mut self, tree: Tree, level: u8) -> u64 {
         let (id, owner) = match tree {
             Tree::Map => {
-                let v = VIRT_TAG | self.next_virtual;
-                self.next_virtual += 1;
+                let v = self.address_map.alloc_virtual();
                 (v, 0)
             }
             Tree::Layer(owner) => {
@@ -159,8 +158,7 @@ impl Store {
                     return Ok(id);
                 }
                 let mut copy = self.nodes.get(id).expect("loaded").clone();
-                let v = VIRT_TAG | self.next_virtual;
-                self.next_virtual += 1;
+                let v = self.address_map.alloc_virtual();
                 copy.self_address = v;
                 self.nodes.remove(id);
                 self.nodes.insert(v, copy, true);
@@ -199,7 +197,7 @@ impl Store {
 
     fn root_checksum(&self, tree: Tree) -> u64 {
         if tree == Tree::Map {
-            self.map_root_checksum
+            self.address_map.root_checksum()
         } else {
             0
         }
