@@ -132,18 +132,18 @@ impl Store {
         self.checkpoints_begun += 1;
         let seq = self.checkpoint_seq + 1;
         // 1. Layer records into the layer table.
-        let dirty: Vec<u64> = std::mem::take(&mut self.dirty_layers).into_iter().collect();
-        let mut root = self.layer_table_root;
+        let dirty: Vec<u64> = self.layers.take_dirty().into_iter().collect();
+        let mut root = self.layers.root();
         for id in dirty {
-            if let Some(r) = self.layers.get(&id) {
+            if let Some(r) = self.layers.get(id) {
                 let v = r.encode();
                 self.insert(Tree::Layer(0), &mut root, Key::new(id, KIND_LAYER, 0), v)?;
             }
         }
-        for id in std::mem::take(&mut self.removed_layers) {
+        for id in self.layers.take_removed() {
             self.remove(Tree::Layer(0), &mut root, &Key::new(id, KIND_LAYER, 0))?;
         }
-        self.layer_table_root = root;
+        self.layers.set_root(root);
         // 2. Layer-tree nodes: append, then point the map at them. Map updates
         //    never dirty layer-tree nodes, so one pass suffices.
         let ids: Vec<u64> = self
@@ -197,9 +197,9 @@ impl Store {
             next_batch_seq: self.log.next_batch_seq(),
             map_root_block: self.address_map.root_block(),
             map_root_checksum: self.address_map.root_checksum(),
-            layer_table_root: self.layer_table_root,
+            layer_table_root: self.layers.root(),
             next_lbn: self.address_map.next_lbn(),
-            next_layer_id: self.next_layer_id,
+            next_layer_id: self.layers.next_id(),
             segtable_checksum: self.space.checksum(),
             created_unix_ns: self.geo.created_unix_ns,
         };

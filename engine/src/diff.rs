@@ -179,14 +179,14 @@ impl Store {
     }
 
     pub(crate) fn layer_changes(&mut self, layer: u64) -> Result<Vec<Change>> {
-        let rec = self.layers.get(&layer).ok_or(Error::NotFound)?.clone();
+        let rec = self.layers.get(layer).ok_or(Error::NotFound)?.clone();
         if rec.parent == 0 {
             return self.all_paths(layer);
         }
         let parent = rec.parent;
         let proot = self
             .layers
-            .get(&parent)
+            .get(parent)
             .ok_or_else(|| Error::corrupt(0, "layer parent missing"))?
             .root;
         let mut changed: Differences = BTreeMap::new();

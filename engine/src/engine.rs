@@ -370,7 +370,7 @@ impl Engine {
     /// Every layer, ordered by id.
     pub fn list_layers(&self) -> Vec<LayerInfo> {
         let s = self.lock();
-        let mut ids: Vec<u64> = s.layers.keys().copied().collect();
+        let mut ids: Vec<u64> = s.layers.ids().collect();
         ids.sort_unstable();
         ids.into_iter()
             .filter_map(|id| s.layer_info(id).ok())
@@ -829,7 +829,7 @@ impl Engine {
     #[cfg(any(test, feature = "testing"))]
     pub fn set_next_layer_id(&self, id: u64) {
         let mut s = self.lock();
-        s.next_layer_id = s.next_layer_id.max(id);
+        s.layers.raise_next_id(id);
         s.bump();
     }
 

@@ -215,13 +215,12 @@ impl Store {
     // ------------------------------------------------------------ layer helpers
 
     pub(crate) fn layer(&self, layer: u64) -> Result<&LayerRecord> {
-        self.layers.get(&layer).ok_or(Error::NotFound)
+        self.layers.get(layer).ok_or(Error::NotFound)
     }
 
     pub(crate) fn layer_id(&self, name: &str) -> Result<u64> {
-        self.layer_names
-            .get(name.as_bytes())
-            .copied()
+        self.layers
+            .id_by_name(name.as_bytes())
             .ok_or(Error::NotFound)
     }
 
@@ -234,7 +233,7 @@ impl Store {
     }
 
     fn temperature(&self, layer: u64) -> Temperature {
-        match self.layers.get(&layer) {
+        match self.layers.get(layer) {
             Some(l) if l.cold => Temperature::Cold,
             _ => Temperature::Hot,
         }
@@ -246,7 +245,7 @@ impl Store {
     }
 
     pub(crate) fn set_root(&mut self, layer: u64, root: u64) {
-        let l = self.layers.get_mut(&layer).expect("layer exists");
+        let l = self.layers.get_mut(layer).expect("layer exists");
         if l.root != root {
             l.root = root;
             self.mark_layer_dirty(layer);
@@ -395,13 +394,12 @@ impl Store {
         {
             return Err(Error::Invalid(format!("bad layer name {name:?}")));
         }
-        if self.layer_names.contains_key(name.as_bytes()) {
+        if self.layers.id_by_name(name.as_bytes()).is_some() {
             return Err(Error::Exists);
         }
         self.ensure_space(0, false)?;
         let now = Timestamp::now();
-        let id = self.next_layer_id;
-        self.next_layer_id += 1;
+        let id = self.layers.alloc_id();
         let mut rec = LayerRecord {
             id,
             name: name.as_bytes().to_vec(),
@@ -418,7 +416,7 @@ impl Store {
         };
         if let Some(p) = parent {
             let pid = self.layer_id(p)?;
-            let pr = self.layers.get_mut(&pid).expect("named layer exists");
+            let pr = self.layers.get_mut(pid).expect("named layer exists");
             // Clone: share the parent's root; freeze the parent. O(1).
             if !pr.frozen {
                 pr.frozen = true;
@@ -431,8 +429,7 @@ impl Store {
             rec.inode_count = pr.inode_count;
             self.mark_layer_dirty(pid);
         }
-        self.layers.insert(id, rec);
-        self.layer_names.insert(name.as_bytes().to_vec(), id);
+        self.layers.insert(rec);
         self.mark_layer_dirty(id);
         if parent.is_none() {
             let root = InodeValue {
@@ -445,7 +442,7 @@ impl Store {
                 ..Default::default()
             };
             self.put_inode(id, ROOT_INODE, &root)?;
-            self.layers.get_mut(&id).expect("inserted").inode_count = 1;
+            self.layers.get_mut(id).expect("inserted").inode_count = 1;
         }
         self.bump();
         Ok(id)
@@ -453,7 +450,7 @@ impl Store {
 
     pub(crate) fn freeze_layer(&mut self, layer: u64) -> Result<()> {
         self.check_writable()?;
-        let l = self.layers.get_mut(&layer).ok_or(Error::NotFound)?;
+        let l = self.layers.get_mut(layer).ok_or(Error::NotFound)?;
         if !l.frozen {
             l.frozen = true;
             l.frozen_at = Timestamp::now();
@@ -474,12 +471,11 @@ impl Store {
                 l.children
             )));
         }
-        if self.open_counts.keys().any(|(lid, _)| *lid == layer) {
+        if self.layers.has_open_files(layer) {
             return Err(Error::Busy("layer has open files".into()));
         }
         let root = l.root;
         let parent = l.parent;
-        let name = l.name.clone();
         self.ensure_space(0, true)?;
         // Walk only what this layer owns: a node owned by an ancestor has
         // nothing below it that this layer wrote.
@@ -488,12 +484,8 @@ impl Store {
         }
         self.remove_layer_metadata(layer)?;
         self.meta.layer_changed(layer);
-        self.layers.remove(&layer);
-        self.layer_names.remove(&name);
-        self.dirty_layers.remove(&layer);
-        self.removed_layers.insert(layer);
-        self.orphans.retain(|(l, _)| *l != layer);
-        if let Some(p) = self.layers.get_mut(&parent) {
+        self.layers.remove(layer);
+        if let Some(p) = self.layers.get_mut(parent) {
             p.children -= 1;
             self.mark_layer_dirty(parent);
         }
@@ -547,7 +539,7 @@ impl Store {
             name: String::from_utf8_lossy(&l.name).into_owned(),
             parent: self
                 .layers
-                .get(&l.parent)
+                .get(l.parent)
                 .map(|p| String::from_utf8_lossy(&p.name).into_owned()),
             frozen: l.frozen,
             cold: l.cold,
@@ -694,7 +686,7 @@ impl Store {
         let extra = symlink.map_or(0, |t| if t.len() > INLINE_SYMLINK_MAX { 1 } else { 0 });
         self.ensure_space(extra, false)?;
         let now = Timestamp::now();
-        let l = self.layers.get_mut(&layer).expect("checked");
+        let l = self.layers.get_mut(layer).expect("checked");
         let ino = l.next_inode;
         l.next_inode += 1;
         l.inode_count += 1;
@@ -777,7 +769,7 @@ impl Store {
         parent.mtime = now;
         parent.ctime = now;
         self.put_inode(layer, dir, &parent)?;
-        if self.orphans.remove(&(layer, ino)) {
+        if self.layers.remove_orphan(layer, ino) {
             self.ldel(layer, Key::new(0, KIND_ORPHAN, ino))?;
         }
         self.bump();
@@ -798,9 +790,9 @@ impl Store {
         if i.nlink > 0 {
             return self.put_inode(layer, ino, &i);
         }
-        if self.open_counts.get(&(layer, ino)).copied().unwrap_or(0) > 0 {
+        if self.layers.is_open(layer, ino) {
             self.put_inode(layer, ino, &i)?;
-            self.orphans.insert((layer, ino));
+            self.layers.add_orphan(layer, ino);
             self.lput(layer, Key::new(0, KIND_ORPHAN, ino), Vec::new())?;
             return Ok(());
         }
@@ -828,7 +820,7 @@ impl Store {
             }
             self.ldel(layer, k)?;
         }
-        let l = self.layers.get_mut(&layer).expect("exists");
+        let l = self.layers.get_mut(layer).expect("exists");
         l.inode_count = l.inode_count.saturating_sub(1);
         self.mark_layer_dirty(layer);
         Ok(())
@@ -1626,20 +1618,16 @@ impl Store {
 
     pub(crate) fn open_inode(&mut self, layer: u64, ino: u64) -> Result<()> {
         self.inode(layer, ino)?;
-        *self.open_counts.entry((layer, ino)).or_insert(0) += 1;
+        self.layers.open(layer, ino);
         Ok(())
     }
 
     pub(crate) fn release_inode(&mut self, layer: u64, ino: u64) -> Result<()> {
-        let Some(c) = self.open_counts.get_mut(&(layer, ino)) else {
-            return Ok(());
-        };
-        *c -= 1;
-        if *c > 0 {
+        if !self.layers.close(layer, ino) {
             return Ok(());
         }
-        self.open_counts.remove(&(layer, ino));
-        if self.orphans.remove(&(layer, ino)) && self.layers.get(&layer).is_some_and(|l| !l.frozen)
+        if self.layers.remove_orphan(layer, ino)
+            && self.layers.get(layer).is_some_and(|l| !l.frozen)
         {
             self.ldel(layer, Key::new(0, KIND_ORPHAN, ino))?;
             self.delete_inode(layer, ino)?;
@@ -1652,7 +1640,7 @@ impl Store {
     pub(crate) fn purge_orphans(&mut self) -> Result<()> {
         let ids: Vec<u64> = self
             .layers
-            .values()
+            .records()
             .filter(|l| !l.frozen)
             .map(|l| l.id)
             .collect();

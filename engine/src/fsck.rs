@@ -113,18 +113,21 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
     // 2. Trees: structure once per node, ownership, references.
     let mut referenced = Bitmap::new(s.address_map.next_lbn());
     let mut visited = Bitmap::new(s.address_map.next_lbn());
-    let mut trees: Vec<(u64, u64)> = vec![(0, s.layer_table_root)];
-    let mut ids: Vec<u64> = s.layers.keys().copied().collect();
+    let mut trees: Vec<(u64, u64)> = vec![(0, s.layers.root())];
+    let mut ids: Vec<u64> = s.layers.ids().collect();
     ids.sort_unstable();
-    trees.extend(ids.iter().map(|id| (*id, s.layers[id].root)));
+    trees.extend(
+        ids.iter()
+            .map(|id| (*id, s.layers.get(*id).expect("listed").root)),
+    );
     let ancestors: HashMap<u64, Vec<u64>> = ids
         .iter()
         .map(|&id| {
             let mut chain = vec![id];
-            let mut cur = s.layers[&id].parent;
+            let mut cur = s.layers.get(id).expect("listed").parent;
             while cur != 0 && chain.len() < 100_000 {
                 chain.push(cur);
-                cur = s.layers.get(&cur).map_or(0, |l| l.parent);
+                cur = s.layers.get(cur).map_or(0, |l| l.parent);
             }
             (id, chain)
         })
@@ -253,7 +256,7 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
 
     // 4. Layer table: records, and metadata only for layers that exist.
     let mut metadata_owners = std::collections::BTreeSet::new();
-    let table_root = s.layer_table_root;
+    let table_root = s.layers.root();
     s.scan(
         Tree::Layer(0),
         table_root,
@@ -267,25 +270,25 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
         },
     )?;
     for id in metadata_owners {
-        if !s.layers.contains_key(&id) {
+        if !s.layers.contains(id) {
             r.error(format!("metadata of layer {id}, which does not exist"));
         } else if let Err(e) = s.layer_metadata(id) {
             r.error(format!("layer {id} metadata: {e}"));
         }
     }
     let mut children: HashMap<u64, u32> = HashMap::new();
-    for l in s.layers.values() {
+    for l in s.layers.records() {
         if l.parent != 0 {
-            if !s.layers.contains_key(&l.parent) {
+            if !s.layers.contains(l.parent) {
                 r.error(format!("layer {} has missing parent {}", l.id, l.parent));
             }
             *children.entry(l.parent).or_default() += 1;
         }
-        if s.layer_names.get(&l.name) != Some(&l.id) {
+        if s.layers.id_by_name(&l.name) != Some(l.id) {
             r.error(format!("layer {} name index is wrong", l.id));
         }
     }
-    let mut recs: Vec<LayerRecord> = s.layers.values().cloned().collect();
+    let mut recs: Vec<LayerRecord> = s.layers.records().cloned().collect();
     recs.sort_by_key(|l| l.id);
     for l in &recs {
         let c = children.get(&l.id).copied().unwrap_or(0);

@@ -17,6 +17,7 @@ mod error;
 pub mod format;
 mod fs;
 mod fsck;
+mod layers;
 mod log;
 mod metacache;
 mod metadata;

@@ -69,7 +69,7 @@ impl Store {
     /// The chunks of a layer's metadata as stored, in order.
     fn metadata_chunks(&mut self, layer: u64) -> Result<Vec<(Key, Vec<u8>)>> {
         let mut chunks = Vec::new();
-        let root = self.layer_table_root;
+        let root = self.layers.root();
         self.scan(
             Tree::Layer(0),
             root,
@@ -116,9 +116,9 @@ impl Store {
                 .enumerate()
                 .map(|(i, c)| (chunk_key(layer, i as u64), c.to_vec()))
                 .collect();
-            let mut root = self.layer_table_root;
+            let mut root = self.layers.root();
             let r = self.insert_sorted(Tree::Layer(0), &mut root, items);
-            self.layer_table_root = root;
+            self.layers.set_root(root);
             r?;
         }
         self.bump();
@@ -128,14 +128,14 @@ impl Store {
     /// Deletes every metadata chunk of a layer.
     pub(crate) fn remove_layer_metadata(&mut self, layer: u64) -> Result<()> {
         let chunks = self.metadata_chunks(layer)?;
-        let mut root = self.layer_table_root;
+        let mut root = self.layers.root();
         for (k, _) in chunks {
             if let Err(e) = self.remove(Tree::Layer(0), &mut root, &k) {
-                self.layer_table_root = root;
+                self.layers.set_root(root);
                 return Err(e);
             }
         }
-        self.layer_table_root = root;
+        self.layers.set_root(root);
         Ok(())
     }
 }

@@ -7,12 +7,12 @@ use crate::cache::{BlockCache, NodeCache};
 use crate::device::{AlignedBuf, Device, BLOCK_SIZE};
 use crate::error::{Error, Result};
 use crate::format::*;
+use crate::layers::LayerTable;
 use crate::log::Log;
 pub(crate) use crate::log::Temperature;
 use crate::metacache::MetaCache;
 use crate::space::Space;
 pub(crate) use crate::tree::{Tree, PHYS_TAG, VIRT_TAG};
-use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 /// Device geometry, fixed at format time.
@@ -130,8 +130,6 @@ pub(crate) struct Store {
     pub geo: Geometry,
     pub config: Config,
     pub checkpoint_seq: u64,
-    pub layer_table_root: u64,
-    pub next_layer_id: u64,
     pub(crate) space: Space,
     pub(crate) address_map: AddressMap,
     pub(crate) log: Log,
@@ -146,13 +144,7 @@ pub(crate) struct Store {
     /// what can be written, so further changes are refused.
     pub failed: Option<String>,
     // Layers (records are few; their trees are paged).
-    pub layers: HashMap<u64, LayerRecord>,
-    pub layer_names: HashMap<Vec<u8>, u64>,
-    pub dirty_layers: BTreeSet<u64>,
-    pub removed_layers: BTreeSet<u64>,
-    /// Per (layer, inode): open handles, so unlinked open files live on.
-    pub open_counts: HashMap<(u64, u64), u32>,
-    pub orphans: HashSet<(u64, u64)>,
+    pub(crate) layers: LayerTable,
     /// Bumped by every change; `durable_generation` is the one last checkpointed.
     pub generation: u64,
     /// See [`Store::mutation_mark`].
@@ -181,8 +173,6 @@ impl Store {
             dev,
             config: config.clone(),
             checkpoint_seq: 0,
-            layer_table_root: 0,
-            next_layer_id: 1,
             space: Space::new(&geo),
             address_map: AddressMap::new(),
             nodes: NodeCache::new(config.node_cache_bytes),
@@ -191,12 +181,7 @@ impl Store {
             reuse: Arc::new(RwLock::new(())),
             counters: Counters::default(),
             failed: None,
-            layers: HashMap::new(),
-            layer_names: HashMap::new(),
-            dirty_layers: BTreeSet::new(),
-            removed_layers: BTreeSet::new(),
-            open_counts: HashMap::new(),
-            orphans: HashSet::new(),
+            layers: LayerTable::new(),
             generation: 0,
             durable_generation: 0,
             checkpoint_in_flight: None,
@@ -281,8 +266,7 @@ impl Store {
         s.checkpoint_seq = sb.checkpoint_seq;
         s.log.set_next_batch_seq(sb.next_batch_seq);
         s.address_map = AddressMap::recovered(sb.map_root_block, sb.map_root_checksum, sb.next_lbn);
-        s.layer_table_root = sb.layer_table_root;
-        s.next_layer_id = sb.next_layer_id;
+        s.layers = LayerTable::recovered(sb.layer_table_root, sb.next_layer_id);
         s.space = Space::load(&*s.dev, &s.geo, sb.checkpoint_seq, sb.segtable_checksum)?;
         s.load_layers()?;
         s.durable_generation = 0;
@@ -291,7 +275,7 @@ impl Store {
 
     fn load_layers(&mut self) -> Result<()> {
         let mut recs = Vec::new();
-        let root = self.layer_table_root;
+        let root = self.layers.root();
         self.scan(
             Tree::Layer(0),
             root,
@@ -306,8 +290,7 @@ impl Store {
         )?;
         for r in recs {
             let r = r?;
-            self.layer_names.insert(r.name.clone(), r.id);
-            self.layers.insert(r.id, r);
+            self.layers.insert(r);
         }
         Ok(())
     }
@@ -359,7 +342,7 @@ impl Store {
     pub fn mark_layer_dirty(&mut self, layer: u64) {
         self.note_mutation();
         self.meta.layer_changed(layer);
-        self.dirty_layers.insert(layer);
+        self.layers.mark_dirty(layer);
     }
 
     // ------------------------------------------------------------ space
@@ -516,7 +499,7 @@ impl Store {
         if owner == 0 {
             return;
         }
-        if let Some(l) = self.layers.get_mut(&owner) {
+        if let Some(l) = self.layers.get_mut(owner) {
             l.owned_blocks = l.owned_blocks.saturating_add_signed(delta);
             self.mark_layer_dirty(owner);
         }
