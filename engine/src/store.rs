@@ -1,6 +1,15 @@
-//! The metadata store: log streams and segment accounting, node loading and the
-//! copy-on-write B+tree shared by the address map, the layer table and every
-//! layer's filesystem tree. Everything here runs under the engine lock.
+//! The store: all mutable engine state, held as components with their own
+//! modules and private state: the log streams (log.rs), segment accounting
+//! (space.rs), the address map (addrmap.rs), the layer table (layers.rs)
+//! and the node cache (cache.rs) under the copy-on-write B+tree (tree.rs).
+//! Checkpoints are in checkpoint.rs, the cleaner in cleaner.rs.
+//!
+//! This file keeps the device geometry, opening and formatting (recovery is
+//! loading the newest checkpoint), and what ties the components together:
+//! appends (the log fills a segment, space counts its blocks), the
+//! engine-wide failure and mutation state, and the caches shared with code
+//! outside the lock (blocks, metadata answers). Everything here runs under
+//! the engine lock.
 
 use crate::addrmap::AddressMap;
 use crate::cache::{BlockCache, NodeCache};
@@ -143,7 +152,7 @@ pub(crate) struct Store {
     /// Set after a device write failed: the in-memory state may be ahead of
     /// what can be written, so further changes are refused.
     pub failed: Option<String>,
-    // Layers (records are few; their trees are paged).
+    /// Layer records (few; their trees are paged through `nodes`).
     pub(crate) layers: LayerTable,
     /// Bumped by every change; `durable_generation` is the one last checkpointed.
     pub generation: u64,
@@ -338,14 +347,7 @@ impl Store {
         r
     }
 
-    /// Marks a layer record for the next checkpoint.
-    pub fn mark_layer_dirty(&mut self, layer: u64) {
-        self.note_mutation();
-        self.meta.layer_changed(layer);
-        self.layers.mark_dirty(layer);
-    }
-
-    // ------------------------------------------------------------ space
+    // ------------------------------------------------------------ space and log
 
     /// One fewer live block in the segment holding `block`.
     pub fn release_block(&mut self, block: u64) {
@@ -455,6 +457,13 @@ impl Store {
         Ok(p.block)
     }
 
+    /// The physical block the next append to stream `t` will use, opening a
+    /// segment first if needed (a node must name its own address).
+    pub(crate) fn peek_next_block(&mut self, t: Temperature) -> Result<u64> {
+        self.make_room(t)?;
+        Ok(self.log.next_block(t))
+    }
+
     /// Gives a full segment to the writer thread and detaches it from the stream.
     fn hand_off(&mut self, t: Temperature) -> Result<()> {
         let seg = self.log.hand_off(t);
@@ -494,6 +503,13 @@ impl Store {
 
     // ------------------------------------------------------------ layers
 
+    /// Marks a layer record for the next checkpoint.
+    pub fn mark_layer_dirty(&mut self, layer: u64) {
+        self.note_mutation();
+        self.meta.layer_changed(layer);
+        self.layers.mark_dirty(layer);
+    }
+
     /// Adds `delta` to the blocks a layer owns.
     pub fn charge_layer(&mut self, owner: u64, delta: i64) {
         if owner == 0 {
@@ -503,13 +519,6 @@ impl Store {
             l.owned_blocks = l.owned_blocks.saturating_add_signed(delta);
             self.mark_layer_dirty(owner);
         }
-    }
-
-    /// The physical block the next append to stream `t` will use, opening a
-    /// segment first if needed (a node must name its own address).
-    pub(crate) fn peek_next_block(&mut self, t: Temperature) -> Result<u64> {
-        self.make_room(t)?;
-        Ok(self.log.next_block(t))
     }
 
     /// Drops clean nodes over budget; checkpoints when dirty nodes pass their limit.
