@@ -175,3 +175,57 @@ impl LayerTable {
         self.orphans.remove(&(layer, ino))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::Timestamp;
+
+    fn record(id: u64, name: &str) -> LayerRecord {
+        LayerRecord {
+            id,
+            name: name.as_bytes().to_vec(),
+            parent: 0,
+            root: 0,
+            frozen: false,
+            cold: false,
+            children: 0,
+            created: Timestamp::default(),
+            frozen_at: Timestamp::default(),
+            next_inode: 2,
+            inode_count: 0,
+            owned_blocks: 0,
+        }
+    }
+
+    #[test]
+    fn a_removed_layer_leaves_no_name_orphan_or_pending_write() {
+        let mut t = LayerTable::new();
+        let id = t.alloc_id();
+        assert_eq!(t.next_id(), id + 1);
+        t.insert(record(id, "a"));
+        t.mark_dirty(id);
+        t.add_orphan(id, 9);
+        assert_eq!(t.id_by_name(b"a"), Some(id));
+        t.remove(id);
+        assert!(!t.contains(id));
+        assert_eq!(t.id_by_name(b"a"), None);
+        assert!(!t.remove_orphan(id, 9));
+        assert!(t.take_dirty().is_empty());
+        assert_eq!(t.take_removed().into_iter().collect::<Vec<_>>(), vec![id]);
+    }
+
+    #[test]
+    fn the_last_close_is_reported_once() {
+        let mut t = LayerTable::new();
+        t.open(1, 5);
+        t.open(1, 5);
+        assert!(t.is_open(1, 5));
+        assert!(t.has_open_files(1));
+        assert!(!t.close(1, 5));
+        assert!(t.close(1, 5));
+        assert!(!t.is_open(1, 5));
+        assert!(!t.has_open_files(1));
+        assert!(!t.close(1, 5), "closing what is not open is a no-op");
+    }
+}

@@ -290,3 +290,67 @@ impl Space {
         seg_table_checksum(&self.segs)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn space() -> (Geometry, Space) {
+        let geo = Geometry::for_device(16 * 64, 64).expect("geometry");
+        let s = Space::new(&geo);
+        (geo, s)
+    }
+
+    #[test]
+    fn a_segment_is_free_again_only_after_a_checkpoint() {
+        let (geo, mut s) = space();
+        let all = s.free_count();
+        let seg = s.open_segment(7).expect("free segment");
+        assert_eq!(s.open_seq(seg), 7);
+        assert_eq!(s.free_count(), all - 1);
+        s.add_live(seg);
+        s.add_live(seg);
+        let block = geo.segment_start(seg);
+        // Still open in a stream: not pending when it empties.
+        s.release_block(block, |_| true);
+        s.release_block(block + 1, |_| true);
+        assert_eq!(s.live_blocks(seg), 0);
+        assert!(!s.is_pending_free(seg));
+        // The stream closes it: pending, then free once a checkpoint lands.
+        s.closed(seg);
+        assert!(s.is_pending_free(seg));
+        let freed = s.take_pending_free();
+        assert!(!s.has_pending_free());
+        s.free_after_checkpoint(freed, |_| false);
+        assert!(s.is_free(seg));
+        assert_eq!(s.free_count(), all);
+    }
+
+    #[test]
+    fn a_segment_that_came_back_to_life_stays_in_use() {
+        let (geo, mut s) = space();
+        let seg = s.open_segment(1).expect("free segment");
+        s.add_live(seg);
+        s.release_block(geo.segment_start(seg), |_| false);
+        assert!(s.is_pending_free(seg));
+        let freed = s.take_pending_free();
+        // Reopened before the checkpoint finished: it must not become free.
+        s.free_after_checkpoint(freed, |_| true);
+        assert!(!s.is_free(seg));
+    }
+
+    #[test]
+    fn dirty_table_blocks_alternate_between_copies() {
+        let (geo, mut s) = space();
+        let first = s.encode_dirty_tables(1);
+        assert_eq!(first.len(), geo.segtable_blocks as usize);
+        let start = geo.segtable_start_block * BLOCK_SIZE as u64;
+        assert_eq!(first[0].0, start);
+        assert!(s.encode_dirty_tables(2).is_empty(), "nothing changed");
+        let seg = s.open_segment(2).expect("free segment");
+        let second = s.encode_dirty_tables(3);
+        assert_eq!(second.len(), 1);
+        let index = seg as u64 / SEGTABLE_ENTRIES as u64;
+        assert_eq!(second[0].0, start + (2 * index + 1) * BLOCK_SIZE as u64);
+    }
+}
