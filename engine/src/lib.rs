@@ -18,7 +18,7 @@ pub mod format;
 mod fs;
 mod fsck;
 mod layers;
-mod log;
+mod logstream;
 mod metacache;
 mod metadata;
 mod promote;

@@ -1,5 +1,5 @@
 //! The store: all mutable engine state, held as components with their own
-//! modules and private state: the log streams (log.rs), segment accounting
+//! modules and private state: the log streams (logstream.rs), segment accounting
 //! (space.rs), the address map (addrmap.rs), the layer table (layers.rs)
 //! and the node cache (cache.rs) under the copy-on-write B+tree (tree.rs).
 //! Checkpoints are in checkpoint.rs, the cleaner in cleaner.rs.
@@ -17,8 +17,8 @@ use crate::device::{AlignedBuf, Device, BLOCK_SIZE};
 use crate::error::{Error, Result};
 use crate::format::*;
 use crate::layers::LayerTable;
-use crate::log::Log;
-pub(crate) use crate::log::Temperature;
+use crate::logstream::Log;
+pub(crate) use crate::logstream::Temperature;
 use crate::metacache::MetaCache;
 use crate::space::Space;
 pub(crate) use crate::tree::{Tree, PHYS_TAG, VIRT_TAG};
