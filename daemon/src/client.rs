@@ -205,6 +205,10 @@ pub fn layer_stat(socket: &Path, name: &str, as_json: bool) -> Result<()> {
         human_bytes(l.owned_bytes),
         l.owned_bytes
     );
+    match l.quota_bytes {
+        Some(q) => println!("limit:     {} ({q} bytes)", human_bytes(q)),
+        None => println!("limit:     -"),
+    }
     println!("inodes:    {}", l.inode_count);
     println!("created:   {}", l.created);
     println!("frozen at: {}", l.frozen_at.as_deref().unwrap_or("-"));

@@ -52,6 +52,9 @@ pub struct Layer {
     pub frozen_at: Option<String>,
     /// Bytes this layer alone owns (what removing it frees).
     pub owned_bytes: u64,
+    /// Most bytes the layer may own (Docker's `--storage-opt size=`), if set.
+    #[serde(default)]
+    pub quota_bytes: Option<u64>,
     pub inode_count: u64,
     /// The layer's directory in the daemon's mount.
     pub path: String,
@@ -69,6 +72,7 @@ impl Layer {
             created: rfc3339(info.created),
             frozen_at: info.frozen_at.map(rfc3339),
             owned_bytes: info.owned_bytes,
+            quota_bytes: info.quota_bytes,
             inode_count: info.inode_count,
             path: mountpoint.join(&info.name).display().to_string(),
         }

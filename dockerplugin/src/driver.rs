@@ -35,6 +35,9 @@ pub struct Driver {
     /// The layers Diff was last asked for, newest first: the candidates to
     /// lend their blocks to the ApplyDiff of a commit (docs/docker.md).
     recent_diffs: Mutex<VecDeque<String>>,
+    /// The size limit of container layers created without one of their own
+    /// (`dockerd --storage-opt size=...`, given at Init).
+    default_size_limit: Mutex<Option<u64>>,
 }
 
 /// How many recently diffed layers ApplyDiff considers as lenders.
@@ -128,6 +131,7 @@ impl Driver {
             references: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashSet::new()),
             recent_diffs: Mutex::new(VecDeque::new()),
+            default_size_limit: Mutex::new(None),
         }
     }
 
@@ -185,23 +189,52 @@ impl Driver {
                             .into(),
                     ));
                 }
-                log::info!(
-                    "GraphDriver.Init home {:?} options {:?}",
-                    r.home,
-                    r.opts.unwrap_or_default()
-                );
+                let opts = r.opts.unwrap_or_default();
+                let mut default_size = None;
+                for opt in &opts {
+                    let (key, value) = opt.split_once('=').unwrap_or((opt, ""));
+                    match key.trim().to_ascii_lowercase().as_str() {
+                        "size" | "lcfs.size" => default_size = size_limit(value)?,
+                        other => {
+                            return Err(Error::BadOption(format!(
+                                "unknown storage option {other:?} (lcfs knows size=)"
+                            )))
+                        }
+                    }
+                }
+                *self
+                    .default_size_limit
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = default_size;
+                log::info!("GraphDriver.Init home {:?} options {opts:?}", r.home);
                 Ok(json!({}))
             }
             "GraphDriver.Create" | "GraphDriver.CreateReadWrite" => {
                 let r: IdRequest = parse(method, body)?;
                 check_id(&r.id)?;
-                if r.storage_opt.as_ref().is_some_and(|o| !o.is_empty()) {
-                    return Err(Error::Unsupported(
-                        "lcfs takes no storage options (--storage-opt); remove them".into(),
-                    ));
+                let cold = method == "GraphDriver.Create";
+                let mut limit = None;
+                for (key, value) in r.storage_opt.iter().flatten() {
+                    match key.trim().to_ascii_lowercase().as_str() {
+                        "size" => limit = size_limit(value)?,
+                        other => {
+                            return Err(Error::BadOption(format!(
+                                "unknown storage option {other:?} (lcfs knows size=)"
+                            )))
+                        }
+                    }
+                }
+                let explicit = r
+                    .storage_opt
+                    .as_ref()
+                    .is_some_and(|o| o.keys().any(|k| k.trim().eq_ignore_ascii_case("size")));
+                if !explicit && !cold {
+                    limit = *self
+                        .default_size_limit
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
                 }
                 let _guard = self.claim(&r.id)?;
-                let cold = method == "GraphDriver.Create";
                 let parent = Some(r.parent.as_str()).filter(|p| !p.is_empty());
                 self.layers
                     .create(&r.id, parent, cold)
@@ -218,6 +251,20 @@ impl Driver {
                             err,
                         ),
                     })?;
+                if let Some(bytes) = limit {
+                    if let Err(e) = self.engine().set_layer_quota(&r.id, Some(bytes)) {
+                        if let Err(e) = self.layers.remove(&r.id) {
+                            log::error!(
+                                "removing layer {:?} after its size limit failed: {e}",
+                                r.id
+                            );
+                        }
+                        return Err(Error::engine(
+                            format!("setting the size limit of layer {:?}", r.id),
+                            e,
+                        ));
+                    }
+                }
                 self.make_durable(&r.id)?;
                 Ok(json!({}))
             }
@@ -285,6 +332,7 @@ impl Driver {
                     "Cold": info.cold.to_string(),
                     "Children": info.children.to_string(),
                     "OwnedBytes": info.owned_bytes.to_string(),
+                    "SizeLimit": info.quota_bytes.map(|q| q.to_string()).unwrap_or_default(),
                     "Inodes": info.inode_count.to_string(),
                 }}))
             }
@@ -514,6 +562,40 @@ pub struct DiffPlan {
     against: export::Against,
 }
 
+/// A `size` storage option in the units Docker accepts (go-units'
+/// RAMInBytes: a decimal number, an optional space, an optional k, m, g, t
+/// or p in either case, an optional i and an optional b; binary multiples):
+/// `64M`, `1.5g`, `512KiB`, `2048`. `0` means no limit.
+fn size_limit(text: &str) -> Result<Option<u64>> {
+    let bad = || Error::BadOption(format!("invalid size {text:?} (for example size=64M)"));
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let unit = unit.strip_prefix(' ').unwrap_or(unit).to_ascii_lowercase();
+    let mut prefix = unit.as_str();
+    prefix = prefix.strip_suffix('b').unwrap_or(prefix);
+    prefix = prefix.strip_suffix('i').unwrap_or(prefix);
+    let shift = match prefix {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        "p" => 50,
+        _ => return Err(bad()),
+    };
+    if number.is_empty() || number.split('.').any(str::is_empty) {
+        return Err(bad());
+    }
+    let bytes = number.parse::<f64>().map_err(|_| bad())? * (1u64 << shift) as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok((bytes as u64 > 0).then_some(bytes as u64))
+}
+
 /// A failed layer operation as a plugin error.
 fn layer_op_error(context: impl Into<String>, e: LayerError) -> Error {
     match e {
@@ -526,5 +608,32 @@ fn layer_op_error(context: impl Into<String>, e: LayerError) -> Error {
             e,
         ),
         e => Error::io(context, std::io::Error::other(e)),
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::size_limit;
+
+    #[test]
+    fn sizes_read_as_docker_reads_them() {
+        for (text, bytes) in [
+            ("64M", Some(64 << 20)),
+            ("64m", Some(64 << 20)),
+            ("64MiB", Some(64 << 20)),
+            ("64 MB", Some(64 << 20)),
+            ("1.5g", Some(3 << 29)),
+            ("2048", Some(2048)),
+            ("512k", Some(512 << 10)),
+            ("0", None),
+        ] {
+            assert_eq!(size_limit(text).unwrap(), bytes, "{text}");
+        }
+        for text in [
+            "abc", "-1", "", "M", "1.", ".5G", "10X", "1.2.3G", "64MBB", "1e3",
+        ] {
+            let err = size_limit(text).unwrap_err().to_string();
+            assert!(err.contains("invalid size"), "{text}: {err}");
+        }
     }
 }

@@ -9,6 +9,10 @@ pub enum Error {
     /// A request body that is not the JSON the method takes.
     #[error("malformed request to {method}: {detail}")]
     BadRequest { method: String, detail: String },
+    /// A storage option (`--storage-opt`) the plugin does not know, or a
+    /// bad value.
+    #[error("{0}")]
+    BadOption(String),
     /// A method this plugin does not implement.
     #[error("unknown method {0:?}; this plugin implements Plugin.Activate and GraphDriver.*")]
     UnknownMethod(String),

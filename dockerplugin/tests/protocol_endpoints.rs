@@ -186,11 +186,22 @@ fn errors_are_err_json_never_crashes() {
     }
     assert!(err_of(&p.call("GraphDriver.Frobnicate", "{}")).contains("unknown method"));
     assert!(err_of(&p.call("Nope", "")).contains("unknown method"));
-    let r = p.call(
-        "GraphDriver.Create",
-        r#"{"ID":"x","StorageOpt":{"size":"10G"}}"#,
+    // Storage options: size only, in Docker's units; nothing is made on a
+    // bad one.
+    for (opts, says) in [
+        (r#"{"size":"abc"}"#, "invalid size \"abc\""),
+        (r#"{"size":"-1"}"#, "invalid size \"-1\""),
+        (r#"{"quota":"1G"}"#, "unknown storage option \"quota\""),
+    ] {
+        let body = format!(r#"{{"ID":"bad-opt","StorageOpt":{opts}}}"#);
+        let r = p.call("GraphDriver.CreateReadWrite", &body);
+        assert!(err_of(&r).contains(says), "{opts}: {r}");
+        assert!(p.engine.layer_id("bad-opt").is_err());
+    }
+    assert!(
+        err_of(&p.call("GraphDriver.Init", r#"{"Home":"/x","Opts":["frob=1"]}"#))
+            .contains("unknown storage option \"frob\"")
     );
-    assert!(err_of(&r).contains("storage options"));
     // Duplicate create.
     p.create("dup", "");
     assert!(!err_of(&p.call("GraphDriver.Create", r#"{"ID":"dup"}"#)).is_empty());
@@ -267,4 +278,59 @@ fn concurrent_calls_on_one_id_are_safe() {
     );
     let report = p.engine.fsck(true).unwrap();
     assert!(report.errors.is_empty(), "{report:?}");
+}
+
+/// `--storage-opt size=` limits a container layer: the limit is the
+/// layer's, shown by GetMetadata; `dockerd --storage-opt size=` (given at
+/// Init) is the default for container layers that set none; image layers
+/// get none.
+#[test]
+fn size_storage_option_limits_the_layer() {
+    let p = Plugin::start();
+    p.create("image", "");
+    let r = p.call(
+        "GraphDriver.CreateReadWrite",
+        r#"{"ID":"c1","Parent":"image","StorageOpt":{"size":"64M"}}"#,
+    );
+    assert!(r.get("Err").is_none(), "{r}");
+    assert_eq!(
+        p.engine.layer_info("c1").unwrap().quota_bytes,
+        Some(64 << 20)
+    );
+    let c1 = p.engine.layer_id("c1").unwrap();
+    let f = p
+        .engine
+        .create(c1, lcfs_engine::ROOT_INODE, b"big", 0o644, 0, 0)
+        .unwrap();
+    let err = p
+        .engine
+        .write(c1, f.inode, 0, &vec![1u8; 65 << 20])
+        .unwrap_err();
+    assert_eq!(err.errno(), libc::ENOSPC);
+    let meta = p.call("GraphDriver.GetMetadata", r#"{"ID":"c1"}"#);
+    assert_eq!(
+        meta["Metadata"]["SizeLimit"],
+        json!((64u64 << 20).to_string())
+    );
+
+    let r = p.call("GraphDriver.Init", r#"{"Home":"/x","Opts":["size=1G"]}"#);
+    assert!(r.get("Err").is_none(), "{r}");
+    let r = p.call(
+        "GraphDriver.CreateReadWrite",
+        r#"{"ID":"c2","Parent":"image"}"#,
+    );
+    assert!(r.get("Err").is_none(), "{r}");
+    assert_eq!(
+        p.engine.layer_info("c2").unwrap().quota_bytes,
+        Some(1 << 30)
+    );
+    // An explicit size wins; size=0 is no limit.
+    let r = p.call(
+        "GraphDriver.CreateReadWrite",
+        r#"{"ID":"c3","Parent":"image","StorageOpt":{"size":"0"}}"#,
+    );
+    assert!(r.get("Err").is_none(), "{r}");
+    assert_eq!(p.engine.layer_info("c3").unwrap().quota_bytes, None);
+    p.create("layer2", "image");
+    assert_eq!(p.engine.layer_info("layer2").unwrap().quota_bytes, None);
 }

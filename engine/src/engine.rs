@@ -299,6 +299,18 @@ impl Engine {
         })
     }
 
+    /// Sets (Some) or clears (None) the most bytes layer `name` may own:
+    /// data and tree nodes it wrote, as `LayerInfo::owned_bytes` counts
+    /// them. Writes past it fail with ENOSPC; deleting files gives the room
+    /// back. A limit below what the layer owns already is refused. Durable
+    /// with the next checkpoint, like every change.
+    pub fn set_layer_quota(&self, name: &str, quota_bytes: Option<u64>) -> Result<()> {
+        self.op_then_upkeep(|s| {
+            let id = s.layer_id(name)?;
+            s.set_layer_quota(id, quota_bytes.unwrap_or(0))
+        })
+    }
+
     /// A layer's metadata (empty when none was set).
     pub fn layer_metadata(&self, name: &str) -> Result<crate::LayerMetadata> {
         self.op_then_upkeep(|s| {

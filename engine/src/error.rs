@@ -16,6 +16,10 @@ pub enum Error {
     Corrupt { offset: u64, what: String },
     #[error("no space left on device")]
     NoSpace,
+    /// A write would take a layer past its size limit (ENOSPC, as overlay2
+    /// on xfs project quotas and devicemapper report it).
+    #[error("no space left in the layer: its size limit is {limit_bytes} bytes")]
+    QuotaExceeded { limit_bytes: u64 },
     #[error("no such file, directory or layer")]
     NotFound,
     #[error("already exists")]
@@ -75,7 +79,7 @@ impl Error {
         match self {
             Error::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
             Error::Corrupt { .. } => libc::EIO,
-            Error::NoSpace => libc::ENOSPC,
+            Error::NoSpace | Error::QuotaExceeded { .. } => libc::ENOSPC,
             Error::NotFound => libc::ENOENT,
             Error::Exists => libc::EEXIST,
             Error::NotEmpty => libc::ENOTEMPTY,

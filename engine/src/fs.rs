@@ -160,6 +160,8 @@ pub struct LayerInfo {
     /// Inode numbers below this existed when the layer was cloned (or are
     /// the layer's own, for a base layer); new inodes get numbers from here.
     pub next_inode: u64,
+    /// Most bytes the layer may own (its size limit), if it has one.
+    pub quota_bytes: Option<u64>,
 }
 
 fn name_hash(name: &[u8]) -> u64 {
@@ -413,6 +415,7 @@ impl Store {
             next_inode: ROOT_INODE + 1,
             inode_count: 0,
             owned_blocks: 0,
+            quota_bytes: 0,
         };
         if let Some(p) = parent {
             let pid = self.layer_id(p)?;
@@ -549,7 +552,53 @@ impl Store {
             owned_bytes: l.owned_blocks * BLOCK_SIZE as u64,
             inode_count: l.inode_count,
             next_inode: l.next_inode,
+            quota_bytes: (l.quota_bytes > 0).then_some(l.quota_bytes),
         })
+    }
+
+    /// Sets layer `layer`'s size limit (0: none). A limit below what the
+    /// layer owns already is refused.
+    pub(crate) fn set_layer_quota(&mut self, layer: u64, quota_bytes: u64) -> Result<()> {
+        let l = self.layer(layer)?;
+        let owned = l.owned_blocks * BLOCK_SIZE as u64;
+        if quota_bytes > 0 && quota_bytes < owned {
+            return Err(Error::Invalid(format!(
+                "a size limit of {quota_bytes} bytes is below the {owned} bytes the layer holds"
+            )));
+        }
+        self.layers.get_mut(layer).expect("exists").quota_bytes = quota_bytes;
+        self.mark_layer_dirty(layer);
+        Ok(())
+    }
+
+    /// Refuses a write of `len` bytes at `offset` that would take the layer
+    /// past its size limit. It adds the blocks of the range the layer does
+    /// not own yet (holes, and blocks an ancestor wrote or it shares).
+    fn check_quota(&mut self, layer: u64, ino: u64, offset: u64, len: u64) -> Result<()> {
+        let l = self.layer(layer)?;
+        let (limit_bytes, owned) = (l.quota_bytes, l.owned_blocks);
+        if limit_bytes == 0 || len == 0 {
+            return Ok(());
+        }
+        let bs = BLOCK_SIZE as u64;
+        let (first, last) = (offset / bs, (offset + len - 1) / bs);
+        let mut own = 0u64;
+        self.lscan(
+            layer,
+            Key::new(ino, KIND_EXTENT, first),
+            Key::new(ino, KIND_EXTENT, last),
+            &mut |_, v| {
+                if ExtentValue::decode(v).is_ok_and(|e| e.birth_layer == layer && !e.shared) {
+                    own += 1;
+                }
+                true
+            },
+        )?;
+        let adds = (last - first + 1).saturating_sub(own);
+        if (owned + adds) * bs > limit_bytes {
+            return Err(Error::QuotaExceeded { limit_bytes });
+        }
+        Ok(())
     }
 
     // ------------------------------------------------------------ lookups
@@ -1206,6 +1255,7 @@ impl Store {
             // A log-structured store cannot reserve blocks in place; check the
             // space is there now, and extend the size.
             let blocks = len.div_ceil(BLOCK_SIZE as u64);
+            self.check_quota(layer, ino, offset, len)?;
             self.ensure_space(blocks, false)?;
         }
         let mut i = self.inode(layer, ino)?;
@@ -1239,6 +1289,7 @@ impl Store {
             Some(FileKind::Directory) => return Err(Error::IsDirectory),
             _ => return Err(Error::Invalid("not a regular file".into())),
         }
+        self.check_quota(layer, ino, offset, data.len() as u64)?;
         self.write_data((layer, ino, i), offset, data, touch, known)?;
         Ok(data.len())
     }

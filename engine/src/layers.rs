@@ -195,6 +195,7 @@ mod tests {
             next_inode: 2,
             inode_count: 0,
             owned_blocks: 0,
+            quota_bytes: 0,
         }
     }
 

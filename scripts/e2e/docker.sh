@@ -154,6 +154,18 @@ fi
 umount "$E2E_WORK/overlay-view"
 dockerd_stop overlay
 
+# --- size limits (--storage-opt size=) ----------------------------------------------------
+# A container limited to 64 MiB that writes 100 MiB gets ENOSPC (at write or at close: the
+# mount caches writes), keeps running, and writes again once it deleted the file.
+limited=$(d run --rm --network none --storage-opt size=64M busybox:e2e sh -c '
+    dd if=/dev/zero of=/f bs=1M count=100 conv=fsync 2>/dev/null && echo unlimited
+    rm -f /f
+    dd if=/dev/zero of=/g bs=1M count=32 conv=fsync 2>/dev/null && echo written-again' 2>&1)
+expect "size limit: ENOSPC past 64 MiB, room back after rm" "written-again" "$limited"
+bad=$(d run --rm --network none --storage-opt size=abc busybox:e2e true 2>&1 || true)
+[[ $bad == *'invalid size "abc"'* ]] || fail "--storage-opt size=abc: $bad"
+say "ok: --storage-opt size=abc is refused: ${bad##*: }"
+
 # --- restarts ----------------------------------------------------------------------------
 d create --network none --name kept busybox:e2e sh -c 'cat /kept; echo again >> /kept' >/dev/null
 d cp "$E2E_WORK/in.txt" kept:/kept

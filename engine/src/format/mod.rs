@@ -241,8 +241,17 @@ mod tests {
             next_inode: 5,
             inode_count: 4,
             owned_blocks: 8,
+            quota_bytes: 0,
         };
         assert_eq!(LayerRecord::decode(&l.encode()).unwrap(), l);
+        // A size limit follows the name; records without one keep 88 + n bytes.
+        assert_eq!(l.encode().len(), 88 + 8);
+        let limited = LayerRecord {
+            quota_bytes: 64 << 20,
+            ..l.clone()
+        };
+        assert_eq!(limited.encode().len(), 88 + 8 + 8);
+        assert_eq!(LayerRecord::decode(&limited.encode()).unwrap(), limited);
         let named = vec![(b"a".to_vec(), vec![1, 2]), (b"bb".to_vec(), vec![])];
         assert_eq!(decode_named(&encode_named(&named)).unwrap(), named);
         assert!(decode_named(&[5, 0, 1]).is_err());

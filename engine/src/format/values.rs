@@ -186,11 +186,15 @@ pub struct LayerRecord {
     pub inode_count: u64,
     /// Blocks (data and tree nodes) this layer wrote and still owns.
     pub owned_blocks: u64,
+    /// Most bytes the layer may own (0: no limit). Written after the name
+    /// only when set, so records without one keep their old layout.
+    pub quota_bytes: u64,
 }
 
 impl LayerRecord {
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = vec![0u8; 88 + self.name.len()];
+        let quota = if self.quota_bytes > 0 { 8 } else { 0 };
+        let mut v = vec![0u8; 88 + self.name.len() + quota];
         let mut w = Writer::new(&mut v);
         w.u64(self.id);
         w.u64(self.parent);
@@ -208,7 +212,10 @@ impl LayerRecord {
         w.u64(self.inode_count);
         w.u64(self.owned_blocks);
         w.bytes(&self.name);
-        debug_assert_eq!(w.at, 88 + self.name.len());
+        if quota > 0 {
+            w.u64(self.quota_bytes);
+        }
+        debug_assert_eq!(w.at, 88 + self.name.len() + quota);
         v
     }
     pub fn decode(b: &[u8]) -> Result<LayerRecord> {
@@ -226,6 +233,11 @@ impl LayerRecord {
             t.nanoseconds = r.u32()?;
             r.u32()?;
         }
+        let next_inode = r.u64()?;
+        let inode_count = r.u64()?;
+        let owned_blocks = r.u64()?;
+        let name = r.bytes(name_len)?.to_vec();
+        let quota_bytes = if r.rest() >= 8 { r.u64()? } else { 0 };
         Ok(LayerRecord {
             id,
             parent,
@@ -235,10 +247,11 @@ impl LayerRecord {
             children,
             created: ts[0],
             frozen_at: ts[1],
-            next_inode: r.u64()?,
-            inode_count: r.u64()?,
-            owned_blocks: r.u64()?,
-            name: r.bytes(name_len)?.to_vec(),
+            next_inode,
+            inode_count,
+            owned_blocks,
+            name,
+            quota_bytes,
         })
     }
 }
