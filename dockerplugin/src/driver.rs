@@ -562,38 +562,9 @@ pub struct DiffPlan {
     against: export::Against,
 }
 
-/// A `size` storage option in the units Docker accepts (go-units'
-/// RAMInBytes: a decimal number, an optional space, an optional k, m, g, t
-/// or p in either case, an optional i and an optional b; binary multiples):
-/// `64M`, `1.5g`, `512KiB`, `2048`. `0` means no limit.
+/// A `size` storage option (see [`lcfs_fsfront::parse_size_limit`]).
 fn size_limit(text: &str) -> Result<Option<u64>> {
-    let bad = || Error::BadOption(format!("invalid size {text:?} (for example size=64M)"));
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let unit = unit.strip_prefix(' ').unwrap_or(unit).to_ascii_lowercase();
-    let mut prefix = unit.as_str();
-    prefix = prefix.strip_suffix('b').unwrap_or(prefix);
-    prefix = prefix.strip_suffix('i').unwrap_or(prefix);
-    let shift = match prefix {
-        "" => 0,
-        "k" => 10,
-        "m" => 20,
-        "g" => 30,
-        "t" => 40,
-        "p" => 50,
-        _ => return Err(bad()),
-    };
-    if number.is_empty() || number.split('.').any(str::is_empty) {
-        return Err(bad());
-    }
-    let bytes = number.parse::<f64>().map_err(|_| bad())? * (1u64 << shift) as f64;
-    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
-        return Err(bad());
-    }
-    Ok((bytes as u64 > 0).then_some(bytes as u64))
+    lcfs_fsfront::parse_size_limit(text).map_err(Error::BadOption)
 }
 
 /// A failed layer operation as a plugin error.
@@ -608,32 +579,5 @@ fn layer_op_error(context: impl Into<String>, e: LayerError) -> Error {
             e,
         ),
         e => Error::io(context, std::io::Error::other(e)),
-    }
-}
-
-#[cfg(test)]
-mod size_tests {
-    use super::size_limit;
-
-    #[test]
-    fn sizes_read_as_docker_reads_them() {
-        for (text, bytes) in [
-            ("64M", Some(64 << 20)),
-            ("64m", Some(64 << 20)),
-            ("64MiB", Some(64 << 20)),
-            ("64 MB", Some(64 << 20)),
-            ("1.5g", Some(3 << 29)),
-            ("2048", Some(2048)),
-            ("512k", Some(512 << 10)),
-            ("0", None),
-        ] {
-            assert_eq!(size_limit(text).unwrap(), bytes, "{text}");
-        }
-        for text in [
-            "abc", "-1", "", "M", "1.", ".5G", "10X", "1.2.3G", "64MBB", "1e3",
-        ] {
-            let err = size_limit(text).unwrap_err().to_string();
-            assert!(err.contains("invalid size"), "{text}: {err}");
-        }
     }
 }

@@ -10,6 +10,6 @@ mod mount;
 mod socket;
 mod workers;
 
-pub use layers::{KernelCache, LayerError, LayerOps, NoMount};
+pub use layers::{parse_size_limit, KernelCache, LayerError, LayerOps, NoMount};
 pub use mount::{lazy_unmount, mount, prepare_mountpoint, Mount, MountOptions, SharedMount};
 pub use socket::{claim_socket_path, ClaimError};

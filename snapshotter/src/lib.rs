@@ -28,6 +28,7 @@ pub use error::{Error, Result};
 pub use server::{serve, SnapshotterServer};
 pub use table::{
     Kind, SnapshotInfo, Table, KEY_MAX_BYTES, LABELS_MAX_BYTES, LABELS_MAX_COUNT, LABEL_MAX_BYTES,
+    LABEL_SIZE_LIMIT,
 };
 
 /// Where the daemon serves the snapshotter unless told otherwise.

@@ -49,6 +49,10 @@ const _: () = assert!(
 /// The label containerd's unpacker puts on the snapshots it extracts image
 /// layers into: their data goes to the cold log.
 const LABEL_TARGET_REF: &str = "containerd.io/snapshot.ref";
+/// The most bytes an active snapshot's layer may own, in Docker's size
+/// units (`64M`); containerd passes `containerd.io/snapshot/` labels on to
+/// the snapshotter (`ctr run --snapshotter-label ...`, CRI).
+pub const LABEL_SIZE_LIMIT: &str = "containerd.io/snapshot/lcfs.size";
 /// How often removed layers are freed when nobody calls Cleanup.
 const RECLAIM_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -385,6 +389,11 @@ impl Table {
         if st.by_key.contains_key(key) {
             return Err(Error::AlreadyExists(key.to_string()));
         }
+        let size_limit = match labels.get(LABEL_SIZE_LIMIT) {
+            Some(text) => lcfs_fsfront::parse_size_limit(text)
+                .map_err(|e| Error::InvalidArgument(format!("label {LABEL_SIZE_LIMIT}: {e}")))?,
+            None => None,
+        };
         let now = Timestamp::now();
         let cold = labels.contains_key(LABEL_TARGET_REF);
         let mut entry = Entry {
@@ -411,6 +420,17 @@ impl Table {
                 Ok(()) => break,
                 Err(LayerError::Engine(lcfs_engine::Error::Exists)) if tries < 64 => tries += 1,
                 Err(e) => return Err(layer_error(format!("creating snapshot {key:?}"), e)),
+            }
+        }
+        if let Some(bytes) = size_limit.filter(|_| kind == Kind::Active) {
+            if let Err(e) = self.engine().set_layer_quota(&entry.layer, Some(bytes)) {
+                if let Err(e) = self.layers.remove(&entry.layer) {
+                    log::warn!(
+                        "discarding layer {:?} without its size limit: {e}",
+                        entry.layer
+                    );
+                }
+                return Err(Error::engine(format!("size limit of {key:?}"), e));
             }
         }
         if kind == Kind::View {

@@ -479,3 +479,31 @@ print("served" if data else "closed")
     assert_eq!(probe(65534), "closed", "nobody is refused");
     assert_eq!(probe(0), "served", "root is served");
 }
+
+/// The `containerd.io/snapshot/lcfs.size` label limits an active snapshot's
+/// layer (ENOSPC past it); a bad value is InvalidArgument and makes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn size_label_limits_an_active_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_dev, e) = mem_engine();
+    let served = serve_mem(dir.path(), e.clone());
+    let mut c = connect(&served.socket).await;
+    let label = lcfs_snapshotter::LABEL_SIZE_LIMIT;
+    let m = prepare_with(&mut c, "ns/1/limited", "", labels(&[(label, "1M")]))
+        .await
+        .unwrap();
+    let layer = layer_of(&bind_source(&m, false));
+    assert_eq!(e.layer_info(&layer).unwrap().quota_bytes, Some(1 << 20));
+    let id = e.layer_id(&layer).unwrap();
+    let f = e.create(id, ROOT_INODE, b"f", 0o644, 0, 0).unwrap();
+    let err = e.write(id, f.inode, 0, &vec![1u8; 2 << 20]).unwrap_err();
+    assert_eq!(err.errno(), libc::ENOSPC);
+    e.write(id, f.inode, 0, &vec![1u8; 512 << 10]).unwrap();
+
+    let before = e.list_layers().len();
+    assert_code(
+        prepare_with(&mut c, "ns/2/bad", "", labels(&[(label, "lots")])).await,
+        Code::InvalidArgument,
+    );
+    assert_eq!(e.list_layers().len(), before);
+}
