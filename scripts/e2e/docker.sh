@@ -162,6 +162,8 @@ limited=$(d run --rm --network none --storage-opt size=64M busybox:e2e sh -c '
     rm -f /f
     dd if=/dev/zero of=/g bs=1M count=32 conv=fsync 2>/dev/null && echo written-again' 2>&1)
 expect "size limit: ENOSPC past 64 MiB, room back after rm" "written-again" "$limited"
+expect "no size limit without --storage-opt" "unlimited" "$(d run --rm --network none busybox:e2e \
+    sh -c 'dd if=/dev/zero of=/f bs=1M count=100 conv=fsync 2>/dev/null && echo unlimited')"
 bad=$(d run --rm --network none --storage-opt size=abc busybox:e2e true 2>&1 || true)
 [[ $bad == *'invalid size "abc"'* ]] || fail "--storage-opt size=abc: $bad"
 say "ok: --storage-opt size=abc is refused: ${bad##*: }"
