@@ -155,13 +155,24 @@ umount "$E2E_WORK/overlay-view"
 dockerd_stop overlay
 
 # --- size limits (--storage-opt size=) ----------------------------------------------------
-# A container limited to 64 MiB that writes 100 MiB gets ENOSPC (at write or at close: the
-# mount caches writes), keeps running, and writes again once it deleted the file.
-limited=$(d run --rm --network none --storage-opt size=64M busybox:e2e sh -c '
-    dd if=/dev/zero of=/f bs=1M count=100 conv=fsync 2>/dev/null && echo unlimited
-    rm -f /f
-    dd if=/dev/zero of=/g bs=1M count=32 conv=fsync 2>/dev/null && echo written-again' 2>&1)
-expect "size limit: ENOSPC past 64 MiB, room back after rm" "written-again" "$limited"
+# A container limited to 64 MiB that writes 100 MiB gets ENOSPC (at write or at fsync: the
+# mount caches writes) with its layer holding at most 64 MiB, keeps running, and writes
+# again once it deleted the file.
+d run -d --name limited --network none --storage-opt size=64M busybox:e2e sh -c \
+    'dd if=/dev/zero of=/f bs=1M count=100 conv=fsync 2>/dev/null && echo unlimited; echo done; sleep 1000' \
+    >/dev/null
+for _ in $(seq 100); do
+    [[ $(d logs limited 2>&1) == *done* ]] && break
+    sleep 0.2
+done
+expect "size limit: the 100 MiB write failed" "done" "$(d logs limited 2>&1)"
+layer=$(d inspect -f '{{.GraphDriver.Data.Layer}}' limited)
+held=$(lcfs_ctl layer stat "$layer" --json |
+    python3 -c 'import json, sys; l = json.load(sys.stdin); print(l["quota_bytes"], l["owned_bytes"] <= l["quota_bytes"], l["owned_bytes"] >= 56 << 20)')
+expect "size limit: lcfs layer stat shows it, and the layer holds 56-64 MiB" "67108864 True True" "$held"
+expect "size limit: room back after rm" "written-again" "$(d exec limited sh -c \
+    'rm -f /f; dd if=/dev/zero of=/g bs=1M count=32 conv=fsync 2>/dev/null && echo written-again')"
+quietly d rm -f limited
 expect "no size limit without --storage-opt" "unlimited" "$(d run --rm --network none busybox:e2e \
     sh -c 'dd if=/dev/zero of=/f bs=1M count=100 conv=fsync 2>/dev/null && echo unlimited')"
 bad=$(d run --rm --network none --storage-opt size=abc busybox:e2e true 2>&1 || true)
