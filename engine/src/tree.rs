@@ -187,6 +187,18 @@ impl Store {
 
     // ------------------------------------------------------------ tree ops
 
+    /// Makes child `i` of the writable node `id` writable (copying it if
+    /// shared or on disk) and points `id` at the result, which it returns.
+    fn writable_child(&mut self, tree: Tree, id: u64, i: usize) -> Result<u64> {
+        let c = self.nodes.get(id).expect("cached").children[i];
+        let w = self.writable(tree, c.address, c.checksum)?;
+        self.nodes.get_mut(id).expect("cached").children[i] = ChildRef {
+            address: w,
+            checksum: 0,
+        };
+        Ok(w)
+    }
+
     pub(crate) fn child_index(keys: &[Key], key: &Key) -> usize {
         match keys.binary_search(key) {
             Ok(i) => i,
@@ -275,13 +287,7 @@ impl Store {
                 if let Some(k) = n.keys.get(i + 1) {
                     upper = Some(upper.map_or(*k, |u| u.min(*k)));
                 }
-                let c = n.children[i];
-                let w = self.writable(tree, c.address, c.checksum)?;
-                let n = self.nodes.get_mut(id).expect("cached");
-                n.children[i] = ChildRef {
-                    address: w,
-                    checksum: 0,
-                };
+                let w = self.writable_child(tree, id, i)?;
                 path.push((id, i));
                 id = w;
             }
@@ -440,13 +446,7 @@ impl Store {
                 break;
             }
             let i = Self::child_index(&n.keys, key);
-            let c = n.children[i];
-            let w = self.writable(tree, c.address, c.checksum)?;
-            let n = self.nodes.get_mut(id).expect("cached");
-            n.children[i] = ChildRef {
-                address: w,
-                checksum: 0,
-            };
+            let w = self.writable_child(tree, id, i)?;
             path.push((id, i));
             id = w;
         }
