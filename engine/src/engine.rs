@@ -761,16 +761,13 @@ impl Engine {
     /// checkpoint taken now, without the store lock: the check reads that
     /// checkpoint from the device through a private read-only store while
     /// the engine goes on, and the segments it may read are not reused
-    /// until it is done. A stopped engine (nothing changes any more, and
-    /// nothing can be checkpointed) is checked in memory, under the lock.
+    /// until it is done. When no checkpoint can be taken (a stopped engine,
+    /// a full device) the engine's memory is checked instead, under the lock.
     pub fn fsck(&self, verify_data: bool) -> Result<crate::fsck::FsckReport> {
-        if self.sync().is_err() {
+        if let Err(e) = self.sync() {
+            log::info!("fsck: no checkpoint to check ({e}); checking memory under the lock");
             let mut s = self.lock();
-            if s.failed.is_some() {
-                return crate::fsck::run(&mut s, verify_data);
-            }
-            drop(s);
-            self.sync()?;
+            return crate::fsck::run(&mut s, verify_data);
         }
         let _pin = SegmentPin::new(self);
         let mut snapshot = self.open_checkpoint()?;
