@@ -253,6 +253,19 @@ pub(crate) fn apply(
     Ok(size)
 }
 
+/// Unpacks the layer tar `stream` into the writable engine layer `layer`,
+/// with the rules of the module comment (whiteouts, opaque directories,
+/// hard links, PAX xattrs, device nodes; every path kept inside the layer).
+/// Returns the bytes of file content the tar carried. Stops at the tar's
+/// end-of-archive marker: what follows is the caller's to read.
+///
+/// On error the layer holds part of the tar; the caller discards the layer
+/// or keeps it from ever becoming a valid one. This is the applier the
+/// containerd differ (lcfs-snapshotter) shares with ApplyDiff.
+pub fn apply_tar(engine: &Engine, layer: u64, stream: impl Read) -> Result<u64> {
+    apply(engine, layer, None, stream)
+}
+
 fn bad_tar(entry: u64, detail: String) -> Error {
     Error::BadTar { entry, detail }
 }

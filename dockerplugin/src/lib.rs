@@ -28,6 +28,7 @@ mod socket;
 mod tree;
 mod wire;
 
+pub use apply::apply_tar;
 pub use driver::{DiffPlan, Driver};
 pub use error::{Error, Result};
 pub use http::{
