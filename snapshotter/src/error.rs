@@ -30,6 +30,20 @@ pub enum Error {
         what: String,
         source: std::io::Error,
     },
+    /// A diff Apply could not unpack the layer tar (lcfs-dockerplugin's
+    /// applier: a bad or hostile tar, or the engine refusing a change).
+    #[error("applying the diff: {0}")]
+    Apply(lcfs_dockerplugin::Error),
+    /// A diff blob that is not what its descriptor says (size, digest) or
+    /// not readable as one (bad compression, bytes after the archive).
+    #[error("{0}")]
+    BadBlob(String),
+    /// containerd's content service failed; its code is passed on.
+    #[error("reading the blob from containerd's content store: {}", .0.message())]
+    Content(Status),
+    /// containerd's content service cannot be reached.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl Error {
@@ -66,6 +80,28 @@ impl Error {
                 _ => Code::Internal,
             },
             Error::Io { .. } => Code::Internal,
+            Error::Apply(e) => match e {
+                lcfs_dockerplugin::Error::BadTar { .. }
+                | lcfs_dockerplugin::Error::BadRequest { .. } => Code::InvalidArgument,
+                lcfs_dockerplugin::Error::Engine { source, .. } => match source {
+                    lcfs_engine::Error::NoSpace => Code::ResourceExhausted,
+                    // A hard link to a missing target, a name over 255
+                    // bytes, a path through a non-directory: the tar's fault.
+                    lcfs_engine::Error::NotFound
+                    | lcfs_engine::Error::Invalid(_)
+                    | lcfs_engine::Error::NameTooLong
+                    | lcfs_engine::Error::NotDirectory
+                    | lcfs_engine::Error::IsDirectory => Code::InvalidArgument,
+                    lcfs_engine::Error::ReadOnly => Code::FailedPrecondition,
+                    _ => Code::Internal,
+                },
+                _ => Code::Internal,
+            },
+            // containerd's own content store answers a digest mismatch
+            // with FailedPrecondition ("unexpected commit digest").
+            Error::BadBlob(_) => Code::FailedPrecondition,
+            Error::Content(status) => status.code(),
+            Error::Unavailable(_) => Code::Unavailable,
         }
     }
 }

@@ -3,7 +3,9 @@
 //! user), then tonic's HTTP/2 server on a small tokio runtime of its own,
 //! so the daemon around it stays synchronous.
 
+use crate::api::diff::diff_server::DiffServer;
 use crate::api::snapshots::snapshots_server::SnapshotsServer;
+use crate::diff::DiffService;
 use crate::error::{Error, Result};
 use crate::service::Service;
 use crate::table::Table;
@@ -112,14 +114,43 @@ fn peer_allowed(uid: u32) -> bool {
     uid == 0 || uid == unsafe { libc::geteuid() }
 }
 
-/// Serves the snapshots API for the layers of `engine`, mounted at
-/// `mountpoint`, on the unix socket `socket`. Returns once the socket is
-/// bound and the table loaded.
+/// What [`serve_with`] takes beyond the engine, the mount and the socket.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// containerd's socket: the diff service reads layer blobs from its
+    /// content service (connecting at each Apply, so containerd may start
+    /// after the daemon).
+    pub containerd_address: PathBuf,
+}
+
+impl Default for ServeOptions {
+    fn default() -> ServeOptions {
+        ServeOptions {
+            containerd_address: PathBuf::from(crate::DEFAULT_CONTAINERD_ADDRESS),
+        }
+    }
+}
+
+/// [`serve_with`] with the default options.
 pub fn serve(
     engine: Arc<Engine>,
     mountpoint: &Path,
     kernel: Arc<dyn KernelCache>,
     socket: &Path,
+) -> Result<SnapshotterServer> {
+    serve_with(engine, mountpoint, kernel, socket, &ServeOptions::default())
+}
+
+/// Serves the snapshots API for the layers of `engine`, mounted at
+/// `mountpoint`, and the diff API that applies image layers into them, on
+/// the unix socket `socket`. Returns once the socket is bound and the table
+/// loaded.
+pub fn serve_with(
+    engine: Arc<Engine>,
+    mountpoint: &Path,
+    kernel: Arc<dyn KernelCache>,
+    socket: &Path,
+    options: &ServeOptions,
 ) -> Result<SnapshotterServer> {
     prepare_socket(socket)?;
     let table = Arc::new(Table::open(engine, mountpoint, kernel)?);
@@ -135,11 +166,15 @@ pub fn serve(
     let service = Service {
         table: table.clone(),
     };
+    let differ = DiffService {
+        table: table.clone(),
+        containerd_address: options.containerd_address.clone(),
+    };
     let socket_name = socket.display().to_string();
     let server = std::thread::Builder::new()
         .name("lcfs-snapshotter".into())
         .spawn(move || {
-            runtime.block_on(run(listener, service, stopped, socket_name));
+            runtime.block_on(run(listener, service, differ, stopped, socket_name));
             runtime.shutdown_timeout(SHUTDOWN_GRACE);
         })
         .map_err(|e| Error::io("starting the snapshotter thread", e))?;
@@ -157,9 +192,11 @@ pub fn serve(
         }
     };
     log::info!(
-        "containerd snapshotter {:?} serving {}",
+        "containerd snapshotter {:?} and differ {:?} serving {} (blobs from containerd at {})",
         crate::PLUGIN_NAME,
-        socket.display()
+        crate::DIFF_PLUGIN_NAME,
+        socket.display(),
+        options.containerd_address.display()
     );
     Ok(SnapshotterServer {
         table,
@@ -173,6 +210,7 @@ pub fn serve(
 async fn run(
     listener: std::os::unix::net::UnixListener,
     service: Service,
+    differ: DiffService,
     mut stopped: watch::Receiver<bool>,
     socket_name: String,
 ) {
@@ -216,6 +254,7 @@ async fn run(
     let serve = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(CALLS_PER_CONNECTION)
         .add_service(SnapshotsServer::new(service))
+        .add_service(DiffServer::new(differ))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::ReceiverStream::new(incoming),
             async move {

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::filter::Filters;
 use lcfs_engine::{Engine, LayerMetadata, Timestamp};
 use lcfs_fsfront::{KernelCache, LayerError, LayerOps};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -126,6 +126,12 @@ struct State {
     /// Layers of removed snapshots not yet freed.
     pending: BTreeSet<String>,
     next_layer: u64,
+    /// Layers of actives a Diff Apply is writing into: not committed until
+    /// it ends.
+    applying: HashSet<String>,
+    /// Layers of actives an Apply failed on: they hold part of a tar and
+    /// are never committed (containerd removes them; see diff.rs).
+    failed_applies: HashSet<String>,
 }
 
 pub struct Table {
@@ -488,6 +494,16 @@ impl Table {
                 "snapshot {key:?} is not active"
             )));
         }
+        if st.applying.contains(&e.layer) {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?}: a diff is being applied to it"
+            )));
+        }
+        if st.failed_applies.contains(&e.layer) {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} holds a diff whose apply failed: remove it"
+            )));
+        }
         let now = Timestamp::now();
         let mut committed = e.clone();
         committed.kind = Kind::Committed;
@@ -527,6 +543,7 @@ impl Table {
             .set_layer_metadata(&layer, &meta)
             .map_err(|err| Error::engine(format!("removing {key:?}"), err))?;
         st.by_key.remove(key);
+        st.failed_applies.remove(&layer);
         if let Some(p) = parent.and_then(|p| st.by_key.get_mut(&p)) {
             p.children = p.children.saturating_sub(1);
         }
@@ -706,5 +723,78 @@ impl Table {
 
     pub fn engine(&self) -> &Arc<Engine> {
         self.layers.engine()
+    }
+
+    /// For a Diff Apply onto the directory `source`: when it is the layer
+    /// directory of an active snapshot (`<mount>/<layer>`), claims that
+    /// layer until the returned claim is dropped (Commit waits, a second
+    /// Apply is refused). None: not one of our snapshots' directories.
+    pub(crate) fn claim_for_apply(self: &Arc<Self>, source: &Path) -> Result<Option<ApplyClaim>> {
+        if source.parent() != Some(self.mountpoint.as_path()) {
+            return Ok(None);
+        }
+        let Some(layer) = source.file_name().and_then(|n| n.to_str()) else {
+            return Ok(None);
+        };
+        let mut st = self.state();
+        let Some((key, _)) = st
+            .by_key
+            .iter()
+            .find(|(_, e)| e.layer == layer && e.kind == Kind::Active)
+        else {
+            return Ok(None);
+        };
+        let key = key.clone();
+        if st.failed_applies.contains(layer) {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} holds a diff whose apply failed: remove it"
+            )));
+        }
+        if !st.applying.insert(layer.to_string()) {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?}: another diff is being applied to it"
+            )));
+        }
+        Ok(Some(ApplyClaim {
+            table: self.clone(),
+            key,
+            layer: layer.to_string(),
+            failed: false,
+        }))
+    }
+
+    /// The layer's directory entry in the mount is stale after an apply
+    /// beside the mount.
+    pub(crate) fn filled(&self, layer: &str) {
+        self.layers.filled(layer);
+    }
+}
+
+/// An active snapshot a Diff Apply writes into; see
+/// [`Table::claim_for_apply`].
+pub(crate) struct ApplyClaim {
+    table: Arc<Table>,
+    pub key: String,
+    pub layer: String,
+    failed: bool,
+}
+
+impl ApplyClaim {
+    /// The apply failed: the layer holds part of a tar, and Commit refuses
+    /// the snapshot from now on (in memory: after a daemon restart the mark
+    /// is gone, like the failed call itself; containerd removes the
+    /// snapshot when Apply fails).
+    pub fn failed(&mut self) {
+        self.failed = true;
+    }
+}
+
+impl Drop for ApplyClaim {
+    fn drop(&mut self) {
+        let mut st = self.table.state();
+        st.applying.remove(&self.layer);
+        if self.failed {
+            st.failed_applies.insert(self.layer.clone());
+        }
     }
 }

@@ -81,8 +81,13 @@ impl Drop for Served {
 }
 
 pub async fn connect(socket: &Path) -> Client {
+    SnapshotsClient::new(channel(socket).await)
+}
+
+/// A connection to the socket; every service on it can share it.
+pub async fn channel(socket: &Path) -> Channel {
     let path = socket.to_path_buf();
-    let channel = tonic::transport::Endpoint::try_from("http://[::]:0")
+    tonic::transport::Endpoint::try_from("http://[::]:0")
         .unwrap()
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
             let path = path.clone();
@@ -91,8 +96,7 @@ pub async fn connect(socket: &Path) -> Client {
             }
         }))
         .await
-        .expect("connect to the snapshotter");
-    SnapshotsClient::new(channel)
+        .expect("connect to the snapshotter")
 }
 
 pub fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
