@@ -34,6 +34,8 @@ pub struct DaemonOptions {
     pub docker_plugin_socket: Option<PathBuf>,
     /// Serve the containerd snapshotter here too (see lcfs-snapshotter).
     pub containerd_socket: Option<PathBuf>,
+    /// containerd's socket, where the snapshotter's differ reads blobs.
+    pub containerd_address: PathBuf,
 }
 
 pub fn run(o: &DaemonOptions) -> Result<()> {
@@ -121,7 +123,16 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
     let snapshotter = match &o.containerd_socket {
         None => None,
         Some(socket) => {
-            match lcfs_snapshotter::serve(engine.clone(), &mountpoint, kernel.clone(), socket) {
+            let options = lcfs_snapshotter::ServeOptions {
+                containerd_address: o.containerd_address.clone(),
+            };
+            match lcfs_snapshotter::serve_with(
+                engine.clone(),
+                &mountpoint,
+                kernel.clone(),
+                socket,
+                &options,
+            ) {
                 Ok(server) => Some(server),
                 Err(e) => {
                     if let Some(server) = plugin {

@@ -175,6 +175,12 @@ struct DaemonArgs {
     /// Do not serve the containerd snapshotter
     #[arg(long)]
     no_containerd: bool,
+
+    /// containerd's socket: the snapshotter's differ (proxy plugin
+    /// `lcfs-diff`) reads the layer blobs it applies from containerd's
+    /// content service there
+    #[arg(long, value_name = "PATH", default_value = lcfs_snapshotter::DEFAULT_CONTAINERD_ADDRESS)]
+    containerd_address: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -279,6 +285,7 @@ fn run(cli: Cli) -> Result<()> {
                     dir.join("snapshotter.sock")
                 })
             }),
+            containerd_address: a.containerd_address,
         }),
         Command::Layer(c) => match c {
             LayerCommand::Create { name, parent, cold } => {
