@@ -145,9 +145,13 @@ struct Job {
     sync: bool,
 }
 
+/// An Apply this differ takes: the descriptor, how to decompress, the
+/// expected sha256, the mount's directory.
+type Accepted = (Descriptor, Compression, [u8; 32], PathBuf);
+
 /// Decides whether this differ takes the call: Ok(None) means
 /// Unimplemented (the next differ takes it).
-fn accept(r: &ApplyRequest) -> Result<Option<(Descriptor, Compression, [u8; 32], PathBuf)>> {
+fn accept(r: &ApplyRequest) -> Result<Option<Accepted>> {
     let Some(desc) = &r.diff else {
         return Err(Error::InvalidArgument("apply without a descriptor".into()));
     };

@@ -32,10 +32,13 @@ const NAMESPACE: &str = "test-ns";
 
 // --- a fake of containerd's content service --------------------------------
 
+/// Blobs by (namespace, digest).
+type Blobs = HashMap<(String, String), Vec<u8>>;
+
 /// Blobs by (namespace, digest); Read streams them in small messages.
 #[derive(Clone, Default)]
 struct FakeContent {
-    blobs: Arc<Mutex<HashMap<(String, String), Vec<u8>>>>,
+    blobs: Arc<Mutex<Blobs>>,
     reads: Arc<Mutex<u32>>,
 }
 
