@@ -19,7 +19,10 @@
 #                   COPY) run and checked, rm, image rm
 #   c. byte for byte every file of each image (content, mode, owner, size,
 #                   mtime, links, xattrs) as the lcfs snapshot shows it
-#                   equals containerd's overlayfs unpack of the same image
+#                   equals containerd's overlayfs unpack of the same image,
+#                   imported (`ctr images import`, uncompressed layers) and
+#                   pulled (gzip layers), each layer applied by the lcfs
+#                   differ (proxy plugin lcfs-diff) inside the daemon
 #   d. kill -9      the lcfs daemon killed while a container writes;
 #                   restarted, containerd (not restarted) lists the same
 #                   committed snapshots, runs the images, removes the dead
@@ -79,6 +82,11 @@ expect() {
     else
         fail "$1: expected [$2], got [$3]"
     fi
+}
+
+# lcfs_applied: how many layers the lcfs differ has applied (its log lines).
+lcfs_applied() {
+    grep -c 'containerd diff: applied' "$LCFS_LOG" || true
 }
 
 # snapshots SNAPSHOTTER: `ctr snapshots ls` as sorted "KEY KIND" lines.
@@ -261,10 +269,37 @@ expect "no snapshots left by docker" "" "$leftover"
 
 # --- c. byte for byte ---------------------------------------------------------------------------
 part "c. byte for byte: $snap against overlayfs"
+# `ctr images import` of the uncompressed `docker save` archive: with lcfs,
+# containerd's unpacker applies each layer through the lcfs differ (proxy
+# plugin lcfs-diff), which logs one line per layer; the walking differ
+# would have untarred through the mount and left no such line.
+start=$SECONDS
+applied_before=$(lcfs_applied)
+quietly ctrd images import --snapshotter "$snap" "$E2E_WORK/multilayer.tar" || die "ctr images import multilayer.tar ($snap) failed"
+imported=$(tar -xOf "$E2E_WORK/multilayer.tar" manifest.json | python3 -c 'import json, sys; print(json.load(sys.stdin)[0]["RepoTags"][0])')
+[[ $imported == */* ]] || imported="library/$imported"
+[[ $imported == *.*/* ]] || imported="docker.io/$imported"
+if [[ $snap == lcfs ]]; then
+    expect "import: the lcfs differ applied the image's 3 layers" 3 $(($(lcfs_applied) - applied_before))
+fi
+image_manifest "$snap" "$imported" "$E2E_WORK/multilayer-import.$snap.manifest"
+if cmp -s "$E2E_WORK/multilayer.overlayfs.manifest" "$E2E_WORK/multilayer-import.$snap.manifest"; then
+    say "ok: multilayer imported: all $(wc -l <"$E2E_WORK/multilayer-import.$snap.manifest") entries equal on $snap and overlayfs ($((SECONDS - start)) s)"
+else
+    diff -u "$E2E_WORK/multilayer.overlayfs.manifest" "$E2E_WORK/multilayer-import.$snap.manifest" | head -n 20 >&2
+    fail "multilayer imported on $snap differs from overlayfs"
+fi
+# Removed, so the pull below unpacks its (gzip) layers afresh.
+quietly ctrd images rm --sync "$imported" || fail "ctr images rm $imported failed"
+expect "no snapshots after the imported image's removal" "" "$(snapshots "$snap")"
 for image in multilayer debian; do
+    applied_before=$(lcfs_applied)
     start=$SECONDS
     quietly ctrd images pull --plain-http --snapshotter "$snap" "$REGISTRY/e2e/$image:1" ||
         die "pulling $image ($snap) failed"
+    if [[ $snap == lcfs ]] && [[ $(lcfs_applied) -le $applied_before ]]; then
+        fail "pulling $image: the lcfs differ applied no layer (containerd used its walking differ)"
+    fi
     image_manifest "$snap" "$REGISTRY/e2e/$image:1" "$E2E_WORK/$image.$snap.manifest"
     entries=$(wc -l <"$E2E_WORK/$image.$snap.manifest")
     if diff -u "$E2E_WORK/$image.overlayfs.manifest" "$E2E_WORK/$image.$snap.manifest" >"$E2E_WORK/$image.diff"; then

@@ -13,7 +13,11 @@
 #
 # The lcfs snapshotter is registered as containerd proxy plugin
 # "$CONTAINERD_SNAPSHOTTER" at $LCFS_CONTAINERD_SOCKET, by default a socket
-# in the work directory (E2E_SNAPSHOTTER_SOCKET changes it).
+# in the work directory (E2E_SNAPSHOTTER_SOCKET changes it). The lcfs
+# differ on the same socket is proxy plugin "lcfs-diff", tried before
+# containerd's walking differ (CONTAINERD_LCFS_DIFF=0 leaves it out); the
+# lcfs daemon reads blobs from this containerd ($LCFS_CONTAINERD_ADDRESS,
+# set by containerd_tools, passed by lcfs_start).
 #
 # Functions:
 #   containerd_tools           finds the unpacked binaries (sets CTR_BIN and others)
@@ -27,6 +31,7 @@
 #                              SNAPSHOTTER; talk to it with `docker26 NAME ARGS...`
 
 CONTAINERD_SNAPSHOTTER=${CONTAINERD_SNAPSHOTTER:-lcfs}
+CONTAINERD_LCFS_DIFF=${CONTAINERD_LCFS_DIFF:-1}
 CONTAINERD_PID=""
 CONTAINERD_DIR=""
 CONTAINERD_ADDRESS=""
@@ -54,6 +59,10 @@ containerd_tools() {
     # containerd finds its shim (containerd-shim-runc-v2) through PATH: the
     # system's may be another version.
     CTRD_PATH="$containerd/usr/bin:$PATH"
+    # containerd_start's address, known before it starts: the lcfs daemon
+    # (started first) is told where to read blobs.
+    [[ -n ${E2E_WORK:-} ]] || die "internal: containerd_tools before e2e_init"
+    LCFS_CONTAINERD_ADDRESS=$E2E_WORK/ctrd/c.sock
     for want in "$@"; do
         case $want in
             docker)
@@ -139,6 +148,20 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   type = "snapshot"
   address = "$socket"
 EOF
+    if [[ $CONTAINERD_LCFS_DIFF == 1 ]]; then
+        # The lcfs differ first: it unpacks layers into lcfs snapshots inside
+        # the daemon and answers Unimplemented for every other snapshotter's
+        # mounts, which sends containerd on to its walking differ.
+        cat >>"$CONTAINERD_DIR/config.toml" <<EOF
+
+[proxy_plugins.lcfs-diff]
+  type = "diff"
+  address = "$socket"
+
+[plugins."io.containerd.service.v1.diff-service"]
+  default = ["lcfs-diff", "walking"]
+EOF
+    fi
     [[ " ${E2E_CLEANUP_HOOKS[*]} " == *" containerd_stop "* ]] || E2E_CLEANUP_HOOKS+=(containerd_stop)
     echo "--- containerd start $(date -Is)" >>"$CONTAINERD_DIR/containerd.log"
     PATH=$CTRD_PATH "$CONTAINERD_BIN" --config "$CONTAINERD_DIR/config.toml" \

@@ -298,6 +298,11 @@ lcfs_start() {
         # A daemon without the service would refuse the flag and exit;
         # lcfs_snapshotter_wait says what is missing instead.
         ! lcfs_has_containerd || containerd=(--containerd-socket "$LCFS_CONTAINERD_SOCKET")
+        # Where the daemon's differ reads layer blobs: the private
+        # containerd's socket (lib-containerd.sh sets it).
+        if [[ -n ${LCFS_CONTAINERD_ADDRESS:-} ]] && lcfs_has_containerd_diff; then
+            containerd+=(--containerd-address "$LCFS_CONTAINERD_ADDRESS")
+        fi
     elif lcfs_has_containerd; then
         containerd=(--no-containerd)
     fi
@@ -329,6 +334,12 @@ lcfs_start() {
 # lcfs_has_containerd: whether this lcfs daemon can serve containerd's
 # snapshots API (it knows --containerd-socket).
 LCFS_HAS_CONTAINERD=""
+# lcfs_has_containerd_diff: whether the daemon serves containerd's diff
+# service (it takes --containerd-address).
+lcfs_has_containerd_diff() {
+    "$LCFS_BIN" daemon --help 2>/dev/null | grep -q -- --containerd-address
+}
+
 lcfs_has_containerd() {
     if [[ -z $LCFS_HAS_CONTAINERD ]]; then
         local help
