@@ -57,10 +57,18 @@ const MEDIA_TYPE_MAX_BYTES: usize = 256;
 /// What may follow the tar's end-of-archive marker (record padding; the
 /// same bound as the Docker plugin's ApplyDiff).
 const TRAILING_MAX_BYTES: u64 = 64 << 20;
+/// Blob messages (about 1 MiB each from containerd) read ahead of the
+/// applier.
+const CHUNKS_AHEAD: usize = 16;
 /// One message of the content stream must come within this time.
 const CONTENT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Connecting to containerd's socket.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 flow control windows for the blob stream: containerd sends this
+/// far ahead of the applier (read in a blocking thread), so reading and
+/// unpacking overlap. HTTP/2's default, 64 KiB, made every 1 MiB message of
+/// containerd's wait for window updates. Bounds the memory one Apply holds.
+const STREAM_WINDOW_BYTES: u32 = 8 << 20;
 
 /// How the blob's bytes become the tar.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -259,9 +267,12 @@ impl Diff for DiffService {
             }
         };
         let table = self.table.clone();
-        let handle = tokio::runtime::Handle::current();
+        // The stream is read, checked and hashed by a task of its own,
+        // ahead of the applier (bounded by CHUNKS_AHEAD messages).
+        let (chunks, received) = tokio::sync::mpsc::channel(CHUNKS_AHEAD);
+        tokio::spawn(pump(stream, chunks, job.expected, job.size));
         let applied = tokio::task::spawn_blocking(move || {
-            let result = apply_blob(&table, &job, stream, handle);
+            let result = apply_blob(&table, &job, received);
             // The layer's directory entry in the mount is stale either way.
             table.filled(&job.layer);
             match result {
@@ -330,6 +341,8 @@ impl DiffService {
         let path = address.clone();
         let channel = tonic::transport::Endpoint::from_static("http://[::]:0")
             .connect_timeout(CONNECT_TIMEOUT)
+            .initial_stream_window_size(STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(STREAM_WINDOW_BYTES)
             .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
                 let path = path.clone();
                 async move {
@@ -362,8 +375,7 @@ impl DiffService {
 fn apply_blob(
     table: &Table,
     job: &Job,
-    stream: tonic::Streaming<ReadContentResponse>,
-    handle: tokio::runtime::Handle,
+    received: tokio::sync::mpsc::Receiver<Result<Vec<u8>>>,
 ) -> Result<([u8; 32], u64)> {
     let engine = table.engine();
     let layer = engine
@@ -371,14 +383,9 @@ fn apply_blob(
         .map_err(|e| Error::engine(format!("layer {}", job.layer), e))?;
     let failure = Arc::new(Mutex::new(None));
     let mut blob = BlobReader {
-        stream,
-        handle,
+        received,
         chunk: Vec::new(),
         at: 0,
-        read: 0,
-        size: job.size,
-        expected: job.expected,
-        hasher: Some(Sha256::new()),
         failure: failure.clone(),
     };
     // The failure the blob reader saw is the cause, whatever the tar
@@ -451,82 +458,92 @@ fn magic_is_plain(compression: Compression, magic: &[u8]) -> bool {
         || !(magic.starts_with(&[0x1f, 0x8b, 0x08]) || magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]))
 }
 
-/// The content service's stream as a reader, checking as it goes that the
-/// blob is exactly what the descriptor says: offsets in order, never more
-/// than the size, and at the end the size and sha256. Runs in a blocking
-/// thread and waits for each message on the runtime.
+/// Reads the content service's stream and sends its data on, checking as
+/// it goes that the blob is exactly what the descriptor says: offsets in
+/// order, never more than the size, and at the end the size and sha256 (a
+/// mismatch is sent as an error before the end, so the applier never sees
+/// a clean end of a bad blob). Stops when the applier stops listening.
+async fn pump(
+    mut stream: tonic::Streaming<ReadContentResponse>,
+    chunks: tokio::sync::mpsc::Sender<Result<Vec<u8>>>,
+    expected: [u8; 32],
+    size: u64,
+) {
+    let mut hasher = Sha256::new();
+    let mut read = 0u64;
+    let failed = loop {
+        let message = tokio::time::timeout(CONTENT_MESSAGE_TIMEOUT, stream.message()).await;
+        let m = match message {
+            Err(_) => {
+                break Error::Unavailable(format!(
+                    "containerd's content service sent nothing for {} s",
+                    CONTENT_MESSAGE_TIMEOUT.as_secs()
+                ))
+            }
+            Ok(Err(status)) => break Error::Content(status),
+            Ok(Ok(None)) => {
+                if read != size {
+                    break Error::BadBlob(format!(
+                        "the blob has {read} bytes, its descriptor says {size}"
+                    ));
+                }
+                let got: [u8; 32] = std::mem::take(&mut hasher).finalize().into();
+                if got != expected {
+                    break Error::BadBlob(format!(
+                        "the blob's digest is sha256:{}, its descriptor says sha256:{}",
+                        hex(&got),
+                        hex(&expected)
+                    ));
+                }
+                return; // dropping the sender is the clean end
+            }
+            Ok(Ok(Some(m))) => m,
+        };
+        if u64::try_from(m.offset).ok() != Some(read) {
+            break Error::BadBlob(format!(
+                "the content service sent offset {} where {read} was due",
+                m.offset
+            ));
+        }
+        let len = m.data.len() as u64;
+        if read + len > size {
+            break Error::BadBlob(format!(
+                "the blob is longer than its descriptor's {size} bytes"
+            ));
+        }
+        read += len;
+        hasher.update(&m.data);
+        if m.data.is_empty() {
+            continue;
+        }
+        if chunks.send(Ok(m.data)).await.is_err() {
+            return; // the applier gave up
+        }
+    };
+    let _ = chunks.send(Err(failed)).await;
+}
+
+/// The checked blob's bytes as a reader, for the blocking applier.
 struct BlobReader {
-    stream: tonic::Streaming<ReadContentResponse>,
-    handle: tokio::runtime::Handle,
+    received: tokio::sync::mpsc::Receiver<Result<Vec<u8>>>,
     chunk: Vec<u8>,
     at: usize,
-    read: u64,
-    size: u64,
-    expected: [u8; 32],
-    /// None once the end was checked.
-    hasher: Option<Sha256>,
     failure: Arc<Mutex<Option<Error>>>,
 }
 
 impl BlobReader {
-    fn fail(&self, e: Error) -> io::Error {
-        let message = e.to_string();
-        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-        io::Error::new(io::ErrorKind::InvalidData, message)
-    }
-
     fn next_chunk(&mut self) -> io::Result<bool> {
-        if self.hasher.is_none() {
-            return Ok(false);
-        }
-        let message = self.handle.block_on(async {
-            tokio::time::timeout(CONTENT_MESSAGE_TIMEOUT, self.stream.message()).await
-        });
-        match message {
-            Err(_) => Err(self.fail(Error::Unavailable(format!(
-                "containerd's content service sent nothing for {} s",
-                CONTENT_MESSAGE_TIMEOUT.as_secs()
-            )))),
-            Ok(Err(status)) => Err(self.fail(Error::Content(status))),
-            Ok(Ok(None)) => {
-                let hasher = self.hasher.take().expect("checked above");
-                if self.read != self.size {
-                    return Err(self.fail(Error::BadBlob(format!(
-                        "the blob has {} bytes, its descriptor says {}",
-                        self.read, self.size
-                    ))));
-                }
-                let got: [u8; 32] = hasher.finalize().into();
-                if got != self.expected {
-                    return Err(self.fail(Error::BadBlob(format!(
-                        "the blob's digest is sha256:{}, its descriptor says sha256:{}",
-                        hex(&got),
-                        hex(&self.expected)
-                    ))));
-                }
-                Ok(false)
-            }
-            Ok(Ok(Some(m))) => {
-                if u64::try_from(m.offset).ok() != Some(self.read) {
-                    return Err(self.fail(Error::BadBlob(format!(
-                        "the content service sent offset {} where {} was due",
-                        m.offset, self.read
-                    ))));
-                }
-                let len = m.data.len() as u64;
-                if self.read + len > self.size {
-                    return Err(self.fail(Error::BadBlob(format!(
-                        "the blob is longer than its descriptor's {} bytes",
-                        self.size
-                    ))));
-                }
-                self.read += len;
-                if let Some(h) = &mut self.hasher {
-                    h.update(&m.data);
-                }
-                self.chunk = m.data;
+        match self.received.blocking_recv() {
+            None => Ok(false),
+            Some(Ok(data)) => {
+                self.chunk = data;
                 self.at = 0;
                 Ok(true)
+            }
+            Some(Err(e)) => {
+                let message = e.to_string();
+                *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                Err(io::Error::new(io::ErrorKind::InvalidData, message))
             }
         }
     }
