@@ -4,14 +4,14 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
 /// Binds a socket at `path` with mode 0600, creating its directory (0700)
 /// if missing; an existing directory keeps its mode (it may be shared, as
-/// Docker's plugin directory is). The umask is narrowed around bind(2) so
-/// the socket is never reachable by others, not even between bind and chmod.
+/// Docker's plugin directory is). The socket is never reachable by others,
+/// not even for a moment (see [`lcfs_fsfront::bind_private_socket`]).
 pub fn bind_root_only(path: &Path) -> io::Result<UnixListener> {
     if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::DirBuilder::new()
@@ -20,16 +20,7 @@ pub fn bind_root_only(path: &Path) -> io::Result<UnixListener> {
             .create(dir)
             .map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", dir.display())))?;
     }
-    // SAFETY: umask only swaps the process's file mode mask; it cannot fail.
-    let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
-    // SAFETY: as above, restoring the previous mask.
-    unsafe { libc::umask(old) };
-    let listener =
-        bound.map_err(|e| io::Error::new(e.kind(), format!("binding {}: {e}", path.display())))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| io::Error::new(e.kind(), format!("chmod {}: {e}", path.display())))?;
-    Ok(listener)
+    lcfs_fsfront::bind_private_socket(path)
 }
 
 /// The uid of the process at the other end (SO_PEERCRED).

@@ -12,4 +12,4 @@ mod workers;
 
 pub use layers::{parse_size_limit, KernelCache, LayerError, LayerOps, NoMount};
 pub use mount::{lazy_unmount, mount, prepare_mountpoint, Mount, MountOptions, SharedMount};
-pub use socket::{claim_socket_path, ClaimError};
+pub use socket::{bind_private_socket, claim_socket_path, ClaimError};

@@ -12,7 +12,6 @@ use crate::table::Table;
 use lcfs_engine::Engine;
 use lcfs_fsfront::KernelCache;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -90,17 +89,11 @@ fn prepare_socket(path: &Path) -> Result<()> {
     })
 }
 
-/// Binds with mode 0600; the umask is narrowed around bind(2) so the socket
-/// is never reachable by others, not even between bind and chmod.
+/// Binds with mode 0600, never reachable by others (see
+/// [`lcfs_fsfront::bind_private_socket`]).
 fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener> {
-    // SAFETY: umask only swaps the process's file mode mask; it cannot fail.
-    let old = unsafe { libc::umask(0o177) };
-    let bound = std::os::unix::net::UnixListener::bind(path);
-    // SAFETY: as above, restoring the previous mask.
-    unsafe { libc::umask(old) };
-    let listener = bound.map_err(|e| Error::io(format!("binding {}", path.display()), e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| Error::io(format!("chmod {}", path.display()), e))?;
+    let listener = lcfs_fsfront::bind_private_socket(path)
+        .map_err(|e| Error::io(format!("binding {}", path.display()), e))?;
     listener
         .set_nonblocking(true)
         .map_err(|e| Error::io(format!("{}", path.display()), e))?;
