@@ -86,6 +86,17 @@ fn layer_record(data: &[u8]) {
             assert_eq!(v.name.len(), name_len);
             let enc = v.encode();
             let mut want = data[..LAYER_FIXED_BYTES + name_len].to_vec();
+            // A size limit follows the name when eight more bytes are there;
+            // it is written back only when not zero.
+            let quota_at = LAYER_FIXED_BYTES + name_len;
+            if let Some(q) = data.get(quota_at..quota_at + 8) {
+                assert_eq!(v.quota_bytes, u64::from_le_bytes(q.try_into().unwrap()));
+                if v.quota_bytes != 0 {
+                    want.extend_from_slice(q);
+                }
+            } else {
+                assert_eq!(v.quota_bytes, 0);
+            }
             want[24] = (want[24] != 0) as u8;
             want[25] = (want[25] != 0) as u8;
             for pad in [44, 60] {
