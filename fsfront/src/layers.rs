@@ -137,32 +137,21 @@ impl LayerOps {
 
     /// Freezes layer `name` after writing back what the kernel caches.
     pub fn commit(&self, name: &str) -> Result<(), LayerError> {
-        self.commit_with_metadata(name, None)
+        self.write_back()?;
+        self.freeze(name, None)
     }
 
-    /// [`LayerOps::commit`], replacing the layer's metadata in the same
-    /// change when given.
-    pub fn commit_with_metadata(
-        &self,
-        name: &str,
-        metadata: Option<&LayerMetadata>,
-    ) -> Result<(), LayerError> {
-        self.write_back()?;
+    /// Freezes layer `name` (replacing its metadata when given) without
+    /// writing back: for a layer nothing can be cached of (a view made just
+    /// now), or after the caller's own [`LayerOps::write_back`] (done before
+    /// it takes a lock of its own, as the write-back may take long).
+    pub fn freeze(&self, name: &str, metadata: Option<&LayerMetadata>) -> Result<(), LayerError> {
         match metadata {
             Some(m) => self.engine.commit_layer_with_metadata(name, m),
             None => self.engine.commit_layer(name),
         }
         .map_err(LayerError::Engine)?;
         // The layer directory's attributes change (it becomes read-only).
-        self.kernel.forget_layer_entry(name);
-        Ok(())
-    }
-
-    /// Freezes layer `name`, made just now and not yet written to (a
-    /// read-only view): nothing of it can be cached, so nothing is written
-    /// back.
-    pub fn freeze_new(&self, name: &str) -> Result<(), LayerError> {
-        self.engine.commit_layer(name).map_err(LayerError::Engine)?;
         self.kernel.forget_layer_entry(name);
         Ok(())
     }

@@ -442,7 +442,7 @@ impl Table {
         if kind == Kind::View {
             // Views are read-only in the layer itself, not only in the
             // mount options: a frozen layer refuses every write.
-            if let Err(e) = self.layers.freeze_new(&entry.layer) {
+            if let Err(e) = self.layers.freeze(&entry.layer, None) {
                 if let Err(e) = self.layers.remove(&entry.layer) {
                     log::warn!("discarding unfrozen view layer {:?}: {e}", entry.layer);
                 }
@@ -481,6 +481,12 @@ impl Table {
         check_key("name", name)?;
         check_key("key", key)?;
         let labels = check_labels(labels)?;
+        // Writes the kernel still caches for the layer reach it before it
+        // freezes: written back before the table's lock is taken, since a
+        // write-back of the whole mount may take long.
+        self.layers
+            .write_back()
+            .map_err(|e| layer_error(format!("committing {key:?} as {name:?}"), e))?;
         let mut st = self.state();
         if st.by_key.contains_key(name) {
             return Err(Error::AlreadyExists(name.to_string()));
@@ -510,10 +516,8 @@ impl Table {
         committed.labels = labels;
         committed.created = now;
         committed.updated = now;
-        // Writes the kernel still caches for the layer reach it before it
-        // freezes.
         self.layers
-            .commit_with_metadata(&committed.layer, Some(&metadata_of(name, &committed)))
+            .freeze(&committed.layer, Some(&metadata_of(name, &committed)))
             .map_err(|err| layer_error(format!("committing {key:?} as {name:?}"), err))?;
         st.by_key.remove(key);
         st.by_key.insert(name.to_string(), committed);
