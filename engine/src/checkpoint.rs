@@ -98,6 +98,13 @@ impl Store {
     pub(crate) fn checkpoint_begin(&mut self) -> Result<CheckpointWrite> {
         self.checkpoint_finish()?;
         self.check_writable()?;
+        if self.replaying {
+            return Err(Error::Invalid(
+                "replaying the fsync log needs a checkpoint midway (the device is too \
+                 full or the node cache too small to apply it in one piece)"
+                    .into(),
+            ));
+        }
         match self.self_contained(|s| s.checkpoint_prepare()) {
             Ok(w) => Ok(w),
             Err(e) => self.fail(e),
@@ -123,6 +130,7 @@ impl Store {
         self.space
             .free_after_checkpoint(c.freed, |s| log.is_open(s));
         self.durable_generation = self.durable_generation.max(c.generation);
+        self.fsync_log.checkpoint_landed();
         // Log writes that have completed give back their buffers.
         self.reap_finished()?;
         Ok(())
@@ -130,6 +138,7 @@ impl Store {
 
     fn checkpoint_prepare(&mut self) -> Result<CheckpointWrite> {
         self.checkpoints_begun += 1;
+        self.fsync_log.checkpoint_began();
         let seq = self.checkpoint_seq + 1;
         // 1. Layer records into the layer table.
         let dirty: Vec<u64> = self.layers.take_dirty().into_iter().collect();

@@ -11,9 +11,11 @@ use crate::device::{detect_signature, AlignedBuf, Device, DeviceStats, BLOCK_SIZ
 use crate::error::{Error, Result};
 use crate::format::Timestamp;
 use crate::fs::{Attr, DirEntry, LayerInfo, SetAttr, StatFs};
+use crate::fsynclog::FsyncPlan;
 use crate::metacache::{MetaCache, NameHit};
 use crate::read::{execute_plan, KnownBlock};
 use crate::store::{Config, Counters, Store, Temperature};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
@@ -85,7 +87,13 @@ struct Shared {
     meta: Arc<MetaCache>,
     reuse: Arc<RwLock<()>>,
     commit_lock: Mutex<()>,
+    /// Files whose fsync waits for the commit lock (see [`Engine::fsync`]).
+    fsync_waiting: Mutex<BTreeSet<(u64, u64)>>,
     crashed: AtomicBool,
+}
+
+fn lock_ignoring_poison<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Shared {
@@ -196,6 +204,10 @@ impl Engine {
     /// Opens the newest checkpoint on `dev` and starts the background thread.
     pub fn open(dev: Arc<dyn Device>, config: Config) -> Result<Arc<Engine>> {
         let mut store = Store::open(dev.clone(), config.clone())?;
+        let replayed = store.replay_fsync_log()?;
+        if replayed > 0 {
+            log::info!("applied {replayed} fsync records written after the last checkpoint");
+        }
         store.purge_orphans()?;
         log::info!(
             "opened lcfs: {} segments of {} KiB, {} layers, checkpoint {}, backend {}",
@@ -212,6 +224,7 @@ impl Engine {
             store: Mutex::new(store),
             dev,
             commit_lock: Mutex::new(()),
+            fsync_waiting: Mutex::new(BTreeSet::new()),
             crashed: AtomicBool::new(false),
         });
         let engine = Arc::new(Engine {
@@ -708,10 +721,51 @@ impl Engine {
         self.op_then_upkeep(|s| s.release_inode(layer, ino))
     }
 
-    /// Makes every change made before the call durable, in every layer: an
-    /// fsync of one file is served by this too (there is no per-file log, so
-    /// it costs a checkpoint of everything changed so far). Concurrent
-    /// callers share checkpoints (group commit).
+    /// Makes the data and attributes of file `ino` in `layer` durable: by a
+    /// record in the fsync log and one flush when its changes since the
+    /// last checkpoint were writes and setattrs only, otherwise by a
+    /// checkpoint (see crate::fsynclog). Does nothing when nothing of the
+    /// file changed since it was last made durable.
+    /// Concurrent fsyncs share one record and one flush (group commit):
+    /// whoever holds the commit lock logs every file waiting for it.
+    pub fn fsync(&self, layer: u64, ino: u64) -> Result<()> {
+        lock_ignoring_poison(&self.s.fsync_waiting).insert((layer, ino));
+        let _c = self.s.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut files: Vec<(u64, u64)> =
+            std::mem::take(&mut *lock_ignoring_poison(&self.s.fsync_waiting))
+                .into_iter()
+                .collect();
+        if !files.contains(&(layer, ino)) {
+            // Logged by an earlier holder of the commit lock (then it has
+            // no changes now), or changed again since.
+            files.push((layer, ino));
+        }
+        let plan = self.lock().fsync_plan(&files)?;
+        match plan {
+            FsyncPlan::Durable => Ok(()),
+            FsyncPlan::Checkpoint(why) => {
+                log::trace!("fsync of inode {ino} in layer {layer} checkpoints: {why}");
+                self.lock().counters.fsync_checkpoints += 1;
+                self.s.checkpoint_unlocked()
+            }
+            FsyncPlan::Write(w) => match w.run() {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    // A record that may be torn ends the log until a
+                    // checkpoint; this one covers the file.
+                    log::warn!("fsync record write failed ({e}); checkpointing instead");
+                    let mut s = self.lock();
+                    s.fsync_log.broken();
+                    s.counters.fsync_checkpoints += 1;
+                    drop(s);
+                    self.s.checkpoint_unlocked()
+                }
+            },
+        }
+    }
+
+    /// Makes every change made before the call durable, in every layer, by
+    /// a checkpoint. Concurrent callers share checkpoints (group commit).
     pub fn sync(&self) -> Result<()> {
         let target = self.lock().generation;
         let _c = self.s.commit_lock.lock().unwrap_or_else(|p| p.into_inner());

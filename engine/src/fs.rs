@@ -9,6 +9,7 @@
 use crate::device::BLOCK_SIZE;
 use crate::error::{Error, Result};
 use crate::format::*;
+use crate::fsynclog::FsyncLog;
 use crate::read::{BlockSource, KnownBlock, ReadPlan};
 use crate::store::{Store, Temperature, Tree};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
@@ -287,6 +288,7 @@ impl Store {
     }
 
     pub(crate) fn put_inode(&mut self, layer: u64, ino: u64, i: &InodeValue) -> Result<()> {
+        self.fsync_log.inode_changed(layer, ino);
         self.lput(layer, Key::new(ino, KIND_INODE, 0), i.encode())?;
         Ok(())
     }
@@ -402,6 +404,7 @@ impl Store {
         self.ensure_space(0, false)?;
         let now = Timestamp::now();
         let id = self.layers.alloc_id();
+        self.fsync_log.layer_born(id);
         let mut rec = LayerRecord {
             id,
             name: name.as_bytes().to_vec(),
@@ -1063,6 +1066,10 @@ impl Store {
     // ------------------------------------------------------------ attributes
 
     pub(crate) fn setattr(&mut self, layer: u64, ino: u64, s: &SetAttr) -> Result<Attr> {
+        FsyncLog::scoped(self, layer, ino, |st| st.setattr_tracked(layer, ino, s))
+    }
+
+    fn setattr_tracked(&mut self, layer: u64, ino: u64, s: &SetAttr) -> Result<Attr> {
         self.writable_layer(layer)?;
         let mut i = self.inode(layer, ino)?;
         self.ensure_space(0, s.size.is_some_and(|n| n < i.size))?;
@@ -1087,6 +1094,9 @@ impl Store {
             }
             self.put_inode(layer, ino, &i)?;
             self.truncate(layer, ino, size)?;
+            if size < i.size {
+                self.fsync_log.truncated(layer, ino, size);
+            }
             i = self.inode(layer, ino)?;
             i.mtime = now;
         }
@@ -1290,7 +1300,9 @@ impl Store {
             _ => return Err(Error::Invalid("not a regular file".into())),
         }
         self.check_quota(layer, ino, offset, data.len() as u64)?;
-        self.write_data((layer, ino, i), offset, data, touch, known)?;
+        FsyncLog::scoped(self, layer, ino, |s| {
+            s.write_data((layer, ino, i), offset, data, touch, known)
+        })?;
         Ok(data.len())
     }
 
@@ -1354,6 +1366,8 @@ impl Store {
         let blocks = end.div_ceil(bs) - offset / bs;
         self.ensure_space(blocks, false)?;
         i.blocks += self.write_blocks(layer, ino, offset, data, known)?;
+        self.fsync_log
+            .wrote(layer, ino, offset / bs, (end - 1) / bs);
         if end > i.size {
             i.size = end;
         }
@@ -1486,6 +1500,28 @@ impl Store {
             r?;
         }
         Ok(added_blocks)
+    }
+
+    /// Fsync log replay: truncation as a setattr does it.
+    pub(crate) fn replay_truncate(&mut self, layer: u64, ino: u64, size: u64) -> Result<()> {
+        self.truncate(layer, ino, size)
+    }
+
+    /// Fsync log replay: one whole block at `offset`; returns whether it
+    /// was a hole.
+    pub(crate) fn replay_block(
+        &mut self,
+        layer: u64,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<u64> {
+        self.write_blocks(layer, ino, offset, data, &[])
+    }
+
+    /// Fsync log replay: blocks from `first` on go.
+    pub(crate) fn replay_drop_past(&mut self, layer: u64, ino: u64, first: u64) -> Result<()> {
+        self.drop_extents(layer, ino, first, u64::MAX)
     }
 
     fn block_source(&mut self, lbn: u64) -> Result<BlockSource> {

@@ -17,6 +17,7 @@ mod error;
 pub mod format;
 mod fs;
 mod fsck;
+mod fsynclog;
 mod layers;
 mod logstream;
 mod metacache;

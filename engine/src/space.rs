@@ -27,6 +27,8 @@ pub(crate) struct Space {
     /// checkpoint frees are held in `held_free` instead of being reused.
     pins: usize,
     held_free: BTreeSet<u32>,
+    /// Free segments kept out of use while the fsync log is replayed.
+    withheld: BTreeSet<u32>,
 }
 
 pub(crate) fn seg_table_checksum(segs: &[SegmentUsage]) -> u64 {
@@ -47,6 +49,7 @@ impl Space {
             pending_free: BTreeSet::new(),
             pins: 0,
             held_free: BTreeSet::new(),
+            withheld: BTreeSet::new(),
         }
     }
 
@@ -241,6 +244,22 @@ impl Space {
                 self.free.insert(s);
             }
         }
+    }
+
+    /// Keeps free segments out of use (fsync log replay reads them) until
+    /// [`Space::release_withheld`].
+    pub fn withhold(&mut self, segments: &BTreeSet<u32>) {
+        for s in segments {
+            if self.free.remove(s) {
+                self.withheld.insert(*s);
+            }
+        }
+    }
+
+    /// Withheld segments still empty and not open become free again.
+    pub fn release_withheld(&mut self, open: impl Fn(u32) -> bool) {
+        let withheld = std::mem::take(&mut self.withheld);
+        self.make_free(withheld, open);
     }
 
     /// An online fsck starts reading a checkpoint.

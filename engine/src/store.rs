@@ -16,6 +16,7 @@ use crate::cache::{BlockCache, NodeCache};
 use crate::device::{AlignedBuf, Device, BLOCK_SIZE};
 use crate::error::{Error, Result};
 use crate::format::*;
+use crate::fsynclog::FsyncLog;
 use crate::layers::LayerTable;
 use crate::logstream::Log;
 pub(crate) use crate::logstream::Temperature;
@@ -42,9 +43,11 @@ impl Geometry {
         let seg = segment_blocks as u64;
         // Solve for the segment count: table blocks depend on it.
         let mut count = device_blocks / seg;
+        // The fsync log region: 1/64 of the device, at most 4 MiB.
+        let fsync_log = (device_blocks / 64).min(FSYNC_LOG_BLOCKS);
         loop {
             let table = count.div_ceil(SEGTABLE_ENTRIES as u64).max(1);
-            let data_start = (SUPERBLOCK_SLOTS + 2 * table).div_ceil(seg) * seg;
+            let data_start = (SUPERBLOCK_SLOTS + 2 * table + fsync_log).div_ceil(seg) * seg;
             if data_start + count * seg <= device_blocks || count == 0 {
                 if count < 8 {
                     return Err(Error::Invalid(format!(
@@ -74,6 +77,15 @@ impl Geometry {
         }
     }
 
+    /// The fsync log region (first block, blocks): whatever lies between
+    /// the segment table's copies and segment 0. Filesystems formatted
+    /// before the region was reserved may have none (fewer blocks than a
+    /// record needs): their fsyncs checkpoint.
+    pub fn fsync_log_region(&self) -> (u64, u64) {
+        let start = self.segtable_start_block + 2 * self.segtable_blocks as u64;
+        (start, self.data_start_block.saturating_sub(start))
+    }
+
     pub fn segment_start(&self, seg: u32) -> u64 {
         self.data_start_block + seg as u64 * self.segment_blocks as u64
     }
@@ -100,6 +112,13 @@ pub struct Counters {
     /// File bytes a layer took from another layer's blocks instead of
     /// having them written (commit promotion).
     pub promoted_bytes: u64,
+    /// Fsyncs made durable by a record in the fsync log, its blocks, and
+    /// fsyncs that took a checkpoint instead.
+    pub fsync_records: u64,
+    pub fsync_record_blocks: u64,
+    pub fsync_checkpoints: u64,
+    /// Records applied when the engine was opened.
+    pub fsync_records_replayed: u64,
 }
 
 /// Tunables.
@@ -118,6 +137,9 @@ pub struct Config {
     /// Full segments that may be in flight to the device while the engine
     /// fills the next (0: write synchronously, deterministic for tests).
     pub write_behind_segments: usize,
+    /// Make an fsync of one file durable with a record in the fsync log
+    /// when possible (false: every fsync checkpoints).
+    pub fsync_log: bool,
 }
 
 impl Default for Config {
@@ -129,6 +151,7 @@ impl Default for Config {
             flush_interval_ms: 100,
             checkpoint_interval_ms: 5000,
             write_behind_segments: 4,
+            fsync_log: true,
         }
     }
 }
@@ -167,6 +190,11 @@ pub(crate) struct Store {
     /// Checkpoints begun since open (an online fsck checks that none began
     /// while it read the checkpoint it checks).
     pub(crate) checkpoints_begun: u64,
+    /// Changes an fsync can log instead of checkpointing (see crate::fsynclog).
+    pub(crate) fsync_log: FsyncLog,
+    /// Replaying the fsync log: a checkpoint now would end the records'
+    /// validity half-applied, so none may begin.
+    pub(crate) replaying: bool,
 }
 
 impl Store {
@@ -195,6 +223,8 @@ impl Store {
             durable_generation: 0,
             checkpoint_in_flight: None,
             checkpoints_begun: 0,
+            fsync_log: FsyncLog::new(geo.fsync_log_region(), config.fsync_log),
+            replaying: false,
             mutations: 0,
             #[cfg(any(test, feature = "testing"))]
             panic_in_next_change: false,

@@ -525,17 +525,26 @@ impl Filesystem for LcfsFs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // One checkpoint makes every change durable, this file's among them
-        // (fdatasync the same: metadata is in the same checkpoint).
+        // The file's changes go to the engine's fsync log when they can,
+        // otherwise a checkpoint makes everything durable (fdatasync the
+        // same: the inode travels with the data). The kernel has written
+        // the file's dirty pages back before it asks.
         let engine = self.engine.clone();
-        self.workers.run(Box::new(move || match engine.sync() {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
+        let file = self.split(ino);
+        self.workers.run(Box::new(move || {
+            let r = match file {
+                Some((layer, inode)) => engine.fsync(layer, inode),
+                None => engine.sync(),
+            };
+            match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
         }));
     }
 

@@ -1,7 +1,8 @@
 //! Byte-level encodings of every on-disk structure (see docs/format.md), one
 //! module per record: [`superblock`], [`node`] (B+tree nodes), [`summary`]
 //! (batch summaries), [`segtable`] (the segment table), [`keys`] (tree keys,
-//! key kinds, name lists and directory entries), [`values`] (tree values).
+//! key kinds, name lists and directory entries), [`values`] (tree values),
+//! [`fsynclog`] (fsync records).
 //!
 //! Everything is little-endian and fixed-layout. Every block carries a checksum
 //! (xxh3-64 of the block with the checksum field zeroed), its own address and a
@@ -12,6 +13,7 @@ use crate::device::BLOCK_SIZE;
 use crate::error::{Error, Result};
 use xxhash_rust::xxh3::xxh3_64;
 
+pub mod fsynclog;
 pub mod keys;
 pub mod node;
 pub mod segtable;
@@ -19,6 +21,7 @@ pub mod summary;
 pub mod superblock;
 pub mod values;
 
+pub use fsynclog::*;
 pub use keys::*;
 pub use node::*;
 pub use segtable::*;

@@ -120,9 +120,12 @@ pub struct InodeValue {
     pub generation: u64,
 }
 
+/// Encoded bytes of an [`InodeValue`].
+pub const INODE_VALUE_BYTES: usize = 112;
+
 impl InodeValue {
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = vec![0u8; 112];
+        let mut v = vec![0u8; INODE_VALUE_BYTES];
         let mut w = Writer::new(&mut v);
         w.u32(self.mode);
         w.u32(self.uid);
