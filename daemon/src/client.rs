@@ -315,6 +315,10 @@ pub fn stats(socket: &Path, as_json: bool) -> Result<()> {
         s.engine.log_blocks_appended, s.engine.checkpoints, s.checkpoint_seq
     );
     println!(
+        "fsync log:    {} records written, {} fsyncs checkpointed instead; {} replayed at open",
+        s.engine.fsync_records, s.engine.fsync_checkpoints, s.engine.fsync_records_replayed
+    );
+    println!(
         "cleaner:      {} segments cleaned, {} blocks relocated",
         s.engine.segments_cleaned, s.engine.blocks_relocated
     );

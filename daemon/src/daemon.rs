@@ -28,6 +28,9 @@ pub struct DaemonOptions {
     pub fuse_threads: usize,
     pub node_cache_mib: usize,
     pub block_cache_mib: usize,
+    /// Checkpoint at least this often when something changed (0: only when
+    /// asked or forced).
+    pub checkpoint_interval_ms: u64,
     /// The mount's writeback cache (see `MountOptions::writeback_cache`).
     pub writeback_cache: bool,
     /// Serve the Docker graphdriver plugin here too (see lcfs-dockerplugin).
@@ -63,6 +66,7 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
     let config = Config {
         node_cache_bytes: o.node_cache_mib << 20,
         block_cache_bytes: o.block_cache_mib << 20,
+        checkpoint_interval_ms: o.checkpoint_interval_ms,
         ..Config::default()
     };
     let engine = device::open_engine(&device_path, dev, config)?;

@@ -154,6 +154,13 @@ struct DaemonArgs {
     #[arg(long, value_name = "N", default_value_t = 256)]
     block_cache_mib: usize,
 
+    /// Checkpoint at least this often while anything changes, in
+    /// milliseconds: how much unsynced work a crash may lose (fsync, `lcfs
+    /// sync` and Docker's and containerd's layer calls are durable anyway).
+    /// 0: only when asked, or when the cache or the device needs one
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    checkpoint_interval_ms: u64,
+
     /// Send every write(2) to the daemon before it returns, instead of
     /// letting the kernel cache writes and send them in large pieces (at the
     /// latest on close, fsync, and before a layer is cloned, committed or
@@ -277,6 +284,7 @@ fn run(cli: Cli) -> Result<()> {
             fuse_threads: a.fuse_threads,
             node_cache_mib: a.cache_mib,
             block_cache_mib: a.block_cache_mib,
+            checkpoint_interval_ms: a.checkpoint_interval_ms,
             writeback_cache: !a.no_writeback_cache,
             docker_plugin_socket: a.docker_plugin_socket,
             containerd_socket: (!a.no_containerd).then(|| {

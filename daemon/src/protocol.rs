@@ -179,6 +179,15 @@ pub struct EngineCounters {
     /// instead of having them written again.
     #[serde(default)]
     pub promoted_bytes: u64,
+    /// Fsync records written (concurrent fsyncs share one), and fsyncs
+    /// that took a checkpoint instead.
+    #[serde(default)]
+    pub fsync_records: u64,
+    #[serde(default)]
+    pub fsync_checkpoints: u64,
+    /// Records applied when the engine was opened.
+    #[serde(default)]
+    pub fsync_records_replayed: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -230,6 +239,9 @@ impl Stats {
                 segments_cleaned: s.engine.segments_cleaned,
                 blocks_relocated: s.engine.blocks_relocated,
                 promoted_bytes: s.engine.promoted_bytes,
+                fsync_records: s.engine.fsync_records,
+                fsync_checkpoints: s.engine.fsync_checkpoints,
+                fsync_records_replayed: s.engine.fsync_records_replayed,
             },
             coalescing_ratio: s.coalescing_ratio(),
             node_cache: NodeCache {

@@ -9,7 +9,9 @@
 #            and cloned into `child`, whose changes are also `lcfs sync`ed.
 #   round 2: layer `fsynced` (created, then `lcfs sync`) gets files made
 #            durable by fsync(2) of each file and its directory only, no
-#            `lcfs sync`: fsync alone must be durable.
+#            `lcfs sync`, and a file rewritten in place with fsync after
+#            each write (the engine's fsync log): fsync alone must be
+#            durable.
 #   round 3: a clone of `child` made and changed and `lcfs sync`ed, while
 #            `child`'s sibling layer gets unsynced writes.
 # Each kill comes while a writer streams unsynced data into a scratch layer:
@@ -23,10 +25,13 @@ E2E_NAME=kill9
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 [[ $E2E_TARGET == lcfs ]] || die "kill9 tests the lcfs daemon only (E2E_TARGET=$E2E_TARGET)"
-require_commands dd
+require_commands dd jq python3
 e2e_init
 lcfs_build
 lcfs_mkfs
+# No periodic checkpoint: what survives is what was made durable, and the
+# fsync records of round 2 are still the way to it when the kill comes.
+LCFS_DAEMON_ARGS="--checkpoint-interval-ms 0"
 lcfs_start
 tree=("python3" "$E2E_DIR/tree.py")
 mnt=$LCFS_MOUNT
@@ -50,13 +55,15 @@ unsynced_writer() {
     done
 }
 
-# crash: kill -9 the daemon while a writer is busy, restart, check.
+# crash_and_check ROUND [COMMAND]: kill -9 the daemon while a writer is busy
+# (after COMMAND, if given), restart, check.
 crash_and_check() {
-    local round=$1 writer_pid
+    local round=$1 before_kill=${2:-} writer_pid
     quietly lcfs_ctl layer create "unsynced-$round" || die "lcfs layer create unsynced-$round failed"
     unsynced_writer "unsynced-$round" &
     writer_pid=$!
     sleep 2
+    [[ -z $before_kill ]] || "$before_kill"
     lcfs_kill9
     wait "$writer_pid" 2>/dev/null || true
     if [[ $round == 3 ]]; then
@@ -121,12 +128,45 @@ quietly lcfs_ctl sync || die "lcfs sync failed"
 remember child
 crash_and_check 1
 
-# Round 2: fsync only.
+# Round 2: fsync only. New files (their fsyncs checkpoint), and a file that
+# existed at the last checkpoint rewritten in place, shrunk and grown, each
+# step made durable by fsync(2) alone: those go to the engine's fsync log,
+# replayed when the daemon restarts.
 quietly lcfs_ctl layer create fsynced || die "lcfs layer create fsynced failed"
+dd if=/dev/urandom of="$mnt/fsynced/db" bs=64k count=16 status=none || die "writing fsynced/db failed"
 quietly lcfs_ctl sync || die "lcfs sync failed"
 "${tree[@]}" fill "$mnt/fsynced/data" 3 200 || die "writing files into layer fsynced failed"
 remember fsynced
-crash_and_check 2
+
+# fsync_rewrite: fsynced/db rewritten in place with an fsync after each step,
+# just before the kill of round 2.
+# shellcheck disable=SC2317 # called through crash_and_check
+fsync_rewrite() {
+    local records_before records
+    records_before=$(lcfs_ctl stats --json | jq -er .engine.fsync_records) || die "lcfs stats failed"
+    python3 - "$mnt/fsynced/db" <<'PY' || die "rewriting fsynced/db with fsync failed"
+import os, random, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+rng = random.Random(9)
+for i in range(64):
+    os.pwrite(fd, os.urandom(rng.randrange(1, 9000)), rng.randrange(0, 1 << 20))
+    os.fsync(fd)
+os.ftruncate(fd, 300_000)
+os.fsync(fd)
+os.pwrite(fd, b"after the shrink", 700_000)
+os.fchmod(fd, 0o600)
+os.fsync(fd)
+os.close(fd)
+PY
+    records=$(($(lcfs_ctl stats --json | jq -er .engine.fsync_records) - records_before))
+    ((records > 0)) || fail "no fsync of fsynced/db went to the fsync log"
+    say "fsync log: $records records for 66 fsyncs of a file rewritten in place"
+    remember fsynced
+}
+crash_and_check 2 fsync_rewrite
+replayed=$(lcfs_ctl stats --json | jq -er .engine.fsync_records_replayed) || die "lcfs stats failed"
+((replayed > 0)) || fail "round 2: the restart replayed no fsync records"
+say "round 2: $replayed fsync records replayed at the restart"
 
 # Round 3: clone of a clone, beside unsynced work in a sibling.
 quietly lcfs_ctl layer commit child || die "lcfs layer commit child failed"

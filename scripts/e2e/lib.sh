@@ -306,9 +306,12 @@ lcfs_start() {
     elif lcfs_has_containerd; then
         containerd=(--no-containerd)
     fi
+    # LCFS_DAEMON_ARGS: more daemon options, split on spaces.
+    local extra=()
+    read -r -a extra <<<"${LCFS_DAEMON_ARGS:-}"
     RUST_LOG=${RUST_LOG:-info} "$LCFS_BIN" daemon --device "$LCFS_DEVICE" \
         --mount "$LCFS_MOUNT" --control-socket "$LCFS_SOCKET" "${plugin[@]}" "${containerd[@]}" \
-        >>"$LCFS_LOG" 2>&1 &
+        "${extra[@]}" >>"$LCFS_LOG" 2>&1 &
     LCFS_PID=$!
     # Recorded at once: from here the trap owns the mount, even half made.
     [[ " ${E2E_MOUNTS[*]} " == *" $LCFS_MOUNT "* ]] || E2E_MOUNTS+=("$LCFS_MOUNT")
