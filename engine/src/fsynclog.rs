@@ -17,7 +17,8 @@
 //! Ordering: records are written holding the engine's commit lock, so no
 //! checkpoint is in flight and records follow one another. A record is
 //! built under the store lock (the changes it names are then in the log
-//! stream), the stream tails are written, then the record, then one flush.
+//! stream); the stream tails and the record are written, in any order, then
+//! one flush.
 //! The blocks it names cannot be reused before the next checkpoint (freed
 //! segments are reusable only after one), and after that checkpoint the
 //! record is stale anyway.
@@ -70,12 +71,16 @@ pub(crate) struct FsyncWrite {
 }
 
 impl FsyncWrite {
+    /// The record is written while the writer thread writes the stream
+    /// tails: nothing orders them but the flush after both (a record that
+    /// lands without its data fails replay's checksums, and its fsync had
+    /// not returned).
     pub(crate) fn run(self) -> Result<()> {
+        self.dev.write_at(self.offset, &self.record)?;
         for w in &self.log_writes {
             w.wait()
                 .map_err(|m| Error::Io(std::io::Error::other(format!("log write: {m}"))))?;
         }
-        self.dev.write_at(self.offset, &self.record)?;
         self.dev.flush()
     }
 }
