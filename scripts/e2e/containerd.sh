@@ -26,7 +26,12 @@
 #   d. kill -9      the lcfs daemon killed while a container writes;
 #                   restarted, containerd (not restarted) lists the same
 #                   committed snapshots, runs the images, removes the dead
-#                   container; fsck clean
+#                   container; fsck clean. Then the lcfs daemon, and then
+#                   containerd, killed during an unpack (a pull between
+#                   Prepare and Commit): the image pulled again runs and
+#                   equals overlayfs's, and after containerd's garbage
+#                   collection lcfs holds exactly the snapshots containerd
+#                   lists
 #   e. both fronts  dockerd 20.10 through the graphdriver plugin and
 #                   containerd through the snapshotter, served by the same
 #                   lcfs daemon at the same time
@@ -133,6 +138,79 @@ image_manifest() {
     "${tree[@]}" manifest "$dir" | grep -v $'^\\.\t' |
         sed -E $'s/^([^\t]*\td\t[^\t]*\t[^\t]*\t)nlink=[0-9]+/\\1/' >"$out"
     quietly ctrd images unmount --rm "$dir" || die "ctr images unmount $dir failed"
+}
+
+# lcfs_agrees LABEL: containerd's garbage collection run (a removed
+# snapshot marks the snapshotter for cleanup, a synchronous lease removal
+# runs it), then, within 20 s, lcfs holds exactly one layer per snapshot
+# containerd lists: nothing containerd committed is missing, nothing it does
+# not know is left.
+lcfs_agrees() {
+    local label=$1 snaps layers waited=0 lease before
+    before=$(lcfs_ctl layer ls | grep -vc '^NAME' || true)
+    quietly ctrd snapshots --snapshotter lcfs prepare gc-trigger ||
+        die "$label: preparing a snapshot to trigger garbage collection failed"
+    quietly ctrd snapshots --snapshotter lcfs rm gc-trigger || die "$label: removing gc-trigger failed"
+    lease=$(ctrd leases create | awk '{ print $1 }') || die "$label: ctr leases create failed"
+    quietly ctrd leases rm --sync "$lease" || die "$label: ctr leases rm --sync failed"
+    while :; do
+        snaps=$(snapshots lcfs | wc -l)
+        layers=$(lcfs_ctl layer ls | grep -vc '^NAME' || true)
+        [[ $snaps != "$layers" && $waited -lt 200 ]] || break
+        waited=$((waited + 1))
+        sleep 0.1
+    done
+    expect "$label: lcfs holds one layer per snapshot containerd lists" "$snaps" "$layers"
+    say "$label: $before lcfs layers before containerd's garbage collection, $layers after"
+}
+
+# unpack_then_kill WHAT: removes the Debian image, pulls it again into lcfs
+# in the background and kills WHAT (lcfs or containerd) with SIGKILL as soon
+# as its layer's unpack snapshot exists (between Prepare and Commit, while
+# the differ applies the layer); restarts it, removes what the failed pull
+# left (its lease: a pull that dies with containerd keeps it), pulls and runs
+# the image, checks it file by file, and checks that containerd and lcfs
+# agree, fsck clean.
+unpack_then_kill() {
+    local what=$1 pull_pid waited=0 lease
+    quietly ctrd images rm --sync "$debian" || die "ctr images rm $debian failed"
+    ctrd images pull --plain-http --snapshotter lcfs "$debian" >"$E2E_WORK/pull-$what.log" 2>&1 &
+    pull_pid=$!
+    until snapshots lcfs | grep -q '^extract-.* Active$'; do
+        waited=$((waited + 1))
+        [[ $waited -lt 600 ]] || die "no unpack of $debian began within 60 s"
+        sleep 0.05
+    done
+    case $what in
+        lcfs) lcfs_kill9 ;;
+        containerd)
+            kill -KILL "$CONTAINERD_PID"
+            wait "$CONTAINERD_PID" 2>/dev/null || true
+            CONTAINERD_PID=""
+            ;;
+    esac
+    if wait "$pull_pid"; then
+        fail "kill -9 of $what during an unpack: the pull finished first (nothing was tested)"
+    fi
+    case $what in
+        lcfs) lcfs_start && lcfs_snapshotter_wait ;;
+        containerd) containerd_start ;;
+    esac
+    for lease in $(ctrd leases ls -q); do
+        quietly ctrd leases rm --sync "$lease" || fail "removing lease $lease after the kill failed"
+    done
+    quietly ctrd images pull --plain-http --snapshotter lcfs "$debian" ||
+        die "pulling $debian again after kill -9 of $what failed"
+    expect "kill -9 of $what during an unpack: the image pulled again runs" "12" \
+        "$(ctrd run --rm --snapshotter lcfs "$debian" after-unpack cut -d. -f1 /etc/debian_version)"
+    image_manifest lcfs "$debian" "$E2E_WORK/debian.after-unpack-$what.manifest"
+    if cmp -s "$E2E_WORK/debian.overlayfs.manifest" "$E2E_WORK/debian.after-unpack-$what.manifest"; then
+        say "ok: kill -9 of $what during an unpack: the Debian image pulled again equals overlayfs's"
+    else
+        fail "kill -9 of $what during an unpack: the Debian image pulled again differs from overlayfs"
+    fi
+    lcfs_agrees "kill -9 of $what during an unpack"
+    quietly lcfs_ctl fsck --online || fail "fsck after kill -9 of $what during an unpack found problems"
 }
 
 lcfs_build
@@ -342,6 +420,10 @@ if [[ $target == lcfs ]]; then
         fail "after kill -9 the Debian image on lcfs differs from overlayfs"
     fi
     quietly lcfs_ctl fsck --online || fail "fsck after kill -9 found problems"
+
+    # The same during an unpack: of the lcfs daemon, then of containerd.
+    unpack_then_kill lcfs
+    unpack_then_kill containerd
 
     # --- e. both front ends ---------------------------------------------------------------------
     part "e. dockerd 20.10 (graphdriver plugin) and containerd (snapshotter) on one lcfs daemon"
