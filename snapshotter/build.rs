@@ -1,4 +1,4 @@
-//! Generates the snapshots, diff and content APIs from the vendored
+//! Generates the snapshots, diff, content and leases APIs from the vendored
 //! containerd 1.7.24 .proto files with protox (a protobuf compiler in Rust),
 //! so building needs no protoc.
 
@@ -8,13 +8,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/containerd/services/snapshots/v1/snapshots.proto",
         "proto/containerd/services/diff/v1/diff.proto",
         "proto/containerd/services/content/v1/content.proto",
+        "proto/containerd/services/leases/v1/leases.proto",
         "proto/containerd/types/mount.proto",
         "proto/containerd/types/descriptor.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }
-    let mut descriptors = protox::compile(&files[..3], ["proto/containerd", "proto"])?;
+    let mut descriptors = protox::compile(&files[..4], ["proto/containerd", "proto"])?;
     // containerd's comments hold indented lines that rustdoc would run as
     // tests; the .proto files stay the documentation.
     for file in &mut descriptors.file {

@@ -226,8 +226,12 @@ pub(crate) fn write_diff(
                     .map_err(io)?;
             }
             FileKind::Directory => {
+                // With a trailing slash, as Docker's and containerd's own
+                // layer tars name directories.
+                let mut dir = relative.clone();
+                dir.push(b'/');
                 builder
-                    .append_data(&mut h, path, std::io::empty())
+                    .append_data(&mut h, as_path(&dir), std::io::empty())
                     .map_err(io)?;
                 let replaced = match parent_layer {
                     Some(p) => lookup_exact(engine, p, &components)?

@@ -29,6 +29,21 @@ mod tree;
 mod wire;
 
 pub use apply::apply_tar;
+
+/// Writes the layer tar (Docker's and OCI's whiteouts, hard links, xattrs)
+/// of what layer `id` changed against `parent`: its own parent in the
+/// engine, or "" for everything it shows. Any other parent is refused
+/// ([`Error::Unsupported`]). What the plugin's Diff streams; the containerd
+/// differ's Diff too.
+pub fn export_diff(
+    engine: &lcfs_engine::Engine,
+    id: &str,
+    parent: &str,
+    out: impl std::io::Write,
+) -> Result<()> {
+    let (changes, against) = export::changes(engine, id, parent)?;
+    export::write_diff(engine, id, (&changes, against), out)
+}
 pub use driver::{DiffPlan, Driver};
 pub use error::{Error, Result};
 pub use http::{

@@ -11,12 +11,13 @@
 #                   own overlayfs snapshotter (the reference for part c)
 #   a. ctr          pull, run, a container that writes, its snapshot
 #                   committed and checked through a fresh snapshot and a
-#                   diff, removal, `ctr snapshots ls`, image removal and
+#                   diff (computed by the lcfs differ), removal, `ctr snapshots ls`, image removal and
 #                   garbage collection down to no snapshot and no lcfs layer
 #   b. docker 26    pull, run, write, docker commit, run the committed
 #                   image, diff, docker exec into a running container, a
 #                   BuildKit build (RUN writing 64 MiB and small files,
-#                   COPY) run and checked, rm, image rm
+#                   COPY; its layer diffs computed by the lcfs differ) run
+#                   and checked, rm, image rm
 #   c. byte for byte every file of each image (content, mode, owner, size,
 #                   mtime, links, xattrs) as the lcfs snapshot shows it
 #                   equals containerd's overlayfs unpack of the same image,
@@ -87,6 +88,11 @@ expect() {
     else
         fail "$1: expected [$2], got [$3]"
     fi
+}
+
+# lcfs_computed: how many diffs the lcfs differ has computed (its log lines).
+lcfs_computed() {
+    grep -c 'containerd diff: computed' "$LCFS_LOG" || true
 }
 
 # lcfs_applied: how many layers the lcfs differ has applied (its log lines).
@@ -286,8 +292,12 @@ expect "the committed writes, seen from a child snapshot" "written|/big: OK|no g
 } | paste -sd '|')"
 echo "child write" >"$E2E_WORK/check/child" || fail "the child snapshot is not writable"
 umount "$E2E_WORK/check"
+computed_before=$(lcfs_computed)
 expect "diff of the committed snapshot" "big|big.sha256|etc/|etc/.wh.group|run/|written" \
     "$(ctrd snapshots --snapshotter "$snap" diff --media-type application/vnd.oci.image.layer.v1.tar writer-committed | tar -t | LC_ALL=C sort | paste -sd '|')"
+if [[ $snap == lcfs ]]; then
+    expect "the lcfs differ computed that diff" 1 $(($(lcfs_computed) - computed_before))
+fi
 quietly ctrd snapshots --snapshotter "$snap" rm check || fail "removing the child snapshot failed"
 quietly ctrd snapshots --snapshotter "$snap" rm writer-committed || fail "removing the committed snapshot failed"
 quietly ctrd containers rm writer || fail "removing the container failed"
@@ -331,9 +341,15 @@ RUN --network=none head -c 67108864 /dev/urandom > /big && sha256sum /big > /big
 COPY copied.txt /copied.txt
 EOF
 start=$SECONDS
+computed_before=$(lcfs_computed)
 # RUN --network is BuildKit's: the legacy builder refuses this Dockerfile.
 quietly d build -t e2e/built:1 "$build" || fail "docker build (BuildKit) failed"
 say "built with BuildKit in $((SECONDS - start)) s"
+if [[ $snap == lcfs ]]; then
+    # The RUN and COPY layers, from the engine's record of what changed.
+    computed=$(($(lcfs_computed) - computed_before))
+    ((computed >= 2)) || fail "the lcfs differ computed $computed of the build's layer diffs, not 2"
+fi
 expect "run the built image" "/big: OK|32|small 7|copied by the build" "$(d run --rm --network none e2e/built:1 sh -c \
     'cd / && sha256sum -c /big.sha256; ls /small | wc -l; cat /small/f7 /copied.txt' | paste -sd '|')"
 expect "built image: three layers" 3 "$(d image inspect e2e/built:1 --format '{{len .RootFS.Layers}}')"

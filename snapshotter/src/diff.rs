@@ -8,10 +8,10 @@
 //! before its own differ (`[plugins."io.containerd.service.v1.diff-service"]
 //! default = ["lcfs", "walking"]`). Its diff service moves on to the next
 //! differ on Unimplemented, which is what every call this one does not take
-//! gets: Diff (comparing mounts), mounts that are not one read-write bind
-//! mount of an active lcfs snapshot's directory (overlayfs and every other
-//! snapshotter), media types and digests other than those below, stream
-//! processor payloads (encrypted layers).
+//! gets: mounts that are not one read-write bind mount of an active lcfs
+//! snapshot's directory (overlayfs and every other snapshotter), media
+//! types and digests other than those below, stream processor payloads
+//! (encrypted layers). Diff, comparing two mounts, is in crate::compare.
 //!
 //! Media types, as containerd's walking differ reads them
 //! (`images.DiffCompression`): the OCI layer tar as is; the OCI `+gzip` and
@@ -49,9 +49,9 @@ use tonic::{Request, Response, Status};
 /// The media type of what Apply returns: the uncompressed layer tar.
 pub const MEDIA_TYPE_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 /// containerd passes the caller's namespace in this gRPC header.
-const NAMESPACE_HEADER: &str = "containerd-namespace";
+pub(crate) const NAMESPACE_HEADER: &str = "containerd-namespace";
 /// containerd's bound on a namespace name is 76 bytes; ours is looser.
-const NAMESPACE_MAX_BYTES: usize = 256;
+pub(crate) const NAMESPACE_MAX_BYTES: usize = 256;
 /// Media types (with parameters) longer than this are nothing we take.
 const MEDIA_TYPE_MAX_BYTES: usize = 256;
 /// What may follow the tar's end-of-archive marker (record padding; the
@@ -61,7 +61,7 @@ const TRAILING_MAX_BYTES: u64 = 64 << 20;
 /// applier.
 const CHUNKS_AHEAD: usize = 16;
 /// One message of the content stream must come within this time.
-const CONTENT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const CONTENT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Connecting to containerd's socket.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 flow control windows for the blob stream: containerd sends this
@@ -126,12 +126,12 @@ fn parse_digest(digest: &str) -> Result<Option<[u8; 32]>> {
     Ok(Some(out))
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// At most 128 characters of something from outside, for messages.
-fn clip(s: &str) -> String {
+pub(crate) fn clip(s: &str) -> String {
     s.chars().take(128).collect()
 }
 
@@ -316,30 +316,18 @@ impl Diff for DiffService {
 
     async fn diff(
         &self,
-        _request: Request<DiffRequest>,
+        request: Request<DiffRequest>,
     ) -> std::result::Result<Response<DiffResponse>, Status> {
-        Err(Status::unimplemented(
-            "lcfs does not compute diffs; containerd's walking differ does",
-        ))
+        Ok(Response::new(self.compare(request.into_inner()).await?))
     }
 }
 
 impl DiffService {
-    /// Opens the blob's stream on containerd's content service.
-    async fn open_blob(
-        &self,
-        job: &Job,
-        namespace: Option<String>,
-    ) -> Result<tonic::Streaming<ReadContentResponse>> {
+    /// A connection to containerd's API socket.
+    pub(crate) async fn connect(&self) -> Result<tonic::transport::Channel> {
         let address = self.containerd_address.clone();
-        let unavailable = |e: &dyn std::fmt::Display| {
-            Error::Unavailable(format!(
-                "containerd's content service at {} (lcfs daemon --containerd-address): {e}",
-                address.display()
-            ))
-        };
         let path = address.clone();
-        let channel = tonic::transport::Endpoint::from_static("http://[::]:0")
+        tonic::transport::Endpoint::from_static("http://[::]:0")
             .connect_timeout(CONNECT_TIMEOUT)
             .initial_stream_window_size(STREAM_WINDOW_BYTES)
             .initial_connection_window_size(STREAM_WINDOW_BYTES)
@@ -350,8 +338,21 @@ impl DiffService {
                 }
             }))
             .await
-            .map_err(|e| unavailable(&e))?;
-        let mut client = ContentClient::new(channel);
+            .map_err(|e| {
+                Error::Unavailable(format!(
+                    "containerd at {} (lcfs daemon --containerd-address): {e}",
+                    address.display()
+                ))
+            })
+    }
+
+    /// Opens the blob's stream on containerd's content service.
+    async fn open_blob(
+        &self,
+        job: &Job,
+        namespace: Option<String>,
+    ) -> Result<tonic::Streaming<ReadContentResponse>> {
+        let mut client = ContentClient::new(self.connect().await?);
         let mut request = Request::new(ReadContentRequest {
             digest: job.digest.clone(),
             offset: 0,

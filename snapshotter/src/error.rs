@@ -44,6 +44,12 @@ pub enum Error {
     /// containerd's content service cannot be reached.
     #[error("{0}")]
     Unavailable(String),
+    /// containerd's content or leases service refused a write of a diff.
+    #[error("writing the diff to containerd's content store: {}", .0.message())]
+    ContentWrite(Status),
+    /// The layer tar of a Diff could not be made.
+    #[error("computing the diff: {0}")]
+    Export(lcfs_dockerplugin::Error),
 }
 
 impl Error {
@@ -100,7 +106,9 @@ impl Error {
             // containerd's own content store answers a digest mismatch
             // with FailedPrecondition ("unexpected commit digest").
             Error::BadBlob(_) => Code::FailedPrecondition,
-            Error::Content(status) => status.code(),
+            Error::Content(status) | Error::ContentWrite(status) => status.code(),
+            Error::Export(lcfs_dockerplugin::Error::Unsupported(_)) => Code::Unimplemented,
+            Error::Export(_) => Code::Internal,
             Error::Unavailable(_) => Code::Unavailable,
         }
     }

@@ -26,6 +26,7 @@
 //!   engine metadata, made durable before each changing call answers;
 //! - Remove only marks the layer; Cleanup (and a background pass) frees it.
 
+mod compare;
 mod diff;
 mod error;
 mod filter;
@@ -72,6 +73,11 @@ pub mod api {
                     tonic::include_proto!("containerd.services.diff.v1");
                 }
             }
+            pub mod leases {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.leases.v1");
+                }
+            }
             pub mod snapshots {
                 pub mod v1 {
                     tonic::include_proto!("containerd.services.snapshots.v1");
@@ -81,6 +87,7 @@ pub mod api {
     }
     pub use containerd::services::content::v1 as content;
     pub use containerd::services::diff::v1 as diff;
+    pub use containerd::services::leases::v1 as leases;
     pub use containerd::services::snapshots::v1 as snapshots;
     pub use containerd::types;
 }

@@ -767,6 +767,29 @@ impl Table {
         }))
     }
 
+    /// The snapshot (view or active) whose layer directory `source` is, as
+    /// (layer, key, active), for a Diff comparing mounts; None for anything
+    /// else.
+    pub(crate) fn snapshot_at(&self, source: &Path) -> Option<(String, String, bool)> {
+        if source.parent() != Some(self.mountpoint.as_path()) {
+            return None;
+        }
+        let layer = source.file_name()?.to_str()?;
+        let st = self.state();
+        let (key, e) = st
+            .by_key
+            .iter()
+            .find(|(_, e)| e.layer == layer && e.kind != Kind::Committed)?;
+        Some((layer.to_string(), key.clone(), e.kind == Kind::Active))
+    }
+
+    /// Brings writes the kernel caches for the mount into the engine.
+    pub(crate) fn write_back(&self) -> Result<()> {
+        self.layers
+            .write_back()
+            .map_err(|e| layer_error("before reading a snapshot's layer".into(), e))
+    }
+
     /// The layer's directory entry in the mount is stale after an apply
     /// beside the mount.
     pub(crate) fn filled(&self, layer: &str) {

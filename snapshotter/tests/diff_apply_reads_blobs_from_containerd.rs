@@ -5,7 +5,9 @@
 //! what its descriptor says, a hostile tar or a missing blob fail with the
 //! right code and the snapshot can no longer be committed; mounts and media
 //! types that are not ours answer Unimplemented (containerd then uses its
-//! walking differ).
+//! walking differ). Diff writes the layer tar between two lcfs snapshots
+//! (a clone against its parent, everything, or nothing) into the content
+//! store under a lease of its own, in the upper snapshot's namespace.
 
 mod common;
 
@@ -15,6 +17,11 @@ use lcfs_snapshotter::api::content::content_server::{Content, ContentServer};
 use lcfs_snapshotter::api::content::*;
 use lcfs_snapshotter::api::diff::diff_client::DiffClient;
 use lcfs_snapshotter::api::diff::{ApplyRequest, DiffRequest};
+use lcfs_snapshotter::api::leases::leases_server::{Leases, LeasesServer};
+use lcfs_snapshotter::api::leases::{
+    AddResourceRequest, CreateRequest, CreateResponse, DeleteRequest, DeleteResourceRequest, Lease,
+    ListRequest, ListResourcesRequest, ListResourcesResponse, ListResponse,
+};
 use lcfs_snapshotter::api::types::{Descriptor, Mount};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -40,6 +47,68 @@ type Blobs = HashMap<(String, String), Vec<u8>>;
 struct FakeContent {
     blobs: Arc<Mutex<Blobs>>,
     reads: Arc<Mutex<u32>>,
+    writes: Arc<Mutex<Vec<Written>>>,
+    leases: Arc<Mutex<Vec<Created>>>,
+}
+
+/// A lease created: (namespace, id, labels).
+type Created = (String, String, HashMap<String, String>);
+
+/// A committed content write.
+#[derive(Clone, Debug)]
+struct Written {
+    reference: String,
+    lease: String,
+    digest: String,
+    labels: HashMap<String, String>,
+}
+
+#[tonic::async_trait]
+impl Leases for FakeContent {
+    async fn create(
+        &self,
+        request: Request<CreateRequest>,
+    ) -> Result<Response<CreateResponse>, Status> {
+        let namespace = request
+            .metadata()
+            .get("containerd-namespace")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let r = request.into_inner();
+        self.leases
+            .lock()
+            .unwrap()
+            .push((namespace, r.id.clone(), r.labels.clone()));
+        Ok(Response::new(CreateResponse {
+            lease: Some(Lease {
+                id: r.id,
+                created_at: None,
+                labels: r.labels,
+            }),
+        }))
+    }
+    async fn delete(&self, _: Request<DeleteRequest>) -> Result<Response<()>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn add_resource(&self, _: Request<AddResourceRequest>) -> Result<Response<()>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn delete_resource(
+        &self,
+        _: Request<DeleteResourceRequest>,
+    ) -> Result<Response<()>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn list_resources(
+        &self,
+        _: Request<ListResourcesRequest>,
+    ) -> Result<Response<ListResourcesResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
@@ -112,11 +181,76 @@ impl Content for FakeContent {
         Err(Status::unimplemented("fake"))
     }
     type WriteStream = Stream<WriteContentResponse>;
+    /// containerd's protocol, strictly: the first message names the ref,
+    /// each message gets an answer, writes come at the current offset, a
+    /// commit names the digest and size of what was written.
     async fn write(
         &self,
-        _: Request<tonic::Streaming<WriteContentRequest>>,
+        request: Request<tonic::Streaming<WriteContentRequest>>,
     ) -> Result<Response<Self::WriteStream>, Status> {
-        Err(Status::unimplemented("fake"))
+        let header = |name: &str| {
+            request
+                .metadata()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        let (namespace, lease) = (header("containerd-namespace"), header("containerd-lease"));
+        let mut stream = request.into_inner();
+        let blobs = self.blobs.clone();
+        let writes = self.writes.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut data = Vec::new();
+            let mut reference = None;
+            while let Ok(Some(m)) = stream.message().await {
+                let answer = (|| {
+                    if reference.is_none() {
+                        if m.r#ref.is_empty() {
+                            return Err(Status::invalid_argument("first message has no ref"));
+                        }
+                        reference = Some(m.r#ref.clone());
+                    }
+                    let action = WriteAction::try_from(m.action).unwrap();
+                    if action == WriteAction::Write {
+                        if m.offset != data.len() as i64 {
+                            return Err(Status::out_of_range("write not at the end"));
+                        }
+                        data.extend_from_slice(&m.data);
+                    }
+                    let mut r = WriteContentResponse {
+                        action: m.action,
+                        offset: data.len() as i64,
+                        ..Default::default()
+                    };
+                    if action == WriteAction::Commit {
+                        if m.total != data.len() as i64 || m.expected != sha256(&data) {
+                            return Err(Status::failed_precondition("unexpected commit digest"));
+                        }
+                        r.digest = m.expected.clone();
+                        blobs
+                            .lock()
+                            .unwrap()
+                            .insert((namespace.clone(), m.expected.clone()), data.clone());
+                        writes.lock().unwrap().push(Written {
+                            reference: reference.clone().unwrap(),
+                            lease: lease.clone(),
+                            digest: m.expected.clone(),
+                            labels: m.labels.clone(),
+                        });
+                    }
+                    Ok(r)
+                })();
+                let failed = answer.is_err();
+                if tx.send(answer).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
     async fn abort(&self, _: Request<AbortRequest>) -> Result<Response<()>, Status> {
         Err(Status::unimplemented("fake"))
@@ -143,7 +277,8 @@ fn serve_content(socket: &Path, fake: FakeContent) {
     let listener = tokio::net::UnixListener::bind(socket).unwrap();
     tokio::spawn(async move {
         tonic::transport::Server::builder()
-            .add_service(ContentServer::new(fake))
+            .add_service(ContentServer::new(fake.clone()))
+            .add_service(LeasesServer::new(fake))
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
             .await
             .unwrap();
@@ -655,19 +790,6 @@ async fn mounts_and_media_types_not_ours_are_left_to_the_walking_differ() {
         .metadata_mut()
         .insert("containerd-namespace", NAMESPACE.parse().unwrap());
     assert_code(s.diff.apply(request).await, Code::Unimplemented);
-    assert_code(
-        s.diff
-            .diff(DiffRequest {
-                left: vec![],
-                right: m.clone(),
-                media_type: OCI_TAR.into(),
-                r#ref: String::new(),
-                labels: HashMap::new(),
-                source_date_epoch: None,
-            })
-            .await,
-        Code::Unimplemented,
-    );
     assert_eq!(*s.content.reads.lock().unwrap(), 0, "no blob was read");
     // After all that, ours still applies.
     apply(&mut s, m, OCI_TAR, &digest, tar.len()).await.unwrap();
@@ -740,4 +862,176 @@ async fn without_a_namespace_header_the_snapshot_key_names_the_namespace() {
         .unwrap();
     assert_eq!(applied.digest, digest);
     assert_eq!(read_file(&s.engine, &layer, "ns.txt"), b"namespaced");
+}
+
+// --- Diff: comparing two mounts ---------------------------------------------
+
+async fn compare(
+    s: &mut Setup,
+    left: Vec<Mount>,
+    right: Vec<Mount>,
+    media_type: &str,
+) -> Result<Descriptor, Status> {
+    s.diff
+        .diff(DiffRequest {
+            left,
+            right,
+            media_type: media_type.into(),
+            r#ref: String::new(),
+            labels: HashMap::new(),
+            source_date_epoch: None,
+        })
+        .await
+        .map(|r| r.into_inner().diff.expect("diff descriptor"))
+}
+
+/// The blob `d` names, as the fake content store holds it.
+fn blob(s: &Setup, d: &Descriptor) -> Vec<u8> {
+    s.content
+        .blobs
+        .lock()
+        .unwrap()
+        .get(&(NAMESPACE.to_string(), d.digest.clone()))
+        .cloned()
+        .unwrap_or_else(|| panic!("{} not in the content store", d.digest))
+}
+
+/// Entry names of a tar, in order, directories with their slash.
+fn names(tar_bytes: &[u8]) -> Vec<String> {
+    let mut a = tar::Archive::new(tar_bytes);
+    a.entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            String::from_utf8_lossy(&e.path_bytes()).into_owned()
+        })
+        .collect()
+}
+
+fn gunzip(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(bytes), &mut out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diff_of_two_snapshots_is_written_to_the_content_store() {
+    let mut s = setup().await;
+    // An image layer (applied), a container on it that changes things,
+    // committed, and a view of each, as BuildKit and docker commit ask.
+    let key = |k: &str| format!("{NAMESPACE}/1/{k}");
+    let (m, base_layer) =
+        snapshot_mounts(prepare(&mut s.snapshots, &key("base"), "").await.unwrap());
+    let base = tar_of(&[
+        Entry::Dir("etc"),
+        Entry::File("etc/group", b"root:x:0:\n"),
+        Entry::File("etc/hostname", b"lcfs\n"),
+    ]);
+    apply_blob(&mut s, m, OCI_TAR, &base).await.unwrap();
+    commit(&mut s.snapshots, &key("base-c"), &key("base"))
+        .await
+        .unwrap();
+    let (_, child_layer) = snapshot_mounts(
+        prepare(&mut s.snapshots, &key("child"), &key("base-c"))
+            .await
+            .unwrap(),
+    );
+    let e = s.engine.clone();
+    let id = e.layer_id(&child_layer).unwrap();
+    let etc = lookup(&e, &child_layer, "etc").unwrap().inode;
+    e.unlink(id, etc, b"group").unwrap();
+    let f = e.create(id, ROOT_INODE, b"written", 0o644, 0, 0).unwrap();
+    e.write(id, f.inode, 0, b"by the container\n").unwrap();
+    e.mkdir(id, ROOT_INODE, b"newdir", 0o755, 0, 0).unwrap();
+    commit(&mut s.snapshots, &key("child-c"), &key("child"))
+        .await
+        .unwrap();
+    let v_base = view(&mut s.snapshots, &key("v-base"), &key("base-c"))
+        .await
+        .unwrap();
+    let v_child = view(&mut s.snapshots, &key("v-child"), &key("child-c"))
+        .await
+        .unwrap();
+
+    // The child against its parent, gzip (the default media type).
+    let d = compare(&mut s, v_base.clone(), v_child.clone(), "")
+        .await
+        .unwrap();
+    assert_eq!(d.media_type, "application/vnd.oci.image.layer.v1.tar+gzip");
+    let gz = blob(&s, &d);
+    assert_eq!(d.size as usize, gz.len());
+    let tar = gunzip(&gz);
+    assert_eq!(
+        names(&tar),
+        ["etc/", "etc/.wh.group", "newdir/", "written"],
+        "the changed directory, a whiteout, the new directory and file"
+    );
+    let written = s.content.writes.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(written.digest, d.digest);
+    assert_eq!(
+        written.labels.get("containerd.io/uncompressed"),
+        Some(&sha256(&tar)),
+        "the diff id is labelled on the blob"
+    );
+    // Under a lease of its own, made in the snapshot's namespace, that
+    // expires.
+    let leases = s.content.leases.lock().unwrap().clone();
+    let (ns, id, labels) = leases.last().unwrap();
+    assert_eq!(
+        (ns.as_str(), id.as_str()),
+        (NAMESPACE, written.lease.as_str())
+    );
+    assert!(labels["containerd.io/gc.expire"].ends_with('Z'));
+    assert!(!written.reference.is_empty());
+
+    // Against nothing: everything the lower snapshot shows, plain tar.
+    let d = compare(&mut s, vec![], v_base.clone(), OCI_TAR)
+        .await
+        .unwrap();
+    assert_eq!(d.media_type, OCI_TAR);
+    assert_eq!(names(&blob(&s, &d)), ["etc/", "etc/group", "etc/hostname"]);
+
+    // An active snapshot nobody wrote to holds its parent's content: empty.
+    let fresh = prepare(&mut s.snapshots, &key("fresh"), &key("base-c"))
+        .await
+        .unwrap();
+    let d = compare(&mut s, v_base.clone(), fresh, OCI_TAR)
+        .await
+        .unwrap();
+    assert!(names(&blob(&s, &d)).is_empty());
+
+    // The other way round is no clone of its parent: the walking differ's.
+    assert_code(
+        compare(&mut s, v_child.clone(), v_base.clone(), OCI_TAR).await,
+        Code::Unimplemented,
+    );
+    // Not ours: an overlay mount, a media type, a source date epoch.
+    let overlay = vec![Mount {
+        r#type: "overlay".into(),
+        source: "overlay".into(),
+        target: String::new(),
+        options: vec!["lowerdir=/a:/b".into()],
+    }];
+    assert_code(
+        compare(&mut s, v_base.clone(), overlay, OCI_TAR).await,
+        Code::Unimplemented,
+    );
+    assert_code(
+        compare(&mut s, v_base.clone(), v_child.clone(), OCI_ZSTD).await,
+        Code::Unimplemented,
+    );
+    assert_code(
+        s.diff
+            .diff(DiffRequest {
+                left: v_base,
+                right: v_child,
+                media_type: OCI_TAR.into(),
+                r#ref: String::new(),
+                labels: HashMap::new(),
+                source_date_epoch: Some(Default::default()),
+            })
+            .await,
+        Code::Unimplemented,
+    );
+    assert!(lookup(&s.engine, &base_layer, "etc/group").is_some());
 }
