@@ -126,7 +126,9 @@ impl FsyncLog {
     }
 
     fn entry(&mut self, layer: u64, ino: u64) -> Option<&mut FileChanges> {
-        if self.overflow {
+        // A layer created since the checkpoint checkpoints on fsync anyway
+        // (an image layer being unpacked needs no tracking).
+        if self.overflow || self.born_layers.contains(&layer) {
             return None;
         }
         if self.files.len() >= MAX_TRACKED_FILES && !self.files.contains_key(&(layer, ino)) {

@@ -54,6 +54,16 @@ struct FakeContent {
 /// A lease created: (namespace, id, labels).
 type Created = (String, String, HashMap<String, String>);
 
+/// A gRPC header of a request to the fake ("" when absent).
+fn header<T>(request: &Request<T>, name: &str) -> String {
+    request
+        .metadata()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
 /// A committed content write.
 #[derive(Clone, Debug)]
 struct Written {
@@ -69,12 +79,7 @@ impl Leases for FakeContent {
         &self,
         request: Request<CreateRequest>,
     ) -> Result<Response<CreateResponse>, Status> {
-        let namespace = request
-            .metadata()
-            .get("containerd-namespace")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
+        let namespace = header(&request, "containerd-namespace");
         let r = request.into_inner();
         self.leases
             .lock()
@@ -136,12 +141,7 @@ impl Content for FakeContent {
         &self,
         request: Request<ReadContentRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
-        let namespace = request
-            .metadata()
-            .get("containerd-namespace")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
+        let namespace = header(&request, "containerd-namespace");
         let r = request.into_inner();
         *self.reads.lock().unwrap() += 1;
         let blob = self
@@ -188,15 +188,8 @@ impl Content for FakeContent {
         &self,
         request: Request<tonic::Streaming<WriteContentRequest>>,
     ) -> Result<Response<Self::WriteStream>, Status> {
-        let header = |name: &str| {
-            request
-                .metadata()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string()
-        };
-        let (namespace, lease) = (header("containerd-namespace"), header("containerd-lease"));
+        let namespace = header(&request, "containerd-namespace");
+        let lease = header(&request, "containerd-lease");
         let mut stream = request.into_inner();
         let blobs = self.blobs.clone();
         let writes = self.writes.clone();
