@@ -139,10 +139,17 @@ quietly lcfs_ctl sync || die "lcfs sync failed"
 remember fsynced
 
 # fsync_rewrite: fsynced/db rewritten in place with an fsync after each step,
-# just before the kill of round 2.
+# just before the kill of round 2 (whose writer it stops first).
 # shellcheck disable=SC2317 # called through crash_and_check
 fsync_rewrite() {
     local records_before records
+    # The busy writer of crash_and_check stops first: the metadata it dirties
+    # can start a checkpoint at any moment (the dirty-node limit), which
+    # would make the records below obsolete before the kill, and the restart
+    # would rightly replay none.
+    kill "$writer_pid" 2>/dev/null || true
+    wait "$writer_pid" 2>/dev/null || true
+    sleep 1
     records_before=$(lcfs_ctl stats --json | jq -er .engine.fsync_records) || die "lcfs stats failed"
     python3 - "$mnt/fsynced/db" <<'PY' || die "rewriting fsynced/db with fsync failed"
 import os, random, sys
