@@ -379,6 +379,14 @@ impl Engine {
         })
     }
 
+    /// The oldest frozen layer whose copy of file `ino` is the one `layer`
+    /// sees (None when `layer` is writable and changed or created the file):
+    /// layers that get the same answer for `ino` read the same inode, data
+    /// and xattrs there. O(tree depth) per layer of the chain walked.
+    pub fn shared_copy(&self, layer: u64, ino: u64) -> Result<Option<u64>> {
+        self.lock().shared_copy(layer, ino)
+    }
+
     pub fn layer_id(&self, name: &str) -> Result<u64> {
         self.lock().layer_id(name)
     }

@@ -24,6 +24,7 @@ mod metacache;
 mod metadata;
 mod promote;
 mod read;
+mod sharing;
 mod space;
 mod store;
 mod tree;
