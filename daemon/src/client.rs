@@ -318,6 +318,14 @@ pub fn stats(socket: &Path, as_json: bool) -> Result<()> {
         "fsync log:    {} records written, {} fsyncs checkpointed instead; {} replayed at open",
         s.engine.fsync_records, s.engine.fsync_checkpoints, s.engine.fsync_records_replayed
     );
+    if let Some(p) = &s.passthrough {
+        println!(
+            "passthrough:  {}; {} opens passed through to an image's copy, {} of them with reads and writes through the daemon",
+            if p.active { "on" } else { "refused by the kernel" },
+            p.opens,
+            p.direct_opens
+        );
+    }
     println!(
         "cleaner:      {} segments cleaned, {} blocks relocated",
         s.engine.segments_cleaned, s.engine.blocks_relocated

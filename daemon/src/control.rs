@@ -4,12 +4,12 @@
 
 use crate::protocol::{self, failure, success, FsckReport, Layer, Ping, Stats, OPS};
 use lcfs_engine::Engine;
-use lcfs_fsfront::{LayerError, LayerOps};
+use lcfs_fsfront::{LayerError, LayerOps, Mount};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 /// What a request is executed against.
 pub struct Control {
@@ -20,6 +20,8 @@ pub struct Control {
     pub mountpoint: PathBuf,
     /// The Docker plugin's call counters, when the daemon serves it.
     pub plugin_calls: Option<Arc<lcfs_dockerplugin::CallCounters>>,
+    /// The FUSE mount, for its passthrough counters (None in tests).
+    pub mount: Option<Arc<RwLock<Option<Mount>>>>,
 }
 
 #[derive(Deserialize)]
@@ -163,6 +165,18 @@ impl Control {
                     .plugin_calls
                     .as_ref()
                     .map(|calls| protocol::PluginCalls::from(&calls.snapshot()));
+                stats.passthrough = self
+                    .mount
+                    .as_ref()
+                    .and_then(|m| {
+                        let m = m.read().unwrap_or_else(|p| p.into_inner());
+                        m.as_ref().and_then(|m| m.passthrough_stats())
+                    })
+                    .map(|p| protocol::Passthrough {
+                        active: p.active,
+                        opens: p.opens,
+                        direct_opens: p.direct_opens,
+                    });
                 to_value(&stats)
             }
             "fsck" => {
@@ -265,6 +279,7 @@ mod tests {
             device: "/dev/test".into(),
             mountpoint: "/mnt/lcfs".into(),
             plugin_calls: None,
+            mount: None,
         };
         (control, kernel)
     }

@@ -33,6 +33,8 @@ pub struct DaemonOptions {
     pub checkpoint_interval_ms: u64,
     /// The mount's writeback cache (see `MountOptions::writeback_cache`).
     pub writeback_cache: bool,
+    /// Passthrough of shared files (see `MountOptions::passthrough`).
+    pub passthrough: bool,
     /// Serve the Docker graphdriver plugin here too (see lcfs-dockerplugin).
     pub docker_plugin_socket: Option<PathBuf>,
     /// Serve the containerd snapshotter here too (see lcfs-snapshotter).
@@ -78,6 +80,7 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
         threads: o.threads.max(1),
         fuse_threads: o.fuse_threads.max(1),
         writeback_cache: o.writeback_cache,
+        passthrough: o.passthrough,
         ..MountOptions::default()
     };
     let mount = lcfs_fsfront::mount(engine.clone(), &mountpoint, &options)
@@ -159,6 +162,7 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
         device: device_path.clone(),
         mountpoint: mountpoint.clone(),
         plugin_calls: plugin.as_ref().map(|server| server.calls()),
+        mount: Some(mount.clone()),
     });
     log::info!(
         "lcfs daemon ready: control socket {}",

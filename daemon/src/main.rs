@@ -168,6 +168,14 @@ struct DaemonArgs {
     #[arg(long)]
     no_writeback_cache: bool,
 
+    /// Serve read-only opens of files a container shares with its image by
+    /// FUSE passthrough to one copy per image file (Linux 6.9+): containers
+    /// of one image reading a file at once hold one page-cache copy of it,
+    /// not one each. Turns the writeback cache off (the kernel allows one
+    /// or the other). See docs/fuse.md, "Passthrough"
+    #[arg(long)]
+    passthrough: bool,
+
     /// Also serve the Docker graphdriver plugin on this socket (off by
     /// default; Docker looks for /run/docker/plugins/lcfs.sock)
     #[arg(long, value_name = "PATH")]
@@ -286,6 +294,7 @@ fn run(cli: Cli) -> Result<()> {
             block_cache_mib: a.block_cache_mib,
             checkpoint_interval_ms: a.checkpoint_interval_ms,
             writeback_cache: !a.no_writeback_cache,
+            passthrough: a.passthrough,
             docker_plugin_socket: a.docker_plugin_socket,
             containerd_socket: (!a.no_containerd).then(|| {
                 a.containerd_socket.unwrap_or_else(|| {

@@ -110,6 +110,22 @@ pub struct Stats {
     /// no plugin.
     #[serde(default)]
     pub plugin: Option<PluginCalls>,
+    /// FUSE passthrough of shared files; null when the mount runs without
+    /// it (`lcfs daemon --passthrough`).
+    #[serde(default)]
+    pub passthrough: Option<Passthrough>,
+}
+
+/// What the mount's passthrough did since it started (docs/fuse.md).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Passthrough {
+    /// False once the kernel refused it (files are served by the daemon).
+    pub active: bool,
+    /// Opens answered with passthrough to a frozen layer's copy.
+    pub opens: u64,
+    /// Of those, with read(2) and write(2) through the daemon (a writer
+    /// beside passthrough readers, or a file its layer changed meanwhile).
+    pub direct_opens: u64,
 }
 
 /// Docker graphdriver plugin calls since the daemon started, timed from
@@ -269,6 +285,7 @@ impl Stats {
             checkpoint_seq: s.checkpoint_seq,
             read_only_reason: s.read_only_reason.clone(),
             plugin: None,
+            passthrough: None,
         }
     }
 }

@@ -8,12 +8,13 @@ use crate::attr::{errno, file_attr, file_type, mode_without_set_id, time_set, ti
 use crate::cache::{self, CachePolicy, PageCache};
 use crate::inodes::{Inodes, MOUNT_ROOT};
 use crate::mount::ROOT_MODE;
+use crate::passthrough::{OpenAs, Passthrough};
 use crate::workers::{self, Workers};
 use crate::MountOptions;
 use fuser::{
-    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, PollEvents, PollFlags,
-    PollNotifier, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, PollEvents,
+    PollFlags, PollNotifier, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyPoll, ReplyStatfs, ReplyWrite,
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
@@ -42,6 +43,8 @@ pub(crate) struct LcfsFs {
     workers: Workers,
     /// Ask for the kernel's writeback cache at init.
     writeback_cache: bool,
+    /// Passthrough of shared files to the copies mount (passthrough.rs).
+    passthrough: Option<Arc<Passthrough>>,
 }
 
 impl LcfsFs {
@@ -141,6 +144,15 @@ impl Filesystem for LcfsFs {
         // those read the engine.
         if self.writeback_cache {
             let _ = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE);
+        }
+        // PASSTHROUGH (never with the writeback cache: the kernel refuses
+        // the pair): stack depth 1, the copies mount being a plain FUSE mount.
+        if let Some(p) = &self.passthrough {
+            if let Err(missing) = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
+                p.disable(&format!("the kernel lacks FUSE_PASSTHROUGH ({missing:?})"));
+            } else if let Err(most) = config.set_max_stack_depth(1) {
+                p.disable(&format!("the kernel allows a stack depth of {most} only"));
+            }
         }
         let _ = config.add_capabilities(
             InitFlags::FUSE_DO_READDIRPLUS
@@ -414,12 +426,28 @@ impl Filesystem for LcfsFs {
                 Err(e) => return reply.error(errno(&e)),
             }
         }
-        match self.engine.open_inode(layer, inode) {
-            Ok(()) => {
-                self.note_open(layer, inode);
-                reply.opened(FileHandle(0), cache::open_flags())
+        if let Err(e) = self.engine.open_inode(layer, inode) {
+            return reply.error(errno(&e));
+        }
+        self.note_open(layer, inode);
+        let Some(p) = &self.passthrough else {
+            return reply.opened(FileHandle(0), cache::open_flags());
+        };
+        let writable = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        match p.open(ino.0, layer, inode, writable, &reply) {
+            OpenAs::Cached => reply.opened(FileHandle(0), cache::open_flags()),
+            OpenAs::Passthrough {
+                fh,
+                direct,
+                backing,
+            } => {
+                let flags = if direct {
+                    FopenFlags::FOPEN_DIRECT_IO
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened_passthrough(FileHandle(fh), flags, &backing.id)
             }
-            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -507,12 +535,15 @@ impl Filesystem for LcfsFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        if let Some(p) = &self.passthrough {
+            p.released(ino.0, fh.0);
+        }
         if let Some((layer, inode)) = self.split(ino) {
             if let Err(e) = self.engine.release_inode(layer, inode) {
                 log::warn!("release of {layer}/{inode}: {e}");
@@ -911,6 +942,9 @@ impl Filesystem for LcfsFs {
         match opened {
             Ok((inode, (fa, generation))) => {
                 self.note_open(layer, inode);
+                if let Some(p) = &self.passthrough {
+                    p.created(fa.ino.0);
+                }
                 reply.created(
                     &self.cache.entry_ttl(layer),
                     &fa,
@@ -997,6 +1031,7 @@ impl LcfsFs {
     pub(crate) fn new(
         engine: Arc<Engine>,
         options: &MountOptions,
+        passthrough: Option<Arc<Passthrough>>,
     ) -> io::Result<(LcfsFs, Arc<PageCache>)> {
         let pages = Arc::new(PageCache::start()?);
         let fs = LcfsFs {
@@ -1005,7 +1040,8 @@ impl LcfsFs {
             cache: CachePolicy::new(engine.clone(), options, pages.clone()),
             engine,
             started: SystemTime::now(),
-            writeback_cache: options.writeback_cache,
+            writeback_cache: options.writeback_cache && passthrough.is_none(),
+            passthrough,
         };
         Ok((fs, pages))
     }

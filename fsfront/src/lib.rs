@@ -3,13 +3,18 @@
 
 mod attr;
 mod cache;
+mod copies;
 mod fs;
 mod inodes;
 mod layers;
 mod mount;
+mod passthrough;
 mod socket;
 mod workers;
 
 pub use layers::{parse_size_limit, KernelCache, LayerError, LayerOps, NoMount};
-pub use mount::{lazy_unmount, mount, prepare_mountpoint, Mount, MountOptions, SharedMount};
+pub use mount::{
+    copies_path, lazy_unmount, mount, prepare_mountpoint, Mount, MountOptions, SharedMount,
+};
+pub use passthrough::PassthroughStats;
 pub use socket::{bind_private_socket, claim_socket_path, ClaimError};

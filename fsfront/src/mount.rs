@@ -10,8 +10,10 @@
 //! directories. Containers reach their layer through a bind mount or
 //! pivot_root of the layer directory, which does not pass through either.
 
+use crate::copies::Copies;
 use crate::fs;
 use crate::inodes::MOUNT_ROOT;
+use crate::passthrough::{Passthrough, PassthroughStats};
 use fuser::{Config, MountOption, SessionACL};
 use lcfs_engine::Engine;
 use std::io;
@@ -68,6 +70,12 @@ pub struct MountOptions {
     /// a layer calls first. Off: every write(2) is a round trip that
     /// reaches the engine before it returns. See docs/fuse.md.
     pub writeback_cache: bool,
+    /// Serve read-only opens of files a layer shares with a frozen layer by
+    /// FUSE passthrough to one copy per frozen file (Linux 6.9+): layers
+    /// reading one image file at once share one page-cache copy. Turns the
+    /// writeback cache off (the kernel allows one or the other). See
+    /// docs/fuse.md, "Passthrough".
+    pub passthrough: bool,
 }
 
 impl Default for MountOptions {
@@ -81,6 +89,7 @@ impl Default for MountOptions {
             frozen_layer_timeout: Duration::from_secs(24 * 3600),
             fsname: "lcfs".into(),
             writeback_cache: true,
+            passthrough: false,
         }
     }
 }
@@ -90,6 +99,8 @@ pub struct Mount {
     mountpoint: PathBuf,
     session: Option<fuser::BackgroundSession>,
     writeback_cache: bool,
+    /// Dropped after `session`: the copies mount outlives the main one.
+    passthrough: Option<Arc<Passthrough>>,
 }
 
 impl Mount {
@@ -144,6 +155,11 @@ impl Mount {
         Ok(())
     }
 
+    /// Passthrough's counters; None for a mount without it.
+    pub fn passthrough_stats(&self) -> Option<PassthroughStats> {
+        self.passthrough.as_ref().map(|p| p.stats())
+    }
+
     /// Unmounts and waits for the worker threads. Cached writes are written
     /// back first (the kernel would do it during the unmount too, but a
     /// busy mount falls back to a lazy unmount, which would lose them).
@@ -158,17 +174,40 @@ impl Mount {
     }
 }
 
-/// Mounts `engine` at `mountpoint`.
+/// Mounts `engine` at `mountpoint` (and, with `options.passthrough`, the
+/// copies mount beside it: [`copies_path`]).
 pub fn mount(engine: Arc<Engine>, mountpoint: &Path, options: &MountOptions) -> io::Result<Mount> {
-    let (fs, pages) = fs::LcfsFs::new(engine, options)?;
+    let passthrough = if options.passthrough {
+        let path = copies_path(mountpoint);
+        let copies = Copies::mount(engine.clone(), &path).map_err(|e| {
+            io::Error::new(e.kind(), format!("copies mount {}: {e}", path.display()))
+        })?;
+        set_read_ahead(&path, READ_AHEAD_WINDOW_BYTES);
+        Some(Arc::new(Passthrough::new(engine.clone(), copies)))
+    } else {
+        None
+    };
+    let writeback_cache = options.writeback_cache && passthrough.is_none();
+    let (fs, pages) = fs::LcfsFs::new(engine, options, passthrough.clone())?;
     let session = fuser::spawn_mount(fs, mountpoint, &fuser_config(options))?;
     pages.set_notifier(session.notifier());
     set_read_ahead(mountpoint, READ_AHEAD_WINDOW_BYTES);
     Ok(Mount {
         mountpoint: mountpoint.to_path_buf(),
         session: Some(session),
-        writeback_cache: options.writeback_cache,
+        writeback_cache,
+        passthrough,
     })
+}
+
+/// Where the copies mount of a passthrough mount at `mountpoint` goes:
+/// `.<name>-copies` beside it, under the same root-only parent.
+pub fn copies_path(mountpoint: &Path) -> PathBuf {
+    let name = mountpoint
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "lcfs".into());
+    mountpoint.with_file_name(format!(".{name}-copies"))
 }
 
 fn fuser_config(options: &MountOptions) -> Config {
