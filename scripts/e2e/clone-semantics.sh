@@ -143,6 +143,14 @@ if [[ $E2E_TARGET == lcfs ]]; then
     check_tree "clone-after-restart" "$clone" "$E2E_WORK/expected-clone.txt"
     check_tree "grandchild-after-restart" "$grandchild" "$E2E_WORK/expected-grandchild.txt"
     phase "restarted the daemon and checked the three layers again"
+    # With LCFS_DAEMON_ARGS=--passthrough the reads above were passed
+    # through to the frozen copies (docs/fuse.md, "Passthrough"): say so,
+    # and fail if none were.
+    if [[ " ${LCFS_DAEMON_ARGS:-} " == *" --passthrough "* ]]; then
+        passed=$(lcfs_ctl stats --json | jq -er '.passthrough.opens') || fail "lcfs stats has no passthrough counters"
+        ((${passed:-0} > 0)) || fail "--passthrough: no open was passed through"
+        say "passthrough: $passed opens after the restart passed through to frozen copies"
+    fi
     # Removing children frees their blocks; the parents must not notice.
     quietly lcfs_ctl layer rm grandchild || fail "lcfs layer rm grandchild failed"
     [[ ! -e $grandchild ]] || fail "layer grandchild was removed but $grandchild still exists"

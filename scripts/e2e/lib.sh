@@ -315,6 +315,12 @@ lcfs_start() {
     LCFS_PID=$!
     # Recorded at once: from here the trap owns the mount, even half made.
     [[ " ${E2E_MOUNTS[*]} " == *" $LCFS_MOUNT "* ]] || E2E_MOUNTS+=("$LCFS_MOUNT")
+    # --passthrough mounts the copies beside it (fsfront's copies_path).
+    local copies
+    copies="$(dirname "$LCFS_MOUNT")/.$(basename "$LCFS_MOUNT")-copies"
+    if [[ " ${extra[*]} " == *" --passthrough "* && " ${E2E_MOUNTS[*]} " != *" $copies "* ]]; then
+        E2E_MOUNTS+=("$copies")
+    fi
     local waited=0
     until [[ $(findmnt -n -o FSTYPE --mountpoint "$LCFS_MOUNT" 2>/dev/null) == fuse* ]] &&
         [[ -S $LCFS_SOCKET ]] && lcfs_ctl layer ls >/dev/null 2>&1; do
