@@ -307,8 +307,8 @@ if has_peer lcfs; then
     lcfs_build
     # A private copy: a rebuild of target/release/lcfs during the run must not
     # change what is measured.
-    cp "$LCFS_BIN" "$E2E_WORK/lcfs"
-    LCFS_BIN="$E2E_WORK/lcfs"
+    cp "$LCFS_BIN" "$E2E_WORK/lcfs-bin"
+    LCFS_BIN="$E2E_WORK/lcfs-bin"
     say "lcfs at commit $commit ($dirty changed files under engine/ fsfront/ daemon/ dockerplugin/)"
 fi
 

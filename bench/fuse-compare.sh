@@ -519,15 +519,27 @@ run_randrw() {
 }
 
 # page_cache_files PEER NAME...: every file whose page cache holds
-# bench/mem.bin for these containers. lcfs: each clone's FUSE inode, and the
-# device file (read with O_DIRECT, so it should stay at 0). Kernel overlayfs
+# bench/mem.bin for these containers. lcfs: each clone's FUSE inode, the
+# device file (read with O_DIRECT, so it should stay at 0) and, with
+# LCFS_DAEMON_ARGS=--passthrough, the image's copy in the copies mount
+# (`<layer id>-<inode>`, the inode being the low 40 bits of the node id). Kernel overlayfs
 # keeps no pages of its own: the lower ext4 file. fuse-overlayfs: each mount's
 # FUSE inode, and the lower ext4 file its daemons read.
 page_cache_files() {
     local peer=$1 name
     shift
     case $peer in
-        lcfs) echo "$LCFS_DEVICE" ;;
+        lcfs)
+            echo "$LCFS_DEVICE"
+            local copies node id
+            copies="$(dirname "$LCFS_MOUNT")/.$(basename "$LCFS_MOUNT")-copies"
+            if [[ " ${LCFS_DAEMON_ARGS:-} " == *" --passthrough "* ]]; then
+                node=$(stat -c %i "$LCFS_MOUNT/image/bench/mem.bin")
+                id=$(lcfs_ctl layer ls --json | jq -er '.[] | select(.name == "image") | .id') ||
+                    die "lcfs layer ls: no id for layer image"
+                echo "$copies/$id-$((node & ((1 << 40) - 1)))"
+            fi
+            ;;
         *) echo "$E2E_SCRATCH/$peer/lower/bench/mem.bin" ;;
     esac
     [[ $peer == overlay ]] && return
@@ -664,8 +676,8 @@ cp "$tarball" "$E2E_WORK/tarball/rootfs.tar"
 lcfs_build
 # A private copy: a rebuild of target/release/lcfs during the run (the memory
 # row restarts the daemon) must not change what is measured.
-cp "$LCFS_BIN" "$E2E_WORK/lcfs"
-LCFS_BIN="$E2E_WORK/lcfs"
+cp "$LCFS_BIN" "$E2E_WORK/lcfs-bin"
+LCFS_BIN="$E2E_WORK/lcfs-bin"
 commit=$(git -C "$E2E_REPO" rev-parse --short HEAD)
 dirty=$(git -C "$E2E_REPO" status --porcelain -- engine fsfront daemon Cargo.lock | wc -l)
 measured="lcfs commit $commit ($dirty changed files under engine/ fsfront/ daemon/)"

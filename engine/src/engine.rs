@@ -13,7 +13,7 @@ use crate::format::Timestamp;
 use crate::fs::{Attr, DirEntry, LayerInfo, SetAttr, StatFs};
 use crate::fsynclog::FsyncPlan;
 use crate::metacache::{MetaCache, NameHit};
-use crate::read::{execute_plan, KnownBlock};
+use crate::read::{execute_plan_keeping, KnownBlock};
 use crate::store::{Config, Counters, Store, Temperature};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -557,6 +557,25 @@ impl Engine {
 
     /// Reads up to `len` bytes at `offset` (short at end of file).
     pub fn read(&self, layer: u64, ino: u64, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.read_keeping(layer, ino, offset, len, true)
+    }
+
+    /// [`Engine::read`] for a caller that caches the bytes itself (the FUSE
+    /// copies mount, whose page cache every layer shares): blocks in the
+    /// block cache are used, blocks read from the device are not added to
+    /// it, so the bytes are not held twice.
+    pub fn read_uncached(&self, layer: u64, ino: u64, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.read_keeping(layer, ino, offset, len, false)
+    }
+
+    fn read_keeping(
+        &self,
+        layer: u64,
+        ino: u64,
+        offset: u64,
+        len: usize,
+        keep: bool,
+    ) -> Result<Vec<u8>> {
         let len = len.min(64 << 20);
         let reuse = self.s.reuse.clone();
         let (plan, _guard) = {
@@ -566,7 +585,7 @@ impl Engine {
             let _ = s.maintain();
             (plan?, guard)
         };
-        execute_plan(&*self.s.dev, &self.s.blocks, plan)
+        execute_plan_keeping(&*self.s.dev, &self.s.blocks, plan, keep)
     }
 
     pub fn write(&self, layer: u64, ino: u64, offset: u64, data: &[u8]) -> Result<usize> {

@@ -78,6 +78,17 @@ pub(crate) fn execute_plan(
     cache: &BlockCache,
     plan: ReadPlan,
 ) -> Result<Vec<u8>> {
+    execute_plan_keeping(dev, cache, plan, true)
+}
+
+/// [`execute_plan`]; `keep` false leaves the blocks read from the device
+/// out of the cache (for a caller that caches the bytes itself).
+pub(crate) fn execute_plan_keeping(
+    dev: &dyn Device,
+    cache: &BlockCache,
+    plan: ReadPlan,
+    keep: bool,
+) -> Result<Vec<u8>> {
     // Device blocks come from the cache, or are read in runs of physically
     // contiguous blocks (up to 1 MiB each), verified and cached.
     let device_blocks = plan.blocks.iter().filter_map(|b| match b {
@@ -136,10 +147,12 @@ pub(crate) fn execute_plan(
                 ));
             }
         }
-        cache.insert_many(checksums.iter().enumerate().map(|(j, _)| {
-            let block: CachedBlock = Arc::new(b[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE].to_vec());
-            (p + j as u64, block)
-        }));
+        if keep {
+            cache.insert_many(checksums.iter().enumerate().map(|(j, _)| {
+                let block: CachedBlock = Arc::new(b[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE].to_vec());
+                (p + j as u64, block)
+            }));
+        }
     }
     // The bytes of a block read just now, from its run's buffer.
     let fetched = |physical_block: u64| -> &[u8] {

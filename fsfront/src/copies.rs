@@ -176,7 +176,11 @@ impl Filesystem for CopiesFs {
         let Some((layer, inode)) = self.copy_of(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        match self.engine.read(layer, inode, offset, size as usize) {
+        // The kernel caches these pages for every layer: not the engine too.
+        match self
+            .engine
+            .read_uncached(layer, inode, offset, size as usize)
+        {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(&e)),
         }
