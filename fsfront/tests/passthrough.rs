@@ -127,6 +127,43 @@ fn cached_pages(file: &File) -> u64 {
     st.cache
 }
 
+/// A shared mapping of the first `len` bytes of `f`, unmapped on drop.
+struct Mapping(*mut libc::c_void, usize);
+
+impl Mapping {
+    fn new(f: &File, len: usize, writable: bool) -> std::io::Result<Mapping> {
+        let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
+        // SAFETY: a fresh shared mapping of an open file; the pointer is
+        // only used through `bytes` and unmapped once, on drop.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Mapping(p, len))
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is self.1 bytes long and lives as long as self.
+        unsafe { std::slice::from_raw_parts(self.0 as *const u8, self.1) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` made.
+        unsafe { libc::munmap(self.0, self.1) };
+    }
+}
+
 fn read_all(f: &File) -> Vec<u8> {
     let mut out = vec![0u8; SIZE];
     f.read_exact_at(&mut out, 0).unwrap();
@@ -157,29 +194,8 @@ fn clones_holding_a_shared_file_open_share_one_page_cache_copy() {
 
     // mmap: every clone maps its own file; the pages are the copy's.
     for f in &files {
-        // SAFETY: a fresh read-only shared mapping of an open file, read
-        // below and unmapped before the file closes.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                SIZE,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(
-            p,
-            libc::MAP_FAILED,
-            "mmap: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: the mapping is SIZE bytes long and lives until munmap.
-        let mapped = unsafe { std::slice::from_raw_parts(p as *const u8, SIZE) };
-        assert!(mapped == &want[..], "a mapping shows other bytes");
-        // SAFETY: unmaps the mapping made above.
-        unsafe { libc::munmap(p, SIZE) };
+        let m = Mapping::new(f, SIZE, false).unwrap();
+        assert!(m.bytes() == &want[..], "a mapping shows other bytes");
     }
     let own: u64 = files.iter().map(cached_pages).sum();
     assert_eq!(own, 0, "mappings use the frozen copy's pages");
@@ -207,25 +223,11 @@ fn a_write_beside_passthrough_readers_stays_in_its_layer() {
     writer.read_exact_at(&mut back, 0).unwrap();
     assert_eq!(&back, b"changed", "the writer reads its write");
     // A shared writable mapping would write the frozen copy: refused.
-    // SAFETY: a mapping attempt on an open file; unmapped if it succeeds.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            4096,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            writer.as_raw_fd(),
-            0,
-        )
-    };
-    if p != libc::MAP_FAILED {
-        // SAFETY: unmaps the mapping just made.
-        unsafe { libc::munmap(p, 4096) };
-        panic!("a shared writable mapping beside passthrough readers must fail");
-    }
+    let refused = Mapping::new(&writer, 4096, true).err();
     assert_eq!(
-        std::io::Error::last_os_error().raw_os_error(),
-        Some(libc::ENODEV)
+        refused.and_then(|e| e.raw_os_error()),
+        Some(libc::ENODEV),
+        "a shared writable mapping beside passthrough readers must fail with ENODEV"
     );
 
     // A new reader in that clone sees the write (read(2) through the daemon).
@@ -256,27 +258,8 @@ fn a_write_beside_passthrough_readers_stays_in_its_layer() {
         .write(true)
         .open(s.path("c0", "blob"))
         .unwrap();
-    // SAFETY: a shared writable mapping of an open file, unmapped below.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            4096,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(
-        p,
-        libc::MAP_FAILED,
-        "mmap: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: the mapping is 4096 bytes long.
-    let first = unsafe { std::slice::from_raw_parts(p as *const u8, 7) }.to_vec();
-    // SAFETY: unmaps the mapping made above.
-    unsafe { libc::munmap(p, 4096) };
+    let m = Mapping::new(&f, 4096, true).unwrap();
+    let first = m.bytes()[..7].to_vec();
     assert_eq!(&first, b"changed");
 }
 
