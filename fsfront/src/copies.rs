@@ -12,8 +12,11 @@
 //! writable mapping of it fails (ENODEV) instead of changing a frozen copy.
 //! Its writes never arrive (the writer's writes go to the main mount).
 //!
-//! Who may enter: only the daemon's user (no allow_other), under a
-//! directory that is root's alone beside the main mountpoint.
+//! Who may enter: root. The mount root is 0700 with default_permissions,
+//! under the main mountpoint's root-only parent. It is an allow_other
+//! mount all the same: the kernel opens a backing file as the process that
+//! opened the main mount's file (often not root), and that open must not be
+//! refused.
 
 use crate::attr::{errno, file_attr};
 use fuser::{
@@ -222,10 +225,22 @@ impl Filesystem for CopiesFs {
     }
 }
 
-/// The mounted copies filesystem. Dropping it unmounts.
+/// The mounted copies filesystem. Dropping it unmounts (once the kernel
+/// has let go of the backing files of closed passthrough files).
 pub(crate) struct Copies {
     path: PathBuf,
-    _session: fuser::BackgroundSession,
+    session: Option<fuser::BackgroundSession>,
+}
+
+impl Drop for Copies {
+    fn drop(&mut self) {
+        crate::mount::wait_until_idle(&self.path);
+        if let Some(s) = self.session.take() {
+            if let Err(e) = s.umount_and_join() {
+                log::warn!("unmounting the copies mount {}: {e}", self.path.display());
+            }
+        }
+    }
 }
 
 impl Copies {
@@ -240,8 +255,14 @@ impl Copies {
             MountOption::RW,
             MountOption::NoSuid,
             MountOption::NoDev,
+            MountOption::DefaultPermissions,
         ];
-        config.acl = SessionACL::Owner;
+        // The kernel opens a backing file with the credentials of the
+        // process opening the file in the main mount (a container's user),
+        // so the server must answer every uid (fuser's Owner ACL would
+        // refuse them); the kernel's permission checks keep others out of
+        // the root (0700) and its root-only parent.
+        config.acl = SessionACL::All;
         config.n_threads = Some(2);
         config.clone_fd = true;
         let fs = CopiesFs {
@@ -251,7 +272,7 @@ impl Copies {
         let session = fuser::spawn_mount(fs, path, &config)?;
         Ok(Copies {
             path: path.to_path_buf(),
-            _session: session,
+            session: Some(session),
         })
     }
 

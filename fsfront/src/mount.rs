@@ -167,6 +167,9 @@ impl Mount {
         if let Err(e) = self.write_back() {
             log::warn!("writing cached writes back before unmounting: {e}");
         }
+        if self.passthrough.is_some() {
+            wait_until_idle(&self.mountpoint);
+        }
         match self.session.take() {
             Some(s) => s.umount_and_join(),
             None => Ok(()),
@@ -363,6 +366,27 @@ fn is_mount_point(path: &Path) -> io::Result<bool> {
     let own = std::fs::metadata(path)?;
     let above = std::fs::metadata(parent)?;
     Ok(own.dev() != above.dev() || own.ino() == above.ino())
+}
+
+/// Waits up to 2 s while the mount at `path` is busy. With passthrough, the
+/// kernel drops the backing files of closed files (each holds the mount) a
+/// moment after close(2) returned, so an unmount right after the last close
+/// can find the mount busy. Asks with MNT_EXPIRE, which unmounts nothing on
+/// a first call: EBUSY while in use, EAGAIN (and an expiry mark that the
+/// next access clears) once not.
+pub(crate) fn wait_until_idle(path: &Path) {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return;
+    };
+    for _ in 0..100 {
+        // SAFETY: umount2 reads a valid C string.
+        let busy = unsafe { libc::umount2(c.as_ptr(), libc::MNT_EXPIRE) } != 0
+            && io::Error::last_os_error().raw_os_error() == Some(libc::EBUSY);
+        if !busy {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Detaches the mount at `mountpoint` even while it is busy (umount -l).

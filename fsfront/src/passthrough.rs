@@ -90,20 +90,22 @@ pub struct PassthroughStats {
 
 pub(crate) struct Passthrough {
     engine: Arc<Engine>,
-    copies: Copies,
     enabled: AtomicBool,
+    /// Holds the backing files, which are open in the copies mount: dropped
+    /// before `copies`, so the copies mount is idle when it unmounts.
     state: Mutex<State>,
     counters: Counters,
+    copies: Copies,
 }
 
 impl Passthrough {
     pub(crate) fn new(engine: Arc<Engine>, copies: Copies) -> Passthrough {
         Passthrough {
             engine,
-            copies,
             enabled: AtomicBool::new(true),
             state: Mutex::default(),
             counters: Counters::default(),
+            copies,
         }
     }
 

@@ -294,6 +294,19 @@ fn a_binary_runs_from_a_clone_through_passthrough() {
     );
 }
 
+/// Runs `sh -c script` as the user nobody (65534); whether it succeeded.
+fn as_nobody(script: &str) -> bool {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .uid(65534)
+        .gid(65534)
+        .status()
+        .unwrap()
+        .success()
+}
+
 #[test]
 fn only_root_reaches_the_copies_mount() {
     let s = Setup::new(1);
@@ -303,21 +316,34 @@ fn only_root_reaches_the_copies_mount() {
     let copies = copies_path(&s.mnt);
     let copy = copies.join(format!("{}-{}", s.img, s.blob));
     let _ = s.copy(); // root gets in
-    use std::os::unix::process::CommandExt;
     for script in [
         format!("ls '{}'", copies.display()),
         format!("cat '{}' > /dev/null", copy.display()),
     ] {
-        let ok = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(&script)
-            .uid(65534)
-            .gid(65534)
-            .status()
-            .unwrap()
-            .success();
-        assert!(!ok, "nobody could run: {script}");
+        assert!(!as_nobody(&script), "nobody could run: {script}");
     }
+    // A container's user is not root: through a bind mount of its layer
+    // (as a container's root is), nobody reads the file in passthrough.
+    let view = s._dir.path().join("view");
+    fs::create_dir(&view).unwrap();
+    let bound = std::process::Command::new("mount")
+        .args(["--bind"])
+        .arg(s.mnt.join("c0"))
+        .arg(&view)
+        .status()
+        .unwrap();
+    assert!(bound.success(), "mount --bind failed");
+    let before = s.mount().passthrough_stats().unwrap().opens;
+    let read = as_nobody(&format!(
+        "cat '{}' > /dev/null || {{ ls -la '{}' '{}' >&2; exit 1; }}",
+        view.join("blob").display(),
+        s._dir.path().display(),
+        view.display()
+    ));
+    let after = s.mount().passthrough_stats().unwrap().opens;
+    let _ = std::process::Command::new("umount").arg(&view).status();
+    assert!(read, "nobody could not read its container's file");
+    assert!(after > before, "nobody's open was not passed through");
     // A writable layer's files are not served there.
     let w = s.engine.create_layer("scratch", false).unwrap();
     let f = s
