@@ -436,6 +436,7 @@ impl Filesystem for LcfsFs {
         let writable = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
         match p.open(ino.0, layer, inode, writable, &reply) {
             OpenAs::Cached => reply.opened(FileHandle(0), cache::open_flags()),
+            OpenAs::CachedFresh => reply.opened(FileHandle(0), FopenFlags::empty()),
             OpenAs::Passthrough {
                 fh,
                 direct,

@@ -27,7 +27,7 @@
 use crate::copies::Copies;
 use fuser::{BackingId, ReplyOpen};
 use lcfs_engine::Engine;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -54,12 +54,17 @@ struct State {
     copies: HashMap<(u64, u64), Weak<Backing>>,
     /// File handle -> node, for passed-through files.
     handles: HashMap<u64, u64>,
+    /// Nodes written through a direct open while passed through: the next
+    /// cached open drops whatever pages the node kept from before.
+    refresh: HashSet<u64>,
     next_fh: u64,
 }
 
 /// How to answer an open.
 pub(crate) enum OpenAs {
     Cached,
+    /// A cached open that drops the node's old pages (no FOPEN_KEEP_CACHE).
+    CachedFresh,
     Passthrough {
         fh: u64,
         /// read(2)/write(2) through the daemon, mmap through the backing.
@@ -152,6 +157,9 @@ impl Passthrough {
             Some(NodeFiles::Passed { files, backing }) => {
                 *files += 1;
                 let backing = backing.clone();
+                if writable {
+                    st.refresh.insert(node);
+                }
                 let shared = !writable
                     && matches!(self.engine.shared_copy(layer, inode), Ok(Some(l)) if l == backing.layer);
                 return self.passed(&mut st, node, !shared, backing);
@@ -182,7 +190,11 @@ impl Passthrough {
             }
         }
         st.nodes.insert(node, NodeFiles::Cached(1));
-        OpenAs::Cached
+        if st.refresh.remove(&node) {
+            OpenAs::CachedFresh
+        } else {
+            OpenAs::Cached
+        }
     }
 
     fn passed(&self, st: &mut State, node: u64, direct: bool, backing: Arc<Backing>) -> OpenAs {

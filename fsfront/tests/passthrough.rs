@@ -208,6 +208,17 @@ fn clones_holding_a_shared_file_open_share_one_page_cache_copy() {
 fn a_write_beside_passthrough_readers_stays_in_its_layer() {
     let s = Setup::new(2);
     let want = data();
+    // First a cached open (writable, nothing written) that leaves the
+    // image's bytes in the clone's own page cache.
+    {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(s.path("c0", "blob"))
+            .unwrap();
+        assert!(read_all(&f) == want);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
     let reader = File::open(s.path("c0", "blob")).unwrap();
     assert!(read_all(&reader) == want);
 
@@ -260,7 +271,12 @@ fn a_write_beside_passthrough_readers_stays_in_its_layer() {
         .unwrap();
     let m = Mapping::new(&f, 4096, true).unwrap();
     let first = m.bytes()[..7].to_vec();
-    assert_eq!(&first, b"changed");
+    assert_eq!(&first, b"changed", "the clone's old cached pages came back");
+    drop((m, f));
+    let again = File::open(s.path("c0", "blob")).unwrap();
+    let mut head = [0u8; 7];
+    again.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(&head, b"changed", "a read-only open reads the clone's copy");
 }
 
 #[test]
