@@ -531,13 +531,12 @@ page_cache_files() {
     case $peer in
         lcfs)
             echo "$LCFS_DEVICE"
-            local copies node id
-            copies="$(dirname "$LCFS_MOUNT")/.$(basename "$LCFS_MOUNT")-copies"
-            if [[ " ${LCFS_DAEMON_ARGS:-} " == *" --passthrough "* ]]; then
+            local node id
+            if lcfs_passthrough; then
                 node=$(stat -c %i "$LCFS_MOUNT/image/bench/mem.bin")
                 id=$(lcfs_ctl layer ls --json | jq -er '.[] | select(.name == "image") | .id') ||
                     die "lcfs layer ls: no id for layer image"
-                echo "$copies/$id-$((node & ((1 << 40) - 1)))"
+                echo "$(lcfs_copies_path)/$id-$((node & ((1 << 40) - 1)))"
             fi
             ;;
         *) echo "$E2E_SCRATCH/$peer/lower/bench/mem.bin" ;;

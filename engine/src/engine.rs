@@ -757,7 +757,7 @@ impl Engine {
     /// whoever holds the commit lock logs every file waiting for it.
     pub fn fsync(&self, layer: u64, ino: u64) -> Result<()> {
         lock_ignoring_poison(&self.s.fsync_waiting).insert((layer, ino));
-        let _c = self.s.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _c = lock_ignoring_poison(&self.s.commit_lock);
         let mut files: Vec<(u64, u64)> =
             std::mem::take(&mut *lock_ignoring_poison(&self.s.fsync_waiting))
                 .into_iter()

@@ -1041,7 +1041,7 @@ impl LcfsFs {
             cache: CachePolicy::new(engine.clone(), options, pages.clone()),
             engine,
             started: SystemTime::now(),
-            writeback_cache: options.writeback_cache && passthrough.is_none(),
+            writeback_cache: options.writeback_cache,
             passthrough,
         };
         Ok((fs, pages))

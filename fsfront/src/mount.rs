@@ -180,6 +180,11 @@ impl Mount {
 /// Mounts `engine` at `mountpoint` (and, with `options.passthrough`, the
 /// copies mount beside it: [`copies_path`]).
 pub fn mount(engine: Arc<Engine>, mountpoint: &Path, options: &MountOptions) -> io::Result<Mount> {
+    // The kernel allows passthrough or the writeback cache, not both.
+    let options = &MountOptions {
+        writeback_cache: options.writeback_cache && !options.passthrough,
+        ..options.clone()
+    };
     let passthrough = if options.passthrough {
         let path = copies_path(mountpoint);
         let copies = Copies::mount(engine.clone(), &path).map_err(|e| {
@@ -190,7 +195,6 @@ pub fn mount(engine: Arc<Engine>, mountpoint: &Path, options: &MountOptions) -> 
     } else {
         None
     };
-    let writeback_cache = options.writeback_cache && passthrough.is_none();
     let (fs, pages) = fs::LcfsFs::new(engine, options, passthrough.clone())?;
     let session = fuser::spawn_mount(fs, mountpoint, &fuser_config(options))?;
     pages.set_notifier(session.notifier());
@@ -198,7 +202,7 @@ pub fn mount(engine: Arc<Engine>, mountpoint: &Path, options: &MountOptions) -> 
     Ok(Mount {
         mountpoint: mountpoint.to_path_buf(),
         session: Some(session),
-        writeback_cache,
+        writeback_cache: options.writeback_cache,
         passthrough,
     })
 }

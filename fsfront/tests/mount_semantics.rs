@@ -2,33 +2,14 @@
 //! renames through std::fs; frozen layers refuse writes with EROFS; the mount
 //! root lists the layers and refuses file creation. Needs root and /dev/fuse.
 
-use lcfs_engine::device::{Device, MemDevice};
-use lcfs_engine::{Config, Engine, FormatOptions};
+mod common;
+
+use common::{as_nobody, engine_of, require_root};
 use lcfs_fsfront::{mount, MountOptions};
 use std::ffi::CString;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::sync::Arc;
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "needs root for a FUSE mount; CI runs as root"
-    );
-    assert!(
-        std::path::Path::new("/dev/fuse").exists(),
-        "needs /dev/fuse"
-    );
-}
-
-fn engine() -> Arc<Engine> {
-    let dev: Arc<dyn Device> = Arc::new(MemDevice::new(256 << 20));
-    Engine::format(dev.clone(), &FormatOptions::default()).unwrap();
-    Engine::open(dev, Config::default()).unwrap()
-}
 
 fn xattr_get(path: &std::path::Path, name: &str) -> Option<Vec<u8>> {
     let p = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
@@ -57,7 +38,7 @@ fn xattr_set(path: &std::path::Path, name: &str, value: &[u8]) -> i32 {
 #[test]
 fn posix_basics_through_the_mount() {
     require_root();
-    let e = engine();
+    let e = engine_of(256 << 20);
     e.create_layer("base", true).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let m = mount(e.clone(), dir.path(), &MountOptions::default()).unwrap();
@@ -184,7 +165,7 @@ fn cached_kib() -> u64 {
 #[test]
 fn clones_reading_a_shared_file_do_not_multiply_the_page_cache() {
     require_root();
-    let e = engine();
+    let e = engine_of(256 << 20);
     e.create_layer("img", true).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let m = mount(e.clone(), dir.path(), &MountOptions::default()).unwrap();
@@ -252,24 +233,11 @@ fn clones_reading_a_shared_file_do_not_multiply_the_page_cache() {
     m.unmount().unwrap();
 }
 
-/// Runs `sh -c script` as the user nobody (65534) and returns its status.
-fn as_nobody(script: &str) -> bool {
-    use std::os::unix::process::CommandExt;
-    std::process::Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .uid(65534)
-        .gid(65534)
-        .status()
-        .unwrap()
-        .success()
-}
-
 #[test]
 fn set_id_bits_are_cleared_as_the_kernel_would() {
     // With HANDLE_KILLPRIV_V2 the daemon, not the kernel, clears them.
     require_root();
-    let e = engine();
+    let e = engine_of(256 << 20);
     e.create_layer("base", false).unwrap();
     let dir = tempfile::tempdir().unwrap();
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();

@@ -4,8 +4,10 @@
 //! passthrough readers stays in its layer; a binary runs from a clone; only
 //! root reaches the copies mount. Needs root, /dev/fuse and Linux 6.9+.
 
-use lcfs_engine::device::{Device, MemDevice};
-use lcfs_engine::{Config, Engine, FormatOptions, ROOT_INODE};
+mod common;
+
+use common::{as_nobody, engine_of, require_root};
+use lcfs_engine::{Engine, ROOT_INODE};
 use lcfs_fsfront::{copies_path, mount, Mount, MountOptions};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -15,18 +17,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 const SIZE: usize = 32 << 20;
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "needs root; CI runs as root");
-    assert!(Path::new("/dev/fuse").exists(), "needs /dev/fuse");
-}
-
-fn engine() -> Arc<Engine> {
-    let dev: Arc<dyn Device> = Arc::new(MemDevice::new(512 << 20));
-    Engine::format(dev.clone(), &FormatOptions::default()).unwrap();
-    Engine::open(dev, Config::default()).unwrap()
-}
 
 fn data() -> Vec<u8> {
     (0..SIZE)
@@ -48,7 +38,7 @@ struct Setup {
 impl Setup {
     fn new(clones: usize) -> Setup {
         require_root();
-        let engine = engine();
+        let engine = engine_of(512 << 20);
         let img = engine.create_layer("img", false).unwrap();
         let blob = engine
             .create(img, ROOT_INODE, b"blob", 0o644, 0, 0)
@@ -308,19 +298,6 @@ fn a_binary_runs_from_a_clone_through_passthrough() {
         st.opens >= 1,
         "exec opened the binary in passthrough: {st:?}"
     );
-}
-
-/// Runs `sh -c script` as the user nobody (65534); whether it succeeded.
-fn as_nobody(script: &str) -> bool {
-    use std::os::unix::process::CommandExt;
-    std::process::Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .uid(65534)
-        .gid(65534)
-        .status()
-        .unwrap()
-        .success()
 }
 
 #[test]

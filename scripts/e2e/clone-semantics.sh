@@ -146,7 +146,7 @@ if [[ $E2E_TARGET == lcfs ]]; then
     # With LCFS_DAEMON_ARGS=--passthrough the reads above were passed
     # through to the frozen copies (docs/fuse.md, "Passthrough"): say so,
     # and fail if none were.
-    if [[ " ${LCFS_DAEMON_ARGS:-} " == *" --passthrough "* ]]; then
+    if lcfs_passthrough; then
         passed=$(lcfs_ctl stats --json | jq -er '.passthrough.opens') || fail "lcfs stats has no passthrough counters"
         ((${passed:-0} > 0)) || fail "--passthrough: no open was passed through"
         say "passthrough: $passed opens after the restart passed through to frozen copies"

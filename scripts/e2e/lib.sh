@@ -287,6 +287,17 @@ lcfs_mkfs() {
     mkdir -p "$LCFS_MOUNT"
 }
 
+# lcfs_passthrough: whether LCFS_DAEMON_ARGS asks for --passthrough.
+lcfs_passthrough() {
+    [[ " ${LCFS_DAEMON_ARGS:-} " == *" --passthrough "* ]]
+}
+
+# lcfs_copies_path: where a daemon run with --passthrough mounts its copies
+# mount (fsfront's copies_path: `.<name>-copies` beside $LCFS_MOUNT).
+lcfs_copies_path() {
+    echo "$(dirname "$LCFS_MOUNT")/.$(basename "$LCFS_MOUNT")-copies"
+}
+
 # lcfs_start: starts the daemon in the background (log in $LCFS_LOG, pid in
 # $LCFS_PID) and waits until the FUSE mount and the control socket answer.
 lcfs_start() {
@@ -315,10 +326,10 @@ lcfs_start() {
     LCFS_PID=$!
     # Recorded at once: from here the trap owns the mount, even half made.
     [[ " ${E2E_MOUNTS[*]} " == *" $LCFS_MOUNT "* ]] || E2E_MOUNTS+=("$LCFS_MOUNT")
-    # --passthrough mounts the copies beside it (fsfront's copies_path).
+    # --passthrough mounts the copies beside it.
     local copies
-    copies="$(dirname "$LCFS_MOUNT")/.$(basename "$LCFS_MOUNT")-copies"
-    if [[ " ${extra[*]} " == *" --passthrough "* && " ${E2E_MOUNTS[*]} " != *" $copies "* ]]; then
+    copies=$(lcfs_copies_path)
+    if lcfs_passthrough && [[ " ${E2E_MOUNTS[*]} " != *" $copies "* ]]; then
         E2E_MOUNTS+=("$copies")
     fi
     local waited=0
