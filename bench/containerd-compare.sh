@@ -416,6 +416,7 @@ for key in ["import", "import+sync", "prepare", "ctr", "prepare-ctr", "remove", 
     goal = "-" if goal is None else f"<= {goal}"
     print(f"| {label} | {lm:.2f} ({min(l):.2f}-{max(l):.2f}) | {om:.2f} ({min(o):.2f}-{max(o):.2f}) | **{ratio:.2f}** | {per} | {goal} | {verdict} |")
 EOF
+echo "lcfs binary $LCFS_BIN; $(uname -r); $(fuse_wake_here); $(nproc) vCPU; load average at the end $(cut -d' ' -f1-3 /proc/loadavg)" >>"$out.md"
 cat "$out.md"
 say "done in $((SECONDS - bench_start)) s; raw results in $out, table in $out.md"
 for peer in "${!DOCKERD_PIDS[@]}"; do

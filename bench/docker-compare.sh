@@ -445,7 +445,7 @@ dockerd_version=$(dockerd --version | cut -d' ' -f3 | tr -d ,)
 fuse_version=$(fuse-overlayfs --version 2>/dev/null | awk '/fuse-overlayfs:/ { print $3 }' || true)
 {
     echo "Command: \`$command_line\` (rounds $rounds, counts $counts, build step $build_mib MiB)"
-    echo "lcfs commit $commit ($dirty changed files under engine/ fsfront/ daemon/ dockerplugin/); dockerd $dockerd_version; fuse-overlayfs ${fuse_version:-?}; $(uname -r); $(nproc) vCPU; load average at the end $load; total $((SECONDS - bench_start)) s."
+    echo "lcfs commit $commit ($dirty changed files under engine/ fsfront/ daemon/ dockerplugin/); dockerd $dockerd_version; fuse-overlayfs ${fuse_version:-?}; $(uname -r); $(fuse_wake_here); $(nproc) vCPU; load average at the end $load; total $((SECONDS - bench_start)) s."
     echo "Busiest processes at the end: $(ps -eo pcpu=,comm= --sort=-pcpu | head -n 6 | awk '{ printf "%s%s %s%%", (NR > 1 ? ", " : ""), $2, $1 }')."
     echo
     python3 - "$out" "$out.chart.tsv" <<'EOF'

@@ -760,7 +760,7 @@ load=$(cut -d' ' -f1-3 /proc/loadavg)
 summary_status=0
 {
     echo "Command: \`$command_line\` (rounds $rounds, seq.bin $seq_mib MiB, mem.bin $mem_mib MiB, $readers readers)"
-    echo "$measured; $(uname -r); $(nproc) vCPU; fuse-overlayfs $(fuse-overlayfs --version 2>/dev/null | awk '/fuse-overlayfs:/ { print $3 }'); load average at the end $load; total $((SECONDS - bench_start)) s; warm measurements taken again after another process dropped the page cache: $disturbed"
+    echo "$measured; $(uname -r); $(fuse_wake_here); $(nproc) vCPU; fuse-overlayfs $(fuse-overlayfs --version 2>/dev/null | awk '/fuse-overlayfs:/ { print $3 }'); load average at the end $load; total $((SECONDS - bench_start)) s; warm measurements taken again after another process dropped the page cache: $disturbed"
     echo "Busiest processes at the end: $(ps -eo pcpu=,comm= --sort=-pcpu | head -n 6 | awk '{ printf "%s%s %s%%", (NR > 1 ? ", " : ""), $2, $1 }')."
     echo
     python3 - "$out" "$signatures" "$readers" <<'EOF'

@@ -92,6 +92,12 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
         options.fuse_threads,
         options.threads
     );
+    let wake_here = lcfs_fsfront::WakeHere::read();
+    match (&wake_here, wake_here.advice()) {
+        (lcfs_fsfront::WakeHere::Off, Some(advice)) => log::warn!("{advice}"),
+        (_, Some(advice)) => log::info!("{advice}"),
+        (_, None) => {}
+    }
     let mount = Arc::new(RwLock::new(Some(mount)));
     let kernel: Arc<dyn KernelCache> = Arc::new(SharedMount(mount.clone()));
     let listener = match server::bind(&o.control_socket) {

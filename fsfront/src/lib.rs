@@ -6,12 +6,14 @@ mod cache;
 mod copies;
 mod fs;
 mod inodes;
+mod kernel;
 mod layers;
 mod mount;
 mod passthrough;
 mod socket;
 mod workers;
 
+pub use kernel::{WakeHere, WAKE_HERE_PARAMETER};
 pub use layers::{parse_size_limit, KernelCache, LayerError, LayerOps, NoMount};
 pub use mount::{
     copies_path, lazy_unmount, mount, prepare_mountpoint, Mount, MountOptions, SharedMount,

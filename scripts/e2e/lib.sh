@@ -292,6 +292,13 @@ lcfs_passthrough() {
     [[ " ${LCFS_DAEMON_ARGS:-} " == *" --passthrough "* ]]
 }
 
+# fuse_wake_here: the kernel's fuse.wake_here for a benchmark's summary
+# (docs/fuse.md, "Wake-ups"): "fuse.wake_here Y", "... N" or "no fuse.wake_here".
+fuse_wake_here() {
+    local p=/sys/module/fuse/parameters/wake_here
+    if [[ -r $p ]]; then echo "fuse.wake_here $(cat "$p")"; else echo "no fuse.wake_here"; fi
+}
+
 # lcfs_copies_path: where a daemon run with --passthrough mounts its copies
 # mount (fsfront's copies_path: `.<name>-copies` beside $LCFS_MOUNT).
 lcfs_copies_path() {
