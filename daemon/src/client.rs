@@ -210,9 +210,92 @@ pub fn layer_stat(socket: &Path, name: &str, as_json: bool) -> Result<()> {
         None => println!("limit:     -"),
     }
     println!("inodes:    {}", l.inode_count);
+    let u = &l.usage;
+    println!(
+        "clones:    {} (last {})",
+        u.clones,
+        u.last_clone.as_deref().unwrap_or("-")
+    );
+    println!(
+        "read:      {} in {} reads; its removed clones {} in {}",
+        human_bytes(u.bytes_read),
+        u.reads,
+        human_bytes(u.clone_bytes_read),
+        u.clone_reads
+    );
     println!("created:   {}", l.created);
     println!("frozen at: {}", l.frozen_at.as_deref().unwrap_or("-"));
     println!("path:      {}", l.path);
+    Ok(())
+}
+
+/// What `lcfs top layers` sorts by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TopSort {
+    /// Layers cloned from it, ever.
+    Clones,
+    /// The last clone (container start).
+    LastStart,
+    /// Bytes read through it and its removed clones.
+    Reads,
+    /// Bytes it owns.
+    Size,
+    /// Creation time.
+    Created,
+}
+
+/// Sorts `layers` for `lcfs top layers`: most (or latest) first, ties by name.
+pub fn sort_top(layers: &mut [Layer], by: TopSort) {
+    let read = |l: &Layer| l.usage.bytes_read.saturating_add(l.usage.clone_bytes_read);
+    layers.sort_by(|a, b| {
+        let order = match by {
+            TopSort::Clones => b.usage.clones.cmp(&a.usage.clones),
+            // RFC 3339 UTC with fixed nanoseconds sorts as text; never
+            // cloned (null) sorts last.
+            TopSort::LastStart => b.usage.last_clone.cmp(&a.usage.last_clone),
+            TopSort::Reads => read(b).cmp(&read(a)),
+            TopSort::Size => b.owned_bytes.cmp(&a.owned_bytes),
+            TopSort::Created => b.created.cmp(&a.created),
+        };
+        order.then_with(|| a.name.cmp(&b.name))
+    });
+}
+
+pub fn top_layers(socket: &Path, by: TopSort, limit: usize, as_json: bool) -> Result<()> {
+    let mut layers: Vec<Layer> =
+        request(socket, json!({"op": "layer.list"}), Some(ANSWER_TIMEOUT))?;
+    sort_top(&mut layers, by);
+    layers.truncate(limit);
+    if as_json {
+        return print_json(&layers);
+    }
+    let width = layers
+        .iter()
+        .map(|l| l.name.len())
+        .chain([4])
+        .max()
+        .unwrap_or(4);
+    println!(
+        "{:<width$}  {:<8}  {:>6}  {:<19}  {:>8}  {:>10}  {:>11}  {:>10}",
+        "NAME", "STATE", "CLONES", "LAST START", "READS", "READ", "CLONES READ", "OWNED"
+    );
+    for l in &layers {
+        let u = &l.usage;
+        println!(
+            "{:<width$}  {:<8}  {:>6}  {:<19}  {:>8}  {:>10}  {:>11}  {:>10}",
+            l.name,
+            state(l),
+            u.clones,
+            u.last_clone
+                .as_deref()
+                .map(seconds)
+                .unwrap_or_else(|| "-".into()),
+            u.reads,
+            human_bytes(u.bytes_read),
+            human_bytes(u.clone_bytes_read),
+            human_bytes(l.owned_bytes),
+        );
+    }
     Ok(())
 }
 

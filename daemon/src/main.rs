@@ -84,6 +84,10 @@ The log level comes from RUST_LOG (default: info).")]
     #[command(subcommand)]
     Layer(LayerCommand),
 
+    /// Show the most used layers (through the daemon)
+    #[command(subcommand)]
+    Top(TopCommand),
+
     /// Make every change so far durable (through the daemon)
     Sync,
 
@@ -236,6 +240,34 @@ a layer with children is read-only). The layer appears as <mount>/NAME/.")]
     },
 }
 
+#[derive(Subcommand)]
+enum TopCommand {
+    /// Layers by how they are used: clones (containers started from each),
+    /// the last start, bytes read, size
+    #[command(long_about = "\
+Layers by how they are used, most first: CLONES is how many layers were ever
+cloned from each (for an image's top layer, the containers started from it),
+LAST START when the last was, READ the bytes containers read through the
+layer's own directory, and CLONES READ what its removed clones had read.
+Reads that the kernel's page cache answered never reach lcfs and are not
+counted. Counts are durable at the daemon's next checkpoint (at most
+--checkpoint-interval-ms behind).")]
+    Layers(TopArgs),
+}
+
+#[derive(Args)]
+struct TopArgs {
+    /// What to sort by (largest or latest first)
+    #[arg(long, value_enum, default_value_t = client::TopSort::Clones)]
+    sort: client::TopSort,
+    /// Show at most this many rows
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    limit: usize,
+    /// Print the rows as JSON (`layer.list` objects, sorted and cut)
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Args)]
 struct FsckArgs {
     /// Block device or file to check
@@ -316,6 +348,7 @@ fn run(cli: Cli) -> Result<()> {
             LayerCommand::Ls { json } => client::layer_list(socket, json),
             LayerCommand::Stat { name, json } => client::layer_stat(socket, &name, json),
         },
+        Command::Top(TopCommand::Layers(a)) => client::top_layers(socket, a.sort, a.limit, a.json),
         Command::Sync => client::sync(socket),
         Command::Stats { json } => client::stats(socket, json),
         Command::Fsck(a) => {

@@ -58,6 +58,26 @@ pub struct Layer {
     pub inode_count: u64,
     /// The layer's directory in the daemon's mount.
     pub path: String,
+    /// How the layer has been used (clones, reads); zeros from a daemon
+    /// that does not count.
+    #[serde(default)]
+    pub usage: Usage,
+}
+
+/// A layer's usage counters (the engine's `LayerUsage`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Layers ever cloned from it (containers started from it), removed
+    /// ones included.
+    pub clones: u64,
+    /// RFC 3339 time of the last clone; null when never cloned.
+    pub last_clone: Option<String>,
+    /// Read requests served from the layer's directory, and their bytes.
+    pub reads: u64,
+    pub bytes_read: u64,
+    /// The same for its removed clones (and theirs), folded in at removal.
+    pub clone_reads: u64,
+    pub clone_bytes_read: u64,
 }
 
 impl Layer {
@@ -75,6 +95,14 @@ impl Layer {
             quota_bytes: info.quota_bytes,
             inode_count: info.inode_count,
             path: mountpoint.join(&info.name).display().to_string(),
+            usage: Usage {
+                clones: info.usage.clones,
+                last_clone: (info.usage.clones > 0).then(|| rfc3339(info.usage.last_clone)),
+                reads: info.usage.reads,
+                bytes_read: info.usage.bytes_read,
+                clone_reads: info.usage.clone_reads,
+                clone_bytes_read: info.usage.clone_bytes_read,
+            },
         }
     }
 }

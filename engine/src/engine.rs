@@ -557,15 +557,25 @@ impl Engine {
 
     /// Reads up to `len` bytes at `offset` (short at end of file).
     pub fn read(&self, layer: u64, ino: u64, offset: u64, len: usize) -> Result<Vec<u8>> {
-        self.read_keeping(layer, ino, offset, len, true)
+        self.read_keeping(layer, ino, offset, len, true, false)
+    }
+
+    /// [`Engine::read`] for a front end serving a reader of `layer`'s
+    /// directory: the read also counts in the layer's usage
+    /// ([`LayerUsage`](crate::LayerUsage) `reads` and `bytes_read`, made
+    /// durable with the next checkpoint). Internal reads (exports, diffs)
+    /// use [`Engine::read`] and are not counted.
+    pub fn read_counted(&self, layer: u64, ino: u64, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.read_keeping(layer, ino, offset, len, true, true)
     }
 
     /// [`Engine::read`] for a caller that caches the bytes itself (the FUSE
     /// copies mount, whose page cache every layer shares): blocks in the
     /// block cache are used, blocks read from the device are not added to
     /// it, so the bytes are not held twice.
+    /// It counts like [`Engine::read_counted`].
     pub fn read_uncached(&self, layer: u64, ino: u64, offset: u64, len: usize) -> Result<Vec<u8>> {
-        self.read_keeping(layer, ino, offset, len, false)
+        self.read_keeping(layer, ino, offset, len, false, true)
     }
 
     fn read_keeping(
@@ -575,12 +585,16 @@ impl Engine {
         offset: u64,
         len: usize,
         keep: bool,
+        count: bool,
     ) -> Result<Vec<u8>> {
         let len = len.min(64 << 20);
         let reuse = self.s.reuse.clone();
         let (plan, _guard) = {
             let mut s = self.lock();
             let plan = s.read_plan(layer, ino, offset, len);
+            if let (true, Ok(plan)) = (count, &plan) {
+                s.count_read(layer, plan.len as u64);
+            }
             let guard = reuse.read().unwrap_or_else(|p| p.into_inner());
             let _ = s.maintain();
             (plan?, guard)
@@ -794,7 +808,11 @@ impl Engine {
     /// Makes every change made before the call durable, in every layer, by
     /// a checkpoint. Concurrent callers share checkpoints (group commit).
     pub fn sync(&self) -> Result<()> {
-        let target = self.lock().generation;
+        let target = {
+            let mut s = self.lock();
+            s.fold_reads();
+            s.generation
+        };
         let _c = self.s.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
         {
             let s = self.lock();
@@ -985,6 +1003,7 @@ impl Drop for Engine {
             return;
         }
         let mut s = self.lock();
+        s.fold_reads();
         if s.failed.is_none() && s.generation != s.durable_generation {
             if let Err(e) = s.checkpoint() {
                 log::error!("final checkpoint failed: {e}");
@@ -1005,6 +1024,7 @@ fn background(e: Arc<Shared>, stop: Arc<AtomicBool>, config: Config) {
         if s.failed.is_some() {
             continue;
         }
+        s.fold_reads();
         // Timer flush: partially filled segment buffers go out.
         let _ = s
             .write_out(Temperature::Hot)

@@ -163,6 +163,9 @@ pub struct LayerInfo {
     pub next_inode: u64,
     /// Most bytes the layer may own (its size limit), if it has one.
     pub quota_bytes: Option<u64>,
+    /// How it has been used: clones, reads (reads not yet in the record
+    /// included).
+    pub usage: LayerUsage,
 }
 
 fn name_hash(name: &[u8]) -> u64 {
@@ -419,6 +422,7 @@ impl Store {
             inode_count: 0,
             owned_blocks: 0,
             quota_bytes: 0,
+            usage: LayerUsage::default(),
         };
         if let Some(p) = parent {
             let pid = self.layer_id(p)?;
@@ -429,6 +433,8 @@ impl Store {
                 pr.frozen_at = now;
             }
             pr.children += 1;
+            pr.usage.clones += 1;
+            pr.usage.last_clone = now;
             rec.parent = pid;
             rec.root = pr.root;
             rec.next_inode = pr.next_inode;
@@ -490,9 +496,21 @@ impl Store {
         }
         self.remove_layer_metadata(layer)?;
         self.meta.layer_changed(layer);
+        // What the layer read stays counted, as its parent's clones' reads.
+        let (pending_reads, pending_bytes) = self.pending_reads.remove(&layer).unwrap_or_default();
+        let used = self.layers.get(layer).map(|l| l.usage).unwrap_or_default();
         self.layers.remove(layer);
         if let Some(p) = self.layers.get_mut(parent) {
             p.children -= 1;
+            let u = &mut p.usage;
+            u.clone_reads = (u.clone_reads)
+                .saturating_add(used.reads)
+                .saturating_add(used.clone_reads)
+                .saturating_add(pending_reads);
+            u.clone_bytes_read = (u.clone_bytes_read)
+                .saturating_add(used.bytes_read)
+                .saturating_add(used.clone_bytes_read)
+                .saturating_add(pending_bytes);
             self.mark_layer_dirty(parent);
         }
         self.bump();
@@ -556,6 +574,14 @@ impl Store {
             inode_count: l.inode_count,
             next_inode: l.next_inode,
             quota_bytes: (l.quota_bytes > 0).then_some(l.quota_bytes),
+            usage: {
+                let mut u = l.usage;
+                if let Some((reads, bytes)) = self.pending_reads.get(&layer) {
+                    u.reads = u.reads.saturating_add(*reads);
+                    u.bytes_read = u.bytes_read.saturating_add(*bytes);
+                }
+                u
+            },
         })
     }
 

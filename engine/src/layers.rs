@@ -196,6 +196,7 @@ mod tests {
             inode_count: 0,
             owned_blocks: 0,
             quota_bytes: 0,
+            usage: Default::default(),
         }
     }
 

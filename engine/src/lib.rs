@@ -35,7 +35,7 @@ pub use engine::{Engine, FormatOptions, Stats};
 pub use error::{Error, Result};
 /// The checksum the engine keeps for every 4 KiB data block (xxh3-64).
 pub use format::data_checksum as block_checksum;
-pub use format::Timestamp;
+pub use format::{LayerUsage, Timestamp};
 pub use fs::{
     Attr, DirEntry, FileKind, LayerInfo, SetAttr, StatFs, TimeSet, FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, LINK_MAX, NAME_MAX, RENAME_EXCHANGE,

@@ -23,6 +23,7 @@ pub(crate) use crate::logstream::Temperature;
 use crate::metacache::MetaCache;
 use crate::space::Space;
 pub(crate) use crate::tree::{Tree, PHYS_TAG, VIRT_TAG};
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 /// Device geometry, fixed at format time.
@@ -195,6 +196,10 @@ pub(crate) struct Store {
     /// Replaying the fsync log: a checkpoint now would end the records'
     /// validity half-applied, so none may begin.
     pub(crate) replaying: bool,
+    /// Reads counted since they were last folded into the layer records
+    /// (layer id -> reads, bytes): one entry per layer read, removed by
+    /// [`Store::fold_reads`] (see `LayerUsage`).
+    pub(crate) pending_reads: HashMap<u64, (u64, u64)>,
 }
 
 impl Store {
@@ -225,6 +230,7 @@ impl Store {
             checkpoints_begun: 0,
             fsync_log: FsyncLog::new(geo.fsync_log_region(), config.fsync_log),
             replaying: false,
+            pending_reads: HashMap::new(),
             mutations: 0,
             #[cfg(any(test, feature = "testing"))]
             panic_in_next_change: false,
@@ -538,6 +544,34 @@ impl Store {
         self.note_mutation();
         self.meta.layer_changed(layer);
         self.layers.mark_dirty(layer);
+    }
+
+    /// Counts one read of `bytes` served from `layer`'s directory (see
+    /// `LayerUsage::reads`); [`Store::fold_reads`] makes it part of the
+    /// layer's record.
+    pub fn count_read(&mut self, layer: u64, bytes: u64) {
+        let e = self.pending_reads.entry(layer).or_default();
+        e.0 += 1;
+        e.1 += bytes;
+    }
+
+    /// Moves the counted reads into the layer records, for the next
+    /// checkpoint to write. Not a change of the filesystem: it leaves the
+    /// mutation mark and the layers' cached lookups alone, and a crash
+    /// before the checkpoint only loses the counts. Kept in memory while the
+    /// engine does not write.
+    pub fn fold_reads(&mut self) {
+        if self.pending_reads.is_empty() || self.check_writable().is_err() {
+            return;
+        }
+        for (layer, (reads, bytes)) in std::mem::take(&mut self.pending_reads) {
+            if let Some(l) = self.layers.get_mut(layer) {
+                l.usage.reads = l.usage.reads.saturating_add(reads);
+                l.usage.bytes_read = l.usage.bytes_read.saturating_add(bytes);
+                self.layers.mark_dirty(layer);
+            }
+        }
+        self.generation += 1;
     }
 
     /// Adds `delta` to the blocks a layer owns.

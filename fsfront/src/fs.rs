@@ -467,7 +467,7 @@ impl Filesystem for LcfsFs {
             return reply.error(Errno::from_i32(libc::EISDIR));
         };
         let engine = self.engine.clone();
-        let read = move || match engine.read(layer, inode, offset, size as usize) {
+        let read = move || match engine.read_counted(layer, inode, offset, size as usize) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno(&e)),
         };

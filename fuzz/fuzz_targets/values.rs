@@ -7,7 +7,7 @@
 #![no_main]
 
 use lcfs_engine::format::{
-    decode_named, encode_named, ExtentValue, InodeValue, LayerRecord, MapValue,
+    decode_named, encode_named, ExtentValue, InodeValue, LayerRecord, LayerUsage, MapValue,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -86,16 +86,28 @@ fn layer_record(data: &[u8]) {
             assert_eq!(v.name.len(), name_len);
             let enc = v.encode();
             let mut want = data[..LAYER_FIXED_BYTES + name_len].to_vec();
-            // A size limit follows the name when eight more bytes are there;
-            // it is written back only when not zero.
+            // A size limit follows the name when eight more bytes are there,
+            // then usage when 56 more are; the limit is written back when
+            // not zero or when usage is, usage when not all zero.
             let quota_at = LAYER_FIXED_BYTES + name_len;
+            let usage_at = quota_at + 8;
             if let Some(q) = data.get(quota_at..quota_at + 8) {
                 assert_eq!(v.quota_bytes, u64::from_le_bytes(q.try_into().unwrap()));
-                if v.quota_bytes != 0 {
+                let usage = data
+                    .get(usage_at..usage_at + LayerUsage::ENCODED_BYTES)
+                    .filter(|_| !v.usage.is_zero());
+                if v.quota_bytes != 0 || usage.is_some() {
                     want.extend_from_slice(q);
+                }
+                if let Some(u) = usage {
+                    assert_eq!(v.usage.clones, u64::from_le_bytes(u[..8].try_into().unwrap()));
+                    let mut u = u.to_vec();
+                    u[20..24].fill(0);
+                    want.extend_from_slice(&u);
                 }
             } else {
                 assert_eq!(v.quota_bytes, 0);
+                assert!(v.usage.is_zero());
             }
             want[24] = (want[24] != 0) as u8;
             want[25] = (want[25] != 0) as u8;

@@ -245,6 +245,7 @@ mod tests {
             inode_count: 4,
             owned_blocks: 8,
             quota_bytes: 0,
+            usage: LayerUsage::default(),
         };
         assert_eq!(LayerRecord::decode(&l.encode()).unwrap(), l);
         // A size limit follows the name; records without one keep 88 + n bytes.
@@ -255,6 +256,30 @@ mod tests {
         };
         assert_eq!(limited.encode().len(), 88 + 8 + 8);
         assert_eq!(LayerRecord::decode(&limited.encode()).unwrap(), limited);
+        // Usage follows the size limit (written as 0 when there is none).
+        let used = LayerRecord {
+            usage: LayerUsage {
+                clones: 7,
+                last_clone: Timestamp::now(),
+                reads: 3,
+                bytes_read: 12288,
+                clone_reads: 40,
+                clone_bytes_read: 1 << 30,
+            },
+            ..l.clone()
+        };
+        assert_eq!(used.encode().len(), 88 + 8 + 8 + 56);
+        assert_eq!(LayerRecord::decode(&used.encode()).unwrap(), used);
+        let both = LayerRecord {
+            quota_bytes: 1 << 20,
+            ..used.clone()
+        };
+        assert_eq!(LayerRecord::decode(&both.encode()).unwrap(), both);
+        // A record written before usage existed reads as unused.
+        assert_eq!(
+            LayerRecord::decode(&limited.encode()).unwrap().usage,
+            LayerUsage::default()
+        );
         let named = vec![(b"a".to_vec(), vec![1, 2]), (b"bb".to_vec(), vec![])];
         assert_eq!(decode_named(&encode_named(&named)).unwrap(), named);
         assert!(decode_named(&[5, 0, 1]).is_err());

@@ -190,14 +190,54 @@ pub struct LayerRecord {
     /// Blocks (data and tree nodes) this layer wrote and still owns.
     pub owned_blocks: u64,
     /// Most bytes the layer may own (0: no limit). Written after the name
-    /// only when set, so records without one keep their old layout.
+    /// only when set or when usage follows, so records without either keep
+    /// their old layout.
     pub quota_bytes: u64,
+    /// How the layer has been used (written after `quota_bytes` only when
+    /// not all zero).
+    pub usage: LayerUsage,
+}
+
+/// A layer's lifetime usage counters, kept in its record: what the
+/// statistics (`lcfs top`) report about layers and images.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LayerUsage {
+    /// Layers ever cloned from this one (containers started from an image's
+    /// top layer), including those removed since.
+    pub clones: u64,
+    /// When the last of them was cloned (zero: never).
+    pub last_clone: Timestamp,
+    /// Read requests the FUSE front served from this layer's directory, and
+    /// their bytes (reads the kernel's page cache answered never arrive).
+    pub reads: u64,
+    pub bytes_read: u64,
+    /// The same counters of removed clones of this layer, folded in when
+    /// each was removed: what containers started from an image read.
+    pub clone_reads: u64,
+    pub clone_bytes_read: u64,
+}
+
+impl LayerUsage {
+    pub const ENCODED_BYTES: usize = 56;
+
+    pub fn is_zero(&self) -> bool {
+        *self == LayerUsage::default()
+    }
 }
 
 impl LayerRecord {
     pub fn encode(&self) -> Vec<u8> {
-        let quota = if self.quota_bytes > 0 { 8 } else { 0 };
-        let mut v = vec![0u8; 88 + self.name.len() + quota];
+        let usage = if self.usage.is_zero() {
+            0
+        } else {
+            LayerUsage::ENCODED_BYTES
+        };
+        let quota = if self.quota_bytes > 0 || usage > 0 {
+            8
+        } else {
+            0
+        };
+        let mut v = vec![0u8; 88 + self.name.len() + quota + usage];
         let mut w = Writer::new(&mut v);
         w.u64(self.id);
         w.u64(self.parent);
@@ -218,7 +258,17 @@ impl LayerRecord {
         if quota > 0 {
             w.u64(self.quota_bytes);
         }
-        debug_assert_eq!(w.at, 88 + self.name.len() + quota);
+        if usage > 0 {
+            let u = &self.usage;
+            w.u64(u.clones);
+            w.i64(u.last_clone.seconds);
+            w.u32(u.last_clone.nanoseconds);
+            w.u32(0);
+            for n in [u.reads, u.bytes_read, u.clone_reads, u.clone_bytes_read] {
+                w.u64(n);
+            }
+        }
+        debug_assert_eq!(w.at, 88 + self.name.len() + quota + usage);
         v
     }
     pub fn decode(b: &[u8]) -> Result<LayerRecord> {
@@ -241,6 +291,17 @@ impl LayerRecord {
         let owned_blocks = r.u64()?;
         let name = r.bytes(name_len)?.to_vec();
         let quota_bytes = if r.rest() >= 8 { r.u64()? } else { 0 };
+        let mut usage = LayerUsage::default();
+        if r.rest() >= LayerUsage::ENCODED_BYTES {
+            usage.clones = r.u64()?;
+            usage.last_clone.seconds = r.i64()?;
+            usage.last_clone.nanoseconds = r.u32()?;
+            r.u32()?;
+            usage.reads = r.u64()?;
+            usage.bytes_read = r.u64()?;
+            usage.clone_reads = r.u64()?;
+            usage.clone_bytes_read = r.u64()?;
+        }
         Ok(LayerRecord {
             id,
             parent,
@@ -255,6 +316,7 @@ impl LayerRecord {
             owned_blocks,
             name,
             quota_bytes,
+            usage,
         })
     }
 }
