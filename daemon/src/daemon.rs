@@ -41,6 +41,8 @@ pub struct DaemonOptions {
     pub containerd_socket: Option<PathBuf>,
     /// containerd's socket, where the snapshotter's differ reads blobs.
     pub containerd_address: PathBuf,
+    /// The statistics API (see crate::rest).
+    pub stats: crate::rest::RestOptions,
 }
 
 pub fn run(o: &DaemonOptions) -> Result<()> {
@@ -163,6 +165,32 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
             }
         }
     };
+    let stats = match crate::rest::serve(engine.clone(), &mountpoint, &o.stats) {
+        Ok(server) => server,
+        Err(e) => {
+            if let Some(server) = snapshotter {
+                server.shutdown();
+            }
+            if let Some(server) = plugin {
+                server.shutdown();
+            }
+            drop(listener);
+            let _ = std::fs::remove_file(&o.control_socket);
+            unmount(&mount, &mountpoint);
+            let _ = engine.close();
+            return Err(Error::Usage(format!(
+                "serving statistics on {}: {e}",
+                o.stats.socket.display()
+            )));
+        }
+    };
+    match stats.tcp_address {
+        Some(addr) => log::info!(
+            "statistics on {} and on {addr} (bearer token)",
+            o.stats.socket.display()
+        ),
+        None => log::info!("statistics on {}", o.stats.socket.display()),
+    }
     let control = Arc::new(Control {
         layers: LayerOps::new(engine.clone(), kernel.clone()),
         device: device_path.clone(),
@@ -177,6 +205,10 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
     let served = server::serve(&listener, &wake, &control, &gate);
 
     log::info!("shutting down");
+    stats.shutdown();
+    if let Err(e) = std::fs::remove_file(&o.stats.socket) {
+        log::warn!("removing {}: {e}", o.stats.socket.display());
+    }
     if let Some(server) = snapshotter {
         server.shutdown();
     }

@@ -9,6 +9,7 @@ mod error;
 mod fsck;
 mod mkfs;
 mod protocol;
+mod rest;
 mod server;
 mod size;
 
@@ -195,6 +196,27 @@ struct DaemonArgs {
     #[arg(long)]
     no_containerd: bool,
 
+    /// Serve the statistics API (JSON and Prometheus metrics, see
+    /// docs/statistics.md) on this root-only socket [default: stats.sock
+    /// next to the control socket: /run/lcfs/stats.sock]
+    #[arg(long, value_name = "PATH")]
+    stats_socket: Option<PathBuf>,
+
+    /// Serve the statistics API on this TCP address too (e.g.
+    /// 0.0.0.0:9477, for Prometheus); every request must carry the token of
+    /// --stats-token-file
+    #[arg(long, value_name = "ADDR:PORT", requires = "stats_token_file")]
+    stats_listen: Option<std::net::SocketAddr>,
+
+    /// A file of root's (mode 0600 or 0400) holding the bearer token TCP
+    /// clients of the statistics API must send
+    #[arg(long, value_name = "PATH")]
+    stats_token_file: Option<PathBuf>,
+
+    /// Layers given their own series in /metrics (the most cloned ones)
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    metrics_top_layers: usize,
+
     /// containerd's socket: the snapshotter's differ (proxy plugin
     /// `lcfs-diff`) reads the layer blobs it applies from containerd's
     /// content service there
@@ -335,6 +357,15 @@ fn run(cli: Cli) -> Result<()> {
                 })
             }),
             containerd_address: a.containerd_address,
+            stats: rest::RestOptions {
+                socket: a.stats_socket.unwrap_or_else(|| {
+                    let dir = cli.control_socket.parent().unwrap_or(Path::new("/"));
+                    dir.join("stats.sock")
+                }),
+                listen: a.stats_listen,
+                token_file: a.stats_token_file,
+                top_layers: a.metrics_top_layers,
+            },
         }),
         Command::Layer(c) => match c {
             LayerCommand::Create { name, parent, cold } => {

@@ -1,0 +1,656 @@
+//! The statistics API over HTTP (docs/statistics.md, "HTTP API"): JSON at
+//! `/v1/layers` and `/v1/layers/<name>` (the control protocol's layer
+//! objects, sorted as `lcfs top layers` sorts), and Prometheus metrics at
+//! `/metrics` (OpenMetrics text, by the prometheus-client crate).
+//!
+//! Who may ask: on the unix socket (always served), root only: the socket
+//! is 0600 in a 0700 directory, as the control socket is. On TCP (only when
+//! configured), anyone who can reach the address and sends `Authorization:
+//! Bearer <token>` with the token read at start from a file that must be
+//! root's and unreadable by others; anything else is answered 401.
+//!
+//! What a client may send is bounded: GET and HEAD only, a request head
+//! must arrive within [`HEAD_TIMEOUT`], a target is at most
+//! [`MAX_TARGET_BYTES`], at most [`MAX_CONNECTIONS`] connections are served
+//! at once (more are closed at accept), and `/metrics` carries per-layer
+//! series for the `top_layers` most cloned layers only, whatever the number
+//! of layers. Errors are JSON: `{"error": {"status": 404, "message": ...}}`.
+
+use crate::client::{sort_top, TopSort};
+use crate::protocol::Layer;
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use lcfs_engine::Engine;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tokio::sync::{watch, Semaphore};
+
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// The longest request target (path and query) accepted.
+pub const MAX_TARGET_BYTES: usize = 4096;
+/// How long a request head may take to arrive (and a kept-alive connection
+/// may stay silent before its next one).
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most rows `/v1/layers?limit=` returns.
+pub const MAX_LIMIT: usize = 100_000;
+/// The longest token accepted in a token file.
+const MAX_TOKEN_BYTES: u64 = 4096;
+
+/// Where and how the API is served.
+#[derive(Clone, Debug)]
+pub struct RestOptions {
+    /// The unix socket (root-only).
+    pub socket: PathBuf,
+    /// A TCP address as well, for Prometheus and other hosts; needs `token_file`.
+    pub listen: Option<SocketAddr>,
+    /// A root-only file holding the bearer token TCP clients must send.
+    pub token_file: Option<PathBuf>,
+    /// Layers given per-layer series in `/metrics` (the most cloned).
+    pub top_layers: usize,
+}
+
+/// The running API; [`RestServer::shutdown`] stops it.
+pub struct RestServer {
+    stop: watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+    /// The TCP address actually bound (port 0 picks one).
+    pub tcp_address: Option<SocketAddr>,
+}
+
+impl RestServer {
+    pub fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct State {
+    engine: Arc<Engine>,
+    mountpoint: PathBuf,
+    top_layers: usize,
+}
+
+/// Reads the bearer token: the file must be a regular file owned by root
+/// (or the daemon's user) that neither group nor others may read or write.
+pub fn read_token(path: &Path) -> io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let context = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    let file = std::fs::File::open(path).map_err(context)?;
+    let meta = file.metadata().map_err(context)?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_file() || (meta.uid() != 0 && meta.uid() != me) || meta.mode() & 0o077 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{}: the token file must be a regular file of root's with mode 0600 or 0400 (it is {:o}, uid {})",
+                path.display(),
+                meta.mode() & 0o7777,
+                meta.uid()
+            ),
+        ));
+    }
+    let mut token = String::new();
+    file.take(MAX_TOKEN_BYTES + 1)
+        .read_to_string(&mut token)
+        .map_err(context)?;
+    let token = token.trim().to_string();
+    if token.len() as u64 > MAX_TOKEN_BYTES
+        || token.len() < 16
+        || token.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{}: the token must be one line of 16 to {MAX_TOKEN_BYTES} printable characters without spaces",
+                path.display()
+            ),
+        ));
+    }
+    Ok(token)
+}
+
+/// Binds the unix socket (and the TCP address, if any) and serves them on a
+/// thread of their own.
+pub fn serve(
+    engine: Arc<Engine>,
+    mountpoint: &Path,
+    options: &RestOptions,
+) -> io::Result<RestServer> {
+    let token = match (&options.listen, &options.token_file) {
+        (Some(_), Some(file)) => Some(read_token(file)?),
+        (Some(_), None) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "serving statistics on TCP needs a token file (--stats-token-file)",
+            ))
+        }
+        (None, _) => None,
+    };
+    lcfs_fsfront::claim_socket_path(&options.socket)
+        .map_err(|e| io::Error::other(format!("{}: {e}", options.socket.display())))?;
+    let unix = lcfs_fsfront::bind_private_socket(&options.socket)?;
+    unix.set_nonblocking(true)?;
+    let tcp = match options.listen {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))?;
+            l.set_nonblocking(true)?;
+            Some(l)
+        }
+        None => None,
+    };
+    let tcp_address = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(4)
+        .thread_name("lcfs-stats")
+        .enable_all()
+        .build()?;
+    let state = Arc::new(State {
+        engine,
+        mountpoint: mountpoint.to_path_buf(),
+        top_layers: options.top_layers,
+    });
+    let (stop, stopped) = watch::channel(false);
+    let thread = std::thread::Builder::new()
+        .name("lcfs-stats".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+                let unix = tokio::net::UnixListener::from_std(unix).expect("in a runtime");
+                let mut tasks = vec![tokio::spawn(accept_unix(
+                    unix,
+                    state.clone(),
+                    slots.clone(),
+                    stopped.clone(),
+                ))];
+                if let Some(tcp) = tcp {
+                    let tcp = tokio::net::TcpListener::from_std(tcp).expect("in a runtime");
+                    let token: Arc<str> = token.expect("checked above").into();
+                    tasks.push(tokio::spawn(accept_tcp(
+                        tcp,
+                        state,
+                        slots,
+                        stopped.clone(),
+                        token,
+                    )));
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+            });
+            runtime.shutdown_timeout(Duration::from_secs(2));
+        })?;
+    Ok(RestServer {
+        stop,
+        thread: Some(thread),
+        tcp_address,
+    })
+}
+
+async fn accept_unix(
+    listener: tokio::net::UnixListener,
+    state: Arc<State>,
+    slots: Arc<Semaphore>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = stopped.changed() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    log::warn!("statistics socket: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        connection(stream, state.clone(), &slots, None);
+    }
+}
+
+async fn accept_tcp(
+    listener: tokio::net::TcpListener,
+    state: Arc<State>,
+    slots: Arc<Semaphore>,
+    mut stopped: watch::Receiver<bool>,
+    token: Arc<str>,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = stopped.changed() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    log::warn!("statistics address: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        connection(stream, state.clone(), &slots, Some(token.clone()));
+    }
+}
+
+/// Serves one connection, if a slot is free (else closes it at once).
+fn connection<S>(stream: S, state: Arc<State>, slots: &Arc<Semaphore>, token: Option<Arc<str>>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let Ok(slot) = slots.clone().try_acquire_owned() else {
+        return; // dropping the stream closes it
+    };
+    tokio::spawn(async move {
+        let service = hyper::service::service_fn(move |req| {
+            let state = state.clone();
+            let token = token.clone();
+            async move { Ok::<_, std::convert::Infallible>(answer(state, token.as_deref(), req).await) }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEAD_TIMEOUT)
+            .max_buf_size(16 << 10)
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+        drop(slot);
+    });
+}
+
+type Answer = Response<Full<Bytes>>;
+
+fn error(status: StatusCode, message: impl Into<String>) -> Answer {
+    let body = json!({"error": {"status": status.as_u16(), "message": message.into()}});
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn ok(content_type: &'static str, body: String) -> Answer {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+/// Compares without stopping at the first difference.
+fn same_token(given: &[u8], want: &[u8]) -> bool {
+    given.len() == want.len() && given.iter().zip(want).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
+}
+
+async fn answer(state: Arc<State>, token: Option<&str>, req: Request<Incoming>) -> Answer {
+    if let Some(token) = token {
+        let given = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        if !given.is_some_and(|g| same_token(g, token.as_bytes())) {
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "a bearer token is required (Authorization: Bearer <token>)",
+            );
+            r.headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{} is not served; use GET", req.method()),
+        );
+    }
+    let target = req.uri().to_string();
+    if target.len() > MAX_TARGET_BYTES {
+        return error(
+            StatusCode::URI_TOO_LONG,
+            format!("request target over {MAX_TARGET_BYTES} bytes"),
+        );
+    }
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let result = tokio::task::spawn_blocking(move || route(&state, &path, &query)).await;
+    match result {
+        Ok(answer) => answer,
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the request failed: {e}"),
+        ),
+    }
+}
+
+fn route(state: &State, path: &str, query: &str) -> Answer {
+    match path {
+        "/metrics" => {
+            if !query.is_empty() {
+                return error(StatusCode::BAD_REQUEST, "/metrics takes no query");
+            }
+            match metrics(state) {
+                Ok(text) => ok(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    text,
+                ),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            }
+        }
+        "/v1/layers" => match parse_layers_query(query) {
+            Ok((sort, limit)) => {
+                let mut layers = layers(state);
+                sort_top(&mut layers, sort);
+                layers.truncate(limit);
+                ok(
+                    "application/json",
+                    serde_json::to_string(&layers).expect("serializable"),
+                )
+            }
+            Err(e) => error(StatusCode::BAD_REQUEST, e),
+        },
+        _ => match path.strip_prefix("/v1/layers/") {
+            Some(name) if !name.is_empty() && !name.contains('/') => {
+                if !query.is_empty() {
+                    return error(StatusCode::BAD_REQUEST, "a layer takes no query");
+                }
+                let name = match percent_decode(name) {
+                    Ok(n) => n,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, e),
+                };
+                match state.engine.layer_info(&name) {
+                    Ok(info) => ok(
+                        "application/json",
+                        serde_json::to_string(&Layer::from_info(&info, &state.mountpoint))
+                            .expect("serializable"),
+                    ),
+                    Err(_) => error(StatusCode::NOT_FOUND, format!("no layer {name:?}")),
+                }
+            }
+            _ => error(
+                StatusCode::NOT_FOUND,
+                format!("no such resource {path:?}: see /v1/layers, /v1/layers/<name>, /metrics"),
+            ),
+        },
+    }
+}
+
+fn layers(state: &State) -> Vec<Layer> {
+    state
+        .engine
+        .list_layers()
+        .iter()
+        .map(|info| Layer::from_info(info, &state.mountpoint))
+        .collect()
+}
+
+/// `sort=clones|last-start|reads|size|created` and `limit=N`, each at most once.
+pub fn parse_layers_query(query: &str) -> Result<(TopSort, usize), String> {
+    let (mut sort, mut limit) = (None, None);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "sort" if sort.is_none() => {
+                sort = Some(match value {
+                    "clones" => TopSort::Clones,
+                    "last-start" => TopSort::LastStart,
+                    "reads" => TopSort::Reads,
+                    "size" => TopSort::Size,
+                    "created" => TopSort::Created,
+                    _ => {
+                        return Err(format!(
+                            "sort={value:?}: expected clones, last-start, reads, size or created"
+                        ))
+                    }
+                })
+            }
+            "limit" if limit.is_none() => {
+                limit = Some(
+                    value
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=MAX_LIMIT).contains(n))
+                        .ok_or_else(|| format!("limit={value:?}: expected 1 to {MAX_LIMIT}"))?,
+                )
+            }
+            "sort" | "limit" => return Err(format!("{key} given twice")),
+            _ => return Err(format!("unknown parameter {key:?} (sort, limit)")),
+        }
+    }
+    Ok((sort.unwrap_or(TopSort::Clones), limit.unwrap_or(100)))
+}
+
+/// Decodes %XX escapes; refuses malformed ones and non-UTF-8 results.
+fn percent_decode(s: &str) -> Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad %-escape in {s:?}"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
+}
+
+type LayerLabels = Vec<(String, String)>;
+
+/// The metrics, as OpenMetrics text.
+fn metrics(state: &State) -> Result<String, String> {
+    let stats = state.engine.stats();
+    let mut registry = Registry::with_prefix("lcfs");
+    let counter = |registry: &mut Registry, name: &str, help: &str, value: u64| {
+        let c: Counter = Counter::default();
+        c.inc_by(value);
+        registry.register(name, help, c);
+    };
+    let gauge = |registry: &mut Registry, name: &str, help: &str, value: u64| {
+        let g: Gauge = Gauge::default();
+        g.set(value.min(i64::MAX as u64) as i64);
+        registry.register(name, help, g);
+    };
+    let d = &stats.device;
+    counter(
+        &mut registry,
+        "device_reads",
+        "Reads from the device",
+        d.reads,
+    );
+    counter(
+        &mut registry,
+        "device_read_bytes",
+        "Bytes read from the device",
+        d.read_bytes,
+    );
+    counter(
+        &mut registry,
+        "device_writes",
+        "Writes to the device",
+        d.writes,
+    );
+    counter(
+        &mut registry,
+        "device_write_bytes",
+        "Bytes written to the device",
+        d.write_bytes,
+    );
+    counter(
+        &mut registry,
+        "device_flushes",
+        "Device cache flushes",
+        d.flushes,
+    );
+    let e = &stats.engine;
+    counter(
+        &mut registry,
+        "user_write_bytes",
+        "Bytes accepted by write calls",
+        e.user_write_bytes,
+    );
+    counter(
+        &mut registry,
+        "checkpoints",
+        "Checkpoints written",
+        e.checkpoints,
+    );
+    counter(
+        &mut registry,
+        "segments_cleaned",
+        "Log segments the cleaner freed",
+        e.segments_cleaned,
+    );
+    counter(
+        &mut registry,
+        "fsync_records",
+        "Fsyncs made durable by the fsync log",
+        e.fsync_records,
+    );
+    counter(
+        &mut registry,
+        "node_cache_hits",
+        "Metadata node cache hits",
+        stats.node_cache_hits,
+    );
+    counter(
+        &mut registry,
+        "node_cache_misses",
+        "Metadata node cache misses",
+        stats.node_cache_misses,
+    );
+    counter(
+        &mut registry,
+        "block_cache_hits",
+        "Data block cache hits",
+        stats.block_cache_hits,
+    );
+    counter(
+        &mut registry,
+        "block_cache_misses",
+        "Data block cache misses",
+        stats.block_cache_misses,
+    );
+    gauge(
+        &mut registry,
+        "layers",
+        "Layers on the device",
+        stats.layers as u64,
+    );
+    gauge(
+        &mut registry,
+        "live_bytes",
+        "Bytes of live data and metadata",
+        stats.live_bytes,
+    );
+    gauge(
+        &mut registry,
+        "capacity_bytes",
+        "Usable bytes of the device",
+        stats.capacity_bytes,
+    );
+    gauge(
+        &mut registry,
+        "read_only",
+        "1 when the engine stopped writing (see lcfs stats)",
+        stats.read_only_reason.is_some() as u64,
+    );
+
+    // Per-layer series, for the most cloned layers only: bounded
+    // cardinality whatever the number of layers.
+    let mut layers = layers(state);
+    sort_top(&mut layers, TopSort::Clones);
+    layers.truncate(state.top_layers);
+    let clones = Family::<LayerLabels, Counter>::default();
+    let last = Family::<LayerLabels, Gauge>::default();
+    let read = Family::<LayerLabels, Counter>::default();
+    let owned = Family::<LayerLabels, Gauge>::default();
+    for l in &layers {
+        let labels = vec![
+            ("layer".to_string(), l.name.clone()),
+            ("parent".to_string(), l.parent.clone().unwrap_or_default()),
+        ];
+        let info = state.engine.layer_info(&l.name).ok();
+        clones.get_or_create(&labels).inc_by(l.usage.clones);
+        let last_seconds = info.map(|i| i.usage.last_clone.seconds).unwrap_or(0);
+        last.get_or_create(&labels).set(last_seconds);
+        read.get_or_create(&labels)
+            .inc_by(l.usage.bytes_read.saturating_add(l.usage.clone_bytes_read));
+        owned
+            .get_or_create(&labels)
+            .set(l.owned_bytes.min(i64::MAX as u64) as i64);
+    }
+    registry.register(
+        "layer_clones",
+        "Layers cloned from this one (containers started from it), for the most cloned layers",
+        clones,
+    );
+    registry.register(
+        "layer_last_clone_timestamp_seconds",
+        "When this layer was last cloned (0: never)",
+        last,
+    );
+    registry.register(
+        "layer_read_bytes",
+        "Bytes read through this layer and its removed clones",
+        read,
+    );
+    registry.register("layer_owned_bytes", "Bytes this layer alone owns", owned);
+    let mut text = String::new();
+    encode(&mut text, &registry).map_err(|e| format!("encoding the metrics: {e}"))?;
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_queries_parse_or_say_why_not() {
+        assert_eq!(parse_layers_query("").unwrap(), (TopSort::Clones, 100));
+        assert_eq!(
+            parse_layers_query("sort=reads&limit=3").unwrap(),
+            (TopSort::Reads, 3)
+        );
+        for bad in [
+            "sort=popular",
+            "limit=0",
+            "limit=-1",
+            "limit=100001",
+            "limit=ten",
+            "sort=reads&sort=size",
+            "colour=blue",
+        ] {
+            assert!(parse_layers_query(bad).is_err(), "{bad}");
+        }
+        assert_eq!(percent_decode("a%20b").unwrap(), "a b");
+        assert!(percent_decode("a%2").is_err());
+        assert!(percent_decode("%ff").is_err());
+        assert!(same_token(b"abc", b"abc"));
+        assert!(!same_token(b"abd", b"abc"));
+        assert!(!same_token(b"ab", b"abc"));
+    }
+}
