@@ -102,10 +102,12 @@ fi
 # and dockerd use too; g++: libfuzzer-sys compiles libFuzzer (C++); python3: the
 # e2e checks' tree manifests (scripts/e2e/tree.py); busybox-static: the small
 # image the Docker checks build (scripts/e2e/images.py); fonts-dejavu-core: the
-# benchmark charts' text (lcfs-bench-report).
+# benchmark charts' text (lcfs-bench-report); prometheus: the server that
+# scrapes three daemons in scripts/e2e/prometheus.sh (installed, its service
+# never started here).
 APT_PACKAGES=(
     fio fuse3 util-linux e2fsprogs btrfs-progs debootstrap kmod docker.io runc tini fuse-overlayfs
-    jq curl ca-certificates g++ python3 busybox-static fonts-dejavu-core
+    jq curl ca-certificates g++ python3 busybox-static fonts-dejavu-core prometheus
 )
 # What scripts/demo.sh uses: the FUSE front, runc, the image builder
 # (python3, busybox-static), and for its docker part Docker 20.10.

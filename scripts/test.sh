@@ -45,6 +45,7 @@ steps=(
     "docker end to end|bash scripts/e2e/docker.sh"
     "stress crash-verify|bash scripts/e2e/stress-crash.sh"
     "containerd end to end|bash scripts/e2e/containerd.sh"
+    "statistics end to end|bash scripts/e2e/prometheus.sh"
 )
 
 passed=0
