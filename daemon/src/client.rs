@@ -244,21 +244,41 @@ pub enum TopSort {
     Created,
 }
 
-/// Sorts `layers` for `lcfs top layers`: most (or latest) first, ties by name.
+/// What `lcfs top layers` ranks a row by.
+pub struct Ranked<'a> {
+    pub name: &'a str,
+    pub usage: &'a crate::protocol::Usage,
+    pub owned_bytes: u64,
+    /// RFC 3339; empty where it means nothing (rows over several hosts).
+    pub created: &'a str,
+}
+
+/// `a` before `b` when it has more (or later) of `by`; ties by name.
+pub fn rank(by: TopSort, a: &Ranked, b: &Ranked) -> std::cmp::Ordering {
+    let read = |r: &Ranked| r.usage.bytes_read.saturating_add(r.usage.clone_bytes_read);
+    let order = match by {
+        TopSort::Clones => b.usage.clones.cmp(&a.usage.clones),
+        // RFC 3339 UTC with fixed nanoseconds sorts as text; never cloned
+        // (null) sorts last.
+        TopSort::LastStart => b.usage.last_clone.cmp(&a.usage.last_clone),
+        TopSort::Reads => read(b).cmp(&read(a)),
+        TopSort::Size => b.owned_bytes.cmp(&a.owned_bytes),
+        TopSort::Created => b.created.cmp(a.created),
+    };
+    order.then_with(|| a.name.cmp(b.name))
+}
+
+/// Sorts `layers` for `lcfs top layers`: most (or latest) first.
 pub fn sort_top(layers: &mut [Layer], by: TopSort) {
-    let read = |l: &Layer| l.usage.bytes_read.saturating_add(l.usage.clone_bytes_read);
-    layers.sort_by(|a, b| {
-        let order = match by {
-            TopSort::Clones => b.usage.clones.cmp(&a.usage.clones),
-            // RFC 3339 UTC with fixed nanoseconds sorts as text; never
-            // cloned (null) sorts last.
-            TopSort::LastStart => b.usage.last_clone.cmp(&a.usage.last_clone),
-            TopSort::Reads => read(b).cmp(&read(a)),
-            TopSort::Size => b.owned_bytes.cmp(&a.owned_bytes),
-            TopSort::Created => b.created.cmp(&a.created),
-        };
-        order.then_with(|| a.name.cmp(&b.name))
-    });
+    fn ranked(l: &Layer) -> Ranked<'_> {
+        Ranked {
+            name: &l.name,
+            usage: &l.usage,
+            owned_bytes: l.owned_bytes,
+            created: &l.created,
+        }
+    }
+    layers.sort_by(|a, b| rank(by, &ranked(a), &ranked(b)));
 }
 
 pub fn top_layers(socket: &Path, by: TopSort, limit: usize, as_json: bool) -> Result<()> {

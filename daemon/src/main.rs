@@ -6,6 +6,7 @@ mod control;
 mod daemon;
 mod device;
 mod error;
+mod fleet;
 mod fsck;
 mod mkfs;
 mod protocol;
@@ -285,9 +286,24 @@ struct TopArgs {
     /// Show at most this many rows
     #[arg(long, value_name = "N", default_value_t = 100)]
     limit: usize,
-    /// Print the rows as JSON (`layer.list` objects, sorted and cut)
+    /// Print the rows as JSON (`layer.list` objects, sorted and cut; with
+    /// --hosts, each name's counters added up over the hosts)
     #[arg(long)]
     json: bool,
+    /// Ask these hosts' statistics APIs (HOST[:PORT], comma-separated; port
+    /// 9477 when none) instead of the local daemon, and add up each layer
+    /// name's counters over them
+    #[arg(
+        long,
+        value_name = "HOSTS",
+        value_delimiter = ',',
+        requires = "token_file"
+    )]
+    hosts: Vec<String>,
+    /// The bearer token the hosts' `--stats-token-file` holds (a file of
+    /// yours, mode 0600 or 0400)
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -379,7 +395,13 @@ fn run(cli: Cli) -> Result<()> {
             LayerCommand::Ls { json } => client::layer_list(socket, json),
             LayerCommand::Stat { name, json } => client::layer_stat(socket, &name, json),
         },
-        Command::Top(TopCommand::Layers(a)) => client::top_layers(socket, a.sort, a.limit, a.json),
+        Command::Top(TopCommand::Layers(a)) => match &a.token_file {
+            Some(token) if !a.hosts.is_empty() => {
+                fleet::top_layers(&a.hosts, token, a.sort, a.limit, a.json)
+            }
+            Some(_) => Err(error::Error::Usage("--token-file goes with --hosts".into())),
+            None => client::top_layers(socket, a.sort, a.limit, a.json),
+        },
         Command::Sync => client::sync(socket),
         Command::Stats { json } => client::stats(socket, json),
         Command::Fsck(a) => {

@@ -10,7 +10,9 @@
 # - `topk(1, sum by (layer) (lcfs_layer_clones_total))` answers web with 9,
 #   and the recording rule lcfs:layer_clones:sum answers the same;
 # - host 3 alone ranks db first;
-# - a scrape without the token is refused (401), so the target needs it.
+# - a scrape without the token is refused (401), so the target needs it;
+# - `lcfs top layers --hosts` (no Prometheus) adds up the same three hosts,
+#   names a host that does not answer, and fails with 401 on a wrong token.
 # Needs root, /dev/fuse and prometheus (scripts/setup.sh installs it).
 E2E_NAME=prometheus
 # shellcheck source=scripts/e2e/lib.sh
@@ -160,4 +162,23 @@ say "recording rule and per-host answers agree"
 # Reads through each container's directory reach the metrics: web's nine
 # containers read 64 KiB each.
 until_answer 'sum(lcfs_layer_read_bytes_total{layer=~"web-c.*"})' '.[0].value[1] == "589824"' >/dev/null
+
+# Without Prometheus: lcfs top layers --hosts asks each host's API and adds
+# up; a host that does not answer is named on stderr, the others still count.
+hosts="127.0.0.1:${ports[0]},127.0.0.1:${ports[1]},127.0.0.1:${ports[2]}"
+fleet=$("$LCFS_BIN" top layers --hosts "$hosts,127.0.0.1:$prometheus_port" --token-file "$token" \
+    --json --limit 2 2>"$E2E_WORK/fleet.err") || die "lcfs top layers --hosts failed: $(cat "$E2E_WORK/fleet.err")"
+jq -e '.[0].name == "web" and .[0].hosts == 3 and .[0].usage.clones == 9 and
+    .[1].name == "db" and .[1].usage.clones == 7' <<<"$fleet" >/dev/null ||
+    die "lcfs top layers --hosts answered $fleet"
+grep -q "127.0.0.1:$prometheus_port" "$E2E_WORK/fleet.err" ||
+    die "the host that is not lcfs was not reported: $(cat "$E2E_WORK/fleet.err")"
+"$LCFS_BIN" top layers --hosts "$hosts" --token-file "$token" | sed 's/^/    /'
+wrong="$E2E_WORK/wrong.token"
+(umask 077 && echo "not-the-token-of-these-hosts" >"$wrong")
+if "$LCFS_BIN" top layers --hosts "$hosts" --token-file "$wrong" >/dev/null 2>"$E2E_WORK/fleet.err"; then
+    die "lcfs top layers --hosts succeeded with a wrong token"
+fi
+grep -q "401" "$E2E_WORK/fleet.err" || die "a wrong token was not reported as 401: $(cat "$E2E_WORK/fleet.err")"
+say "lcfs top layers --hosts adds up the three hosts"
 say "PASS: one query answers the top layer across three hosts"

@@ -1,0 +1,284 @@
+//! `lcfs top layers --hosts A,B,C`: the same table over several hosts, for
+//! sites without Prometheus. Asks each host's statistics API on TCP
+//! (`GET /v1/layers`, with the bearer token of `--token-file`), then adds up
+//! each layer name's counters over the hosts that answered.
+
+use crate::client::{rank, Ranked, TopSort};
+use crate::error::{Error, Result};
+use crate::protocol::{Layer, Usage};
+use crate::size::human_bytes;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+/// The port `--stats-listen` examples use, taken when a host names none.
+pub const DEFAULT_PORT: u16 = 9477;
+/// The most one host's answer may take.
+const MAX_ANSWER_BYTES: u64 = 64 << 20;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One layer name over the hosts that have it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct FleetLayer {
+    pub name: String,
+    /// Hosts that have a layer of this name.
+    pub hosts: u64,
+    /// Counters added up over them (`last_clone`: the latest).
+    pub usage: Usage,
+    pub owned_bytes: u64,
+}
+
+/// Adds up `answers` (one list per host) by layer name.
+pub fn merge(answers: &[Vec<Layer>]) -> Vec<FleetLayer> {
+    let mut by_name: BTreeMap<String, FleetLayer> = BTreeMap::new();
+    for layers in answers {
+        for l in layers {
+            let f = by_name.entry(l.name.clone()).or_insert_with(|| FleetLayer {
+                name: l.name.clone(),
+                ..FleetLayer::default()
+            });
+            f.hosts += 1;
+            let (u, v) = (&mut f.usage, &l.usage);
+            u.clones = u.clones.saturating_add(v.clones);
+            u.reads = u.reads.saturating_add(v.reads);
+            u.bytes_read = u.bytes_read.saturating_add(v.bytes_read);
+            u.clone_reads = u.clone_reads.saturating_add(v.clone_reads);
+            u.clone_bytes_read = u.clone_bytes_read.saturating_add(v.clone_bytes_read);
+            if v.last_clone > u.last_clone {
+                u.last_clone = v.last_clone.clone();
+            }
+            f.owned_bytes = f.owned_bytes.saturating_add(l.owned_bytes);
+        }
+    }
+    by_name.into_values().collect()
+}
+
+/// Sorts merged rows as `lcfs top layers` sorts one host's (`created`
+/// means nothing over hosts: those ties go by name).
+pub fn sort_fleet(rows: &mut [FleetLayer], by: TopSort) {
+    fn ranked(r: &FleetLayer) -> Ranked<'_> {
+        Ranked {
+            name: &r.name,
+            usage: &r.usage,
+            owned_bytes: r.owned_bytes,
+            created: "",
+        }
+    }
+    rows.sort_by(|a, b| rank(by, &ranked(a), &ranked(b)));
+}
+
+/// `host` or `host:port`.
+fn address(host: &str) -> String {
+    if host
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        host.to_string()
+    } else {
+        format!("{host}:{DEFAULT_PORT}")
+    }
+}
+
+/// Asks one host for its layers.
+fn ask(host: &str, token: &str) -> std::result::Result<Vec<Layer>, String> {
+    let addr = address(host);
+    let target = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("resolving {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr} resolves to nothing"))?;
+    let mut stream = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT)
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    stream.set_read_timeout(Some(IO_TIMEOUT)).ok();
+    stream.set_write_timeout(Some(IO_TIMEOUT)).ok();
+    let request = format!(
+        "GET /v1/layers?limit=100000 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("asking {addr}: {e}"))?;
+    let mut answer = Vec::new();
+    stream
+        .take(MAX_ANSWER_BYTES + 1)
+        .read_to_end(&mut answer)
+        .map_err(|e| format!("reading {addr}'s answer: {e}"))?;
+    if answer.len() as u64 > MAX_ANSWER_BYTES {
+        return Err(format!(
+            "{addr} answered more than {} MiB",
+            MAX_ANSWER_BYTES >> 20
+        ));
+    }
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| format!("{addr} did not answer HTTP"))?;
+    let head = String::from_utf8_lossy(&answer[..split]);
+    let body = &answer[split + 4..];
+    if head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    }) {
+        return Err(format!(
+            "{addr} answered in chunks, which this client does not read"
+        ));
+    }
+    let status = head.split(' ').nth(1).unwrap_or("?");
+    if status != "200" {
+        let why = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+        return Err(format!("{addr} answered {status}: {why}"));
+    }
+    serde_json::from_slice(body).map_err(|e| format!("{addr}'s answer is not a layer list: {e}"))
+}
+
+/// `lcfs top layers --hosts`.
+pub fn top_layers(
+    hosts: &[String],
+    token_file: &Path,
+    by: TopSort,
+    limit: usize,
+    as_json: bool,
+) -> Result<()> {
+    let token = crate::rest::read_token(token_file)
+        .map_err(|e| Error::Usage(format!("reading the token (--token-file): {e}")))?;
+    let answers: Vec<(String, std::result::Result<Vec<Layer>, String>)> = std::thread::scope(|s| {
+        let asks: Vec<_> = hosts
+            .iter()
+            .map(|h| (h.clone(), s.spawn(|| ask(h, &token))))
+            .collect();
+        asks.into_iter()
+            .map(|(h, t)| {
+                (
+                    h,
+                    t.join()
+                        .unwrap_or_else(|_| Err("the request panicked".into())),
+                )
+            })
+            .collect()
+    });
+    let mut lists = Vec::new();
+    for (host, answer) in answers {
+        match answer {
+            Ok(layers) => lists.push(layers),
+            Err(why) => eprintln!("lcfs: {host}: {why}"),
+        }
+    }
+    if lists.is_empty() {
+        return Err(Error::Usage(format!(
+            "none of the {} hosts answered",
+            hosts.len()
+        )));
+    }
+    let mut rows = merge(&lists);
+    sort_fleet(&mut rows, by);
+    rows.truncate(limit);
+    if as_json {
+        let text =
+            serde_json::to_string_pretty(&rows).map_err(|e| Error::Protocol(e.to_string()))?;
+        println!("{text}");
+        return Ok(());
+    }
+    println!("{} of {} hosts answered", lists.len(), hosts.len());
+    let width = rows
+        .iter()
+        .map(|r| r.name.len())
+        .chain([4])
+        .max()
+        .unwrap_or(4);
+    println!(
+        "{:<width$}  {:>5}  {:>6}  {:<19}  {:>8}  {:>10}  {:>11}  {:>10}",
+        "NAME", "HOSTS", "CLONES", "LAST START", "READS", "READ", "CLONES READ", "OWNED"
+    );
+    for r in &rows {
+        let u = &r.usage;
+        println!(
+            "{:<width$}  {:>5}  {:>6}  {:<19}  {:>8}  {:>10}  {:>11}  {:>10}",
+            r.name,
+            r.hosts,
+            u.clones,
+            u.last_clone
+                .as_deref()
+                .map(|t| t.get(..19).unwrap_or(t).replacen('T', " ", 1))
+                .unwrap_or_else(|| "-".into()),
+            u.reads,
+            human_bytes(u.bytes_read),
+            human_bytes(u.clone_bytes_read),
+            human_bytes(r.owned_bytes),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(name: &str, clones: u64, last: Option<&str>, read: u64) -> Layer {
+        Layer {
+            id: 1,
+            name: name.into(),
+            parent: None,
+            frozen: true,
+            cold: false,
+            children: 0,
+            created: "2026-01-01T00:00:00.000000000Z".into(),
+            frozen_at: None,
+            owned_bytes: 10,
+            quota_bytes: None,
+            inode_count: 1,
+            path: String::new(),
+            usage: Usage {
+                clones,
+                last_clone: last.map(str::to_string),
+                reads: 1,
+                bytes_read: read,
+                clone_reads: 0,
+                clone_bytes_read: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn hosts_add_up_by_layer_name() {
+        let a = vec![
+            layer("web", 5, Some("2026-01-02T00:00:00.000000000Z"), 100),
+            layer("db", 2, None, 7),
+        ];
+        let b = vec![layer("web", 3, Some("2026-01-03T00:00:00.000000000Z"), 1)];
+        let c = vec![layer("db", 4, Some("2026-01-01T00:00:00.000000000Z"), 0)];
+        let mut rows = merge(&[a, b, c]);
+        sort_fleet(&mut rows, TopSort::Clones);
+        assert_eq!(rows[0].name, "web");
+        assert_eq!(
+            (
+                rows[0].hosts,
+                rows[0].usage.clones,
+                rows[0].usage.bytes_read
+            ),
+            (2, 8, 101)
+        );
+        assert_eq!(
+            rows[0].usage.last_clone.as_deref(),
+            Some("2026-01-03T00:00:00.000000000Z")
+        );
+        assert_eq!(
+            (
+                rows[1].name.as_str(),
+                rows[1].usage.clones,
+                rows[1].owned_bytes
+            ),
+            ("db", 6, 20)
+        );
+        sort_fleet(&mut rows, TopSort::LastStart);
+        assert_eq!(rows[0].name, "web");
+        assert_eq!(address("h"), "h:9477");
+        assert_eq!(address("h:80"), "h:80");
+        assert_eq!(address("[::1]:80"), "[::1]:80");
+    }
+}
