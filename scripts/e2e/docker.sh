@@ -6,7 +6,8 @@
 # rootfs). Checks, in order:
 #   import (busybox, Debian) and load (three layers with whiteouts, an opaque
 #   directory, hardlinks, a fifo, a PAX xattr, a long name) and run, with the
-#   output checked; exec; cp in and out; diff; inspect; commit of a running
+#   output checked; the statistics of those runs (lcfs top layers, the HTTP
+#   API, /metrics: starts per image, what containers read); exec; cp in and out; diff; inspect; commit of a running
 #   container; a classic build (RUN steps that add, modify and delete files,
 #   a COPY of a directory, one step writing 64 MiB) whose `docker save` loads
 #   into a second dockerd on overlay2 with every file's content, mode, owner,
@@ -23,7 +24,7 @@ tree=("python3" "$E2E_DIR/tree.py")
 images=("python3" "$E2E_DIR/images.py")
 run=(run --rm --network none)
 
-require_commands dockerd busybox tar python3 jq
+require_commands dockerd busybox tar python3 jq curl
 e2e_init
 ensure_rootfs_tarball
 lcfs_build
@@ -79,6 +80,35 @@ expect "symlink, fifo" "keep in layer 1 p" "$(d "${run[@]}" multilayer:1 sh -c \
 layer_dir=$(d image inspect multilayer:1 --format '{{.GraphDriver.Data.Dir}}')
 expect "PAX xattr on the lcfs layer" "test-value" \
     "$(python3 -c 'import os,sys; print(os.getxattr(sys.argv[1], "user.lcfs").decode())' "$layer_dir/data/xattr")"
+
+# --- statistics: which images containers start from, what they read -------------------
+# busybox:e2e started once above and five times here, debian:e2e twice and
+# twice more; each busybox container reads the whole busybox binary through
+# its own layer (docs/statistics.md). The image's top layer counts the
+# starts (each container's -init layer is a clone of it); the removed
+# containers' reads end up in its clone reads.
+for _ in 1 2 3 4 5; do
+    quietly d "${run[@]}" busybox:e2e cat /bin/busybox || fail "a busybox container failed"
+done
+for _ in 1 2; do
+    quietly d "${run[@]}" debian:e2e cat /etc/debian_version || fail "a Debian container failed"
+done
+busybox_layer=$(d image inspect busybox:e2e --format '{{.GraphDriver.Data.Layer}}')
+debian_layer=$(d image inspect debian:e2e --format '{{.GraphDriver.Data.Layer}}')
+busybox_bytes=$(stat -c %s "$(d image inspect busybox:e2e --format '{{.GraphDriver.Data.Dir}}')/bin/busybox")
+top=$(lcfs_ctl top layers --json)
+expect "busybox:e2e started 6 times" 6 "$(jq --arg l "$busybox_layer" '.[] | select(.name == $l) | .usage.clones' <<<"$top")"
+expect "debian:e2e started 4 times" 4 "$(jq --arg l "$debian_layer" '.[] | select(.name == $l) | .usage.clones' <<<"$top")"
+expect "the most started layer is busybox:e2e's" "$busybox_layer" "$(jq -r '.[0].name' <<<"$top")"
+read_back=$(jq --arg l "$busybox_layer" '.[] | select(.name == $l) | .usage.clone_bytes_read' <<<"$top")
+[[ $read_back -ge $((5 * busybox_bytes)) ]] ||
+    fail "busybox:e2e's removed containers read $read_back bytes, expected at least 5 x $busybox_bytes"
+stats_socket="$(dirname "$LCFS_SOCKET")/stats.sock"
+expect "REST: the most started layer" "$busybox_layer 6" "$(curl -sf --unix-socket "$stats_socket" \
+    'http://lcfs/v1/layers?sort=clones&limit=1' | jq -r '.[0].name + " " + (.[0].usage.clones | tostring)')"
+expect "metrics: busybox:e2e's starts" 1 "$(curl -sf --unix-socket "$stats_socket" http://lcfs/metrics |
+    grep -c "^lcfs_layer_clones_total{layer=\"$busybox_layer\",parent=\"\"} 6\$")"
+say "statistics: busybox:e2e started 6 times, its containers read $((read_back >> 10)) KiB; debian:e2e 4 times"
 
 # --- exec, cp, diff, inspect, commit ---------------------------------------------------
 cid=$(d run -d --network none --name long busybox:e2e sh -c 'echo started > /tmp/state; rm /etc/group; sleep 1000')
