@@ -223,6 +223,20 @@ pub fn layer_stat(socket: &Path, name: &str, as_json: bool) -> Result<()> {
         human_bytes(u.clone_bytes_read),
         u.clone_reads
     );
+    println!(
+        "start-up:  {} to its first read ({} in its first 10 s); its removed clones' mean {} over {}",
+        duration(u.startup_seconds),
+        human_bytes(u.early_bytes_read),
+        duration(u.mean_clone_startup()),
+        u.clone_starts
+    );
+    if u.applied_bytes > 0 {
+        println!(
+            "pulled:    {} applied in {}",
+            human_bytes(u.applied_bytes),
+            duration(Some(u.apply_seconds))
+        );
+    }
     println!("created:   {}", l.created);
     println!("frozen at: {}", l.frozen_at.as_deref().unwrap_or("-"));
     println!("path:      {}", l.path);
@@ -240,6 +254,10 @@ pub enum TopSort {
     Reads,
     /// Bytes it owns.
     Size,
+    /// How long applying it took (pulled layers).
+    PullTime,
+    /// The mean start-up (creation to first read) of its removed clones.
+    StartupTime,
     /// Creation time.
     Created,
 }
@@ -263,6 +281,11 @@ pub fn rank(by: TopSort, a: &Ranked, b: &Ranked) -> std::cmp::Ordering {
         TopSort::LastStart => b.usage.last_clone.cmp(&a.usage.last_clone),
         TopSort::Reads => read(b).cmp(&read(a)),
         TopSort::Size => b.owned_bytes.cmp(&a.owned_bytes),
+        TopSort::PullTime => b.usage.apply_seconds.total_cmp(&a.usage.apply_seconds),
+        TopSort::StartupTime => {
+            let mean = |r: &Ranked| r.usage.mean_clone_startup().unwrap_or(-1.0);
+            mean(b).total_cmp(&mean(a))
+        }
         TopSort::Created => b.created.cmp(a.created),
     };
     order.then_with(|| a.name.cmp(b.name))
@@ -296,13 +319,22 @@ pub fn top_layers(socket: &Path, by: TopSort, limit: usize, as_json: bool) -> Re
         .max()
         .unwrap_or(4);
     println!(
-        "{:<width$}  {:<8}  {:>6}  {:<19}  {:>8}  {:>10}  {:>11}  {:>10}",
-        "NAME", "STATE", "CLONES", "LAST START", "READS", "READ", "CLONES READ", "OWNED"
+        "{:<width$}  {:<8}  {:>6}  {:<19}  {:>8}  {:>10}  {:>11}  {:>8}  {:>7}  {:>10}",
+        "NAME",
+        "STATE",
+        "CLONES",
+        "LAST START",
+        "READS",
+        "READ",
+        "CLONES READ",
+        "STARTUP",
+        "PULL",
+        "OWNED"
     );
     for l in &layers {
         let u = &l.usage;
         println!(
-            "{:<width$}  {:<8}  {:>6}  {:<19}  {:>8}  {:>10}  {:>11}  {:>10}",
+            "{:<width$}  {:<8}  {:>6}  {:<19}  {:>8}  {:>10}  {:>11}  {:>8}  {:>7}  {:>10}",
             l.name,
             state(l),
             u.clones,
@@ -313,10 +345,21 @@ pub fn top_layers(socket: &Path, by: TopSort, limit: usize, as_json: bool) -> Re
             u.reads,
             human_bytes(u.bytes_read),
             human_bytes(u.clone_bytes_read),
+            duration(u.mean_clone_startup()),
+            duration((u.applied_bytes > 0).then_some(u.apply_seconds)),
             human_bytes(l.owned_bytes),
         );
     }
     Ok(())
+}
+
+/// `1.23 s`, `56 ms` or `-`.
+pub fn duration(seconds: Option<f64>) -> String {
+    match seconds {
+        None => "-".into(),
+        Some(s) if s >= 1.0 => format!("{s:.2} s"),
+        Some(s) => format!("{:.0} ms", s * 1000.0),
+    }
 }
 
 fn state(l: &Layer) -> &'static str {

@@ -51,6 +51,16 @@ pub fn merge(answers: &[Vec<Layer>]) -> Vec<FleetLayer> {
             if v.last_clone > u.last_clone {
                 u.last_clone = v.last_clone.clone();
             }
+            u.applied_bytes = u.applied_bytes.saturating_add(v.applied_bytes);
+            u.apply_seconds += v.apply_seconds;
+            u.early_reads = u.early_reads.saturating_add(v.early_reads);
+            u.early_bytes_read = u.early_bytes_read.saturating_add(v.early_bytes_read);
+            u.clone_starts = u.clone_starts.saturating_add(v.clone_starts);
+            u.clone_startup_seconds += v.clone_startup_seconds;
+            u.clone_early_reads = u.clone_early_reads.saturating_add(v.clone_early_reads);
+            u.clone_early_bytes_read = u
+                .clone_early_bytes_read
+                .saturating_add(v.clone_early_bytes_read);
             f.owned_bytes = f.owned_bytes.saturating_add(l.owned_bytes);
         }
     }
@@ -192,13 +202,13 @@ pub fn top_layers(
         .max()
         .unwrap_or(4);
     println!(
-        "{:<width$}  {:>5}  {:>6}  {:<19}  {:>8}  {:>10}  {:>11}  {:>10}",
-        "NAME", "HOSTS", "CLONES", "LAST START", "READS", "READ", "CLONES READ", "OWNED"
+        "{:<width$}  {:>5}  {:>6}  {:<19}  {:>8}  {:>10}  {:>11}  {:>8}  {:>10}",
+        "NAME", "HOSTS", "CLONES", "LAST START", "READS", "READ", "CLONES READ", "STARTUP", "OWNED"
     );
     for r in &rows {
         let u = &r.usage;
         println!(
-            "{:<width$}  {:>5}  {:>6}  {:<19}  {:>8}  {:>10}  {:>11}  {:>10}",
+            "{:<width$}  {:>5}  {:>6}  {:<19}  {:>8}  {:>10}  {:>11}  {:>8}  {:>10}",
             r.name,
             r.hosts,
             u.clones,
@@ -209,6 +219,7 @@ pub fn top_layers(
             u.reads,
             human_bytes(u.bytes_read),
             human_bytes(u.clone_bytes_read),
+            crate::client::duration(u.mean_clone_startup()),
             human_bytes(r.owned_bytes),
         );
     }
@@ -238,8 +249,9 @@ mod tests {
                 last_clone: last.map(str::to_string),
                 reads: 1,
                 bytes_read: read,
-                clone_reads: 0,
-                clone_bytes_read: 0,
+                clone_starts: clones,
+                clone_startup_seconds: 0.5 * clones as f64,
+                ..Usage::default()
             },
         }
     }
@@ -277,6 +289,7 @@ mod tests {
         );
         sort_fleet(&mut rows, TopSort::LastStart);
         assert_eq!(rows[0].name, "web");
+        assert_eq!(rows[0].usage.mean_clone_startup(), Some(0.5));
         assert_eq!(address("h"), "h:9477");
         assert_eq!(address("h:80"), "h:80");
         assert_eq!(address("[::1]:80"), "[::1]:80");

@@ -78,6 +78,40 @@ pub struct Usage {
     /// The same for its removed clones (and theirs), folded in at removal.
     pub clone_reads: u64,
     pub clone_bytes_read: u64,
+    /// A pulled layer: uncompressed bytes applied into it, and how long
+    /// that took.
+    #[serde(default)]
+    pub applied_bytes: u64,
+    #[serde(default)]
+    pub apply_seconds: f64,
+    /// RFC 3339 time of the first read served from it (null: none yet),
+    /// and the seconds from its creation to then (a container's start-up).
+    #[serde(default)]
+    pub first_read: Option<String>,
+    #[serde(default)]
+    pub startup_seconds: Option<f64>,
+    /// Reads in its first 10 seconds, and their bytes.
+    #[serde(default)]
+    pub early_reads: u64,
+    #[serde(default)]
+    pub early_bytes_read: u64,
+    /// Its removed clones that read anything, the sum of their start-up
+    /// seconds, and their reads in their first 10 seconds.
+    #[serde(default)]
+    pub clone_starts: u64,
+    #[serde(default)]
+    pub clone_startup_seconds: f64,
+    #[serde(default)]
+    pub clone_early_reads: u64,
+    #[serde(default)]
+    pub clone_early_bytes_read: u64,
+}
+
+impl Usage {
+    /// The mean start-up of its removed clones, if any started.
+    pub fn mean_clone_startup(&self) -> Option<f64> {
+        (self.clone_starts > 0).then(|| self.clone_startup_seconds / self.clone_starts as f64)
+    }
 }
 
 impl Layer {
@@ -102,6 +136,22 @@ impl Layer {
                 bytes_read: info.usage.bytes_read,
                 clone_reads: info.usage.clone_reads,
                 clone_bytes_read: info.usage.clone_bytes_read,
+                applied_bytes: info.usage.applied_bytes,
+                apply_seconds: info.usage.apply_ns as f64 / 1e9,
+                first_read: info
+                    .usage
+                    .startup_ns(info.created)
+                    .map(|_| rfc3339(info.usage.first_read)),
+                startup_seconds: info
+                    .usage
+                    .startup_ns(info.created)
+                    .map(|ns| ns as f64 / 1e9),
+                early_reads: info.usage.early_reads,
+                early_bytes_read: info.usage.early_bytes_read,
+                clone_starts: info.usage.clone_starts,
+                clone_startup_seconds: info.usage.clone_start_ns as f64 / 1e9,
+                clone_early_reads: info.usage.clone_early_reads,
+                clone_early_bytes_read: info.usage.clone_early_bytes_read,
             },
         }
     }

@@ -33,6 +33,7 @@ use serde_json::json;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -588,6 +589,10 @@ fn metrics(state: &State) -> Result<String, String> {
     let last = Family::<LayerLabels, Gauge>::default();
     let read = Family::<LayerLabels, Counter>::default();
     let owned = Family::<LayerLabels, Gauge>::default();
+    let starts = Family::<LayerLabels, Counter>::default();
+    let startup = Family::<LayerLabels, Counter<f64, AtomicU64>>::default();
+    let applied = Family::<LayerLabels, Gauge>::default();
+    let apply = Family::<LayerLabels, Gauge<f64, AtomicU64>>::default();
     for l in &layers {
         let labels = vec![
             ("layer".to_string(), l.name.clone()),
@@ -602,6 +607,16 @@ fn metrics(state: &State) -> Result<String, String> {
         owned
             .get_or_create(&labels)
             .set(l.owned_bytes.min(i64::MAX as u64) as i64);
+        starts.get_or_create(&labels).inc_by(l.usage.clone_starts);
+        startup
+            .get_or_create(&labels)
+            .inc_by(l.usage.clone_startup_seconds);
+        if l.usage.applied_bytes > 0 {
+            applied
+                .get_or_create(&labels)
+                .set(l.usage.applied_bytes.min(i64::MAX as u64) as i64);
+            apply.get_or_create(&labels).set(l.usage.apply_seconds);
+        }
     }
     registry.register(
         "layer_clones",
@@ -619,6 +634,26 @@ fn metrics(state: &State) -> Result<String, String> {
         read,
     );
     registry.register("layer_owned_bytes", "Bytes this layer alone owns", owned);
+    registry.register(
+        "layer_clone_starts",
+        "Removed clones of this layer that read anything (started containers)",
+        starts,
+    );
+    registry.register(
+        "layer_clone_startup_seconds",
+        "Sum over those clones of the time from creation to first read; divide by layer_clone_starts for the mean",
+        startup,
+    );
+    registry.register(
+        "layer_applied_bytes",
+        "Uncompressed bytes applied into this layer when it was pulled",
+        applied,
+    );
+    registry.register(
+        "layer_apply_seconds",
+        "How long applying this layer took when it was pulled",
+        apply,
+    );
     let mut text = String::new();
     encode(&mut text, &registry).map_err(|e| format!("encoding the metrics: {e}"))?;
     Ok(text)

@@ -71,11 +71,28 @@ fn top_layers_ranks_images_by_starts_and_reads_and_keeps_counts() {
     let latest = top(&h, &["--sort", "last-start", "--limit", "1"]);
     assert_eq!(latest[0]["name"], "y", "y was cloned last");
 
-    // A removed container's reads stay with its image.
+    // Each container's start-up: from its creation to its first read.
+    let x0 = row(&rows, "x0")["usage"].clone();
+    assert!(x0["first_read"].is_string(), "{x0}");
+    let startup = x0["startup_seconds"].as_f64().unwrap();
+    assert!(startup > 0.0 && startup < 60.0, "{x0}");
+    assert_eq!(x0["early_bytes_read"], 64 << 10);
+    assert!(row(&rows, "x")["usage"]["startup_seconds"].is_null());
+
+    // A removed container's reads and start-up stay with its image.
     h.ok(&["layer", "rm", "x0"]);
     let rows = top(&h, &[]);
-    assert_eq!(row(&rows, "x")["usage"]["clone_bytes_read"], 64 << 10);
-    assert_eq!(row(&rows, "x")["usage"]["clones"], 5);
+    let x = &row(&rows, "x")["usage"];
+    assert_eq!(x["clone_bytes_read"], 64 << 10);
+    assert_eq!(x["clones"], 5);
+    assert_eq!(x["clone_starts"], 1);
+    assert!(
+        (x["clone_startup_seconds"].as_f64().unwrap() - startup).abs() < 1e-6,
+        "{x}"
+    );
+    assert_eq!(x["clone_early_bytes_read"], 64 << 10);
+    let by_startup = top(&h, &["--sort", "startup-time", "--limit", "1"]);
+    assert_eq!(by_startup[0]["name"], "x");
 
     // The table a person reads.
     let table = h.ok(&["top", "layers", "--limit", "3"]);
@@ -87,6 +104,8 @@ fn top_layers_ranks_images_by_starts_and_reads_and_keeps_counts() {
         "LAST START",
         "READ",
         "CLONES READ",
+        "STARTUP",
+        "PULL",
         "OWNED",
     ] {
         assert!(header.contains(column), "{table}");

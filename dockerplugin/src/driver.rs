@@ -469,8 +469,16 @@ impl Driver {
         }
         let lender = self.lender(parent);
         let mut stream = stream;
+        let started = std::time::Instant::now();
         let result = crate::apply::apply(engine, info.id, lender, &mut stream)
             .and_then(|size| drain_trailing(&mut stream).map(|_| size))
+            // The pull's share of the statistics (docs/statistics.md).
+            .and_then(|size| {
+                engine
+                    .record_apply(info.id, size, started.elapsed())
+                    .map_err(|e| Error::engine(format!("recording the apply of {id:?}"), e))
+                    .map(|_| size)
+            })
             // Docker records the layer as soon as we answer: it must
             // survive a crash from then on (one group-committed checkpoint).
             .and_then(|size| {

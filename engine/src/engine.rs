@@ -573,6 +573,13 @@ impl Engine {
     /// copies mount, whose page cache every layer shares): blocks in the
     /// block cache are used, blocks read from the device are not added to
     /// it, so the bytes are not held twice.
+    /// Records that `bytes` of a layer tar were applied into `layer` (a
+    /// pulled image layer) in `elapsed` (see `LayerUsage::applied_bytes`).
+    pub fn record_apply(&self, layer: u64, bytes: u64, elapsed: std::time::Duration) -> Result<()> {
+        let ns = elapsed.as_nanos().min(u64::MAX as u128) as u64;
+        self.op_then_upkeep(|s| s.record_apply(layer, bytes, ns))
+    }
+
     /// It counts like [`Engine::read_counted`].
     pub fn read_uncached(&self, layer: u64, ino: u64, offset: u64, len: usize) -> Result<Vec<u8>> {
         self.read_keeping(layer, ino, offset, len, false, true)

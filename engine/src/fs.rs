@@ -497,20 +497,46 @@ impl Store {
         self.remove_layer_metadata(layer)?;
         self.meta.layer_changed(layer);
         // What the layer read stays counted, as its parent's clones' reads.
-        let (pending_reads, pending_bytes) = self.pending_reads.remove(&layer).unwrap_or_default();
-        let used = self.layers.get(layer).map(|l| l.usage).unwrap_or_default();
+        let (mut used, created) = self
+            .layers
+            .get(layer)
+            .map(|l| (l.usage, l.created))
+            .unwrap_or_default();
+        if let Some(pending) = self.pending_reads.remove(&layer) {
+            pending.add_to(&mut used);
+        }
         self.layers.remove(layer);
         if let Some(p) = self.layers.get_mut(parent) {
             p.children -= 1;
             let u = &mut p.usage;
-            u.clone_reads = (u.clone_reads)
-                .saturating_add(used.reads)
-                .saturating_add(used.clone_reads)
-                .saturating_add(pending_reads);
-            u.clone_bytes_read = (u.clone_bytes_read)
-                .saturating_add(used.bytes_read)
-                .saturating_add(used.clone_bytes_read)
-                .saturating_add(pending_bytes);
+            let add = |to: &mut u64, a: u64, b: u64| *to = to.saturating_add(a).saturating_add(b);
+            add(&mut u.clone_reads, used.reads, used.clone_reads);
+            add(
+                &mut u.clone_bytes_read,
+                used.bytes_read,
+                used.clone_bytes_read,
+            );
+            add(
+                &mut u.clone_early_reads,
+                used.early_reads,
+                used.clone_early_reads,
+            );
+            add(
+                &mut u.clone_early_bytes_read,
+                used.early_bytes_read,
+                used.clone_early_bytes_read,
+            );
+            let own_start = used.startup_ns(created);
+            add(
+                &mut u.clone_starts,
+                own_start.is_some() as u64,
+                used.clone_starts,
+            );
+            add(
+                &mut u.clone_start_ns,
+                own_start.unwrap_or(0),
+                used.clone_start_ns,
+            );
             self.mark_layer_dirty(parent);
         }
         self.bump();
@@ -576,9 +602,8 @@ impl Store {
             quota_bytes: (l.quota_bytes > 0).then_some(l.quota_bytes),
             usage: {
                 let mut u = l.usage;
-                if let Some((reads, bytes)) = self.pending_reads.get(&layer) {
-                    u.reads = u.reads.saturating_add(*reads);
-                    u.bytes_read = u.bytes_read.saturating_add(*bytes);
+                if let Some(pending) = self.pending_reads.get(&layer) {
+                    pending.add_to(&mut u);
                 }
                 u
             },

@@ -196,10 +196,10 @@ pub(crate) struct Store {
     /// Replaying the fsync log: a checkpoint now would end the records'
     /// validity half-applied, so none may begin.
     pub(crate) replaying: bool,
-    /// Reads counted since they were last folded into the layer records
-    /// (layer id -> reads, bytes): one entry per layer read, removed by
-    /// [`Store::fold_reads`] (see `LayerUsage`).
-    pub(crate) pending_reads: HashMap<u64, (u64, u64)>,
+    /// Reads counted since they were last folded into the layer records:
+    /// one entry per layer read, removed by [`Store::fold_reads`] (see
+    /// `LayerUsage`).
+    pub(crate) pending_reads: HashMap<u64, PendingReads>,
 }
 
 impl Store {
@@ -550,9 +550,21 @@ impl Store {
     /// `LayerUsage::reads`); [`Store::fold_reads`] makes it part of the
     /// layer's record.
     pub fn count_read(&mut self, layer: u64, bytes: u64) {
+        let Some(l) = self.layers.get(layer) else {
+            return;
+        };
+        let (created, first_read) = (l.created, l.usage.first_read);
+        let now = Timestamp::now();
         let e = self.pending_reads.entry(layer).or_default();
-        e.0 += 1;
-        e.1 += bytes;
+        e.reads += 1;
+        e.bytes += bytes;
+        if first_read == Timestamp::default() && e.first.is_none() {
+            e.first = Some(now);
+        }
+        if now.seconds - created.seconds < EARLY_READ_SECONDS {
+            e.early_reads += 1;
+            e.early_bytes += bytes;
+        }
     }
 
     /// Moves the counted reads into the layer records, for the next
@@ -564,14 +576,25 @@ impl Store {
         if self.pending_reads.is_empty() || self.check_writable().is_err() {
             return;
         }
-        for (layer, (reads, bytes)) in std::mem::take(&mut self.pending_reads) {
+        for (layer, pending) in std::mem::take(&mut self.pending_reads) {
             if let Some(l) = self.layers.get_mut(layer) {
-                l.usage.reads = l.usage.reads.saturating_add(reads);
-                l.usage.bytes_read = l.usage.bytes_read.saturating_add(bytes);
+                pending.add_to(&mut l.usage);
                 self.layers.mark_dirty(layer);
             }
         }
         self.generation += 1;
+    }
+
+    /// Records that `bytes` were applied into `layer` (a pulled layer) in
+    /// `ns` nanoseconds; durable with the next checkpoint, as the layer is.
+    pub fn record_apply(&mut self, layer: u64, bytes: u64, ns: u64) -> Result<()> {
+        self.check_writable()?;
+        let l = self.layers.get_mut(layer).ok_or(Error::NotFound)?;
+        l.usage.applied_bytes = l.usage.applied_bytes.saturating_add(bytes);
+        l.usage.apply_ns = l.usage.apply_ns.saturating_add(ns);
+        self.mark_layer_dirty(layer);
+        self.bump();
+        Ok(())
     }
 
     /// Adds `delta` to the blocks a layer owns.
@@ -593,5 +616,28 @@ impl Store {
         }
         self.nodes.evict();
         Ok(())
+    }
+}
+
+/// Reads of one layer counted since the last fold.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct PendingReads {
+    pub reads: u64,
+    pub bytes: u64,
+    /// The first of them, when the layer had no first read before.
+    pub first: Option<Timestamp>,
+    pub early_reads: u64,
+    pub early_bytes: u64,
+}
+
+impl PendingReads {
+    pub fn add_to(&self, u: &mut LayerUsage) {
+        u.reads = u.reads.saturating_add(self.reads);
+        u.bytes_read = u.bytes_read.saturating_add(self.bytes);
+        u.early_reads = u.early_reads.saturating_add(self.early_reads);
+        u.early_bytes_read = u.early_bytes_read.saturating_add(self.early_bytes);
+        if let (Some(first), true) = (self.first, u.first_read == Timestamp::default()) {
+            u.first_read = first;
+        }
     }
 }

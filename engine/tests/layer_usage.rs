@@ -172,3 +172,53 @@ fn the_background_thread_makes_reads_durable_on_its_own() {
     let e = Engine::open(dev, quiet()).unwrap();
     assert_eq!(usage(&e, "c").reads, 1);
 }
+
+#[test]
+fn start_up_and_pull_are_recorded_and_fold_through_init_layers() {
+    let (dev, e) = fresh();
+    let image = e.create_layer("image", true).unwrap();
+    let f = e
+        .create(image, ROOT_INODE, b"bin", 0o755, 0, 0)
+        .unwrap()
+        .inode;
+    e.write(image, f, 0, &[3u8; 8192]).unwrap();
+    e.record_apply(image, 8192, std::time::Duration::from_millis(5))
+        .unwrap();
+    let u = usage(&e, "image");
+    assert_eq!((u.applied_bytes, u.apply_ns), (8192, 5_000_000));
+
+    // Docker's chain: the image, a container's -init layer, the container.
+    e.clone_layer("image", "c-init").unwrap();
+    let c = e.clone_layer("c-init", "c").unwrap();
+    let created = e.layer_info("c").unwrap().created;
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    e.read_counted(c, f, 0, 4096).unwrap();
+    e.read_counted(c, f, 4096, 4096).unwrap();
+    let u = usage(&e, "c");
+    assert!(u.first_read > created);
+    let startup = u.startup_ns(created).unwrap();
+    assert!(startup >= 20_000_000, "{startup} ns");
+    assert_eq!((u.early_reads, u.early_bytes_read), (2, 8192));
+    // The first read stays the first once folded and reopened.
+    e.sync().unwrap();
+    e.read_counted(c, f, 0, 10).unwrap();
+    assert_eq!(usage(&e, "c").first_read, u.first_read);
+    assert_eq!(usage(&e, "image").startup_ns(created), None);
+
+    e.remove_layer("c").unwrap();
+    e.remove_layer("c-init").unwrap();
+    let u = usage(&e, "image");
+    assert_eq!(u.clone_starts, 1);
+    assert_eq!(u.clone_start_ns, startup);
+    assert_eq!((u.clone_early_reads, u.clone_early_bytes_read), (3, 8202));
+    assert_eq!(u.clone_bytes_read, 8202);
+    // A container that never read counts no start.
+    e.clone_layer("image", "idle").unwrap();
+    e.remove_layer("idle").unwrap();
+    assert_eq!(usage(&e, "image").clone_starts, 1);
+    e.sync().unwrap();
+    drop(e);
+    let e = Engine::open(dev, quiet()).unwrap();
+    assert_eq!(usage(&e, "image").clone_start_ns, startup);
+    assert_eq!(usage(&e, "image").applied_bytes, 8192);
+}

@@ -87,7 +87,7 @@ fn layer_record(data: &[u8]) {
             let enc = v.encode();
             let mut want = data[..LAYER_FIXED_BYTES + name_len].to_vec();
             // A size limit follows the name when eight more bytes are there,
-            // then usage when 56 more are; the limit is written back when
+            // then usage when `LayerUsage::ENCODED_BYTES` more are; the limit is written back when
             // not zero or when usage is, usage when not all zero.
             let quota_at = LAYER_FIXED_BYTES + name_len;
             let usage_at = quota_at + 8;
@@ -102,7 +102,9 @@ fn layer_record(data: &[u8]) {
                 if let Some(u) = usage {
                     assert_eq!(v.usage.clones, u64::from_le_bytes(u[..8].try_into().unwrap()));
                     let mut u = u.to_vec();
+                    // The padding after each timestamp's nanoseconds.
                     u[20..24].fill(0);
+                    u[84..88].fill(0);
                     want.extend_from_slice(&u);
                 }
             } else {

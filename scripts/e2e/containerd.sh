@@ -9,7 +9,7 @@
 # registry serve every part; each part's time is printed at the end.
 #   infrastructure  registry, containerd, pushes; pull and run on containerd's
 #                   own overlayfs snapshotter (the reference for part c)
-#   a. ctr          pull, run, a container that writes, its snapshot
+#   a. ctr          pull (timed in lcfs's statistics), run, a container that writes, its snapshot
 #                   committed and checked through a fresh snapshot and a
 #                   diff (computed by the lcfs differ), removal, `ctr snapshots ls`, image removal and
 #                   garbage collection down to no snapshot and no lcfs layer
@@ -279,6 +279,12 @@ ctrd run --snapshotter "$snap" "$busybox" writer sh -c \
 if [[ $snap == lcfs ]]; then
     # Not `| grep -q`: it may exit before lcfs has printed, which then fails on EPIPE.
     [[ -n $(lcfs_ctl layer ls | grep -v '^NAME') ]] || fail "lcfs lists no layers while containerd holds snapshots"
+    # Statistics (docs/statistics.md): the pull through the lcfs differ is
+    # timed on the layer it filled, and both containers started from it.
+    pulled=$(lcfs_ctl top layers --sort pull-time --limit 1 --json)
+    jq -e '.[0].usage.applied_bytes > 100000 and .[0].usage.apply_seconds > 0 and
+        .[0].usage.clones >= 2' <<<"$pulled" >/dev/null ||
+        fail "the pulled busybox layer's statistics: $(jq -c '.[0].usage' <<<"$pulled")"
 fi
 quietly ctrd snapshots --snapshotter "$snap" commit writer-committed writer || fail "ctr snapshots commit failed"
 expect "committed snapshot kind" "Committed" "$(ctrd snapshots --snapshotter "$snap" info writer-committed |

@@ -103,6 +103,14 @@ expect "the most started layer is busybox:e2e's" "$busybox_layer" "$(jq -r '.[0]
 read_back=$(jq --arg l "$busybox_layer" '.[] | select(.name == $l) | .usage.clone_bytes_read' <<<"$top")
 [[ $read_back -ge $((5 * busybox_bytes)) ]] ||
     fail "busybox:e2e's removed containers read $read_back bytes, expected at least 5 x $busybox_bytes"
+# Every busybox container read, so each counts a start-up; the pull (docker
+# import, through ApplyDiff) is timed on the image's layer.
+expect "busybox:e2e's containers that started" 6 \
+    "$(jq --arg l "$busybox_layer" '.[] | select(.name == $l) | .usage.clone_starts' <<<"$top")"
+jq -e --arg l "$busybox_layer" '.[] | select(.name == $l) | .usage |
+    .clone_startup_seconds > 0 and .clone_early_bytes_read >= .clone_bytes_read / 2 and
+    .applied_bytes > 1000000 and .apply_seconds > 0' <<<"$top" >/dev/null ||
+    fail "busybox:e2e's start-up or pull is not recorded: $(jq -c --arg l "$busybox_layer" '.[] | select(.name == $l) | .usage' <<<"$top")"
 stats_socket="$(dirname "$LCFS_SOCKET")/stats.sock"
 expect "REST: the most started layer" "$busybox_layer 6" "$(curl -sf --unix-socket "$stats_socket" \
     'http://lcfs/v1/layers?sort=clones&limit=1' | jq -r '.[0].name + " " + (.[0].usage.clones | tostring)')"

@@ -378,6 +378,7 @@ fn apply_blob(
     job: &Job,
     received: tokio::sync::mpsc::Receiver<Result<Vec<u8>>>,
 ) -> Result<([u8; 32], u64)> {
+    let started = std::time::Instant::now();
     let engine = table.engine();
     let layer = engine
         .layer_id(&job.layer)
@@ -445,6 +446,10 @@ fn apply_blob(
         Some(h) => h.finalize().into(),
         None => job.expected,
     };
+    // The pull's share of the statistics (docs/statistics.md).
+    engine
+        .record_apply(layer, count, started.elapsed())
+        .map_err(|e| Error::engine("recording the apply", e))?;
     if job.sync {
         engine
             .sync()

@@ -265,10 +265,19 @@ mod tests {
                 bytes_read: 12288,
                 clone_reads: 40,
                 clone_bytes_read: 1 << 30,
+                applied_bytes: 5 << 20,
+                apply_ns: 123_456_789,
+                first_read: Timestamp::now(),
+                early_reads: 9,
+                early_bytes_read: 36_864,
+                clone_starts: 2,
+                clone_start_ns: 80_000_000,
+                clone_early_reads: 18,
+                clone_early_bytes_read: 73_728,
             },
             ..l.clone()
         };
-        assert_eq!(used.encode().len(), 88 + 8 + 8 + 56);
+        assert_eq!(used.encode().len(), 88 + 8 + 8 + LayerUsage::ENCODED_BYTES);
         assert_eq!(LayerRecord::decode(&used.encode()).unwrap(), used);
         let both = LayerRecord {
             quota_bytes: 1 << 20,

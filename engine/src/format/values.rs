@@ -215,13 +215,42 @@ pub struct LayerUsage {
     /// each was removed: what containers started from an image read.
     pub clone_reads: u64,
     pub clone_bytes_read: u64,
+    /// A pulled layer: the uncompressed bytes applied into it (Docker's
+    /// ApplyDiff, containerd's Diff Apply) and the time that took.
+    pub applied_bytes: u64,
+    pub apply_ns: u64,
+    /// The first read served from this layer (zero: none yet): for a
+    /// container, the end of its start-up as storage sees it.
+    pub first_read: Timestamp,
+    /// Reads in the first [`EARLY_READ_SECONDS`] after the layer was made:
+    /// what a container reads to start.
+    pub early_reads: u64,
+    pub early_bytes_read: u64,
+    /// Removed clones that had a first read, the sum of their times from
+    /// creation to first read, and their early reads: folded in at removal
+    /// like `clone_reads`.
+    pub clone_starts: u64,
+    pub clone_start_ns: u64,
+    pub clone_early_reads: u64,
+    pub clone_early_bytes_read: u64,
 }
 
+/// The start-up window of [`LayerUsage::early_reads`].
+pub const EARLY_READ_SECONDS: i64 = 10;
+
 impl LayerUsage {
-    pub const ENCODED_BYTES: usize = 56;
+    pub const ENCODED_BYTES: usize = 136;
 
     pub fn is_zero(&self) -> bool {
         *self == LayerUsage::default()
+    }
+
+    /// Nanoseconds from `created` to the first read, if there was one.
+    pub fn startup_ns(&self, created: Timestamp) -> Option<u64> {
+        (self.first_read != Timestamp::default()).then(|| {
+            let ns = |t: Timestamp| t.seconds as i128 * 1_000_000_000 + t.nanoseconds as i128;
+            (ns(self.first_read) - ns(created)).clamp(0, u64::MAX as i128) as u64
+        })
     }
 }
 
@@ -260,11 +289,32 @@ impl LayerRecord {
         }
         if usage > 0 {
             let u = &self.usage;
+            let time = |w: &mut Writer, t: Timestamp| {
+                w.i64(t.seconds);
+                w.u32(t.nanoseconds);
+                w.u32(0);
+            };
             w.u64(u.clones);
-            w.i64(u.last_clone.seconds);
-            w.u32(u.last_clone.nanoseconds);
-            w.u32(0);
-            for n in [u.reads, u.bytes_read, u.clone_reads, u.clone_bytes_read] {
+            time(&mut w, u.last_clone);
+            for n in [
+                u.reads,
+                u.bytes_read,
+                u.clone_reads,
+                u.clone_bytes_read,
+                u.applied_bytes,
+                u.apply_ns,
+            ] {
+                w.u64(n);
+            }
+            time(&mut w, u.first_read);
+            for n in [
+                u.early_reads,
+                u.early_bytes_read,
+                u.clone_starts,
+                u.clone_start_ns,
+                u.clone_early_reads,
+                u.clone_early_bytes_read,
+            ] {
                 w.u64(n);
             }
         }
@@ -293,14 +343,38 @@ impl LayerRecord {
         let quota_bytes = if r.rest() >= 8 { r.u64()? } else { 0 };
         let mut usage = LayerUsage::default();
         if r.rest() >= LayerUsage::ENCODED_BYTES {
-            usage.clones = r.u64()?;
-            usage.last_clone.seconds = r.i64()?;
-            usage.last_clone.nanoseconds = r.u32()?;
-            r.u32()?;
-            usage.reads = r.u64()?;
-            usage.bytes_read = r.u64()?;
-            usage.clone_reads = r.u64()?;
-            usage.clone_bytes_read = r.u64()?;
+            let time = |r: &mut Reader| -> Result<Timestamp> {
+                let t = Timestamp {
+                    seconds: r.i64()?,
+                    nanoseconds: r.u32()?,
+                };
+                r.u32()?;
+                Ok(t)
+            };
+            let u = &mut usage;
+            u.clones = r.u64()?;
+            u.last_clone = time(&mut r)?;
+            for n in [
+                &mut u.reads,
+                &mut u.bytes_read,
+                &mut u.clone_reads,
+                &mut u.clone_bytes_read,
+                &mut u.applied_bytes,
+                &mut u.apply_ns,
+            ] {
+                *n = r.u64()?;
+            }
+            u.first_read = time(&mut r)?;
+            for n in [
+                &mut u.early_reads,
+                &mut u.early_bytes_read,
+                &mut u.clone_starts,
+                &mut u.clone_start_ns,
+                &mut u.clone_early_reads,
+                &mut u.clone_early_bytes_read,
+            ] {
+                *n = r.u64()?;
+            }
         }
         Ok(LayerRecord {
             id,
