@@ -123,10 +123,7 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
             ) {
                 Ok(server) => Some(server),
                 Err(e) => {
-                    drop(listener);
-                    let _ = std::fs::remove_file(&o.control_socket);
-                    unmount(&mount, &mountpoint);
-                    let _ = engine.close();
+                    abandon_start(listener, &o.control_socket, &mount, &mountpoint, &engine);
                     return Err(Error::io(
                         format!("serving the docker plugin on {}", socket.display()),
                         e,
@@ -153,10 +150,7 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
                     if let Some(server) = plugin {
                         server.shutdown();
                     }
-                    drop(listener);
-                    let _ = std::fs::remove_file(&o.control_socket);
-                    unmount(&mount, &mountpoint);
-                    let _ = engine.close();
+                    abandon_start(listener, &o.control_socket, &mount, &mountpoint, &engine);
                     return Err(Error::Usage(format!(
                         "serving the containerd snapshotter on {}: {e}",
                         socket.display()
@@ -174,10 +168,7 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
             if let Some(server) = plugin {
                 server.shutdown();
             }
-            drop(listener);
-            let _ = std::fs::remove_file(&o.control_socket);
-            unmount(&mount, &mountpoint);
-            let _ = engine.close();
+            abandon_start(listener, &o.control_socket, &mount, &mountpoint, &engine);
             return Err(Error::Usage(format!(
                 "serving statistics on {}: {e}",
                 o.stats.socket.display()
@@ -233,6 +224,21 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
 
 fn absolute(path: &Path) -> Result<PathBuf> {
     std::path::absolute(path).map_err(|e| Error::io(path.display().to_string(), e))
+}
+
+/// Undoes the start-up so far when a service after the control socket
+/// cannot start: stop listening, unmount, checkpoint.
+fn abandon_start(
+    listener: std::os::unix::net::UnixListener,
+    control_socket: &Path,
+    mount: &RwLock<Option<Mount>>,
+    mountpoint: &Path,
+    engine: &lcfs_engine::Engine,
+) {
+    drop(listener);
+    let _ = std::fs::remove_file(control_socket);
+    unmount(mount, mountpoint);
+    let _ = engine.close();
 }
 
 /// Unmounts, falling back to a lazy unmount when the mount is busy, so the

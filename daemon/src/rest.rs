@@ -177,21 +177,24 @@ pub fn serve(
             runtime.block_on(async move {
                 let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
                 let unix = tokio::net::UnixListener::from_std(unix).expect("in a runtime");
-                let mut tasks = vec![tokio::spawn(accept_unix(
+                let mut tasks = vec![tokio::spawn(accept_loop(
                     unix,
+                    "socket",
                     state.clone(),
                     slots.clone(),
                     stopped.clone(),
+                    None,
                 ))];
                 if let Some(tcp) = tcp {
                     let tcp = tokio::net::TcpListener::from_std(tcp).expect("in a runtime");
                     let token: Arc<str> = token.expect("checked above").into();
-                    tasks.push(tokio::spawn(accept_tcp(
+                    tasks.push(tokio::spawn(accept_loop(
                         tcp,
+                        "address",
                         state,
                         slots,
                         stopped.clone(),
-                        token,
+                        Some(token),
                     )));
                 }
                 for t in tasks {
@@ -207,48 +210,49 @@ pub fn serve(
     })
 }
 
-async fn accept_unix(
-    listener: tokio::net::UnixListener,
-    state: Arc<State>,
-    slots: Arc<Semaphore>,
-    mut stopped: watch::Receiver<bool>,
-) {
-    loop {
-        let stream = tokio::select! {
-            _ = stopped.changed() => return,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    log::warn!("statistics socket: accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        connection(stream, state.clone(), &slots, None);
+/// A listener the accept loop takes connections from.
+trait Accept: Send + 'static {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn next(&self) -> impl std::future::Future<Output = io::Result<Self::Stream>> + Send;
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn next(&self) -> io::Result<Self::Stream> {
+        self.accept().await.map(|(s, _)| s)
     }
 }
 
-async fn accept_tcp(
-    listener: tokio::net::TcpListener,
+impl Accept for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn next(&self) -> io::Result<Self::Stream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+/// Takes connections until told to stop; `token`: the bearer token each
+/// request must carry (TCP), or none (the root-only socket).
+async fn accept_loop<L: Accept>(
+    listener: L,
+    what: &'static str,
     state: Arc<State>,
     slots: Arc<Semaphore>,
     mut stopped: watch::Receiver<bool>,
-    token: Arc<str>,
+    token: Option<Arc<str>>,
 ) {
     loop {
         let stream = tokio::select! {
             _ = stopped.changed() => return,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
+            r = listener.next() => match r {
+                Ok(s) => s,
                 Err(e) => {
-                    log::warn!("statistics address: accept: {e}");
+                    log::warn!("statistics {what}: accept: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
         };
-        connection(stream, state.clone(), &slots, Some(token.clone()));
+        connection(stream, state.clone(), &slots, token.clone());
     }
 }
 

@@ -17,6 +17,10 @@ fn quiet() -> Config {
 }
 
 fn fresh() -> (Arc<dyn Device>, Arc<Engine>) {
+    fresh_with(quiet())
+}
+
+fn fresh_with(config: Config) -> (Arc<dyn Device>, Arc<Engine>) {
     let dev: Arc<dyn Device> = Arc::new(MemDevice::new(64 << 20));
     Engine::format(
         dev.clone(),
@@ -26,7 +30,7 @@ fn fresh() -> (Arc<dyn Device>, Arc<Engine>) {
         },
     )
     .unwrap();
-    let e = Engine::open(dev.clone(), quiet()).unwrap();
+    let e = Engine::open(dev.clone(), config).unwrap();
     (dev, e)
 }
 
@@ -136,21 +140,11 @@ fn a_crash_loses_only_the_reads_since_the_last_checkpoint() {
 
 #[test]
 fn the_background_thread_makes_reads_durable_on_its_own() {
-    let dev: Arc<dyn Device> = Arc::new(MemDevice::new(64 << 20));
-    Engine::format(
-        dev.clone(),
-        &FormatOptions {
-            segment_size_bytes: 256 << 10,
-            force: false,
-        },
-    )
-    .unwrap();
-    let config = Config {
+    let (dev, e) = fresh_with(Config {
         flush_interval_ms: 10,
         checkpoint_interval_ms: 50,
         ..Config::default()
-    };
-    let e = Engine::open(dev.clone(), config.clone()).unwrap();
+    });
     let b = e.create_layer("image", true).unwrap();
     let f = e.create(b, ROOT_INODE, b"f", 0o644, 0, 0).unwrap().inode;
     e.write(b, f, 0, &[7u8; 4096]).unwrap();

@@ -115,6 +115,17 @@ keep_artifacts() {
 
 # --- setup and teardown ----------------------------------------------------
 
+# stop_pid PID: SIGTERM to a process we started, SIGKILL after 10 s; waits.
+stop_pid() {
+    kill -TERM "$1" 2>/dev/null || return 0
+    for _ in $(seq 100); do
+        kill -0 "$1" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$1" 2>/dev/null
+    wait "$1" 2>/dev/null
+}
+
 e2e_cleanup() {
     local status=$? index name
     set +e
@@ -125,15 +136,7 @@ e2e_cleanup() {
     for ((index = ${#E2E_CLEANUP_HOOKS[@]} - 1; index >= 0; index--)); do
         "${E2E_CLEANUP_HOOKS[$index]}"
     done
-    if [[ -n $LCFS_PID ]] && kill -0 "$LCFS_PID" 2>/dev/null; then
-        kill -TERM "$LCFS_PID" 2>/dev/null
-        for _ in $(seq 100); do
-            kill -0 "$LCFS_PID" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$LCFS_PID" 2>/dev/null
-        wait "$LCFS_PID" 2>/dev/null
-    fi
+    [[ -z $LCFS_PID ]] || stop_pid "$LCFS_PID"
     [[ -z $LCFS_PLUGIN ]] || rm -f "/run/docker/plugins/$LCFS_PLUGIN.sock"
     for ((index = ${#E2E_MOUNTS[@]} - 1; index >= 0; index--)); do
         if mountpoint -q "${E2E_MOUNTS[$index]}" 2>/dev/null ||

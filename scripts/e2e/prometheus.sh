@@ -49,13 +49,7 @@ HOST_PIDS=()
 hosts_stop() {
     local pid
     for pid in "${HOST_PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || continue
-        for _ in $(seq 100); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null
-        wait "$pid" 2>/dev/null
+        stop_pid "$pid"
     done
 }
 E2E_CLEANUP_HOOKS+=(hosts_stop)
@@ -118,15 +112,7 @@ quietly promtool check config "$prom/prometheus.yml" || die "promtool refuses th
 prometheus --config.file="$prom/prometheus.yml" --storage.tsdb.path="$prom/data" \
     --web.listen-address="127.0.0.1:$prometheus_port" >"$prom/log" 2>&1 &
 PROMETHEUS_PID=$!
-prometheus_stop() {
-    kill -TERM "$PROMETHEUS_PID" 2>/dev/null || return 0
-    for _ in $(seq 100); do
-        kill -0 "$PROMETHEUS_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$PROMETHEUS_PID" 2>/dev/null
-    wait "$PROMETHEUS_PID" 2>/dev/null
-}
+prometheus_stop() { stop_pid "$PROMETHEUS_PID"; }
 E2E_CLEANUP_HOOKS+=(prometheus_stop)
 
 # query PROMQL: the result vector as JSON.
