@@ -154,12 +154,7 @@ pub fn layer_list(socket: &Path, as_json: bool) -> Result<()> {
     if as_json {
         return print_json(&layers);
     }
-    let width = layers
-        .iter()
-        .map(|l| l.name.len())
-        .chain([4])
-        .max()
-        .unwrap_or(4);
+    let width = name_width(layers.iter().map(|l| l.name.as_str()));
     let parent_width = layers
         .iter()
         .filter_map(|l| l.parent.as_ref().map(String::len))
@@ -291,9 +286,8 @@ pub fn rank(by: TopSort, a: &Ranked, b: &Ranked) -> std::cmp::Ordering {
     order.then_with(|| a.name.cmp(b.name))
 }
 
-/// Sorts `layers` for `lcfs top layers`: most (or latest) first.
-pub fn sort_top(layers: &mut [Layer], by: TopSort) {
-    fn ranked(l: &Layer) -> Ranked<'_> {
+impl<'a> From<&'a Layer> for Ranked<'a> {
+    fn from(l: &'a Layer) -> Ranked<'a> {
         Ranked {
             name: &l.name,
             usage: &l.usage,
@@ -301,7 +295,16 @@ pub fn sort_top(layers: &mut [Layer], by: TopSort) {
             created: &l.created,
         }
     }
-    layers.sort_by(|a, b| rank(by, &ranked(a), &ranked(b)));
+}
+
+/// Sorts `layers` for `lcfs top layers`: most (or latest) first.
+pub fn sort_top(layers: &mut [Layer], by: TopSort) {
+    layers.sort_by(|a, b| rank(by, &a.into(), &b.into()));
+}
+
+/// The width of a table's NAME column: the longest name, at least "NAME".
+pub fn name_width<'a>(names: impl Iterator<Item = &'a str>) -> usize {
+    names.map(str::len).chain([4]).max().unwrap_or(4)
 }
 
 pub fn top_layers(socket: &Path, by: TopSort, limit: usize, as_json: bool) -> Result<()> {
@@ -312,12 +315,7 @@ pub fn top_layers(socket: &Path, by: TopSort, limit: usize, as_json: bool) -> Re
     if as_json {
         return print_json(&layers);
     }
-    let width = layers
-        .iter()
-        .map(|l| l.name.len())
-        .chain([4])
-        .max()
-        .unwrap_or(4);
+    let width = name_width(layers.iter().map(|l| l.name.as_str()));
     println!(
         "{:<width$}  {:<8}  {:>6}  {:<19}  {:>8}  {:>10}  {:>11}  {:>8}  {:>7}  {:>10}",
         "NAME",

@@ -195,12 +195,7 @@ pub fn top_layers(
         return Ok(());
     }
     println!("{} of {} hosts answered", lists.len(), hosts.len());
-    let width = rows
-        .iter()
-        .map(|r| r.name.len())
-        .chain([4])
-        .max()
-        .unwrap_or(4);
+    let width = crate::client::name_width(rows.iter().map(|r| r.name.as_str()));
     println!(
         "{:<width$}  {:>5}  {:>6}  {:<19}  {:>8}  {:>10}  {:>11}  {:>8}  {:>10}",
         "NAME", "HOSTS", "CLONES", "LAST START", "READS", "READ", "CLONES READ", "STARTUP", "OWNED"

@@ -116,6 +116,7 @@ impl Usage {
 
 impl Layer {
     pub fn from_info(info: &lcfs_engine::LayerInfo, mountpoint: &std::path::Path) -> Layer {
+        let startup = info.usage.startup_ns(info.created);
         Layer {
             id: info.id,
             name: info.name.clone(),
@@ -138,14 +139,8 @@ impl Layer {
                 clone_bytes_read: info.usage.clone_bytes_read,
                 applied_bytes: info.usage.applied_bytes,
                 apply_seconds: info.usage.apply_ns as f64 / 1e9,
-                first_read: info
-                    .usage
-                    .startup_ns(info.created)
-                    .map(|_| rfc3339(info.usage.first_read)),
-                startup_seconds: info
-                    .usage
-                    .startup_ns(info.created)
-                    .map(|ns| ns as f64 / 1e9),
+                first_read: startup.map(|_| rfc3339(info.usage.first_read)),
+                startup_seconds: startup.map(|ns| ns as f64 / 1e9),
                 early_reads: info.usage.early_reads,
                 early_bytes_read: info.usage.early_bytes_read,
                 clone_starts: info.usage.clone_starts,

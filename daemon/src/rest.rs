@@ -16,7 +16,7 @@
 //! series for the `top_layers` most cloned layers only, whatever the number
 //! of layers. Errors are JSON: `{"error": {"status": 404, "message": ...}}`.
 
-use crate::client::{sort_top, TopSort};
+use crate::client::{rank, sort_top, TopSort};
 use crate::protocol::Layer;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -586,8 +586,19 @@ fn metrics(state: &State) -> Result<String, String> {
 
     // Per-layer series, for the most cloned layers only: bounded
     // cardinality whatever the number of layers.
-    let mut layers = layers(state);
-    sort_top(&mut layers, TopSort::Clones);
+    // Each with its last clone's time, read off the same listing.
+    let mut layers: Vec<(Layer, i64)> = state
+        .engine
+        .list_layers()
+        .iter()
+        .map(|info| {
+            (
+                Layer::from_info(info, &state.mountpoint),
+                info.usage.last_clone.seconds,
+            )
+        })
+        .collect();
+    layers.sort_by(|a, b| rank(TopSort::Clones, &(&a.0).into(), &(&b.0).into()));
     layers.truncate(state.top_layers);
     let clones = Family::<LayerLabels, Counter>::default();
     let last = Family::<LayerLabels, Gauge>::default();
@@ -597,15 +608,13 @@ fn metrics(state: &State) -> Result<String, String> {
     let startup = Family::<LayerLabels, Counter<f64, AtomicU64>>::default();
     let applied = Family::<LayerLabels, Gauge>::default();
     let apply = Family::<LayerLabels, Gauge<f64, AtomicU64>>::default();
-    for l in &layers {
+    for (l, last_seconds) in &layers {
         let labels = vec![
             ("layer".to_string(), l.name.clone()),
             ("parent".to_string(), l.parent.clone().unwrap_or_default()),
         ];
-        let info = state.engine.layer_info(&l.name).ok();
         clones.get_or_create(&labels).inc_by(l.usage.clones);
-        let last_seconds = info.map(|i| i.usage.last_clone.seconds).unwrap_or(0);
-        last.get_or_create(&labels).set(last_seconds);
+        last.get_or_create(&labels).set(*last_seconds);
         read.get_or_create(&labels)
             .inc_by(l.usage.bytes_read.saturating_add(l.usage.clone_bytes_read));
         owned

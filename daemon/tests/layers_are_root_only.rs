@@ -14,17 +14,7 @@ use std::process::{Command, Output};
 
 /// Runs `sh -c script` as nobody, with no supplementary groups.
 fn as_nobody(script: &str) -> Output {
-    Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "sh",
-            "-c",
-        ])
-        .arg(script)
-        .output()
-        .expect("run setpriv (util-linux)")
+    common::as_nobody(&["sh", "-c", script])
 }
 
 fn refused(script: &str) {

@@ -9,14 +9,14 @@
 
 mod common;
 
-use common::{require_root_and_fuse, Harness};
+use common::{as_nobody, require_root_and_fuse, Harness};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 /// One HTTP/1.1 exchange; returns the status and the body.
 fn exchange(mut stream: impl Read + Write, request: &str) -> (u16, String) {
@@ -212,17 +212,7 @@ fn the_stats_api_answers_on_its_socket_and_with_a_token_on_tcp() {
         "import socket; s = socket.socket(socket.AF_UNIX); s.connect({:?})",
         socket.display().to_string()
     );
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "/usr/bin/python3",
-            "-c",
-        ])
-        .arg(&script)
-        .output()
-        .expect("run setpriv (util-linux)");
+    let out = as_nobody(&["/usr/bin/python3", "-c", &script]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && stderr.contains("PermissionError"),

@@ -27,6 +27,16 @@ pub fn require_root_and_fuse() {
     );
 }
 
+/// Runs `command` as nobody (uid and gid 65534, no supplementary groups),
+/// with setpriv.
+pub fn as_nobody(command: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(command)
+        .output()
+        .expect("run setpriv (util-linux)")
+}
+
 pub struct Harness {
     pub dir: tempfile::TempDir,
     pub device: PathBuf,
