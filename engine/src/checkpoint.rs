@@ -149,6 +149,17 @@ impl Store {
                 self.insert(Tree::Layer(0), &mut root, Key::new(id, KIND_LAYER, 0), v)?;
             }
         }
+        for id in std::mem::take(&mut self.hot_dirty) {
+            if let (true, Some(h)) = (self.layers.contains(id), self.hot.get(&id)) {
+                let v = h.encode();
+                self.insert(
+                    Tree::Layer(0),
+                    &mut root,
+                    Key::new(id, KIND_HOT_FILES, 0),
+                    v,
+                )?;
+            }
+        }
         for id in self.layers.take_removed() {
             self.remove(Tree::Layer(0), &mut root, &Key::new(id, KIND_LAYER, 0))?;
         }

@@ -112,7 +112,7 @@ impl Store {
 
     /// The path of `ino` in `layer` through its recorded parent, or None when
     /// that name is gone (an extra hard link keeps the inode alive elsewhere).
-    fn path_of(
+    pub(crate) fn path_of(
         &mut self,
         layer: u64,
         ino: u64,

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::format::Timestamp;
 use crate::fs::{Attr, DirEntry, LayerInfo, SetAttr, StatFs};
 use crate::fsynclog::FsyncPlan;
+use crate::hotfiles::HotFile;
 use crate::metacache::{MetaCache, NameHit};
 use crate::read::{execute_plan_keeping, KnownBlock};
 use crate::store::{Config, Counters, Store, Temperature};
@@ -569,10 +570,6 @@ impl Engine {
         self.read_keeping(layer, ino, offset, len, true, true)
     }
 
-    /// [`Engine::read`] for a caller that caches the bytes itself (the FUSE
-    /// copies mount, whose page cache every layer shares): blocks in the
-    /// block cache are used, blocks read from the device are not added to
-    /// it, so the bytes are not held twice.
     /// Records that `bytes` of a layer tar were applied into `layer` (a
     /// pulled image layer) in `elapsed` (see `LayerUsage::applied_bytes`).
     pub fn record_apply(&self, layer: u64, bytes: u64, elapsed: std::time::Duration) -> Result<()> {
@@ -580,7 +577,29 @@ impl Engine {
         self.op_then_upkeep(|s| s.record_apply(layer, bytes, ns))
     }
 
-    /// It counts like [`Engine::read_counted`].
+    /// The files read most from `layer` (and from its removed clones), most
+    /// read first, each with its path in the layer when it still has one
+    /// (see hotfiles.rs: at most [`crate::HOT_FILES_K`]).
+    pub fn hot_files(&self, layer: u64) -> Result<Vec<(HotFile, Option<Vec<u8>>)>> {
+        let mut s = self.lock();
+        s.layer(layer)?;
+        let mut memo = std::collections::HashMap::new();
+        let mut out = Vec::new();
+        for f in s.hot_files(layer) {
+            let path = s.path_of(layer, f.ino, &mut memo)?;
+            out.push((
+                f,
+                path.map(|p| if p.is_empty() { b"/".to_vec() } else { p }),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// [`Engine::read`] for a caller that caches the bytes itself (the FUSE
+    /// copies mount, whose page cache every layer shares): blocks in the
+    /// block cache are used, blocks read from the device are not added to
+    /// it, so the bytes are not held twice. It counts like
+    /// [`Engine::read_counted`].
     pub fn read_uncached(&self, layer: u64, ino: u64, offset: u64, len: usize) -> Result<Vec<u8>> {
         self.read_keeping(layer, ino, offset, len, false, true)
     }
@@ -600,7 +619,7 @@ impl Engine {
             let mut s = self.lock();
             let plan = s.read_plan(layer, ino, offset, len);
             if let (true, Ok(plan)) = (count, &plan) {
-                s.count_read(layer, plan.len as u64);
+                s.count_read(layer, ino, plan.len as u64);
             }
             let guard = reuse.read().unwrap_or_else(|p| p.into_inner());
             let _ = s.maintain();

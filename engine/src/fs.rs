@@ -495,6 +495,7 @@ impl Store {
             self.free_owned(layer, root)?;
         }
         self.remove_layer_metadata(layer)?;
+        self.fold_hot_files(layer, parent)?;
         self.meta.layer_changed(layer);
         // What the layer read stays counted, as its parent's clones' reads.
         let (mut used, created) = self
@@ -525,6 +526,11 @@ impl Store {
                 &mut u.clone_early_bytes_read,
                 used.early_bytes_read,
                 used.clone_early_bytes_read,
+            );
+            add(
+                &mut u.clone_early_files,
+                used.early_files,
+                used.clone_early_files,
             );
             let own_start = used.startup_ns(created);
             add(

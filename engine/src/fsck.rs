@@ -254,21 +254,33 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
         }
     }
 
-    // 4. Layer table: records, and metadata only for layers that exist.
+    // 4. Layer table: records, and metadata and hot files only for layers
+    //    that exist.
     let mut metadata_owners = std::collections::BTreeSet::new();
+    let mut hot_files = Vec::new();
     let table_root = s.layers.root();
     s.scan(
         Tree::Layer(0),
         table_root,
         Key::MIN,
         Key::MAX,
-        &mut |k, _| {
+        &mut |k, v| {
             if k.kind == KIND_LAYER_META {
                 metadata_owners.insert(k.object);
+            } else if k.kind == KIND_HOT_FILES {
+                hot_files.push((k.object, crate::hotfiles::HotFiles::decode(v).err()));
             }
             true
         },
     )?;
+    for (id, bad) in hot_files {
+        if !s.layers.contains(id) {
+            r.error(format!("hot files of layer {id}, which does not exist"));
+        }
+        if let Some(e) = bad {
+            r.error(format!("layer {id} hot files: {e}"));
+        }
+    }
     for id in metadata_owners {
         if !s.layers.contains(id) {
             r.error(format!("metadata of layer {id}, which does not exist"));

@@ -18,6 +18,7 @@ pub mod format;
 mod fs;
 mod fsck;
 mod fsynclog;
+mod hotfiles;
 mod layers;
 mod logstream;
 mod metacache;
@@ -43,5 +44,6 @@ pub use fs::{
     XATTR_CREATE, XATTR_REPLACE,
 };
 pub use fsck::FsckReport;
+pub use hotfiles::{HotFile, HOT_FILES_K};
 pub use metadata::{LayerMetadata, MAX_METADATA_BYTES};
-pub use store::{Config, Counters};
+pub use store::{Config, Counters, EARLY_FILES_MAX};

@@ -17,13 +17,14 @@ use crate::device::{AlignedBuf, Device, BLOCK_SIZE};
 use crate::error::{Error, Result};
 use crate::format::*;
 use crate::fsynclog::FsyncLog;
+use crate::hotfiles::{HotFile, HotFiles};
 use crate::layers::LayerTable;
 use crate::logstream::Log;
 pub(crate) use crate::logstream::Temperature;
 use crate::metacache::MetaCache;
 use crate::space::Space;
 pub(crate) use crate::tree::{Tree, PHYS_TAG, VIRT_TAG};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 /// Device geometry, fixed at format time.
@@ -200,7 +201,18 @@ pub(crate) struct Store {
     /// one entry per layer read, removed by [`Store::fold_reads`] (see
     /// `LayerUsage`).
     pub(crate) pending_reads: HashMap<u64, PendingReads>,
+    /// Hot-file summaries of layers that served reads (see hotfiles.rs),
+    /// and the ones the next checkpoint writes.
+    pub(crate) hot: HashMap<u64, HotFiles>,
+    pub(crate) hot_dirty: BTreeSet<u64>,
+    /// Layers in their first [`EARLY_READ_SECONDS`]: the distinct inodes
+    /// they read so far, at most [`EARLY_FILES_MAX`] each.
+    early_inodes: HashMap<u64, HashSet<u64>>,
 }
+
+/// Distinct files counted in one layer's start-up window; past this many,
+/// `LayerUsage::early_files` stops growing (and says so by equalling it).
+pub const EARLY_FILES_MAX: usize = 16_384;
 
 impl Store {
     fn empty(dev: Arc<dyn Device>, geo: Geometry, config: Config) -> Store {
@@ -231,6 +243,9 @@ impl Store {
             fsync_log: FsyncLog::new(geo.fsync_log_region(), config.fsync_log),
             replaying: false,
             pending_reads: HashMap::new(),
+            hot: HashMap::new(),
+            hot_dirty: BTreeSet::new(),
+            early_inodes: HashMap::new(),
             mutations: 0,
             #[cfg(any(test, feature = "testing"))]
             panic_in_next_change: false,
@@ -320,6 +335,7 @@ impl Store {
 
     fn load_layers(&mut self) -> Result<()> {
         let mut recs = Vec::new();
+        let mut hot = Vec::new();
         let root = self.layers.root();
         self.scan(
             Tree::Layer(0),
@@ -329,6 +345,8 @@ impl Store {
             &mut |k, v| {
                 if k.kind == KIND_LAYER {
                     recs.push(LayerRecord::decode(v));
+                } else if k.kind == KIND_HOT_FILES {
+                    hot.push((k.object, HotFiles::decode(v)));
                 }
                 true
             },
@@ -336,6 +354,9 @@ impl Store {
         for r in recs {
             let r = r?;
             self.layers.insert(r);
+        }
+        for (layer, h) in hot {
+            self.hot.insert(layer, h?);
         }
         Ok(())
     }
@@ -546,10 +567,10 @@ impl Store {
         self.layers.mark_dirty(layer);
     }
 
-    /// Counts one read of `bytes` served from `layer`'s directory (see
-    /// `LayerUsage::reads`); [`Store::fold_reads`] makes it part of the
-    /// layer's record.
-    pub fn count_read(&mut self, layer: u64, bytes: u64) {
+    /// Counts one read of `bytes` of inode `ino` served from `layer`'s
+    /// directory (see `LayerUsage::reads` and hotfiles.rs);
+    /// [`Store::fold_reads`] makes it part of the layer's record.
+    pub fn count_read(&mut self, layer: u64, ino: u64, bytes: u64) {
         let Some(l) = self.layers.get(layer) else {
             return;
         };
@@ -564,14 +585,20 @@ impl Store {
         if now.seconds - created.seconds < EARLY_READ_SECONDS {
             e.early_reads += 1;
             e.early_bytes += bytes;
+            let seen = self.early_inodes.entry(layer).or_default();
+            if seen.len() < EARLY_FILES_MAX && seen.insert(ino) {
+                e.early_files += 1;
+            }
         }
+        self.hot.entry(layer).or_default().add(ino, 1, bytes, 0);
+        self.hot_dirty.insert(layer);
     }
 
     /// Moves the counted reads into the layer records, for the next
-    /// checkpoint to write. Not a change of the filesystem: it leaves the
-    /// mutation mark and the layers' cached lookups alone, and a crash
-    /// before the checkpoint only loses the counts. Kept in memory while the
-    /// engine does not write.
+    /// checkpoint to write (with the hot-file summaries read since). Not a
+    /// change of the filesystem: it leaves the mutation mark and the
+    /// layers' cached lookups alone, and a crash before the checkpoint only
+    /// loses the counts. Kept in memory while the engine does not write.
     pub fn fold_reads(&mut self) {
         if self.pending_reads.is_empty() || self.check_writable().is_err() {
             return;
@@ -582,7 +609,47 @@ impl Store {
                 self.layers.mark_dirty(layer);
             }
         }
+        let now = Timestamp::now().seconds;
+        let layers = &self.layers;
+        self.early_inodes.retain(|id, _| {
+            layers
+                .get(*id)
+                .is_some_and(|l| now - l.created.seconds < EARLY_READ_SECONDS)
+        });
         self.generation += 1;
+    }
+
+    /// A layer's hot files, most read first (see hotfiles.rs).
+    pub(crate) fn hot_files(&self, layer: u64) -> Vec<HotFile> {
+        self.hot.get(&layer).map(|h| h.top()).unwrap_or_default()
+    }
+
+    /// At a layer's removal: merges its hot files into its parent's (those
+    /// the parent has too: a file the layer made is not the parent's) and
+    /// deletes its stored summary.
+    pub(crate) fn fold_hot_files(&mut self, layer: u64, parent: u64) -> Result<()> {
+        self.early_inodes.remove(&layer);
+        self.hot_dirty.remove(&layer);
+        if let Some(h) = self.hot.remove(&layer) {
+            if self.layers.contains(parent) {
+                let mut present = HashSet::new();
+                for e in h.top() {
+                    if self.inode(parent, e.ino).is_ok() {
+                        present.insert(e.ino);
+                    }
+                }
+                if !present.is_empty() {
+                    let to = self.hot.entry(parent).or_default();
+                    to.merge(&h, |ino| present.contains(&ino));
+                    self.hot_dirty.insert(parent);
+                }
+            }
+        }
+        let key = Key::new(layer, KIND_HOT_FILES, 0);
+        let mut root = self.layers.root();
+        let r = self.remove(Tree::Layer(0), &mut root, &key);
+        self.layers.set_root(root);
+        r.map(|_| ())
     }
 
     /// Records that `bytes` were applied into `layer` (a pulled layer) in
@@ -628,6 +695,7 @@ pub(crate) struct PendingReads {
     pub first: Option<Timestamp>,
     pub early_reads: u64,
     pub early_bytes: u64,
+    pub early_files: u64,
 }
 
 impl PendingReads {
@@ -636,6 +704,7 @@ impl PendingReads {
         u.bytes_read = u.bytes_read.saturating_add(self.bytes);
         u.early_reads = u.early_reads.saturating_add(self.early_reads);
         u.early_bytes_read = u.early_bytes_read.saturating_add(self.early_bytes);
+        u.early_files = u.early_files.saturating_add(self.early_files);
         if let (Some(first), true) = (self.first, u.first_read == Timestamp::default()) {
             u.first_read = first;
         }

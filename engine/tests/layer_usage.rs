@@ -216,3 +216,63 @@ fn start_up_and_pull_are_recorded_and_fold_through_init_layers() {
     assert_eq!(usage(&e, "image").clone_start_ns, startup);
     assert_eq!(usage(&e, "image").applied_bytes, 8192);
 }
+
+#[test]
+fn hot_files_name_what_clones_read_and_survive_removal_and_reopen() {
+    let (dev, e) = fresh();
+    let b = e.create_layer("image", true).unwrap();
+    let bin = e.mkdir(b, ROOT_INODE, b"bin", 0o755, 0, 0).unwrap().inode;
+    let sh = e.create(b, bin, b"sh", 0o755, 0, 0).unwrap().inode;
+    e.write(b, sh, 0, &vec![7u8; 8192]).unwrap();
+    let libc = e
+        .create(b, ROOT_INODE, b"libc.so", 0o644, 0, 0)
+        .unwrap()
+        .inode;
+    e.write(b, libc, 0, &vec![8u8; 4096]).unwrap();
+    e.commit_layer("image").unwrap();
+
+    let c = e.clone_layer("image", "c").unwrap();
+    let mine = e.create(c, ROOT_INODE, b"mine", 0o644, 0, 0).unwrap().inode;
+    e.write(c, mine, 0, b"private").unwrap();
+    for _ in 0..5 {
+        e.read_counted(c, sh, 0, 4096).unwrap();
+    }
+    e.read_counted(c, libc, 0, 4096).unwrap();
+    e.read_counted(c, mine, 0, 100).unwrap();
+    let hot = e.hot_files(c).unwrap();
+    let rows: Vec<(Option<&[u8]>, u64, u64)> = hot
+        .iter()
+        .map(|(f, p)| (p.as_deref(), f.reads, f.bytes))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            (Some(&b"/bin/sh"[..]), 5, 5 * 4096),
+            (Some(&b"/libc.so"[..]), 1, 4096),
+            (Some(&b"/mine"[..]), 1, 7),
+        ]
+    );
+    // Three distinct files read in the start-up window.
+    e.sync().unwrap();
+    assert_eq!(usage(&e, "c").early_files, 3);
+
+    // Removed, the clone's reads of the image's files stay with the image;
+    // its own file does not.
+    e.remove_layer("c").unwrap();
+    assert_eq!(usage(&e, "image").clone_early_files, 3);
+    e.sync().unwrap();
+    e.close().unwrap();
+    drop(e);
+    let e = Engine::open(dev, quiet()).unwrap();
+    let hot: Vec<(Vec<u8>, u64)> = e
+        .hot_files(e.layer_id("image").unwrap())
+        .unwrap()
+        .into_iter()
+        .map(|(f, p)| (p.unwrap(), f.reads))
+        .collect();
+    assert_eq!(
+        hot,
+        vec![(b"/bin/sh".to_vec(), 5), (b"/libc.so".to_vec(), 1)]
+    );
+    assert!(e.fsck(false).unwrap().is_clean());
+}

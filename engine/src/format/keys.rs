@@ -74,6 +74,8 @@ pub(crate) const KIND_ORPHAN: u8 = 6;
 pub(crate) const KIND_LAYER: u8 = 0x10;
 /// A chunk of a layer's metadata, in the layer table.
 pub(crate) const KIND_LAYER_META: u8 = 0x11;
+/// A layer's hot-file summary, in the layer table.
+pub(crate) const KIND_HOT_FILES: u8 = 0x12;
 /// An address-map entry.
 pub(crate) const KIND_MAP: u8 = 0x20;
 

@@ -274,6 +274,8 @@ mod tests {
                 clone_start_ns: 80_000_000,
                 clone_early_reads: 18,
                 clone_early_bytes_read: 73_728,
+                early_files: 12,
+                clone_early_files: 30,
             },
             ..l.clone()
         };

@@ -233,13 +233,17 @@ pub struct LayerUsage {
     pub clone_start_ns: u64,
     pub clone_early_reads: u64,
     pub clone_early_bytes_read: u64,
+    /// Distinct files read in the start-up window (at most
+    /// `EARLY_FILES_MAX`), and the same of removed clones.
+    pub early_files: u64,
+    pub clone_early_files: u64,
 }
 
 /// The start-up window of [`LayerUsage::early_reads`].
 pub const EARLY_READ_SECONDS: i64 = 10;
 
 impl LayerUsage {
-    pub const ENCODED_BYTES: usize = 136;
+    pub const ENCODED_BYTES: usize = 152;
 
     pub fn is_zero(&self) -> bool {
         *self == LayerUsage::default()
@@ -314,6 +318,8 @@ impl LayerRecord {
                 u.clone_start_ns,
                 u.clone_early_reads,
                 u.clone_early_bytes_read,
+                u.early_files,
+                u.clone_early_files,
             ] {
                 w.u64(n);
             }
@@ -372,6 +378,8 @@ impl LayerRecord {
                 &mut u.clone_start_ns,
                 &mut u.clone_early_reads,
                 &mut u.clone_early_bytes_read,
+                &mut u.early_files,
+                &mut u.clone_early_files,
             ] {
                 *n = r.u64()?;
             }
