@@ -2,7 +2,7 @@
 //! send one request, read one answer, print it for people or as JSON.
 
 use crate::error::{Error, Result};
-use crate::protocol::{FsckReport, Layer, Stats, MAX_LINE_BYTES};
+use crate::protocol::{FsckReport, HotFile, Image, Layer, Stats, MAX_LINE_BYTES};
 use crate::size::human_bytes;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
@@ -110,7 +110,7 @@ fn request<T: DeserializeOwned>(
     serde_json::from_value(result).map_err(|e| Error::Protocol(e.to_string()))
 }
 
-fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+pub fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(value).map_err(|e| Error::Protocol(e.to_string()))?;
     println!("{text}");
     Ok(())
@@ -238,10 +238,11 @@ pub fn layer_stat(socket: &Path, name: &str, as_json: bool) -> Result<()> {
     Ok(())
 }
 
-/// What `lcfs top layers` sorts by.
+/// What `lcfs top layers` and `lcfs top images` sort by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum TopSort {
-    /// Layers cloned from it, ever.
+    /// Layers cloned from it, ever (for an image: containers started).
+    #[value(alias = "starts")]
     Clones,
     /// The last clone (container start).
     LastStart,
@@ -371,6 +372,110 @@ fn state(l: &Layer) -> &'static str {
 /// `2026-11-01T12:34:56.123456789Z` -> `2026-11-01 12:34:56`.
 fn seconds(rfc3339: &str) -> String {
     rfc3339.get(..19).unwrap_or(rfc3339).replacen('T', " ", 1)
+}
+
+/// A time to the second, or `-` for none.
+pub fn short_time(rfc3339: Option<&str>) -> String {
+    rfc3339.map(seconds).unwrap_or_else(|| "-".into())
+}
+
+pub fn top_images(socket: &Path, by: TopSort, limit: usize, as_json: bool) -> Result<()> {
+    let mut images: Vec<Image> =
+        request(socket, json!({"op": "image.list"}), Some(ANSWER_TIMEOUT))?;
+    crate::images::sort_images(&mut images, by);
+    images.truncate(limit);
+    print_images(&images, as_json)
+}
+
+/// The `lcfs top images` table (or JSON).
+pub fn print_images(images: &[Image], as_json: bool) -> Result<()> {
+    if as_json {
+        return print_json(&images);
+    }
+    let width = name_width(images.iter().map(|i| i.name.as_str()));
+    let per_start = |i: &Image, n: u64| (i.startups > 0).then(|| n / i.startups);
+    println!(
+        "{:<width$}  {:>6}  {:<19}  {:>7}  {:>8}  {:>8}  {:>10}  {:>8}  {:>13}  {:>10}  {:>10}",
+        "IMAGE",
+        "STARTS",
+        "LAST START",
+        "RUNNING",
+        "UPTIME",
+        "STARTUP",
+        "START READ",
+        "PULL",
+        "PULLED",
+        "READ",
+        "SIZE"
+    );
+    for i in images {
+        println!(
+            "{:<width$}  {:>6}  {:<19}  {:>7}  {:>8}  {:>8}  {:>10}  {:>8}  {:>13}  {:>10}  {:>10}",
+            i.name,
+            i.starts,
+            short_time(i.last_start.as_deref()),
+            format!("{}/{}", i.running, i.containers),
+            duration(i.uptime_seconds),
+            duration(i.mean_startup_seconds),
+            per_start(i, i.startup_bytes)
+                .map(|b| format!(
+                    "{} {}f",
+                    human_bytes(b),
+                    per_start(i, i.startup_files).unwrap_or(0)
+                ))
+                .unwrap_or_else(|| "-".into()),
+            duration((i.pull_bytes > 0).then_some(i.pull_seconds)),
+            human_bytes(i.pull_bytes),
+            human_bytes(i.bytes_read),
+            human_bytes(i.size_bytes),
+        );
+    }
+    Ok(())
+}
+
+pub fn top_files(socket: &Path, image: Option<&str>, limit: usize, as_json: bool) -> Result<()> {
+    let mut rows: Vec<HotFile> = request(
+        socket,
+        json!({"op": "image.files", "image": image}),
+        Some(ANSWER_TIMEOUT),
+    )?;
+    sort_files(&mut rows);
+    rows.truncate(limit);
+    print_files(&rows, as_json)
+}
+
+/// Most read first, by the reads each is sure to have had.
+pub fn sort_files(rows: &mut [HotFile]) {
+    let sure = |r: &HotFile| r.reads.saturating_sub(r.error);
+    rows.sort_by(|a, b| {
+        sure(b)
+            .cmp(&sure(a))
+            .then_with(|| a.image.cmp(&b.image))
+            .then_with(|| a.path.cmp(&b.path))
+    });
+}
+
+/// The `lcfs top files` table (or JSON).
+pub fn print_files(rows: &[HotFile], as_json: bool) -> Result<()> {
+    if as_json {
+        return print_json(&rows);
+    }
+    let width = name_width(rows.iter().map(|r| r.image.as_str())).max(5);
+    println!(
+        "{:<width$}  {:>8}  {:>10}  {:>6}  PATH",
+        "IMAGE", "READS", "READ", "ERROR"
+    );
+    for r in rows {
+        println!(
+            "{:<width$}  {:>8}  {:>10}  {:>6}  {}",
+            r.image,
+            r.reads,
+            human_bytes(r.bytes),
+            r.error,
+            r.path
+        );
+    }
+    Ok(())
 }
 
 pub fn sync(socket: &Path) -> Result<()> {

@@ -22,6 +22,15 @@ pub struct Control {
     pub plugin_calls: Option<Arc<lcfs_dockerplugin::CallCounters>>,
     /// The FUSE mount, for its passthrough counters (None in tests).
     pub mount: Option<Arc<RwLock<Option<Mount>>>>,
+    /// Images and their hot files.
+    pub catalog: Arc<crate::images::Catalog>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilesArgs {
+    #[serde(default)]
+    image: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -145,6 +154,21 @@ impl Control {
                     .map(|info| Layer::from_info(info, &self.mountpoint))
                     .collect();
                 to_value(&layers)
+            }
+            "image.list" => {
+                let _: NoArgs = args(&op, fields)?;
+                to_value(&self.catalog.images(crate::client::TopSort::Clones))
+            }
+            "image.files" => {
+                let a: FilesArgs = args(&op, fields)?;
+                let rows = self
+                    .catalog
+                    .files(a.image.as_deref())
+                    .map_err(|message| Refusal {
+                        errno: libc::ENOENT,
+                        message,
+                    })?;
+                to_value(&rows)
             }
             "layer.stat" => {
                 let a: NameArgs = args(&op, fields)?;
@@ -275,6 +299,10 @@ mod tests {
         .unwrap();
         let kernel = Arc::new(Recorder::default());
         let control = Control {
+            catalog: Arc::new(crate::images::Catalog::new(
+                engine.clone(),
+                "/mnt/lcfs".as_ref(),
+            )),
             layers: LayerOps::new(engine, kernel.clone()),
             device: "/dev/test".into(),
             mountpoint: "/mnt/lcfs".into(),

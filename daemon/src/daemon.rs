@@ -111,16 +111,17 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
         }
     };
     let gate = Arc::new(Gate::default());
+    let mut catalog = crate::images::Catalog::new(engine.clone(), &mountpoint);
     let plugin = match &o.docker_plugin_socket {
         None => None,
         Some(socket) => {
-            let driver =
-                lcfs_dockerplugin::Driver::new(engine.clone(), &mountpoint, kernel.clone());
-            match lcfs_dockerplugin::serve(
-                Arc::new(driver),
-                socket,
-                lcfs_dockerplugin::Limits::default(),
-            ) {
+            let driver = Arc::new(lcfs_dockerplugin::Driver::new(
+                engine.clone(),
+                &mountpoint,
+                kernel.clone(),
+            ));
+            catalog.plugin = Some(driver.clone());
+            match lcfs_dockerplugin::serve(driver, socket, lcfs_dockerplugin::Limits::default()) {
                 Ok(server) => Some(server),
                 Err(e) => {
                     abandon_start(listener, &o.control_socket, &mount, &mountpoint, &engine);
@@ -159,7 +160,8 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
             }
         }
     };
-    let stats = match crate::rest::serve(engine.clone(), &mountpoint, &o.stats) {
+    let catalog = Arc::new(catalog);
+    let stats = match crate::rest::serve(catalog.clone(), &o.stats) {
         Ok(server) => server,
         Err(e) => {
             if let Some(server) = snapshotter {
@@ -188,6 +190,7 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
         mountpoint: mountpoint.clone(),
         plugin_calls: plugin.as_ref().map(|server| server.calls()),
         mount: Some(mount.clone()),
+        catalog,
     });
     log::info!(
         "lcfs daemon ready: control socket {}",

@@ -1,12 +1,14 @@
-//! `lcfs top layers --hosts A,B,C`: the same table over several hosts, for
-//! sites without Prometheus. Asks each host's statistics API on TCP
-//! (`GET /v1/layers`, with the bearer token of `--token-file`), then adds up
-//! each layer name's counters over the hosts that answered.
+//! `lcfs top layers|images|files --hosts A,B,C`: the same tables over
+//! several hosts, for sites without Prometheus. Asks each host's statistics
+//! API on TCP (`GET /v1/layers`, `/v1/images`, `/v1/files`, with the bearer
+//! token of `--token-file`), then adds up each layer's, image's or file's
+//! counters by name over the hosts that answered.
 
 use crate::client::{rank, Ranked, TopSort};
 use crate::error::{Error, Result};
-use crate::protocol::{Layer, Usage};
+use crate::protocol::{HotFile, Image, Layer, Usage};
 use crate::size::human_bytes;
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -93,20 +95,24 @@ fn address(host: &str) -> String {
     }
 }
 
-/// Asks one host for its layers.
-fn ask(host: &str, token: &str) -> std::result::Result<Vec<Layer>, String> {
+/// Asks one host's statistics API for `target`, a JSON list.
+fn ask<T: DeserializeOwned>(
+    host: &str,
+    token: &str,
+    target: &str,
+) -> std::result::Result<T, String> {
     let addr = address(host);
-    let target = addr
+    let socket = addr
         .to_socket_addrs()
         .map_err(|e| format!("resolving {addr}: {e}"))?
         .next()
         .ok_or_else(|| format!("{addr} resolves to nothing"))?;
-    let mut stream = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT)
+    let mut stream = TcpStream::connect_timeout(&socket, CONNECT_TIMEOUT)
         .map_err(|e| format!("connecting to {addr}: {e}"))?;
     stream.set_read_timeout(Some(IO_TIMEOUT)).ok();
     stream.set_write_timeout(Some(IO_TIMEOUT)).ok();
     let request = format!(
-        "GET /v1/layers?limit=100000 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        "GET {target} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
     );
     stream
         .write_all(request.as_bytes())
@@ -144,23 +150,22 @@ fn ask(host: &str, token: &str) -> std::result::Result<Vec<Layer>, String> {
             .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
         return Err(format!("{addr} answered {status}: {why}"));
     }
-    serde_json::from_slice(body).map_err(|e| format!("{addr}'s answer is not a layer list: {e}"))
+    serde_json::from_slice(body)
+        .map_err(|e| format!("{addr}'s answer to {target} is not what it should be: {e}"))
 }
 
-/// `lcfs top layers --hosts`.
-pub fn top_layers(
+/// Asks every host at once; says which did not answer. Fails when none did.
+fn ask_all<T: DeserializeOwned + Send>(
     hosts: &[String],
     token_file: &Path,
-    by: TopSort,
-    limit: usize,
-    as_json: bool,
-) -> Result<()> {
+    target: &str,
+) -> Result<Vec<T>> {
     let token = crate::rest::read_token(token_file)
         .map_err(|e| Error::Usage(format!("reading the token (--token-file): {e}")))?;
-    let answers: Vec<(String, std::result::Result<Vec<Layer>, String>)> = std::thread::scope(|s| {
+    let answers: Vec<(String, std::result::Result<T, String>)> = std::thread::scope(|s| {
         let asks: Vec<_> = hosts
             .iter()
-            .map(|h| (h.clone(), s.spawn(|| ask(h, &token))))
+            .map(|h| (h.clone(), s.spawn(|| ask(h, &token, target))))
             .collect();
         asks.into_iter()
             .map(|(h, t)| {
@@ -175,7 +180,7 @@ pub fn top_layers(
     let mut lists = Vec::new();
     for (host, answer) in answers {
         match answer {
-            Ok(layers) => lists.push(layers),
+            Ok(list) => lists.push(list),
             Err(why) => eprintln!("lcfs: {host}: {why}"),
         }
     }
@@ -185,14 +190,23 @@ pub fn top_layers(
             hosts.len()
         )));
     }
+    Ok(lists)
+}
+
+/// `lcfs top layers --hosts`.
+pub fn top_layers(
+    hosts: &[String],
+    token_file: &Path,
+    by: TopSort,
+    limit: usize,
+    as_json: bool,
+) -> Result<()> {
+    let lists: Vec<Vec<Layer>> = ask_all(hosts, token_file, "/v1/layers?limit=100000")?;
     let mut rows = merge(&lists);
     sort_fleet(&mut rows, by);
     rows.truncate(limit);
     if as_json {
-        let text =
-            serde_json::to_string_pretty(&rows).map_err(|e| Error::Protocol(e.to_string()))?;
-        println!("{text}");
-        return Ok(());
+        return crate::client::print_json(&rows);
     }
     println!("{} of {} hosts answered", lists.len(), hosts.len());
     let width = crate::client::name_width(rows.iter().map(|r| r.name.as_str()));
@@ -207,10 +221,7 @@ pub fn top_layers(
             r.name,
             r.hosts,
             u.clones,
-            u.last_clone
-                .as_deref()
-                .map(|t| t.get(..19).unwrap_or(t).replacen('T', " ", 1))
-                .unwrap_or_else(|| "-".into()),
+            crate::client::short_time(u.last_clone.as_deref()),
             u.reads,
             human_bytes(u.bytes_read),
             human_bytes(u.clone_bytes_read),
@@ -219,6 +230,124 @@ pub fn top_layers(
         );
     }
     Ok(())
+}
+
+/// Adds up images by name over hosts: counts add, the last start is the
+/// latest, the uptime the shortest, the mean start-up weighted by starts.
+pub fn merge_images(answers: &[Vec<Image>]) -> Vec<Image> {
+    let mut by_name: BTreeMap<String, (Image, f64)> = BTreeMap::new();
+    for images in answers {
+        for i in images {
+            let (m, startup_sum) = by_name.entry(i.name.clone()).or_insert_with(|| {
+                (
+                    Image {
+                        name: i.name.clone(),
+                        names: i.names.clone(),
+                        owner: i.owner.clone(),
+                        id: i.id.clone(),
+                        top_layer: i.top_layer.clone(),
+                        created: i.created.clone(),
+                        ..Image::default()
+                    },
+                    0.0,
+                )
+            });
+            m.layers = m.layers.max(i.layers);
+            m.files = m.files.max(i.files);
+            m.size_bytes = m.size_bytes.saturating_add(i.size_bytes);
+            m.starts = m.starts.saturating_add(i.starts);
+            if i.last_start > m.last_start {
+                m.last_start = i.last_start.clone();
+            }
+            m.containers += i.containers;
+            m.running += i.running;
+            m.uptime_seconds = match (m.uptime_seconds, i.uptime_seconds) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            m.pull_bytes = m.pull_bytes.saturating_add(i.pull_bytes);
+            m.pull_seconds += i.pull_seconds;
+            m.reads = m.reads.saturating_add(i.reads);
+            m.bytes_read = m.bytes_read.saturating_add(i.bytes_read);
+            m.startups += i.startups;
+            *startup_sum += i.mean_startup_seconds.unwrap_or(0.0) * i.startups as f64;
+            m.startup_reads = m.startup_reads.saturating_add(i.startup_reads);
+            m.startup_bytes = m.startup_bytes.saturating_add(i.startup_bytes);
+            m.startup_files = m.startup_files.saturating_add(i.startup_files);
+        }
+    }
+    by_name
+        .into_values()
+        .map(|(mut m, sum)| {
+            m.mean_startup_seconds = (m.startups > 0).then(|| sum / m.startups as f64);
+            m
+        })
+        .collect()
+}
+
+/// `lcfs top images --hosts`.
+pub fn top_images(
+    hosts: &[String],
+    token_file: &Path,
+    by: TopSort,
+    limit: usize,
+    as_json: bool,
+) -> Result<()> {
+    let lists: Vec<Vec<Image>> = ask_all(hosts, token_file, "/v1/images?limit=100000")?;
+    let mut rows = merge_images(&lists);
+    crate::images::sort_images(&mut rows, by);
+    rows.truncate(limit);
+    if !as_json {
+        println!("{} of {} hosts answered", lists.len(), hosts.len());
+    }
+    crate::client::print_images(&rows, as_json)
+}
+
+/// `lcfs top files --hosts`: each (image, path)'s reads added up.
+pub fn top_files(
+    hosts: &[String],
+    token_file: &Path,
+    image: Option<&str>,
+    limit: usize,
+    as_json: bool,
+) -> Result<()> {
+    let target = match image {
+        Some(i) => format!("/v1/files?limit=100000&image={}", percent_encode(i)),
+        None => "/v1/files?limit=100000".to_string(),
+    };
+    let lists: Vec<Vec<HotFile>> = ask_all(hosts, token_file, &target)?;
+    let mut by_path: BTreeMap<(String, String), HotFile> = BTreeMap::new();
+    for f in lists.iter().flatten() {
+        let m = by_path
+            .entry((f.image.clone(), f.path.clone()))
+            .or_insert_with(|| HotFile {
+                image: f.image.clone(),
+                path: f.path.clone(),
+                ..HotFile::default()
+            });
+        m.reads = m.reads.saturating_add(f.reads);
+        m.bytes = m.bytes.saturating_add(f.bytes);
+        m.error = m.error.saturating_add(f.error);
+    }
+    let mut rows: Vec<HotFile> = by_path.into_values().collect();
+    crate::client::sort_files(&mut rows);
+    rows.truncate(limit);
+    if !as_json {
+        println!("{} of {} hosts answered", lists.len(), hosts.len());
+    }
+    crate::client::print_files(&rows, as_json)
+}
+
+/// Escapes what a query value may not hold.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ mod device;
 mod error;
 mod fleet;
 mod fsck;
+mod images;
 mod mkfs;
 mod protocol;
 mod rest;
@@ -218,6 +219,10 @@ struct DaemonArgs {
     #[arg(long, value_name = "N", default_value_t = 20)]
     metrics_top_layers: usize,
 
+    /// Images given their own series in /metrics (the most started ones)
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    metrics_top_images: usize,
+
     /// containerd's socket: the snapshotter's differ (proxy plugin
     /// `lcfs-diff`) reads the layer blobs it applies from containerd's
     /// content service there
@@ -276,6 +281,50 @@ Reads that the kernel's page cache answered never reach lcfs and are not
 counted. Counts are durable at the daemon's next checkpoint (at most
 --checkpoint-interval-ms behind).")]
     Layers(TopArgs),
+    /// Images by how they are used: starts, running containers, start-up,
+    /// pull time, reads, size
+    #[command(long_about = "\
+Images by how they are used, most first. An image is its top layer, named by
+dockerd or containerd when the daemon can ask them (else by the layer's
+name). STARTS counts containers ever started from it and LAST START the
+latest; RUNNING is containers in use now over those that exist, UPTIME the
+age of the newest running one; STARTUP the mean time from a container's
+creation to its first read, START READ what a container read in its first
+10 seconds (bytes and distinct files, mean); PULL and PULLED the time and
+uncompressed bytes applying its layers took; READ what its containers read;
+SIZE what its layers own.")]
+    Images(TopArgs),
+    /// The files containers read most, per image
+    #[command(long_about = "\
+The files containers read most, per image (or of one image with --image):
+read requests and bytes, from a bounded summary of each image (the 32 most
+read files of each layer, see docs/statistics.md): ERROR is how many of the
+reads may belong to other files that held the slot before.")]
+    Files(FilesArgs),
+}
+
+#[derive(Args)]
+struct FilesArgs {
+    /// Only this image (a name, an id or its prefix, or a top layer)
+    #[arg(long, value_name = "IMAGE")]
+    image: Option<String>,
+    /// Show at most this many rows
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    limit: usize,
+    /// Print the rows as JSON
+    #[arg(long)]
+    json: bool,
+    /// Ask these hosts' statistics APIs (HOST[:PORT], comma-separated)
+    #[arg(
+        long,
+        value_name = "HOSTS",
+        value_delimiter = ',',
+        requires = "token_file"
+    )]
+    hosts: Vec<String>,
+    /// The bearer token for --hosts (a file of root's, mode 0600 or 0400)
+    #[arg(long, value_name = "PATH", requires = "hosts")]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -381,6 +430,7 @@ fn run(cli: Cli) -> Result<()> {
                 listen: a.stats_listen,
                 token_file: a.stats_token_file,
                 top_layers: a.metrics_top_layers,
+                top_images: a.metrics_top_images,
             },
         }),
         Command::Layer(c) => match c {
@@ -401,6 +451,17 @@ fn run(cli: Cli) -> Result<()> {
             }
             Some(_) => Err(error::Error::Usage("--token-file goes with --hosts".into())),
             None => client::top_layers(socket, a.sort, a.limit, a.json),
+        },
+        Command::Top(TopCommand::Images(a)) => match &a.token_file {
+            Some(token) if !a.hosts.is_empty() => {
+                fleet::top_images(&a.hosts, token, a.sort, a.limit, a.json)
+            }
+            Some(_) => Err(error::Error::Usage("--token-file goes with --hosts".into())),
+            None => client::top_images(socket, a.sort, a.limit, a.json),
+        },
+        Command::Top(TopCommand::Files(a)) => match &a.token_file {
+            Some(token) => fleet::top_files(&a.hosts, token, a.image.as_deref(), a.limit, a.json),
+            None => client::top_files(socket, a.image.as_deref(), a.limit, a.json),
         },
         Command::Sync => client::sync(socket),
         Command::Stats { json } => client::stats(socket, json),

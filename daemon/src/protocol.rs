@@ -20,6 +20,8 @@ pub const OPS: &[&str] = &[
     "layer.remove",
     "layer.list",
     "layer.stat",
+    "image.list",
+    "image.files",
     "sync",
     "stats",
     "fsck",
@@ -105,6 +107,12 @@ pub struct Usage {
     pub clone_early_reads: u64,
     #[serde(default)]
     pub clone_early_bytes_read: u64,
+    /// Distinct files read in its first 10 seconds, and the same of its
+    /// removed clones.
+    #[serde(default)]
+    pub early_files: u64,
+    #[serde(default)]
+    pub clone_early_files: u64,
 }
 
 impl Usage {
@@ -147,9 +155,70 @@ impl Layer {
                 clone_startup_seconds: info.usage.clone_start_ns as f64 / 1e9,
                 clone_early_reads: info.usage.clone_early_reads,
                 clone_early_bytes_read: info.usage.clone_early_bytes_read,
+                early_files: info.usage.early_files,
+                clone_early_files: info.usage.clone_early_files,
             },
         }
     }
+}
+
+/// One image, as `image.list` and `/v1/images` return it: an image top
+/// layer with what lcfs saw of the containers started from it
+/// (docs/statistics.md).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Image {
+    /// The owner's name for it (a tag), else its top layer's name.
+    pub name: String,
+    /// Every name the owners give it.
+    #[serde(default)]
+    pub names: Vec<String>,
+    /// `docker` or `containerd` when an owner named it; null otherwise.
+    pub owner: Option<String>,
+    /// The owner's id (Docker's image id, containerd's target digest).
+    pub id: Option<String>,
+    pub top_layer: String,
+    /// Layers in its chain, their owned bytes, and the files its top sees.
+    pub layers: u32,
+    pub size_bytes: u64,
+    pub files: u64,
+    /// RFC 3339: when its top layer was made.
+    pub created: String,
+    /// Containers started from it, ever, and the last start (RFC 3339).
+    pub starts: u64,
+    pub last_start: Option<String>,
+    /// `last_start` in seconds since the epoch (0: never), for metrics.
+    #[serde(skip)]
+    pub last_start_seconds: i64,
+    /// Its containers' writable layers now, and those in use (mounted).
+    pub containers: u64,
+    pub running: u64,
+    /// Seconds since the most recent of the running ones started.
+    pub uptime_seconds: Option<f64>,
+    /// Pulling it: uncompressed bytes applied into its layers, and the time.
+    pub pull_bytes: u64,
+    pub pull_seconds: f64,
+    /// Read requests its containers made, and their bytes.
+    pub reads: u64,
+    pub bytes_read: u64,
+    /// Containers with a measured start-up (creation to first read), the
+    /// mean of it, and what they read in their first 10 seconds (totals).
+    pub startups: u64,
+    pub mean_startup_seconds: Option<f64>,
+    pub startup_reads: u64,
+    pub startup_bytes: u64,
+    pub startup_files: u64,
+}
+
+/// One hot file of an image, as `image.files` and `/v1/files` return it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HotFile {
+    pub image: String,
+    pub path: String,
+    /// Read requests and bytes; each may overcount by up to `error` reads
+    /// (a bounded top-k, docs/statistics.md).
+    pub reads: u64,
+    pub bytes: u64,
+    pub error: u64,
 }
 
 /// What `stats` returns.

@@ -17,6 +17,7 @@
 //! of layers. Errors are JSON: `{"error": {"status": 404, "message": ...}}`.
 
 use crate::client::{rank, sort_top, TopSort};
+use crate::images::Catalog;
 use crate::protocol::Layer;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -62,6 +63,8 @@ pub struct RestOptions {
     pub token_file: Option<PathBuf>,
     /// Layers given per-layer series in `/metrics` (the most cloned).
     pub top_layers: usize,
+    /// Images given per-image series in `/metrics` (the most started).
+    pub top_images: usize,
 }
 
 /// The running API; [`RestServer::shutdown`] stops it.
@@ -84,7 +87,9 @@ impl RestServer {
 struct State {
     engine: Arc<Engine>,
     mountpoint: PathBuf,
+    catalog: Arc<Catalog>,
     top_layers: usize,
+    top_images: usize,
 }
 
 /// Reads the bearer token: the file must be a regular file owned by root
@@ -130,11 +135,7 @@ pub fn read_token(path: &Path) -> io::Result<String> {
 
 /// Binds the unix socket (and the TCP address, if any) and serves them on a
 /// thread of their own.
-pub fn serve(
-    engine: Arc<Engine>,
-    mountpoint: &Path,
-    options: &RestOptions,
-) -> io::Result<RestServer> {
+pub fn serve(catalog: Arc<Catalog>, options: &RestOptions) -> io::Result<RestServer> {
     let token = match (&options.listen, &options.token_file) {
         (Some(_), Some(file)) => Some(read_token(file)?),
         (Some(_), None) => {
@@ -166,9 +167,11 @@ pub fn serve(
         .enable_all()
         .build()?;
     let state = Arc::new(State {
-        engine,
-        mountpoint: mountpoint.to_path_buf(),
+        engine: catalog.engine.clone(),
+        mountpoint: catalog.mountpoint.clone(),
+        catalog,
         top_layers: options.top_layers,
+        top_images: options.top_images,
     });
     let (stop, stopped) = watch::channel(false);
     let thread = std::thread::Builder::new()
@@ -358,6 +361,24 @@ fn route(state: &State, path: &str, query: &str) -> Answer {
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
             }
         }
+        "/v1/images" => match parse_layers_query(query) {
+            Ok((sort, limit)) => {
+                let mut images = state.catalog.images(sort);
+                images.truncate(limit);
+                json_ok(&images)
+            }
+            Err(e) => error(StatusCode::BAD_REQUEST, e),
+        },
+        "/v1/files" => match parse_files_query(query) {
+            Ok((image, limit)) => match state.catalog.files(image.as_deref()) {
+                Ok(mut rows) => {
+                    rows.truncate(limit);
+                    json_ok(&rows)
+                }
+                Err(e) => error(StatusCode::NOT_FOUND, e),
+            },
+            Err(e) => error(StatusCode::BAD_REQUEST, e),
+        },
         "/v1/layers" => match parse_layers_query(query) {
             Ok((sort, limit)) => {
                 let mut layers = layers(state);
@@ -390,7 +411,10 @@ fn route(state: &State, path: &str, query: &str) -> Answer {
             }
             _ => error(
                 StatusCode::NOT_FOUND,
-                format!("no such resource {path:?}: see /v1/layers, /v1/layers/<name>, /metrics"),
+                format!(
+                    "no such resource {path:?}: see /v1/images, /v1/files, /v1/layers, \
+                     /v1/layers/<name>, /metrics"
+                ),
             ),
         },
     }
@@ -405,7 +429,24 @@ fn layers(state: &State) -> Vec<Layer> {
         .collect()
 }
 
-/// `sort=clones|last-start|reads|size|created` and `limit=N`, each at most once.
+fn json_ok<T: serde::Serialize>(value: &T) -> Answer {
+    ok(
+        "application/json",
+        serde_json::to_string(value).expect("serializable"),
+    )
+}
+
+/// `limit=N`: 1 to [`MAX_LIMIT`].
+fn parse_limit(value: &str) -> Result<usize, String> {
+    value
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (1..=MAX_LIMIT).contains(n))
+        .ok_or_else(|| format!("limit={value:?}: expected 1 to {MAX_LIMIT}"))
+}
+
+/// `sort=starts|clones|last-start|reads|size|pull-time|startup-time|created`
+/// and `limit=N`, each at most once.
 pub fn parse_layers_query(query: &str) -> Result<(TopSort, usize), String> {
     let (mut sort, mut limit) = (None, None);
     for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -413,32 +454,43 @@ pub fn parse_layers_query(query: &str) -> Result<(TopSort, usize), String> {
         match key {
             "sort" if sort.is_none() => {
                 sort = Some(match value {
-                    "clones" => TopSort::Clones,
+                    "starts" | "clones" => TopSort::Clones,
                     "last-start" => TopSort::LastStart,
                     "reads" => TopSort::Reads,
                     "size" => TopSort::Size,
+                    "pull-time" => TopSort::PullTime,
+                    "startup-time" => TopSort::StartupTime,
                     "created" => TopSort::Created,
                     _ => {
                         return Err(format!(
-                            "sort={value:?}: expected clones, last-start, reads, size or created"
+                            "sort={value:?}: expected starts, last-start, reads, size, \
+                             pull-time, startup-time or created"
                         ))
                     }
                 })
             }
-            "limit" if limit.is_none() => {
-                limit = Some(
-                    value
-                        .parse::<usize>()
-                        .ok()
-                        .filter(|n| (1..=MAX_LIMIT).contains(n))
-                        .ok_or_else(|| format!("limit={value:?}: expected 1 to {MAX_LIMIT}"))?,
-                )
-            }
+            "limit" if limit.is_none() => limit = Some(parse_limit(value)?),
             "sort" | "limit" => return Err(format!("{key} given twice")),
             _ => return Err(format!("unknown parameter {key:?} (sort, limit)")),
         }
     }
     Ok((sort.unwrap_or(TopSort::Clones), limit.unwrap_or(100)))
+}
+
+/// `image=NAME` (percent-encoded) and `limit=N`, each at most once.
+pub fn parse_files_query(query: &str) -> Result<(Option<String>, usize), String> {
+    let (mut image, mut limit) = (None, None);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "image" if image.is_none() && !value.is_empty() => image = Some(percent_decode(value)?),
+            "limit" if limit.is_none() => limit = Some(parse_limit(value)?),
+            "image" if image.is_none() => return Err("image= names no image".into()),
+            "image" | "limit" => return Err(format!("{key} given twice")),
+            _ => return Err(format!("unknown parameter {key:?} (image, limit)")),
+        }
+    }
+    Ok((image, limit.unwrap_or(100)))
 }
 
 /// Decodes %XX escapes; refuses malformed ones and non-UTF-8 results.
@@ -667,9 +719,86 @@ fn metrics(state: &State) -> Result<String, String> {
         "How long applying this layer took when it was pulled",
         apply,
     );
+    image_metrics(state, &mut registry);
     let mut text = String::new();
     encode(&mut text, &registry).map_err(|e| format!("encoding the metrics: {e}"))?;
     Ok(text)
+}
+
+type ImageLabels = Vec<(String, String)>;
+
+/// Per-image series, for the `top_images` most started images only.
+fn image_metrics(state: &State, registry: &mut Registry) {
+    let mut images = state.catalog.images(TopSort::Clones);
+    images.truncate(state.top_images);
+    let starts = Family::<ImageLabels, Counter>::default();
+    let running = Family::<ImageLabels, Gauge>::default();
+    let last = Family::<ImageLabels, Gauge>::default();
+    let read = Family::<ImageLabels, Counter>::default();
+    let size = Family::<ImageLabels, Gauge>::default();
+    let pull = Family::<ImageLabels, Gauge<f64, AtomicU64>>::default();
+    let startups = Family::<ImageLabels, Counter>::default();
+    let startup = Family::<ImageLabels, Gauge<f64, AtomicU64>>::default();
+    let early = Family::<ImageLabels, Counter>::default();
+    let gauge = |n: u64| n.min(i64::MAX as u64) as i64;
+    for i in &images {
+        let labels = vec![
+            ("image".to_string(), i.name.clone()),
+            ("layer".to_string(), i.top_layer.clone()),
+        ];
+        starts.get_or_create(&labels).inc_by(i.starts);
+        running.get_or_create(&labels).set(gauge(i.running));
+        last.get_or_create(&labels).set(i.last_start_seconds);
+        read.get_or_create(&labels).inc_by(i.bytes_read);
+        size.get_or_create(&labels).set(gauge(i.size_bytes));
+        pull.get_or_create(&labels).set(i.pull_seconds);
+        startups.get_or_create(&labels).inc_by(i.startups);
+        if let Some(m) = i.mean_startup_seconds {
+            startup.get_or_create(&labels).set(m);
+        }
+        early.get_or_create(&labels).inc_by(i.startup_bytes);
+    }
+    registry.register(
+        "image_starts",
+        "Containers started from this image, ever (the most started images)",
+        starts,
+    );
+    registry.register(
+        "image_running",
+        "Containers of this image in use now",
+        running,
+    );
+    registry.register(
+        "image_last_start_timestamp_seconds",
+        "When a container of this image last started (0: never)",
+        last,
+    );
+    registry.register(
+        "image_read_bytes",
+        "Bytes this image's containers read",
+        read,
+    );
+    registry.register("image_size_bytes", "Bytes this image's layers own", size);
+    registry.register(
+        "image_pull_seconds",
+        "How long applying this image's layers took",
+        pull,
+    );
+    registry.register(
+        "image_startups",
+        "Containers of this image whose start-up (creation to first read) was measured",
+        startups,
+    );
+    registry.register(
+        "image_startup_mean_seconds",
+        "Mean time from a container's creation to its first read",
+        startup,
+    );
+    registry.register(
+        "image_startup_read_bytes",
+        "Bytes this image's containers read in their first 10 seconds",
+        early,
+    );
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 //! counted (image X started five times ranks above image Y started twice;
 //! `--sort reads` ranks by bytes read), a removed container's reads move to
 //! its image, the counts survive a kill -9 once a checkpoint has passed,
-//! and bad arguments are refused with a clear message.
+//! and bad arguments are refused with a clear message. The same for
+//! `lcfs top images` (x above y, with its containers' reads and start-ups)
+//! and `lcfs top files` (the file they read).
 
 mod common;
 
@@ -16,6 +18,10 @@ fn top(h: &Harness, args: &[&str]) -> Vec<Value> {
     let mut all = vec!["top", "layers", "--json"];
     all.extend_from_slice(args);
     serde_json::from_str(&h.ok(&all)).expect("JSON rows")
+}
+
+fn json_rows(h: &Harness, args: &[&str]) -> Vec<Value> {
+    serde_json::from_str(&h.ok(args)).expect("JSON rows")
 }
 
 fn row<'a>(rows: &'a [Value], name: &str) -> &'a Value {
@@ -32,7 +38,7 @@ fn top_layers_ranks_images_by_starts_and_reads_and_keeps_counts() {
     h.mkfs();
     h.start();
     for (image, size) in [("x", 64 << 10), ("y", 256 << 10)] {
-        h.ok(&["layer", "create", image]);
+        h.ok(&["layer", "create", "--cold", image]);
         fs::write(h.mountpoint.join(image).join("app"), vec![7u8; size]).unwrap();
         h.ok(&["layer", "commit", image]);
     }
@@ -114,10 +120,34 @@ fn top_layers_ranks_images_by_starts_and_reads_and_keeps_counts() {
     let stat = h.ok(&["layer", "stat", "x"]);
     assert!(stat.contains("clones:    5"), "{stat}");
 
+    // Images: x started five times, y twice; what their containers read.
+    let images = json_rows(&h, &["top", "images", "--json"]);
+    assert_eq!(images[0]["name"], "x", "{images:?}");
+    assert_eq!(images[0]["starts"], 5);
+    assert_eq!(images[0]["containers"], 4, "x0 was removed");
+    assert_eq!(images[1]["name"], "y");
+    assert_eq!(images[1]["starts"], 2);
+    assert_eq!(images[0]["bytes_read"], 5 * (64 << 10));
+    assert_eq!(images[0]["startups"], 5);
+    assert_eq!(images[0]["startup_files"], 5);
+    let table = h.ok(&["top", "images"]);
+    assert!(table.lines().nth(1).unwrap().starts_with("x "), "{table}");
+    // Hot files: the one file, with every read of x's containers.
+    let files = json_rows(&h, &["top", "files", "--image", "x", "--json"]);
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(files[0]["path"], "/app");
+    assert_eq!(files[0]["bytes"], 5 * (64 << 10));
+    let all = json_rows(&h, &["top", "files", "--json"]);
+    assert_eq!(all.len(), 2, "{all:?}");
+    let table = h.ok(&["top", "files"]);
+    assert!(table.contains("/app"), "{table}");
+
     // kill -9 after a checkpoint interval has passed: the counts survive.
     fs::read(h.mountpoint.join("x1/app")).ok();
     std::thread::sleep(Duration::from_millis(1500));
     let before = top(&h, &[]);
+    let images_before = json_rows(&h, &["top", "images", "--json"]);
+    let files_before = json_rows(&h, &["top", "files", "--json"]);
     h.stop_with(libc::SIGKILL);
     h.start();
     let after = top(&h, &[]);
@@ -129,6 +159,8 @@ fn top_layers_ranks_images_by_starts_and_reads_and_keeps_counts() {
             h.log_text()
         );
     }
+    assert_eq!(json_rows(&h, &["top", "images", "--json"]), images_before);
+    assert_eq!(json_rows(&h, &["top", "files", "--json"]), files_before);
 
     // Bad arguments: a clear refusal, nothing printed on stdout.
     let out = h.lcfs(&["top", "layers", "--sort", "popularity"]);
@@ -139,7 +171,8 @@ fn top_layers_ranks_images_by_starts_and_reads_and_keeps_counts() {
         "{stderr}"
     );
     assert!(out.stdout.is_empty());
-    let out = h.lcfs(&["top", "images"]);
-    assert_eq!(out.status.code(), Some(2));
+    let out = h.lcfs(&["top", "files", "--image", "nosuch"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nosuch"));
     h.stop_with(libc::SIGTERM);
 }

@@ -23,6 +23,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 /// The state of the graphdriver: the engine, where its layers are mounted,
 /// and the Get/Put reference counts.
@@ -30,7 +31,8 @@ pub struct Driver {
     /// The engine, and the mount's cache kept right as layers change.
     layers: LayerOps,
     mountpoint: PathBuf,
-    references: Mutex<HashMap<String, u32>>,
+    /// Per layer: Gets not yet Put, and when the first of them came.
+    references: Mutex<HashMap<String, (u32, SystemTime)>>,
     busy: Mutex<HashSet<String>>,
     /// The layers Diff was last asked for, newest first: the candidates to
     /// lend their blocks to the ApplyDiff of a commit (docs/docker.md).
@@ -141,10 +143,19 @@ impl Driver {
 
     /// How many Gets of `id` are not yet Put.
     pub fn references(&self, id: &str) -> u32 {
-        self.lock_references().get(id).copied().unwrap_or(0)
+        self.lock_references().get(id).map_or(0, |r| r.0)
     }
 
-    fn lock_references(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+    /// The layers Got and not yet Put (containers running, for Docker),
+    /// each with the time of its first outstanding Get.
+    pub fn mounted(&self) -> Vec<(String, SystemTime)> {
+        self.lock_references()
+            .iter()
+            .map(|(id, r)| (id.clone(), r.1))
+            .collect()
+    }
+
+    fn lock_references(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u32, SystemTime)>> {
         self.references.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -281,7 +292,7 @@ impl Driver {
                 check_id(&r.id)?;
                 let mut refs = self.lock_references();
                 e.layer_id(&r.id).map_err(|err| layer_error(&r.id, err))?;
-                *refs.entry(r.id.clone()).or_insert(0) += 1;
+                refs.entry(r.id.clone()).or_insert((0, SystemTime::now())).0 += 1;
                 Ok(json!({ "Dir": self.dir(&r.id) }))
             }
             "GraphDriver.Put" => {
@@ -289,7 +300,7 @@ impl Driver {
                 check_id(&r.id)?;
                 let mut refs = self.lock_references();
                 match refs.get_mut(&r.id) {
-                    Some(n) if *n > 1 => *n -= 1,
+                    Some((n, _)) if *n > 1 => *n -= 1,
                     Some(_) => {
                         refs.remove(&r.id);
                     }
@@ -394,7 +405,7 @@ impl Driver {
 
     fn remove(&self, id: &str) -> Result<()> {
         let held = self.lock_references().remove(id);
-        if let Some(n) = held {
+        if let Some((n, _)) = held {
             log::warn!("removing layer {id:?} while {n} Get(s) are not Put");
         }
         match self.layers.remove(id) {

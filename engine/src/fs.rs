@@ -433,8 +433,12 @@ impl Store {
                 pr.frozen_at = now;
             }
             pr.children += 1;
-            pr.usage.clones += 1;
-            pr.usage.last_clone = now;
+            // A container (or an init layer) started from it; a pulled
+            // layer stacked on it is not a start.
+            if !cold {
+                pr.usage.clones += 1;
+                pr.usage.last_clone = now;
+            }
             rec.parent = pid;
             rec.root = pr.root;
             rec.next_inode = pr.next_inode;

@@ -202,8 +202,9 @@ pub struct LayerRecord {
 /// statistics (`lcfs top`) report about layers and images.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LayerUsage {
-    /// Layers ever cloned from this one (containers started from an image's
-    /// top layer), including those removed since.
+    /// Writable (not cold) layers ever cloned from this one (containers
+    /// started from an image's top layer), including those removed since;
+    /// pulled layers stacked on it do not count.
     pub clones: u64,
     /// When the last of them was cloned (zero: never).
     pub last_clone: Timestamp,
