@@ -73,9 +73,19 @@ pub mod api {
                     tonic::include_proto!("containerd.services.diff.v1");
                 }
             }
+            pub mod images {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.images.v1");
+                }
+            }
             pub mod leases {
                 pub mod v1 {
                     tonic::include_proto!("containerd.services.leases.v1");
+                }
+            }
+            pub mod namespaces {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.namespaces.v1");
                 }
             }
             pub mod snapshots {
@@ -87,7 +97,9 @@ pub mod api {
     }
     pub use containerd::services::content::v1 as content;
     pub use containerd::services::diff::v1 as diff;
+    pub use containerd::services::images::v1 as images;
     pub use containerd::services::leases::v1 as leases;
+    pub use containerd::services::namespaces::v1 as namespaces;
     pub use containerd::services::snapshots::v1 as snapshots;
     pub use containerd::types;
 }
