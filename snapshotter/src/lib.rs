@@ -25,17 +25,22 @@
 //! - the snapshot table (key, kind, labels, times) lives in each layer's
 //!   engine metadata, made durable before each changing call answers;
 //! - Remove only marks the layer; Cleanup (and a background pass) frees it.
+//!
+//! For per-image statistics, [`image_layers`] asks containerd for its images
+//! and finds the layer of each one's top snapshot (images.rs).
 
 mod compare;
 mod diff;
 mod error;
 mod filter;
+mod images;
 mod server;
 mod service;
 mod table;
 
 pub use diff::MEDIA_TYPE_LAYER_TAR;
 pub use error::{Error, Result};
+pub use images::{image_layers, image_tops, ImageLayer, ImageTop};
 pub use server::{serve, serve_with, ServeOptions, SnapshotterServer};
 pub use table::{
     Kind, SnapshotInfo, Table, KEY_MAX_BYTES, LABELS_MAX_BYTES, LABELS_MAX_COUNT, LABEL_MAX_BYTES,
