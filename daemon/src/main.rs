@@ -9,6 +9,7 @@ mod error;
 mod fleet;
 mod fsck;
 mod mkfs;
+mod owners;
 mod protocol;
 mod rest;
 mod server;
