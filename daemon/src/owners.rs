@@ -91,6 +91,15 @@ pub enum Owner {
     Containerd,
 }
 
+impl Owner {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Owner::Docker => "docker",
+            Owner::Containerd => "containerd",
+        }
+    }
+}
+
 /// An image and the lcfs layer of its top layer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OwnerImage {
