@@ -10,6 +10,7 @@ mod fleet;
 mod fsck;
 mod images;
 mod mkfs;
+mod owners;
 mod protocol;
 mod rest;
 mod server;

@@ -325,25 +325,7 @@ impl Diff for DiffService {
 impl DiffService {
     /// A connection to containerd's API socket.
     pub(crate) async fn connect(&self) -> Result<tonic::transport::Channel> {
-        let address = self.containerd_address.clone();
-        let path = address.clone();
-        tonic::transport::Endpoint::from_static("http://[::]:0")
-            .connect_timeout(CONNECT_TIMEOUT)
-            .initial_stream_window_size(STREAM_WINDOW_BYTES)
-            .initial_connection_window_size(STREAM_WINDOW_BYTES)
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-                }
-            }))
-            .await
-            .map_err(|e| {
-                Error::Unavailable(format!(
-                    "containerd at {} (lcfs daemon --containerd-address): {e}",
-                    address.display()
-                ))
-            })
+        connect(&self.containerd_address).await
     }
 
     /// Opens the blob's stream on containerd's content service.
@@ -369,6 +351,28 @@ impl DiffService {
             Err(status) => Err(Error::Content(status)),
         }
     }
+}
+
+/// A connection to containerd's API socket at `address`.
+pub(crate) async fn connect(address: &Path) -> Result<tonic::transport::Channel> {
+    let path = address.to_path_buf();
+    tonic::transport::Endpoint::from_static("http://[::]:0")
+        .connect_timeout(CONNECT_TIMEOUT)
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(STREAM_WINDOW_BYTES)
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .map_err(|e| {
+            Error::Unavailable(format!(
+                "containerd at {} (lcfs daemon --containerd-address): {e}",
+                address.display()
+            ))
+        })
 }
 
 /// Reads the blob, unpacks it into the claimed layer; returns the sha256 and

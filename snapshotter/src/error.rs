@@ -47,6 +47,10 @@ pub enum Error {
     /// containerd's content or leases service refused a write of a diff.
     #[error("writing the diff to containerd's content store: {}", .0.message())]
     ContentWrite(Status),
+    /// containerd's images or namespaces service failed (per-image
+    /// statistics; see images.rs).
+    #[error("{what}: {}", .status.message())]
+    Containerd { what: String, status: Status },
     /// The layer tar of a Diff could not be made.
     #[error("computing the diff: {0}")]
     Export(lcfs_dockerplugin::Error),
@@ -107,6 +111,7 @@ impl Error {
             // with FailedPrecondition ("unexpected commit digest").
             Error::BadBlob(_) => Code::FailedPrecondition,
             Error::Content(status) | Error::ContentWrite(status) => status.code(),
+            Error::Containerd { status, .. } => status.code(),
             Error::Export(lcfs_dockerplugin::Error::Unsupported(_)) => Code::Unimplemented,
             Error::Export(_) => Code::Internal,
             Error::Unavailable(_) => Code::Unavailable,

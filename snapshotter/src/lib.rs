@@ -25,17 +25,22 @@
 //! - the snapshot table (key, kind, labels, times) lives in each layer's
 //!   engine metadata, made durable before each changing call answers;
 //! - Remove only marks the layer; Cleanup (and a background pass) frees it.
+//!
+//! For per-image statistics, [`image_layers`] asks containerd for its images
+//! and finds the layer of each one's top snapshot (images.rs).
 
 mod compare;
 mod diff;
 mod error;
 mod filter;
+mod images;
 mod server;
 mod service;
 mod table;
 
 pub use diff::MEDIA_TYPE_LAYER_TAR;
 pub use error::{Error, Result};
+pub use images::{image_layers, image_tops, ImageLayer, ImageTop};
 pub use server::{serve, serve_with, ServeOptions, SnapshotterServer};
 pub use table::{
     Kind, SnapshotInfo, Table, KEY_MAX_BYTES, LABELS_MAX_BYTES, LABELS_MAX_COUNT, LABEL_MAX_BYTES,
@@ -73,9 +78,19 @@ pub mod api {
                     tonic::include_proto!("containerd.services.diff.v1");
                 }
             }
+            pub mod images {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.images.v1");
+                }
+            }
             pub mod leases {
                 pub mod v1 {
                     tonic::include_proto!("containerd.services.leases.v1");
+                }
+            }
+            pub mod namespaces {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.namespaces.v1");
                 }
             }
             pub mod snapshots {
@@ -87,7 +102,9 @@ pub mod api {
     }
     pub use containerd::services::content::v1 as content;
     pub use containerd::services::diff::v1 as diff;
+    pub use containerd::services::images::v1 as images;
     pub use containerd::services::leases::v1 as leases;
+    pub use containerd::services::namespaces::v1 as namespaces;
     pub use containerd::services::snapshots::v1 as snapshots;
     pub use containerd::types;
 }

@@ -227,6 +227,20 @@ impl Entry {
     }
 }
 
+/// containerd's metadata store names each snapshot in the backend
+/// snapshotter `<namespace>/<n>/<name>` (`metadata/snapshot.go`: n from a
+/// sequence per namespace and snapshotter, so a later snapshot of the same
+/// name has a larger n; namespaces hold no '/'). Split into the three; None
+/// for keys made some other way (`ctr snapshots` on the proxy directly).
+fn split_containerd_key(key: &str) -> Option<(&str, u64, &str)> {
+    let (namespace, rest) = key.split_once('/')?;
+    let (n, name) = rest.split_once('/')?;
+    if namespace.is_empty() || name.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((namespace, n.parse().ok()?, name))
+}
+
 /// A failed layer operation as the snapshotter reports it.
 fn layer_error(what: String, e: LayerError) -> Error {
     match e {
@@ -654,6 +668,54 @@ impl Table {
         all
     }
 
+    /// The layer of the committed snapshot containerd knows as `name` in
+    /// `namespace` (key `<namespace>/<n>/<name>`; for an unpacked image
+    /// layer the name is its chain id). Of several (a re-pull while the old
+    /// one waits for containerd's garbage collector), the newest.
+    pub fn committed_layer_for(&self, namespace: &str, name: &str) -> Option<String> {
+        let st = self.state();
+        st.by_key
+            .iter()
+            .filter(|(_, e)| e.kind == Kind::Committed)
+            .filter_map(|(key, e)| {
+                let (ns, n, rest) = split_containerd_key(key)?;
+                (ns == namespace && rest == name).then_some(((n, e.created), &e.layer))
+            })
+            .max_by_key(|(order, _)| *order)
+            .map(|(_, layer)| layer.clone())
+    }
+
+    /// [`Table::committed_layer_for`] for every committed snapshot at once:
+    /// (namespace, name) to layer, in one pass over the table.
+    pub fn committed_layers(&self) -> HashMap<(String, String), String> {
+        let st = self.state();
+        let mut newest: HashMap<(String, String), ((u64, Timestamp), String)> = HashMap::new();
+        for (key, e) in &st.by_key {
+            if e.kind != Kind::Committed {
+                continue;
+            }
+            let Some((ns, n, name)) = split_containerd_key(key) else {
+                continue;
+            };
+            let order = (n, e.created);
+            let slot = newest.entry((ns.to_string(), name.to_string()));
+            match slot {
+                std::collections::hash_map::Entry::Occupied(mut o) => {
+                    if o.get().0 < order {
+                        o.insert((order, e.layer.clone()));
+                    }
+                }
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert((order, e.layer.clone()));
+                }
+            }
+        }
+        newest
+            .into_iter()
+            .map(|(k, (_, layer))| (k, layer))
+            .collect()
+    }
+
     /// How many removed snapshots still hold their layer.
     pub fn pending_removals(&self) -> usize {
         self.state().pending.len()
@@ -823,5 +885,81 @@ impl Drop for ApplyClaim {
         if self.failed {
             st.failed_applies.insert(self.layer.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lcfs_engine::device::{Device, MemDevice};
+    use lcfs_engine::{Config, FormatOptions};
+
+    fn table() -> Table {
+        let dev: Arc<dyn Device> = Arc::new(MemDevice::new(64 << 20));
+        Engine::format(dev.clone(), &FormatOptions::default()).unwrap();
+        let config = Config {
+            flush_interval_ms: 0,
+            checkpoint_interval_ms: 0,
+            ..Config::default()
+        };
+        let engine = Engine::open(dev, config).unwrap();
+        Table::open(
+            engine,
+            Path::new("/nonexistent"),
+            Arc::new(lcfs_fsfront::NoMount),
+        )
+        .unwrap()
+    }
+
+    /// Prepares `key` on `parent` and commits it as `name`; its layer.
+    fn committed(t: &Table, name: &str, parent: &str) -> String {
+        let key = format!("{name}-extract");
+        t.create(Kind::Active, &key, parent, BTreeMap::new())
+            .unwrap();
+        t.commit(name, &key, BTreeMap::new()).unwrap();
+        t.state().by_key[name].layer.clone()
+    }
+
+    #[test]
+    fn containerd_keys_split_into_namespace_sequence_and_name() {
+        assert_eq!(
+            split_containerd_key("default/12/sha256:ab"),
+            Some(("default", 12, "sha256:ab"))
+        );
+        assert_eq!(split_containerd_key("ns/3/a/b"), Some(("ns", 3, "a/b")));
+        for bad in [
+            "", "plain", "ns/12", "ns/x1/n", "/1/n", "ns//n", "ns/1/", "ns/-1/n",
+        ] {
+            assert_eq!(split_containerd_key(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn committed_layers_are_found_by_namespace_and_name_newest_first() {
+        let t = table();
+        let chain = "sha256:51c0c8ace48498d6f5fee6b0592cc06f2da0f3cbe09c5a34a97dce85c3889676";
+        let old = committed(&t, &format!("ns1/4/{chain}"), "");
+        // A re-pull: the same chain id later in the sequence ("4" sorts
+        // after "10" as text: the order must be numeric).
+        let newer = committed(&t, &format!("ns1/10/{chain}"), "");
+        let other_ns = committed(&t, &format!("ns2/5/{chain}"), "");
+        // Not a committed snapshot: an active with a matching key.
+        t.create(Kind::Active, &format!("ns3/7/{chain}"), "", BTreeMap::new())
+            .unwrap();
+        // Not containerd's naming.
+        committed(&t, chain, "");
+        assert_ne!(old, newer);
+        assert_eq!(t.committed_layer_for("ns1", chain), Some(newer.clone()));
+        assert_eq!(t.committed_layer_for("ns2", chain), Some(other_ns.clone()));
+        assert_eq!(t.committed_layer_for("ns3", chain), None);
+        assert_eq!(t.committed_layer_for("ns1", "sha256:00"), None);
+        assert_eq!(t.committed_layer_for("ns", chain), None);
+        let all = t.committed_layers();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[&("ns1".to_string(), chain.to_string())], newer);
+        assert_eq!(all[&("ns2".to_string(), chain.to_string())], other_ns);
+        // Removed: no longer found; the older one is.
+        t.remove(&format!("ns1/10/{chain}")).unwrap();
+        assert_eq!(t.committed_layer_for("ns1", chain), Some(old));
     }
 }
