@@ -41,6 +41,8 @@ pub struct DaemonOptions {
     pub containerd_socket: Option<PathBuf>,
     /// containerd's socket, where the snapshotter's differ reads blobs.
     pub containerd_address: PathBuf,
+    /// dockerd's API, asked for image names when it exists.
+    pub docker_socket: PathBuf,
     /// The statistics API (see crate::rest).
     pub stats: crate::rest::RestOptions,
 }
@@ -160,6 +162,10 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
             }
         }
     };
+    catalog.docker_socket = Some(o.docker_socket.clone());
+    catalog.containerd = snapshotter
+        .as_ref()
+        .map(|s| (s.table().clone(), o.containerd_address.clone()));
     let catalog = Arc::new(catalog);
     let stats = match crate::rest::serve(catalog.clone(), &o.stats) {
         Ok(server) => server,

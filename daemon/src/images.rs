@@ -8,7 +8,8 @@
 //!   child. A layer an owner does not name is shown by its own name.
 //! - A container belongs to the image of its nearest pulled ancestor; its
 //!   writable (unfrozen) layer counts as one container, running while it is
-//!   mounted: Got and not Put by dockerd, or bind mounted (containerd).
+//!   in use: Got and not Put by dockerd, or mounted on its own in some
+//!   mount namespace (a container's root; containerd's bind mount).
 //! - Start-up and reads add up what the image's live containers counted and
 //!   what its removed ones left in the records they were folded into.
 //!
@@ -16,11 +17,13 @@
 //! its own beyond the owners' names.
 
 use crate::client::TopSort;
+use crate::owners::{containerd_images, docker_images, DockerCache, OwnerImage};
 use crate::protocol::{rfc3339, HotFile, Image};
 use lcfs_engine::{Engine, LayerInfo, Timestamp};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// What the control socket and the HTTP API ask about images.
 pub struct Catalog {
@@ -28,6 +31,36 @@ pub struct Catalog {
     pub mountpoint: PathBuf,
     /// The Docker plugin, for the layers dockerd has mounted.
     pub plugin: Option<Arc<lcfs_dockerplugin::Driver>>,
+    /// dockerd's API socket, asked for image names when it exists.
+    pub docker_socket: Option<PathBuf>,
+    /// The snapshotter's table and containerd's socket, asked for image
+    /// names when the daemon serves containerd.
+    pub containerd: Option<(Arc<lcfs_snapshotter::Table>, PathBuf)>,
+    names: Mutex<Names>,
+}
+
+/// The owners' names as last asked, and when.
+#[derive(Default)]
+struct Names {
+    docker: DockerCache,
+    named: Vec<Named>,
+    asked: Option<Instant>,
+    /// The last failure said, so a down owner is not logged every time.
+    last_failure: String,
+}
+
+/// How long the owners' names are reused before they are asked again.
+const NAMES_FOR: Duration = Duration::from_secs(10);
+
+impl From<OwnerImage> for Named {
+    fn from(o: OwnerImage) -> Named {
+        Named {
+            top_layer: o.top_layer,
+            name: o.name,
+            owner: o.owner.as_str(),
+            id: o.id,
+        }
+    }
 }
 
 impl Catalog {
@@ -36,12 +69,50 @@ impl Catalog {
             engine,
             mountpoint: mountpoint.to_path_buf(),
             plugin: None,
+            docker_socket: None,
+            containerd: None,
+            names: Mutex::new(Names::default()),
         }
     }
 
-    /// The owners' names for image top layers (see owners.rs).
+    /// The owners' names for image top layers (see owners.rs), asked at
+    /// most every [`NAMES_FOR`]; an owner that does not answer names
+    /// nothing (a warning says why, once).
     fn named(&self) -> Vec<Named> {
-        Vec::new()
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        if names.asked.is_some_and(|t| t.elapsed() < NAMES_FOR) {
+            return names.named.clone();
+        }
+        let mut named = Vec::new();
+        let mut failures = Vec::new();
+        if let Some(socket) = self.docker_socket.as_deref().filter(|s| s.exists()) {
+            match docker_images(socket, &mut names.docker) {
+                Ok(images) => named.extend(images.into_iter().map(Named::from)),
+                Err(e) => failures.push(format!("dockerd at {}: {e}", socket.display())),
+            }
+        }
+        if let Some((table, address)) = self.containerd.as_ref().filter(|c| c.1.exists()) {
+            let asked = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())
+                .and_then(|rt| {
+                    rt.block_on(containerd_images(table.clone(), address, &[]))
+                        .map_err(|e| e.to_string())
+                });
+            match asked {
+                Ok(images) => named.extend(images.into_iter().map(Named::from)),
+                Err(e) => failures.push(format!("containerd at {}: {e}", address.display())),
+            }
+        }
+        let failure = failures.join("; ");
+        if !failure.is_empty() && failure != names.last_failure {
+            log::warn!("image names unknown (images show by layer): {failure}");
+        }
+        names.last_failure = failure;
+        names.named = named.clone();
+        names.asked = Some(Instant::now());
+        named
     }
 
     /// Every image, sorted by `by`.
@@ -51,7 +122,7 @@ impl Catalog {
     }
 
     fn images_of(&self, layers: &[LayerInfo], by: TopSort) -> Vec<Image> {
-        let mut mounted = bind_mounted(&self.mountpoint, layers);
+        let mut mounted = mounted_layers(&self.mountpoint, layers);
         if let Some(plugin) = &self.plugin {
             for (layer, since) in plugin.mounted() {
                 let since = since
@@ -339,38 +410,72 @@ pub fn hot_files(engine: &Engine, layers: &[LayerInfo], image: &Image) -> Vec<Ho
     rows
 }
 
-/// Layers of the lcfs mount at `mountpoint` that are bind mounted in this
-/// mount namespace (containerd mounts a container's root file system so),
-/// from /proc/self/mountinfo: the entries on the mount's device whose root
-/// is a layer's directory. They are stamped with `made` of each layer, as
-/// mountinfo keeps no time.
-pub fn bind_mounted(mountpoint: &Path, layers: &[LayerInfo]) -> Mounted {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Mounted::new();
+/// Layers of the lcfs mount at `mountpoint` that some mount namespace
+/// mounts on their own: a container's root file system (in its own
+/// namespace, and where containerd's shim mounts it). Read from the
+/// mountinfo of one process of each mount namespace (at most
+/// [`MAX_NAMESPACES`]): entries on the mount's device whose root is a
+/// layer's directory. Stamped with each layer's creation, as mountinfo
+/// keeps no time.
+pub fn mounted_layers(mountpoint: &Path, layers: &[LayerInfo]) -> Mounted {
+    let mut out = Mounted::new();
+    let Ok(own) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return out;
     };
-    let fields: Vec<Vec<&str>> = info.lines().map(|l| l.split(' ').collect()).collect();
     let at = mountpoint.to_string_lossy();
     // Fields: id, parent, major:minor, root, mount point, ...
-    let Some(device) = fields
-        .iter()
+    let Some(device) = own
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
         .find(|f| f.len() > 4 && f[4] == at && f[3] == "/")
-        .map(|f| f[2])
+        .map(|f| f[2].to_string())
     else {
-        return Mounted::new();
+        return out;
     };
     let made: HashMap<&str, Timestamp> = layers
         .iter()
         .map(|l| (l.name.as_str(), l.created))
         .collect();
-    let mut out = Mounted::new();
-    for f in fields.iter().filter(|f| f.len() > 4 && f[2] == device) {
-        let layer = f[3].trim_start_matches('/').split('/').next().unwrap_or("");
-        if let Some(t) = made.get(layer) {
-            out.insert(layer.to_string(), *t);
+    let mut scan = |info: &str| {
+        for f in info.lines().map(|l| l.split(' ').collect::<Vec<_>>()) {
+            if f.len() > 4 && f[2] == device && f[3] != "/" {
+                let layer = f[3].trim_start_matches('/').split('/').next().unwrap_or("");
+                if let Some(t) = made.get(layer) {
+                    out.insert(layer.to_string(), *t);
+                }
+            }
+        }
+    };
+    scan(&own);
+    let mut seen = HashSet::new();
+    if let Ok(own_ns) = std::fs::read_link("/proc/self/ns/mnt") {
+        seen.insert(own_ns);
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        if seen.len() >= MAX_NAMESPACES {
+            break;
+        }
+        let name = p.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(ns) = std::fs::read_link(p.path().join("ns/mnt")) else {
+            continue;
+        };
+        if seen.insert(ns) {
+            if let Ok(info) = std::fs::read_to_string(p.path().join("mountinfo")) {
+                scan(&info);
+            }
         }
     }
     out
 }
+
+/// Mount namespaces [`mounted_layers`] reads at most.
+pub const MAX_NAMESPACES: usize = 4096;
 
 #[cfg(test)]
 mod tests {

@@ -220,6 +220,11 @@ struct DaemonArgs {
     #[arg(long, value_name = "N", default_value_t = 20)]
     metrics_top_layers: usize,
 
+    /// dockerd's API socket, asked for image names (`lcfs top images`)
+    /// when it exists
+    #[arg(long, value_name = "PATH", default_value = owners::DEFAULT_DOCKER_SOCKET)]
+    docker_socket: PathBuf,
+
     /// Images given their own series in /metrics (the most started ones)
     #[arg(long, value_name = "N", default_value_t = 20)]
     metrics_top_images: usize,
@@ -423,6 +428,7 @@ fn run(cli: Cli) -> Result<()> {
                 })
             }),
             containerd_address: a.containerd_address,
+            docker_socket: a.docker_socket,
             stats: rest::RestOptions {
                 socket: a.stats_socket.unwrap_or_else(|| {
                     let dir = cli.control_socket.parent().unwrap_or(Path::new("/"));

@@ -18,7 +18,6 @@
 
 // Called by the statistics (REST and command line) once they show images;
 // until then (and in the tests) parts are unused.
-#![allow(dead_code)]
 
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
@@ -126,17 +125,10 @@ pub struct DockerCache {
     tops: HashMap<String, Option<String>>,
 }
 
+#[cfg(test)]
 impl DockerCache {
-    pub fn new() -> DockerCache {
-        DockerCache::default()
-    }
-
     pub fn len(&self) -> usize {
         self.tops.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tops.is_empty()
     }
 }
 
@@ -718,7 +710,7 @@ mod tests {
                 .to_string(),
             );
         }
-        let mut cache = DockerCache::new();
+        let mut cache = DockerCache::default();
         let images = docker_images(&socket, &mut cache).unwrap();
         let expected = vec![
             OwnerImage {

@@ -102,7 +102,7 @@ fn the_stats_api_answers_on_its_socket_and_with_a_token_on_tcp() {
     .unwrap();
     let socket = h.socket.parent().unwrap().join("stats.sock");
     for (image, n) in [("x", 5), ("y", 2)] {
-        h.ok(&["layer", "create", image]);
+        h.ok(&["layer", "create", "--cold", image]);
         std::fs::write(h.mountpoint.join(image).join("app"), vec![1u8; 8192]).unwrap();
         for i in 0..n {
             h.ok(&["layer", "clone", image, &format!("{image}{i}")]);
@@ -151,6 +151,40 @@ fn the_stats_api_answers_on_its_socket_and_with_a_token_on_tcp() {
         metrics.contains("lcfs_device_write_bytes_total "),
         "{metrics}"
     );
+    // Images and their hot files.
+    let (status, body) = get(&socket, "/v1/images?sort=starts");
+    assert_eq!(status, 200, "{body}");
+    let images: Vec<Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(images.len(), 2, "{body}");
+    assert_eq!(
+        (images[0]["name"].as_str(), images[0]["starts"].as_u64()),
+        (Some("x"), Some(5))
+    );
+    let (status, body) = get(&socket, "/v1/files?image=y&limit=5");
+    assert_eq!(status, 200, "{body}");
+    let files: Vec<Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (files[0]["path"].as_str(), files[0]["bytes"].as_u64()),
+        (Some("/app"), Some(2 * 8192))
+    );
+    let (s, b) = get(&socket, "/v1/files?image=nosuch");
+    json_error(s, &b, 404);
+    for bad in [
+        "/v1/files?image=",
+        "/v1/files?what=1",
+        "/v1/images?sort=x",
+        "/v1/files?image=%zz",
+    ] {
+        let (s, b) = get(&socket, bad);
+        json_error(s, &b, 400);
+    }
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "lcfs_image_starts_total{image=\"x\",layer=\"x\"} 5"),
+        "{metrics}"
+    );
+
     // Three layers get series (--metrics-top-layers 3), not nine.
     let series = metrics
         .lines()

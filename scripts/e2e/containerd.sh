@@ -285,6 +285,23 @@ if [[ $snap == lcfs ]]; then
     jq -e '.[0].usage.applied_bytes > 100000 and .[0].usage.apply_seconds > 0 and
         .[0].usage.clones >= 2' <<<"$pulled" >/dev/null ||
         fail "the pulled busybox layer's statistics: $(jq -c '.[0].usage' <<<"$pulled")"
+    # Images, named through containerd's images API; a running task counts
+    # as a running container.
+    quietly ctrd run -d --snapshotter lcfs "$busybox" stats-sleeper sleep 600 ||
+        fail "starting a long-running task failed"
+    images=$(lcfs_ctl top images --json)
+    expect "top images: named by containerd" "$busybox containerd" \
+        "$(jq -r --arg i "$busybox" '.[] | select(.name == $i) | "\(.name) \(.owner)"' <<<"$images")"
+    jq -e --arg i "$busybox" '.[] | select(.name == $i) | .starts >= 3 and .running == 1 and
+        .containers >= 2 and .pull_seconds > 0' <<<"$images" >/dev/null ||
+        fail "$busybox's image row: $(jq -c --arg i "$busybox" '.[] | select(.name == $i)' <<<"$images")"
+    quietly ctrd tasks kill -s KILL stats-sleeper || true
+    for _ in $(seq 50); do
+        ctrd tasks ls -q | grep -qx stats-sleeper || break
+        sleep 0.1
+    done
+    quietly ctrd tasks rm -f stats-sleeper || true
+    quietly ctrd containers rm stats-sleeper || fail "removing the long-running container failed"
 fi
 quietly ctrd snapshots --snapshotter "$snap" commit writer-committed writer || fail "ctr snapshots commit failed"
 expect "committed snapshot kind" "Committed" "$(ctrd snapshots --snapshotter "$snap" info writer-committed |

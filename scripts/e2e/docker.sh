@@ -30,6 +30,8 @@ ensure_rootfs_tarball
 lcfs_build
 lcfs_mkfs
 lcfs_plugin_name
+# The daemon asks this dockerd for image names (lcfs top images).
+LCFS_DAEMON_ARGS="--docker-socket $E2E_WORK/d-lcfs/docker.sock"
 lcfs_start
 say "lcfs daemon $LCFS_PID serves plugin $LCFS_PLUGIN"
 dockerd_start lcfs "$LCFS_PLUGIN"
@@ -116,6 +118,32 @@ expect "REST: the most started layer" "$busybox_layer 6" "$(curl -sf --unix-sock
     'http://lcfs/v1/layers?sort=clones&limit=1' | jq -r '.[0].name + " " + (.[0].usage.clones | tostring)')"
 expect "metrics: busybox:e2e's starts" 1 "$(curl -sf --unix-socket "$stats_socket" http://lcfs/metrics |
     grep -c "^lcfs_layer_clones_total{layer=\"$busybox_layer\",parent=\"\"} 6\$")"
+# Images, named through dockerd's API: busybox:e2e above debian:e2e, one
+# container running while it runs, and what busybox containers read.
+d run -d --network none --name stats-running busybox:e2e sh -c 'cat /bin/busybox >/dev/null; sleep 1000' >/dev/null
+sleep 1
+images=$(lcfs_ctl top images --json)
+expect "top images: the most started" "busybox:e2e 7 $busybox_layer docker" \
+    "$(jq -r '.[0] | "\(.name) \(.starts) \(.top_layer) \(.owner)"' <<<"$images")"
+expect "top images: debian:e2e" "4" "$(jq '.[] | select(.name == "debian:e2e") | .starts' <<<"$images")"
+expect "top images: busybox:e2e running now" "1" "$(jq '.[0].running' <<<"$images")"
+jq -e '.[0] | .uptime_seconds >= 0 and .uptime_seconds < 120 and .pull_seconds > 0 and
+    .pull_bytes > 1000000 and .startups >= 6 and .mean_startup_seconds > 0 and
+    .startup_files >= 6 and .bytes_read > 0' <<<"$images" >/dev/null ||
+    fail "busybox:e2e's image row is incomplete: $(jq -c '.[0]' <<<"$images")"
+files=$(lcfs_ctl top files --image busybox:e2e --json)
+expect "top files: busybox:e2e's most read" "/bin/busybox" "$(jq -r '.[0].path' <<<"$files")"
+[[ $(jq '.[0].bytes' <<<"$files") -ge $((6 * busybox_bytes)) ]] ||
+    fail "hot files of busybox:e2e: $(jq -c '.[0]' <<<"$files")"
+lcfs_ctl top images --limit 3
+lcfs_ctl top files --limit 3
+expect "REST: images" "busybox:e2e" "$(curl -sf --unix-socket "$stats_socket" \
+    'http://lcfs/v1/images?sort=starts&limit=1' | jq -r '.[0].name')"
+expect "metrics: busybox:e2e's image series" 1 "$(curl -sf --unix-socket "$stats_socket" http://lcfs/metrics |
+    grep -c "^lcfs_image_starts_total{image=\"busybox:e2e\",layer=\"$busybox_layer\"} 7\$")"
+quietly d rm -f stats-running
+expect "top images: none running once it is removed" "0" \
+    "$(lcfs_ctl top images --json | jq '.[] | select(.name == "busybox:e2e") | .running')"
 say "statistics: busybox:e2e started 6 times, its containers read $((read_back >> 10)) KiB; debian:e2e 4 times"
 
 # --- exec, cp, diff, inspect, commit ---------------------------------------------------

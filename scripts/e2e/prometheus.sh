@@ -68,7 +68,8 @@ host() {
     HOST_PIDS+=("$LCFS_PID")
     LCFS_PID=""
     for image in web db; do
-        quietly lcfs_ctl layer create "$image" || die "host $n: layer create $image failed"
+        # Pulled-like (cold) layers: images, as Docker's and containerd's are.
+        quietly lcfs_ctl layer create --cold "$image" || die "host $n: layer create $image failed"
         head -c 65536 /dev/urandom >"$LCFS_MOUNT/$image/app"
     done
     for image in web db; do
@@ -148,6 +149,12 @@ say "recording rule and per-host answers agree"
 # Reads through each container's directory reach the metrics: web's nine
 # containers read 64 KiB each.
 until_answer 'sum(lcfs_layer_read_bytes_total{layer=~"web-c.*"})' '.[0].value[1] == "589824"' >/dev/null
+# The top image across the hosts, one query (and its recording rule).
+top=$(until_answer 'topk(1, sum by (image) (lcfs_image_starts_total))' \
+    '.[0].metric.image == "web" and .[0].value[1] == "9"')
+say "fleet-wide top image: $(jq -r '.[0].metric.image + " started " + .[0].value[1] + " times"' <<<"$top")"
+until_answer 'topk(1, lcfs:image_starts:sum)' '.[0].metric.image == "web" and .[0].value[1] == "9"' >/dev/null
+until_answer 'sum(lcfs:image_read_bytes:sum{image="web"})' '.[0].value[1] == "589824"' >/dev/null
 
 # Without Prometheus: lcfs top layers --hosts asks each host's API and adds
 # up; a host that does not answer is named on stderr, the others still count.
@@ -166,5 +173,14 @@ if "$LCFS_BIN" top layers --hosts "$hosts" --token-file "$wrong" >/dev/null 2>"$
     die "lcfs top layers --hosts succeeded with a wrong token"
 fi
 grep -q "401" "$E2E_WORK/fleet.err" || die "a wrong token was not reported as 401: $(cat "$E2E_WORK/fleet.err")"
-say "lcfs top layers --hosts adds up the three hosts"
-say "PASS: one query answers the top layer across three hosts"
+fleet=$("$LCFS_BIN" top images --hosts "$hosts" --token-file "$token" --json --limit 1) ||
+    die "lcfs top images --hosts failed"
+jq -e '.[0].name == "web" and .[0].starts == 9 and .[0].containers == 9' <<<"$fleet" >/dev/null ||
+    die "lcfs top images --hosts answered $fleet"
+files=$("$LCFS_BIN" top files --hosts "$hosts" --token-file "$token" --image db --json) ||
+    die "lcfs top files --hosts failed"
+jq -e '.[0].path == "/app" and .[0].bytes == 7 * 65536' <<<"$files" >/dev/null ||
+    die "lcfs top files --hosts answered $files"
+"$LCFS_BIN" top images --hosts "$hosts" --token-file "$token" | sed 's/^/    /'
+say "lcfs top layers|images|files --hosts add up the three hosts"
+say "PASS: one query answers the top layer and the top image across three hosts"
