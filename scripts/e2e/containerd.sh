@@ -289,12 +289,12 @@ if [[ $snap == lcfs ]]; then
     # as a running container.
     quietly ctrd run -d --snapshotter lcfs "$busybox" stats-sleeper sleep 600 ||
         fail "starting a long-running task failed"
-    images=$(lcfs_ctl top images --json)
+    image_rows=$(lcfs_ctl top images --json)
     expect "top images: named by containerd" "$busybox containerd" \
-        "$(jq -r --arg i "$busybox" '.[] | select(.name == $i) | "\(.name) \(.owner)"' <<<"$images")"
+        "$(jq -r --arg i "$busybox" '.[] | select(.name == $i) | "\(.name) \(.owner)"' <<<"$image_rows")"
     jq -e --arg i "$busybox" '.[] | select(.name == $i) | .starts >= 3 and .running == 1 and
-        .containers >= 2 and .pull_seconds > 0' <<<"$images" >/dev/null ||
-        fail "$busybox's image row: $(jq -c --arg i "$busybox" '.[] | select(.name == $i)' <<<"$images")"
+        .containers >= 2 and .pull_seconds > 0' <<<"$image_rows" >/dev/null ||
+        fail "$busybox's image row: $(jq -c --arg i "$busybox" '.[] | select(.name == $i)' <<<"$image_rows")"
     quietly ctrd tasks kill -s KILL stats-sleeper || true
     for _ in $(seq 50); do
         ctrd tasks ls -q | grep -qx stats-sleeper || break

@@ -122,15 +122,15 @@ expect "metrics: busybox:e2e's starts" 1 "$(curl -sf --unix-socket "$stats_socke
 # container running while it runs, and what busybox containers read.
 d run -d --network none --name stats-running busybox:e2e sh -c 'cat /bin/busybox >/dev/null; sleep 1000' >/dev/null
 sleep 1
-images=$(lcfs_ctl top images --json)
+image_rows=$(lcfs_ctl top images --json)
 expect "top images: the most started" "busybox:e2e 7 $busybox_layer docker" \
-    "$(jq -r '.[0] | "\(.name) \(.starts) \(.top_layer) \(.owner)"' <<<"$images")"
-expect "top images: debian:e2e" "4" "$(jq '.[] | select(.name == "debian:e2e") | .starts' <<<"$images")"
-expect "top images: busybox:e2e running now" "1" "$(jq '.[0].running' <<<"$images")"
+    "$(jq -r '.[0] | "\(.name) \(.starts) \(.top_layer) \(.owner)"' <<<"$image_rows")"
+expect "top images: debian:e2e" "4" "$(jq '.[] | select(.name == "debian:e2e") | .starts' <<<"$image_rows")"
+expect "top images: busybox:e2e running now" "1" "$(jq '.[0].running' <<<"$image_rows")"
 jq -e '.[0] | .uptime_seconds >= 0 and .uptime_seconds < 120 and .pull_seconds > 0 and
     .pull_bytes > 1000000 and .startups >= 6 and .mean_startup_seconds > 0 and
-    .startup_files >= 6 and .bytes_read > 0' <<<"$images" >/dev/null ||
-    fail "busybox:e2e's image row is incomplete: $(jq -c '.[0]' <<<"$images")"
+    .startup_files >= 6 and .bytes_read > 0' <<<"$image_rows" >/dev/null ||
+    fail "busybox:e2e's image row is incomplete: $(jq -c '.[0]' <<<"$image_rows")"
 files=$(lcfs_ctl top files --image busybox:e2e --json)
 expect "top files: busybox:e2e's most read" "/bin/busybox" "$(jq -r '.[0].path' <<<"$files")"
 [[ $(jq '.[0].bytes' <<<"$files") -ge $((6 * busybox_bytes)) ]] ||
