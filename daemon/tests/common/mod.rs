@@ -77,6 +77,11 @@ impl Harness {
             .expect("run lcfs")
     }
 
+    /// The running daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.daemon.as_ref().expect("a running daemon").id()
+    }
+
     /// Like [`Harness::lcfs`], asserting success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.lcfs(args);
