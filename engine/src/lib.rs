@@ -18,6 +18,7 @@ pub mod format;
 mod fs;
 mod fsck;
 mod fsynclog;
+mod histogram;
 mod layers;
 mod logstream;
 mod metacache;
@@ -43,5 +44,9 @@ pub use fs::{
     XATTR_CREATE, XATTR_REPLACE,
 };
 pub use fsck::FsckReport;
+pub use histogram::{
+    set_stats_enabled, stats_enabled, Histogram, HistogramSnapshot, Latencies, Stopwatch,
+    HISTOGRAM_BUCKETS,
+};
 pub use metadata::{LayerMetadata, MAX_METADATA_BYTES};
 pub use store::{Config, Counters};
