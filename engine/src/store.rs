@@ -548,23 +548,29 @@ impl Store {
 
     /// Counts one read of `bytes` served from `layer`'s directory (see
     /// `LayerUsage::reads`); [`Store::fold_reads`] makes it part of the
-    /// layer's record.
-    pub fn count_read(&mut self, layer: u64, bytes: u64) {
-        let Some(l) = self.layers.get(layer) else {
-            return;
-        };
+    /// layer's record. Returns the layer's start-up (creation to this read)
+    /// in nanoseconds when this is its first read.
+    pub fn count_read(&mut self, layer: u64, bytes: u64) -> Option<u64> {
+        let l = self.layers.get(layer)?;
         let (created, first_read) = (l.created, l.usage.first_read);
         let now = Timestamp::now();
         let e = self.pending_reads.entry(layer).or_default();
         e.reads += 1;
         e.bytes += bytes;
+        let mut startup_ns = None;
         if first_read == Timestamp::default() && e.first.is_none() {
             e.first = Some(now);
+            let usage = LayerUsage {
+                first_read: now,
+                ..LayerUsage::default()
+            };
+            startup_ns = usage.startup_ns(created);
         }
         if now.seconds - created.seconds < EARLY_READ_SECONDS {
             e.early_reads += 1;
             e.early_bytes += bytes;
         }
+        startup_ns
     }
 
     /// Moves the counted reads into the layer records, for the next
