@@ -720,6 +720,7 @@ fn metrics(state: &State) -> Result<String, String> {
         apply,
     );
     image_metrics(state, &mut registry);
+    register_latency_histograms(&mut registry, &state.engine);
     let mut text = String::new();
     encode(&mut text, &registry).map_err(|e| format!("encoding the metrics: {e}"))?;
     Ok(text)
@@ -798,6 +799,94 @@ fn image_metrics(state: &State, registry: &mut Registry) {
         "image_startup_read_bytes",
         "Bytes this image's containers read in their first 10 seconds",
         early,
+    );
+}
+
+/// The latency histograms (docs/statistics.md, "Latency histograms"): the
+/// engine's device requests, pulls and start-ups, and this process's FUSE
+/// requests per operation, each encoded from a snapshot of its buckets.
+fn register_latency_histograms(registry: &mut Registry, engine: &Engine) {
+    use lcfs_engine::HistogramSnapshot;
+    use lcfs_fsfront::{operation_latencies, Operation};
+    use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+    use prometheus_client::metrics::MetricType;
+
+    /// Histograms already counted, one per label set (an unlabelled
+    /// histogram has one, with no labels).
+    #[derive(Debug)]
+    struct Snapshots(Vec<(Vec<(&'static str, &'static str)>, HistogramSnapshot)>);
+
+    impl EncodeMetric for Snapshots {
+        fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+            for (labels, s) in &self.0 {
+                let buckets: Vec<(f64, u64)> = s
+                    .bounds_seconds
+                    .iter()
+                    .copied()
+                    .zip(s.counts.iter().copied())
+                    .collect();
+                if labels.is_empty() {
+                    encoder.encode_histogram::<NoLabelSet>(
+                        s.sum_seconds,
+                        s.count,
+                        &buckets,
+                        None,
+                    )?;
+                } else {
+                    encoder
+                        .encode_family(labels)?
+                        .encode_histogram::<NoLabelSet>(s.sum_seconds, s.count, &buckets, None)?;
+                }
+            }
+            Ok(())
+        }
+
+        fn metric_type(&self) -> MetricType {
+            MetricType::Histogram
+        }
+    }
+
+    let l = engine.latencies();
+    for (name, help, histogram) in [
+        (
+            "device_read_seconds",
+            "Device read requests, from the engine's call to their completion (a batch counts once)",
+            &l.device_read,
+        ),
+        (
+            "device_write_seconds",
+            "Device write requests, from the engine's call to their completion (a batch counts once)",
+            &l.device_write,
+        ),
+        (
+            "device_flush_seconds",
+            "Device cache flushes",
+            &l.device_flush,
+        ),
+        (
+            "pull_seconds",
+            "Applying one pulled image layer",
+            &l.apply,
+        ),
+        (
+            "startup_seconds",
+            "From a layer's creation to its first read (a container's start-up)",
+            &l.startup,
+        ),
+    ] {
+        registry.register(name, help, Snapshots(vec![(vec![], histogram.snapshot())]));
+    }
+    let operations = Operation::ALL
+        .iter()
+        .map(|&op| {
+            let snapshot = operation_latencies().get(op).snapshot();
+            (vec![("op", op.name())], snapshot)
+        })
+        .collect();
+    registry.register(
+        "fuse_op_seconds",
+        "FUSE requests by operation, from the handler's entry to its reply",
+        Snapshots(operations),
     );
 }
 

@@ -1,8 +1,9 @@
 //! Proves the statistics API of a real daemon (docs/statistics.md, "HTTP
 //! API"): on the root-only unix socket, `/v1/layers` ranks image X (five
 //! containers) above image Y (two), `/v1/layers/<name>` answers one layer
-//! and `/metrics` carries the engine's counters and per-layer series for
-//! the most cloned layers only; bad paths, queries and methods get 4xx with
+//! and `/metrics` carries the engine's counters, per-layer series for
+//! the most cloned layers only and the latency histograms (buckets, count
+//! and sum; the device read count grows with a read); bad paths, queries and methods get 4xx with
 //! a JSON error; on TCP, a request without the bearer token (or with a
 //! wrong one) gets 401 and one with it 200; nobody (uid 65534) cannot
 //! connect to the socket; a token file others may read is refused at start.
@@ -47,6 +48,16 @@ fn get_tcp(addr: SocketAddr, target: &str, token: Option<&str>) -> (u16, String)
         TcpStream::connect(addr).unwrap(),
         &format!("GET {target} HTTP/1.1\r\nHost: lcfs\r\n{auth}Connection: close\r\n\r\n"),
     )
+}
+
+/// The value of the sample whose name and labels are `series` (`name` or
+/// `name{labels}`) in OpenMetrics text.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{series} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
 }
 
 fn json_error(status: u16, body: &str, want: u16) {
@@ -191,6 +202,44 @@ fn the_stats_api_answers_on_its_socket_and_with_a_token_on_tcp() {
         .filter(|l| l.starts_with("lcfs_layer_clones_total{"))
         .count();
     assert_eq!(series, 3, "{metrics}");
+
+    // Latency histograms: buckets, count and sum of each family; the FUSE
+    // reads above were timed. A family's +Inf bucket is its count.
+    for (name, labels) in [
+        ("lcfs_device_read_seconds", ""),
+        ("lcfs_device_write_seconds", ""),
+        ("lcfs_pull_seconds", ""),
+        ("lcfs_startup_seconds", ""),
+        ("lcfs_fuse_op_seconds", "op=\"read\""),
+    ] {
+        let series = |suffix: &str, le: Option<&str>| {
+            // prometheus-client puts `le` before a family's labels.
+            let labels: Vec<String> = le
+                .map(|le| format!("le=\"{le}\""))
+                .into_iter()
+                .chain((!labels.is_empty()).then(|| labels.to_string()))
+                .collect();
+            match labels.is_empty() {
+                true => format!("{name}_{suffix}"),
+                false => format!("{name}_{suffix}{{{}}}", labels.join(",")),
+            }
+        };
+        let count = sample(&metrics, &series("count", None));
+        sample(&metrics, &series("sum", None));
+        sample(&metrics, &series("bucket", Some("0.000001024")));
+        assert_eq!(sample(&metrics, &series("bucket", Some("+Inf"))), count);
+    }
+    assert!(sample(&metrics, "lcfs_fuse_op_seconds_count{op=\"read\"}") > 0.0);
+    assert!(sample(&metrics, "lcfs_startup_seconds_count") >= 7.0);
+    // An online fsck reads the checkpoint from the device: the device read
+    // histogram grows (FUSE reads may all come from the caches and the log).
+    let reads = sample(&metrics, "lcfs_device_read_seconds_count");
+    h.ok(&["fsck", "--online", "--verify-data"]);
+    let (_, metrics) = get(&socket, "/metrics");
+    assert!(
+        sample(&metrics, "lcfs_device_read_seconds_count") > reads,
+        "{metrics}"
+    );
 
     // Bad requests: a JSON error each, the daemon unharmed.
     let (s, b) = get(&socket, "/v1/nothing");

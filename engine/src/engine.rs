@@ -7,11 +7,12 @@
 //! write lock, so an address resolved under the mutex stays valid.
 
 use crate::cache::BlockCache;
-use crate::device::{detect_signature, AlignedBuf, Device, DeviceStats, BLOCK_SIZE};
+use crate::device::{detect_signature, AlignedBuf, Device, DeviceStats, TimedDevice, BLOCK_SIZE};
 use crate::error::{Error, Result};
 use crate::format::Timestamp;
 use crate::fs::{Attr, DirEntry, LayerInfo, SetAttr, StatFs};
 use crate::fsynclog::FsyncPlan;
+use crate::histogram::{stats_enabled, Latencies};
 use crate::hotfiles::HotFile;
 use crate::metacache::{MetaCache, NameHit};
 use crate::read::{execute_plan_keeping, KnownBlock};
@@ -91,6 +92,8 @@ struct Shared {
     /// Files whose fsync waits for the commit lock (see [`Engine::fsync`]).
     fsync_waiting: Mutex<BTreeSet<(u64, u64)>>,
     crashed: AtomicBool,
+    /// Filled by `dev` (a [`TimedDevice`]) and the read and apply paths.
+    latencies: Arc<Latencies>,
 }
 
 fn lock_ignoring_poison<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -204,6 +207,8 @@ impl Engine {
 
     /// Opens the newest checkpoint on `dev` and starts the background thread.
     pub fn open(dev: Arc<dyn Device>, config: Config) -> Result<Arc<Engine>> {
+        let latencies = Arc::new(Latencies::default());
+        let dev: Arc<dyn Device> = Arc::new(TimedDevice::new(dev, latencies.clone()));
         let mut store = Store::open(dev.clone(), config.clone())?;
         let replayed = store.replay_fsync_log()?;
         if replayed > 0 {
@@ -227,6 +232,7 @@ impl Engine {
             commit_lock: Mutex::new(()),
             fsync_waiting: Mutex::new(BTreeSet::new()),
             crashed: AtomicBool::new(false),
+            latencies,
         });
         let engine = Arc::new(Engine {
             s: shared.clone(),
@@ -574,6 +580,9 @@ impl Engine {
     /// pulled image layer) in `elapsed` (see `LayerUsage::applied_bytes`).
     pub fn record_apply(&self, layer: u64, bytes: u64, elapsed: std::time::Duration) -> Result<()> {
         let ns = elapsed.as_nanos().min(u64::MAX as u128) as u64;
+        if stats_enabled() {
+            self.s.latencies.apply.observe_ns(ns);
+        }
         self.op_then_upkeep(|s| s.record_apply(layer, bytes, ns))
     }
 
@@ -619,7 +628,10 @@ impl Engine {
             let mut s = self.lock();
             let plan = s.read_plan(layer, ino, offset, len);
             if let (true, Ok(plan)) = (count, &plan) {
-                s.count_read(layer, ino, plan.len as u64);
+                let startup_ns = s.count_read(layer, ino, plan.len as u64);
+                if let (Some(ns), true) = (startup_ns, stats_enabled()) {
+                    self.s.latencies.startup.observe_ns(ns);
+                }
             }
             let guard = reuse.read().unwrap_or_else(|p| p.into_inner());
             let _ = s.maintain();
@@ -852,6 +864,12 @@ impl Engine {
     /// Runs the cleaner now (`urgent`: greedy). Returns segments freed.
     pub fn clean(&self, urgent: bool, max_segments: usize) -> Result<usize> {
         self.s.clean_unlocked(urgent, max_segments)
+    }
+
+    /// Latency histograms of the device, pulls and start-ups since open
+    /// (see [`Latencies`]); observed while [`crate::stats_enabled`].
+    pub fn latencies(&self) -> &Latencies {
+        &self.s.latencies
     }
 
     pub fn stats(&self) -> Stats {

@@ -18,6 +18,7 @@ pub mod format;
 mod fs;
 mod fsck;
 mod fsynclog;
+mod histogram;
 mod hotfiles;
 mod layers;
 mod logstream;
@@ -44,6 +45,10 @@ pub use fs::{
     XATTR_CREATE, XATTR_REPLACE,
 };
 pub use fsck::FsckReport;
+pub use histogram::{
+    set_stats_enabled, stats_enabled, Histogram, HistogramSnapshot, Latencies, Stopwatch,
+    HISTOGRAM_BUCKETS,
+};
 pub use hotfiles::{HotFile, HOT_FILES_K};
 pub use metadata::{LayerMetadata, MAX_METADATA_BYTES};
 pub use store::{Config, Counters, EARLY_FILES_MAX};

@@ -569,18 +569,28 @@ impl Store {
 
     /// Counts one read of `bytes` of inode `ino` served from `layer`'s
     /// directory (see `LayerUsage::reads` and hotfiles.rs);
-    /// [`Store::fold_reads`] makes it part of the layer's record.
-    pub fn count_read(&mut self, layer: u64, ino: u64, bytes: u64) {
-        let Some(l) = self.layers.get(layer) else {
-            return;
-        };
+    /// [`Store::fold_reads`] makes it part of the layer's record. Returns
+    /// the layer's start-up (creation to this read) in nanoseconds when this
+    /// is its first read. Counts nothing while statistics are off
+    /// (`set_stats_enabled`).
+    pub fn count_read(&mut self, layer: u64, ino: u64, bytes: u64) -> Option<u64> {
+        if !crate::histogram::stats_enabled() {
+            return None;
+        }
+        let l = self.layers.get(layer)?;
         let (created, first_read) = (l.created, l.usage.first_read);
         let now = Timestamp::now();
         let e = self.pending_reads.entry(layer).or_default();
         e.reads += 1;
         e.bytes += bytes;
+        let mut startup_ns = None;
         if first_read == Timestamp::default() && e.first.is_none() {
             e.first = Some(now);
+            let usage = LayerUsage {
+                first_read: now,
+                ..LayerUsage::default()
+            };
+            startup_ns = usage.startup_ns(created);
         }
         if now.seconds - created.seconds < EARLY_READ_SECONDS {
             e.early_reads += 1;
@@ -592,6 +602,7 @@ impl Store {
         }
         self.hot.entry(layer).or_default().add(ino, 1, bytes, 0);
         self.hot_dirty.insert(layer);
+        startup_ns
     }
 
     /// Moves the counted reads into the layer records, for the next

@@ -2,11 +2,13 @@
 //! kernel's node ids into (layer, inode) (inodes.rs), calls the engine and
 //! answers, converting attributes (attr.rs). How long the kernel keeps
 //! names, attributes and pages is cache.rs's; which requests go to worker
-//! threads, workers.rs's; how the filesystem is mounted, mount.rs's.
+//! threads, workers.rs's; how the filesystem is mounted, mount.rs's. Every
+//! handler times itself (latency.rs) until its reply.
 
 use crate::attr::{errno, file_attr, file_type, mode_without_set_id, time_set, timestamp};
 use crate::cache::{self, CachePolicy, PageCache};
 use crate::inodes::{Inodes, MOUNT_ROOT};
+use crate::latency::{Operation, OperationTimer};
 use crate::mount::ROOT_MODE;
 use crate::passthrough::{OpenAs, Passthrough};
 use crate::workers::{self, Workers};
@@ -173,6 +175,7 @@ impl Filesystem for LcfsFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _timer = OperationTimer::start(Operation::Lookup);
         if parent.0 == MOUNT_ROOT {
             let Some(n) = name.to_str() else {
                 return reply.error(Errno::from_i32(libc::ENOENT));
@@ -198,6 +201,7 @@ impl Filesystem for LcfsFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _timer = OperationTimer::start(Operation::Getattr);
         if ino.0 == MOUNT_ROOT {
             return reply.attr(&self.cache.mount_attr_ttl(), &self.root_attr());
         }
@@ -225,6 +229,7 @@ impl Filesystem for LcfsFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _timer = OperationTimer::start(Operation::Setattr);
         if ino.0 == MOUNT_ROOT {
             return reply.error(Errno::from_i32(libc::EPERM));
         }
@@ -251,6 +256,7 @@ impl Filesystem for LcfsFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _timer = OperationTimer::start(Operation::Other);
         let Some((layer, inode)) = self.split(ino) else {
             return reply.error(Errno::from_i32(libc::EINVAL));
         };
@@ -270,6 +276,7 @@ impl Filesystem for LcfsFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _timer = OperationTimer::start(Operation::Other);
         let (layer, dir) = match self.dir_for_change(parent) {
             Ok(v) => v,
             Err(e) => return reply.error(e),
@@ -296,6 +303,7 @@ impl Filesystem for LcfsFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let _timer = OperationTimer::start(Operation::Mkdir);
         let (layer, dir) = match self.dir_for_change(parent) {
             Ok(v) => v,
             Err(e) => return reply.error(e),
@@ -312,6 +320,7 @@ impl Filesystem for LcfsFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _timer = OperationTimer::start(Operation::Unlink);
         let (layer, dir) = match self.dir_for_change(parent) {
             Ok(v) => v,
             Err(e) => return reply.error(e),
@@ -323,6 +332,7 @@ impl Filesystem for LcfsFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _timer = OperationTimer::start(Operation::Other);
         let (layer, dir) = match self.dir_for_change(parent) {
             Ok(v) => v,
             Err(e) => return reply.error(e),
@@ -341,6 +351,7 @@ impl Filesystem for LcfsFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _timer = OperationTimer::start(Operation::Other);
         let (layer, dir) = match self.dir_for_change(parent) {
             Ok(v) => v,
             Err(e) => return reply.error(e),
@@ -366,6 +377,7 @@ impl Filesystem for LcfsFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _timer = OperationTimer::start(Operation::Other);
         let (layer, from) = match self.dir_for_change(parent) {
             Ok(v) => v,
             Err(e) => return reply.error(e),
@@ -398,6 +410,7 @@ impl Filesystem for LcfsFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _timer = OperationTimer::start(Operation::Other);
         let Some((layer, inode)) = self.split(ino) else {
             return reply.error(Errno::from_i32(libc::EPERM));
         };
@@ -416,6 +429,7 @@ impl Filesystem for LcfsFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _timer = OperationTimer::start(Operation::Open);
         let Some((layer, inode)) = self.split(ino) else {
             return reply.error(Errno::from_i32(libc::EISDIR));
         };
@@ -463,13 +477,18 @@ impl Filesystem for LcfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let timer = OperationTimer::start(Operation::Read);
         let Some((layer, inode)) = self.split(ino) else {
             return reply.error(Errno::from_i32(libc::EISDIR));
         };
         let engine = self.engine.clone();
-        let read = move || match engine.read_counted(layer, inode, offset, size as usize) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(errno(&e)),
+        // The timer goes with the job: a worker's read is timed to its reply.
+        let read = move || {
+            let _timer = timer;
+            match engine.read_counted(layer, inode, offset, size as usize) {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(errno(&e)),
+            }
         };
         if size as usize <= workers::INLINE_READ_MAX {
             read();
@@ -490,6 +509,7 @@ impl Filesystem for LcfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _timer = OperationTimer::start(Operation::Write);
         let Some((layer, inode)) = self.split(ino) else {
             return reply.error(Errno::from_i32(libc::EISDIR));
         };
@@ -527,6 +547,7 @@ impl Filesystem for LcfsFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _timer = OperationTimer::start(Operation::Flush);
         // close(2) is not a durability point; fsync is. ENOSYS once, and the
         // kernel stops sending flush (a round trip on every close).
         reply.error(Errno::from_i32(libc::ENOSYS));
@@ -542,6 +563,7 @@ impl Filesystem for LcfsFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _timer = OperationTimer::start(Operation::Release);
         if let Some(p) = &self.passthrough {
             p.released(ino.0, fh.0);
         }
@@ -566,9 +588,11 @@ impl Filesystem for LcfsFs {
         // otherwise a checkpoint makes everything durable (fdatasync the
         // same: the inode travels with the data). The kernel has written
         // the file's dirty pages back before it asks.
+        let timer = OperationTimer::start(Operation::Fsync);
         let engine = self.engine.clone();
         let file = self.split(ino);
         self.workers.run(Box::new(move || {
+            let _timer = timer;
             let r = match file {
                 Some((layer, inode)) => engine.fsync(layer, inode),
                 None => engine.sync(),
@@ -581,6 +605,7 @@ impl Filesystem for LcfsFs {
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _timer = OperationTimer::start(Operation::Other);
         // With FUSE_NO_OPENDIR_SUPPORT, ENOSYS makes the kernel open
         // directories itself from now on, with FOPEN_KEEP_CACHE and
         // FOPEN_CACHE_DIR (a listing is cached until the directory changes)
@@ -598,6 +623,7 @@ impl Filesystem for LcfsFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _timer = OperationTimer::start(Operation::Readdir);
         if ino.0 == MOUNT_ROOT {
             let layers = self.engine.list_layers();
             let mut entries = vec![
@@ -666,6 +692,7 @@ impl Filesystem for LcfsFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _timer = OperationTimer::start(Operation::Readdir);
         if ino.0 == MOUNT_ROOT {
             let root = self.root_attr();
             if offset < 1
@@ -786,14 +813,19 @@ impl Filesystem for LcfsFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let timer = OperationTimer::start(Operation::Fsync);
         let engine = self.engine.clone();
-        self.workers.run(Box::new(move || match engine.sync() {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
+        self.workers.run(Box::new(move || {
+            let _timer = timer;
+            match engine.sync() {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
         }));
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let _timer = OperationTimer::start(Operation::Other);
         let layer = self
             .split(ino)
             .map(|(l, _)| l)
@@ -832,6 +864,7 @@ impl Filesystem for LcfsFs {
         position: u32,
         reply: ReplyEmpty,
     ) {
+        let _timer = OperationTimer::start(Operation::Other);
         if position != 0 {
             return reply.error(Errno::from_i32(libc::EINVAL));
         }
@@ -848,6 +881,7 @@ impl Filesystem for LcfsFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _timer = OperationTimer::start(Operation::Other);
         let Some((layer, inode)) = self.split(ino) else {
             return reply.error(Errno::from_i32(libc::ENODATA));
         };
@@ -860,6 +894,7 @@ impl Filesystem for LcfsFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _timer = OperationTimer::start(Operation::Other);
         let names = match self.split(ino) {
             Some((layer, inode)) => match self.engine.listxattr(layer, inode) {
                 Ok(n) => n,
@@ -882,6 +917,7 @@ impl Filesystem for LcfsFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _timer = OperationTimer::start(Operation::Other);
         let Some((layer, inode)) = self.split(ino) else {
             return reply.error(Errno::from_i32(libc::ENODATA));
         };
@@ -892,6 +928,7 @@ impl Filesystem for LcfsFs {
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        let _timer = OperationTimer::start(Operation::Other);
         // default_permissions: the kernel checks modes itself.
         reply.ok();
     }
@@ -907,6 +944,7 @@ impl Filesystem for LcfsFs {
         _flags: PollFlags,
         reply: ReplyPoll,
     ) {
+        let _timer = OperationTimer::start(Operation::Other);
         // Regular files are always ready. ENOSYS makes the kernel stop
         // asking and answer "ready" for every file itself (what it does
         // for any file system without poll); fuser's default says the same
@@ -924,6 +962,7 @@ impl Filesystem for LcfsFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        let _timer = OperationTimer::start(Operation::Create);
         let (layer, dir) = match self.dir_for_change(parent) {
             Ok(v) => v,
             Err(e) => return reply.error(e),
@@ -969,6 +1008,7 @@ impl Filesystem for LcfsFs {
         _out_size: u32,
         reply: fuser::ReplyIoctl,
     ) {
+        let _timer = OperationTimer::start(Operation::Other);
         // No ioctls: the answer a file without them gives.
         reply.error(Errno::from_i32(libc::ENOTTY));
     }
@@ -982,6 +1022,7 @@ impl Filesystem for LcfsFs {
         _whence: i32,
         reply: fuser::ReplyLseek,
     ) {
+        let _timer = OperationTimer::start(Operation::Other);
         // ENOSYS once makes the kernel do lseek itself (data everywhere).
         reply.error(Errno::from_i32(libc::ENOSYS));
     }
@@ -999,6 +1040,7 @@ impl Filesystem for LcfsFs {
         _flags: fuser::CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        let _timer = OperationTimer::start(Operation::Other);
         // ENOSYS once makes the kernel fall back to read and write.
         reply.error(Errno::from_i32(libc::ENOSYS));
     }
@@ -1013,6 +1055,7 @@ impl Filesystem for LcfsFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _timer = OperationTimer::start(Operation::Other);
         let Some((layer, inode)) = self.split(ino) else {
             return reply.error(Errno::from_i32(libc::EISDIR));
         };

@@ -7,6 +7,7 @@ mod copies;
 mod fs;
 mod inodes;
 mod kernel;
+mod latency;
 mod layers;
 mod mount;
 mod passthrough;
@@ -14,6 +15,7 @@ mod socket;
 mod workers;
 
 pub use kernel::{WakeHere, WAKE_HERE_PARAMETER};
+pub use latency::{operation_latencies, Operation, OperationLatencies};
 pub use layers::{parse_size_limit, KernelCache, LayerError, LayerOps, NoMount};
 pub use mount::{
     copies_path, lazy_unmount, mount, prepare_mountpoint, Mount, MountOptions, SharedMount,

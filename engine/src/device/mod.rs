@@ -23,6 +23,7 @@ mod faulty;
 mod mem;
 mod open;
 mod sync;
+mod timed;
 mod uring;
 
 pub use aligned::AlignedBuf;
@@ -31,6 +32,7 @@ pub use faulty::{FaultConfig, FaultyDevice};
 pub use mem::MemDevice;
 pub use open::{create_sparse_file, detect_signature, open_device, Backend, OpenOptions};
 pub use sync::SyncDevice;
+pub(crate) use timed::TimedDevice;
 pub use uring::UringDevice;
 
 use crate::error::Result;
