@@ -478,6 +478,18 @@ pub fn print_files(rows: &[HotFile], as_json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `lcfs statistics [on|off]`.
+pub fn statistics(socket: &Path, enabled: Option<bool>) -> Result<()> {
+    let state: Value = request(
+        socket,
+        json!({"op": "statistics", "enabled": enabled}),
+        Some(ANSWER_TIMEOUT),
+    )?;
+    let on = state["enabled"].as_bool().unwrap_or(false);
+    println!("statistics {}", if on { "on" } else { "off" });
+    Ok(())
+}
+
 pub fn sync(socket: &Path) -> Result<()> {
     let _: Value = request(socket, json!({"op": "sync"}), Some(ANSWER_TIMEOUT))?;
     Ok(())

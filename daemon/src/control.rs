@@ -28,6 +28,13 @@ pub struct Control {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct StatisticsArgs {
+    #[serde(default)]
+    enabled: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct FilesArgs {
     #[serde(default)]
     image: Option<String>,
@@ -154,6 +161,14 @@ impl Control {
                     .map(|info| Layer::from_info(info, &self.mountpoint))
                     .collect();
                 to_value(&layers)
+            }
+            "statistics" => {
+                let a: StatisticsArgs = args(&op, fields)?;
+                if let Some(on) = a.enabled {
+                    lcfs_engine::set_stats_enabled(on);
+                    log::info!("statistics {}", if on { "on" } else { "off" });
+                }
+                Ok(serde_json::json!({ "enabled": lcfs_engine::stats_enabled() }))
             }
             "image.list" => {
                 let _: NoArgs = args(&op, fields)?;

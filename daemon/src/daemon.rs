@@ -43,6 +43,8 @@ pub struct DaemonOptions {
     pub containerd_address: PathBuf,
     /// dockerd's API, asked for image names when it exists.
     pub docker_socket: PathBuf,
+    /// Count statistics from the start (`lcfs statistics` turns it later).
+    pub statistics: bool,
     /// The statistics API (see crate::rest).
     pub stats: crate::rest::RestOptions,
 }
@@ -62,6 +64,7 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
             .map_err(|e| Error::io("installing signal handlers", e))?;
     }
 
+    lcfs_engine::set_stats_enabled(o.statistics);
     let device_path = absolute(&o.device)?;
     let mountpoint = absolute(&o.mountpoint)?;
     if !device_path.exists() {

@@ -95,6 +95,17 @@ The log level comes from RUST_LOG (default: info).")]
     /// Make every change so far durable (through the daemon)
     Sync,
 
+    /// Turn statistics counting on or off (or say whether it is on)
+    #[command(long_about = "\
+Turn the daemon's statistics counting on or off, or print whether it is on.
+Off, reads are not counted per layer or file and the latency histograms
+are not fed (what is recorded stays); for measuring what counting costs.
+Until the daemon restarts (`lcfs daemon --no-stats` starts with it off).")]
+    Statistics {
+        #[arg(value_parser = ["on", "off"])]
+        state: Option<String>,
+    },
+
     /// Show the engine's counters (through the daemon)
     #[command(long_about = "\
 Show the running engine's counters: device writes and bytes, how many user
@@ -224,6 +235,10 @@ struct DaemonArgs {
     /// when it exists
     #[arg(long, value_name = "PATH", default_value = owners::DEFAULT_DOCKER_SOCKET)]
     docker_socket: PathBuf,
+
+    /// Start with statistics counting off (see `lcfs statistics`)
+    #[arg(long)]
+    no_stats: bool,
 
     /// Images given their own series in /metrics (the most started ones)
     #[arg(long, value_name = "N", default_value_t = 20)]
@@ -429,6 +444,7 @@ fn run(cli: Cli) -> Result<()> {
             }),
             containerd_address: a.containerd_address,
             docker_socket: a.docker_socket,
+            statistics: !a.no_stats,
             stats: rest::RestOptions {
                 socket: a.stats_socket.unwrap_or_else(|| {
                     let dir = cli.control_socket.parent().unwrap_or(Path::new("/"));
@@ -471,6 +487,9 @@ fn run(cli: Cli) -> Result<()> {
             None => client::top_files(socket, a.image.as_deref(), a.limit, a.json),
         },
         Command::Sync => client::sync(socket),
+        Command::Statistics { state } => {
+            client::statistics(socket, state.as_deref().map(|s| s == "on"))
+        }
         Command::Stats { json } => client::stats(socket, json),
         Command::Fsck(a) => {
             let (what, report) = if a.online {

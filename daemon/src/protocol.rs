@@ -22,6 +22,7 @@ pub const OPS: &[&str] = &[
     "layer.stat",
     "image.list",
     "image.files",
+    "statistics",
     "sync",
     "stats",
     "fsck",

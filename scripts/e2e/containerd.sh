@@ -294,7 +294,8 @@ if [[ $snap == lcfs ]]; then
         "$(jq -r --arg i "$busybox" '.[] | select(.name == $i) | "\(.name) \(.owner)"' <<<"$image_rows")"
     jq -e --arg i "$busybox" '.[] | select(.name == $i) | .starts >= 3 and .running == 1 and
         .containers >= 2 and .pull_seconds > 0' <<<"$image_rows" >/dev/null ||
-        fail "$busybox's image row: $(jq -c --arg i "$busybox" '.[] | select(.name == $i)' <<<"$image_rows")"
+        fail "$busybox's image row: $(jq -c --arg i "$busybox" '.[] | select(.name == $i)' <<<"$image_rows")
+$(lcfs_ctl layer ls --json | jq -c '.[] | [.name, .parent, .cold, .frozen, .usage.clones]')"
     quietly ctrd tasks kill -s KILL stats-sleeper || true
     for _ in $(seq 50); do
         ctrd tasks ls -q | grep -qx stats-sleeper || break

@@ -49,6 +49,9 @@ const _: () = assert!(
 /// The label containerd's unpacker puts on the snapshots it extracts image
 /// layers into: their data goes to the cold log.
 const LABEL_TARGET_REF: &str = "containerd.io/snapshot.ref";
+/// How containerd's unpacker begins the keys of the snapshots it applies
+/// layers into (snapshots.UnpackKeyPrefix).
+const UNPACK_KEY_PREFIX: &str = "extract-";
 /// The most bytes an active snapshot's layer may own, in Docker's size
 /// units (`64M`); containerd passes `containerd.io/snapshot/` labels on to
 /// the snapshotter (`ctr run --snapshotter-label ...`, CRI).
@@ -415,7 +418,12 @@ impl Table {
             None => None,
         };
         let now = Timestamp::now();
-        let cold = labels.contains_key(LABEL_TARGET_REF);
+        // An image layer: the target of a pull (the remote-snapshot label),
+        // or containerd's unpack, whose keys are `extract-<unique> <chain id>`
+        // (snapshots.UnpackKeyFormat): cold, and not a container start.
+        let cold = labels.contains_key(LABEL_TARGET_REF)
+            || split_containerd_key(key)
+                .is_some_and(|(_, _, name)| name.starts_with(UNPACK_KEY_PREFIX));
         let mut entry = Entry {
             layer: String::new(),
             parent: (!parent.is_empty()).then(|| parent.to_string()),
@@ -918,6 +926,27 @@ mod tests {
             .unwrap();
         t.commit(name, &key, BTreeMap::new()).unwrap();
         t.state().by_key[name].layer.clone()
+    }
+
+    #[test]
+    fn unpack_snapshots_are_cold_image_layers_and_containers_are_not() {
+        let t = table();
+        let engine = t.layers.engine().clone();
+        let cold = |key: &str, parent: &str| {
+            t.create(Kind::Active, key, parent, BTreeMap::new())
+                .unwrap();
+            let layer = t.state().by_key[key].layer.clone();
+            engine.layer_info(&layer).unwrap().cold
+        };
+        assert!(cold("default/1/extract-12-ab sha256:aa", ""));
+        t.commit(
+            "default/2/sha256:aa",
+            "default/1/extract-12-ab sha256:aa",
+            BTreeMap::new(),
+        )
+        .unwrap();
+        assert!(!cold("default/3/web", "default/2/sha256:aa"));
+        assert!(!cold("plain-key", ""));
     }
 
     #[test]
