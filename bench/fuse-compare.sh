@@ -63,7 +63,10 @@ usage: bench/fuse-compare.sh [--quick] [--rounds N] [--rows LIST] [--peers LIST]
   --rounds N     rounds per row (default 5); the summary shows their median
   --rows LIST    comma-separated subset of metadata,seqread,randrw,memory
                  (default all)
-  --peers LIST   comma-separated subset of lcfs,overlay,fuse-overlayfs (default all)
+  --peers LIST   comma-separated subset of lcfs,overlay,fuse-overlayfs (default all),
+                 and lcfs-nostats: the same lcfs daemon with statistics counting
+                 off while it is measured (`lcfs statistics off`), to measure
+                 what counting costs
   --seq-mib N    size of the sequential-read file (default 1024)
   --mem-mib N    size of the file the memory row's readers share (default 256)
   --randrw-mib N size of the file the randrw row writes and reads (default 256)
@@ -116,10 +119,12 @@ for row in "${row_list[@]}"; do
     [[ $row =~ ^(metadata|seqread|randrw|memory)$ ]] || die "unknown row '$row'"
 done
 for peer in "${peer_list[@]}"; do
-    [[ $peer =~ ^(lcfs|overlay|fuse-overlayfs)$ ]] || die "unknown peer '$peer'"
+    [[ $peer =~ ^(lcfs|lcfs-nostats|overlay|fuse-overlayfs)$ ]] || die "unknown peer '$peer'"
 done
 has_row() { [[ ",$rows," == *",$1,"* ]]; }
 has_peer() { [[ ",$peers," == *",$1,"* ]]; }
+# is_lcfs PEER: lcfs, with statistics on or off.
+is_lcfs() { [[ $1 == lcfs || $1 == lcfs-nostats ]]; }
 out=${out:-/var/tmp/lcfs-fuse-compare-$(date +%Y%m%d-%H%M%S).tsv}
 
 tarball=$DEBIAN_TARBALL
@@ -214,7 +219,10 @@ lcfs_alive() {
 container_up() {
     local peer=$1 name=$2 dir mnt
     case $peer in
-        lcfs)
+        lcfs | lcfs-nostats)
+            # The switch is the daemon's: set for the peer about to be measured.
+            quietly lcfs_ctl statistics "$([[ $peer == lcfs ]] && echo on || echo off)" ||
+                die "lcfs statistics failed"
             quietly lcfs_ctl layer clone image "$name" || die "lcfs layer clone image $name failed"
             container_path[$name]="$LCFS_MOUNT/$name"
             ;;
@@ -245,7 +253,7 @@ container_up() {
 container_down() {
     local peer=$1 name=$2 mnt=${container_path[$2]}
     case $peer in
-        lcfs) quietly lcfs_ctl layer rm "$name" || die "lcfs layer rm $name failed" ;;
+        lcfs | lcfs-nostats) quietly lcfs_ctl layer rm "$name" || die "lcfs layer rm $name failed" ;;
         overlay)
             umount "$mnt" || die "umount $mnt failed"
             rm -rf "$E2E_SCRATCH/$peer/containers/$name"
@@ -465,10 +473,10 @@ run_files() {
         local file="$c/bench/seq.bin" hits_before misses_before holder
         drop_caches
         window_start=$(page_cache_drops)
-        [[ $peer != lcfs ]] || read -r hits_before misses_before < <(block_cache_counters)
+        ! is_lcfs "$peer" || read -r hits_before misses_before < <(block_cache_counters)
         step_read first "$file"
         record seqread "$round" "$peer" seq_cold_mibs "$step_value"
-        if [[ $peer == lcfs ]]; then
+        if is_lcfs "$peer"; then
             local hits misses
             read -r hits misses < <(block_cache_counters)
             record seqread "$round" "$peer" cold_block_cache_hits $((hits - hits_before))
@@ -487,7 +495,7 @@ run_files() {
     if has_row randrw; then
         run_randrw "$peer" "$round" "$c/randrw.bin"
     fi
-    [[ $peer != lcfs ]] || lcfs_alive
+    ! is_lcfs "$peer" || lcfs_alive
     container_down "$peer" "$name"
     settle
 }
@@ -529,7 +537,7 @@ page_cache_files() {
     local peer=$1 name
     shift
     case $peer in
-        lcfs)
+        lcfs | lcfs-nostats)
             echo "$LCFS_DEVICE"
             local node id
             if lcfs_passthrough; then
@@ -567,7 +575,7 @@ run_memory() {
 measure_memory() {
     local peer=$1 round=$2 mode=$3 attempt=$4 count index name pids=() names=() files=()
     count=$([[ $mode == single || $mode == idle ]] && echo 1 || echo "$readers")
-    if [[ $peer == lcfs ]]; then
+    if is_lcfs "$peer"; then
         lcfs_stop
         lcfs_start
     fi
@@ -577,7 +585,7 @@ measure_memory() {
         names+=("$name")
         [[ $peer != fuse-overlayfs ]] || pids+=("${container_pid[$name]}")
     done
-    [[ $peer != lcfs ]] || pids=("$LCFS_PID")
+    ! is_lcfs "$peer" || pids=("$LCFS_PID")
     mapfile -t files < <(page_cache_files "$peer" "${names[@]}")
     # Only the measured files are evicted: drop_caches would make every other
     # process on the machine refill its caches during the measurement, which
@@ -592,7 +600,7 @@ measure_memory() {
     cached_before=$(meminfo_kib Cached)
     rss_before=$(rss_kib "${pids[@]}")
     local hits_before misses_before
-    [[ $peer != lcfs ]] || read -r hits_before misses_before < <(block_cache_counters)
+    ! is_lcfs "$peer" || read -r hits_before misses_before < <(block_cache_counters)
     python3 "$E2E_WORK/sampler.py" "${pids[@]}" >"$E2E_WORK/peak" &
     sampler_pid=$!
     local start
@@ -637,7 +645,7 @@ measure_memory() {
         fi
         record memory "$round" "$peer" "${mode}_disturbed" 1
     fi
-    if [[ $peer == lcfs ]]; then
+    if is_lcfs "$peer"; then
         local hits misses
         read -r hits misses < <(block_cache_counters)
         record memory "$round" "$peer" "${mode}_block_cache_hits" $((hits - hits_before))
@@ -655,7 +663,7 @@ measure_memory() {
     record memory "$round" "$peer" "${mode}_peak_mib" "$peak_mib"
     record memory "$round" "$peer" "${mode}_read_s" "$read_s"
     say "  memory $mode $peer: Cached +$cached_mib MiB (of it the files' pages +$files_mib MiB), RSS +$rss_mib MiB, peak +$peak_mib MiB; $count x $mem_mib MiB read in $read_s s"
-    [[ $peer != lcfs ]] || lcfs_alive
+    ! is_lcfs "$peer" || lcfs_alive
     for name in "${names[@]}"; do
         container_down "$peer" "$name"
     done
@@ -696,7 +704,7 @@ populate() {
 }
 
 setup_start=$SECONDS
-if has_peer lcfs; then
+if has_peer lcfs || has_peer lcfs-nostats; then
     lcfs_mkfs
     lcfs_start
     quietly lcfs_ctl layer create image --cold || die "lcfs layer create image failed"
@@ -771,7 +779,7 @@ values = defaultdict(list)
 for line in open(out):
     row, rnd, peer, metric, value = line.rstrip("\n").split("\t")
     values[(metric, peer)].append(float(value))
-peers = [p for p in ("lcfs", "overlay", "fuse-overlayfs") if any(k[1] == p for k in values)]
+peers = [p for p in ("lcfs", "lcfs-nostats", "overlay", "fuse-overlayfs") if any(k[1] == p for k in values)]
 others = [p for p in peers if p != "lcfs"] if "lcfs" in peers else []
 def fmt(x):
     return f"{x:.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"

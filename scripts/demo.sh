@@ -118,7 +118,8 @@ ls -ls "$device"
 daemon_args=(--device "$device" --mount "$mnt" --control-socket "$sock")
 serves=""
 if wants docker; then
-    daemon_args+=(--docker-plugin-socket "$plugin_sock")
+    # dockerd's API too, for image names in `lcfs top images`.
+    daemon_args+=(--docker-plugin-socket "$plugin_sock" --docker-socket "$docker_sock")
     serves+=", Docker plugin $plugin_sock"
 fi
 if wants containerd && [[ $containerd_service == yes ]]; then
@@ -226,6 +227,10 @@ if wants containerd && [[ $containerd_service == yes ]]; then
     step "containerd's snapshots, as lcfs layers"
     ctl layer ls
 fi
+
+step "the images containers started from, and the files they read (lcfs top images, lcfs top files)"
+ctl top images
+ctl top files --limit 5
 
 step "lcfs counters (see 'promotion')"
 ctl stats

@@ -308,12 +308,29 @@ pub fn name_width<'a>(names: impl Iterator<Item = &'a str>) -> usize {
     names.map(str::len).chain([4]).max().unwrap_or(4)
 }
 
-pub fn top_layers(socket: &Path, by: TopSort, limit: usize, as_json: bool) -> Result<()> {
+/// What `lcfs top layers|images` shows.
+pub struct Top {
+    pub sort: TopSort,
+    pub limit: usize,
+    /// Only this image's rows.
+    pub image: Option<String>,
+    pub json: bool,
+}
+
+/// Keeps the layers `image` names (when given): its chain and containers.
+pub fn only_image(layers: &mut Vec<Layer>, image: Option<&str>) {
+    if let Some(i) = image {
+        layers.retain(|l| l.images.iter().any(|n| n == i));
+    }
+}
+
+pub fn top_layers(socket: &Path, top: &Top) -> Result<()> {
     let mut layers: Vec<Layer> =
         request(socket, json!({"op": "layer.list"}), Some(ANSWER_TIMEOUT))?;
-    sort_top(&mut layers, by);
-    layers.truncate(limit);
-    if as_json {
+    only_image(&mut layers, top.image.as_deref());
+    sort_top(&mut layers, top.sort);
+    layers.truncate(top.limit);
+    if top.json {
         return print_json(&layers);
     }
     let width = name_width(layers.iter().map(|l| l.name.as_str()));
@@ -379,12 +396,19 @@ pub fn short_time(rfc3339: Option<&str>) -> String {
     rfc3339.map(seconds).unwrap_or_else(|| "-".into())
 }
 
-pub fn top_images(socket: &Path, by: TopSort, limit: usize, as_json: bool) -> Result<()> {
-    let mut images: Vec<Image> =
-        request(socket, json!({"op": "image.list"}), Some(ANSWER_TIMEOUT))?;
-    crate::images::sort_images(&mut images, by);
-    images.truncate(limit);
-    print_images(&images, as_json)
+pub fn top_images(socket: &Path, top: &Top) -> Result<()> {
+    let images: Vec<Image> = request(socket, json!({"op": "image.list"}), Some(ANSWER_TIMEOUT))?;
+    print_images(&pick_images(images, top), top.json)
+}
+
+/// Sorts, filters by `--image` and cuts.
+pub fn pick_images(mut images: Vec<Image>, top: &Top) -> Vec<Image> {
+    if let Some(k) = &top.image {
+        images.retain(|i| crate::images::matches(i, k));
+    }
+    crate::images::sort_images(&mut images, top.sort);
+    images.truncate(top.limit);
+    images
 }
 
 /// The `lcfs top images` table (or JSON).

@@ -154,13 +154,7 @@ impl Control {
             }
             "layer.list" => {
                 let _: NoArgs = args(&op, fields)?;
-                let layers: Vec<Layer> = self
-                    .engine()
-                    .list_layers()
-                    .iter()
-                    .map(|info| Layer::from_info(info, &self.mountpoint))
-                    .collect();
-                to_value(&layers)
+                to_value(&self.catalog.layers())
             }
             "statistics" => {
                 let a: StatisticsArgs = args(&op, fields)?;

@@ -4,7 +4,7 @@
 //! token of `--token-file`), then adds up each layer's, image's or file's
 //! counters by name over the hosts that answered.
 
-use crate::client::{rank, Ranked, TopSort};
+use crate::client::{rank, Ranked, Top, TopSort};
 use crate::error::{Error, Result};
 use crate::protocol::{HotFile, Image, Layer, Usage};
 use crate::size::human_bytes;
@@ -194,18 +194,15 @@ fn ask_all<T: DeserializeOwned + Send>(
 }
 
 /// `lcfs top layers --hosts`.
-pub fn top_layers(
-    hosts: &[String],
-    token_file: &Path,
-    by: TopSort,
-    limit: usize,
-    as_json: bool,
-) -> Result<()> {
-    let lists: Vec<Vec<Layer>> = ask_all(hosts, token_file, "/v1/layers?limit=100000")?;
+pub fn top_layers(hosts: &[String], token_file: &Path, top: &Top) -> Result<()> {
+    let mut lists: Vec<Vec<Layer>> = ask_all(hosts, token_file, "/v1/layers?limit=100000")?;
+    for l in &mut lists {
+        crate::client::only_image(l, top.image.as_deref());
+    }
     let mut rows = merge(&lists);
-    sort_fleet(&mut rows, by);
-    rows.truncate(limit);
-    if as_json {
+    sort_fleet(&mut rows, top.sort);
+    rows.truncate(top.limit);
+    if top.json {
         return crate::client::print_json(&rows);
     }
     println!("{} of {} hosts answered", lists.len(), hosts.len());
@@ -286,21 +283,13 @@ pub fn merge_images(answers: &[Vec<Image>]) -> Vec<Image> {
 }
 
 /// `lcfs top images --hosts`.
-pub fn top_images(
-    hosts: &[String],
-    token_file: &Path,
-    by: TopSort,
-    limit: usize,
-    as_json: bool,
-) -> Result<()> {
+pub fn top_images(hosts: &[String], token_file: &Path, top: &Top) -> Result<()> {
     let lists: Vec<Vec<Image>> = ask_all(hosts, token_file, "/v1/images?limit=100000")?;
-    let mut rows = merge_images(&lists);
-    crate::images::sort_images(&mut rows, by);
-    rows.truncate(limit);
-    if !as_json {
+    let rows = crate::client::pick_images(merge_images(&lists), top);
+    if !top.json {
         println!("{} of {} hosts answered", lists.len(), hosts.len());
     }
-    crate::client::print_images(&rows, as_json)
+    crate::client::print_images(&rows, top.json)
 }
 
 /// `lcfs top files --hosts`: each (image, path)'s reads added up.
@@ -354,6 +343,49 @@ fn percent_encode(s: &str) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn images_add_up_over_hosts() {
+        let image = |starts, last: &str, startups, mean, uptime| Image {
+            name: "web".into(),
+            starts,
+            last_start: Some(last.into()),
+            startups,
+            mean_startup_seconds: Some(mean),
+            uptime_seconds: uptime,
+            running: 1,
+            bytes_read: 100,
+            ..Image::default()
+        };
+        let merged = merge_images(&[
+            vec![image(
+                5,
+                "2026-01-01T00:00:02.000000000Z",
+                5,
+                1.0,
+                Some(30.0),
+            )],
+            vec![
+                image(3, "2026-01-01T00:00:09.000000000Z", 1, 3.0, None),
+                Image {
+                    name: "db".into(),
+                    ..Image::default()
+                },
+            ],
+        ]);
+        assert_eq!(merged.len(), 2);
+        let web = merged.iter().find(|i| i.name == "web").unwrap();
+        assert_eq!(
+            (web.starts, web.running, web.bytes_read, web.startups),
+            (8, 2, 200, 6)
+        );
+        assert_eq!(
+            web.last_start.as_deref(),
+            Some("2026-01-01T00:00:09.000000000Z")
+        );
+        assert_eq!(web.uptime_seconds, Some(30.0));
+        assert!((web.mean_startup_seconds.unwrap() - 8.0 / 6.0).abs() < 1e-9);
+    }
+
     fn layer(name: &str, clones: u64, last: Option<&str>, read: u64) -> Layer {
         Layer {
             id: 1,
@@ -368,6 +400,7 @@ mod tests {
             quota_bytes: None,
             inode_count: 1,
             path: String::new(),
+            images: Vec::new(),
             usage: Usage {
                 clones,
                 last_clone: last.map(str::to_string),

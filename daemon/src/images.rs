@@ -18,7 +18,7 @@
 
 use crate::client::TopSort;
 use crate::owners::{containerd_images, docker_images, DockerCache, OwnerImage};
-use crate::protocol::{rfc3339, HotFile, Image};
+use crate::protocol::{rfc3339, HotFile, Image, Layer};
 use lcfs_engine::{Engine, LayerInfo, Timestamp};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -138,6 +138,42 @@ impl Catalog {
         let mut images = catalog(layers, &self.named(), &mounted, Timestamp::now());
         sort_images(&mut images, by);
         images
+    }
+
+    /// Every layer, each with the images it belongs to: the layers of an
+    /// image's chain and its containers' layers.
+    pub fn layers(&self) -> Vec<Layer> {
+        let infos = self.engine.list_layers();
+        let images = self.images_of(&infos, TopSort::Clones);
+        let chains = Chains::new(&infos);
+        let mut of: HashMap<&str, Vec<String>> = HashMap::new();
+        for image in &images {
+            if let Some(top) = chains.by_name.get(image.top_layer.as_str()) {
+                for l in chains.chain(top) {
+                    of.entry(l.name.as_str())
+                        .or_default()
+                        .push(image.name.clone());
+                }
+            }
+        }
+        for l in infos.iter().filter(|l| !l.cold) {
+            if let Some(top) = chains.image_of(l) {
+                let names: Vec<String> = images
+                    .iter()
+                    .filter(|i| i.top_layer == top.name)
+                    .map(|i| i.name.clone())
+                    .collect();
+                of.entry(l.name.as_str()).or_default().extend(names);
+            }
+        }
+        infos
+            .iter()
+            .map(|info| {
+                let mut layer = Layer::from_info(info, &self.mountpoint);
+                layer.images = of.remove(info.name.as_str()).unwrap_or_default();
+                layer
+            })
+            .collect()
     }
 
     /// The hot files of the image `key` names, or of every image (most read

@@ -356,6 +356,10 @@ struct TopArgs {
     /// Show at most this many rows
     #[arg(long, value_name = "N", default_value_t = 100)]
     limit: usize,
+    /// Only this image (images: a name, an id or its prefix, a top layer),
+    /// or its layers and its containers' (layers: an image name)
+    #[arg(long, value_name = "IMAGE")]
+    image: Option<String>,
     /// Print the rows as JSON (`layer.list` objects, sorted and cut; with
     /// --hosts, each name's counters added up over the hosts)
     #[arg(long)]
@@ -374,6 +378,17 @@ struct TopArgs {
     /// yours, mode 0600 or 0400)
     #[arg(long, value_name = "PATH")]
     token_file: Option<PathBuf>,
+}
+
+impl TopArgs {
+    fn top(&self) -> client::Top {
+        client::Top {
+            sort: self.sort,
+            limit: self.limit,
+            image: self.image.clone(),
+            json: self.json,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -469,18 +484,14 @@ fn run(cli: Cli) -> Result<()> {
             LayerCommand::Stat { name, json } => client::layer_stat(socket, &name, json),
         },
         Command::Top(TopCommand::Layers(a)) => match &a.token_file {
-            Some(token) if !a.hosts.is_empty() => {
-                fleet::top_layers(&a.hosts, token, a.sort, a.limit, a.json)
-            }
+            Some(token) if !a.hosts.is_empty() => fleet::top_layers(&a.hosts, token, &a.top()),
             Some(_) => Err(error::Error::Usage("--token-file goes with --hosts".into())),
-            None => client::top_layers(socket, a.sort, a.limit, a.json),
+            None => client::top_layers(socket, &a.top()),
         },
         Command::Top(TopCommand::Images(a)) => match &a.token_file {
-            Some(token) if !a.hosts.is_empty() => {
-                fleet::top_images(&a.hosts, token, a.sort, a.limit, a.json)
-            }
+            Some(token) if !a.hosts.is_empty() => fleet::top_images(&a.hosts, token, &a.top()),
             Some(_) => Err(error::Error::Usage("--token-file goes with --hosts".into())),
-            None => client::top_images(socket, a.sort, a.limit, a.json),
+            None => client::top_images(socket, &a.top()),
         },
         Command::Top(TopCommand::Files(a)) => match &a.token_file {
             Some(token) => fleet::top_files(&a.hosts, token, a.image.as_deref(), a.limit, a.json),

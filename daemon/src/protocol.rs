@@ -65,6 +65,10 @@ pub struct Layer {
     /// that does not count.
     #[serde(default)]
     pub usage: Usage,
+    /// The images it belongs to (in their chain, or one of their
+    /// containers), by name; empty in results other than lists.
+    #[serde(default)]
+    pub images: Vec<String>,
 }
 
 /// A layer's usage counters (the engine's `LayerUsage`).
@@ -139,6 +143,7 @@ impl Layer {
             quota_bytes: info.quota_bytes,
             inode_count: info.inode_count,
             path: mountpoint.join(&info.name).display().to_string(),
+            images: Vec::new(),
             usage: Usage {
                 clones: info.usage.clones,
                 last_clone: (info.usage.clones > 0).then(|| rfc3339(info.usage.last_clone)),

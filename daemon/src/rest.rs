@@ -421,12 +421,7 @@ fn route(state: &State, path: &str, query: &str) -> Answer {
 }
 
 fn layers(state: &State) -> Vec<Layer> {
-    state
-        .engine
-        .list_layers()
-        .iter()
-        .map(|info| Layer::from_info(info, &state.mountpoint))
-        .collect()
+    state.catalog.layers()
 }
 
 fn json_ok<T: serde::Serialize>(value: &T) -> Answer {

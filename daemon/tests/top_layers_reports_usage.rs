@@ -130,6 +130,14 @@ fn top_layers_ranks_images_by_starts_and_reads_and_keeps_counts() {
     assert_eq!(images[0]["bytes_read"], 5 * (64 << 10));
     assert_eq!(images[0]["startups"], 5);
     assert_eq!(images[0]["startup_files"], 5);
+    let only_y = json_rows(&h, &["top", "images", "--image", "y", "--json"]);
+    assert_eq!(only_y.len(), 1);
+    // An image's layers: its chain and its containers'.
+    let of_x = top(&h, &["--image", "x"]);
+    let mut names: Vec<&str> = of_x.iter().map(|l| l["name"].as_str().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["x", "x1", "x2", "x3", "x4"]);
+    assert_eq!(of_x[0]["images"], serde_json::json!(["x"]));
     let table = h.ok(&["top", "images"]);
     assert!(table.lines().nth(1).unwrap().starts_with("x "), "{table}");
     // Hot files: the one file, with every read of x's containers.

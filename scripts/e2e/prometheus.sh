@@ -156,6 +156,13 @@ say "fleet-wide top image: $(jq -r '.[0].metric.image + " started " + .[0].value
 until_answer 'topk(1, lcfs:image_starts:sum)' '.[0].metric.image == "web" and .[0].value[1] == "9"' >/dev/null
 until_answer 'sum(lcfs:image_read_bytes:sum{image="web"})' '.[0].value[1] == "589824"' >/dev/null
 
+# Every query of the Grafana dashboard is valid PromQL ($top as 10).
+while IFS= read -r expr; do
+    curl -sf "http://127.0.0.1:$prometheus_port/api/v1/query" --data-urlencode "query=${expr//\$top/10}" >/dev/null ||
+        die "Prometheus refuses the dashboard's query $expr"
+done < <(jq -r '.panels[].targets[].expr' "$packaging/grafana-lcfs.json")
+say "the dashboard's $(jq '[.panels[].targets[]] | length' "$packaging/grafana-lcfs.json") queries are valid"
+
 # Without Prometheus: lcfs top layers --hosts asks each host's API and adds
 # up; a host that does not answer is named on stderr, the others still count.
 hosts="127.0.0.1:${ports[0]},127.0.0.1:${ports[1]},127.0.0.1:${ports[2]}"
