@@ -45,12 +45,15 @@ struct Names {
     docker: DockerCache,
     named: Vec<Named>,
     asked: Option<Instant>,
+    /// The layers when they were asked (their number, the newest id, how
+    /// many are frozen): a new or committed layer (a pull) asks again at once.
+    layers: (usize, u64, usize),
     /// The last failure said, so a down owner is not logged every time.
     last_failure: String,
 }
 
 /// How long the owners' names are reused before they are asked again.
-const NAMES_FOR: Duration = Duration::from_secs(10);
+const NAMES_FOR: Duration = Duration::from_secs(2);
 
 impl From<OwnerImage> for Named {
     fn from(o: OwnerImage) -> Named {
@@ -76,13 +79,19 @@ impl Catalog {
     }
 
     /// The owners' names for image top layers (see owners.rs), asked at
-    /// most every [`NAMES_FOR`]; an owner that does not answer names
-    /// nothing (a warning says why, once).
-    fn named(&self) -> Vec<Named> {
+    /// most every [`NAMES_FOR`] while the layers stay the same; an owner
+    /// that does not answer names nothing (a warning says why, once).
+    fn named(&self, layers: &[LayerInfo]) -> Vec<Named> {
         let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
-        if names.asked.is_some_and(|t| t.elapsed() < NAMES_FOR) {
+        let now_layers = (
+            layers.len(),
+            layers.iter().map(|l| l.id).max().unwrap_or(0),
+            layers.iter().filter(|l| l.frozen).count(),
+        );
+        if names.asked.is_some_and(|t| t.elapsed() < NAMES_FOR) && names.layers == now_layers {
             return names.named.clone();
         }
+        names.layers = now_layers;
         let mut named = Vec::new();
         let mut failures = Vec::new();
         if let Some(socket) = self.docker_socket.as_deref().filter(|s| s.exists()) {
@@ -135,7 +144,7 @@ impl Catalog {
                 mounted.insert(layer, since);
             }
         }
-        let mut images = catalog(layers, &self.named(), &mounted, Timestamp::now());
+        let mut images = catalog(layers, &self.named(layers), &mounted, Timestamp::now());
         sort_images(&mut images, by);
         images
     }
