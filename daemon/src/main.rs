@@ -335,17 +335,8 @@ struct FilesArgs {
     /// Print the rows as JSON
     #[arg(long)]
     json: bool,
-    /// Ask these hosts' statistics APIs (HOST[:PORT], comma-separated)
-    #[arg(
-        long,
-        value_name = "HOSTS",
-        value_delimiter = ',',
-        requires = "token_file"
-    )]
-    hosts: Vec<String>,
-    /// The bearer token for --hosts (a file of root's, mode 0600 or 0400)
-    #[arg(long, value_name = "PATH", requires = "hosts")]
-    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    fleet: FleetArgs,
 }
 
 #[derive(Args)]
@@ -364,9 +355,16 @@ struct TopArgs {
     /// --hosts, each name's counters added up over the hosts)
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    fleet: FleetArgs,
+}
+
+/// `--hosts` and its token, for `lcfs top`.
+#[derive(Args)]
+struct FleetArgs {
     /// Ask these hosts' statistics APIs (HOST[:PORT], comma-separated; port
-    /// 9477 when none) instead of the local daemon, and add up each layer
-    /// name's counters over them
+    /// 9477 when none) instead of the local daemon, and add up each layer's,
+    /// image's or file's counters by name over them
     #[arg(
         long,
         value_name = "HOSTS",
@@ -483,18 +481,25 @@ fn run(cli: Cli) -> Result<()> {
             LayerCommand::Ls { json } => client::layer_list(socket, json),
             LayerCommand::Stat { name, json } => client::layer_stat(socket, &name, json),
         },
-        Command::Top(TopCommand::Layers(a)) => match &a.token_file {
-            Some(token) if !a.hosts.is_empty() => fleet::top_layers(&a.hosts, token, &a.top()),
+        Command::Top(TopCommand::Layers(a)) => match &a.fleet.token_file {
+            Some(token) if !a.fleet.hosts.is_empty() => {
+                fleet::top_layers(&a.fleet.hosts, token, &a.top())
+            }
             Some(_) => Err(error::Error::Usage("--token-file goes with --hosts".into())),
             None => client::top_layers(socket, &a.top()),
         },
-        Command::Top(TopCommand::Images(a)) => match &a.token_file {
-            Some(token) if !a.hosts.is_empty() => fleet::top_images(&a.hosts, token, &a.top()),
+        Command::Top(TopCommand::Images(a)) => match &a.fleet.token_file {
+            Some(token) if !a.fleet.hosts.is_empty() => {
+                fleet::top_images(&a.fleet.hosts, token, &a.top())
+            }
             Some(_) => Err(error::Error::Usage("--token-file goes with --hosts".into())),
             None => client::top_images(socket, &a.top()),
         },
-        Command::Top(TopCommand::Files(a)) => match &a.token_file {
-            Some(token) => fleet::top_files(&a.hosts, token, a.image.as_deref(), a.limit, a.json),
+        Command::Top(TopCommand::Files(a)) => match &a.fleet.token_file {
+            Some(token) if !a.fleet.hosts.is_empty() => {
+                fleet::top_files(&a.fleet.hosts, token, a.image.as_deref(), a.limit, a.json)
+            }
+            Some(_) => Err(error::Error::Usage("--token-file goes with --hosts".into())),
             None => client::top_files(socket, a.image.as_deref(), a.limit, a.json),
         },
         Command::Sync => client::sync(socket),
