@@ -790,6 +790,8 @@ def cell(metric, peer):
     v = values.get((metric, peer))
     return f"{fmt(statistics.median(v))} ({fmt(min(v))}-{fmt(max(v))})" if v else "-"
 def table(rows):
+    if not any((metric, p) in values for metric, *_ in rows for p in peers):
+        return
     print("| row | unit | " + " | ".join(f"{p}: median (min-max)" for p in peers)
           + "".join(f" | lcfs / {p}" for p in others) + " | goals |")
     print("|" + "---|" * (3 + len(peers) + len(others)))

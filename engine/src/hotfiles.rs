@@ -33,9 +33,10 @@ pub struct HotFile {
     pub error: u64,
 }
 
-/// A layer's summary: at most [`HOT_FILES_K`] entries, unordered.
+/// A layer's summary: at most [`HOT_FILES_K`] entries, unordered (its
+/// encoding is in docs/format.md, "Hot-file summary").
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct HotFiles {
+pub struct HotFiles {
     entries: Vec<HotFile>,
 }
 

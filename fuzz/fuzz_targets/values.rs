@@ -1,5 +1,6 @@
 //! Fuzzes the tree value decoders on the same arbitrary bytes: `MapValue`,
-//! `ExtentValue`, `InodeValue`, `LayerRecord` and `decode_named`. None
+//! `ExtentValue`, `InodeValue`, `LayerRecord`, `decode_named` and
+//! `HotFiles`. None
 //! panics; each accepts exactly the inputs long enough for its fixed layout
 //! (and valid nanoseconds for inodes); what decodes round-trips, and
 //! re-encoding reproduces the input bytes except for reserved fields and
@@ -7,7 +8,8 @@
 #![no_main]
 
 use lcfs_engine::format::{
-    decode_named, encode_named, ExtentValue, InodeValue, LayerRecord, LayerUsage, MapValue,
+    decode_named, encode_named, ExtentValue, HotFiles, InodeValue, LayerRecord, LayerUsage,
+    MapValue,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -21,7 +23,17 @@ fuzz_target!(|data: &[u8]| {
     inode(data);
     layer_record(data);
     named(data);
+    hot_files(data);
 });
+
+/// A hot-file summary decodes only at its exact length (4 + 32 per entry,
+/// at most 32 entries, inodes distinct) and re-encodes to the same bytes.
+fn hot_files(data: &[u8]) {
+    if let Ok(h) = HotFiles::decode(data) {
+        assert_eq!(h.encode(), data);
+        assert!(h.top().len() <= 32);
+    }
+}
 
 fn pair_value(data: &[u8]) {
     // 16 bytes, or 20 with a count of extra owners (zero is not canonical).
