@@ -21,6 +21,8 @@ pub mod summary;
 pub mod superblock;
 pub mod values;
 
+/// A layer's hot-file summary, as stored in the layer table.
+pub use crate::hotfiles::HotFiles;
 pub use fsynclog::*;
 pub use keys::*;
 pub use node::*;
@@ -28,8 +30,6 @@ pub use segtable::*;
 pub use summary::*;
 pub use superblock::*;
 pub use values::*;
-/// A layer's hot-file summary, as stored in the layer table.
-pub use crate::hotfiles::HotFiles;
 
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"LCFSSB01";
 pub const NODE_MAGIC: u32 = u32::from_le_bytes(*b"LCND");
