@@ -34,6 +34,10 @@ pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
 /// One request from connect to the last byte of the answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A removal of an image: dockerd answers once it has removed the image's
+/// now-unused layers through the graphdriver, which may take a while for
+/// a large image.
+const REMOVE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Inspections of new images in one call; those left are looked at by the
 /// next call (the cache keeps what was learnt).
 const INSPECT_BUDGET: Duration = Duration::from_secs(30);
@@ -46,6 +50,10 @@ const HEADERS_MAX: usize = 128;
 const CHUNK_LINE_MAX_BYTES: usize = 1024;
 /// Images looked at per call.
 const IMAGES_MAX: usize = 10_000;
+/// Containers per call: a host with more gets an error, not a partial list.
+const CONTAINERS_MAX: usize = 10_000;
+/// The inspections of all containers of one call (a few ms each).
+const CONTAINERS_BUDGET: Duration = Duration::from_secs(60);
 /// Image names (tags, digests) longer than this are not used.
 const NAME_MAX_BYTES: usize = 512;
 /// Image ids (`sha256:` and 64 hex digits) and lcfs layer names.
@@ -77,6 +85,12 @@ pub enum OwnerError {
     },
     #[error("{0}")]
     Containerd(lcfs_snapshotter::Error),
+    /// An image or container id that is not one dockerd makes.
+    #[error("bad id {0:?}")]
+    InvalidId(String),
+    /// What was asked for could not be learnt whole.
+    #[error("incomplete: {0}")]
+    Incomplete(String),
 }
 
 fn io_error(context: impl Into<String>) -> impl FnOnce(io::Error) -> OwnerError {
@@ -321,35 +335,80 @@ fn clip(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
 }
 
-/// GET `path` from the HTTP server on the unix socket `socket`; the body of
-/// a 2xx answer.
-fn get(socket: &Path, path: &str) -> Result<Vec<u8>, OwnerError> {
+/// The methods this client sends, each with its time limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Method {
+    Get,
+    Delete,
+}
+
+impl Method {
+    fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Delete => "DELETE",
+        }
+    }
+
+    /// Each read or write on the socket.
+    fn io_timeout(self) -> Duration {
+        match self {
+            Method::Get => IO_TIMEOUT,
+            // dockerd answers once the image and its layers are removed.
+            Method::Delete => REMOVE_TIMEOUT,
+        }
+    }
+
+    /// From connect to the last byte of the answer.
+    fn request_timeout(self) -> Duration {
+        match self {
+            Method::Get => REQUEST_TIMEOUT,
+            Method::Delete => REMOVE_TIMEOUT,
+        }
+    }
+}
+
+/// Sends `method path` to the HTTP server on the unix socket `socket`; its
+/// answer, whatever its status.
+fn request(socket: &Path, method: Method, path: &str) -> Result<Response, OwnerError> {
     let started = Instant::now();
-    let at = || format!("{} {path}", socket.display());
+    let at = || format!("{} {} {path}", socket.display(), method.as_str());
     let mut stream = UnixStream::connect(socket)
         .map_err(io_error(format!("connecting to {}", socket.display())))?;
     stream
-        .set_read_timeout(Some(IO_TIMEOUT))
+        .set_read_timeout(Some(method.io_timeout()))
         .and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT)))
         .map_err(io_error(at()))?;
     let request = format!(
-        "GET {path} HTTP/1.0\r\nHost: docker\r\nConnection: close\r\nAccept: application/json\r\n\r\n"
+        "{} {path} HTTP/1.0\r\nHost: docker\r\nConnection: close\r\nAccept: application/json\r\n\r\n",
+        method.as_str()
     );
     stream
         .write_all(request.as_bytes())
         .map_err(io_error(at()))?;
     let reader = Deadline {
         inner: stream,
-        deadline: started + REQUEST_TIMEOUT,
+        deadline: started + method.request_timeout(),
     };
-    let response = read_response(reader, RESPONSE_MAX_BYTES)?;
+    read_response(reader, RESPONSE_MAX_BYTES)
+}
+
+/// The error for an answer of status `response.status` to `path`.
+fn status_error(path: &str, response: &Response) -> OwnerError {
+    let text = String::from_utf8_lossy(&response.body);
+    OwnerError::Status {
+        path: path.to_string(),
+        status: response.status,
+        excerpt: clip(text.trim(), EXCERPT_MAX_CHARS),
+    }
+}
+
+/// GET `path` from the HTTP server on the unix socket `socket`; the body of
+/// a 2xx answer.
+fn get(socket: &Path, path: &str) -> Result<Vec<u8>, OwnerError> {
+    let response = request(socket, Method::Get, path)?;
     if !(200..300).contains(&response.status) {
-        let text = String::from_utf8_lossy(&response.body);
-        return Err(OwnerError::Status {
-            path: path.to_string(),
-            status: response.status,
-            excerpt: clip(text.trim(), EXCERPT_MAX_CHARS),
-        });
+        return Err(status_error(path, &response));
     }
     Ok(response.body)
 }
@@ -415,16 +474,20 @@ fn image_name(image: &ListedImage) -> String {
         })
 }
 
-/// The lcfs layer `GraphDriver.Data.Layer` names; None for another driver.
-fn inspect_top(socket: &Path, id: &str) -> Result<Option<String>, OwnerError> {
-    let image: InspectedImage = get_json(socket, &format!("/images/{id}/json"))?;
-    let layer = image
-        .graph_driver
+/// The lcfs layer `GraphDriver.Data.Layer` names (what lcfs's plugin
+/// answers to GetMetadata); None for another driver.
+fn lcfs_layer(graph_driver: Option<GraphDriver>) -> Option<String> {
+    graph_driver
         .and_then(|g| g.data)
         .and_then(|mut d| d.remove("Layer"))
         .and_then(|v| v.as_str().map(str::to_string))
-        .filter(|l| !l.is_empty() && l.len() <= ID_MAX_BYTES);
-    Ok(layer)
+        .filter(|l| !l.is_empty() && l.len() <= ID_MAX_BYTES)
+}
+
+/// The lcfs layer of image `id`'s top layer; None for another driver.
+fn inspect_top(socket: &Path, id: &str) -> Result<Option<String>, OwnerError> {
+    let image: InspectedImage = get_json(socket, &format!("/images/{id}/json"))?;
+    Ok(lcfs_layer(image.graph_driver))
 }
 
 /// dockerd's images (at most 10,000) whose top layer is an lcfs layer, from
@@ -486,6 +549,245 @@ pub fn docker_images(
         log::info!("{postponed} new docker image(s) left for the next look (out of time)");
     }
     Ok(images)
+}
+
+/// What became of an image [`docker_remove_image`] was asked to remove.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Removal {
+    /// dockerd removed it, and with it its layers no other image uses.
+    Removed,
+    /// dockerd does not have it (removed meanwhile).
+    Gone,
+    /// dockerd refused (409): a container, running or stopped, uses it, or
+    /// it is tagged in several repositories. dockerd's message, clipped.
+    InUse(String),
+}
+
+/// The `message` of dockerd's JSON error body, else the body's text;
+/// clipped.
+fn error_message(body: &[u8]) -> String {
+    #[derive(Deserialize)]
+    struct ErrorBody {
+        message: String,
+    }
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => clip(e.message.trim(), EXCERPT_MAX_CHARS),
+        Err(_) => clip(String::from_utf8_lossy(body).trim(), EXCERPT_MAX_CHARS),
+    }
+}
+
+/// Asks dockerd (its API on `socket`) to remove the image `id`, without
+/// force: dockerd refuses while a container uses it or while several
+/// repositories name it, and otherwise removes it with the layers no other
+/// image uses (through lcfs's graphdriver). Blocking, for up to about
+/// 120 s: from async code, run it in a blocking thread.
+#[allow(dead_code)] // called by gc.rs
+pub fn docker_remove_image(socket: &Path, id: &str) -> Result<Removal, OwnerError> {
+    if !valid_id(id) {
+        return Err(OwnerError::InvalidId(clip(id, 80)));
+    }
+    // force=false spelled out: dockerd's default, and the one thing this
+    // call must never do.
+    let path = format!("/images/{id}?force=false");
+    let response = request(socket, Method::Delete, &path)?;
+    match response.status {
+        200..=299 => Ok(Removal::Removed),
+        404 => Ok(Removal::Gone),
+        409 => Ok(Removal::InUse(error_message(&response.body))),
+        _ => Err(status_error(&path, &response)),
+    }
+}
+
+/// A container of dockerd's, running or not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnerContainer {
+    pub id: String,
+    /// The id of its image ("sha256:...").
+    pub image_id: String,
+    /// dockerd's `State.Running`: true while it runs, also when paused or
+    /// restarting.
+    pub running: bool,
+    /// The lcfs layer of its read-write layer; None for another driver.
+    pub layer: Option<String>,
+    /// When it was last started, unix seconds; None if it never was.
+    pub started_at: Option<i64>,
+}
+
+/// An entry of `GET /containers/json?all=1` (the fields read).
+#[derive(Deserialize)]
+struct ListedContainer {
+    #[serde(rename = "Id")]
+    id: String,
+    #[serde(rename = "ImageID", default)]
+    image_id: String,
+    /// "running", "paused", "exited", ...: used when inspection says
+    /// nothing of it.
+    #[serde(rename = "State", default)]
+    state: String,
+}
+
+/// `GET /containers/{id}/json` (the fields read).
+#[derive(Deserialize)]
+struct InspectedContainer {
+    /// The image id.
+    #[serde(rename = "Image", default)]
+    image: String,
+    #[serde(rename = "State", default)]
+    state: Option<ContainerState>,
+    #[serde(rename = "GraphDriver", default)]
+    graph_driver: Option<GraphDriver>,
+}
+
+#[derive(Deserialize)]
+struct ContainerState {
+    #[serde(rename = "Running", default)]
+    running: Option<bool>,
+    #[serde(rename = "StartedAt", default)]
+    started_at: Option<String>,
+}
+
+/// Days from 1970-01-01 to the proleptic Gregorian date (Howard Hinnant's
+/// days_from_civil; protocol.rs's `rfc3339` is its inverse).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year.rem_euclid(400);
+    let month_from_march = (month + 9) % 12;
+    let day_of_year = (153 * month_from_march + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
+/// Unix seconds of an RFC 3339 time (`2024-05-01T12:34:56.123456789Z`,
+/// `...+02:00`), fractions dropped; None for Go's zero time (dockerd's
+/// "never", `0001-01-01T00:00:00Z`) and for anything else unreadable.
+fn unix_seconds(text: &str) -> Option<i64> {
+    let b = text.as_bytes();
+    if b.len() < 20 || b.len() > 64 || !text.is_ascii() {
+        return None;
+    }
+    let number = |range: std::ops::Range<usize>| -> Option<i64> {
+        let digits = &text[range];
+        if !digits.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        digits.parse().ok()
+    };
+    let separators_ok = b[4] == b'-'
+        && b[7] == b'-'
+        && matches!(b[10], b'T' | b't' | b' ')
+        && b[13] == b':'
+        && b[16] == b':';
+    if !separators_ok {
+        return None;
+    }
+    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
+    if year == 1 && month == 1 && day == 1 {
+        return None;
+    }
+    // 60: a leap second.
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let mut rest = &text[19..];
+    if let Some(fraction) = rest.strip_prefix('.') {
+        let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        rest = &fraction[digits..];
+    }
+    let offset_seconds = match rest.as_bytes() {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), _, _, b':', _, _] => {
+            // The offset ends the text: `+hh:mm`.
+            let end = text.len();
+            let (hours, minutes) = (number(end - 5..end - 3)?, number(end - 2..end)?);
+            if hours > 23 || minutes > 59 {
+                return None;
+            }
+            let offset = hours * 3600 + minutes * 60;
+            if *sign == b'+' {
+                offset
+            } else {
+                -offset
+            }
+        }
+        _ => return None,
+    };
+    let seconds = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second;
+    Some(seconds - offset_seconds)
+}
+
+/// dockerd's containers (all of them, running or not, at most 10,000),
+/// from its API on `socket`, each inspected for its read-write layer and
+/// when it last started. A container removed between the list and its
+/// inspection is left out; any other failure, more containers than the
+/// bound, or inspections over about 60 s fail the whole call: a partial
+/// list would make a container's image and layer look unused. Containers
+/// created after the list are not in it. Blocking: from async code, run
+/// it in a blocking thread.
+#[allow(dead_code)] // called by gc.rs
+pub fn docker_containers(socket: &Path) -> Result<Vec<OwnerContainer>, OwnerError> {
+    let listed: Vec<ListedContainer> = get_json(socket, "/containers/json?all=1")?;
+    if listed.len() > CONTAINERS_MAX {
+        return Err(OwnerError::Incomplete(format!(
+            "dockerd lists {} containers, over the {CONTAINERS_MAX} looked at",
+            listed.len()
+        )));
+    }
+    let deadline = Instant::now() + CONTAINERS_BUDGET;
+    let mut containers = Vec::with_capacity(listed.len());
+    for (done, container) in listed.into_iter().enumerate() {
+        if !valid_id(&container.id) {
+            return Err(OwnerError::InvalidId(clip(&container.id, 80)));
+        }
+        if Instant::now() >= deadline {
+            return Err(OwnerError::Incomplete(format!(
+                "{done} containers inspected in {} s; the rest were not",
+                CONTAINERS_BUDGET.as_secs()
+            )));
+        }
+        let path = format!("/containers/{}/json", container.id);
+        let inspected: InspectedContainer = match get_json(socket, &path) {
+            Ok(i) => i,
+            // Removed since the list: its layer went with it.
+            Err(OwnerError::Status { status: 404, .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        let state = inspected.state;
+        let listed_running = matches!(
+            container.state.as_str(),
+            "running" | "paused" | "restarting"
+        );
+        let running = state
+            .as_ref()
+            .and_then(|s| s.running)
+            .unwrap_or(listed_running);
+        let started_at = state
+            .and_then(|s| s.started_at)
+            .as_deref()
+            .and_then(unix_seconds);
+        let image_id = if container.image_id.is_empty() {
+            inspected.image
+        } else {
+            container.image_id
+        };
+        containers.push(OwnerContainer {
+            id: container.id,
+            image_id,
+            running,
+            layer: lcfs_layer(inspected.graph_driver),
+            started_at,
+        });
+    }
+    Ok(containers)
 }
 
 /// containerd's images (of `namespaces`, every namespace when empty) whose
@@ -630,11 +932,21 @@ mod tests {
         assert!(!valid_id(""));
     }
 
-    /// A fake dockerd: answers each GET path from `answers` (404 otherwise),
-    /// counting requests; one connection per request, as the client makes.
+    /// Canned answers of a fake dockerd: a GET of a path in `bodies` gets
+    /// 200 and that body (chunked, in two chunks); a request whose
+    /// "METHOD path" is in `replies` gets that status and body; anything
+    /// else 404.
+    #[derive(Default)]
+    struct Answers {
+        bodies: HashMap<String, String>,
+        replies: HashMap<String, (u16, String)>,
+    }
+
+    /// A fake dockerd answering from `answers`, recording each request as
+    /// "METHOD path"; one connection per request, as the client makes.
     fn fake_dockerd(
         dir: &Path,
-        answers: Arc<Mutex<HashMap<String, String>>>,
+        answers: Arc<Mutex<Answers>>,
         asked: Arc<Mutex<Vec<String>>>,
     ) -> std::path::PathBuf {
         let socket = dir.join("docker.sock");
@@ -651,13 +963,16 @@ mod tests {
                     }
                     head.push(line);
                 }
-                let path = head[0].split(' ').nth(1).unwrap_or("").to_string();
+                let mut words = head[0].split(' ');
+                let method = words.next().unwrap_or("").to_string();
+                let path = words.next().unwrap_or("").to_string();
                 assert!(head.iter().any(|h| h == "Host: docker\r\n"));
-                asked.lock().unwrap().push(path.clone());
-                let answer = answers.lock().unwrap().get(&path).cloned();
-                let reply = match answer {
-                    // Chunked, in two chunks.
-                    Some(body) => {
+                let request = format!("{method} {path}");
+                asked.lock().unwrap().push(request.clone());
+                let answers = answers.lock().unwrap();
+                let body = answers.bodies.get(&path).filter(|_| method == "GET");
+                let reply = match (body, answers.replies.get(&request)) {
+                    (Some(body), _) => {
                         let (a, b) = body.split_at(body.len() / 2);
                         format!(
                             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
@@ -665,8 +980,13 @@ mod tests {
                             b.len()
                         )
                     }
-                    None => "HTTP/1.1 404 Not Found\r\nContent-Length: 31\r\n\r\n{\"message\":\"No such image: x\"}\n".to_string(),
+                    (None, Some((status, body))) => format!(
+                        "HTTP/1.1 {status} Whatever\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    ),
+                    (None, None) => "HTTP/1.1 404 Not Found\r\nContent-Length: 31\r\n\r\n{\"message\":\"No such image: x\"}\n".to_string(),
                 };
+                drop(answers);
                 let _ = conn.write_all(reply.as_bytes());
             }
         });
@@ -676,12 +996,12 @@ mod tests {
     #[test]
     fn docker_images_map_tags_to_lcfs_layers_with_a_cache() {
         let dir = tempfile::tempdir().unwrap();
-        let answers = Arc::new(Mutex::new(HashMap::new()));
+        let answers = Arc::new(Mutex::new(Answers::default()));
         let asked = Arc::new(Mutex::new(Vec::new()));
         let socket = fake_dockerd(dir.path(), answers.clone(), asked.clone());
         let (a, b, c) = ("sha256:aaaa", "sha256:bbbb", "sha256:cccc");
         {
-            let mut m = answers.lock().unwrap();
+            let m = &mut answers.lock().unwrap().bodies;
             m.insert(
                 "/images/json".into(),
                 serde_json::json!([
@@ -736,19 +1056,23 @@ mod tests {
         // Again: only the list is asked for.
         asked.lock().unwrap().clear();
         assert_eq!(docker_images(&socket, &mut cache).unwrap(), expected);
-        assert_eq!(*asked.lock().unwrap(), vec!["/images/json".to_string()]);
+        assert_eq!(*asked.lock().unwrap(), vec!["GET /images/json".to_string()]);
         // b removed: pruned from the cache. c's inspection fails now, but
         // it is cached already.
-        answers.lock().unwrap().insert(
+        answers.lock().unwrap().bodies.insert(
             "/images/json".into(),
             serde_json::json!([{"Id": a, "RepoTags": ["busybox:latest"]}, {"Id": c}]).to_string(),
         );
-        answers.lock().unwrap().remove(&format!("/images/{c}/json"));
+        answers
+            .lock()
+            .unwrap()
+            .bodies
+            .remove(&format!("/images/{c}/json"));
         let images = docker_images(&socket, &mut cache).unwrap();
         assert_eq!(images.len(), 1);
         assert_eq!(cache.len(), 2);
         // An error answer to the list is an error with its status.
-        answers.lock().unwrap().remove("/images/json");
+        answers.lock().unwrap().bodies.remove("/images/json");
         match docker_images(&socket, &mut cache) {
             Err(OwnerError::Status {
                 status: 404,
@@ -761,5 +1085,258 @@ mod tests {
         }
         // Nobody listening: an error, not a panic.
         assert!(docker_images(&dir.path().join("none.sock"), &mut cache).is_err());
+    }
+
+    #[test]
+    fn removals_tell_removed_gone_and_in_use_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let answers = Arc::new(Mutex::new(Answers::default()));
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let socket = fake_dockerd(dir.path(), answers.clone(), asked.clone());
+        let (removed, gone, used, tagged, broken) = (
+            "sha256:aaaa",
+            "sha256:bbbb",
+            "sha256:cccc",
+            "sha256:dddd",
+            "sha256:eeee",
+        );
+        {
+            let replies = &mut answers.lock().unwrap().replies;
+            let delete = |id: &str| format!("DELETE /images/{id}?force=false");
+            replies.insert(
+                delete(removed),
+                (
+                    200,
+                    serde_json::json!([{"Untagged": "busybox:latest"}, {"Deleted": removed}])
+                        .to_string(),
+                ),
+            );
+            replies.insert(
+                delete(used),
+                (
+                    409,
+                    serde_json::json!({"message": "conflict: unable to delete cccc (must be forced) - image is being used by stopped container 0123"})
+                        .to_string(),
+                ),
+            );
+            // Not JSON: the text is the message.
+            replies.insert(
+                delete(tagged),
+                (
+                    409,
+                    "unable to delete dddd (must be forced) - image is referenced in multiple repositories\n"
+                        .to_string(),
+                ),
+            );
+            replies.insert(
+                delete(broken),
+                (500, r#"{"message":"driver failed"}"#.to_string()),
+            );
+        }
+        // A GET answer for the same path must not answer a DELETE.
+        answers
+            .lock()
+            .unwrap()
+            .bodies
+            .insert(format!("/images/{gone}?force=false"), "[]".into());
+        assert_eq!(
+            docker_remove_image(&socket, removed).unwrap(),
+            Removal::Removed
+        );
+        assert_eq!(docker_remove_image(&socket, gone).unwrap(), Removal::Gone);
+        match docker_remove_image(&socket, used).unwrap() {
+            Removal::InUse(message) => assert!(
+                message.starts_with("conflict: unable to delete cccc") && message.len() <= 200,
+                "{message}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            docker_remove_image(&socket, tagged).unwrap(),
+            Removal::InUse(
+                "unable to delete dddd (must be forced) - image is referenced in multiple repositories"
+                    .into()
+            )
+        );
+        match docker_remove_image(&socket, broken) {
+            Err(OwnerError::Status {
+                status: 500,
+                excerpt,
+                ..
+            }) => assert!(excerpt.contains("driver failed"), "{excerpt}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            *asked.lock().unwrap(),
+            [removed, gone, used, tagged, broken]
+                .iter()
+                .map(|id| format!("DELETE /images/{id}?force=false"))
+                .collect::<Vec<_>>()
+        );
+        // Ids that would leave the path are refused before any request.
+        asked.lock().unwrap().clear();
+        for bad in ["", "../containers/x", "sha256:a?force=true", "a b"] {
+            assert!(
+                matches!(
+                    docker_remove_image(&socket, bad),
+                    Err(OwnerError::InvalidId(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(asked.lock().unwrap().is_empty());
+        assert!(docker_remove_image(&dir.path().join("none.sock"), removed).is_err());
+    }
+
+    #[test]
+    fn containers_running_or_stopped_with_their_layers() {
+        let dir = tempfile::tempdir().unwrap();
+        let answers = Arc::new(Mutex::new(Answers::default()));
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let socket = fake_dockerd(dir.path(), answers.clone(), asked.clone());
+        let (up, down, fresh, vanished, other) = ("c1up", "c2down", "c3fresh", "c4gone", "c5ovl");
+        {
+            let bodies = &mut answers.lock().unwrap().bodies;
+            bodies.insert(
+                "/containers/json?all=1".into(),
+                serde_json::json!([
+                    {"Id": up, "Image": "busybox", "ImageID": "sha256:aaaa", "State": "running"},
+                    {"Id": down, "Image": "sha256:aaaa", "ImageID": "sha256:aaaa", "State": "exited"},
+                    {"Id": fresh, "Image": "alpine:3", "ImageID": "sha256:bbbb", "State": "created"},
+                    {"Id": vanished, "Image": "x", "ImageID": "sha256:cccc", "State": "exited"},
+                    {"Id": other, "Image": "y", "State": "paused"},
+                ])
+                .to_string(),
+            );
+            let inspected = |running: bool, started: &str, driver: serde_json::Value| {
+                serde_json::json!({
+                    "Image": "sha256:ffff",
+                    "State": {"Status": "x", "Running": running, "StartedAt": started},
+                    "GraphDriver": driver,
+                })
+                .to_string()
+            };
+            let lcfs = |layer: &str| serde_json::json!({"Name": "lcfs", "Data": {"Layer": layer}});
+            bodies.insert(
+                format!("/containers/{up}/json"),
+                inspected(true, "2023-11-14T22:13:20.123456789Z", lcfs("layer-up")),
+            );
+            bodies.insert(
+                format!("/containers/{down}/json"),
+                inspected(false, "2023-11-14T23:13:20+01:00", lcfs("layer-down")),
+            );
+            bodies.insert(
+                format!("/containers/{fresh}/json"),
+                inspected(false, "0001-01-01T00:00:00Z", lcfs("layer-fresh")),
+            );
+            // No State in the inspection: the list's "paused" says running.
+            bodies.insert(
+                format!("/containers/{other}/json"),
+                serde_json::json!({"Image": "sha256:dddd",
+                    "GraphDriver": {"Name": "overlay2", "Data": {"UpperDir": "/u"}}})
+                .to_string(),
+            );
+        }
+        let container =
+            |id: &str, image: &str, running, layer: Option<&str>, started| OwnerContainer {
+                id: id.into(),
+                image_id: image.into(),
+                running,
+                layer: layer.map(String::from),
+                started_at: started,
+            };
+        assert_eq!(
+            docker_containers(&socket).unwrap(),
+            vec![
+                container(
+                    up,
+                    "sha256:aaaa",
+                    true,
+                    Some("layer-up"),
+                    Some(1_700_000_000)
+                ),
+                container(
+                    down,
+                    "sha256:aaaa",
+                    false,
+                    Some("layer-down"),
+                    Some(1_700_000_000)
+                ),
+                container(fresh, "sha256:bbbb", false, Some("layer-fresh"), None),
+                container(other, "sha256:dddd", true, None, None),
+            ]
+        );
+        assert_eq!(asked.lock().unwrap().len(), 6);
+        // Any failure but a vanished container fails the whole call: a
+        // partial list would make images and layers look unused.
+        answers.lock().unwrap().replies.insert(
+            format!("GET /containers/{vanished}/json"),
+            (500, r#"{"message":"boom"}"#.into()),
+        );
+        assert!(matches!(
+            docker_containers(&socket),
+            Err(OwnerError::Status { status: 500, .. })
+        ));
+        answers.lock().unwrap().bodies.insert(
+            "/containers/json?all=1".into(),
+            serde_json::json!([{"Id": "../images/x", "ImageID": "sha256:aaaa"}]).to_string(),
+        );
+        assert!(matches!(
+            docker_containers(&socket),
+            Err(OwnerError::InvalidId(_))
+        ));
+        answers
+            .lock()
+            .unwrap()
+            .bodies
+            .insert("/containers/json?all=1".into(), "[]".into());
+        assert_eq!(docker_containers(&socket).unwrap(), vec![]);
+        answers
+            .lock()
+            .unwrap()
+            .bodies
+            .insert("/containers/json?all=1".into(), "{}".into());
+        assert!(matches!(
+            docker_containers(&socket),
+            Err(OwnerError::Json { .. })
+        ));
+    }
+
+    #[test]
+    fn rfc3339_times_read_as_unix_seconds() {
+        use lcfs_engine::Timestamp;
+        assert_eq!(unix_seconds("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(unix_seconds("2000-02-29T00:00:00.5Z"), Some(951_782_400));
+        assert_eq!(unix_seconds("2000-02-29T01:30:00+01:30"), Some(951_782_400));
+        assert_eq!(unix_seconds("2000-02-28T22:00:00-02:00"), Some(951_782_400));
+        assert_eq!(unix_seconds("1969-12-31T23:59:59Z"), Some(-1));
+        // Go's zero time: never started.
+        assert_eq!(unix_seconds("0001-01-01T00:00:00Z"), None);
+        for bad in [
+            "",
+            "2023-11-14",
+            "2023-11-14T22:13:20",
+            "2023-11-14T22:13:20.Z",
+            "2023-13-14T22:13:20Z",
+            "2023-11-14T24:13:20Z",
+            "2023-11-14T22:13:20+0100",
+            "2023-11-14T22:13:20+01:00 ",
+            "2023-11-14T22:13:2xZ",
+            "+023-11-14T22:13:20Z",
+            "2023-11-14T22:13:20\u{e9}Z",
+        ] {
+            assert_eq!(unix_seconds(bad), None, "{bad:?}");
+        }
+        // The inverse of protocol.rs's formatting, over four centuries.
+        let mut seconds = -2_208_988_800; // 1900
+        while seconds < 10_413_792_000 {
+            // 2300
+            let text = crate::protocol::rfc3339(Timestamp {
+                seconds,
+                nanoseconds: 7,
+            });
+            assert_eq!(unix_seconds(&text), Some(seconds), "{text}");
+            seconds += 86_400 * 7 + 3_601;
+        }
     }
 }
