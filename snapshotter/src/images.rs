@@ -11,6 +11,11 @@
 //! it in the backend `<namespace>/<n>/<chain id>`, which
 //! [`Table::committed_layer_for`] finds.
 //!
+//! Removal ([`remove_image`], for the image garbage collector): containerd's
+//! Images.Delete with `sync`, so that containerd's garbage collection, and
+//! with it the snapshotter's Remove of the image's now-unused snapshots,
+//! has run when it answers.
+//!
 //! Enrichment only: an image whose blobs are missing (another platform,
 //! a partial pull), unreadable or not what they should be is skipped with
 //! a log line; only a containerd that cannot be reached or cannot list its
@@ -20,7 +25,7 @@
 use crate::api::content::content_client::ContentClient;
 use crate::api::content::ReadContentRequest;
 use crate::api::images::images_client::ImagesClient;
-use crate::api::images::ListImagesRequest;
+use crate::api::images::{DeleteImageRequest, ListImagesRequest};
 use crate::api::namespaces::namespaces_client::NamespacesClient;
 use crate::api::namespaces::ListNamespacesRequest;
 use crate::diff::{clip, connect, hex, NAMESPACE_HEADER, NAMESPACE_MAX_BYTES};
@@ -41,6 +46,10 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// All the blob reads of one call together; images left when it runs out
 /// are skipped (logged).
 const TOTAL_TIMEOUT: Duration = Duration::from_secs(60);
+/// A removal of an image, which containerd answers after its garbage
+/// collection (sync), that is after the snapshotter's Remove of each
+/// snapshot no other image uses and its Cleanup: long for a large image.
+const REMOVE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Indexes, manifests and configs are small; anything larger is skipped.
 const BLOB_MAX_BYTES: usize = 4 << 20;
 /// Images looked at, over all namespaces.
@@ -169,6 +178,46 @@ pub async fn image_layers(
             Some(ImageLayer { image, layer })
         })
         .collect())
+}
+
+/// Asks the containerd at `address` to remove the image `name` of
+/// `namespace`, synchronously: containerd answers after its garbage
+/// collection, so the snapshots only this image used have gone through
+/// the snapshotter's Remove (and Cleanup) by then. Ok(false) when
+/// containerd has no such image. Waits up to 120 s for the answer.
+pub async fn remove_image(address: &Path, namespace: &str, name: &str) -> Result<bool> {
+    if namespace.is_empty() || namespace.len() > NAMESPACE_MAX_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "bad namespace {:?}",
+            clip(namespace)
+        )));
+    }
+    if name.is_empty() || name.len() > NAME_MAX_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "bad image name {:?}",
+            clip(name)
+        )));
+    }
+    let channel = timed("connecting to containerd", connect(address)).await?;
+    let mut client = ImagesClient::new(channel);
+    let request = in_namespace(
+        DeleteImageRequest {
+            name: name.to_string(),
+            sync: true,
+        },
+        namespace,
+    )?;
+    let what = format!("removing containerd image {:?} ({namespace})", clip(name));
+    let call = client.delete(request);
+    match tokio::time::timeout(REMOVE_TIMEOUT, call).await {
+        Ok(Ok(_)) => Ok(true),
+        Ok(Err(status)) if status.code() == Code::NotFound => Ok(false),
+        Ok(Err(status)) => Err(Error::Containerd { what, status }),
+        Err(_) => Err(Error::Unavailable(format!(
+            "{what}: no answer within {} s",
+            REMOVE_TIMEOUT.as_secs()
+        ))),
+    }
 }
 
 async fn timed<T>(what: &str, call: impl Future<Output = Result<T>>) -> Result<T> {

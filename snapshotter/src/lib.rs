@@ -40,7 +40,7 @@ mod table;
 
 pub use diff::MEDIA_TYPE_LAYER_TAR;
 pub use error::{Error, Result};
-pub use images::{image_layers, image_tops, ImageLayer, ImageTop};
+pub use images::{image_layers, image_tops, remove_image, ImageLayer, ImageTop};
 pub use server::{serve, serve_with, ServeOptions, SnapshotterServer};
 pub use table::{
     Kind, SnapshotInfo, Table, KEY_MAX_BYTES, LABELS_MAX_BYTES, LABELS_MAX_COUNT, LABEL_MAX_BYTES,

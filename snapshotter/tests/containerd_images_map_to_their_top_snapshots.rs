@@ -4,7 +4,9 @@
 //! its namespace, the top chain id finds the newest committed lcfs snapshot
 //! of that name, and images that cannot be resolved (this platform not
 //! pulled, a blob over the bound, garbage) are left out without failing the
-//! rest; an unreachable containerd is an error.
+//! rest; an unreachable containerd is an error. remove_image asks for a
+//! synchronous Delete in the image's namespace and tells a removed image
+//! from one containerd does not have.
 
 mod common;
 
@@ -23,7 +25,7 @@ use lcfs_snapshotter::api::namespaces::{
     UpdateNamespaceRequest, UpdateNamespaceResponse,
 };
 use lcfs_snapshotter::api::types::Descriptor;
-use lcfs_snapshotter::{image_layers, image_tops, ImageTop, Kind};
+use lcfs_snapshotter::{image_layers, image_tops, remove_image, ImageTop, Kind};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -40,11 +42,15 @@ type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Se
 /// Blobs by (namespace, digest).
 type Blobs = HashMap<(String, String), Vec<u8>>;
 
-/// Blobs by (namespace, digest), images by namespace.
+/// A Delete asked of the fake: (namespace, name, sync).
+type Deletion = (String, String, bool);
+
+/// Blobs by (namespace, digest), images by namespace, the Deletes asked.
 #[derive(Clone, Default)]
 struct FakeContainerd {
     blobs: Arc<Mutex<Blobs>>,
     images: Arc<Mutex<BTreeMap<String, Vec<Image>>>>,
+    deletions: Arc<Mutex<Vec<Deletion>>>,
 }
 
 fn namespace_of<T>(request: &Request<T>) -> String {
@@ -168,8 +174,26 @@ impl Images for FakeContainerd {
     ) -> Result<Response<UpdateImageResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
-    async fn delete(&self, _: Request<DeleteImageRequest>) -> Result<Response<()>, Status> {
-        Err(Status::unimplemented("fake"))
+    /// As containerd: NotFound for a name the namespace does not have.
+    async fn delete(&self, request: Request<DeleteImageRequest>) -> Result<Response<()>, Status> {
+        let namespace = namespace_of(&request);
+        if namespace.is_empty() {
+            return Err(Status::failed_precondition("namespace is required"));
+        }
+        let r = request.into_inner();
+        self.deletions
+            .lock()
+            .unwrap()
+            .push((namespace.clone(), r.name.clone(), r.sync));
+        let mut images = self.images.lock().unwrap();
+        let list = images.get_mut(&namespace);
+        match list.and_then(|l| l.iter().position(|i| i.name == r.name).map(|at| (l, at))) {
+            Some((list, at)) => {
+                list.remove(at);
+                Ok(Response::new(()))
+            }
+            None => Err(Status::not_found(format!("image {:?}: not found", r.name))),
+        }
     }
 }
 
@@ -412,6 +436,43 @@ async fn images_resolve_to_the_layers_of_their_top_snapshots() {
         .is_empty());
     // No containerd: an error.
     assert!(image_tops(&dir.path().join("none.sock"), &[])
+        .await
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_are_removed_synchronously_in_their_namespace() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("containerd.sock");
+    let fake = FakeContainerd::default();
+    for namespace in ["default", "other"] {
+        let cfg = fake.add_blob(namespace, config(&[D1]));
+        let man = fake.add_blob(namespace, manifest(OCI_MANIFEST, &cfg));
+        fake.add_image(namespace, "busybox:1", OCI_MANIFEST, &man);
+    }
+    serve_fake(fake.clone(), &socket);
+
+    assert!(remove_image(&socket, "default", "busybox:1").await.unwrap());
+    // Gone now; and never in "third".
+    assert!(!remove_image(&socket, "default", "busybox:1").await.unwrap());
+    assert!(!remove_image(&socket, "third", "busybox:1").await.unwrap());
+    // Only the namespace asked for lost it.
+    let left = image_tops(&socket, &[]).await.unwrap();
+    let left: Vec<(&str, &str)> = left
+        .iter()
+        .map(|t| (t.namespace.as_str(), t.name.as_str()))
+        .collect();
+    assert_eq!(left, vec![("other", "busybox:1")]);
+    let asked = |namespace: &str| (namespace.to_string(), "busybox:1".to_string(), true);
+    assert_eq!(
+        *fake.deletions.lock().unwrap(),
+        vec![asked("default"), asked("default"), asked("third")]
+    );
+    // Refused before asking: no namespace, no name; no containerd: an error.
+    assert!(remove_image(&socket, "", "busybox:1").await.is_err());
+    assert!(remove_image(&socket, "default", "").await.is_err());
+    assert_eq!(fake.deletions.lock().unwrap().len(), 3);
+    assert!(remove_image(&dir.path().join("none.sock"), "default", "x")
         .await
         .is_err());
 }
