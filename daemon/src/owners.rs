@@ -15,6 +15,12 @@
 //! id to layer mapping is cached for as long as the image is listed.
 //!
 //! containerd: lcfs-snapshotter's `image_layers` (its images.rs).
+//!
+//! For the image garbage collector: [`docker_containers`] lists every
+//! container with its image and read-write layer, whole or not at all
+//! (a partial list would make images look unused), and
+//! [`docker_remove_image`] asks dockerd to remove an image without force,
+//! telling removed, already gone and in use (409) apart.
 
 // Called by the statistics (REST and command line) once they show images;
 // until then (and in the tests) parts are unused.
