@@ -46,6 +46,7 @@ steps=(
     "stress crash-verify|bash scripts/e2e/stress-crash.sh"
     "containerd end to end|bash scripts/e2e/containerd.sh"
     "statistics end to end|bash scripts/e2e/prometheus.sh"
+    "garbage collection end to end|bash scripts/e2e/gc.sh"
 )
 
 passed=0

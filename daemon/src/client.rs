@@ -502,6 +502,125 @@ pub fn print_files(rows: &[HotFile], as_json: bool) -> Result<()> {
     Ok(())
 }
 
+/// How long a garbage collection pass may take to answer (removals go
+/// through dockerd or containerd, whose own garbage collection runs).
+const GC_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// `lcfs gc [--dry-run] [--orphans] [--json]`.
+pub fn gc(socket: &Path, dry_run: bool, orphans: bool, as_json: bool) -> Result<()> {
+    let report: crate::gc::Report = request(
+        socket,
+        json!({"op": "gc.run", "dry_run": dry_run, "orphans": orphans}),
+        Some(GC_TIMEOUT),
+    )?;
+    if as_json {
+        return print_json(&report);
+    }
+    let policy = report.policy.clone().unwrap_or_default();
+    println!(
+        "device use {:.1}% of {} (high watermark {}%, low {}%){}",
+        report.used_percent_before,
+        human_bytes(report.capacity_bytes),
+        policy.high_watermark_percent,
+        policy.low_watermark_percent,
+        if report.dry_run {
+            "; dry run: nothing removed"
+        } else {
+            ""
+        }
+    );
+    let width = name_width(
+        report
+            .remove
+            .iter()
+            .chain(&report.keep)
+            .map(|e| e.image.as_str()),
+    );
+    println!(
+        "{:<width$}  {:<10}  {:<19}  {:>10}  WHY",
+        "IMAGE", "ACTION", "LAST USED", "ALONE"
+    );
+    for e in report.remove.iter().chain(&report.keep) {
+        let action = match (&e.reason, &e.outcome) {
+            (Some(_), None) => "remove".to_string(),
+            (Some(_), Some(o)) => o.split(':').next().unwrap_or(o).to_string(),
+            (None, _) => "keep".to_string(),
+        };
+        let why = match (e.reason, e.keep) {
+            (Some(r), _) => serde_json::to_value(r)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string)),
+            (_, Some(k)) => serde_json::to_value(k)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string)),
+            _ => None,
+        }
+        .unwrap_or_default();
+        let detail = e
+            .outcome
+            .as_deref()
+            .and_then(|o| o.split_once(": ").map(|(_, d)| format!(" ({d})")))
+            .unwrap_or_default();
+        println!(
+            "{:<width$}  {:<10}  {:<19}  {:>10}  {why}{detail}",
+            e.image,
+            action,
+            seconds(&e.last_used),
+            human_bytes(e.bytes),
+        );
+    }
+    if let Some(why) = &report.orphans_unknown {
+        println!("orphans: unknown: {why}");
+    }
+    for o in &report.orphans {
+        println!(
+            "orphan layer {} ({}, made {}){}{}",
+            o.layer,
+            human_bytes(o.owned_bytes),
+            seconds(&o.created),
+            if o.past_grace {
+                ""
+            } else {
+                ", within its grace period"
+            },
+            o.outcome
+                .as_deref()
+                .map(|x| format!(": {x}"))
+                .unwrap_or_default()
+        );
+    }
+    if !report.dry_run {
+        println!(
+            "device use now {:.1}%: {} given back in {:.1} s",
+            report.used_percent_after,
+            human_bytes(report.freed_bytes),
+            report.seconds
+        );
+    }
+    Ok(())
+}
+
+/// `lcfs gc --reload`.
+pub fn gc_reload(socket: &Path, as_json: bool) -> Result<()> {
+    let policy: crate::gc::Policy =
+        request(socket, json!({"op": "gc.reload"}), Some(ANSWER_TIMEOUT))?;
+    if as_json {
+        return print_json(&policy);
+    }
+    println!(
+        "policy reloaded: {} (high watermark {}%, low {}%, every {} s)",
+        if policy.enabled {
+            "enabled"
+        } else {
+            "disabled"
+        },
+        policy.high_watermark_percent,
+        policy.low_watermark_percent,
+        policy.interval_seconds
+    );
+    Ok(())
+}
+
 /// `lcfs statistics [on|off]`.
 pub fn statistics(socket: &Path, enabled: Option<bool>) -> Result<()> {
     let state: Value = request(

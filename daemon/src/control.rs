@@ -24,6 +24,17 @@ pub struct Control {
     pub mount: Option<Arc<RwLock<Option<Mount>>>>,
     /// Images and their hot files.
     pub catalog: Arc<crate::images::Catalog>,
+    /// The image garbage collector (None in tests).
+    pub gc: Option<Arc<crate::gc::Collector>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GcArgs {
+    #[serde(default)]
+    dry_run: bool,
+    #[serde(default)]
+    orphans: bool,
 }
 
 #[derive(Deserialize)]
@@ -155,6 +166,25 @@ impl Control {
             "layer.list" => {
                 let _: NoArgs = args(&op, fields)?;
                 to_value(&self.catalog.layers())
+            }
+            "gc.run" => {
+                let a: GcArgs = args(&op, fields)?;
+                let gc = self
+                    .gc
+                    .as_ref()
+                    .ok_or_else(|| Refusal::invalid("this daemon runs no garbage collector"))?;
+                to_value(&gc.pass(a.dry_run, a.orphans))
+            }
+            "gc.reload" => {
+                let _: NoArgs = args(&op, fields)?;
+                let gc = self
+                    .gc
+                    .as_ref()
+                    .ok_or_else(|| Refusal::invalid("this daemon runs no garbage collector"))?;
+                let policy = gc.reload().map_err(|e| {
+                    Refusal::invalid(format!("{e} (the policy in force is unchanged)"))
+                })?;
+                to_value(&policy)
             }
             "statistics" => {
                 let a: StatisticsArgs = args(&op, fields)?;
@@ -317,6 +347,7 @@ mod tests {
             mountpoint: "/mnt/lcfs".into(),
             plugin_calls: None,
             mount: None,
+            gc: None,
         };
         (control, kernel)
     }

@@ -45,6 +45,8 @@ pub struct DaemonOptions {
     pub docker_socket: PathBuf,
     /// Count statistics from the start (`lcfs statistics` turns it later).
     pub statistics: bool,
+    /// The garbage collector's policy file (see crate::gc).
+    pub gc_policy: PathBuf,
     /// The statistics API (see crate::rest).
     pub stats: crate::rest::RestOptions,
 }
@@ -65,6 +67,9 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
     }
 
     lcfs_engine::set_stats_enabled(o.statistics);
+    // A bad policy stops the start-up, with the key named.
+    let gc_policy = crate::gc::Policy::load(&o.gc_policy)
+        .map_err(|e| Error::Usage(format!("the garbage collection policy: {e}")))?;
     let device_path = absolute(&o.device)?;
     let mountpoint = absolute(&o.mountpoint)?;
     if !device_path.exists() {
@@ -193,6 +198,20 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
         ),
         None => log::info!("statistics on {}", o.stats.socket.display()),
     }
+    let gc = Arc::new(crate::gc::Collector::new(
+        catalog.clone(),
+        LayerOps::new(engine.clone(), kernel.clone()),
+        &o.gc_policy,
+        gc_policy,
+    ));
+    let (gc_stop, gc_stopped) = std::sync::mpsc::channel();
+    let gc_thread = {
+        let gc = gc.clone();
+        std::thread::Builder::new()
+            .name("lcfs-gc".into())
+            .spawn(move || gc.run_periodically(gc_stopped))
+            .map_err(|e| Error::io("starting the garbage collector", e))?
+    };
     let control = Arc::new(Control {
         layers: LayerOps::new(engine.clone(), kernel.clone()),
         device: device_path.clone(),
@@ -200,6 +219,7 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
         plugin_calls: plugin.as_ref().map(|server| server.calls()),
         mount: Some(mount.clone()),
         catalog,
+        gc: Some(gc),
     });
     log::info!(
         "lcfs daemon ready: control socket {}",
@@ -208,6 +228,8 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
     let served = server::serve(&listener, &wake, &control, &gate);
 
     log::info!("shutting down");
+    drop(gc_stop);
+    let _ = gc_thread.join();
     stats.shutdown();
     if let Err(e) = std::fs::remove_file(&o.stats.socket) {
         log::warn!("removing {}: {e}", o.stats.socket.display());

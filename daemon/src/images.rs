@@ -62,6 +62,7 @@ impl From<OwnerImage> for Named {
             name: o.name,
             owner: o.owner.as_str(),
             id: o.id,
+            namespace: o.namespace,
         }
     }
 }
@@ -238,6 +239,8 @@ pub struct Named {
     pub name: String,
     pub owner: &'static str,
     pub id: String,
+    /// containerd's namespace.
+    pub namespace: Option<String>,
 }
 
 /// Layers in use now (mounted), with when each came into use.
@@ -332,11 +335,13 @@ pub fn catalog(
             names: names.iter().map(|n| n.name.clone()).collect(),
             owner: first.map(|n| n.owner.to_string()),
             id: first.map(|n| n.id.clone()),
+            namespace: first.and_then(|n| n.namespace.clone()),
             top_layer: top.name.clone(),
             layers: chain.len() as u32,
             size_bytes: chain.iter().map(|l| l.owned_bytes).sum(),
             files: top.inode_count,
             created: rfc3339(top.created),
+            created_seconds: top.created.seconds,
             starts: u.clones,
             last_start: (u.clones > 0).then(|| rfc3339(u.last_clone)),
             last_start_seconds: u.last_clone.seconds,
@@ -589,6 +594,7 @@ mod tests {
             name: "app:1".into(),
             owner: "docker",
             id: "sha256:0123456789abcdef".into(),
+            namespace: None,
         }];
         let now = Timestamp {
             seconds: 3010,

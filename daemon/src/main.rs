@@ -8,6 +8,7 @@ mod device;
 mod error;
 mod fleet;
 mod fsck;
+mod gc;
 mod images;
 mod mkfs;
 mod owners;
@@ -82,7 +83,7 @@ Only root may enter the mount: its root is mode 0700, and the directory
 above DIR is made root's alone (created 0700, or narrowed to at most 0710;
 one owned by another user, or shared like /tmp, is refused; docs/fuse.md).
 The log level comes from RUST_LOG (default: info).")]
-    Daemon(DaemonArgs),
+    Daemon(Box<DaemonArgs>),
 
     /// Create, clone, commit, remove and list layers (through the daemon)
     #[command(subcommand)]
@@ -94,6 +95,31 @@ The log level comes from RUST_LOG (default: info).")]
 
     /// Make every change so far durable (through the daemon)
     Sync,
+
+    /// Remove unused images by policy now, or show what would go
+    #[command(long_about = "\
+Run a garbage collection pass now (the daemon also runs them on its own):
+above the policy's high watermark of device use, remove unused images,
+least recently used first, through dockerd's or containerd's API, until
+below the low watermark; and images unused longer than the policy's
+maximum. Images a container uses (running or stopped), kept images and
+young ones stay. --dry-run only prints the plan. --orphans also lists the
+layers no owner references (removed only when the policy says so). The
+policy is /etc/lcfs/gc.toml (docs/gc.md); --reload reads it again.")]
+    Gc {
+        /// Print what a pass would do; remove nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Also list layers no owner references
+        #[arg(long)]
+        orphans: bool,
+        /// Read the policy file again (a bad one leaves the policy as it was)
+        #[arg(long, conflicts_with_all = ["dry_run", "orphans"])]
+        reload: bool,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
 
     /// Turn statistics counting on or off (or say whether it is on)
     #[command(long_about = "\
@@ -235,6 +261,11 @@ struct DaemonArgs {
     /// when it exists
     #[arg(long, value_name = "PATH", default_value = owners::DEFAULT_DOCKER_SOCKET)]
     docker_socket: PathBuf,
+
+    /// The image garbage collection policy (TOML; docs/gc.md); a missing
+    /// file is the default policy, a bad one stops the start
+    #[arg(long, value_name = "PATH", default_value = gc::DEFAULT_POLICY)]
+    gc_config: PathBuf,
 
     /// Start with statistics counting off (see `lcfs statistics`)
     #[arg(long)]
@@ -437,38 +468,42 @@ fn run(cli: Cli) -> Result<()> {
             segment_size_bytes: a.segment_size,
             force: a.force,
         }),
-        Command::Daemon(a) => daemon::run(&daemon::DaemonOptions {
-            device: a.device,
-            mountpoint: a.mountpoint,
-            control_socket: cli.control_socket.clone(),
-            threads: a.threads,
-            fuse_threads: a.fuse_threads,
-            node_cache_mib: a.cache_mib,
-            block_cache_mib: a.block_cache_mib,
-            checkpoint_interval_ms: a.checkpoint_interval_ms,
-            writeback_cache: !a.no_writeback_cache,
-            passthrough: a.passthrough,
-            docker_plugin_socket: a.docker_plugin_socket,
-            containerd_socket: (!a.no_containerd).then(|| {
-                a.containerd_socket.unwrap_or_else(|| {
-                    let dir = cli.control_socket.parent().unwrap_or(Path::new("/"));
-                    dir.join("snapshotter.sock")
-                })
-            }),
-            containerd_address: a.containerd_address,
-            docker_socket: a.docker_socket,
-            statistics: !a.no_stats,
-            stats: rest::RestOptions {
-                socket: a.stats_socket.unwrap_or_else(|| {
-                    let dir = cli.control_socket.parent().unwrap_or(Path::new("/"));
-                    dir.join("stats.sock")
+        Command::Daemon(a) => {
+            let a = *a;
+            daemon::run(&daemon::DaemonOptions {
+                device: a.device,
+                mountpoint: a.mountpoint,
+                control_socket: cli.control_socket.clone(),
+                threads: a.threads,
+                fuse_threads: a.fuse_threads,
+                node_cache_mib: a.cache_mib,
+                block_cache_mib: a.block_cache_mib,
+                checkpoint_interval_ms: a.checkpoint_interval_ms,
+                writeback_cache: !a.no_writeback_cache,
+                passthrough: a.passthrough,
+                docker_plugin_socket: a.docker_plugin_socket,
+                containerd_socket: (!a.no_containerd).then(|| {
+                    a.containerd_socket.unwrap_or_else(|| {
+                        let dir = cli.control_socket.parent().unwrap_or(Path::new("/"));
+                        dir.join("snapshotter.sock")
+                    })
                 }),
-                listen: a.stats_listen,
-                token_file: a.stats_token_file,
-                top_layers: a.metrics_top_layers,
-                top_images: a.metrics_top_images,
-            },
-        }),
+                containerd_address: a.containerd_address,
+                docker_socket: a.docker_socket,
+                statistics: !a.no_stats,
+                gc_policy: a.gc_config,
+                stats: rest::RestOptions {
+                    socket: a.stats_socket.unwrap_or_else(|| {
+                        let dir = cli.control_socket.parent().unwrap_or(Path::new("/"));
+                        dir.join("stats.sock")
+                    }),
+                    listen: a.stats_listen,
+                    token_file: a.stats_token_file,
+                    top_layers: a.metrics_top_layers,
+                    top_images: a.metrics_top_images,
+                },
+            })
+        }
         Command::Layer(c) => match c {
             LayerCommand::Create { name, parent, cold } => {
                 client::layer_create(socket, &name, parent.as_deref(), cold)
@@ -503,6 +538,18 @@ fn run(cli: Cli) -> Result<()> {
             None => client::top_files(socket, a.image.as_deref(), a.limit, a.json),
         },
         Command::Sync => client::sync(socket),
+        Command::Gc {
+            dry_run,
+            orphans,
+            reload,
+            json,
+        } => {
+            if reload {
+                client::gc_reload(socket, json)
+            } else {
+                client::gc(socket, dry_run, orphans, json)
+            }
+        }
         Command::Statistics { state } => {
             client::statistics(socket, state.as_deref().map(|s| s == "on"))
         }

@@ -587,7 +587,6 @@ fn error_message(body: &[u8]) -> String {
 /// repositories name it, and otherwise removes it with the layers no other
 /// image uses (through lcfs's graphdriver). Blocking, for up to about
 /// 120 s: from async code, run it in a blocking thread.
-#[allow(dead_code)] // called by gc.rs
 pub fn docker_remove_image(socket: &Path, id: &str) -> Result<Removal, OwnerError> {
     if !valid_id(id) {
         return Err(OwnerError::InvalidId(clip(id, 80)));
@@ -739,7 +738,6 @@ fn unix_seconds(text: &str) -> Option<i64> {
 /// list would make a container's image and layer look unused. Containers
 /// created after the list are not in it. Blocking: from async code, run
 /// it in a blocking thread.
-#[allow(dead_code)] // called by gc.rs
 pub fn docker_containers(socket: &Path) -> Result<Vec<OwnerContainer>, OwnerError> {
     let listed: Vec<ListedContainer> = get_json(socket, "/containers/json?all=1")?;
     if listed.len() > CONTAINERS_MAX {

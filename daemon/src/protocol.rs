@@ -23,6 +23,8 @@ pub const OPS: &[&str] = &[
     "image.list",
     "image.files",
     "statistics",
+    "gc.run",
+    "gc.reload",
     "sync",
     "stats",
     "fsck",
@@ -182,6 +184,9 @@ pub struct Image {
     pub owner: Option<String>,
     /// The owner's id (Docker's image id, containerd's target digest).
     pub id: Option<String>,
+    /// containerd's namespace of it.
+    #[serde(default)]
+    pub namespace: Option<String>,
     pub top_layer: String,
     /// Layers in its chain, their owned bytes, and the files its top sees.
     pub layers: u32,
@@ -192,9 +197,12 @@ pub struct Image {
     /// Containers started from it, ever, and the last start (RFC 3339).
     pub starts: u64,
     pub last_start: Option<String>,
-    /// `last_start` in seconds since the epoch (0: never), for metrics.
+    /// `last_start` and `created` in seconds since the epoch (0: never),
+    /// for metrics and the garbage collector.
     #[serde(skip)]
     pub last_start_seconds: i64,
+    #[serde(skip)]
+    pub created_seconds: i64,
     /// Its containers' writable layers now, and those in use (mounted).
     pub containers: u64,
     pub running: u64,

@@ -724,6 +724,17 @@ impl Table {
             .collect()
     }
 
+    /// Every layer the table holds: its snapshots' and the removed ones'
+    /// not yet freed (what containerd references, for lcfs's orphan check).
+    pub fn layer_names(&self) -> std::collections::HashSet<String> {
+        let st = self.state();
+        st.by_key
+            .values()
+            .map(|e| e.layer.clone())
+            .chain(st.pending.iter().cloned())
+            .collect()
+    }
+
     /// How many removed snapshots still hold their layer.
     pub fn pending_removals(&self) -> usize {
         self.state().pending.len()
