@@ -224,6 +224,10 @@ lcfs_mkfs
 lcfs_plugin_name
 LCFS_CONTAINERD_SOCKET=${E2E_SNAPSHOTTER_SOCKET:-$E2E_WORK/snapshotter.sock}
 mkdir -p "$(dirname "$LCFS_CONTAINERD_SOCKET")"
+# The garbage collector runs only when asked (at the end, through containerd).
+gc_policy="$E2E_WORK/gc.toml"
+echo 'enabled = false' >"$gc_policy"
+LCFS_DAEMON_ARGS="--gc-config $gc_policy"
 
 # --- infrastructure -----------------------------------------------------------------
 part "infrastructure: registry, containerd, images pushed, overlayfs reference"
@@ -484,7 +488,14 @@ if [[ $target == lcfs ]]; then
     say "lcfs layers with both front ends' images: $layers"
     quietly docker_cli g rmi busybox:graphdriver || fail "docker rmi (20.10) failed"
     dockerd_stop g
-    quietly ctrd images rm --sync "$busybox" "$multilayer" "$debian" || fail "ctr images rm failed"
+    # The images go through lcfs's garbage collector, which removes them
+    # through containerd's images API (docs/gc.md): everything unused must go.
+    printf 'enabled = false\nmin_age_seconds = 0\nhigh_watermark_percent = 1\nlow_watermark_percent = 0\n' >"$gc_policy"
+    quietly lcfs_ctl gc --reload || fail "lcfs gc --reload failed"
+    report=$(lcfs_ctl gc --json) || fail "lcfs gc failed"
+    expect "lcfs gc removed the containerd images" "$(printf '%s\n' "$busybox" "$debian" "$multilayer" | sort | paste -sd' ')" \
+        "$(jq -r '[.remove[] | select(.owner == "containerd" and .outcome == "removed") | .image] | sort | join(" ")' <<<"$report")"
+    expect "containerd lists none of them" "" "$(ctrd images ls -q)"
     expect "no snapshots left" "" "$(snapshots lcfs)"
     expect "no lcfs layers left" "" "$(lcfs_layers_left)"
 else

@@ -11,6 +11,8 @@
 #   the low watermark, fsck is clean, and the running and stopped containers
 #   still read their files byte for byte; kill -9 of lcfs during a pass,
 #   then a restart: nothing in use is lost and the next pass completes;
+#   a container fills the device: ENOSPC, the daemon stays up, the periodic
+#   pass removes unused images and writes succeed again without a restart;
 #   an orphan layer (made behind dockerd's back, as a crashed pull leaves)
 #   is listed, kept within its grace period and removed after it.
 E2E_NAME="gc"
@@ -143,6 +145,39 @@ expect "after kill -9: the stopped container reads its file" "$(cat "$E2E_WORK/b
     "$(d start -a stopped | cut -d' ' -f1)"
 expect "after kill -9: a new container of gc0 reads its file" "$(cat "$E2E_WORK/blob0.sha256")" \
     "$(d "${run[@]}" gc0:1 sha256sum /data/blob | cut -d' ' -f1)"
+
+# --- a full device ----------------------------------------------------------------------
+# Three unused images, then a container writes until the device is full:
+# the write fails with ENOSPC, the daemon stays up, its periodic pass
+# (enabled now, triggered by the watermark within seconds) removes the
+# unused images through dockerd, and writes succeed again, no restart.
+for i in 10 11 12; do
+    cp "$E2E_WORK/busybox.tar" "$E2E_WORK/img$i.tar"
+    head -c $((8 << 20)) /dev/urandom >"$E2E_WORK/blob/data/blob"
+    tar -rf "$E2E_WORK/img$i.tar" -C "$E2E_WORK/blob" data/blob
+    quietly d import "$E2E_WORK/img$i.tar" "gc$i:1" || die "docker import of image $i failed"
+done
+printf 'enabled = true\ninterval_seconds = 3600\nmin_age_seconds = 0\nhigh_watermark_percent = 90\nlow_watermark_percent = 85\nkeep = ["gc-keep:*"]\n' >"$policy"
+quietly lcfs_ctl gc --reload || die "lcfs gc --reload refused a good policy"
+out=$(d run --network none --name filler gc0:1 sh -c 'head -c 4000M /dev/urandom > /fill; echo "exit $?"' 2>&1)
+[[ $out == *"No space left on device"* ]] || fail "filling the device did not end in ENOSPC: $out"
+lcfs_alive_or_die() { kill -0 "$LCFS_PID" 2>/dev/null || die "the lcfs daemon died on a full device"; }
+lcfs_alive_or_die
+say "device full: $(use_percent)% in use"
+for _ in $(seq 60); do
+    d image inspect gc10:1 >/dev/null 2>&1 || break
+    sleep 0.5
+done
+for i in 10 11 12; do
+    d image inspect "gc$i:1" >/dev/null 2>&1 && fail "the periodic pass did not remove gc$i:1 from the full device"
+done
+expect "writes succeed again once the pass gave space back" "ok" \
+    "$(d "${run[@]}" gc0:1 sh -c 'head -c 8M /dev/urandom > /again && echo ok')"
+expect "the running container still reads its file" "$(cat "$E2E_WORK/blob0.sha256")" \
+    "$(d exec running sha256sum /data/blob | cut -d' ' -f1)"
+quietly d rm -f filler || fail "removing the filling container failed"
+printf 'enabled = false\n' >"$policy"
+quietly lcfs_ctl gc --reload || die "lcfs gc --reload refused a good policy"
 
 # --- orphans -----------------------------------------------------------------------------
 printf 'enabled = false\nremove_orphans = true\norphan_grace_seconds = 3\nhigh_watermark_percent = 99\nlow_watermark_percent = 98\n' >"$policy"
