@@ -80,8 +80,9 @@ impl Catalog {
     }
 
     /// The owners' names for image top layers (see owners.rs), asked at
-    /// most every [`NAMES_FOR`] while the layers stay the same; an owner
-    /// that does not answer names nothing (a warning says why, once).
+    /// most every [`NAMES_FOR`] while the layers stay the same and every
+    /// owner answered; an owner that does not answer names nothing (a
+    /// warning says why, once).
     fn named(&self, layers: &[LayerInfo]) -> Vec<Named> {
         let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
         let now_layers = (
@@ -95,33 +96,45 @@ impl Catalog {
         names.layers = now_layers;
         let mut named = Vec::new();
         let mut failures = Vec::new();
-        if let Some(socket) = self.docker_socket.as_deref().filter(|s| s.exists()) {
-            match docker_images(socket, &mut names.docker) {
-                Ok(images) => named.extend(images.into_iter().map(Named::from)),
-                Err(e) => failures.push(format!("dockerd at {}: {e}", socket.display())),
+        // An owner whose socket is not there (not started yet) or that
+        // failed is asked again next time: only a full answer is kept.
+        let mut complete = true;
+        if let Some(socket) = self.docker_socket.as_deref() {
+            if !socket.exists() {
+                complete = false;
+            } else {
+                match docker_images(socket, &mut names.docker) {
+                    Ok(images) => named.extend(images.into_iter().map(Named::from)),
+                    Err(e) => failures.push(format!("dockerd at {}: {e}", socket.display())),
+                }
             }
         }
-        if let Some((table, address)) = self.containerd.as_ref().filter(|c| c.1.exists()) {
-            let asked = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())
-                .and_then(|rt| {
-                    rt.block_on(containerd_images(table.clone(), address, &[]))
-                        .map_err(|e| e.to_string())
-                });
-            match asked {
-                Ok(images) => named.extend(images.into_iter().map(Named::from)),
-                Err(e) => failures.push(format!("containerd at {}: {e}", address.display())),
+        if let Some((table, address)) = self.containerd.as_ref() {
+            if !address.exists() {
+                complete = false;
+            } else {
+                let asked = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())
+                    .and_then(|rt| {
+                        rt.block_on(containerd_images(table.clone(), address, &[]))
+                            .map_err(|e| e.to_string())
+                    });
+                match asked {
+                    Ok(images) => named.extend(images.into_iter().map(Named::from)),
+                    Err(e) => failures.push(format!("containerd at {}: {e}", address.display())),
+                }
             }
         }
         let failure = failures.join("; ");
         if !failure.is_empty() && failure != names.last_failure {
             log::warn!("image names unknown (images show by layer): {failure}");
         }
+        complete &= failure.is_empty();
         names.last_failure = failure;
         names.named = named.clone();
-        names.asked = Some(Instant::now());
+        names.asked = complete.then(Instant::now);
         named
     }
 

@@ -490,10 +490,20 @@ fn lcfs_layer(graph_driver: Option<GraphDriver>) -> Option<String> {
         .filter(|l| !l.is_empty() && l.len() <= ID_MAX_BYTES)
 }
 
-/// The lcfs layer of image `id`'s top layer; None for another driver.
-fn inspect_top(socket: &Path, id: &str) -> Result<Option<String>, OwnerError> {
+/// The lcfs layer of image `id`'s top layer (None for another driver), and
+/// whether the answer may be kept: an image without driver data (dockerd
+/// answers so while it cannot reach the plugin, after a restart of either)
+/// is asked again next time.
+fn inspect_top(socket: &Path, id: &str) -> Result<(Option<String>, bool), OwnerError> {
     let image: InspectedImage = get_json(socket, &format!("/images/{id}/json"))?;
-    Ok(lcfs_layer(image.graph_driver))
+    let has_data = image
+        .graph_driver
+        .as_ref()
+        .and_then(|g| g.data.as_ref())
+        .is_some_and(|d| !d.is_empty());
+    let layer = lcfs_layer(image.graph_driver);
+    let keep = layer.is_some() || has_data;
+    Ok((layer, keep))
 }
 
 /// dockerd's images (at most 10,000) whose top layer is an lcfs layer, from
@@ -527,8 +537,10 @@ pub fn docker_images(
                 continue;
             }
             None => match inspect_top(socket, &image.id) {
-                Ok(top) => {
-                    cache.tops.insert(image.id.clone(), top.clone());
+                Ok((top, keep)) => {
+                    if keep {
+                        cache.tops.insert(image.id.clone(), top.clone());
+                    }
                     top
                 }
                 // Removed since the list.
