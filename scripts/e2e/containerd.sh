@@ -81,15 +81,6 @@ part_report() {
     done
 }
 
-# expect WHAT WANT GOT
-expect() {
-    if [[ $2 == "$3" ]]; then
-        say "ok: $1"
-    else
-        fail "$1: expected [$2], got [$3]"
-    fi
-}
-
 # lcfs_computed: how many diffs the lcfs differ has computed (its log lines).
 lcfs_computed() {
     grep -c 'containerd diff: computed' "$LCFS_LOG" || true

@@ -37,15 +37,6 @@ say "lcfs daemon $LCFS_PID serves plugin $LCFS_PLUGIN"
 dockerd_start lcfs "$LCFS_PLUGIN"
 d() { docker_cli lcfs "$@"; }
 
-# expect WHAT WANT GOT
-expect() {
-    if [[ $2 == "$3" ]]; then
-        say "ok: $1"
-    else
-        fail "$1: expected [$2], got [$3]"
-    fi
-}
-
 # lcfs_stat FILTER: one value of `lcfs stats --json` (a jq path).
 lcfs_stat() {
     lcfs_ctl stats --json | jq -er "$1"

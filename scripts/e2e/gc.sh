@@ -36,26 +36,26 @@ lcfs_start
 dockerd_start lcfs "$LCFS_PLUGIN"
 d() { docker_cli lcfs "$@"; }
 
-expect() {
-    if [[ $2 == "$3" ]]; then
-        say "ok: $1"
-    else
-        fail "$1: expected [$2], got [$3]"
-    fi
-}
 use_percent() { lcfs_ctl stats --json | jq -r '.live_bytes * 100 / .capacity_bytes | floor'; }
+
+# make_image TAG MIB: imports busybox plus MIB MiB of random bytes of its
+# own (/data/blob; its sha256 in $E2E_WORK/TAG.sha256) as TAG.
+make_image() {
+    local tag=$1 mib=$2 dir="$E2E_WORK/blob"
+    mkdir -p "$dir/data"
+    cp "$E2E_WORK/busybox.tar" "$E2E_WORK/image.tar"
+    head -c $((mib << 20)) /dev/urandom >"$dir/data/blob"
+    sha256sum "$dir/data/blob" | cut -d' ' -f1 >"$E2E_WORK/$tag.sha256"
+    tar -rf "$E2E_WORK/image.tar" -C "$dir" data/blob
+    quietly d import "$E2E_WORK/image.tar" "$tag" || die "docker import of $tag failed"
+}
 
 # --- ten images, each with 8 MiB of its own ---------------------------------------------
 "${images[@]}" busybox "$E2E_WORK/busybox.tar"
-mkdir -p "$E2E_WORK/blob/data"
 for i in 0 1 2 3 4 5 6 7 8 9; do
-    cp "$E2E_WORK/busybox.tar" "$E2E_WORK/img$i.tar"
-    head -c $((8 << 20)) /dev/urandom >"$E2E_WORK/blob/data/blob"
-    sha256sum "$E2E_WORK/blob/data/blob" | cut -d' ' -f1 >"$E2E_WORK/blob$i.sha256"
-    tar -rf "$E2E_WORK/img$i.tar" -C "$E2E_WORK/blob" data/blob
     tag=gc$i:1
     [[ $i != 2 ]] || tag=gc-keep:1
-    quietly d import "$E2E_WORK/img$i.tar" "$tag" || die "docker import of image $i failed"
+    make_image "$tag" 8
     sleep 1.1 # distinct creation times: the order of never-used images
 done
 # 0 runs a container, 1 has a stopped one, 2 is kept; 3 and 4 started
@@ -111,16 +111,19 @@ done
 for image in gc0:1 gc1:1 gc-keep:1 gc4:1; do
     d image inspect "$image" >/dev/null 2>&1 || fail "$image was removed"
 done
-expect "the running container reads its file" "$(cat "$E2E_WORK/blob0.sha256")" \
+expect "the running container reads its file" "$(cat "$E2E_WORK/gc0:1.sha256")" \
     "$(d exec running sha256sum /data/blob | cut -d' ' -f1)"
-expect "the stopped container reads its file" "$(cat "$E2E_WORK/blob1.sha256")" \
+expect "the stopped container reads its file" "$(cat "$E2E_WORK/gc1:1.sha256")" \
     "$(d start -a stopped | cut -d' ' -f1)"
 fsck=$(lcfs_ctl fsck --online 2>&1) || fail "fsck after the pass: $fsck"
 
 # --- kill -9 during a pass -------------------------------------------------------------
 # Everything unused must go now (high 1%): the pass is killed once it has
 # removed an image; after a restart nothing in use is lost and the next
-# pass completes.
+# pass completes. Five more images make the pass long enough to be cut.
+for i in 13 14 15 16 17; do
+    make_image "gc$i:1" 8
+done
 printf 'enabled = false\nmin_age_seconds = 0\nhigh_watermark_percent = 1\nlow_watermark_percent = 0\nkeep = ["gc-keep:*"]\n' >"$policy"
 quietly lcfs_ctl gc --reload || die "lcfs gc --reload refused a good policy"
 before=$(d images -q | wc -l)
@@ -144,9 +147,9 @@ jq -e '[.remove[] | select(.outcome != "removed" and .outcome != "gone")] | leng
     fail "the pass after kill -9 did not complete: $report"
 expect "images left: in use, stopped, kept" "gc-keep:1 gc0:1 gc1:1" \
     "$(d images --format '{{.Repository}}:{{.Tag}}' | sort | paste -sd' ')"
-expect "after kill -9: the stopped container reads its file" "$(cat "$E2E_WORK/blob1.sha256")" \
+expect "after kill -9: the stopped container reads its file" "$(cat "$E2E_WORK/gc1:1.sha256")" \
     "$(d start -a stopped | cut -d' ' -f1)"
-expect "after kill -9: a new container of gc0 reads its file" "$(cat "$E2E_WORK/blob0.sha256")" \
+expect "after kill -9: a new container of gc0 reads its file" "$(cat "$E2E_WORK/gc0:1.sha256")" \
     "$(d "${run[@]}" gc0:1 sha256sum /data/blob | cut -d' ' -f1)"
 
 # --- a full device ----------------------------------------------------------------------
@@ -156,10 +159,7 @@ expect "after kill -9: a new container of gc0 reads its file" "$(cat "$E2E_WORK/
 # (enabled now, triggered by the watermark within seconds) removes the
 # unused images through dockerd, and writes succeed again, no restart.
 for i in 10 11 12; do
-    cp "$E2E_WORK/busybox.tar" "$E2E_WORK/img$i.tar"
-    head -c $((64 << 20)) /dev/urandom >"$E2E_WORK/blob/data/blob"
-    tar -rf "$E2E_WORK/img$i.tar" -C "$E2E_WORK/blob" data/blob
-    quietly d import "$E2E_WORK/img$i.tar" "gc$i:1" || die "docker import of image $i failed"
+    make_image "gc$i:1" 64
 done
 # With the mount's writeback cache a write lands in the page cache and the
 # device's ENOSPC comes back at fsync (or close), as on other writeback
@@ -184,7 +184,7 @@ for i in 10 11 12; do
 done
 expect "writes succeed again once the pass gave space back" "ok" \
     "$(d "${run[@]}" gc0:1 sh -c 'head -c 8388608 /dev/urandom > /again && echo ok')"
-expect "the running container still reads its file" "$(cat "$E2E_WORK/blob0.sha256")" \
+expect "the running container still reads its file" "$(cat "$E2E_WORK/gc0:1.sha256")" \
     "$(d exec running sha256sum /data/blob | cut -d' ' -f1)"
 quietly d rm -f filler || fail "removing the filling container failed"
 printf 'enabled = false\n' >"$policy"

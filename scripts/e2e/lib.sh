@@ -80,6 +80,15 @@ fail() {
     E2E_FAILURES=$((E2E_FAILURES + 1))
 }
 
+# expect WHAT WANT GOT: says "ok: WHAT" when GOT is WANT, else fails.
+expect() {
+    if [[ $2 == "$3" ]]; then
+        say "ok: $1"
+    else
+        fail "$1: expected [$2], got [$3]"
+    fi
+}
+
 require_root() {
     [[ $(id -u) -eq 0 ]] || die "must run as root (loop devices, mounts, FUSE allow_other)"
 }
