@@ -126,12 +126,13 @@ for i in 13 14 15 16 17; do
 done
 printf 'enabled = false\nmin_age_seconds = 0\nhigh_watermark_percent = 1\nlow_watermark_percent = 0\nkeep = ["gc-keep:*"]\n' >"$policy"
 quietly lcfs_ctl gc --reload || die "lcfs gc --reload refused a good policy"
-before=$(d images -q | wc -l)
+removed_before=$(grep -c "gc: removed image" "$LCFS_LOG" || true)
 lcfs_ctl gc --json >"$E2E_WORK/killed-pass.json" 2>&1 &
 pass_pid=$!
-for _ in $(seq 200); do
-    [[ $(d images -q | wc -l) -lt $before ]] && break
-    sleep 0.05
+# Killed as soon as the daemon logs its first removal of this pass.
+for _ in $(seq 1000); do
+    [[ $(grep -c "gc: removed image" "$LCFS_LOG" || true) -gt $removed_before ]] && break
+    sleep 0.01
 done
 lcfs_kill9
 wait "$pass_pid" 2>/dev/null || true
