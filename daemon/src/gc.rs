@@ -405,12 +405,13 @@ impl Collector {
         // Freed blocks count once a checkpoint has passed.
         let _ = self.catalog.engine.sync();
         let (used, capacity) = self.used();
-        let layers = self.catalog.layers();
+        let (images, layers) = self
+            .catalog
+            .images_and_layers(crate::client::TopSort::Clones);
         let layer_bytes: Vec<(u64, Vec<String>)> = layers
             .iter()
             .map(|l| (l.owned_bytes, l.images.clone()))
             .collect();
-        let images = self.catalog.images(crate::client::TopSort::Clones);
         let now = lcfs_engine::Timestamp::now().seconds;
         let (mut remove, keep) = plan(&images, &layer_bytes, used, capacity, &policy, now);
         let percent = |b: u64| {
@@ -475,7 +476,7 @@ impl Collector {
     /// the error.
     fn remove(&self, image: &Image) -> String {
         let id = image.id.clone().unwrap_or_default();
-        match image.owner.as_deref() {
+        let outcome: String = match image.owner.as_deref() {
             Some("docker") => match self.catalog.docker_socket.as_deref() {
                 Some(socket) => match crate::owners::docker_remove_image(socket, &id) {
                     Ok(crate::owners::Removal::Removed) => "removed".into(),
@@ -488,15 +489,11 @@ impl Collector {
             Some("containerd") => match &self.catalog.containerd {
                 Some((_, address)) => {
                     let ns = image.namespace.clone().unwrap_or_default();
-                    let done = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .map_err(|e| e.to_string())
-                        .and_then(|rt| {
-                            rt.block_on(lcfs_snapshotter::remove_image(address, &ns, &image.name))
-                                .map_err(|e| e.to_string())
-                        });
-                    match done {
+                    match crate::images::block_on(lcfs_snapshotter::remove_image(
+                        address,
+                        &ns,
+                        &image.name,
+                    )) {
                         Ok(true) => "removed".into(),
                         Ok(false) => "gone".into(),
                         Err(e) => format!("error: {e}"),
@@ -505,8 +502,13 @@ impl Collector {
                 None => "error: no containerd".into(),
             },
             _ => "error: no owner".into(),
+        };
+        if outcome == "removed" {
+            log::info!("gc: removed image {}", image.name);
+        } else {
+            log::warn!("gc: image {}: {outcome}", image.name);
         }
-        .tap_log(&image.name)
+        outcome
     }
 
     /// The periodic passes: checks the device every few seconds and runs a
@@ -657,22 +659,6 @@ impl Collector {
 
 /// How often the periodic collector looks at the device's use.
 pub const POLL: Duration = Duration::from_secs(5);
-
-trait TapLog {
-    fn tap_log(self, image: &str) -> Self;
-}
-
-impl TapLog for String {
-    /// Logs a removal's outcome.
-    fn tap_log(self, image: &str) -> String {
-        if self == "removed" {
-            log::info!("gc: removed image {image}");
-        } else {
-            log::warn!("gc: image {image}: {self}");
-        }
-        self
-    }
-}
 
 #[cfg(test)]
 mod tests {

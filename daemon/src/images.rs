@@ -113,15 +113,7 @@ impl Catalog {
             if !address.exists() {
                 complete = false;
             } else {
-                let asked = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| e.to_string())
-                    .and_then(|rt| {
-                        rt.block_on(containerd_images(table.clone(), address, &[]))
-                            .map_err(|e| e.to_string())
-                    });
-                match asked {
+                match block_on(containerd_images(table.clone(), address, &[])) {
                     Ok(images) => named.extend(images.into_iter().map(Named::from)),
                     Err(e) => failures.push(format!("containerd at {}: {e}", address.display())),
                 }
@@ -144,6 +136,11 @@ impl Catalog {
         self.images_of(&layers, by)
     }
 
+    /// Every layer, each with the images it belongs to.
+    pub fn layers(&self) -> Vec<Layer> {
+        self.images_and_layers(TopSort::Clones).1
+    }
+
     fn images_of(&self, layers: &[LayerInfo], by: TopSort) -> Vec<Image> {
         let mut mounted = mounted_layers(&self.mountpoint, layers);
         if let Some(plugin) = &self.plugin {
@@ -163,11 +160,12 @@ impl Catalog {
         images
     }
 
-    /// Every layer, each with the images it belongs to: the layers of an
-    /// image's chain and its containers' layers.
-    pub fn layers(&self) -> Vec<Layer> {
+    /// Every image, sorted by `by`, and every layer with the images it
+    /// belongs to (the layers of an image's chain and its containers'
+    /// layers), from one listing.
+    pub fn images_and_layers(&self, by: TopSort) -> (Vec<Image>, Vec<Layer>) {
         let infos = self.engine.list_layers();
-        let images = self.images_of(&infos, TopSort::Clones);
+        let images = self.images_of(&infos, by);
         let chains = Chains::new(&infos);
         let mut of: HashMap<&str, Vec<String>> = HashMap::new();
         for image in &images {
@@ -189,14 +187,15 @@ impl Catalog {
                 of.entry(l.name.as_str()).or_default().extend(names);
             }
         }
-        infos
+        let layers = infos
             .iter()
             .map(|info| {
                 let mut layer = Layer::from_info(info, &self.mountpoint);
                 layer.images = of.remove(info.name.as_str()).unwrap_or_default();
                 layer
             })
-            .collect()
+            .collect();
+        (images, layers)
     }
 
     /// The hot files of the image `key` names, or of every image (most read
@@ -218,8 +217,7 @@ impl Catalog {
             .into_iter()
             .flat_map(|i| hot_files(&self.engine, &layers, i))
             .collect();
-        let sure = |r: &HotFile| r.reads.saturating_sub(r.error);
-        rows.sort_by(|a, b| sure(b).cmp(&sure(a)).then(a.path.cmp(&b.path)));
+        crate::client::sort_files(&mut rows);
         Ok(rows)
     }
 }
@@ -243,6 +241,19 @@ pub fn rank_images(by: TopSort, a: &Image, b: &Image) -> std::cmp::Ordering {
 
 pub fn sort_images(images: &mut [Image], by: TopSort) {
     images.sort_by(|a, b| rank_images(by, a, b));
+}
+
+/// Runs an async call to an owner from a thread outside any runtime (the
+/// control socket's, the HTTP API's blocking pool, the collector's).
+pub(crate) fn block_on<T, E: std::fmt::Display>(
+    call: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?
+        .block_on(call)
+        .map_err(|e| e.to_string())
 }
 
 /// An owner's name for the image whose top layer is `top_layer`.
@@ -433,8 +444,7 @@ pub fn matches(image: &Image, key: &str) -> bool {
 }
 
 /// The files `image`'s containers read most: its own summary (removed
-/// containers') and its live containers', added up by path, most read
-/// first. Files a container made itself have no path in the image and are
+/// containers') and its live containers', added up by path (unordered). Files a container made itself have no path in the image and are
 /// left out only when they have none in the container either.
 pub fn hot_files(engine: &Engine, layers: &[LayerInfo], image: &Image) -> Vec<HotFile> {
     let chains = Chains::new(layers);
@@ -467,10 +477,7 @@ pub fn hot_files(engine: &Engine, layers: &[LayerInfo], image: &Image) -> Vec<Ho
             row.error += f.error;
         }
     }
-    let mut rows: Vec<HotFile> = by_path.into_values().collect();
-    let sure = |r: &HotFile| r.reads.saturating_sub(r.error);
-    rows.sort_by(|a, b| sure(b).cmp(&sure(a)).then(a.path.cmp(&b.path)));
-    rows
+    by_path.into_values().collect()
 }
 
 /// Layers of the lcfs mount at `mountpoint` that some mount namespace
