@@ -472,27 +472,65 @@ impl Collector {
         }
     }
 
-    /// Removes one image through its owner; what happened, in a word or
-    /// the error.
+    /// Removes one image through its owner, every record of it (an image
+    /// two containerd names or two Docker ids share); what happened, in a
+    /// word or the first error.
     fn remove(&self, image: &Image) -> String {
-        let id = image.id.clone().unwrap_or_default();
-        let outcome: String = match image.owner.as_deref() {
-            Some("docker") => match self.catalog.docker_socket.as_deref() {
-                Some(socket) => match crate::owners::docker_remove_image(socket, &id) {
-                    Ok(crate::owners::Removal::Removed) => "removed".into(),
-                    Ok(crate::owners::Removal::Gone) => "gone".into(),
-                    Ok(crate::owners::Removal::InUse(why)) => format!("in-use: {why}"),
-                    Err(e) => format!("error: {e}"),
+        let mut records = image.records.clone();
+        if records.is_empty() {
+            // An image from elsewhere (tests): its first name and id.
+            records.push(crate::images::Named {
+                top_layer: image.top_layer.clone(),
+                name: image.name.clone(),
+                owner: match image.owner.as_deref() {
+                    Some("docker") => "docker",
+                    Some("containerd") => "containerd",
+                    _ => "",
                 },
+                id: image.id.clone().unwrap_or_default(),
+                namespace: image.namespace.clone(),
+                references: Vec::new(),
+            });
+        }
+        let mut outcome = String::from("gone");
+        for record in &records {
+            let one = self.remove_record(record);
+            if one == "removed" && outcome == "gone" {
+                outcome = one;
+            } else if one != "removed" && one != "gone" {
+                outcome = one;
+                break;
+            }
+        }
+        if outcome == "removed" {
+            log::info!("gc: removed image {}", image.name);
+        } else {
+            log::warn!("gc: image {}: {outcome}", image.name);
+        }
+        outcome
+    }
+
+    fn remove_record(&self, record: &crate::images::Named) -> String {
+        match record.owner {
+            "docker" => match self.catalog.docker_socket.as_deref() {
+                Some(socket) => {
+                    match crate::owners::docker_remove_image(socket, &record.id, &record.references)
+                    {
+                        Ok(crate::owners::Removal::Removed) => "removed".into(),
+                        Ok(crate::owners::Removal::Gone) => "gone".into(),
+                        Ok(crate::owners::Removal::InUse(why)) => format!("in-use: {why}"),
+                        Err(e) => format!("error: {e}"),
+                    }
+                }
                 None => "error: no dockerd socket".into(),
             },
-            Some("containerd") => match &self.catalog.containerd {
+            "containerd" => match &self.catalog.containerd {
                 Some((_, address)) => {
-                    let ns = image.namespace.clone().unwrap_or_default();
+                    let ns = record.namespace.clone().unwrap_or_default();
                     match crate::images::block_on(lcfs_snapshotter::remove_image(
                         address,
                         &ns,
-                        &image.name,
+                        &record.name,
                     )) {
                         Ok(true) => "removed".into(),
                         Ok(false) => "gone".into(),
@@ -502,13 +540,7 @@ impl Collector {
                 None => "error: no containerd".into(),
             },
             _ => "error: no owner".into(),
-        };
-        if outcome == "removed" {
-            log::info!("gc: removed image {}", image.name);
-        } else {
-            log::warn!("gc: image {}: {outcome}", image.name);
         }
-        outcome
     }
 
     /// The periodic passes: checks the device every few seconds and runs a
@@ -639,7 +671,9 @@ impl Collector {
                         o.outcome = Some("removed".into());
                         progressed = true;
                     }
-                    Err(e) if e.to_string().contains("children") => {}
+                    Err(lcfs_fsfront::LayerError::Engine(lcfs_engine::Error::HasChildren {
+                        ..
+                    })) => {}
                     Err(e) => o.outcome = Some(format!("error: {e}")),
                 }
             }

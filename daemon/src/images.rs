@@ -63,6 +63,7 @@ impl From<OwnerImage> for Named {
             owner: o.owner.as_str(),
             id: o.id,
             namespace: o.namespace,
+            references: o.references,
         }
     }
 }
@@ -265,6 +266,8 @@ pub struct Named {
     pub id: String,
     /// containerd's namespace.
     pub namespace: Option<String>,
+    /// Docker: every tag and digest reference of the image.
+    pub references: Vec<String>,
 }
 
 /// Layers in use now (mounted), with when each came into use.
@@ -356,7 +359,17 @@ pub fn catalog(
         let first = names.first();
         let image = Image {
             name: first.map_or_else(|| top.name.clone(), |n| n.name.clone()),
-            names: names.iter().map(|n| n.name.clone()).collect(),
+            names: {
+                let mut all: Vec<String> = names
+                    .iter()
+                    .flat_map(|n| std::iter::once(&n.name).chain(&n.references))
+                    .cloned()
+                    .collect();
+                all.sort();
+                all.dedup();
+                all
+            },
+            records: names.iter().map(|n| (*n).clone()).collect(),
             owner: first.map(|n| n.owner.to_string()),
             id: first.map(|n| n.id.clone()),
             namespace: first.and_then(|n| n.namespace.clone()),
@@ -615,6 +628,7 @@ mod tests {
             owner: "docker",
             id: "sha256:0123456789abcdef".into(),
             namespace: None,
+            references: vec!["app:1".into(), "app:latest".into()],
         }];
         let now = Timestamp {
             seconds: 3010,
@@ -628,6 +642,8 @@ mod tests {
             (app.name.as_str(), app.top_layer.as_str()),
             ("app:1", "top")
         );
+        assert_eq!(app.names, ["app:1", "app:latest"]);
+        assert_eq!(app.records, named);
         assert_eq!((app.layers, app.size_bytes, app.starts), (2, 200, 3));
         assert_eq!((app.containers, app.running), (2, 1));
         assert_eq!(app.uptime_seconds, Some(10.0));

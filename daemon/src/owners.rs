@@ -132,6 +132,11 @@ pub struct OwnerImage {
     pub id: String,
     /// The lcfs layer name of the image's top layer.
     pub top_layer: String,
+    /// Docker: every tag and digest reference of the image (a tag of a
+    /// repository elsewhere keeps an image by a `keep` pattern, and each is
+    /// removed before an image tagged in several repositories goes).
+    /// containerd: empty (each name is an image record of its own).
+    pub references: Vec<String>,
     /// When the image was created, unix seconds, when known (Docker: the
     /// image config's time; containerd: when the image record was made).
     pub created: Option<i64>,
@@ -480,6 +485,35 @@ fn image_name(image: &ListedImage) -> String {
         })
 }
 
+/// Every tag, then every digest reference, of a listed image that is a
+/// reference dockerd could have made: at most [`REFERENCES_MAX`].
+fn image_references(image: &ListedImage) -> Vec<String> {
+    image
+        .repo_tags
+        .iter()
+        .flatten()
+        .chain(image.repo_digests.iter().flatten())
+        .filter(|r| valid_reference(r))
+        .take(REFERENCES_MAX)
+        .cloned()
+        .collect()
+}
+
+/// The most references of one image looked at.
+const REFERENCES_MAX: usize = 64;
+
+/// A reference as dockerd spells one (`registry:5000/repo/name:tag`,
+/// `name@sha256:...`), safe to put in a request path as it is.
+fn valid_reference(r: &str) -> bool {
+    !r.is_empty()
+        && r.len() <= NAME_MAX_BYTES
+        && !r.starts_with("<none>")
+        && !r.starts_with('/')
+        && !r.contains("..")
+        && r.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/:@".contains(&b))
+}
+
 /// The lcfs layer `GraphDriver.Data.Layer` names (what lcfs's plugin
 /// answers to GetMetadata); None for another driver.
 fn lcfs_layer(graph_driver: Option<GraphDriver>) -> Option<String> {
@@ -560,6 +594,7 @@ pub fn docker_images(
             name: image_name(image),
             id: image.id.clone(),
             top_layer,
+            references: image_references(image),
             created: image.created,
         });
     }
@@ -595,17 +630,50 @@ fn error_message(body: &[u8]) -> String {
 }
 
 /// Asks dockerd (its API on `socket`) to remove the image `id`, without
-/// force: dockerd refuses while a container uses it or while several
-/// repositories name it, and otherwise removes it with the layers no other
-/// image uses (through lcfs's graphdriver). Blocking, for up to about
+/// force: dockerd refuses while a container uses it, and otherwise removes
+/// it with the layers no other image uses (through lcfs's graphdriver). An
+/// image several repositories name goes by its `references` one by one. Blocking, for up to about
 /// 120 s: from async code, run it in a blocking thread.
-pub fn docker_remove_image(socket: &Path, id: &str) -> Result<Removal, OwnerError> {
+pub fn docker_remove_image(
+    socket: &Path,
+    id: &str,
+    references: &[String],
+) -> Result<Removal, OwnerError> {
     if !valid_id(id) {
         return Err(OwnerError::InvalidId(clip(id, 80)));
     }
+    let removal = delete_image(socket, id)?;
+    let Removal::InUse(why) = &removal else {
+        return Ok(removal);
+    };
+    // Tagged in several repositories (dockerd asks for force before it
+    // checks the containers): when no container, running or stopped, uses
+    // the image, each reference is removed in turn (dockerd refuses the
+    // last one while a container uses the image), then the image.
+    if !why.contains("multiple repositories") || references.is_empty() {
+        return Ok(removal);
+    }
+    let listed: Vec<ListedContainer> = get_json(socket, "/containers/json?all=1")?;
+    if listed.iter().any(|c| c.image_id == id) {
+        return Ok(removal);
+    }
+    for r in references.iter().filter(|r| valid_reference(r)) {
+        if let refused @ Removal::InUse(_) = delete_image(socket, r)? {
+            return Ok(refused);
+        }
+    }
+    // Gone with its last reference, or removed now.
+    match delete_image(socket, id)? {
+        Removal::Gone => Ok(Removal::Removed),
+        other => Ok(other),
+    }
+}
+
+/// `DELETE /images/{what}`: an image id or one of its references.
+fn delete_image(socket: &Path, what: &str) -> Result<Removal, OwnerError> {
     // force=false spelled out: dockerd's default, and the one thing this
     // call must never do.
-    let path = format!("/images/{id}?force=false");
+    let path = format!("/images/{what}?force=false");
     let response = request(socket, Method::Delete, &path)?;
     match response.status {
         200..=299 => Ok(Removal::Removed),
@@ -824,6 +892,7 @@ pub async fn containerd_images(
             name: l.image.name,
             id: l.image.target_digest,
             top_layer: l.layer,
+            references: Vec::new(),
             created: l.image.created,
         })
         .collect())
@@ -956,6 +1025,8 @@ mod tests {
     struct Answers {
         bodies: HashMap<String, String>,
         replies: HashMap<String, (u16, String)>,
+        /// Replies to a request asked before, in place of `replies`'.
+        again: HashMap<String, (u16, String)>,
     }
 
     /// A fake dockerd answering from `answers`, recording each request as
@@ -984,10 +1055,14 @@ mod tests {
                 let path = words.next().unwrap_or("").to_string();
                 assert!(head.iter().any(|h| h == "Host: docker\r\n"));
                 let request = format!("{method} {path}");
-                asked.lock().unwrap().push(request.clone());
+                let mut asked = asked.lock().unwrap();
+                let again = asked.contains(&request);
+                asked.push(request.clone());
+                drop(asked);
                 let answers = answers.lock().unwrap();
                 let body = answers.bodies.get(&path).filter(|_| method == "GET");
-                let reply = match (body, answers.replies.get(&request)) {
+                let reply = answers.again.get(&request).filter(|_| again);
+                let reply = match (body, reply.or_else(|| answers.replies.get(&request))) {
                     (Some(body), _) => {
                         let (a, b) = body.split_at(body.len() / 2);
                         format!(
@@ -1021,7 +1096,8 @@ mod tests {
             m.insert(
                 "/images/json".into(),
                 serde_json::json!([
-                    {"Id": a, "RepoTags": ["busybox:latest"], "RepoDigests": [], "Created": 17},
+                    {"Id": a, "RepoTags": ["busybox:latest", "<none>:<none>", "reg:5000/b/x:1", "bad?force=true"],
+                     "RepoDigests": ["busybox@sha256:0a"], "Created": 17},
                     {"Id": b, "RepoTags": null, "RepoDigests": null, "Created": 18},
                     {"Id": c, "RepoTags": ["other:1"]},
                     {"Id": "bad/id", "RepoTags": ["x:1"]},
@@ -1055,6 +1131,11 @@ mod tests {
                 name: "busybox:latest".into(),
                 id: a.into(),
                 top_layer: "layer-a".into(),
+                references: vec![
+                    "busybox:latest".into(),
+                    "reg:5000/b/x:1".into(),
+                    "busybox@sha256:0a".into(),
+                ],
                 created: Some(17),
             },
             OwnerImage {
@@ -1063,6 +1144,7 @@ mod tests {
                 name: "bbbb".into(),
                 id: b.into(),
                 top_layer: "layer-b".into(),
+                references: Vec::new(),
                 created: Some(18),
             },
         ];
@@ -1156,11 +1238,14 @@ mod tests {
             .bodies
             .insert(format!("/images/{gone}?force=false"), "[]".into());
         assert_eq!(
-            docker_remove_image(&socket, removed).unwrap(),
+            docker_remove_image(&socket, removed, &[]).unwrap(),
             Removal::Removed
         );
-        assert_eq!(docker_remove_image(&socket, gone).unwrap(), Removal::Gone);
-        match docker_remove_image(&socket, used).unwrap() {
+        assert_eq!(
+            docker_remove_image(&socket, gone, &[]).unwrap(),
+            Removal::Gone
+        );
+        match docker_remove_image(&socket, used, &[]).unwrap() {
             Removal::InUse(message) => assert!(
                 message.starts_with("conflict: unable to delete cccc") && message.len() <= 200,
                 "{message}"
@@ -1168,13 +1253,13 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(
-            docker_remove_image(&socket, tagged).unwrap(),
+            docker_remove_image(&socket, tagged, &[]).unwrap(),
             Removal::InUse(
                 "unable to delete dddd (must be forced) - image is referenced in multiple repositories"
                     .into()
             )
         );
-        match docker_remove_image(&socket, broken) {
+        match docker_remove_image(&socket, broken, &[]) {
             Err(OwnerError::Status {
                 status: 500,
                 excerpt,
@@ -1194,14 +1279,54 @@ mod tests {
         for bad in ["", "../containers/x", "sha256:a?force=true", "a b"] {
             assert!(
                 matches!(
-                    docker_remove_image(&socket, bad),
+                    docker_remove_image(&socket, bad, &[]),
                     Err(OwnerError::InvalidId(_))
                 ),
                 "{bad:?}"
             );
         }
         assert!(asked.lock().unwrap().is_empty());
-        assert!(docker_remove_image(&dir.path().join("none.sock"), removed).is_err());
+        assert!(docker_remove_image(&dir.path().join("none.sock"), removed, &[]).is_err());
+
+        // Tagged in several repositories, no container uses it: each
+        // reference goes (the last takes the image), then the id is gone.
+        let references = ["a:1".to_string(), "b/c:2".into(), "<none>:<none>".into()];
+        {
+            let mut answers = answers.lock().unwrap();
+            answers
+                .bodies
+                .insert("/containers/json?all=1".into(), "[]".into());
+            let delete = |r: &str| format!("DELETE /images/{r}?force=false");
+            answers.replies.insert(delete("a:1"), (200, "[]".into()));
+            answers.replies.insert(delete("b/c:2"), (200, "[]".into()));
+            answers.again.insert(delete(tagged), (404, "{}".into()));
+        }
+        asked.lock().unwrap().clear();
+        assert_eq!(
+            docker_remove_image(&socket, tagged, &references).unwrap(),
+            Removal::Removed
+        );
+        assert_eq!(
+            *asked.lock().unwrap(),
+            [
+                format!("DELETE /images/{tagged}?force=false"),
+                "GET /containers/json?all=1".into(),
+                "DELETE /images/a:1?force=false".into(),
+                "DELETE /images/b/c:2?force=false".into(),
+                format!("DELETE /images/{tagged}?force=false"),
+            ]
+        );
+        // ... but while a container uses it, no reference is touched.
+        answers.lock().unwrap().bodies.insert(
+            "/containers/json?all=1".into(),
+            serde_json::json!([{"Id": "c1", "ImageID": tagged, "State": "exited"}]).to_string(),
+        );
+        asked.lock().unwrap().clear();
+        assert!(matches!(
+            docker_remove_image(&socket, tagged, &references).unwrap(),
+            Removal::InUse(_)
+        ));
+        assert!(!asked.lock().unwrap().iter().any(|r| r.contains("a:1")));
     }
 
     #[test]

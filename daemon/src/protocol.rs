@@ -177,9 +177,14 @@ impl Layer {
 pub struct Image {
     /// The owner's name for it (a tag), else its top layer's name.
     pub name: String,
-    /// Every name the owners give it.
+    /// Every name the owners give it (Docker: every tag and digest
+    /// reference).
     #[serde(default)]
     pub names: Vec<String>,
+    /// The owners' records of it, for the garbage collector to remove
+    /// every one (an image by two containerd names, two Docker ids).
+    #[serde(skip)]
+    pub records: Vec<crate::images::Named>,
     /// `docker` or `containerd` when an owner named it; null otherwise.
     pub owner: Option<String>,
     /// The owner's id (Docker's image id, containerd's target digest).

@@ -414,10 +414,12 @@ impl Driver {
                 log::debug!("Remove of {id:?}: no such layer (already removed)");
                 Ok(())
             }
-            Err(LayerError::Engine(lcfs_engine::Error::Busy(why))) => Err(Error::engine(
-                format!("removing layer {id:?} (remove the layers made from it first)"),
-                lcfs_engine::Error::Busy(why),
-            )),
+            Err(LayerError::Engine(e @ lcfs_engine::Error::HasChildren { .. })) => {
+                Err(Error::engine(
+                    format!("removing layer {id:?} (remove the layers made from it first)"),
+                    e,
+                ))
+            }
             Err(e) => Err(layer_op_error(format!("removing layer {id:?}"), e)),
         }
     }

@@ -37,6 +37,9 @@ pub enum Error {
     ReadOnly,
     #[error("busy: {0}")]
     Busy(String),
+    /// A layer cannot be removed while layers made from it remain.
+    #[error("busy: layer {layer} has {children} children")]
+    HasChildren { layer: String, children: u32 },
     #[error("name too long")]
     NameTooLong,
     /// A link or rename across layers.
@@ -87,7 +90,7 @@ impl Error {
             Error::IsDirectory => libc::EISDIR,
             Error::Invalid(_) => libc::EINVAL,
             Error::ReadOnly => libc::EROFS,
-            Error::Busy(_) => libc::EBUSY,
+            Error::Busy(_) | Error::HasChildren { .. } => libc::EBUSY,
             Error::NameTooLong => libc::ENAMETOOLONG,
             Error::CrossLayer => libc::EXDEV,
             Error::NoAttribute => libc::ENODATA,

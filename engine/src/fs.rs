@@ -481,11 +481,10 @@ impl Store {
         self.check_writable()?;
         let l = self.layer(layer)?;
         if l.children > 0 {
-            return Err(Error::Busy(format!(
-                "layer {} has {} children",
-                String::from_utf8_lossy(&l.name),
-                l.children
-            )));
+            return Err(Error::HasChildren {
+                layer: String::from_utf8_lossy(&l.name).into_owned(),
+                children: l.children,
+            });
         }
         if self.layers.has_open_files(layer) {
             return Err(Error::Busy("layer has open files".into()));

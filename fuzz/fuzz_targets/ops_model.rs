@@ -271,7 +271,7 @@ fn fail_of(e: &Error) -> Fail {
         Error::IsDirectory => Fail::IsDirectory,
         Error::Invalid(_) => Fail::Invalid,
         Error::ReadOnly => Fail::ReadOnly,
-        Error::Busy(_) => Fail::Busy,
+        Error::Busy(_) | Error::HasChildren { .. } => Fail::Busy,
         Error::NameTooLong => Fail::NameTooLong,
         Error::NoAttribute => Fail::NoAttribute,
         Error::NotPermitted => Fail::NotPermitted,

@@ -85,7 +85,9 @@ impl Error {
                 lcfs_engine::Error::Invalid(_) | lcfs_engine::Error::NameTooLong => {
                     Code::InvalidArgument
                 }
-                lcfs_engine::Error::Busy(_) => Code::FailedPrecondition,
+                lcfs_engine::Error::Busy(_) | lcfs_engine::Error::HasChildren { .. } => {
+                    Code::FailedPrecondition
+                }
                 lcfs_engine::Error::NoSpace => Code::ResourceExhausted,
                 _ => Code::Internal,
             },
