@@ -490,16 +490,8 @@ if [[ $target == lcfs ]]; then
     plan=$(lcfs_ctl gc --dry-run --json) || fail "lcfs gc --dry-run failed"
     expect "lcfs gc plans to remove the containerd images" "$(printf '%s\n' "$busybox" "$debian" "$multilayer" | sort | paste -sd' ')" \
         "$(jq -r '[.remove[] | select(.owner == "containerd") | .image] | sort | join(" ")' <<<"$plan")"
-    removed_before=$(grep -c "gc: removed image" "$LCFS_LOG" || true)
-    lcfs_ctl gc --json >/dev/null 2>&1 &
-    pass_pid=$!
-    for _ in $(seq 1000); do
-        [[ $(grep -c "gc: removed image" "$LCFS_LOG" || true) -gt $removed_before ]] && break
-        sleep 0.01
-    done
-    lcfs_kill9
-    wait "$pass_pid" 2>/dev/null || true
-    say "killed the pass after: $(grep "gc: removed image" "$LCFS_LOG" | tail -n +$((removed_before + 1)) | sed 's/.*removed image //' | paste -sd' ')"
+    lcfs_gc_kill9_mid_pass
+    say "killed the pass after: $GC_REMOVED_BEFORE_KILL"
     lcfs_start
     lcfs_snapshotter_wait
     report=$(lcfs_ctl gc --json) || fail "lcfs gc after the restart failed"

@@ -132,16 +132,8 @@ done
 quietly d tag gc13:1 gc13:extra && quietly d tag gc13:1 other/gc13:1 || die "docker tag failed"
 printf 'enabled = false\nmin_age_seconds = 0\nhigh_watermark_percent = 1\nlow_watermark_percent = 0\nkeep = ["gc-keep:*"]\n' >"$policy"
 quietly lcfs_ctl gc --reload || die "lcfs gc --reload refused a good policy"
-removed_before=$(grep -c "gc: removed image" "$LCFS_LOG" || true)
-lcfs_ctl gc --json >"$E2E_WORK/killed-pass.json" 2>&1 &
-pass_pid=$!
-# Killed as soon as the daemon logs its first removal of this pass.
-for _ in $(seq 1000); do
-    [[ $(grep -c "gc: removed image" "$LCFS_LOG" || true) -gt $removed_before ]] && break
-    sleep 0.01
-done
-lcfs_kill9
-wait "$pass_pid" 2>/dev/null || true
+lcfs_gc_kill9_mid_pass
+say "killed the pass after: $GC_REMOVED_BEFORE_KILL"
 dockerd_stop lcfs
 lcfs_start
 dockerd_start lcfs "$LCFS_PLUGIN"

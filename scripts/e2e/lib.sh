@@ -426,6 +426,24 @@ lcfs_kill9() {
     fi
 }
 
+# lcfs_gc_kill9_mid_pass: starts a garbage-collection pass (`lcfs gc`) and
+# kills the daemon (-9) as soon as the pass logs its first removal; sets
+# GC_REMOVED_BEFORE_KILL to the images it logged removed before it died.
+lcfs_gc_kill9_mid_pass() {
+    local before pass_pid
+    before=$(grep -c "gc: removed image" "$LCFS_LOG" || true)
+    lcfs_ctl gc --json >"$E2E_WORK/killed-pass.json" 2>&1 &
+    pass_pid=$!
+    for _ in $(seq 1000); do
+        [[ $(grep -c "gc: removed image" "$LCFS_LOG" || true) -gt $before ]] && break
+        sleep 0.01
+    done
+    lcfs_kill9
+    wait "$pass_pid" 2>/dev/null || true
+    GC_REMOVED_BEFORE_KILL=$(grep "gc: removed image" "$LCFS_LOG" | tail -n +$((before + 1)) |
+        sed 's/.*removed image //' | paste -sd' ')
+}
+
 # lcfs_ctl ARGS...: the management CLI against our daemon.
 lcfs_ctl() {
     "$LCFS_BIN" --control-socket "$LCFS_SOCKET" "$@"
