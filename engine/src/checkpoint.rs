@@ -105,7 +105,12 @@ impl Store {
                     .into(),
             ));
         }
-        match self.self_contained(|s| s.checkpoint_prepare()) {
+        // Layers being removed are freed to the end first: a checkpoint
+        // never records one half freed.
+        match self.self_contained(|s| {
+            s.finish_removals()?;
+            s.checkpoint_prepare()
+        }) {
             Ok(w) => Ok(w),
             Err(e) => self.fail(e),
         }

@@ -37,6 +37,10 @@ impl Store {
                 self.checkpoint()?;
                 continue;
             }
+            if self.room_mark == Some(self.mutation_mark()) {
+                // The caller makes room without the lock, then runs again.
+                return Err(Error::NeedsRoom);
+            }
             if self.clean(true, 4)? == 0 {
                 break;
             }

@@ -260,28 +260,47 @@ impl Engine {
     /// the engine: its half-applied change is never checkpointed. The
     /// result is the operation's own: upkeep that fails has stopped the
     /// engine (and logged why), which the next change reports.
-    fn op_then_upkeep<T>(&self, f: impl FnOnce(&mut Store) -> Result<T>) -> Result<T> {
-        let mut s = self.lock();
-        let before = s.mutation_mark();
-        let r = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut s))) {
-            Ok(r) => r,
-            Err(payload) => {
-                let reason = format!("an operation panicked: {}", panic_message(&*payload));
-                s.stop(reason.clone());
-                return Err(Error::Stopped(reason));
+    fn op_then_upkeep<T>(&self, mut f: impl FnMut(&mut Store) -> Result<T>) -> Result<T> {
+        // Room made by the cleaner off the lock: an operation that finds
+        // the device short of free segments before it changed anything
+        // returns NeedsRoom; the cleaner then reads its victims without the
+        // store lock and the operation runs again. The last try cleans
+        // under the lock, as ensure_space always could.
+        let mut tries_left = ROOM_TRIES;
+        loop {
+            let mut s = self.lock();
+            let before = s.mutation_mark();
+            s.room_mark = (tries_left > 0).then_some(before);
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut s)));
+            s.room_mark = None;
+            let r = match r {
+                Ok(r) => r,
+                Err(payload) => {
+                    let reason = format!("an operation panicked: {}", panic_message(&*payload));
+                    s.stop(reason.clone());
+                    return Err(Error::Stopped(reason));
+                }
+            };
+            if matches!(r, Err(Error::NeedsRoom)) && s.mutation_mark() == before {
+                drop(s);
+                tries_left -= 1;
+                if !matches!(self.s.clean_unlocked(true, 4), Ok(n) if n > 0) {
+                    tries_left = 0;
+                }
+                continue;
             }
-        };
-        if let Err(e) = &r {
-            if s.mutation_mark() != before {
-                s.stop(format!(
-                    "an operation failed after it had begun to change the filesystem: {e}"
-                ));
+            if let Err(e) = &r {
+                if s.mutation_mark() != before {
+                    s.stop(format!(
+                        "an operation failed after it had begun to change the filesystem: {e}"
+                    ));
+                }
             }
+            if let Err(e) = s.maintain() {
+                log::warn!("upkeep after an operation: {e}");
+            }
+            return r;
         }
-        if let Err(e) = s.maintain() {
-            log::warn!("upkeep after an operation: {e}");
-        }
-        r
     }
 
     // ------------------------------------------------------------ layers
@@ -373,8 +392,13 @@ impl Engine {
     pub fn remove_layer(&self, name: &str) -> Result<()> {
         self.op_then_upkeep(|s| {
             let id = s.layer_id(name)?;
-            s.remove_layer(id)
-        })
+            s.begin_remove_layer(id)
+        })?;
+        // What it owned is freed in steps, the store lock let go between
+        // them: reads and writes of other layers go on meanwhile (a
+        // checkpoint in between finishes the removal first).
+        while !self.op_then_upkeep(|s| s.remove_step(REMOVE_STEP_NODES))? {}
+        Ok(())
     }
 
     /// What a layer changed against its parent (everything, for a base
@@ -985,6 +1009,29 @@ impl Engine {
         s.bump();
     }
 
+    /// The first part of [`Engine::remove_layer`] alone: the layer is
+    /// gone by name, what it owned is not freed yet ([`Engine::remove_steps`]
+    /// or the next checkpoint frees it).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn begin_remove_layer(&self, name: &str) -> Result<()> {
+        self.op_then_upkeep(|s| {
+            let id = s.layer_id(name)?;
+            s.begin_remove_layer(id)
+        })
+    }
+
+    /// Runs `steps` steps of the removals begun, each freeing at most one
+    /// tree node; true once none is left.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn remove_steps(&self, steps: usize) -> Result<bool> {
+        for _ in 0..steps {
+            if self.op_then_upkeep(|s| s.remove_step(1))? {
+                return Ok(true);
+            }
+        }
+        Ok(self.lock().removing.is_empty())
+    }
+
     /// Makes the next change panic after it has changed something, as a bug
     /// would, to test that the engine then stops instead of checkpointing it.
     #[cfg(any(test, feature = "testing"))]
@@ -1055,6 +1102,14 @@ impl Drop for Engine {
         }
     }
 }
+
+/// How often an operation waits for the cleaner to make room without the
+/// store lock before it cleans under the lock.
+const ROOM_TRIES: u32 = 16;
+
+/// Tree nodes a removal frees per hold of the store lock (each with the
+/// blocks its extents own: a few hundred microseconds).
+const REMOVE_STEP_NODES: usize = 32;
 
 fn background(e: Arc<Shared>, stop: Arc<AtomicBool>, config: Config) {
     let tick = Duration::from_millis(config.flush_interval_ms.clamp(10, 1000));

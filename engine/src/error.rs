@@ -37,6 +37,11 @@ pub enum Error {
     ReadOnly,
     #[error("busy: {0}")]
     Busy(String),
+    /// The device is short of free segments and the operation changed
+    /// nothing yet: the engine makes room without the store lock and runs
+    /// it again. Never returned by the engine's public calls.
+    #[error("no space left on device (room is being made)")]
+    NeedsRoom,
     /// A layer cannot be removed while layers made from it remain.
     #[error("busy: layer {layer} has {children} children")]
     HasChildren { layer: String, children: u32 },
@@ -82,7 +87,7 @@ impl Error {
         match self {
             Error::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
             Error::Corrupt { .. } => libc::EIO,
-            Error::NoSpace | Error::QuotaExceeded { .. } => libc::ENOSPC,
+            Error::NoSpace | Error::NeedsRoom | Error::QuotaExceeded { .. } => libc::ENOSPC,
             Error::NotFound => libc::ENOENT,
             Error::Exists => libc::EEXIST,
             Error::NotEmpty => libc::ENOTEMPTY,

@@ -476,8 +476,10 @@ impl Store {
         Ok(())
     }
 
-    /// Removes a childless layer, freeing everything it alone owns.
-    pub(crate) fn remove_layer(&mut self, layer: u64) -> Result<()> {
+    /// Removes a childless layer's record, name and metadata at once;
+    /// what it owns is freed by [`Store::remove_step`] (or by the next
+    /// checkpoint, which finishes every removal first).
+    pub(crate) fn begin_remove_layer(&mut self, layer: u64) -> Result<()> {
         self.check_writable()?;
         let l = self.layer(layer)?;
         if l.children > 0 {
@@ -492,11 +494,6 @@ impl Store {
         let root = l.root;
         let parent = l.parent;
         self.ensure_space(0, true)?;
-        // Walk only what this layer owns: a node owned by an ancestor has
-        // nothing below it that this layer wrote.
-        if root != 0 {
-            self.free_owned(layer, root)?;
-        }
         self.remove_layer_metadata(layer)?;
         self.fold_hot_files(layer, parent)?;
         self.meta.layer_changed(layer);
@@ -548,46 +545,83 @@ impl Store {
             );
             self.mark_layer_dirty(parent);
         }
+        if root != 0 {
+            self.removing.insert(layer, vec![root]);
+        }
         self.bump();
         Ok(())
     }
 
-    fn free_owned(&mut self, layer: u64, id: u64) -> Result<()> {
-        let root = id;
-        let mut stack = vec![root];
-        while let Some(id) = stack.pop() {
-            // Loading goes through the map; the node is read once.
-            let mut owned = false;
-            let mut kids = Vec::new();
-            let mut extents = Vec::new();
-            self.with_layer_node(layer, id, &mut |n| {
-                owned = n.owner == layer;
-                if !owned {
-                    return;
-                }
-                if n.level == 0 {
-                    for (k, v) in n.keys.iter().zip(&n.values) {
-                        if k.kind == KIND_EXTENT {
-                            extents.push(v.clone());
-                        }
-                    }
-                } else {
-                    kids.extend(n.children.iter().map(|c| c.address));
-                }
-            })?;
-            if !owned {
-                continue;
-            }
-            for e in extents {
-                let e = ExtentValue::decode(&e)?;
-                if e.birth_layer == layer {
-                    self.free_lbn(e.lbn)?;
-                }
-            }
-            stack.extend(kids);
-            self.nodes.remove(id);
-            self.free_lbn(id)?;
+    /// Frees up to `budget` tree nodes (and the blocks their extents own)
+    /// of the layers being removed; true once none is left. Walks only what
+    /// a layer owns: a node owned by an ancestor has nothing below it that
+    /// the layer wrote.
+    pub(crate) fn remove_step(&mut self, budget: usize) -> Result<bool> {
+        if self.removing.is_empty() {
+            return Ok(true);
         }
+        self.check_writable()?;
+        let Some(mut entry) = self.removing.first_entry() else {
+            return Ok(true);
+        };
+        let layer = *entry.key();
+        let mut stack = std::mem::take(entry.get_mut());
+        entry.remove();
+        let mut done = 0;
+        while done < budget {
+            let Some(id) = stack.pop() else {
+                break;
+            };
+            self.free_owned_node(layer, id, &mut stack)?;
+            done += 1;
+        }
+        if !stack.is_empty() {
+            self.removing.insert(layer, stack);
+        }
+        self.bump();
+        Ok(self.removing.is_empty())
+    }
+
+    /// Frees what the layers being removed still own, to the end.
+    pub(crate) fn finish_removals(&mut self) -> Result<()> {
+        while !self.remove_step(usize::MAX)? {}
+        Ok(())
+    }
+
+    /// Frees tree node `id` of `layer` when the layer owns it, with the
+    /// blocks its extents own; pushes its children onto `stack`.
+    fn free_owned_node(&mut self, layer: u64, id: u64, stack: &mut Vec<u64>) -> Result<()> {
+        // Loading goes through the map; the node is read once.
+        let mut owned = false;
+        let mut kids = Vec::new();
+        let mut extents = Vec::new();
+        self.with_layer_node(layer, id, &mut |n| {
+            owned = n.owner == layer;
+            if !owned {
+                return;
+            }
+            if n.level == 0 {
+                for (k, v) in n.keys.iter().zip(&n.values) {
+                    if k.kind == KIND_EXTENT {
+                        extents.push(v.clone());
+                    }
+                }
+            } else {
+                kids.extend(n.children.iter().map(|c| c.address));
+            }
+        })?;
+        if !owned {
+            return Ok(());
+        }
+        for e in extents {
+            let e = ExtentValue::decode(&e)?;
+            if e.birth_layer == layer {
+                self.free_lbn(e.lbn)?;
+            }
+        }
+        stack.extend(kids);
+        self.nodes.remove(id);
+        self.free_lbn(id)?;
         Ok(())
     }
 

@@ -24,7 +24,7 @@ pub(crate) use crate::logstream::Temperature;
 use crate::metacache::MetaCache;
 use crate::space::Space;
 pub(crate) use crate::tree::{Tree, PHYS_TAG, VIRT_TAG};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 /// Device geometry, fixed at format time.
@@ -201,6 +201,15 @@ pub(crate) struct Store {
     /// one entry per layer read, removed by [`Store::fold_reads`] (see
     /// `LayerUsage`).
     pub(crate) pending_reads: HashMap<u64, PendingReads>,
+    /// Layers being removed: detached (no record, no name), what they own
+    /// freed in steps ([`Store::remove_step`]); for each, the tree nodes
+    /// left to walk. A checkpoint finishes them first, so none is ever
+    /// recorded half freed.
+    pub(crate) removing: BTreeMap<u64, Vec<u64>>,
+    /// Set while an operation that may run again is running: its mutation
+    /// mark at the start. [`Store::ensure_space`] then answers NeedsRoom
+    /// instead of cleaning under the lock, as long as nothing changed.
+    pub(crate) room_mark: Option<u64>,
     /// Hot-file summaries of layers that served reads (see hotfiles.rs),
     /// and the ones the next checkpoint writes.
     pub(crate) hot: HashMap<u64, HotFiles>,
@@ -243,6 +252,8 @@ impl Store {
             fsync_log: FsyncLog::new(geo.fsync_log_region(), config.fsync_log),
             replaying: false,
             pending_reads: HashMap::new(),
+            removing: BTreeMap::new(),
+            room_mark: None,
             hot: HashMap::new(),
             hot_dirty: BTreeSet::new(),
             early_inodes: HashMap::new(),
