@@ -132,7 +132,13 @@ impl Shared {
             self.dev.read_at(v.offset, &mut buf)?;
             read.push((v, buf));
         }
-        let cleaned = self.lock().clean_victims(read)?;
+        // One victim per hold of the lock: moving a segment's live blocks
+        // appends (and may write out) megabytes, and reads of other layers
+        // wait meanwhile.
+        let mut cleaned = Vec::new();
+        for one in read {
+            cleaned.extend(self.lock().clean_victims(vec![one])?);
+        }
         if cleaned.is_empty() {
             return Ok(0);
         }
