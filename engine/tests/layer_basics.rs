@@ -1,40 +1,10 @@
 //! Layers and files through the engine API on an in-memory device: create,
 //! clone, commit, remove; file operations; persistence across reopen; fsck.
 
-use lcfs_engine::device::{Device, MemDevice};
 use lcfs_engine::*;
-use std::sync::Arc;
 
-fn quiet() -> Config {
-    Config {
-        flush_interval_ms: 0,
-        checkpoint_interval_ms: 0,
-        ..Config::default()
-    }
-}
-
-fn fresh(size: u64) -> (Arc<MemDevice>, Arc<Engine>) {
-    let dev = Arc::new(MemDevice::new(size));
-    let d: Arc<dyn Device> = dev.clone();
-    Engine::format(
-        d.clone(),
-        &FormatOptions {
-            segment_size_bytes: 256 << 10,
-            force: false,
-        },
-    )
-    .unwrap();
-    (dev, Engine::open(d, quiet()).unwrap())
-}
-
-fn assert_clean(e: &Engine) {
-    let r = e.fsck(true).unwrap();
-    assert!(
-        r.is_clean(),
-        "fsck: {:#?}",
-        &r.errors[..r.errors.len().min(20)]
-    );
-}
+mod common;
+use common::{assert_clean, fresh, quiet};
 
 #[test]
 fn files_dirs_links_and_reopen() {

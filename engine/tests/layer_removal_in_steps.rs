@@ -4,40 +4,12 @@
 //! is ever recorded half freed), and a crash between steps leaves the last
 //! checkpoint whole.
 
-use lcfs_engine::device::{Device, MemDevice};
+use lcfs_engine::device::MemDevice;
 use lcfs_engine::*;
 use std::sync::Arc;
 
-fn quiet() -> Config {
-    Config {
-        flush_interval_ms: 0,
-        checkpoint_interval_ms: 0,
-        ..Config::default()
-    }
-}
-
-fn fresh(size: u64) -> (Arc<MemDevice>, Arc<Engine>) {
-    let dev = Arc::new(MemDevice::new(size));
-    let d: Arc<dyn Device> = dev.clone();
-    Engine::format(
-        d.clone(),
-        &FormatOptions {
-            segment_size_bytes: 256 << 10,
-            force: false,
-        },
-    )
-    .unwrap();
-    (dev, Engine::open(d, quiet()).unwrap())
-}
-
-fn assert_clean(e: &Engine) {
-    let r = e.fsck(true).unwrap();
-    assert!(
-        r.is_clean(),
-        "fsck: {:#?}",
-        &r.errors[..r.errors.len().min(20)]
-    );
-}
+mod common;
+use common::{assert_clean, fresh, quiet};
 
 fn pattern(seed: u32, len: usize) -> Vec<u8> {
     (0..len as u32)
@@ -58,6 +30,22 @@ fn filled(e: &Engine, name: &str, files: u32) -> (u64, Vec<u64>) {
         })
         .collect();
     (l, inodes)
+}
+
+/// File `name` in the root of layer `l` holds `pattern(seed, len)`.
+fn holds(e: &Engine, l: u64, name: &[u8], seed: u32, len: usize) {
+    let f = e.lookup(l, ROOT_INODE, name).unwrap();
+    assert_eq!(e.read(l, f.inode, 0, len).unwrap(), pattern(seed, len));
+}
+
+/// The engine on `dev` opened again, fsck clean, and its layer `other`
+/// still holding `files`.
+fn reopened(dev: Arc<MemDevice>, files: &[u64]) -> (Arc<Engine>, u64) {
+    let e = Engine::open(dev, quiet()).unwrap();
+    assert_clean(&e);
+    let other = e.layer_id("other").unwrap();
+    reads_back(&e, other, files);
+    (e, other)
 }
 
 fn reads_back(e: &Engine, l: u64, inodes: &[u64]) {
@@ -108,21 +96,9 @@ fn other_layers_go_on_between_steps_and_a_checkpoint_finishes_the_removal() {
     );
     drop(e);
 
-    let e = Engine::open(dev, quiet()).unwrap();
-    assert_clean(&e);
-    let other = e.layer_id("other").unwrap();
-    reads_back(&e, other, &other_files);
-    let late = e.lookup(other, ROOT_INODE, b"late").unwrap();
-    assert_eq!(
-        e.read(other, late.inode, 0, 65536).unwrap(),
-        pattern(7, 65536)
-    );
-    let again = e.layer_id("big").unwrap();
-    let new = e.lookup(again, ROOT_INODE, b"new").unwrap();
-    assert_eq!(
-        e.read(again, new.inode, 0, 8192).unwrap(),
-        pattern(99, 8192)
-    );
+    let (e, other) = reopened(dev, &other_files);
+    holds(&e, other, b"late", 7, 65536);
+    holds(&e, e.layer_id("big").unwrap(), b"new", 99, 8192);
 }
 
 #[test]
@@ -142,15 +118,8 @@ fn a_crash_between_steps_leaves_the_last_checkpoint_whole() {
     e.crash();
     drop(e);
 
-    let e = Engine::open(dev, quiet()).unwrap();
-    assert_clean(&e);
-    let other = e.layer_id("other").unwrap();
-    reads_back(&e, other, &other_files);
-    let synced = e.lookup(other, ROOT_INODE, b"synced").unwrap();
-    assert_eq!(
-        e.read(other, synced.inode, 0, 20000).unwrap(),
-        pattern(5, 20000)
-    );
+    let (e, other) = reopened(dev, &other_files);
+    holds(&e, other, b"synced", 5, 20000);
     // The removal was not durable, or was finished whole.
     if let Ok(big) = e.layer_id("big") {
         reads_back(&e, big, &big_files);
