@@ -476,24 +476,13 @@ impl Collector {
     /// two containerd names or two Docker ids share); what happened, in a
     /// word or the first error.
     fn remove(&self, image: &Image) -> String {
-        let mut records = image.records.clone();
-        if records.is_empty() {
-            // An image from elsewhere (tests): its first name and id.
-            records.push(crate::images::Named {
-                top_layer: image.top_layer.clone(),
-                name: image.name.clone(),
-                owner: match image.owner.as_deref() {
-                    Some("docker") => "docker",
-                    Some("containerd") => "containerd",
-                    _ => "",
-                },
-                id: image.id.clone().unwrap_or_default(),
-                namespace: image.namespace.clone(),
-                references: Vec::new(),
-            });
-        }
-        let mut outcome = String::from("gone");
-        for record in &records {
+        // An image no owner named has no record: nothing removes it.
+        let mut outcome = if image.records.is_empty() {
+            "error: no owner".to_string()
+        } else {
+            "gone".to_string()
+        };
+        for record in &image.records {
             let one = self.remove_record(record);
             if one == "removed" && outcome == "gone" {
                 outcome = one;

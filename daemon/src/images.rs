@@ -457,8 +457,9 @@ pub fn matches(image: &Image, key: &str) -> bool {
 }
 
 /// The files `image`'s containers read most: its own summary (removed
-/// containers') and its live containers', added up by path (unordered). Files a container made itself have no path in the image and are
-/// left out only when they have none in the container either.
+/// containers') and its live containers', added up by path (unordered).
+/// Files a container made itself have no path in the image and are left
+/// out only when they have none in the container either.
 pub fn hot_files(engine: &Engine, layers: &[LayerInfo], image: &Image) -> Vec<HotFile> {
     let chains = Chains::new(layers);
     let Some(top) = chains.by_name.get(image.top_layer.as_str()).copied() else {

@@ -632,8 +632,9 @@ fn error_message(body: &[u8]) -> String {
 /// Asks dockerd (its API on `socket`) to remove the image `id`, without
 /// force: dockerd refuses while a container uses it, and otherwise removes
 /// it with the layers no other image uses (through lcfs's graphdriver). An
-/// image several repositories name goes by its `references` one by one. Blocking, for up to about
-/// 120 s: from async code, run it in a blocking thread.
+/// image several repositories name goes by its `references` one by one.
+/// Blocking, for up to about 120 s per request: from async code, run it in
+/// a blocking thread.
 pub fn docker_remove_image(
     socket: &Path,
     id: &str,

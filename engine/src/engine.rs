@@ -396,15 +396,22 @@ impl Engine {
 
     /// Removes a childless layer and frees what it alone owns.
     pub fn remove_layer(&self, name: &str) -> Result<()> {
-        self.op_then_upkeep(|s| {
-            let id = s.layer_id(name)?;
-            s.begin_remove_layer(id)
-        })?;
+        self.begin_removal(name)?;
         // What it owned is freed in steps, the store lock let go between
         // them: reads and writes of other layers go on meanwhile (a
         // checkpoint in between finishes the removal first).
         while !self.op_then_upkeep(|s| s.remove_step(REMOVE_STEP_NODES))? {}
         Ok(())
+    }
+
+    /// The first part of [`Engine::remove_layer`]: the layer is gone by
+    /// name, what it owned is not freed yet (the steps or the next
+    /// checkpoint free it).
+    fn begin_removal(&self, name: &str) -> Result<()> {
+        self.op_then_upkeep(|s| {
+            let id = s.layer_id(name)?;
+            s.begin_remove_layer(id)
+        })
     }
 
     /// What a layer changed against its parent (everything, for a base
@@ -1015,15 +1022,11 @@ impl Engine {
         s.bump();
     }
 
-    /// The first part of [`Engine::remove_layer`] alone: the layer is
-    /// gone by name, what it owned is not freed yet ([`Engine::remove_steps`]
-    /// or the next checkpoint frees it).
+    /// [`Engine::remove_layer`] without its steps: what the layer owned is
+    /// freed by [`Engine::remove_steps`] or the next checkpoint.
     #[cfg(any(test, feature = "testing"))]
     pub fn begin_remove_layer(&self, name: &str) -> Result<()> {
-        self.op_then_upkeep(|s| {
-            let id = s.layer_id(name)?;
-            s.begin_remove_layer(id)
-        })
+        self.begin_removal(name)
     }
 
     /// Runs `steps` steps of the removals begun, each freeing at most one

@@ -557,16 +557,11 @@ impl Store {
     /// a layer owns: a node owned by an ancestor has nothing below it that
     /// the layer wrote.
     pub(crate) fn remove_step(&mut self, budget: usize) -> Result<bool> {
-        if self.removing.is_empty() {
-            return Ok(true);
-        }
-        self.check_writable()?;
-        let Some(mut entry) = self.removing.first_entry() else {
+        let Some(layer) = self.removing.keys().next().copied() else {
             return Ok(true);
         };
-        let layer = *entry.key();
-        let mut stack = std::mem::take(entry.get_mut());
-        entry.remove();
+        self.check_writable()?;
+        let mut stack = self.removing.remove(&layer).unwrap_or_default();
         let mut done = 0;
         while done < budget {
             let Some(id) = stack.pop() else {

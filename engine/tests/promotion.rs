@@ -11,26 +11,14 @@ use lcfs_engine::*;
 use rand::{RngCore, SeedableRng};
 use std::sync::Arc;
 
-const BLOCK: usize = 4096;
+mod common;
+use common::{format, quiet};
 
-fn quiet() -> Config {
-    Config {
-        flush_interval_ms: 0,
-        checkpoint_interval_ms: 0,
-        ..Config::default()
-    }
-}
+const BLOCK: usize = 4096;
 
 fn fresh() -> (Arc<dyn Device>, Arc<Engine>) {
     let dev: Arc<dyn Device> = Arc::new(MemDevice::new(128 << 20));
-    Engine::format(
-        dev.clone(),
-        &FormatOptions {
-            segment_size_bytes: 256 << 10,
-            force: false,
-        },
-    )
-    .unwrap();
+    format(dev.clone());
     let e = Engine::open(dev.clone(), quiet()).unwrap();
     (dev, e)
 }
@@ -322,14 +310,7 @@ fn promotion_is_crash_safe() {
     println!("promotion crash test: LCFS_SEED={seed}");
     let faulty = Arc::new(FaultyDevice::new(48 << 20, FaultConfig::default()));
     let d: Arc<dyn Device> = faulty.clone();
-    Engine::format(
-        d.clone(),
-        &FormatOptions {
-            segment_size_bytes: 256 << 10,
-            force: false,
-        },
-    )
-    .unwrap();
+    format(d.clone());
     let e = Engine::open(d, quiet()).unwrap();
     let (_, container, src, data) = container_with_file(&e, 48 * BLOCK + 7);
     e.sync().unwrap();

@@ -15,19 +15,24 @@ pub fn quiet() -> Config {
     }
 }
 
-/// A formatted in-memory device of `size` bytes (256 KiB segments) and an
-/// engine on it.
-pub fn fresh(size: u64) -> (Arc<MemDevice>, Arc<Engine>) {
-    let dev = Arc::new(MemDevice::new(size));
-    let d: Arc<dyn Device> = dev.clone();
+/// Formats `dev` with 256 KiB segments (small devices get many).
+pub fn format(dev: Arc<dyn Device>) {
     Engine::format(
-        d.clone(),
+        dev,
         &FormatOptions {
             segment_size_bytes: 256 << 10,
             force: false,
         },
     )
     .unwrap();
+}
+
+/// A formatted in-memory device of `size` bytes (256 KiB segments) and an
+/// engine on it.
+pub fn fresh(size: u64) -> (Arc<MemDevice>, Arc<Engine>) {
+    let dev = Arc::new(MemDevice::new(size));
+    let d: Arc<dyn Device> = dev.clone();
+    format(d.clone());
     (dev, Engine::open(d, quiet()).unwrap())
 }
 
