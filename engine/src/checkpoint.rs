@@ -105,12 +105,7 @@ impl Store {
                     .into(),
             ));
         }
-        // Layers being removed are freed to the end first: a checkpoint
-        // never records one half freed.
-        match self.self_contained(|s| {
-            s.finish_removals()?;
-            s.checkpoint_prepare()
-        }) {
+        match self.self_contained(|s| s.checkpoint_prepare()) {
             Ok(w) => Ok(w),
             Err(e) => self.fail(e),
         }
@@ -168,6 +163,7 @@ impl Store {
         for id in self.layers.take_removed() {
             self.remove(Tree::Layer(0), &mut root, &Key::new(id, KIND_LAYER, 0))?;
         }
+        self.write_removals(&mut root)?;
         self.layers.set_root(root);
         // 2. Layer-tree nodes: append, then point the map at them. Map updates
         //    never dirty layer-tree nodes, so one pass suffices.

@@ -33,6 +33,14 @@ impl Store {
             if self.available_blocks() >= need {
                 return Ok(());
             }
+            if self.removals_pending() > 0 {
+                if self.room_mark == Some(self.mutation_mark()) {
+                    // The caller frees them in steps, then runs again.
+                    return Err(Error::NeedsRoom);
+                }
+                self.self_contained(|s| s.finish_removals())?;
+                continue;
+            }
             if self.space.has_pending_free() {
                 self.checkpoint()?;
                 continue;

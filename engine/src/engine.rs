@@ -7,7 +7,9 @@
 //! write lock, so an address resolved under the mutex stays valid.
 
 use crate::cache::BlockCache;
-use crate::device::{detect_signature, AlignedBuf, Device, DeviceStats, TimedDevice, BLOCK_SIZE};
+use crate::device::{
+    detect_signature, AlignedBuf, Device, DeviceStats, IoOp, TimedDevice, BLOCK_SIZE,
+};
 use crate::error::{Error, Result};
 use crate::format::Timestamp;
 use crate::fs::{Attr, DirEntry, LayerInfo, SetAttr, StatFs};
@@ -19,7 +21,7 @@ use crate::read::{execute_plan_keeping, KnownBlock};
 use crate::store::{Config, Counters, Store, Temperature};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -60,6 +62,8 @@ pub struct Stats {
     pub metadata_cache_hits: u64,
     pub metadata_cache_misses: u64,
     pub layers: usize,
+    /// Layers removed whose space is not all free yet.
+    pub removals_pending: usize,
     pub segments: u32,
     pub segments_free: usize,
     pub segment_size_bytes: u64,
@@ -94,6 +98,11 @@ struct Shared {
     crashed: AtomicBool,
     /// Filled by `dev` (a [`TimedDevice`]) and the read and apply paths.
     latencies: Arc<Latencies>,
+    /// Set (and notified) to wake the background thread early.
+    wake: (Mutex<bool>, Condvar),
+    /// Whether a background thread runs (else removals are freed by the
+    /// caller of [`Engine::remove_layer`]).
+    has_background: AtomicBool,
 }
 
 fn lock_ignoring_poison<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -145,6 +154,122 @@ impl Shared {
         let _c = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.checkpoint_unlocked()?;
         Ok(self.lock().count_cleaned(&cleaned))
+    }
+
+    /// Runs operation `f` under the store lock, then bounded upkeep (a
+    /// checkpoint past the dirty limit, eviction). An operation that fails
+    /// after it began to change what a checkpoint writes, or panics, stops
+    /// the engine: its half-applied change is never checkpointed. The
+    /// result is the operation's own: upkeep that fails has stopped the
+    /// engine (and logged why), which the next change reports.
+    fn op_then_upkeep<T>(&self, mut f: impl FnMut(&mut Store) -> Result<T>) -> Result<T> {
+        // Room made by the cleaner off the lock: an operation that finds
+        // the device short of free segments before it changed anything
+        // returns NeedsRoom; the cleaner then reads its victims without the
+        // store lock and the operation runs again. The last try cleans
+        // under the lock, as ensure_space always could.
+        let mut tries_left = ROOM_TRIES;
+        loop {
+            let mut s = self.lock();
+            let before = s.mutation_mark();
+            s.room_mark = (tries_left > 0).then_some(before);
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut s)));
+            s.room_mark = None;
+            let r = match r {
+                Ok(r) => r,
+                Err(payload) => {
+                    let reason = format!("an operation panicked: {}", panic_message(&*payload));
+                    s.stop(reason.clone());
+                    return Err(Error::Stopped(reason));
+                }
+            };
+            if matches!(r, Err(Error::NeedsRoom)) && s.mutation_mark() == before {
+                let removals = s.removals_pending() > 0;
+                drop(s);
+                tries_left -= 1;
+                // Removed layers' space first, then the cleaner's.
+                if removals {
+                    self.free_removals(None)?;
+                } else if !matches!(self.clean_unlocked(true, 4), Ok(n) if n > 0) {
+                    tries_left = 0;
+                }
+                continue;
+            }
+            if let Err(e) = &r {
+                if s.mutation_mark() != before {
+                    s.stop(format!(
+                        "an operation failed after it had begun to change the filesystem: {e}"
+                    ));
+                }
+            }
+            if let Err(e) = s.maintain() {
+                log::warn!("upkeep after an operation: {e}");
+            }
+            return r;
+        }
+    }
+
+    /// Frees what removed layers own, in steps of [`REMOVE_STEP_NODES`]
+    /// nodes each under its own hold of the store lock, the nodes a step
+    /// will load read beforehand without the lock, in one batch. Stops
+    /// when none is left (true) or at `until` (false).
+    fn free_removals(&self, until: Option<Instant>) -> Result<bool> {
+        loop {
+            self.read_removal_nodes();
+            if self.op_then_upkeep(|s| s.remove_step(REMOVE_STEP_NODES))? {
+                return Ok(true);
+            }
+            if until.is_some_and(|t| Instant::now() >= t) {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Reads the nodes the next removal step will load, without the store
+    /// lock, and caches them. Best effort: what fails to read here, the
+    /// step reads (and reports) itself.
+    fn read_removal_nodes(&self) {
+        let (plan, guard) = {
+            let mut s = self.lock();
+            match s.removal_reads(REMOVE_STEP_NODES) {
+                Ok(plan) if !plan.is_empty() => (plan, self.reuse.read()),
+                _ => return,
+            }
+        };
+        let mut bufs: Vec<AlignedBuf> = plan.iter().map(|_| AlignedBuf::new(BLOCK_SIZE)).collect();
+        let mut ops: Vec<IoOp<'_>> = plan
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(r, b)| IoOp::Read {
+                offset: r.offset(),
+                buf: &mut b[..],
+            })
+            .collect();
+        let ok = self.dev.submit(&mut ops).is_ok();
+        drop(ops);
+        drop(guard);
+        if ok {
+            self.lock()
+                .install_removal_reads(plan.into_iter().zip(bufs).collect());
+        }
+    }
+
+    /// Wakes the background thread before its next tick.
+    fn wake_background(&self) {
+        *lock_ignoring_poison(&self.wake.0) = true;
+        self.wake.1.notify_all();
+    }
+
+    /// The background thread's sleep: one tick, or less when woken.
+    fn sleep(&self, tick: Duration) {
+        let woken = lock_ignoring_poison(&self.wake.0);
+        let mut woken = self
+            .wake
+            .1
+            .wait_timeout_while(woken, tick, |w| !*w)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+        *woken = false;
     }
 
     /// A checkpoint whose device writes and flushes run without the store
@@ -222,10 +347,12 @@ impl Engine {
         }
         store.purge_orphans()?;
         log::info!(
-            "opened lcfs: {} segments of {} KiB, {} layers, checkpoint {}, backend {}",
+            "opened lcfs: {} segments of {} KiB, {} layers ({} removed, being freed), \
+             checkpoint {}, backend {}",
             store.geo.segment_count,
             store.geo.segment_blocks * 4,
             store.layers.len(),
+            store.removals_pending(),
             store.checkpoint_seq,
             dev.backend()
         );
@@ -239,6 +366,8 @@ impl Engine {
             fsync_waiting: Mutex::new(BTreeSet::new()),
             crashed: AtomicBool::new(false),
             latencies,
+            wake: (Mutex::new(false), Condvar::new()),
+            has_background: AtomicBool::new(false),
         });
         let engine = Arc::new(Engine {
             s: shared.clone(),
@@ -251,6 +380,7 @@ impl Engine {
                 .name("lcfs-background".into())
                 .spawn(move || background(shared, stop, config))
                 .map_err(Error::Io)?;
+            engine.s.has_background.store(true, Ordering::SeqCst);
             *engine.background.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
         }
         Ok(engine)
@@ -260,53 +390,9 @@ impl Engine {
         self.s.lock()
     }
 
-    /// Runs operation `f` under the store lock, then bounded upkeep (a
-    /// checkpoint past the dirty limit, eviction). An operation that fails
-    /// after it began to change what a checkpoint writes, or panics, stops
-    /// the engine: its half-applied change is never checkpointed. The
-    /// result is the operation's own: upkeep that fails has stopped the
-    /// engine (and logged why), which the next change reports.
-    fn op_then_upkeep<T>(&self, mut f: impl FnMut(&mut Store) -> Result<T>) -> Result<T> {
-        // Room made by the cleaner off the lock: an operation that finds
-        // the device short of free segments before it changed anything
-        // returns NeedsRoom; the cleaner then reads its victims without the
-        // store lock and the operation runs again. The last try cleans
-        // under the lock, as ensure_space always could.
-        let mut tries_left = ROOM_TRIES;
-        loop {
-            let mut s = self.lock();
-            let before = s.mutation_mark();
-            s.room_mark = (tries_left > 0).then_some(before);
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut s)));
-            s.room_mark = None;
-            let r = match r {
-                Ok(r) => r,
-                Err(payload) => {
-                    let reason = format!("an operation panicked: {}", panic_message(&*payload));
-                    s.stop(reason.clone());
-                    return Err(Error::Stopped(reason));
-                }
-            };
-            if matches!(r, Err(Error::NeedsRoom)) && s.mutation_mark() == before {
-                drop(s);
-                tries_left -= 1;
-                if !matches!(self.s.clean_unlocked(true, 4), Ok(n) if n > 0) {
-                    tries_left = 0;
-                }
-                continue;
-            }
-            if let Err(e) = &r {
-                if s.mutation_mark() != before {
-                    s.stop(format!(
-                        "an operation failed after it had begun to change the filesystem: {e}"
-                    ));
-                }
-            }
-            if let Err(e) = s.maintain() {
-                log::warn!("upkeep after an operation: {e}");
-            }
-            return r;
-        }
+    /// See [`Shared::op_then_upkeep`].
+    fn op_then_upkeep<T>(&self, f: impl FnMut(&mut Store) -> Result<T>) -> Result<T> {
+        self.s.op_then_upkeep(f)
     }
 
     // ------------------------------------------------------------ layers
@@ -398,15 +484,30 @@ impl Engine {
     pub fn remove_layer(&self, name: &str) -> Result<()> {
         self.begin_removal(name)?;
         // What it owned is freed in steps, the store lock let go between
-        // them: reads and writes of other layers go on meanwhile (a
-        // checkpoint in between finishes the removal first).
-        while !self.op_then_upkeep(|s| s.remove_step(REMOVE_STEP_NODES))? {}
-        Ok(())
+        // them: by the background thread when there is one (the caller
+        // does not wait for it), else here.
+        if self.s.has_background.load(Ordering::SeqCst) {
+            self.s.wake_background();
+            Ok(())
+        } else {
+            self.s.free_removals(None).map(|_| ())
+        }
+    }
+
+    /// Frees now, in steps, what removed layers still own (the background
+    /// thread does it too, a bounded time per tick): for a caller that
+    /// wants the space back before it goes on.
+    pub fn reclaim_removed(&self) -> Result<()> {
+        self.s.free_removals(None).map(|_| ())
+    }
+
+    /// Layers removed whose space is not all free yet.
+    pub fn removals_pending(&self) -> usize {
+        self.lock().removals_pending()
     }
 
     /// The first part of [`Engine::remove_layer`]: the layer is gone by
-    /// name, what it owned is not freed yet (the steps or the next
-    /// checkpoint free it).
+    /// name, what it owned is not freed yet (the steps free it).
     fn begin_removal(&self, name: &str) -> Result<()> {
         self.op_then_upkeep(|s| {
             let id = s.layer_id(name)?;
@@ -927,6 +1028,7 @@ impl Engine {
             metadata_cache_hits: self.s.meta.hits_and_misses().0,
             metadata_cache_misses: self.s.meta.hits_and_misses().1,
             layers: s.layers.len(),
+            removals_pending: s.removals_pending(),
             segments: s.geo.segment_count,
             segments_free: s.space.free_count(),
             segment_size_bytes: seg,
@@ -1023,7 +1125,7 @@ impl Engine {
     }
 
     /// [`Engine::remove_layer`] without its steps: what the layer owned is
-    /// freed by [`Engine::remove_steps`] or the next checkpoint.
+    /// freed by [`Engine::remove_steps`] or [`Engine::reclaim_removed`].
     #[cfg(any(test, feature = "testing"))]
     pub fn begin_remove_layer(&self, name: &str) -> Result<()> {
         self.begin_removal(name)
@@ -1091,6 +1193,7 @@ impl Drop for SegmentPin<'_> {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        self.s.wake_background();
         if let Some(h) = self
             .background
             .lock()
@@ -1120,13 +1223,28 @@ const ROOM_TRIES: u32 = 16;
 /// blocks its extents own: a few hundred microseconds).
 const REMOVE_STEP_NODES: usize = 32;
 
+/// How long the background thread frees removed layers per tick at most.
+const REMOVAL_SLICE: Duration = Duration::from_millis(250);
+
 fn background(e: Arc<Shared>, stop: Arc<AtomicBool>, config: Config) {
     let tick = Duration::from_millis(config.flush_interval_ms.clamp(10, 1000));
     let mut last_checkpoint = Instant::now();
     while !stop.load(Ordering::SeqCst) {
-        std::thread::sleep(tick);
+        e.sleep(tick);
         if stop.load(Ordering::SeqCst) {
             return;
+        }
+        // Removed layers are freed a bounded time per tick, so timer
+        // flushes and checkpoints still come.
+        let removals = {
+            let s = e.lock();
+            s.failed.is_none() && s.removals_pending() > 0
+        };
+        if removals {
+            let until = Instant::now() + REMOVAL_SLICE;
+            if let Err(err) = e.free_removals(Some(until)) {
+                log::warn!("freeing removed layers: {err}");
+            }
         }
         let mut s = e.lock();
         if s.failed.is_some() {

@@ -221,6 +221,79 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
             }
         }
     }
+    // Layers being removed: what is left on each list, and what the
+    // removed layer owns below it, is live; nodes owned by an ancestor
+    // belong to that ancestor's tree.
+    let removing: Vec<(u64, Vec<u64>)> = s
+        .removing
+        .iter()
+        .map(|(l, list)| (*l, list.clone()))
+        .collect();
+    for (layer, list) in removing {
+        if s.layers.contains(layer) {
+            r.error(format!("layer {layer} is both live and being removed"));
+        }
+        let mut stack = list;
+        while let Some(id) = stack.pop() {
+            referenced.set(id);
+            if !s.nodes.is_dirty(id) && !mapped.get(id) {
+                r.error(format!(
+                    "node {id} left to free of removed layer {layer} has no map entry"
+                ));
+                continue;
+            }
+            let n = match s.node(Tree::Layer(layer), id, 0) {
+                Ok(n) => n.clone(),
+                Err(e) => {
+                    r.error(format!("removed layer {layer} node {id}: {e}"));
+                    continue;
+                }
+            };
+            if n.owner != layer {
+                continue;
+            }
+            if visited.set(id) {
+                r.error(format!("node {id} of removed layer {layer} reached twice"));
+                continue;
+            }
+            r.tree_nodes += 1;
+            check_node_shape(
+                &mut r,
+                &n,
+                None,
+                Key::MIN,
+                Key::MAX,
+                &format!("removed layer {layer} node {id}"),
+            );
+            if n.level > 0 {
+                stack.extend(n.children.iter().map(|c| c.address));
+                continue;
+            }
+            for (k, v) in n.keys.iter().zip(&n.values) {
+                if k.kind != KIND_EXTENT {
+                    continue;
+                }
+                match ExtentValue::decode(v) {
+                    Ok(e) => {
+                        r.extents += 1;
+                        referenced.set(e.lbn);
+                        if !mapped.get(e.lbn) {
+                            r.error(format!(
+                                "extent {k:?} of removed layer {layer} points at unmapped block {}",
+                                e.lbn
+                            ));
+                        }
+                        if e.birth_layer == layer {
+                            if let Some((_, owners)) = shared_owners.get_mut(&e.lbn) {
+                                *owners += 1;
+                            }
+                        }
+                    }
+                    Err(e) => r.error(format!("bad extent {k:?} of removed layer {layer}: {e}")),
+                }
+            }
+        }
+    }
     let mut shared: Vec<_> = shared_owners.into_iter().collect();
     shared.sort_unstable();
     for (lbn, (extra, owners)) in shared {
@@ -258,6 +331,7 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
     //    that exist.
     let mut metadata_owners = std::collections::BTreeSet::new();
     let mut hot_files = Vec::new();
+    let mut removal_lists = std::collections::BTreeSet::new();
     let table_root = s.layers.root();
     s.scan(
         Tree::Layer(0),
@@ -269,10 +343,17 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
                 metadata_owners.insert(k.object);
             } else if k.kind == KIND_HOT_FILES {
                 hot_files.push((k.object, crate::hotfiles::HotFiles::decode(v).err()));
+            } else if k.kind == KIND_REMOVAL {
+                removal_lists.insert(k.object);
             }
             true
         },
     )?;
+    for id in removal_lists {
+        if s.layers.contains(id) {
+            r.error(format!("removal list of layer {id}, which exists"));
+        }
+    }
     for (id, bad) in hot_files {
         if !s.layers.contains(id) {
             r.error(format!("hot files of layer {id}, which does not exist"));

@@ -26,6 +26,7 @@ mod metacache;
 mod metadata;
 mod promote;
 mod read;
+mod removal;
 mod sharing;
 mod space;
 mod store;

@@ -203,9 +203,10 @@ pub(crate) struct Store {
     pub(crate) pending_reads: HashMap<u64, PendingReads>,
     /// Layers being removed: detached (no record, no name), what they own
     /// freed in steps ([`Store::remove_step`]); for each, the tree nodes
-    /// left to walk. A checkpoint finishes them first, so none is ever
-    /// recorded half freed.
+    /// left to walk (see removal.rs). Checkpoints record them.
     pub(crate) removing: BTreeMap<u64, Vec<u64>>,
+    /// Removals whose list the next checkpoint writes (or deletes).
+    pub(crate) removing_dirty: BTreeSet<u64>,
     /// Set while an operation that may run again is running: its mutation
     /// mark at the start. [`Store::ensure_space`] then answers NeedsRoom
     /// instead of cleaning under the lock, as long as nothing changed.
@@ -253,6 +254,7 @@ impl Store {
             replaying: false,
             pending_reads: HashMap::new(),
             removing: BTreeMap::new(),
+            removing_dirty: BTreeSet::new(),
             room_mark: None,
             hot: HashMap::new(),
             hot_dirty: BTreeSet::new(),
@@ -347,6 +349,7 @@ impl Store {
     fn load_layers(&mut self) -> Result<()> {
         let mut recs = Vec::new();
         let mut hot = Vec::new();
+        let mut removals = Vec::new();
         let root = self.layers.root();
         self.scan(
             Tree::Layer(0),
@@ -358,6 +361,8 @@ impl Store {
                     recs.push(LayerRecord::decode(v));
                 } else if k.kind == KIND_HOT_FILES {
                     hot.push((k.object, HotFiles::decode(v)));
+                } else if k.kind == KIND_REMOVAL {
+                    removals.push((k.object, v.to_vec()));
                 }
                 true
             },
@@ -368,6 +373,9 @@ impl Store {
         }
         for (layer, h) in hot {
             self.hot.insert(layer, h?);
+        }
+        for (layer, chunk) in removals {
+            self.load_removal(layer, &chunk)?;
         }
         Ok(())
     }

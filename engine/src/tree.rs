@@ -70,9 +70,23 @@ impl Store {
             ));
         }
         let b = self.read_block(phys)?;
+        self.install_node(tree, id, phys, want, address, &b)
+    }
+
+    /// Decodes block `phys`, read as `b`, as node `id` of `tree`, checks it
+    /// against checksum `want` and caches it clean.
+    pub(crate) fn install_node(
+        &mut self,
+        tree: Tree,
+        id: u64,
+        phys: u64,
+        want: u64,
+        address: u64,
+        b: &[u8],
+    ) -> Result<()> {
         let off = phys * BLOCK_SIZE as u64;
-        let mut node = NodeImage::decode(&b, off, tree.kind(), address)?;
-        if NodeImage::block_checksum(&b) != want {
+        let mut node = NodeImage::decode(b, off, tree.kind(), address)?;
+        if NodeImage::block_checksum(b) != want {
             return Err(Error::corrupt(
                 off,
                 "node does not match the checksum its pointer records",

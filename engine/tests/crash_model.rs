@@ -340,7 +340,14 @@ fn step(
             return Ok(Outcome::Skip);
         }
         let name = childless[rng.gen_range(0..childless.len())].clone();
-        go!("remove_layer", e.remove_layer(&name));
+        if rng.gen_bool(0.5) {
+            // A few steps now; the rest is freed by a later removal or an
+            // operation short of room, checkpoints and crashes in between.
+            go!("begin_remove_layer", e.begin_remove_layer(&name));
+            go!("remove_steps", e.remove_steps(rng.gen_range(0..4)));
+        } else {
+            go!("remove_layer", e.remove_layer(&name));
+        }
         let l = m.layers.remove(&name).unwrap();
         if let Some(p) = l.parent {
             m.layers.get_mut(&p).unwrap().children -= 1;

@@ -76,6 +76,10 @@ pub(crate) const KIND_LAYER: u8 = 0x10;
 pub(crate) const KIND_LAYER_META: u8 = 0x11;
 /// A layer's hot-file summary, in the layer table.
 pub(crate) const KIND_HOT_FILES: u8 = 0x12;
+/// Part of the list of tree nodes left to free of a layer being removed,
+/// in the layer table: `object` is the removed layer's id, `offset` the
+/// chunk's index (see engine/src/removal.rs).
+pub(crate) const KIND_REMOVAL: u8 = 0x13;
 /// An address-map entry.
 pub(crate) const KIND_MAP: u8 = 0x20;
 
