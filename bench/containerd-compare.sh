@@ -165,13 +165,17 @@ top() {
 
 # storage_count PEER: what the snapshotter keeps on disk, as a number that
 # falls back to its value before a measurement once removed snapshots are
-# really gone: overlayfs's snapshot directories, lcfs's layers.
+# really gone: overlayfs's snapshot directories; lcfs's layers plus the
+# removed ones whose space its background thread is still freeing.
 overlay_root() { echo "$E2E_SCRATCH/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots"; }
 storage_count() {
+    local layers pending
     if [[ $1 == overlayfs ]]; then
         find "$(overlay_root)" -mindepth 1 -maxdepth 1 -type d | wc -l
     else
-        lcfs_ctl layer ls | grep -vc '^NAME' || true
+        layers=$(lcfs_ctl layer ls | grep -vc '^NAME' || true)
+        pending=$(lcfs_ctl stats --json | sed -n 's/^ *"removals_pending": \([0-9]*\),$/\1/p')
+        echo $((layers + ${pending:-0}))
     fi
 }
 

@@ -653,6 +653,12 @@ pub fn stats(socket: &Path, as_json: bool) -> Result<()> {
     println!("device:       {} (I/O backend {})", s.device, s.backend);
     println!("mountpoint:   {}", s.mountpoint);
     println!("layers:       {}", s.layers);
+    if s.removals_pending > 0 {
+        println!(
+            "removing:     {} removed layer(s), space being freed",
+            s.removals_pending
+        );
+    }
     match &s.read_only_reason {
         None => println!("state:        writing"),
         Some(why) => println!("state:        READ-ONLY: {why} (restart the daemon to recover from the last checkpoint)"),

@@ -257,6 +257,9 @@ pub struct Stats {
     #[serde(default)]
     pub metadata_cache: MetadataCache,
     pub layers: u64,
+    /// Layers removed whose space the background thread is still freeing.
+    #[serde(default)]
+    pub removals_pending: u64,
     pub segments: u64,
     pub segments_free: u64,
     pub segment_size_bytes: u64,
@@ -438,6 +441,7 @@ impl Stats {
                 misses: s.metadata_cache_misses,
             },
             layers: s.layers as u64,
+            removals_pending: s.removals_pending as u64,
             segments: u64::from(s.segments),
             segments_free: s.segments_free as u64,
             segment_size_bytes: s.segment_size_bytes,

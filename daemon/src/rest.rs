@@ -614,6 +614,12 @@ fn metrics(state: &State) -> Result<String, String> {
     );
     gauge(
         &mut registry,
+        "removals_pending",
+        "Removed layers whose space is still being freed",
+        stats.removals_pending as u64,
+    );
+    gauge(
+        &mut registry,
         "live_bytes",
         "Bytes of live data and metadata",
         stats.live_bytes,

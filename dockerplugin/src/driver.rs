@@ -408,7 +408,7 @@ impl Driver {
         if let Some((n, _)) = held {
             log::warn!("removing layer {id:?} while {n} Get(s) are not Put");
         }
-        match self.layers.remove(id) {
+        match self.layers.remove_unseen(id) {
             Ok(()) => Ok(()),
             Err(LayerError::Engine(lcfs_engine::Error::NotFound)) => {
                 log::debug!("Remove of {id:?}: no such layer (already removed)");

@@ -17,6 +17,11 @@ pub trait KernelCache: Send + Sync {
     /// mount: the kernel forgets its cached entry for the layer's directory
     /// (its name in the mount root, and with it the directory's attributes).
     fn forget_layer_entry(&self, layer: &str);
+    /// [`KernelCache::forget_layer_entry`] for a removed layer nobody looks
+    /// up through the mount any more; it may happen after the call returns.
+    fn forget_removed_layer(&self, layer: &str) {
+        self.forget_layer_entry(layer);
+    }
     /// Writes the kernel still holds (the mount's writeback cache) reach the
     /// engine.
     fn write_back(&self) -> io::Result<()>;
@@ -160,6 +165,15 @@ impl LayerOps {
     pub fn remove(&self, name: &str) -> Result<(), LayerError> {
         self.engine.remove_layer(name).map_err(LayerError::Engine)?;
         self.kernel.forget_layer_entry(name);
+        Ok(())
+    }
+
+    /// [`LayerOps::remove`] of a layer nobody looks up through the mount
+    /// any more (its containerd snapshot is gone): the call does not wait
+    /// for the kernel to drop what it cached below the layer's directory.
+    pub fn remove_unseen(&self, name: &str) -> Result<(), LayerError> {
+        self.engine.remove_layer(name).map_err(LayerError::Engine)?;
+        self.kernel.forget_removed_layer(name);
         Ok(())
     }
 

@@ -27,15 +27,24 @@ pub struct Service {
     pub(crate) table: Arc<Table>,
 }
 
+/// Runs snapshotter call `call` on the blocking pool; its duration is
+/// logged at debug level.
 async fn blocking<T: Send + 'static>(
+    call: &'static str,
     table: &Arc<Table>,
     f: impl FnOnce(&Table) -> Result<T> + Send + 'static,
 ) -> std::result::Result<T, Status> {
     let table = table.clone();
-    match tokio::task::spawn_blocking(move || f(&table)).await {
+    let start = std::time::Instant::now();
+    let r = tokio::task::spawn_blocking(move || f(&table)).await;
+    log::debug!(
+        "snapshotter {call}: {:.1} ms",
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    match r {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
-            log::debug!("snapshotter call failed: {e}");
+            log::debug!("snapshotter {call} failed: {e}");
             Err(e.into())
         }
         Err(e) => Err(Status::internal(format!("snapshotter task failed: {e}"))),
@@ -88,7 +97,7 @@ impl Snapshots for Service {
         request: Request<PrepareSnapshotRequest>,
     ) -> std::result::Result<Response<PrepareSnapshotResponse>, Status> {
         let r = request.into_inner();
-        let m = blocking(&self.table, move |t| {
+        let m = blocking("Prepare", &self.table, move |t| {
             t.create(Kind::Active, &r.key, &r.parent, labels(r.labels))
         })
         .await?;
@@ -100,7 +109,7 @@ impl Snapshots for Service {
         request: Request<ViewSnapshotRequest>,
     ) -> std::result::Result<Response<ViewSnapshotResponse>, Status> {
         let r = request.into_inner();
-        let m = blocking(&self.table, move |t| {
+        let m = blocking("View", &self.table, move |t| {
             t.create(Kind::View, &r.key, &r.parent, labels(r.labels))
         })
         .await?;
@@ -112,7 +121,7 @@ impl Snapshots for Service {
         request: Request<MountsRequest>,
     ) -> std::result::Result<Response<MountsResponse>, Status> {
         let r = request.into_inner();
-        let m = blocking(&self.table, move |t| t.mounts(&r.key)).await?;
+        let m = blocking("Mounts", &self.table, move |t| t.mounts(&r.key)).await?;
         Ok(Response::new(MountsResponse { mounts: mounts(m) }))
     }
 
@@ -121,7 +130,7 @@ impl Snapshots for Service {
         request: Request<CommitSnapshotRequest>,
     ) -> std::result::Result<Response<()>, Status> {
         let r = request.into_inner();
-        blocking(&self.table, move |t| {
+        blocking("Commit", &self.table, move |t| {
             // containerd 2.1's commit onto another parent (rebase) is not
             // offered; naming the active's own parent is harmless.
             if !r.parent.is_empty() && t.stat(&r.key).map(|i| i.parent)? != r.parent {
@@ -140,7 +149,7 @@ impl Snapshots for Service {
         request: Request<RemoveSnapshotRequest>,
     ) -> std::result::Result<Response<()>, Status> {
         let r = request.into_inner();
-        blocking(&self.table, move |t| t.remove(&r.key)).await?;
+        blocking("Remove", &self.table, move |t| t.remove(&r.key)).await?;
         Ok(Response::new(()))
     }
 
@@ -149,7 +158,7 @@ impl Snapshots for Service {
         request: Request<StatSnapshotRequest>,
     ) -> std::result::Result<Response<StatSnapshotResponse>, Status> {
         let r = request.into_inner();
-        let i = blocking(&self.table, move |t| t.stat(&r.key)).await?;
+        let i = blocking("Stat", &self.table, move |t| t.stat(&r.key)).await?;
         Ok(Response::new(StatSnapshotResponse {
             info: Some(info(i)),
         }))
@@ -167,7 +176,7 @@ impl Snapshots for Service {
         if paths.len() > crate::table::LABELS_MAX_COUNT + 1 {
             return Err(Error::InvalidArgument("too many update paths".into()).into());
         }
-        let updated = blocking(&self.table, move |t| {
+        let updated = blocking("Update", &self.table, move |t| {
             t.update(&i.name, labels(i.labels), &paths)
         })
         .await?;
@@ -183,7 +192,7 @@ impl Snapshots for Service {
         request: Request<ListSnapshotsRequest>,
     ) -> std::result::Result<Response<Self::ListStream>, Status> {
         let r = request.into_inner();
-        let all = blocking(&self.table, move |t| {
+        let all = blocking("List", &self.table, move |t| {
             let filters = Filters::parse(&r.filters)?;
             Ok(t.list(&filters))
         })
@@ -219,7 +228,7 @@ impl Snapshots for Service {
         request: Request<UsageRequest>,
     ) -> std::result::Result<Response<UsageResponse>, Status> {
         let r = request.into_inner();
-        let u = blocking(&self.table, move |t| t.usage(&r.key)).await?;
+        let u = blocking("Usage", &self.table, move |t| t.usage(&r.key)).await?;
         Ok(Response::new(UsageResponse {
             size: i64::try_from(u.size_bytes).unwrap_or(i64::MAX),
             inodes: i64::try_from(u.inodes).unwrap_or(i64::MAX),
@@ -230,7 +239,7 @@ impl Snapshots for Service {
         &self,
         _request: Request<CleanupRequest>,
     ) -> std::result::Result<Response<()>, Status> {
-        let freed = blocking(&self.table, |t| t.cleanup()).await?;
+        let freed = blocking("Cleanup", &self.table, |t| t.cleanup()).await?;
         if freed > 0 {
             log::info!("cleanup freed {freed} removed snapshot layer(s)");
         }

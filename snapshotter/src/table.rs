@@ -755,7 +755,7 @@ impl Table {
         // Each pass frees at least one layer or stops: bounded by the count.
         loop {
             let before = left.len();
-            left.retain(|layer| match self.layers.remove(layer) {
+            left.retain(|layer| match self.layers.remove_unseen(layer) {
                 Ok(()) | Err(LayerError::Engine(lcfs_engine::Error::NotFound)) => {
                     freed.push(layer.clone());
                     false
