@@ -179,36 +179,28 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
             );
             if n.level == 0 {
                 for (k, v) in n.keys.iter().zip(&n.values) {
-                    if k.kind == KIND_EXTENT && layer != 0 {
-                        match ExtentValue::decode(v) {
-                            Ok(e) => {
-                                r.extents += 1;
-                                referenced.set(e.lbn);
-                                if !mapped.get(e.lbn) {
-                                    r.error(format!(
-                                        "extent {k:?} points at unmapped block {}",
-                                        e.lbn
-                                    ));
-                                }
-                                if !ancestors
-                                    .get(&layer)
-                                    .is_some_and(|a| a.contains(&e.birth_layer))
-                                {
-                                    r.error(format!(
-                                        "extent {k:?} born in layer {}, not an ancestor",
-                                        e.birth_layer
-                                    ));
-                                }
-                                // Ownership sits in the birth layer's own leaf;
-                                // copies in descendants' leaves are references.
-                                if e.birth_layer == n.owner {
-                                    *owned_count.entry(e.birth_layer).or_default() += 1;
-                                    if let Some((_, owners)) = shared_owners.get_mut(&e.lbn) {
-                                        *owners += 1;
-                                    }
-                                }
-                            }
-                            Err(e) => r.error(format!("bad extent {k:?}: {e}")),
+                    if k.kind != KIND_EXTENT || layer == 0 {
+                        continue;
+                    }
+                    let Some(e) = extent(&mut r, k, v, (layer, false), &mapped, &mut referenced)
+                    else {
+                        continue;
+                    };
+                    if !ancestors
+                        .get(&layer)
+                        .is_some_and(|a| a.contains(&e.birth_layer))
+                    {
+                        r.error(format!(
+                            "extent {k:?} born in layer {}, not an ancestor",
+                            e.birth_layer
+                        ));
+                    }
+                    // Ownership sits in the birth layer's own leaf; copies
+                    // in descendants' leaves are references.
+                    if e.birth_layer == n.owner {
+                        *owned_count.entry(e.birth_layer).or_default() += 1;
+                        if let Some((_, owners)) = shared_owners.get_mut(&e.lbn) {
+                            *owners += 1;
                         }
                     }
                 }
@@ -273,23 +265,12 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
                 if k.kind != KIND_EXTENT {
                     continue;
                 }
-                match ExtentValue::decode(v) {
-                    Ok(e) => {
-                        r.extents += 1;
-                        referenced.set(e.lbn);
-                        if !mapped.get(e.lbn) {
-                            r.error(format!(
-                                "extent {k:?} of removed layer {layer} points at unmapped block {}",
-                                e.lbn
-                            ));
-                        }
-                        if e.birth_layer == layer {
-                            if let Some((_, owners)) = shared_owners.get_mut(&e.lbn) {
-                                *owners += 1;
-                            }
+                if let Some(e) = extent(&mut r, k, v, (layer, true), &mapped, &mut referenced) {
+                    if e.birth_layer == layer {
+                        if let Some((_, owners)) = shared_owners.get_mut(&e.lbn) {
+                            *owners += 1;
                         }
                     }
-                    Err(e) => r.error(format!("bad extent {k:?} of removed layer {layer}: {e}")),
                 }
             }
         }
@@ -451,6 +432,38 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
         );
     }
     Ok(r)
+}
+
+/// An extent of a layer's tree (`removed`: a layer being removed): counted,
+/// its block referenced and checked to be mapped; None (reported) when it
+/// does not decode.
+fn extent(
+    r: &mut FsckReport,
+    k: &Key,
+    v: &[u8],
+    (layer, removed): (u64, bool),
+    mapped: &Bitmap,
+    referenced: &mut Bitmap,
+) -> Option<ExtentValue> {
+    let what = || format!("{}layer {layer}", if removed { "removed " } else { "" });
+    match ExtentValue::decode(v) {
+        Ok(e) => {
+            r.extents += 1;
+            referenced.set(e.lbn);
+            if !mapped.get(e.lbn) {
+                r.error(format!(
+                    "extent {k:?} of {} points at unmapped block {}",
+                    what(),
+                    e.lbn
+                ));
+            }
+            Some(e)
+        }
+        Err(e) => {
+            r.error(format!("bad extent {k:?} of {}: {e}", what()));
+            None
+        }
+    }
 }
 
 fn check_node_shape(

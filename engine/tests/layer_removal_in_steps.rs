@@ -51,6 +51,16 @@ fn reopened(dev: Arc<MemDevice>, files: &[u64]) -> (Arc<Engine>, u64) {
     (e, other)
 }
 
+/// Live bytes are back within 1 MiB of `before`, what they were before the
+/// removed layers were written.
+fn all_freed(e: &Engine, before: u64) {
+    let live = e.stats().live_bytes;
+    assert!(
+        live < before + (1 << 20),
+        "{live} bytes live, {before} before the removed layers: not all freed"
+    );
+}
+
 fn reads_back(e: &Engine, l: u64, inodes: &[u64]) {
     for (i, ino) in inodes.iter().enumerate() {
         assert_eq!(
@@ -101,11 +111,7 @@ fn other_layers_go_on_between_steps_and_a_checkpoint_records_what_is_left() {
     assert_eq!(e.removals_pending(), 0);
     e.sync().unwrap();
     assert_clean(&e);
-    let live = e.stats().live_bytes;
-    assert!(
-        live < live_before + (1 << 20),
-        "{live} bytes live, {live_before} before the big layer: its 16 MiB are not all freed"
-    );
+    all_freed(&e, live_before);
     holds(&e, other, b"late", 7, 65536);
     holds(&e, e.layer_id("big").unwrap(), b"new", 99, 8192);
     drop(e);
@@ -140,11 +146,7 @@ fn a_crash_between_steps_goes_on_from_the_last_checkpoint() {
     e.reclaim_removed().unwrap();
     e.sync().unwrap();
     assert_clean(&e);
-    let live = e.stats().live_bytes;
-    assert!(
-        live < live_before + (1 << 20),
-        "{live} bytes live, {live_before} before: the big layer is not all freed"
-    );
+    all_freed(&e, live_before);
 }
 
 #[test]
@@ -187,11 +189,7 @@ fn a_clone_and_its_parent_removed_together_free_the_clone_first() {
     e.reclaim_removed().unwrap();
     e.sync().unwrap();
     assert_clean(&e);
-    let live = e.stats().live_bytes;
-    assert!(
-        live < live_before + (1 << 20),
-        "{live} bytes live, {live_before} before: parent and child not all freed"
-    );
+    all_freed(&e, live_before);
     drop(e);
     reopened(dev, &other_files);
 }
@@ -236,7 +234,7 @@ fn with_a_background_thread_remove_returns_before_the_space_is_free() {
     }
     e.sync().unwrap();
     assert_clean(&e);
-    assert!(e.stats().live_bytes < live_before + (1 << 20));
+    all_freed(&e, live_before);
     drop(e);
     reopened(dev, &other_files);
 }
