@@ -104,10 +104,11 @@ fi
 # image the Docker checks build (scripts/e2e/images.py); fonts-dejavu-core: the
 # benchmark charts' text (lcfs-bench-report); prometheus: the server that
 # scrapes three daemons in scripts/e2e/prometheus.sh (installed, its service
-# never started here).
+# never started here); fsverity: the independent file digests that layer
+# digests are checked against.
 APT_PACKAGES=(
     fio fuse3 util-linux e2fsprogs btrfs-progs debootstrap kmod docker.io runc tini fuse-overlayfs
-    jq curl ca-certificates g++ python3 busybox-static fonts-dejavu-core prometheus
+    jq curl ca-certificates g++ python3 busybox-static fonts-dejavu-core prometheus fsverity
 )
 # What scripts/demo.sh uses: the FUSE front, runc, the image builder
 # (python3, busybox-static), and for its docker part Docker 20.10.

@@ -767,6 +767,12 @@ pub fn stats(socket: &Path, as_json: bool) -> Result<()> {
     Ok(())
 }
 
+/// The running daemon's digest of layer `name` (it reads every file: no
+/// time limit).
+pub fn layer_digest(socket: &Path, name: &str) -> Result<crate::protocol::LayerDigest> {
+    request(socket, json!({"op": "layer.digest", "name": name}), None)
+}
+
 pub fn fsck_online(socket: &Path, verify_data: bool) -> Result<FsckReport> {
     request(
         socket,

@@ -215,6 +215,14 @@ impl Control {
                 self.write_back()?;
                 self.layer(&a.name)
             }
+            "layer.digest" => {
+                let a: NameArgs = args(&op, fields)?;
+                // The digest covers what the kernel still caches.
+                self.write_back()?;
+                let d = lcfs_engine::digest::layer_digest(self.engine(), &a.name, |_| {})
+                    .map_err(|e| Refusal::engine(&format!("digest of layer {:?}", a.name), e))?;
+                to_value(&protocol::LayerDigest::new(&a.name, &d))
+            }
             "sync" => {
                 let _: NoArgs = args(&op, fields)?;
                 self.layers.sync().map_err(|e| Refusal::layer("sync", e))?;

@@ -318,6 +318,26 @@ a layer with children is read-only). The layer appears as <mount>/NAME/.")]
         #[arg(long)]
         json: bool,
     },
+    /// Compute a layer's root digest from its content and metadata
+    #[command(long_about = "\
+Compute layer NAME's root: SHA-256 over every entry it shows (path, type,
+mode, owner, xattrs, link target, and each regular file's fs-verity digest),
+in a fixed order (docs/format.md, \"Layer digests\"). The same tree gives the
+same root on any device or host; times do not count. It reads every file.
+With --expect, exits 1 unless the root is that digest.")]
+    Digest {
+        name: String,
+        /// The root it must have (sha256:<64 hex digits>)
+        #[arg(long, value_name = "DIGEST")]
+        expect: Option<String>,
+        /// Read DEVICE directly instead of asking the daemon (no daemon may
+        /// hold it)
+        #[arg(long, value_name = "DEVICE")]
+        device: Option<PathBuf>,
+        /// Print the result as JSON (the `layer.digest` result)
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -515,6 +535,12 @@ fn run(cli: Cli) -> Result<()> {
             LayerCommand::Rm { name } => client::layer_remove(socket, &name),
             LayerCommand::Ls { json } => client::layer_list(socket, json),
             LayerCommand::Stat { name, json } => client::layer_stat(socket, &name, json),
+            LayerCommand::Digest {
+                name,
+                expect,
+                device,
+                json,
+            } => fsck::layer_digest(socket, &name, expect.as_deref(), device.as_deref(), json),
         },
         Command::Top(TopCommand::Layers(a)) => match &a.fleet.token_file {
             Some(token) if !a.fleet.hosts.is_empty() => {

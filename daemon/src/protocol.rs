@@ -20,6 +20,7 @@ pub const OPS: &[&str] = &[
     "layer.remove",
     "layer.list",
     "layer.stat",
+    "layer.digest",
     "image.list",
     "image.files",
     "statistics",
@@ -238,6 +239,29 @@ pub struct HotFile {
     pub reads: u64,
     pub bytes: u64,
     pub error: u64,
+}
+
+/// What `layer.digest` returns (docs/format.md, "Layer digests").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerDigest {
+    pub name: String,
+    /// `sha256:<hex>`.
+    pub root: String,
+    pub entries: u64,
+    pub files: u64,
+    pub file_bytes: u64,
+}
+
+impl LayerDigest {
+    pub fn new(name: &str, d: &lcfs_engine::digest::LayerDigest) -> LayerDigest {
+        LayerDigest {
+            name: name.to_string(),
+            root: lcfs_engine::digest::digest_string(&d.root),
+            entries: d.entries,
+            files: d.files,
+            file_bytes: d.file_bytes,
+        }
+    }
 }
 
 /// What `stats` returns.

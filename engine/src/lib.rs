@@ -12,6 +12,7 @@ mod checkpoint;
 mod cleaner;
 pub mod device;
 mod diff;
+pub mod digest;
 mod engine;
 mod error;
 pub mod format;
