@@ -205,6 +205,9 @@ pub fn layer_stat(socket: &Path, name: &str, as_json: bool) -> Result<()> {
         None => println!("limit:     -"),
     }
     println!("inodes:    {}", l.inode_count);
+    if let Some(d) = &l.diff_id {
+        println!("diff id:   {d}");
+    }
     let u = &l.usage;
     println!(
         "clones:    {} (last {})",

@@ -295,7 +295,13 @@ impl Control {
             .engine()
             .layer_info(name)
             .map_err(|e| Refusal::engine(&format!("layer {name:?}"), e))?;
-        to_value(&Layer::from_info(&info, &self.mountpoint))
+        let mut layer = Layer::from_info(&info, &self.mountpoint);
+        layer.diff_id = self
+            .engine()
+            .layer_metadata(name)
+            .map_err(|e| Refusal::engine(&format!("metadata of layer {name:?}"), e))?
+            .remove(lcfs_dockerplugin::DIFF_ID_KEY);
+        to_value(&layer)
     }
 }
 

@@ -401,6 +401,7 @@ mod tests {
             inode_count: 1,
             path: String::new(),
             images: Vec::new(),
+            diff_id: None,
             usage: Usage {
                 clones,
                 last_clone: last.map(str::to_string),

@@ -72,6 +72,10 @@ pub struct Layer {
     /// containers), by name; empty in results other than lists.
     #[serde(default)]
     pub images: Vec<String>,
+    /// The SHA-256 of the uncompressed tar applied to it (an image layer's
+    /// DiffID, `sha256:<hex>`), when one was; in `layer.stat` only.
+    #[serde(default)]
+    pub diff_id: Option<String>,
 }
 
 /// A layer's usage counters (the engine's `LayerUsage`).
@@ -147,6 +151,7 @@ impl Layer {
             inode_count: info.inode_count,
             path: mountpoint.join(&info.name).display().to_string(),
             images: Vec::new(),
+            diff_id: None,
             usage: Usage {
                 clones: info.usage.clones,
                 last_clone: (info.usage.clones > 0).then(|| rfc3339(info.usage.last_clone)),

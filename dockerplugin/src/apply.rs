@@ -266,6 +266,49 @@ pub fn apply_tar(engine: &Engine, layer: u64, stream: impl Read) -> Result<u64> 
     apply(engine, layer, None, stream)
 }
 
+/// The layer metadata key holding the SHA-256 of the uncompressed tar
+/// applied to an image layer (its DiffID), as `sha256:<hex>`.
+pub const DIFF_ID_KEY: &str = "lcfs.diff_id";
+
+/// Reads through `inner`, hashing what it reads (SHA-256).
+pub struct Sha256Reader<R> {
+    inner: R,
+    hash: sha2::Sha256,
+}
+
+impl<R: Read> Sha256Reader<R> {
+    pub fn new(inner: R) -> Sha256Reader<R> {
+        Sha256Reader {
+            inner,
+            hash: sha2::Digest::new(),
+        }
+    }
+
+    /// The digest of everything read so far.
+    pub fn digest(&self) -> [u8; 32] {
+        sha2::Digest::finalize(self.hash.clone()).into()
+    }
+}
+
+impl<R: Read> Read for Sha256Reader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        sha2::Digest::update(&mut self.hash, &buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Records `diff_id` (the SHA-256 of the uncompressed tar applied) in layer
+/// `name`'s metadata under [`DIFF_ID_KEY`], its other keys kept.
+pub fn record_diff_id(engine: &Engine, name: &str, diff_id: &[u8; 32]) -> lcfs_engine::Result<()> {
+    let mut m = engine.layer_metadata(name)?;
+    m.insert(
+        DIFF_ID_KEY.into(),
+        lcfs_engine::digest::digest_string(diff_id),
+    );
+    engine.set_layer_metadata(name, &m)
+}
+
 fn bad_tar(entry: u64, detail: String) -> Error {
     Error::BadTar { entry, detail }
 }

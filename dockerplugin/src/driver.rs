@@ -481,10 +481,16 @@ impl Driver {
             )));
         }
         let lender = self.lender(parent);
-        let mut stream = stream;
+        let mut stream = crate::apply::Sha256Reader::new(stream);
         let started = std::time::Instant::now();
         let result = crate::apply::apply(engine, info.id, lender, &mut stream)
             .and_then(|size| drain_trailing(&mut stream).map(|_| size))
+            // What Docker calls the layer's DiffID: the tar as applied.
+            .and_then(|size| {
+                crate::apply::record_diff_id(engine, id, &stream.digest())
+                    .map_err(|e| Error::engine(format!("recording the DiffID of {id:?}"), e))
+                    .map(|_| size)
+            })
             // The pull's share of the statistics (docs/statistics.md).
             .and_then(|size| {
                 engine

@@ -11,6 +11,7 @@ mod common;
 use common::{read_tar, Entry, Plugin, TarMaker};
 use lcfs_engine::{Engine, FileKind, ROOT_INODE};
 use serde_json::json;
+use sha2::Digest;
 use std::collections::BTreeMap;
 
 fn base_tar() -> Vec<u8> {
@@ -381,7 +382,8 @@ fn replaced_directory_exports_an_opaque_marker() {
 
 /// Docker records the ApplyDiff stream as the plugin reads it and rebuilds
 /// `docker save` tars from that record, so ApplyDiff must read the record
-/// padding after the end-of-archive marker too, to the end of the body.
+/// padding after the end-of-archive marker too, to the end of the body; the
+/// layer's DiffID is the digest of all of it.
 #[test]
 fn apply_diff_reads_the_padding_after_the_archive() {
     let p = Plugin::start();
@@ -392,4 +394,9 @@ fn apply_diff_reads_the_padding_after_the_archive() {
     let answer = p.driver.apply_diff("padded", "", &mut stream);
     assert!(answer.get("Err").is_none(), "{answer}");
     assert_eq!(stream.position(), stream.get_ref().len() as u64);
+    // The DiffID recorded is the SHA-256 of the whole stream, padding
+    // included, as Docker computes it.
+    let want = lcfs_engine::digest::digest_string(&sha2::Sha256::digest(stream.get_ref()).into());
+    let meta = p.engine.layer_metadata("padded").unwrap();
+    assert_eq!(meta.get(lcfs_dockerplugin::DIFF_ID_KEY), Some(&want));
 }

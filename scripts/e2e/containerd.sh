@@ -126,14 +126,25 @@ mount_snapshot() {
 # system as SNAPSHOTTER unpacked it (a read-only view, as a container sees
 # it before it writes). Left out: the root entry (containerd makes it) and
 # directory link counts (overlayfs answers 1 for merged directories).
+# OUT.root: the view's layer root by scripts/layer-root.py (docs/format.md,
+# "Layer digests"); with lcfs also OUT.lcfs-root, `lcfs layer digest` of the
+# view's layer.
 image_manifest() {
-    local snapshotter=$1 image=$2 out=$3 dir
+    local snapshotter=$1 image=$2 out=$3 dir layer
     dir="$E2E_WORK/view-$snapshotter"
     mkdir -p "$dir"
     quietly ctrd images mount --snapshotter "$snapshotter" "$image" "$dir" ||
         die "ctr images mount $image ($snapshotter) failed"
     "${tree[@]}" manifest "$dir" | grep -v $'^\\.\t' |
         sed -E $'s/^([^\t]*\td\t[^\t]*\t[^\t]*\t)nlink=[0-9]+/\\1/' >"$out"
+    python3 "$E2E_DIR/../layer-root.py" "$dir" >"$out.root" || die "layer-root.py $dir failed"
+    if [[ $snapshotter == lcfs ]]; then
+        # The view is a bind mount of its layer's directory: lcfs[/LAYER].
+        layer=$(findmnt -n -o SOURCE --target "$dir" | sed -n 's|.*\[/\([^]/]*\)\]$|\1|p')
+        [[ -n $layer ]] || die "no lcfs layer behind $dir ($(findmnt -n -o SOURCE --target "$dir"))"
+        lcfs_ctl layer digest "$layer" --json | jq -r .root >"$out.lcfs-root" ||
+            die "lcfs layer digest $layer failed"
+    fi
     quietly ctrd images unmount --rm "$dir" || die "ctr images unmount $dir failed"
 }
 
@@ -417,6 +428,12 @@ for image in multilayer debian; do
     entries=$(wc -l <"$E2E_WORK/$image.$snap.manifest")
     if diff -u "$E2E_WORK/$image.overlayfs.manifest" "$E2E_WORK/$image.$snap.manifest" >"$E2E_WORK/$image.diff"; then
         say "ok: $image: all $entries entries equal on $snap and overlayfs ($((SECONDS - start)) s)"
+        if [[ $snap == lcfs ]]; then
+            expect "$image: lcfs layer digest equals layer-root.py over overlayfs's unpack" \
+                "$(cat "$E2E_WORK/$image.overlayfs.manifest.root")" "$(cat "$E2E_WORK/$image.$snap.manifest.lcfs-root")"
+            expect "$image: layer-root.py over lcfs's view agrees" \
+                "$(cat "$E2E_WORK/$image.$snap.manifest.root")" "$(cat "$E2E_WORK/$image.$snap.manifest.lcfs-root")"
+        fi
     else
         keep_artifacts "$E2E_WORK/$image.diff" "$E2E_WORK/$image.$snap.manifest" "$E2E_WORK/$image.overlayfs.manifest"
         head -n 20 "$E2E_WORK/$image.diff" >&2

@@ -454,6 +454,8 @@ fn apply_blob(
     engine
         .record_apply(layer, count, started.elapsed())
         .map_err(|e| Error::engine("recording the apply", e))?;
+    lcfs_dockerplugin::record_diff_id(engine, &job.layer, &digest)
+        .map_err(|e| Error::engine("recording the DiffID", e))?;
     if job.sync {
         engine
             .sync()

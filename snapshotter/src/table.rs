@@ -205,6 +205,10 @@ fn check_labels(labels: BTreeMap<String, String>) -> Result<BTreeMap<String, Str
     Ok(labels)
 }
 
+/// Metadata keys that are lcfs's own (a DiffID), kept when the snapshot's
+/// metadata is written again.
+const LCFS_KEYS_PREFIX: &str = "lcfs.";
+
 fn metadata_of(key: &str, e: &Entry) -> LayerMetadata {
     let mut m = LayerMetadata::new();
     m.insert(META_KEY.into(), key.into());
@@ -361,6 +365,21 @@ impl Table {
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// [`metadata_of`] for a snapshot whose layer exists, with the keys
+    /// lcfs keeps in it (the DiffID an apply recorded).
+    fn metadata_again(&self, key: &str, e: &Entry) -> Result<LayerMetadata> {
+        let mut m = metadata_of(key, e);
+        let old = self
+            .engine()
+            .layer_metadata(&e.layer)
+            .map_err(|err| Error::engine(format!("metadata of {key:?}"), err))?;
+        m.extend(
+            old.into_iter()
+                .filter(|(k, _)| k.starts_with(LCFS_KEYS_PREFIX)),
+        );
+        Ok(m)
     }
 
     fn sync(&self, what: &str) -> Result<()> {
@@ -538,8 +557,9 @@ impl Table {
         committed.labels = labels;
         committed.created = now;
         committed.updated = now;
+        let meta = self.metadata_again(name, &committed)?;
         self.layers
-            .freeze(&committed.layer, Some(&metadata_of(name, &committed)))
+            .freeze(&committed.layer, Some(&meta))
             .map_err(|err| layer_error(format!("committing {key:?} as {name:?}"), err))?;
         st.by_key.remove(key);
         st.by_key.insert(name.to_string(), committed);
@@ -561,7 +581,7 @@ impl Table {
                 e.children
             )));
         }
-        let mut meta = metadata_of(key, e);
+        let mut meta = self.metadata_again(key, e)?;
         meta.insert(META_REMOVED.into(), encode_time(Timestamp::now()));
         let layer = e.layer.clone();
         let parent = e.parent.clone();
@@ -622,8 +642,9 @@ impl Table {
         let mut entry = e.clone();
         entry.labels = check_labels(updated)?;
         entry.updated = Timestamp::now();
+        let meta = self.metadata_again(name, &entry)?;
         self.engine()
-            .set_layer_metadata(&entry.layer, &metadata_of(name, &entry))
+            .set_layer_metadata(&entry.layer, &meta)
             .map_err(|err| Error::engine(format!("updating {name:?}"), err))?;
         let info = entry.info(name);
         st.by_key.insert(name.to_string(), entry);

@@ -523,6 +523,16 @@ async fn plain_gzip_and_zstd_layers_are_applied_with_their_diff_digests() {
     commit(&mut s.snapshots, "second", "ns/2/extract second")
         .await
         .unwrap();
+    // Each layer keeps its DiffID (the uncompressed tar's digest) through
+    // the Commit that rewrote its metadata.
+    for (layer, tar) in [(&base_layer, &base), (&second_layer, &second)] {
+        let meta = s.engine.layer_metadata(layer).unwrap();
+        assert_eq!(
+            meta.get(lcfs_dockerplugin::DIFF_ID_KEY),
+            Some(&sha256(tar)),
+            "layer {layer}"
+        );
+    }
 
     // zstd, and a gzip stream under a media type that says plain Docker tar
     // (containerd detects compression by its first bytes for those).
