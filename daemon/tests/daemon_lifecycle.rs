@@ -28,10 +28,7 @@ fn refuses_an_unformatted_device() {
 
 #[test]
 fn sigterm_shuts_down_cleanly_and_the_device_is_exclusive() {
-    require_root_and_fuse();
-    let mut h = Harness::new();
-    h.mkfs();
-    h.start();
+    let mut h = Harness::started();
     assert!(Harness::is_mounted(&h.mountpoint));
     h.ok(&["layer", "create", "data"]);
     fs::write(h.mountpoint.join("data/file"), vec![7u8; 100_000]).unwrap();
@@ -83,10 +80,7 @@ fn sigterm_shuts_down_cleanly_and_the_device_is_exclusive() {
 
 #[test]
 fn a_dead_mount_from_kill_9_is_cleared_at_start() {
-    require_root_and_fuse();
-    let mut h = Harness::new();
-    h.mkfs();
-    h.start();
+    let mut h = Harness::started();
     h.ok(&["layer", "create", "kept"]);
     h.ok(&["sync"]);
     let status = h.stop_with(libc::SIGKILL);
@@ -122,10 +116,7 @@ fn space(h: &Harness) -> (u64, u64) {
 
 #[test]
 fn a_removal_cut_short_by_kill_9_goes_on_after_the_restart() {
-    require_root_and_fuse();
-    let mut h = Harness::new();
-    h.mkfs();
-    h.start();
+    let mut h = Harness::started();
     h.ok(&["layer", "create", "kept"]);
     fs::write(h.mountpoint.join("kept/file"), b"kept").unwrap();
     h.ok(&["sync"]);

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{require_root_and_fuse, Harness};
+use common::Harness;
 use std::ffi::CString;
 use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
@@ -90,10 +90,7 @@ fn root_of(json: &str) -> String {
 
 #[test]
 fn the_root_is_the_independent_readers_and_the_same_on_another_device() {
-    require_root_and_fuse();
-    let mut a = Harness::new();
-    a.mkfs();
-    a.start();
+    let mut a = Harness::started();
     a.ok(&["layer", "create", "img"]);
     write_tree(&a.mountpoint.join("img"), false);
     let root = root_of(&a.ok(&["layer", "digest", "img", "--json"]));
@@ -116,9 +113,7 @@ fn the_root_is_the_independent_readers_and_the_same_on_another_device() {
     }
 
     // Another device, the tree written in another order.
-    let mut b = Harness::new();
-    b.mkfs();
-    b.start();
+    let mut b = Harness::started();
     b.ok(&["layer", "create", "other"]);
     write_tree(&b.mountpoint.join("other"), true);
     b.ok(&["layer", "digest", "other", "--expect", &root]);
@@ -146,10 +141,7 @@ fn the_root_is_the_independent_readers_and_the_same_on_another_device() {
 
 #[test]
 fn bad_requests_get_clear_errors_and_change_nothing() {
-    require_root_and_fuse();
-    let mut h = Harness::new();
-    h.mkfs();
-    h.start();
+    let mut h = Harness::started();
     h.ok(&["layer", "create", "img"]);
     fs::write(h.mountpoint.join("img/f"), b"data").unwrap();
     let err = h.fails(&["layer", "digest", "nope"]);

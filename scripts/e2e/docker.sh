@@ -93,6 +93,9 @@ top=$(lcfs_ctl top layers --json)
 expect "busybox:e2e started 6 times" 6 "$(jq --arg l "$busybox_layer" '.[] | select(.name == $l) | .usage.clones' <<<"$top")"
 expect "debian:e2e started 4 times" 4 "$(jq --arg l "$debian_layer" '.[] | select(.name == $l) | .usage.clones' <<<"$top")"
 expect "the most started layer is busybox:e2e's" "$busybox_layer" "$(jq -r '.[0].name' <<<"$top")"
+# The layer keeps the digest of the tar dockerd applied: the image's DiffID.
+expect "busybox:e2e's layer keeps its DiffID" "$(d image inspect -f '{{index .RootFS.Layers 0}}' busybox:e2e)" \
+    "$(lcfs_ctl layer stat "$busybox_layer" --json | jq -r .diff_id)"
 read_back=$(jq --arg l "$busybox_layer" '.[] | select(.name == $l) | .usage.clone_bytes_read' <<<"$top")
 [[ $read_back -ge $((5 * busybox_bytes)) ]] ||
     fail "busybox:e2e's removed containers read $read_back bytes, expected at least 5 x $busybox_bytes"

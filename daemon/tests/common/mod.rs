@@ -66,6 +66,15 @@ impl Harness {
         }
     }
 
+    /// A fresh device with a daemon started on it (root and FUSE required).
+    pub fn started() -> Harness {
+        require_root_and_fuse();
+        let mut h = Harness::new();
+        h.mkfs();
+        h.start();
+        h
+    }
+
     /// Runs `lcfs ARGS --control-socket SOCKET` and returns its output.
     pub fn lcfs(&self, args: &[&str]) -> Output {
         Command::new(LCFS)
