@@ -494,6 +494,16 @@ if [[ $target == lcfs ]]; then
         "$(cat "$E2E_WORK/both.docker" "$E2E_WORK/both.ctr" | paste -sd '|')"
     layers=$(lcfs_ctl layer ls | grep -vc '^NAME' || true)
     say "lcfs layers with both front ends' images: $layers"
+    # The same layer tar through both front ends: both layers record its
+    # digest as their DiffID, and they have one root (docs/integrity.md).
+    diff_id="sha256:$(sha256sum <"$E2E_WORK/busybox-rootfs.tar" | cut -d' ' -f1)"
+    roots=()
+    for layer in $(lcfs_ctl layer ls --json | jq -r '.[].name'); do
+        [[ $(lcfs_ctl layer stat "$layer" --json | jq -r .diff_id) == "$diff_id" ]] || continue
+        roots+=("$(lcfs_ctl layer digest "$layer" --json | jq -r .root)")
+    done
+    expect "layers with busybox's DiffID (one through each front end)" 2 "${#roots[@]}"
+    expect "busybox through dockerd 20.10 and containerd: one layer root" "${roots[0]:-}" "${roots[1]:-none}"
     quietly docker_cli g rmi busybox:graphdriver || fail "docker rmi (20.10) failed"
     dockerd_stop g
     # The images go through lcfs's garbage collector, which removes them
