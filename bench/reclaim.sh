@@ -9,7 +9,8 @@
 #   idle           nothing else runs (the reader's baseline);
 #   write-fresh    N GiB into a new layer, in empty space: the peer, no
 #                  cleaning;
-#   remove-whole   that layer removed, and a sync: its segments die whole;
+#   remove-whole   that layer removed, until its space is freed, and a sync:
+#                  its segments die whole;
 #   remove-mixed   N GiB of image layers, written at the same time as N GiB
 #                  of a layer that stays (so segments hold both) and a filler
 #                  taking the device to about 88%, removed, and a sync;
@@ -146,10 +147,12 @@ timed_write() {
               blocks_relocated: ($a.engine.blocks_relocated - $b.engine.blocks_relocated)}')"
 }
 
-# timed_remove PHASE ROUND LAYER...: removes the layers and syncs; seconds
-# until df shows the space.
+# timed_remove PHASE ROUND LAYER...: removes the layers (`layer rm` answers
+# at once; the daemon frees their space in the background), waits until no
+# removal is pending, and syncs; seconds until then, when df shows the
+# space, and until the removals answered.
 timed_remove() {
-    local phase=$1 round=$2 t0 t1 before after
+    local phase=$1 round=$2 t0 t1 answered before after
     shift 2
     before=$(avail_bytes ctr)
     reader_start "$phase"
@@ -157,11 +160,16 @@ timed_remove() {
     for layer in "$@"; do
         ctl layer rm "$layer" >/dev/null
     done
+    answered=$(now_ns)
+    until [[ $(ctl stats --json | jq .removals_pending) == 0 ]]; do
+        sleep 0.01
+    done
     ctl sync >/dev/null
     t1=$(now_ns)
     after=$(avail_bytes ctr)
     reader_stop "$phase" "$round" "$(secs "$t0" "$t1")" 0 \
-        "$(jq -nc --argjson b "$before" --argjson a "$after" '{df_gib_back: ((($a - $b) / 1073741824) * 100 | round / 100)}')"
+        "$(jq -nc --argjson b "$before" --argjson a "$after" --argjson r "$(secs "$t0" "$answered")" \
+            '{df_gib_back: ((($a - $b) / 1073741824) * 100 | round / 100), rm_answered_s: $r}')"
 }
 
 results=$scratch/results.jsonl
@@ -242,5 +250,6 @@ print(f"\nwrite-reclaimed / write-fresh: {again / fresh:.2f} "
       f"blocks moved {med('write-reclaimed', 'blocks_relocated')})")
 for phase in ["remove-whole", "remove-mixed"]:
     if phase in rows:
-        print(f"{phase}: df shows {med(phase, 'df_gib_back')} GiB back after {med(phase, 'seconds'):.2f} s")
+        print(f"{phase}: df shows {med(phase, 'df_gib_back')} GiB back after {med(phase, 'seconds'):.2f} s"
+              f" (layer rm answered after {med(phase, 'rm_answered_s'):.3f} s)")
 PY
