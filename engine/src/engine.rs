@@ -1114,6 +1114,34 @@ impl Engine {
         self.lock().failed = Some("simulated crash".into());
     }
 
+    /// Changes the value `what` of file `ino` in `layer`'s tree where it
+    /// lies, as an edit of the device that fixes the node's checksum would
+    /// (see tamper.rs); returns the value before.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn tamper_value(
+        &self,
+        layer: u64,
+        ino: u64,
+        what: crate::Tampered,
+        mut f: impl FnMut(&mut Vec<u8>),
+    ) -> Result<Vec<u8>> {
+        self.lock().tamper_value(layer, ino, what, &mut f)
+    }
+
+    /// Changes block `index` of file `ino` in `layer` on the device in
+    /// place and fixes its checksum (see tamper.rs); returns the bytes
+    /// before.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn tamper_block(
+        &self,
+        layer: u64,
+        ino: u64,
+        index: u64,
+        mut f: impl FnMut(&mut [u8]),
+    ) -> Result<Vec<u8>> {
+        self.lock().tamper_block(layer, ino, index, &mut f)
+    }
+
     /// Makes the next layer created get id `id` (at least the next one it
     /// would get): tests use it to reach large layer ids without creating
     /// every layer in between.

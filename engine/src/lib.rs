@@ -31,6 +31,8 @@ mod removal;
 mod sharing;
 mod space;
 mod store;
+#[cfg(any(test, feature = "testing"))]
+mod tamper;
 mod tree;
 mod writer;
 
@@ -54,3 +56,5 @@ pub use histogram::{
 pub use hotfiles::{HotFile, HOT_FILES_K};
 pub use metadata::{LayerMetadata, MAX_METADATA_BYTES};
 pub use store::{Config, Counters, EARLY_FILES_MAX};
+#[cfg(any(test, feature = "testing"))]
+pub use tamper::Tampered;

@@ -328,6 +328,23 @@ impl Log {
     }
 
     /// The bytes of `block` if it is still in a stream buffer.
+    /// The copy of `block` in an open segment's buffer, to change (testing
+    /// hooks that edit the device change it too, or reads would not see
+    /// their edit).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn open_segment_block_mut(&mut self, block: u64) -> Option<&mut [u8]> {
+        for st in &mut self.streams {
+            if let Some(seg) = st.seg {
+                let start = self.geo.segment_start(seg);
+                if block >= start && block < start + st.fill as u64 {
+                    let i = (block - start) as usize;
+                    return Some(&mut st.buf[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]);
+                }
+            }
+        }
+        None
+    }
+
     pub fn buffered_block(&self, block: u64) -> Option<&[u8]> {
         for f in &self.inflight {
             if block >= f.start_block && block < f.start_block + f.valid_blocks as u64 {
