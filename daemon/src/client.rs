@@ -772,8 +772,30 @@ pub fn stats(socket: &Path, as_json: bool) -> Result<()> {
 
 /// The running daemon's digest of layer `name` (it reads every file: no
 /// time limit).
-pub fn layer_digest(socket: &Path, name: &str) -> Result<crate::protocol::LayerDigest> {
-    request(socket, json!({"op": "layer.digest", "name": name}), None)
+pub fn layer_digest(
+    socket: &Path,
+    name: &str,
+    manifest: Option<&Path>,
+) -> Result<crate::protocol::LayerDigest> {
+    let mut r = json!({"op": "layer.digest", "name": name});
+    if let Some(m) = manifest {
+        r["manifest"] = json!(m.to_string_lossy());
+    }
+    request(socket, r, None)
+}
+
+/// The running daemon's check of layer `name` against the manifest at
+/// `manifest` (an absolute path the daemon reads).
+pub fn layer_verify(
+    socket: &Path,
+    name: &str,
+    manifest: &Path,
+) -> Result<crate::protocol::Verification> {
+    request(
+        socket,
+        json!({"op": "layer.verify", "name": name, "manifest": manifest.to_string_lossy()}),
+        None,
+    )
 }
 
 pub fn fsck_online(socket: &Path, verify_data: bool) -> Result<FsckReport> {

@@ -69,6 +69,23 @@ struct NameArgs {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct DigestArgs {
+    name: String,
+    /// Where to write the layer's manifest (an absolute path), if wanted.
+    #[serde(default)]
+    manifest: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyArgs {
+    name: String,
+    /// A manifest `layer.digest` wrote (an absolute path).
+    manifest: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct FsckArgs {
     #[serde(default)]
     verify_data: bool,
@@ -89,6 +106,19 @@ impl Refusal {
         Refusal {
             errno: libc::EINVAL,
             message: message.into(),
+        }
+    }
+
+    /// A command's error: the engine's errno, EINVAL for the rest.
+    fn from_error(e: crate::error::Error) -> Refusal {
+        let errno = match &e {
+            crate::error::Error::Engine { source, .. } => source.errno(),
+            crate::error::Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            _ => libc::EINVAL,
+        };
+        Refusal {
+            errno,
+            message: e.to_string(),
         }
     }
 
@@ -216,12 +246,24 @@ impl Control {
                 self.layer(&a.name)
             }
             "layer.digest" => {
-                let a: NameArgs = args(&op, fields)?;
+                let a: DigestArgs = args(&op, fields)?;
                 // The digest covers what the kernel still caches.
                 self.write_back()?;
-                let d = lcfs_engine::digest::layer_digest(self.engine(), &a.name, |_| {})
-                    .map_err(|e| Refusal::engine(&format!("digest of layer {:?}", a.name), e))?;
-                to_value(&protocol::LayerDigest::new(&a.name, &d))
+                let d = crate::fsck::digest_with_manifest(
+                    self.engine(),
+                    &a.name,
+                    a.manifest.as_deref().map(std::path::Path::new),
+                )
+                .map_err(Refusal::from_error)?;
+                to_value(&d)
+            }
+            "layer.verify" => {
+                let a: VerifyArgs = args(&op, fields)?;
+                self.write_back()?;
+                let v =
+                    crate::fsck::verify(self.engine(), &a.name, std::path::Path::new(&a.manifest))
+                        .map_err(Refusal::from_error)?;
+                to_value(&v)
             }
             "sync" => {
                 let _: NoArgs = args(&op, fields)?;

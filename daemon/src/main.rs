@@ -143,6 +143,32 @@ hits and misses, layers, free segments and space.")]
         json: bool,
     },
 
+    /// Check a layer against a manifest: every entry whose content or
+    /// metadata differs (exit 1 when any does)
+    #[command(long_about = "\
+Check layer NAME against MANIFEST (written earlier by `lcfs layer digest NAME
+--manifest MANIFEST`): prints each entry whose content, type, mode, owner,
+device number, xattrs or link target differs, or that is missing or added,
+and exits 1 when any is. With --expect, also exits 1 unless the manifest's
+root (its SHA-256) is DIGEST: a root kept apart from the device, next to an
+image signature, proves the manifest is that layer's (docs/integrity.md).")]
+    Verify {
+        name: String,
+        /// The manifest to check against
+        #[arg(long, value_name = "FILE")]
+        manifest: PathBuf,
+        /// The root the manifest must have (sha256:<64 hex digits>)
+        #[arg(long, value_name = "DIGEST")]
+        expect: Option<String>,
+        /// Read DEVICE directly instead of asking the daemon (no daemon may
+        /// hold it)
+        #[arg(long, value_name = "DEVICE")]
+        device: Option<PathBuf>,
+        /// Print the result as JSON (the `layer.verify` result)
+        #[arg(long)]
+        json: bool,
+    },
+
     /// Check a device's structure offline (exit 1 when it finds problems)
     #[command(long_about = "\
 Check that every structure on DEVICE is consistent: superblocks, the address
@@ -330,6 +356,11 @@ With --expect, exits 1 unless the root is that digest.")]
         /// The root it must have (sha256:<64 hex digits>)
         #[arg(long, value_name = "DIGEST")]
         expect: Option<String>,
+        /// Also write the layer's manifest to FILE (a new file): every
+        /// entry's record; its SHA-256 is the root; `lcfs verify` checks a
+        /// layer against it
+        #[arg(long, value_name = "FILE")]
+        manifest: Option<PathBuf>,
         /// Read DEVICE directly instead of asking the daemon (no daemon may
         /// hold it)
         #[arg(long, value_name = "DEVICE")]
@@ -538,9 +569,17 @@ fn run(cli: Cli) -> Result<()> {
             LayerCommand::Digest {
                 name,
                 expect,
+                manifest,
                 device,
                 json,
-            } => fsck::layer_digest(socket, &name, expect.as_deref(), device.as_deref(), json),
+            } => fsck::layer_digest(
+                socket,
+                &name,
+                expect.as_deref(),
+                manifest.as_deref(),
+                device.as_deref(),
+                json,
+            ),
         },
         Command::Top(TopCommand::Layers(a)) => match &a.fleet.token_file {
             Some(token) if !a.fleet.hosts.is_empty() => {
@@ -580,6 +619,20 @@ fn run(cli: Cli) -> Result<()> {
             client::statistics(socket, state.as_deref().map(|s| s == "on"))
         }
         Command::Stats { json } => client::stats(socket, json),
+        Command::Verify {
+            name,
+            manifest,
+            expect,
+            device,
+            json,
+        } => fsck::verify_command(
+            socket,
+            &name,
+            &manifest,
+            expect.as_deref(),
+            device.as_deref(),
+            json,
+        ),
         Command::Fsck(a) => {
             let (what, report) = if a.online {
                 (

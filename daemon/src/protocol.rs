@@ -21,6 +21,7 @@ pub const OPS: &[&str] = &[
     "layer.list",
     "layer.stat",
     "layer.digest",
+    "layer.verify",
     "image.list",
     "image.files",
     "statistics",
@@ -268,6 +269,33 @@ impl LayerDigest {
         }
     }
 }
+
+/// What `layer.verify` returns: the layer against a manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verification {
+    pub name: String,
+    /// The layer's root now.
+    pub root: String,
+    /// The root the manifest hashes to (what the layer had when it was written).
+    pub manifest_root: String,
+    /// Entries that differ, in path order, at most [`VERIFY_LISTED_MAX`].
+    pub differences: Vec<Difference>,
+    /// How many differ in all.
+    pub differences_total: u64,
+}
+
+/// One entry that differs from the manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Difference {
+    /// Its path in the layer (lossy UTF-8).
+    pub path: String,
+    /// "missing", "added", or what differs: "type", "content", "mode",
+    /// "owner", "device", "xattrs", "link target".
+    pub what: Vec<String>,
+}
+
+/// Differences a verification lists at most (it counts them all).
+pub const VERIFY_LISTED_MAX: usize = 10_000;
 
 /// What `stats` returns.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -165,3 +165,65 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
     let report = h.ok(&["fsck", h.device_str()]);
     assert!(report.contains(": clean"), "{report}");
 }
+
+#[test]
+fn verify_names_each_entry_that_differs_from_a_manifest() {
+    let mut h = Harness::started();
+    h.ok(&["layer", "create", "img"]);
+    let dir = h.mountpoint.join("img");
+    write_tree(&dir, false);
+    let manifest = h.dir.path().join("img.manifest");
+    let m = manifest.to_str().unwrap();
+    let root = root_of(&h.ok(&["layer", "digest", "img", "--manifest", m, "--json"]));
+    // The manifest's SHA-256 is the root.
+    let sum = run("sha256sum", &[m]);
+    assert_eq!(format!("sha256:{}", &sum[..64]), root);
+    let out = h.ok(&["verify", "img", "--manifest", m, "--expect", &root]);
+    assert!(out.contains("0 entries differ"), "{out}");
+    // A second manifest is never written over the first.
+    let err = h.fails(&["layer", "digest", "img", "--manifest", m]);
+    assert!(err.contains("exists"), "{err}");
+
+    fs::set_permissions(dir.join("etc/hostname"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(dir.join("usr/lib/two-levels"), b"replaced").unwrap();
+    fs::write(dir.join("new"), b"added").unwrap();
+    fs::remove_file(dir.join("a/fifo")).unwrap();
+    let out = h.lcfs(&["verify", "img", "--manifest", m, "--json"]);
+    assert!(!out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got: Vec<String> = v["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| format!("{} {}", d["path"].as_str().unwrap(), d["what"]))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            r#"a/fifo ["missing"]"#,
+            r#"etc/hostname ["mode"]"#,
+            r#"new ["added"]"#,
+            r#"usr/lib/two-levels ["content"]"#,
+        ],
+        "{v}"
+    );
+    // A root that is not the manifest's.
+    let other = format!("sha256:{}", "0".repeat(64));
+    let err = h.fails(&["verify", "img", "--manifest", m, "--expect", &other]);
+    assert!(err.contains("not the expected"), "{err}");
+    // Not a manifest.
+    let junk = h.dir.path().join("junk");
+    fs::write(&junk, b"junk").unwrap();
+    let err = h.fails(&["verify", "img", "--manifest", junk.to_str().unwrap()]);
+    assert!(err.contains("not an lcfs layer manifest"), "{err}");
+
+    // Offline, the same report.
+    h.ok(&["sync"]);
+    assert!(h.stop_with(libc::SIGTERM).success());
+    let out = h.lcfs(&["verify", "img", "--manifest", m, "--device", h.device_str()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success() && text.contains("4 entries differ"),
+        "{text}"
+    );
+}

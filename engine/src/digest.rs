@@ -15,8 +15,9 @@ use std::collections::HashMap;
 const BLOCK: usize = 4096;
 /// How much of a file one engine read asks for.
 const READ_BYTES: usize = 1 << 20;
-/// What the layer root hashes first: the construction and its version.
-const ROOT_DOMAIN: &[u8] = b"lcfs layer root v1\0";
+/// What the layer root hashes first (and a manifest starts with): the
+/// construction and its version.
+pub const ROOT_DOMAIN: &[u8] = b"lcfs layer root v1\0";
 /// Directory depth walked at most (the kernel's path limit allows 2048).
 const MAX_DEPTH: usize = 4096;
 
@@ -36,11 +37,208 @@ pub struct LayerDigest {
 
 /// One entry as [`layer_digest`] hashes it, for a caller that reports per
 /// file: its path (no leading slash; empty for the root), attributes and,
-/// for a regular file, its fs-verity digest.
+/// for a regular file, its fs-verity digest; `record` is what the root
+/// hashes for it (a manifest is these records, after [`ROOT_DOMAIN`]).
 pub struct Entry<'a> {
     pub path: &'a [u8],
     pub attr: &'a Attr,
     pub file_digest: Option<&'a Sha256Digest>,
+    pub record: &'a Record,
+}
+
+/// One entry's record in the layer root (docs/format.md, "Layer digests").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub path: Vec<u8>,
+    /// 1 file, 2 directory, 3 symlink, 4 character device, 5 block
+    /// device, 6 fifo, 7 socket.
+    pub kind: u8,
+    /// Permission and set-id bits.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u64,
+    /// Sorted by name.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    pub target: Vec<u8>,
+    /// The file digest of a regular file, else zeros.
+    pub digest: Sha256Digest,
+}
+
+/// Largest string a record decodes (paths, names, values, targets).
+const RECORD_STRING_MAX: usize = 1 << 20;
+/// Most xattrs a record decodes.
+const RECORD_XATTRS_MAX: usize = 1 << 16;
+
+impl Record {
+    /// Appends the record's bytes.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let string = |out: &mut Vec<u8>, b: &[u8]| {
+            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            out.extend_from_slice(b);
+        };
+        string(out, &self.path);
+        out.push(self.kind);
+        out.extend_from_slice(&self.mode.to_le_bytes());
+        out.extend_from_slice(&self.uid.to_le_bytes());
+        out.extend_from_slice(&self.gid.to_le_bytes());
+        out.extend_from_slice(&self.rdev.to_le_bytes());
+        out.extend_from_slice(&(self.xattrs.len() as u32).to_le_bytes());
+        for (name, value) in &self.xattrs {
+            string(out, name);
+            string(out, value);
+        }
+        string(out, &self.target);
+        out.extend_from_slice(&self.digest);
+    }
+
+    /// The record at the start of `b` and its length in bytes.
+    pub fn decode(b: &[u8]) -> Result<(Record, usize)> {
+        let mut c = Cursor { b, at: 0 };
+        let path = c.string()?;
+        let kind = c.take(1)?[0];
+        if !(1..=7).contains(&kind) {
+            return Err(Cursor::bad("an unknown entry type"));
+        }
+        let mode = c.u32()?;
+        let uid = c.u32()?;
+        let gid = c.u32()?;
+        let rdev = u64::from_le_bytes(c.take(8)?.try_into().expect("8 bytes"));
+        let count = c.u32()? as usize;
+        if count > RECORD_XATTRS_MAX {
+            return Err(Cursor::bad("too many xattrs"));
+        }
+        let mut xattrs = Vec::with_capacity(count.min(64));
+        for _ in 0..count {
+            let name = c.string()?;
+            let value = c.string()?;
+            xattrs.push((name, value));
+        }
+        let target = c.string()?;
+        let digest: Sha256Digest = c.take(32)?.try_into().expect("32 bytes");
+        let r = Record {
+            path,
+            kind,
+            mode,
+            uid,
+            gid,
+            rdev,
+            xattrs,
+            target,
+            digest,
+        };
+        Ok((r, c.at))
+    }
+
+    /// What differs from `other` (the same path): "type", "content",
+    /// "mode", "owner", "device", "xattrs", "link target".
+    pub fn differences(&self, other: &Record) -> Vec<&'static str> {
+        let mut d = Vec::new();
+        if self.kind != other.kind {
+            d.push("type");
+        }
+        if self.digest != other.digest {
+            d.push("content");
+        }
+        if self.mode != other.mode {
+            d.push("mode");
+        }
+        if (self.uid, self.gid) != (other.uid, other.gid) {
+            d.push("owner");
+        }
+        if self.rdev != other.rdev {
+            d.push("device");
+        }
+        if self.xattrs != other.xattrs {
+            d.push("xattrs");
+        }
+        if self.target != other.target {
+            d.push("link target");
+        }
+        d
+    }
+}
+
+/// Reads a record's fields in order, bounded.
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn bad(what: &str) -> Error {
+        Error::Invalid(format!("manifest record: {what}"))
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or_else(|| Self::bad("truncated"))?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+
+    fn string(&mut self) -> Result<Vec<u8>> {
+        let n = self.u32()? as usize;
+        if n > RECORD_STRING_MAX {
+            return Err(Self::bad("a string longer than 1 MiB"));
+        }
+        Ok(self.take(n)?.to_vec())
+    }
+}
+
+/// A manifest's records and the root they hash to: the bytes after
+/// [`ROOT_DOMAIN`] are records, and the root is the SHA-256 of all of it.
+pub fn read_manifest(bytes: &[u8]) -> Result<(Sha256Digest, Vec<Record>)> {
+    let body = bytes
+        .strip_prefix(ROOT_DOMAIN)
+        .ok_or_else(|| Error::Invalid("not an lcfs layer manifest (bad header)".into()))?;
+    let mut records = Vec::new();
+    let mut at = 0;
+    while at < body.len() {
+        let (r, n) = Record::decode(&body[at..])?;
+        records.push(r);
+        at += n;
+    }
+    Ok((Sha256::digest(bytes).into(), records))
+}
+
+/// What differs between the `expected` records (a manifest) and the
+/// `current` ones: (path, what), in path order; what is "missing" (only in
+/// the manifest), "added" (only now) or the fields that differ.
+pub fn compare(expected: &[Record], current: &[Record]) -> Vec<(Vec<u8>, Vec<&'static str>)> {
+    let want: std::collections::BTreeMap<&[u8], &Record> =
+        expected.iter().map(|r| (r.path.as_slice(), r)).collect();
+    let have: std::collections::BTreeMap<&[u8], &Record> =
+        current.iter().map(|r| (r.path.as_slice(), r)).collect();
+    let mut out = Vec::new();
+    for (path, w) in &want {
+        match have.get(path) {
+            None => out.push((path.to_vec(), vec!["missing"])),
+            Some(h) => {
+                let d = w.differences(h);
+                if !d.is_empty() {
+                    out.push((path.to_vec(), d));
+                }
+            }
+        }
+    }
+    for path in have.keys() {
+        if !want.contains_key(path) {
+            out.push((path.to_vec(), vec!["added"]));
+        }
+    }
+    out.sort();
+    out
 }
 
 /// The fs-verity digest of `size` bytes that `read(offset, len)` returns
@@ -184,19 +382,16 @@ pub fn layer_digest(
             xattrs.push((x, v));
         }
         xattrs.sort();
-        hash_entry(
-            &mut root,
-            &path,
-            &attr,
-            &xattrs,
-            &target,
-            file_digest.as_ref(),
-        );
+        let record = record_of(path.clone(), &attr, xattrs, target, file_digest);
+        let mut bytes = Vec::new();
+        record.encode(&mut bytes);
+        root.update(&bytes);
         out.entries += 1;
         each(&Entry {
             path: &path,
             attr: &attr,
             file_digest: file_digest.as_ref(),
+            record: &record,
         });
         if attr.kind == FileKind::Directory {
             let depth = path.iter().filter(|&&b| b == b'/').count() + 1;
@@ -233,15 +428,42 @@ pub fn layer_digest(
     Ok(out)
 }
 
-/// One entry's bytes in the layer root (docs/format.md, "Layer digests").
-fn hash_entry(
-    h: &mut Sha256,
-    path: &[u8],
+/// Layer `name`'s manifest: [`ROOT_DOMAIN`], then every entry's record in
+/// order; its SHA-256 is the layer root.
+pub fn layer_manifest(engine: &Engine, name: &str) -> Result<(LayerDigest, Vec<u8>)> {
+    let mut bytes = ROOT_DOMAIN.to_vec();
+    let d = layer_digest(engine, name, |e| e.record.encode(&mut bytes))?;
+    Ok((d, bytes))
+}
+
+/// Layer `name` checked against `manifest` (what [`layer_manifest`] wrote
+/// earlier): the manifest's root, the layer's now, and every difference.
+pub struct Verification {
+    pub manifest_root: Sha256Digest,
+    pub digest: LayerDigest,
+    pub differences: Vec<(Vec<u8>, Vec<&'static str>)>,
+}
+
+/// Checks layer `name` against the manifest bytes `manifest`.
+pub fn verify_against(engine: &Engine, name: &str, manifest: &[u8]) -> Result<Verification> {
+    let (manifest_root, expected) = read_manifest(manifest)?;
+    let mut current = Vec::with_capacity(expected.len());
+    let digest = layer_digest(engine, name, |e| current.push(e.record.clone()))?;
+    Ok(Verification {
+        manifest_root,
+        differences: compare(&expected, &current),
+        digest,
+    })
+}
+
+/// One entry's record (docs/format.md, "Layer digests").
+fn record_of(
+    path: Vec<u8>,
     attr: &Attr,
-    xattrs: &[(Vec<u8>, Vec<u8>)],
-    target: &[u8],
-    file_digest: Option<&Sha256Digest>,
-) {
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    target: Vec<u8>,
+    file_digest: Option<Sha256Digest>,
+) -> Record {
     let kind: u8 = match attr.kind {
         FileKind::File => 1,
         FileKind::Directory => 2,
@@ -252,23 +474,17 @@ fn hash_entry(
         FileKind::Socket => 7,
     };
     let device = matches!(attr.kind, FileKind::CharDevice | FileKind::BlockDevice);
-    let bytes = |h: &mut Sha256, b: &[u8]| {
-        h.update((b.len() as u32).to_le_bytes());
-        h.update(b);
-    };
-    bytes(h, path);
-    h.update([kind]);
-    h.update((attr.mode & 0o7777).to_le_bytes());
-    h.update(attr.uid.to_le_bytes());
-    h.update(attr.gid.to_le_bytes());
-    h.update((if device { attr.rdev } else { 0 }).to_le_bytes());
-    h.update((xattrs.len() as u32).to_le_bytes());
-    for (name, value) in xattrs {
-        bytes(h, name);
-        bytes(h, value);
+    Record {
+        path,
+        kind,
+        mode: attr.mode & 0o7777,
+        uid: attr.uid,
+        gid: attr.gid,
+        rdev: if device { attr.rdev } else { 0 },
+        xattrs,
+        target,
+        digest: file_digest.unwrap_or([0; 32]),
     }
-    bytes(h, target);
-    h.update(file_digest.copied().unwrap_or([0; 32]));
 }
 
 /// Lower-case hex of a digest, as `sha256:<hex>`.
@@ -334,6 +550,51 @@ mod tests {
             digest_of(&pattern),
             "sha256:415e9092d7da0a21e99a7d5eb81887b038d8ae9db49688a8c1e03f11c0577715"
         );
+    }
+
+    #[test]
+    fn records_round_trip_and_bad_manifests_are_refused() {
+        let r = Record {
+            path: b"etc/passwd".to_vec(),
+            kind: 1,
+            mode: 0o644,
+            uid: 1,
+            gid: 2,
+            rdev: 0,
+            xattrs: vec![(b"user.a".to_vec(), b"1".to_vec())],
+            target: Vec::new(),
+            digest: [7; 32],
+        };
+        let mut m = ROOT_DOMAIN.to_vec();
+        r.encode(&mut m);
+        r.encode(&mut m);
+        let (root, records) = read_manifest(&m).unwrap();
+        assert_eq!(records, vec![r.clone(), r.clone()]);
+        assert_eq!(root, <[u8; 32]>::from(Sha256::digest(&m)));
+        // Truncated anywhere, a bad header, an unknown type, a huge string.
+        for cut in 1..m.len() - ROOT_DOMAIN.len() {
+            if cut != (m.len() - ROOT_DOMAIN.len()) / 2 {
+                assert!(read_manifest(&m[..m.len() - cut]).is_err(), "cut {cut}");
+            }
+        }
+        assert!(read_manifest(b"not a manifest").is_err());
+        let mut bad = ROOT_DOMAIN.to_vec();
+        Record {
+            kind: 9,
+            ..r.clone()
+        }
+        .encode(&mut bad);
+        assert!(read_manifest(&bad).is_err());
+        let mut huge = ROOT_DOMAIN.to_vec();
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(read_manifest(&huge).is_err());
+        // Differences name what changed.
+        let other = Record {
+            mode: 0o600,
+            digest: [8; 32],
+            ..r.clone()
+        };
+        assert_eq!(r.differences(&other), vec!["content", "mode"]);
     }
 
     #[test]

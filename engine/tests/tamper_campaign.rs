@@ -6,7 +6,7 @@
 //! `LCFS_TAMPER_CASES` sets its size, 1,000 by default) must detect every
 //! case, and undoing each case gives the root back.
 
-use lcfs_engine::digest::{layer_digest, Sha256Digest};
+use lcfs_engine::digest::{layer_digest, layer_manifest, verify_against, Sha256Digest};
 use lcfs_engine::format::values::InodeValue;
 use lcfs_engine::*;
 use rand::{Rng, SeedableRng};
@@ -18,6 +18,7 @@ use common::{assert_clean, fresh};
 struct File {
     inode: u64,
     len: u64,
+    name: String,
 }
 
 fn root(e: &Engine) -> Sha256Digest {
@@ -54,6 +55,7 @@ fn every_tampering_that_keeps_checksums_valid_changes_the_root() {
         files.push(File {
             inode: f.inode,
             len: len as u64,
+            name: format!("f{i}"),
         });
     }
     let links: Vec<u64> = (0..6)
@@ -73,12 +75,16 @@ fn every_tampering_that_keeps_checksums_valid_changes_the_root() {
     e.commit_layer("img").unwrap();
     e.sync().unwrap();
     let clean = root(&e);
+    let (_, manifest) = layer_manifest(&e, "img").unwrap();
 
     let mut detected = [0usize; 6];
     let mut tried = [0usize; 6];
+    let mut located = 0;
     for case in 0..cases {
         let kind = rng.gen_range(0..6);
         let f = &files[rng.gen_range(0..files.len())];
+        // What verify must report: (path, what differs).
+        let mut want: Vec<(String, Vec<&str>)> = Vec::new();
         let undo: Box<dyn Fn(&Engine)> = match kind {
             0 => {
                 // One byte of a data block, its checksum fixed (within the
@@ -87,6 +93,7 @@ fn every_tampering_that_keeps_checksums_valid_changes_the_root() {
                 let at = rng.gen_range(0..(f.len - block * 4096).min(4096)) as usize;
                 let bit = 1u8 << rng.gen_range(0..8);
                 let old = e.tamper_block(l, f.inode, block, |b| b[at] ^= bit).unwrap();
+                want.push((f.name.clone(), vec!["content"]));
                 let ino = f.inode;
                 Box::new(move |e| {
                     e.tamper_block(l, ino, block, |b| b.copy_from_slice(&old))
@@ -108,6 +115,8 @@ fn every_tampering_that_keeps_checksums_valid_changes_the_root() {
                     .unwrap();
                 e.tamper_value(l, a, Tampered::Extent(0), |v| *v = eb.clone())
                     .unwrap();
+                want.push((f.name.clone(), vec!["content"]));
+                want.push((g.name.clone(), vec!["content"]));
                 Box::new(move |e| {
                     e.tamper_value(l, a, Tampered::Extent(0), |v| *v = ea.clone())
                         .unwrap();
@@ -130,6 +139,8 @@ fn every_tampering_that_keeps_checksums_valid_changes_the_root() {
                         *v = i.encode();
                     })
                     .unwrap();
+                let what = ["mode", "owner", "content"][which - 2];
+                want.push((f.name.clone(), vec![what]));
                 let ino = f.inode;
                 Box::new(move |e| {
                     e.tamper_value(l, ino, Tampered::Inode, |v| *v = old.clone())
@@ -139,8 +150,11 @@ fn every_tampering_that_keeps_checksums_valid_changes_the_root() {
             _ => {
                 // A symlink's target or a file's xattr: one byte.
                 let (ino, what) = if rng.gen_bool(0.5) {
-                    (links[rng.gen_range(0..links.len())], Tampered::Symlink)
+                    let i = rng.gen_range(0..links.len());
+                    want.push((format!("s{i}"), vec!["link target"]));
+                    (links[i], Tampered::Symlink)
                 } else {
+                    want.push((f.name.clone(), vec!["xattrs"]));
                     (f.inode, Tampered::Xattr)
                 };
                 let bit = 1u8 << rng.gen_range(0..7);
@@ -167,6 +181,20 @@ fn every_tampering_that_keeps_checksums_valid_changes_the_root() {
         } else {
             eprintln!("case {case} (kind {kind}) not detected");
         }
+        // Against the manifest taken before: the right paths, and what.
+        let v = verify_against(&e, "img", &manifest).unwrap();
+        assert_eq!(v.manifest_root, clean);
+        let got: Vec<(String, Vec<&str>)> = v
+            .differences
+            .iter()
+            .map(|(p, w)| (String::from_utf8_lossy(p).into_owned(), w.clone()))
+            .collect();
+        want.sort();
+        if got == want {
+            located += 1;
+        } else {
+            eprintln!("case {case} (kind {kind}): verify reported {got:?}, not {want:?}");
+        }
         undo(&e);
         assert_eq!(
             root(&e),
@@ -178,5 +206,7 @@ fn every_tampering_that_keeps_checksums_valid_changes_the_root() {
         "tamper campaign: {} of {cases} detected; per kind (data, extents, mode, owner, size, link or xattr): tried {tried:?}, detected {detected:?}",
         detected.iter().sum::<usize>()
     );
+    eprintln!("tamper campaign: {located} of {cases} located by verify (path and what)");
     assert_eq!(detected, tried, "LCFS_SEED={seed}");
+    assert_eq!(located, cases, "LCFS_SEED={seed}");
 }
