@@ -46,6 +46,18 @@ pub fn offline(path: &Path, verify_data: bool) -> Result<FsckReport> {
     })
 }
 
+/// `--expect DIGEST`, checked before anything is read, as
+/// `sha256:<lower-case hex>`.
+fn expected(expect: Option<&str>) -> Result<Option<String>> {
+    expect
+        .map(|e| {
+            parse_digest(e)
+                .map(|d| digest_string(&d))
+                .map_err(|e| Error::Usage(format!("--expect: {e}")))
+        })
+        .transpose()
+}
+
 /// Most bytes of a manifest read.
 const MANIFEST_MAX_BYTES: u64 = 1 << 30;
 
@@ -129,9 +141,7 @@ pub fn verify_command(
     device: Option<&Path>,
     json: bool,
 ) -> Result<()> {
-    let want = expect
-        .map(|e| parse_digest(e).map_err(|e| Error::Usage(format!("--expect: {e}"))))
-        .transpose()?;
+    let want = expected(expect)?;
     let manifest = std::path::absolute(manifest)
         .map_err(|e| Error::io(format!("the path {}", manifest.display()), e))?;
     let v = match device {
@@ -157,7 +167,7 @@ pub fn verify_command(
             v.name, v.differences_total, v.manifest_root, v.root
         );
     }
-    if let Some(w) = want.map(|w| digest_string(&w)) {
+    if let Some(w) = want {
         if w != v.manifest_root {
             return Err(Error::Problems(format!(
                 "the manifest's root is {}, not the expected {w}: it is not the manifest of that layer",
@@ -185,9 +195,7 @@ pub fn layer_digest(
     device: Option<&Path>,
     json: bool,
 ) -> Result<()> {
-    let want = expect
-        .map(|e| parse_digest(e).map_err(|e| Error::Usage(format!("--expect: {e}"))))
-        .transpose()?;
+    let want = expected(expect)?;
     let manifest = manifest
         .map(|m| {
             std::path::absolute(m).map_err(|e| Error::io(format!("the path {}", m.display()), e))
@@ -210,7 +218,7 @@ pub fn layer_digest(
             human_bytes(d.file_bytes)
         );
     }
-    match want.map(|w| digest_string(&w)) {
+    match want {
         Some(w) if w != d.root => Err(Error::Problems(format!(
             "layer {name:?} has root {}, not the expected {w}",
             d.root
