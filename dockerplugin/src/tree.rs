@@ -149,18 +149,9 @@ pub(crate) fn list_dir(
     layer: u64,
     dir: u64,
 ) -> Result<Vec<lcfs_engine::DirEntry>> {
-    let mut out = Vec::new();
-    let mut cookie = 0;
-    loop {
-        let batch = engine
-            .readdir(layer, dir, cookie, READDIR_BATCH)
-            .map_err(|e| Error::engine("listing a directory", e))?;
-        let Some(last) = batch.last() else {
-            return Ok(out);
-        };
-        cookie = last.cookie;
-        out.extend(batch);
-    }
+    engine
+        .list_dir(layer, dir)
+        .map_err(|e| Error::engine("listing a directory", e))
 }
 
 /// Looks up a clean path without following any symlink (paths the engine

@@ -35,15 +35,14 @@ pub struct LayerDigest {
     pub file_bytes: u64,
 }
 
-/// One entry as [`layer_digest`] hashes it, for a caller that reports per
-/// file: its path (no leading slash; empty for the root), attributes and,
-/// for a regular file, its fs-verity digest; `record` is what the root
-/// hashes for it (a manifest is these records, after [`ROOT_DOMAIN`]).
+/// One entry as [`layer_digest`] hashes it: its attributes, its record
+/// (path, no leading slash, empty for the root; for a regular file its
+/// fs-verity digest) and the record's bytes, what the root hashes for it
+/// (a manifest is these bytes, after [`ROOT_DOMAIN`]).
 pub struct Entry<'a> {
-    pub path: &'a [u8],
     pub attr: &'a Attr,
-    pub file_digest: Option<&'a Sha256Digest>,
     pub record: &'a Record,
+    pub bytes: &'a [u8],
 }
 
 /// One entry's record in the layer root (docs/format.md, "Layer digests").
@@ -352,7 +351,7 @@ pub fn layer_digest(
         files: 0,
         file_bytes: 0,
     };
-    // Hard links: one digest per inode.
+    // Files with several links: one digest per inode.
     let mut digests: HashMap<u64, Sha256Digest> = HashMap::new();
     // Depth-first, pre-order, each directory's entries sorted by name.
     let mut stack: Vec<(Vec<u8>, u64)> = vec![(Vec::new(), ROOT_INODE)];
@@ -365,7 +364,9 @@ pub fn layer_digest(
                 let d = file_digest(attr.size, |off, len| engine.read(layer, ino, off, len))?;
                 out.files += 1;
                 out.file_bytes += attr.size;
-                digests.insert(ino, d);
+                if attr.nlink > 1 {
+                    digests.insert(ino, d);
+                }
                 Some(d)
             }
         } else {
@@ -382,36 +383,25 @@ pub fn layer_digest(
             xattrs.push((x, v));
         }
         xattrs.sort();
-        let record = record_of(path.clone(), &attr, xattrs, target, file_digest);
+        let record = record_of(path, &attr, xattrs, target, file_digest);
         let mut bytes = Vec::new();
         record.encode(&mut bytes);
         root.update(&bytes);
         out.entries += 1;
         each(&Entry {
-            path: &path,
             attr: &attr,
-            file_digest: file_digest.as_ref(),
             record: &record,
+            bytes: &bytes,
         });
         if attr.kind == FileKind::Directory {
+            let path = record.path;
             let depth = path.iter().filter(|&&b| b == b'/').count() + 1;
             if depth > MAX_DEPTH {
                 return Err(Error::Invalid(format!(
                     "directories nested deeper than {MAX_DEPTH}"
                 )));
             }
-            let mut children = Vec::new();
-            let mut cookie = 0;
-            loop {
-                let batch = engine.readdir(layer, ino, cookie, 1024)?;
-                let Some(last) = batch.last() else { break };
-                cookie = last.cookie;
-                children.extend(
-                    batch
-                        .into_iter()
-                        .filter(|e| e.name != b"." && e.name != b".."),
-                );
-            }
+            let mut children = engine.list_dir(layer, ino)?;
             // Pushed in reverse so that the smallest name comes off first.
             children.sort_by(|a, b| b.name.cmp(&a.name));
             for c in children {
@@ -432,7 +422,7 @@ pub fn layer_digest(
 /// order; its SHA-256 is the layer root.
 pub fn layer_manifest(engine: &Engine, name: &str) -> Result<(LayerDigest, Vec<u8>)> {
     let mut bytes = ROOT_DOMAIN.to_vec();
-    let d = layer_digest(engine, name, |e| e.record.encode(&mut bytes))?;
+    let d = layer_digest(engine, name, |e| bytes.extend_from_slice(e.bytes))?;
     Ok((d, bytes))
 }
 

@@ -100,9 +100,6 @@ struct Shared {
     latencies: Arc<Latencies>,
     /// Set (and notified) to wake the background thread early.
     wake: (Mutex<bool>, Condvar),
-    /// Whether a background thread runs (else removals are freed by the
-    /// caller of [`Engine::remove_layer`]).
-    has_background: AtomicBool,
 }
 
 fn lock_ignoring_poison<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -367,7 +364,6 @@ impl Engine {
             crashed: AtomicBool::new(false),
             latencies,
             wake: (Mutex::new(false), Condvar::new()),
-            has_background: AtomicBool::new(false),
         });
         let engine = Arc::new(Engine {
             s: shared.clone(),
@@ -380,7 +376,6 @@ impl Engine {
                 .name("lcfs-background".into())
                 .spawn(move || background(shared, stop, config))
                 .map_err(Error::Io)?;
-            engine.s.has_background.store(true, Ordering::SeqCst);
             *engine.background.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
         }
         Ok(engine)
@@ -486,7 +481,8 @@ impl Engine {
         // What it owned is freed in steps, the store lock let go between
         // them: by the background thread when there is one (the caller
         // does not wait for it), else here.
-        if self.s.has_background.load(Ordering::SeqCst) {
+        let background = lock_ignoring_poison(&self.background).is_some();
+        if background {
             self.s.wake_background();
             Ok(())
         } else {
@@ -879,6 +875,21 @@ impl Engine {
         limit: usize,
     ) -> Result<Vec<DirEntry>> {
         self.op_then_upkeep(|s| s.readdir(layer, dir, cookie, limit))
+    }
+
+    /// Every entry of directory `dir`, in readdir order (batches of 256,
+    /// each under its own hold of the store lock).
+    pub fn list_dir(&self, layer: u64, dir: u64) -> Result<Vec<DirEntry>> {
+        let mut out = Vec::new();
+        let mut cookie = 0;
+        loop {
+            let batch = self.readdir(layer, dir, cookie, 256)?;
+            let Some(last) = batch.last() else {
+                return Ok(out);
+            };
+            cookie = last.cookie;
+            out.extend(batch);
+        }
     }
 
     /// Like readdir, with each entry's attributes.

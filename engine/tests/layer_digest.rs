@@ -92,8 +92,9 @@ fn every_file_digest_is_the_fs_verity_digest_of_its_bytes() {
     let l = build(&e, "x", false, 65536);
     let mut seen = BTreeMap::new();
     layer_digest(&e, "x", |entry| {
-        if let Some(d) = entry.file_digest {
-            seen.insert(entry.path.to_vec(), (entry.attr.inode, *d));
+        if entry.attr.kind == FileKind::File {
+            let r = entry.record;
+            seen.insert(r.path.clone(), (entry.attr.inode, r.digest));
         }
     })
     .unwrap();

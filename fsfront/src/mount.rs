@@ -100,7 +100,7 @@ pub struct Mount {
     /// Names of removed layers whose entries a thread of their own makes
     /// the kernel forget (see [`Mount::forget_removed_layer`]). Dropped
     /// before `session`: the thread ends by itself.
-    forgets: Option<std::sync::Mutex<std::sync::mpsc::Sender<String>>>,
+    forgets: std::sync::mpsc::Sender<String>,
     session: Option<fuser::BackgroundSession>,
     writeback_cache: bool,
     /// Dropped after `session`: the copies mount outlives the main one.
@@ -125,13 +125,7 @@ impl Mount {
     /// every cached entry below the layer's directory, which takes about
     /// 3 us per file.
     pub fn forget_removed_layer(&self, name: &str) {
-        let sent = self.forgets.as_ref().is_some_and(|f| {
-            f.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .send(name.to_string())
-                .is_ok()
-        });
-        if !sent {
+        if self.forgets.send(name.to_string()).is_err() {
             self.forget_layer_entry(name);
         }
     }
@@ -225,7 +219,7 @@ pub fn mount(engine: Arc<Engine>, mountpoint: &Path, options: &MountOptions) -> 
         })?;
     Ok(Mount {
         mountpoint: mountpoint.to_path_buf(),
-        forgets: Some(std::sync::Mutex::new(forgets)),
+        forgets,
         session: Some(session),
         writeback_cache: options.writeback_cache,
         passthrough,
