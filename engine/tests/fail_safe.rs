@@ -15,6 +15,9 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+mod common;
+use common::format;
+
 fn config() -> Config {
     Config {
         flush_interval_ms: 0,
@@ -25,17 +28,6 @@ fn config() -> Config {
         block_cache_bytes: 0,
         ..Config::default()
     }
-}
-
-fn format(dev: Arc<dyn Device>) {
-    Engine::format(
-        dev,
-        &FormatOptions {
-            segment_size_bytes: 256 << 10,
-            force: false,
-        },
-    )
-    .unwrap();
 }
 
 /// What a layer shows: path -> (mode, nlink, content or target).
@@ -168,10 +160,7 @@ fn assert_stopped(e: &Engine) -> String {
 }
 
 fn seed() -> u64 {
-    let seed = std::env::var("LCFS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
+    let seed = common::seed();
     println!("fail_safe: LCFS_SEED={seed}");
     seed
 }
@@ -179,10 +168,7 @@ fn seed() -> u64 {
 #[test]
 fn a_change_that_fails_half_way_is_never_checkpointed() {
     let seed = seed();
-    let rounds: u32 = std::env::var("LCFS_FAIL_SAFE_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
+    let rounds: u32 = common::env_or("LCFS_FAIL_SAFE_ROUNDS", 300);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut stops = 0;
     let mut clean_refusals = 0;

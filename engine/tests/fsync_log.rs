@@ -12,6 +12,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
 
+mod common;
+use common::format;
+
 fn quiet() -> Config {
     with_write_behind(0)
 }
@@ -27,17 +30,6 @@ fn with_write_behind(segments: usize) -> Config {
         block_cache_bytes: 1 << 20,
         ..Config::default()
     }
-}
-
-fn format(dev: Arc<dyn Device>) {
-    Engine::format(
-        dev,
-        &FormatOptions {
-            segment_size_bytes: 256 << 10,
-            force: false,
-        },
-    )
-    .unwrap();
 }
 
 fn read_all(e: &Engine, layer: u64, ino: u64) -> Vec<u8> {
@@ -219,14 +211,8 @@ fn power_cuts_keep_every_acknowledged_fsync_with_write_behind() {
 }
 
 fn power_cuts(write_behind: usize) {
-    let seed: u64 = std::env::var("LCFS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    let crashes: usize = std::env::var("LCFS_FSYNC_CRASHES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
+    let seed = common::seed();
+    let crashes: usize = common::env_or("LCFS_FSYNC_CRASHES", 300);
     println!(
         "fsync log power cuts: LCFS_SEED={seed} LCFS_FSYNC_CRASHES={crashes} \
          write_behind={write_behind}"

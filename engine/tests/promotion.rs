@@ -303,10 +303,7 @@ fn promotion_survives_a_reopen() {
 #[test]
 fn promotion_is_crash_safe() {
     use lcfs_engine::device::{FaultConfig, FaultyDevice};
-    let seed: u64 = std::env::var("LCFS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
+    let seed = common::seed();
     println!("promotion crash test: LCFS_SEED={seed}");
     let faulty = Arc::new(FaultyDevice::new(48 << 20, FaultConfig::default()));
     let d: Arc<dyn Device> = faulty.clone();

@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 mod common;
-use common::{assert_clean, fresh};
+use common::{assert_clean, env_or, fresh, seed};
 
 struct File {
     inode: u64,
@@ -27,14 +27,8 @@ fn root(e: &Engine) -> Sha256Digest {
 
 #[test]
 fn every_tampering_that_keeps_checksums_valid_changes_the_root() {
-    let seed: u64 = std::env::var("LCFS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    let cases: usize = std::env::var("LCFS_TAMPER_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1000);
+    let seed = seed();
+    let cases: usize = env_or("LCFS_TAMPER_CASES", 1000);
     eprintln!("tamper campaign: LCFS_SEED={seed} LCFS_TAMPER_CASES={cases}");
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
 

@@ -1,5 +1,6 @@
 //! What the engine's integration tests share: a configuration without
-//! timers, a fresh engine on an in-memory device, and fsck must be clean.
+//! timers, a fresh engine on an in-memory device, seeds and sizes from the
+//! environment, and fsck must be clean.
 #![allow(dead_code)] // each test binary uses part of it
 
 use lcfs_engine::device::{Device, MemDevice};
@@ -34,6 +35,20 @@ pub fn fresh(size: u64) -> (Arc<MemDevice>, Arc<Engine>) {
     let d: Arc<dyn Device> = dev.clone();
     format(d.clone());
     (dev, Engine::open(d, quiet()).unwrap())
+}
+
+/// The seed of a randomized test: `LCFS_SEED` when set, else a random one
+/// (the caller prints it, so a failure can be replayed).
+pub fn seed() -> u64 {
+    env_or("LCFS_SEED", rand::random())
+}
+
+/// Environment variable `name` as a number, else `default`.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 /// fsck (with data verification) finds nothing.
