@@ -61,6 +61,19 @@ fn expected(expect: Option<&str>) -> Result<Option<String>> {
 /// Most bytes of a manifest read.
 const MANIFEST_MAX_BYTES: u64 = 1 << 30;
 
+/// A manifest path the daemon opens must be absolute (its working
+/// directory is not the caller's).
+fn absolute(path: &Path) -> Result<()> {
+    if path.is_absolute() {
+        Ok(())
+    } else {
+        Err(Error::Usage(format!(
+            "the manifest path {} must be absolute",
+            path.display()
+        )))
+    }
+}
+
 /// Layer `name`'s digest; with `manifest`, its manifest written there too
 /// (an absolute path; the file is made, never replaced).
 pub fn digest_with_manifest(
@@ -74,12 +87,7 @@ pub fn digest_with_manifest(
             .map_err(|e| Error::engine(context(), e))?;
         return Ok(LayerDigest::new(name, &d));
     };
-    if !path.is_absolute() {
-        return Err(Error::Usage(format!(
-            "the manifest path {} must be absolute",
-            path.display()
-        )));
-    }
+    absolute(path)?;
     let (d, bytes) = lcfs_engine::digest::layer_manifest(engine, name)
         .map_err(|e| Error::engine(context(), e))?;
     let mut f = std::fs::OpenOptions::new()
@@ -95,6 +103,7 @@ pub fn digest_with_manifest(
 
 /// Layer `name` against the manifest at `path`.
 pub fn verify(engine: &Engine, name: &str, path: &Path) -> Result<Verification> {
+    absolute(path)?;
     let read = || -> std::io::Result<Vec<u8>> {
         let f = std::fs::File::open(path)?;
         if f.metadata()?.len() > MANIFEST_MAX_BYTES {
