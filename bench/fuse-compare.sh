@@ -67,7 +67,9 @@ usage: bench/fuse-compare.sh [--quick] [--rounds N] [--rows LIST] [--peers LIST]
                  and lcfs-nostats: the same lcfs daemon with statistics counting
                  off while it is measured (`lcfs statistics off`), to measure
                  what counting costs; lcfs-again: the same daemon measured
-                 again as it is (an A/A control: the spread of two equal peers)
+                 again as it is (an A/A control: the spread of two equal peers);
+                 lcfs-verified: the same daemon with verified reads of the
+                 image layer on while it is measured (docs/integrity.md)
   --seq-mib N    size of the sequential-read file (default 1024)
   --mem-mib N    size of the file the memory row's readers share (default 256)
   --randrw-mib N size of the file the randrw row writes and reads (default 256)
@@ -120,12 +122,12 @@ for row in "${row_list[@]}"; do
     [[ $row =~ ^(metadata|seqread|randrw|memory)$ ]] || die "unknown row '$row'"
 done
 for peer in "${peer_list[@]}"; do
-    [[ $peer =~ ^(lcfs|lcfs-nostats|lcfs-again|overlay|fuse-overlayfs)$ ]] || die "unknown peer '$peer'"
+    [[ $peer =~ ^(lcfs|lcfs-nostats|lcfs-again|lcfs-verified|overlay|fuse-overlayfs)$ ]] || die "unknown peer '$peer'"
 done
 has_row() { [[ ",$rows," == *",$1,"* ]]; }
 has_peer() { [[ ",$peers," == *",$1,"* ]]; }
 # is_lcfs PEER: lcfs, with statistics on or off.
-is_lcfs() { [[ $1 == lcfs || $1 == lcfs-nostats || $1 == lcfs-again ]]; }
+is_lcfs() { [[ $1 == lcfs || $1 == lcfs-nostats || $1 == lcfs-again || $1 == lcfs-verified ]]; }
 out=${out:-/var/tmp/lcfs-fuse-compare-$(date +%Y%m%d-%H%M%S).tsv}
 
 tarball=$DEBIAN_TARBALL
@@ -220,10 +222,12 @@ lcfs_alive() {
 container_up() {
     local peer=$1 name=$2 dir mnt
     case $peer in
-        lcfs | lcfs-nostats | lcfs-again)
+        lcfs | lcfs-nostats | lcfs-again | lcfs-verified)
             # The switch is the daemon's: set for the peer about to be measured.
             quietly lcfs_ctl statistics "$([[ $peer == lcfs-nostats ]] && echo off || echo on)" ||
                 die "lcfs statistics failed"
+            quietly lcfs_ctl layer verify-reads image "$([[ $peer == lcfs-verified ]] && echo on || echo off)" ||
+                die "lcfs layer verify-reads failed"
             quietly lcfs_ctl layer clone image "$name" || die "lcfs layer clone image $name failed"
             container_path[$name]="$LCFS_MOUNT/$name"
             ;;
@@ -254,7 +258,7 @@ container_up() {
 container_down() {
     local peer=$1 name=$2 mnt=${container_path[$2]}
     case $peer in
-        lcfs | lcfs-nostats | lcfs-again) quietly lcfs_ctl layer rm "$name" || die "lcfs layer rm $name failed" ;;
+        lcfs | lcfs-nostats | lcfs-again | lcfs-verified) quietly lcfs_ctl layer rm "$name" || die "lcfs layer rm $name failed" ;;
         overlay)
             umount "$mnt" || die "umount $mnt failed"
             rm -rf "$E2E_SCRATCH/$peer/containers/$name"
@@ -538,7 +542,7 @@ page_cache_files() {
     local peer=$1 name
     shift
     case $peer in
-        lcfs | lcfs-nostats | lcfs-again)
+        lcfs | lcfs-nostats | lcfs-again | lcfs-verified)
             echo "$LCFS_DEVICE"
             local node id
             if lcfs_passthrough; then
@@ -705,12 +709,15 @@ populate() {
 }
 
 setup_start=$SECONDS
-if has_peer lcfs || has_peer lcfs-nostats || has_peer lcfs-again; then
+if has_peer lcfs || has_peer lcfs-nostats || has_peer lcfs-again || has_peer lcfs-verified; then
     lcfs_mkfs
     lcfs_start
     quietly lcfs_ctl layer create image --cold || die "lcfs layer create image failed"
     populate "$LCFS_MOUNT/image"
     quietly lcfs_ctl layer commit image || die "lcfs layer commit image failed"
+    # Sealed now rather than in the background during a measurement
+    # (docs/integrity.md); lcfs-verified's reads are checked against it.
+    quietly lcfs_ctl verify image || die "lcfs verify image (sealing it) failed"
     settle
 fi
 for peer in overlay fuse-overlayfs; do
@@ -780,7 +787,7 @@ values = defaultdict(list)
 for line in open(out):
     row, rnd, peer, metric, value = line.rstrip("\n").split("\t")
     values[(metric, peer)].append(float(value))
-peers = [p for p in ("lcfs", "lcfs-nostats", "lcfs-again", "overlay", "fuse-overlayfs") if any(k[1] == p for k in values)]
+peers = [p for p in ("lcfs", "lcfs-nostats", "lcfs-again", "lcfs-verified", "overlay", "fuse-overlayfs") if any(k[1] == p for k in values)]
 others = [p for p in peers if p != "lcfs"] if "lcfs" in peers else []
 def fmt(x):
     return f"{x:.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"

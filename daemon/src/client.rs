@@ -208,6 +208,22 @@ pub fn layer_stat(socket: &Path, name: &str, as_json: bool) -> Result<()> {
     if let Some(d) = &l.diff_id {
         println!("diff id:   {d}");
     }
+    match &l.root {
+        Some(root) => println!("seal:      sealed, root {root}"),
+        None => println!(
+            "seal:      {}",
+            match l.seal.as_str() {
+                "sealing" => "sealing (begun, not finished)",
+                "unsealed" => "not yet (`lcfs verify` seals it now; docs/integrity.md says which layers the daemon seals unasked)",
+                "writable" => "none (a writable layer is sealed once frozen)",
+                other => other,
+            }
+        ),
+    }
+    println!(
+        "verified reads: {}",
+        if l.verified_reads { "on" } else { "off" }
+    );
     let u = &l.usage;
     println!(
         "clones:    {} (last {})",
@@ -662,6 +678,13 @@ pub fn stats(socket: &Path, as_json: bool) -> Result<()> {
             s.removals_pending
         );
     }
+    if s.verified_blocks > 0 || s.verify_failures > 0 {
+        println!(
+            "verified:     {} of reads checked against seals, {} refused",
+            human_bytes(s.verified_blocks * 4096),
+            s.verify_failures
+        );
+    }
     match &s.read_only_reason {
         None => println!("state:        writing"),
         Some(why) => println!("state:        READ-ONLY: {why} (restart the daemon to recover from the last checkpoint)"),
@@ -785,17 +808,57 @@ pub fn layer_digest(
 }
 
 /// The running daemon's check of layer `name` against the manifest at
-/// `manifest` (an absolute path the daemon reads).
+/// `manifest` (an absolute path the daemon reads), or against its seal.
 pub fn layer_verify(
     socket: &Path,
     name: &str,
-    manifest: &Path,
+    manifest: Option<&Path>,
 ) -> Result<crate::protocol::Verification> {
-    request(
+    let mut r = json!({"op": "layer.verify", "name": name});
+    if let Some(m) = manifest {
+        r["manifest"] = json!(m.to_string_lossy());
+    }
+    request(socket, r, None)
+}
+
+/// How far the daemon's check of layer `name` against its seal is: file
+/// bytes read and, when known, of how many; None when none runs.
+pub fn layer_verify_progress(socket: &Path, name: &str) -> Result<Option<(u64, Option<u64>)>> {
+    #[derive(serde::Deserialize)]
+    struct Progress {
+        done_bytes: u64,
+        total_bytes: Option<u64>,
+    }
+    let p: Option<Progress> = request(
         socket,
-        json!({"op": "layer.verify", "name": name, "manifest": manifest.to_string_lossy()}),
-        None,
-    )
+        json!({"op": "layer.verify_progress", "name": name}),
+        Some(ANSWER_TIMEOUT),
+    )?;
+    Ok(p.map(|p| (p.done_bytes, p.total_bytes)))
+}
+
+/// Every layer the daemon has.
+pub fn layers(socket: &Path) -> Result<Vec<Layer>> {
+    request(socket, json!({"op": "layer.list"}), Some(ANSWER_TIMEOUT))
+}
+
+pub fn layer_verify_reads(socket: &Path, name: &str, on: bool) -> Result<()> {
+    let layer: Layer = request(
+        socket,
+        json!({"op": "layer.verify_reads", "name": name, "on": on}),
+        Some(ANSWER_TIMEOUT),
+    )?;
+    println!(
+        "verified reads of {}: {}{}",
+        layer.name,
+        if layer.verified_reads { "on" } else { "off" },
+        match (layer.verified_reads, layer.seal.as_str()) {
+            (true, "sealed") => String::new(),
+            (true, s) => format!(" (the layer is {s}: reads are checked once it is sealed)"),
+            _ => String::new(),
+        }
+    );
+    Ok(())
 }
 
 pub fn fsck_online(socket: &Path, verify_data: bool) -> Result<FsckReport> {

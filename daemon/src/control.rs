@@ -7,9 +7,10 @@ use lcfs_engine::Engine;
 use lcfs_fsfront::{LayerError, LayerOps, Mount};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// What a request is executed against.
 pub struct Control {
@@ -26,6 +27,9 @@ pub struct Control {
     pub catalog: Arc<crate::images::Catalog>,
     /// The image garbage collector (None in tests).
     pub gc: Option<Arc<crate::gc::Collector>>,
+    /// Verifications running: file bytes read, and of how many when known
+    /// (`layer.verify_progress`).
+    pub verifying: Mutex<HashMap<String, (u64, Option<u64>)>>,
 }
 
 #[derive(Deserialize)]
@@ -80,8 +84,17 @@ struct DigestArgs {
 #[serde(deny_unknown_fields)]
 struct VerifyArgs {
     name: String,
-    /// A manifest `layer.digest` wrote (an absolute path).
-    manifest: String,
+    /// A manifest `layer.digest` wrote (an absolute path); without one, the
+    /// layer is checked against its seal.
+    #[serde(default)]
+    manifest: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyReadsArgs {
+    name: String,
+    on: bool,
 }
 
 #[derive(Deserialize)]
@@ -260,10 +273,47 @@ impl Control {
             "layer.verify" => {
                 let a: VerifyArgs = args(&op, fields)?;
                 self.write_back()?;
-                let v =
-                    crate::fsck::verify(self.engine(), &a.name, std::path::Path::new(&a.manifest))
-                        .map_err(Refusal::from_error)?;
-                to_value(&v)
+                let v = match &a.manifest {
+                    Some(m) => crate::fsck::verify(self.engine(), &a.name, std::path::Path::new(m)),
+                    None => {
+                        let set = |p| {
+                            self.verifying
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(a.name.clone(), p);
+                        };
+                        set((0, None));
+                        let v = crate::fsck::verify_sealed(self.engine(), &a.name, &mut |b, t| {
+                            set((b, t))
+                        });
+                        self.verifying
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&a.name);
+                        v
+                    }
+                };
+                to_value(&v.map_err(Refusal::from_error)?)
+            }
+            "layer.verify_progress" => {
+                let a: NameArgs = args(&op, fields)?;
+                let p = self
+                    .verifying
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&a.name)
+                    .copied();
+                Ok(match p {
+                    Some((done, total)) => json!({"done_bytes": done, "total_bytes": total}),
+                    None => Value::Null,
+                })
+            }
+            "layer.verify_reads" => {
+                let a: VerifyReadsArgs = args(&op, fields)?;
+                self.engine()
+                    .set_layer_verify_reads(&a.name, a.on)
+                    .map_err(|e| Refusal::engine(&format!("layer {:?}", a.name), e))?;
+                self.layer(&a.name)
             }
             "sync" => {
                 let _: NoArgs = args(&op, fields)?;
@@ -343,6 +393,7 @@ impl Control {
             .layer_metadata(name)
             .map_err(|e| Refusal::engine(&format!("metadata of layer {name:?}"), e))?
             .remove(lcfs_dockerplugin::DIFF_ID_KEY);
+        layer.verified_reads = self.engine().reads_verified(info.id);
         to_value(&layer)
     }
 }
@@ -404,6 +455,7 @@ mod tests {
             plugin_calls: None,
             mount: None,
             gc: None,
+            verifying: Default::default(),
         };
         (control, kernel)
     }

@@ -35,6 +35,10 @@ pub struct DaemonOptions {
     pub writeback_cache: bool,
     /// Passthrough of shared files (see `MountOptions::passthrough`).
     pub passthrough: bool,
+    /// Seal frozen layers in the background (crate::sealer).
+    pub seal: bool,
+    /// Verified reads for every sealed layer (docs/integrity.md).
+    pub verify_reads: bool,
     /// Serve the Docker graphdriver plugin here too (see lcfs-dockerplugin).
     pub docker_plugin_socket: Option<PathBuf>,
     /// Serve the containerd snapshotter here too (see lcfs-snapshotter).
@@ -84,6 +88,7 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
         ..Config::default()
     };
     let engine = device::open_engine(&device_path, dev, config)?;
+    engine.set_verify_reads(o.verify_reads);
     server::claim_socket_path(&o.control_socket)?;
     lcfs_fsfront::prepare_mountpoint(&mountpoint)
         .map_err(|e| Error::io("preparing the mountpoint (--mount)", e))?;
@@ -212,6 +217,14 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
             .spawn(move || gc.run_periodically(gc_stopped))
             .map_err(|e| Error::io("starting the garbage collector", e))?
     };
+    let sealer = if o.seal {
+        Some(
+            crate::sealer::Sealer::start(engine.clone())
+                .map_err(|e| Error::io("starting the sealer", e))?,
+        )
+    } else {
+        None
+    };
     let control = Arc::new(Control {
         layers: LayerOps::new(engine.clone(), kernel.clone()),
         device: device_path.clone(),
@@ -220,6 +233,7 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
         mount: Some(mount.clone()),
         catalog,
         gc: Some(gc),
+        verifying: Default::default(),
     });
     log::info!(
         "lcfs daemon ready: control socket {}",
@@ -228,6 +242,9 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
     let served = server::serve(&listener, &wake, &control, &gate);
 
     log::info!("shutting down");
+    if let Some(s) = sealer {
+        s.stop();
+    }
     drop(gc_stop);
     let _ = gc_thread.join();
     stats.shutdown();

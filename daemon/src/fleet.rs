@@ -402,6 +402,9 @@ mod tests {
             path: String::new(),
             images: Vec::new(),
             diff_id: None,
+            seal: "sealed".into(),
+            root: None,
+            verified_reads: false,
             usage: Usage {
                 clones,
                 last_clone: last.map(str::to_string),

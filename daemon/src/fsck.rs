@@ -8,7 +8,7 @@ use crate::protocol::{Difference, FsckReport, LayerDigest, Verification, VERIFY_
 use crate::size::human_bytes;
 use lcfs_engine::digest::{digest_string, parse_digest};
 use lcfs_engine::{Config, Engine};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Runs `f` on an engine opened on `path` with no daemon holding it
 /// (`online`: what to use instead). Opening replays the log past the last
@@ -121,8 +121,58 @@ pub fn verify(engine: &Engine, name: &str, path: &Path) -> Result<Verification> 
             e,
         )
     })?;
+    Ok(verification(name, "manifest", v))
+}
+
+/// Layer `name` against its seal (docs/integrity.md), sealing it first when
+/// it has no complete seal (then there is nothing to compare: the seal is
+/// made from what the device holds). `progress` gets the file bytes read
+/// so far and, when known, how many there are.
+pub fn verify_sealed(
+    engine: &Engine,
+    name: &str,
+    progress: &mut dyn FnMut(u64, Option<u64>),
+) -> Result<Verification> {
+    let context = || format!("verifying layer {name:?} against its seal");
+    let state = engine
+        .seal_state(name)
+        .map_err(|e| Error::engine(context(), e))?;
+    if let lcfs_engine::SealState::Sealed(_) = state {
+        let (info, manifest) = engine
+            .sealed_manifest(name)
+            .map_err(|e| Error::engine(context(), e))?;
+        let total = Some(info.file_bytes);
+        let v = lcfs_engine::digest::verify_against_progress(engine, name, &manifest, &mut |b| {
+            progress(b, total)
+        })
+        .map_err(|e| Error::engine(context(), e))?;
+        return Ok(verification(name, "seal", v));
+    }
+    if let lcfs_engine::SealState::Unreadable(why) = state {
+        return Err(Error::Problems(format!(
+            "layer {name:?}: its seal cannot be read: {why}"
+        )));
+    }
+    let info = engine
+        .seal_layer(name, &|| false, &mut |b| progress(b, None))
+        .map_err(|e| Error::engine(format!("sealing layer {name:?}"), e))?;
+    let root = digest_string(&info.root);
     Ok(Verification {
         name: name.to_string(),
+        against: "seal".into(),
+        sealed_now: true,
+        root: root.clone(),
+        manifest_root: root,
+        differences: Vec::new(),
+        differences_total: 0,
+    })
+}
+
+fn verification(name: &str, against: &str, v: lcfs_engine::digest::Verification) -> Verification {
+    Verification {
+        name: name.to_string(),
+        against: against.into(),
+        sealed_now: false,
         root: digest_string(&v.digest.root),
         manifest_root: digest_string(&v.manifest_root),
         differences_total: v.differences.len() as u64,
@@ -135,62 +185,199 @@ pub fn verify(engine: &Engine, name: &str, path: &Path) -> Result<Verification> 
                 what: w.into_iter().map(String::from).collect(),
             })
             .collect(),
+    }
+}
+
+/// What `lcfs verify` checks, and how it reports.
+pub struct VerifyWhat {
+    /// One layer; None: every frozen layer.
+    pub name: Option<String>,
+    pub manifest: Option<PathBuf>,
+    pub expect: Option<String>,
+    pub device: Option<PathBuf>,
+    pub json: bool,
+}
+
+/// `lcfs verify`: a layer (or every frozen layer) against its seal or a
+/// manifest, from the daemon or read from a device offline; prints each
+/// difference; an error (exit status 1) on any, when a layer cannot be
+/// checked, or when `expect` is given and the seal's or manifest's root is
+/// another. A malformed `expect` is refused before anything is read.
+pub fn verify_command(socket: &Path, w: &VerifyWhat) -> Result<()> {
+    let want = expected(w.expect.as_deref())?;
+    let manifest = w
+        .manifest
+        .as_ref()
+        .map(|m| {
+            std::path::absolute(m).map_err(|e| Error::io(format!("the path {}", m.display()), e))
+        })
+        .transpose()?;
+    let bar = !w.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let results: Vec<(String, Result<Verification>)> = match &w.device {
+        Some(path) => with_device(path, "leave out --device to ask the daemon", |engine| {
+            let names = match &w.name {
+                Some(n) => vec![n.clone()],
+                None => frozen(engine.list_layers().into_iter().map(|l| (l.name, l.frozen))),
+            };
+            Ok(names
+                .into_iter()
+                .map(|name| {
+                    let v = match &manifest {
+                        Some(m) => verify(engine, &name, m),
+                        None => verify_sealed(engine, &name, &mut |b, t| {
+                            if bar {
+                                draw_progress(&name, b, t)
+                            }
+                        }),
+                    };
+                    (name, v)
+                })
+                .collect())
+        })?,
+        None => {
+            let names = match &w.name {
+                Some(n) => vec![n.clone()],
+                None => frozen(
+                    crate::client::layers(socket)?
+                        .into_iter()
+                        .map(|l| (l.name, l.frozen)),
+                ),
+            };
+            names
+                .into_iter()
+                .map(|name| {
+                    let v = verify_through_daemon(socket, &name, manifest.as_deref(), bar);
+                    (name, v)
+                })
+                .collect()
+        }
+    };
+    if bar {
+        eprint!("\r\x1b[K");
+    }
+    let mut failed = Vec::new();
+    let mut reported = Vec::new();
+    for (name, v) in results {
+        match v {
+            Ok(v) => reported.push(v),
+            Err(e) => {
+                eprintln!("lcfs: {e}");
+                failed.push(name);
+            }
+        }
+    }
+    if w.json {
+        if w.name.is_some() {
+            if let Some(v) = reported.first() {
+                crate::client::print_json(v)?;
+            }
+        } else {
+            crate::client::print_json(&reported)?;
+        }
+    } else {
+        for v in &reported {
+            print_verification(v);
+        }
+    }
+    let mut problems = Vec::new();
+    if let Some(want) = want {
+        for v in &reported {
+            if want != v.manifest_root {
+                problems.push(format!(
+                    "the {}'s root is {}, not the expected {want}: it is not that layer's",
+                    v.against, v.manifest_root
+                ));
+            }
+        }
+    }
+    for v in &reported {
+        if v.differences_total > 0 {
+            problems.push(format!(
+                "layer {:?}: {} entries differ from its {}",
+                v.name, v.differences_total, v.against
+            ));
+        }
+    }
+    if !failed.is_empty() {
+        problems.push(format!("could not check {}", failed.join(", ")));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Problems(problems.join("; ")))
+    }
+}
+
+/// The names of the frozen layers among (name, frozen).
+fn frozen(layers: impl Iterator<Item = (String, bool)>) -> Vec<String> {
+    layers.filter(|(_, f)| *f).map(|(n, _)| n).collect()
+}
+
+/// One layer checked by the daemon; with `bar`, its progress drawn while
+/// it runs (asked for on a second connection).
+fn verify_through_daemon(
+    socket: &Path,
+    name: &str,
+    manifest: Option<&Path>,
+    bar: bool,
+) -> Result<Verification> {
+    if !bar || manifest.is_some() {
+        return crate::client::layer_verify(socket, name, manifest);
+    }
+    std::thread::scope(|scope| {
+        let job = scope.spawn(|| crate::client::layer_verify(socket, name, None));
+        while !job.is_finished() {
+            if let Ok(Some((done, total))) = crate::client::layer_verify_progress(socket, name) {
+                draw_progress(name, done, total);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        job.join()
+            .unwrap_or_else(|_| Err(Error::Problems("the verify thread panicked".into())))
     })
 }
 
-/// `lcfs verify`: layer `name` against a manifest, from the daemon or
-/// read from `device` offline; prints each difference; an error (exit
-/// status 1) on any, or when `expect` is given and the manifest's root is
-/// another. A malformed `expect` is refused before anything is read.
-pub fn verify_command(
-    socket: &Path,
-    name: &str,
-    manifest: &Path,
-    expect: Option<&str>,
-    device: Option<&Path>,
-    json: bool,
-) -> Result<()> {
-    let want = expected(expect)?;
-    let manifest = std::path::absolute(manifest)
-        .map_err(|e| Error::io(format!("the path {}", manifest.display()), e))?;
-    let v = match device {
-        Some(path) => with_device(path, "leave out --device to ask the daemon", |engine| {
-            verify(engine, name, &manifest)
-        })?,
-        None => crate::client::layer_verify(socket, name, &manifest)?,
-    };
-    if json {
-        crate::client::print_json(&v)?;
-    } else {
-        for d in &v.differences {
-            println!("{}: {}", d.path, d.what.join(", "));
-        }
-        if v.differences_total > v.differences.len() as u64 {
-            println!(
-                "... and {} more",
-                v.differences_total - v.differences.len() as u64
+/// A one-line progress bar on stderr: bytes read of how many (when known).
+fn draw_progress(name: &str, done: u64, total: Option<u64>) {
+    const WIDTH: usize = 30;
+    match total.filter(|&t| t > 0) {
+        Some(total) => {
+            let f = (done as f64 / total as f64).min(1.0);
+            let filled = (f * WIDTH as f64) as usize;
+            eprint!(
+                "\r\x1b[K[{}{}] {:>3}% {} of {}  {name}",
+                "=".repeat(filled),
+                " ".repeat(WIDTH - filled),
+                (f * 100.0) as u32,
+                human_bytes(done),
+                human_bytes(total)
             );
         }
+        None => eprint!("\r\x1b[Ksealing {name}: {} hashed", human_bytes(done)),
+    }
+}
+
+fn print_verification(v: &Verification) {
+    for d in &v.differences {
+        println!("{}: {}", d.path, d.what.join(", "));
+    }
+    if v.differences_total > v.differences.len() as u64 {
         println!(
-            "{}: {} entries differ from the manifest (root {}, now {})",
-            v.name, v.differences_total, v.manifest_root, v.root
+            "... and {} more",
+            v.differences_total - v.differences.len() as u64
         );
     }
-    if let Some(w) = want {
-        if w != v.manifest_root {
-            return Err(Error::Problems(format!(
-                "the manifest's root is {}, not the expected {w}: it is not the manifest of that layer",
-                v.manifest_root
-            )));
-        }
+    if v.sealed_now {
+        println!(
+            "{}: sealed now, root {} (it had no seal: nothing to compare)",
+            v.name, v.root
+        );
+    } else {
+        println!(
+            "{}: {} entries differ from its {} (root {}, now {})",
+            v.name, v.differences_total, v.against, v.manifest_root, v.root
+        );
     }
-    if v.differences_total > 0 {
-        return Err(Error::Problems(format!(
-            "layer {name:?}: {} entries differ from the manifest",
-            v.differences_total
-        )));
-    }
-    Ok(())
 }
 
 /// `lcfs layer digest`: layer `name`'s root from the daemon, or read from

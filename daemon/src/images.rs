@@ -584,6 +584,7 @@ mod tests {
             next_inode: 11,
             quota_bytes: None,
             usage: LayerUsage::default(),
+            seal: lcfs_engine::SealState::None,
         }
     }
 

@@ -14,6 +14,7 @@ mod mkfs;
 mod owners;
 mod protocol;
 mod rest;
+mod sealer;
 mod server;
 mod size;
 
@@ -143,28 +144,38 @@ hits and misses, layers, free segments and space.")]
         json: bool,
     },
 
-    /// Check a layer against a manifest: every entry whose content or
-    /// metadata differs (exit 1 when any does)
+    /// Check a layer against its seal (or a manifest): every entry whose
+    /// content or metadata differs (exit 1 when any does)
     #[command(long_about = "\
-Check layer NAME against MANIFEST (written earlier by `lcfs layer digest NAME
---manifest MANIFEST`): prints each entry whose content, type, mode, owner,
-device number, xattrs or link target differs, or that is missing or added,
-and exits 1 when any is. With --expect, also exits 1 unless the manifest's
-root (its SHA-256) is DIGEST: a root kept apart from the device, next to an
-image signature, proves the manifest is that layer's (docs/integrity.md).")]
+Check layer NAME (or, with --all, every frozen layer) against its seal: the
+digests lcfs recorded when the layer was sealed (docs/integrity.md). Reads
+every file again, prints each entry whose content, type, mode, owner, device
+number, xattrs or link target differs, or that is missing or added, and exits
+1 when any is. A layer not sealed yet is sealed now (there is then nothing to
+compare). With --manifest, checks against MANIFEST (written earlier by `lcfs
+layer digest NAME --manifest MANIFEST`) instead. With --expect, also exits 1
+unless the seal's (or manifest's) root is DIGEST: a root kept apart from the
+device, next to an image signature, proves the seal is that layer's. A
+progress bar goes to the terminal, when stderr is one.")]
     Verify {
-        name: String,
-        /// The manifest to check against
+        /// The layer (or --all)
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        /// Every frozen layer
+        #[arg(long, conflicts_with_all = ["manifest", "expect"])]
+        all: bool,
+        /// Check against this manifest instead of the seal
         #[arg(long, value_name = "FILE")]
-        manifest: PathBuf,
-        /// The root the manifest must have (sha256:<64 hex digits>)
+        manifest: Option<PathBuf>,
+        /// The root the seal or manifest must have (sha256:<64 hex digits>)
         #[arg(long, value_name = "DIGEST")]
         expect: Option<String>,
         /// Read DEVICE directly instead of asking the daemon (no daemon may
         /// hold it)
         #[arg(long, value_name = "DEVICE")]
         device: Option<PathBuf>,
-        /// Print the result as JSON (the `layer.verify` result)
+        /// Print the result as JSON (the `layer.verify` result; a list with
+        /// --all)
         #[arg(long)]
         json: bool,
     },
@@ -247,6 +258,17 @@ struct DaemonArgs {
     #[arg(long)]
     passthrough: bool,
 
+    /// Do not seal frozen layers in the background (`lcfs verify` still
+    /// seals the layer it checks). See docs/integrity.md
+    #[arg(long)]
+    no_seal: bool,
+
+    /// Check every read of a sealed layer's content against its seal
+    /// (EIO for a block that differs); `lcfs layer verify-reads` turns it
+    /// on for one layer. See docs/integrity.md
+    #[arg(long)]
+    verify_reads: bool,
+
     /// Also serve the Docker graphdriver plugin on this socket (off by
     /// default; Docker looks for /run/docker/plugins/lcfs.sock)
     #[arg(long, value_name = "PATH")]
@@ -327,6 +349,14 @@ a layer with children is read-only). The layer appears as <mount>/NAME/.")]
     Clone { parent: String, name: String },
     /// Freeze (commit) a layer: it becomes read-only and can be cloned
     Commit { name: String },
+    /// Turn verified reads of a layer's content on or off (kept with the
+    /// layer): every read of it is checked against its seal, EIO for a
+    /// block that differs (docs/integrity.md)
+    VerifyReads {
+        name: String,
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
     /// Remove a layer that has no children
     #[command(alias = "remove")]
     Rm { name: String },
@@ -532,6 +562,8 @@ fn run(cli: Cli) -> Result<()> {
                 checkpoint_interval_ms: a.checkpoint_interval_ms,
                 writeback_cache: !a.no_writeback_cache,
                 passthrough: a.passthrough,
+                seal: !a.no_seal,
+                verify_reads: a.verify_reads,
                 docker_plugin_socket: a.docker_plugin_socket,
                 containerd_socket: (!a.no_containerd).then(|| {
                     a.containerd_socket.unwrap_or_else(|| {
@@ -563,6 +595,9 @@ fn run(cli: Cli) -> Result<()> {
                 client::layer_create(socket, &name, Some(&parent), false)
             }
             LayerCommand::Commit { name } => client::layer_commit(socket, &name),
+            LayerCommand::VerifyReads { name, state } => {
+                client::layer_verify_reads(socket, &name, state == "on")
+            }
             LayerCommand::Rm { name } => client::layer_remove(socket, &name),
             LayerCommand::Ls { json } => client::layer_list(socket, json),
             LayerCommand::Stat { name, json } => client::layer_stat(socket, &name, json),
@@ -621,17 +656,20 @@ fn run(cli: Cli) -> Result<()> {
         Command::Stats { json } => client::stats(socket, json),
         Command::Verify {
             name,
+            all,
             manifest,
             expect,
             device,
             json,
         } => fsck::verify_command(
             socket,
-            &name,
-            &manifest,
-            expect.as_deref(),
-            device.as_deref(),
-            json,
+            &fsck::VerifyWhat {
+                name: if all { None } else { name },
+                manifest,
+                expect,
+                device,
+                json,
+            },
         ),
         Command::Fsck(a) => {
             let (what, report) = if a.online {

@@ -5,6 +5,7 @@
 //! Newline-delimited JSON over a unix socket: one request object per line,
 //! one response object per line, in order.
 
+use lcfs_engine::SealState;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -22,6 +23,8 @@ pub const OPS: &[&str] = &[
     "layer.stat",
     "layer.digest",
     "layer.verify",
+    "layer.verify_progress",
+    "layer.verify_reads",
     "image.list",
     "image.files",
     "statistics",
@@ -77,6 +80,19 @@ pub struct Layer {
     /// DiffID, `sha256:<hex>`), when one was; in `layer.stat` only.
     #[serde(default)]
     pub diff_id: Option<String>,
+    /// Its seal (docs/integrity.md): "sealed", "sealing" (begun, not
+    /// finished), "unsealed" (frozen, not sealed yet), "writable" or
+    /// "unreadable".
+    #[serde(default)]
+    pub seal: String,
+    /// The layer root its seal holds (`sha256:<hex>`), once sealed: what a
+    /// signer records next to an image signature.
+    #[serde(default)]
+    pub root: Option<String>,
+    /// Whether reads of its content are verified against its seal; in
+    /// `layer.stat` only.
+    #[serde(default)]
+    pub verified_reads: bool,
 }
 
 /// A layer's usage counters (the engine's `LayerUsage`).
@@ -153,6 +169,19 @@ impl Layer {
             path: mountpoint.join(&info.name).display().to_string(),
             images: Vec::new(),
             diff_id: None,
+            seal: match &info.seal {
+                SealState::Sealed(_) => "sealed",
+                SealState::Partial => "sealing",
+                SealState::None if info.frozen => "unsealed",
+                SealState::None => "writable",
+                SealState::Unreadable(_) => "unreadable",
+            }
+            .into(),
+            root: match &info.seal {
+                SealState::Sealed(s) => Some(lcfs_engine::digest::digest_string(&s.root)),
+                _ => None,
+            },
+            verified_reads: false,
             usage: Usage {
                 clones: info.usage.clones,
                 last_clone: (info.usage.clones > 0).then(|| rfc3339(info.usage.last_clone)),
@@ -270,13 +299,21 @@ impl LayerDigest {
     }
 }
 
-/// What `layer.verify` returns: the layer against a manifest.
+/// What `layer.verify` returns: the layer against its seal or a manifest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Verification {
     pub name: String,
+    /// "seal" or "manifest".
+    #[serde(default)]
+    pub against: String,
+    /// The layer had no complete seal: it was sealed now, from what the
+    /// device holds, and there was nothing to compare.
+    #[serde(default)]
+    pub sealed_now: bool,
     /// The layer's root now.
     pub root: String,
-    /// The root the manifest hashes to (what the layer had when it was written).
+    /// The root the seal or manifest holds (the layer's when it was sealed
+    /// or the manifest written).
     pub manifest_root: String,
     /// Entries that differ, in path order, at most [`VERIFY_LISTED_MAX`].
     pub differences: Vec<Difference>,
@@ -317,6 +354,12 @@ pub struct Stats {
     /// Layers removed whose space the background thread is still freeing.
     #[serde(default)]
     pub removals_pending: u64,
+    /// Verified reads (docs/integrity.md): 4 KiB blocks checked against a
+    /// seal, and reads refused because something differed from it.
+    #[serde(default)]
+    pub verified_blocks: u64,
+    #[serde(default)]
+    pub verify_failures: u64,
     pub segments: u64,
     pub segments_free: u64,
     pub segment_size_bytes: u64,
@@ -499,6 +542,8 @@ impl Stats {
             },
             layers: s.layers as u64,
             removals_pending: s.removals_pending as u64,
+            verified_blocks: s.verified_blocks,
+            verify_failures: s.verify_failures,
             segments: u64::from(s.segments),
             segments_free: s.segments_free as u64,
             segment_size_bytes: s.segment_size_bytes,

@@ -618,6 +618,18 @@ fn metrics(state: &State) -> Result<String, String> {
         "Removed layers whose space is still being freed",
         stats.removals_pending as u64,
     );
+    counter(
+        &mut registry,
+        "verified_blocks",
+        "4 KiB blocks of reads checked against a layer's seal",
+        stats.verified_blocks,
+    );
+    counter(
+        &mut registry,
+        "verify_failures",
+        "Reads refused (EIO) because they differed from a layer's seal",
+        stats.verify_failures,
+    );
     gauge(
         &mut registry,
         "live_bytes",

@@ -244,9 +244,20 @@ pub fn compare(expected: &[Record], current: &[Record]) -> Vec<(Vec<u8>, Vec<&'s
 /// (short reads past the end are an error).
 pub fn file_digest(
     size: u64,
-    mut read: impl FnMut(u64, usize) -> Result<Vec<u8>>,
+    read: impl FnMut(u64, usize) -> Result<Vec<u8>>,
 ) -> Result<Sha256Digest> {
+    Ok(file_tree(size, read, false)?.0)
+}
+
+/// The fs-verity digest of `size` bytes that `read` returns and, when
+/// `keep_hashes`, the hash of every 4 KiB block (the tree's level 0).
+pub fn file_tree(
+    size: u64,
+    mut read: impl FnMut(u64, usize) -> Result<Vec<u8>>,
+    keep_hashes: bool,
+) -> Result<(Sha256Digest, Vec<Sha256Digest>)> {
     let mut tree = MerkleTree::default();
+    let mut hashes = Vec::new();
     let mut offset = 0u64;
     while offset < size {
         let want = (size - offset).min(READ_BYTES as u64) as usize;
@@ -258,11 +269,37 @@ pub fn file_digest(
             )));
         }
         for block in data.chunks(BLOCK) {
-            tree.push_data(block);
+            let h = block_hash(block);
+            if keep_hashes {
+                hashes.push(h);
+            }
+            tree.push(0, h);
         }
         offset += want as u64;
     }
-    Ok(fsverity_digest(size, &tree.root()))
+    Ok((fsverity_digest(size, &tree.root()), hashes))
+}
+
+/// The fs-verity digest of a file of `size` bytes whose 4 KiB blocks hash
+/// to `hashes` (what a seal keeps): checks a file's block hashes against
+/// its digest without reading its data.
+pub fn digest_of_hashes(size: u64, hashes: &[Sha256Digest]) -> Sha256Digest {
+    let mut tree = MerkleTree::default();
+    for h in hashes {
+        tree.push(0, *h);
+    }
+    fsverity_digest(size, &tree.root())
+}
+
+/// The SHA-256 of one data block (4 KiB; a short last block zero-padded):
+/// an entry of the tree's level 0.
+pub fn block_hash(block: &[u8]) -> Sha256Digest {
+    let mut h = Sha256::new();
+    h.update(block);
+    if block.len() < BLOCK {
+        h.update(&[0u8; BLOCK][block.len()..]);
+    }
+    h.finalize().into()
 }
 
 /// fs-verity's file digest: SHA-256 of its 256-byte descriptor (version 1,
@@ -290,15 +327,6 @@ struct MerkleTree {
 }
 
 impl MerkleTree {
-    fn push_data(&mut self, block: &[u8]) {
-        let mut h = Sha256::new();
-        h.update(block);
-        if block.len() < BLOCK {
-            h.update(&[0u8; BLOCK][block.len()..]);
-        }
-        self.push(0, h.finalize().into());
-    }
-
     fn push(&mut self, level: usize, hash: Sha256Digest) {
         if self.pending.len() <= level {
             self.pending.resize(level + 1, Vec::new());
@@ -340,9 +368,23 @@ impl MerkleTree {
 pub fn layer_digest(
     engine: &Engine,
     name: &str,
-    mut each: impl FnMut(&Entry<'_>),
+    each: impl FnMut(&Entry<'_>),
 ) -> Result<LayerDigest> {
     let layer = engine.layer_id(name)?;
+    let mut read =
+        |a: &Attr, _: &[u8]| file_digest(a.size, |off, len| engine.read(layer, a.inode, off, len));
+    layer_digest_with(engine, layer, &mut read, each)
+}
+
+/// [`layer_digest`] of layer id `layer`, with each regular file's digest
+/// from `file` (called once per inode, with the path it is met at first):
+/// read from the device, or taken from a seal.
+pub(crate) fn layer_digest_with(
+    engine: &Engine,
+    layer: u64,
+    file: &mut dyn FnMut(&Attr, &[u8]) -> Result<Sha256Digest>,
+    mut each: impl FnMut(&Entry<'_>),
+) -> Result<LayerDigest> {
     let mut root = Sha256::new();
     root.update(ROOT_DOMAIN);
     let mut out = LayerDigest {
@@ -361,7 +403,7 @@ pub fn layer_digest(
             if let Some(d) = digests.get(&ino) {
                 Some(*d)
             } else {
-                let d = file_digest(attr.size, |off, len| engine.read(layer, ino, off, len))?;
+                let d = file(&attr, &path)?;
                 out.files += 1;
                 out.file_bytes += attr.size;
                 if attr.nlink > 1 {
@@ -436,9 +478,27 @@ pub struct Verification {
 
 /// Checks layer `name` against the manifest bytes `manifest`.
 pub fn verify_against(engine: &Engine, name: &str, manifest: &[u8]) -> Result<Verification> {
+    verify_against_progress(engine, name, manifest, &mut |_| {})
+}
+
+/// [`verify_against`], telling `progress` the file bytes read so far.
+pub fn verify_against_progress(
+    engine: &Engine,
+    name: &str,
+    manifest: &[u8],
+    progress: &mut dyn FnMut(u64),
+) -> Result<Verification> {
     let (manifest_root, expected) = read_manifest(manifest)?;
     let mut current = Vec::with_capacity(expected.len());
-    let digest = layer_digest(engine, name, |e| current.push(e.record.clone()))?;
+    let layer = engine.layer_id(name)?;
+    let mut read = 0u64;
+    let mut file = |a: &Attr, _: &[u8]| {
+        let d = file_digest(a.size, |off, len| engine.read(layer, a.inode, off, len))?;
+        read += a.size;
+        progress(read);
+        Ok(d)
+    };
+    let digest = layer_digest_with(engine, layer, &mut file, |e| current.push(e.record.clone()))?;
     Ok(Verification {
         manifest_root,
         differences: compare(&expected, &current),

@@ -20,7 +20,7 @@ use crate::metacache::{MetaCache, NameHit};
 use crate::read::{execute_plan_keeping, KnownBlock};
 use crate::store::{Config, Counters, Store, Temperature};
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -70,6 +70,10 @@ pub struct Stats {
     pub live_bytes: u64,
     pub capacity_bytes: u64,
     pub checkpoint_seq: u64,
+    /// Verified reads (verified.rs): blocks checked against a seal, and
+    /// reads refused because something differed.
+    pub verified_blocks: u64,
+    pub verify_failures: u64,
     /// Why the engine refuses changes, once it does (see [`Error::Stopped`]).
     pub read_only_reason: Option<String>,
 }
@@ -100,6 +104,11 @@ struct Shared {
     latencies: Arc<Latencies>,
     /// Set (and notified) to wake the background thread early.
     wake: (Mutex<bool>, Condvar),
+    /// Verified reads (verified.rs).
+    verifier: crate::verified::Verifier,
+    /// Changes and front-end reads so far (not a background thread's):
+    /// background work that yields to the rest (sealing) watches it.
+    activity: AtomicU64,
 }
 
 fn lock_ignoring_poison<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -192,6 +201,9 @@ impl Shared {
                 }
                 continue;
             }
+            if s.mutation_mark() != before && !BACKGROUND.get() {
+                self.activity.fetch_add(1, Ordering::Relaxed);
+            }
             if let Err(e) = &r {
                 if s.mutation_mark() != before {
                     s.stop(format!(
@@ -279,6 +291,36 @@ impl Shared {
     }
 }
 
+thread_local! {
+    /// Set while this thread does background work (sealing): its calls do
+    /// not count in [`Engine::activity`].
+    static BACKGROUND: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the calls this thread makes, while it lives, as background work.
+pub(crate) struct BackgroundWork(bool);
+
+impl BackgroundWork {
+    pub(crate) fn begin() -> BackgroundWork {
+        BackgroundWork(BACKGROUND.replace(true))
+    }
+}
+
+impl Drop for BackgroundWork {
+    fn drop(&mut self) {
+        BACKGROUND.set(self.0);
+    }
+}
+
+/// A layer's info with its seal's state (a read of the seal's header).
+fn info_with_seal(s: &mut Store, id: u64) -> Result<LayerInfo> {
+    let mut info = s.layer_info(id)?;
+    info.seal = s
+        .seal_state(id)
+        .unwrap_or_else(|e| crate::SealState::Unreadable(e.to_string()));
+    Ok(info)
+}
+
 /// The text of a caught panic.
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
@@ -364,12 +406,19 @@ impl Engine {
             crashed: AtomicBool::new(false),
             latencies,
             wake: (Mutex::new(false), Condvar::new()),
+            verifier: Default::default(),
+            activity: AtomicU64::new(0),
         });
         let engine = Arc::new(Engine {
             s: shared.clone(),
             stop: Arc::new(AtomicBool::new(false)),
             background: Mutex::new(None),
         });
+        for l in engine.list_layers() {
+            if let Ok(m) = engine.layer_metadata(&l.name) {
+                engine.note_layer_flag(l.id, &m);
+            }
+        }
         if config.flush_interval_ms > 0 || config.checkpoint_interval_ms > 0 {
             let stop = engine.stop.clone();
             let h = std::thread::Builder::new()
@@ -383,6 +432,28 @@ impl Engine {
 
     fn lock(&self) -> MutexGuard<'_, Store> {
         self.s.lock()
+    }
+
+    pub(crate) fn verifier(&self) -> &crate::verified::Verifier {
+        &self.s.verifier
+    }
+
+    /// The store, under its lock (for the engine's own modules).
+    pub(crate) fn store(&self) -> MutexGuard<'_, Store> {
+        self.s.lock()
+    }
+
+    /// A change run as [`Shared::op_then_upkeep`] runs it (for the engine's
+    /// own modules).
+    pub(crate) fn store_op<T>(&self, f: impl FnMut(&mut Store) -> Result<T>) -> Result<T> {
+        self.s.op_then_upkeep(f)
+    }
+
+    /// Changes and front-end reads ([`Engine::read_counted`]) so far, not
+    /// counting background work (sealing): unchanged over a while, the
+    /// engine is idle. Queries of metadata do not count.
+    pub fn activity(&self) -> u64 {
+        self.s.activity.load(Ordering::Relaxed)
     }
 
     /// See [`Shared::op_then_upkeep`].
@@ -418,11 +489,13 @@ impl Engine {
         metadata: &crate::LayerMetadata,
     ) -> Result<u64> {
         crate::metadata::encode(metadata)?;
-        self.op_then_upkeep(|s| {
+        let id = self.op_then_upkeep(|s| {
             let id = s.create_layer(name, parent, cold)?;
             s.set_layer_metadata(id, metadata)?;
             Ok(id)
-        })
+        })?;
+        self.note_layer_flag(id, metadata);
+        Ok(id)
     }
 
     /// Sets (Some) or clears (None) the most bytes layer `name` may own:
@@ -447,10 +520,12 @@ impl Engine {
 
     /// Replaces a layer's metadata; frozen layers accept it too.
     pub fn set_layer_metadata(&self, name: &str, metadata: &crate::LayerMetadata) -> Result<()> {
-        self.op_then_upkeep(|s| {
+        let id = self.op_then_upkeep(|s| {
             let id = s.layer_id(name)?;
-            s.set_layer_metadata(id, metadata)
-        })
+            s.set_layer_metadata(id, metadata).map(|_| id)
+        })?;
+        self.note_layer_flag(id, metadata);
+        Ok(())
     }
 
     /// Freezes a layer and replaces its metadata, in one change.
@@ -460,11 +535,13 @@ impl Engine {
         metadata: &crate::LayerMetadata,
     ) -> Result<()> {
         crate::metadata::encode(metadata)?;
-        self.op_then_upkeep(|s| {
+        let id = self.op_then_upkeep(|s| {
             let id = s.layer_id(name)?;
             s.freeze_layer(id)?;
-            s.set_layer_metadata(id, metadata)
-        })
+            s.set_layer_metadata(id, metadata).map(|_| id)
+        })?;
+        self.note_layer_flag(id, metadata);
+        Ok(())
     }
 
     /// Freezes a layer (commit). O(1); durable at the next sync.
@@ -505,10 +582,13 @@ impl Engine {
     /// The first part of [`Engine::remove_layer`]: the layer is gone by
     /// name, what it owned is not freed yet (the steps free it).
     fn begin_removal(&self, name: &str) -> Result<()> {
-        self.op_then_upkeep(|s| {
+        let id = self.op_then_upkeep(|s| {
             let id = s.layer_id(name)?;
-            s.begin_remove_layer(id)
-        })
+            s.begin_remove_layer(id).map(|_| id)
+        })?;
+        self.note_layer_flag(id, &Default::default());
+        self.verifier().forget(id);
+        Ok(())
     }
 
     /// What a layer changed against its parent (everything, for a base
@@ -533,21 +613,22 @@ impl Engine {
     }
 
     pub fn layer_info(&self, name: &str) -> Result<LayerInfo> {
-        let s = self.lock();
-        s.layer_info(s.layer_id(name)?)
+        let mut s = self.lock();
+        let id = s.layer_id(name)?;
+        info_with_seal(&mut s, id)
     }
 
     pub fn layer_info_by_id(&self, id: u64) -> Result<LayerInfo> {
-        self.lock().layer_info(id)
+        info_with_seal(&mut self.lock(), id)
     }
 
     /// Every layer, ordered by id.
     pub fn list_layers(&self) -> Vec<LayerInfo> {
-        let s = self.lock();
+        let mut s = self.lock();
         let mut ids: Vec<u64> = s.layers.ids().collect();
         ids.sort_unstable();
         ids.into_iter()
-            .filter_map(|id| s.layer_info(id).ok())
+            .filter_map(|id| info_with_seal(&mut s, id).ok())
             .collect()
     }
 
@@ -706,8 +787,22 @@ impl Engine {
     /// ([`LayerUsage`](crate::LayerUsage) `reads` and `bytes_read`, made
     /// durable with the next checkpoint). Internal reads (exports, diffs)
     /// use [`Engine::read`] and are not counted.
+    /// Content from a sealed layer under verified reads (verified.rs) is
+    /// checked against its seal first.
     pub fn read_counted(&self, layer: u64, ino: u64, offset: u64, len: usize) -> Result<Vec<u8>> {
-        self.read_keeping(layer, ino, offset, len, true, true)
+        self.read_checked(layer, ino, offset, len, true)
+    }
+
+    /// A front end's read, counted, not checked.
+    pub(crate) fn read_plain(
+        &self,
+        layer: u64,
+        ino: u64,
+        offset: u64,
+        len: usize,
+        keep: bool,
+    ) -> Result<Vec<u8>> {
+        self.read_keeping(layer, ino, offset, len, keep, true)
     }
 
     /// Records that `bytes` of a layer tar were applied into `layer` (a
@@ -744,7 +839,7 @@ impl Engine {
     /// it, so the bytes are not held twice. It counts like
     /// [`Engine::read_counted`].
     pub fn read_uncached(&self, layer: u64, ino: u64, offset: u64, len: usize) -> Result<Vec<u8>> {
-        self.read_keeping(layer, ino, offset, len, false, true)
+        self.read_checked(layer, ino, offset, len, false)
     }
 
     fn read_keeping(
@@ -757,6 +852,9 @@ impl Engine {
         count: bool,
     ) -> Result<Vec<u8>> {
         let len = len.min(64 << 20);
+        if count {
+            self.s.activity.fetch_add(1, Ordering::Relaxed);
+        }
         let reuse = self.s.reuse.clone();
         let (plan, _guard) = {
             let mut s = self.lock();
@@ -1046,6 +1144,8 @@ impl Engine {
             live_bytes: s.live_blocks_total() * BLOCK_SIZE as u64,
             capacity_bytes: s.geo.segment_count as u64 * seg,
             checkpoint_seq: s.checkpoint_seq,
+            verified_blocks: self.verify_counts().0,
+            verify_failures: self.verify_counts().1,
             read_only_reason: s.failed.clone(),
         }
     }
@@ -1136,7 +1236,10 @@ impl Engine {
         what: crate::Tampered,
         mut f: impl FnMut(&mut Vec<u8>),
     ) -> Result<Vec<u8>> {
-        self.lock().tamper_value(layer, ino, what, &mut f)
+        let r = self.lock().tamper_value(layer, ino, what, &mut f);
+        // What verified reads learnt of the layer goes, as at a restart.
+        self.verifier().forget(layer);
+        r
     }
 
     /// Changes block `index` of file `ino` in `layer` on the device in
@@ -1150,7 +1253,9 @@ impl Engine {
         index: u64,
         mut f: impl FnMut(&mut [u8]),
     ) -> Result<Vec<u8>> {
-        self.lock().tamper_block(layer, ino, index, &mut f)
+        let r = self.lock().tamper_block(layer, ino, index, &mut f);
+        self.verifier().forget(layer);
+        r
     }
 
     /// Makes the next layer created get id `id` (at least the next one it

@@ -166,6 +166,8 @@ pub struct LayerInfo {
     /// How it has been used: clones, reads (reads not yet in the record
     /// included).
     pub usage: LayerUsage,
+    /// Its seal (seal.rs): sealed with a root, partial, or none.
+    pub seal: crate::SealState,
 }
 
 fn name_hash(name: &[u8]) -> u64 {
@@ -423,6 +425,7 @@ impl Store {
             owned_blocks: 0,
             quota_bytes: 0,
             usage: LayerUsage::default(),
+            seal: 0,
         };
         if let Some(p) = parent {
             let pid = self.layer_id(p)?;
@@ -501,6 +504,8 @@ impl Store {
                 }
                 u
             },
+            // Filled in by the engine, which may read the seal's header.
+            seal: crate::SealState::None,
         })
     }
 

@@ -120,6 +120,11 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
         ids.iter()
             .map(|id| (*id, s.layers.get(*id).expect("listed").root)),
     );
+    // Seal trees (seal.rs): every node the layer's own.
+    trees.extend(ids.iter().filter_map(|id| {
+        let seal = s.layers.get(*id).expect("listed").seal;
+        (seal != 0).then_some((*id, seal))
+    }));
     let ancestors: HashMap<u64, Vec<u64>> = ids
         .iter()
         .map(|&id| {

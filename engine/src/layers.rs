@@ -197,6 +197,7 @@ mod tests {
             owned_blocks: 0,
             quota_bytes: 0,
             usage: Default::default(),
+            seal: 0,
         }
     }
 

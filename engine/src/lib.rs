@@ -28,12 +28,14 @@ mod metadata;
 mod promote;
 mod read;
 mod removal;
+mod seal;
 mod sharing;
 mod space;
 mod store;
 #[cfg(any(test, feature = "testing"))]
 mod tamper;
 mod tree;
+mod verified;
 mod writer;
 
 pub use diff::{Change, ChangeKind};
@@ -55,6 +57,8 @@ pub use histogram::{
 };
 pub use hotfiles::{HotFile, HOT_FILES_K};
 pub use metadata::{LayerMetadata, MAX_METADATA_BYTES};
+pub use seal::{SealInfo, SealState, SealedFile};
 pub use store::{Config, Counters, EARLY_FILES_MAX};
 #[cfg(any(test, feature = "testing"))]
 pub use tamper::Tampered;
+pub use verified::VERIFY_READS_KEY;

@@ -57,6 +57,7 @@ impl Store {
             return Err(Error::Busy("layer has open files".into()));
         }
         let root = l.root;
+        let seal = l.seal;
         let parent = l.parent;
         self.ensure_space(0, true)?;
         self.remove_layer_metadata(layer)?;
@@ -110,8 +111,10 @@ impl Store {
             );
             self.mark_layer_dirty(parent);
         }
-        if root != 0 {
-            self.removing.insert(layer, vec![root]);
+        // The seal's nodes are all the layer's own.
+        let list: Vec<u64> = [root, seal].into_iter().filter(|&n| n != 0).collect();
+        if !list.is_empty() {
+            self.removing.insert(layer, list);
             self.removing_dirty.insert(layer);
         }
         self.bump();

@@ -4,7 +4,9 @@
 //! in the tree node that holds it) goes unseen by fsck and changes the
 //! layer root: a seeded random campaign (`LCFS_SEED` replays it,
 //! `LCFS_TAMPER_CASES` sets its size, 1,000 by default) must detect every
-//! case, and undoing each case gives the root back.
+//! case, and undoing each case gives the root back. With verified reads on,
+//! every read of an altered file (in the image layer and in a container's
+//! clone of it) is EIO, and every other file reads back whole.
 
 use lcfs_engine::digest::{layer_digest, layer_manifest, verify_against, Sha256Digest};
 use lcfs_engine::format::values::InodeValue;
@@ -67,9 +69,19 @@ fn every_tampering_that_keeps_checksums_valid_changes_the_root() {
         })
         .collect();
     e.commit_layer("img").unwrap();
+    let run = e.clone_layer("img", "run").unwrap();
     e.sync().unwrap();
     let clean = root(&e);
     let (_, manifest) = layer_manifest(&e, "img").unwrap();
+    let sealed = e.seal_layer("img", &|| false, &mut |_| {}).unwrap();
+    assert_eq!(sealed.root, clean);
+    assert_eq!(e.sealed_manifest("img").unwrap().1, manifest);
+    e.set_verify_reads(true);
+    let contents: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| e.read(l, f.inode, 0, f.len as usize).unwrap())
+        .collect();
+    let mut refused = 0;
 
     let mut detected = [0usize; 6];
     let mut tried = [0usize; 6];
@@ -189,6 +201,25 @@ fn every_tampering_that_keeps_checksums_valid_changes_the_root() {
         } else {
             eprintln!("case {case} (kind {kind}): verify reported {got:?}, not {want:?}");
         }
+        // Verified reads: EIO for the altered files, the rest whole, in
+        // the image layer and in its clone.
+        for layer in [l, run] {
+            for (f, data) in files.iter().zip(&contents) {
+                let altered = want.iter().any(|(p, _)| *p == f.name);
+                match e.read_counted(layer, f.inode, 0, f.len as usize) {
+                    Err(Error::Corrupt { .. }) if altered => refused += 1,
+                    Ok(got) if !altered => {
+                        assert!(got == *data, "case {case}: {} read back wrong", f.name)
+                    }
+                    r => panic!(
+                        "case {case} (kind {kind}, LCFS_SEED={seed}): a verified read of {} \
+                         (altered: {altered}) gave {:?}",
+                        f.name,
+                        r.map(|d| d.len())
+                    ),
+                }
+            }
+        }
         undo(&e);
         assert_eq!(
             root(&e),
@@ -201,6 +232,10 @@ fn every_tampering_that_keeps_checksums_valid_changes_the_root() {
         detected.iter().sum::<usize>()
     );
     eprintln!("tamper campaign: {located} of {cases} located by verify (path and what)");
+    eprintln!(
+        "tamper campaign: {refused} verified reads of altered files refused, {} in all",
+        e.stats().verify_failures
+    );
     assert_eq!(detected, tried, "LCFS_SEED={seed}");
     assert_eq!(located, cases, "LCFS_SEED={seed}");
 }

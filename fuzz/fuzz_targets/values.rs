@@ -99,15 +99,23 @@ fn layer_record(data: &[u8]) {
             let enc = v.encode();
             let mut want = data[..LAYER_FIXED_BYTES + name_len].to_vec();
             // A size limit follows the name when eight more bytes are there,
-            // then usage when `LayerUsage::ENCODED_BYTES` more are; the limit is written back when
-            // not zero or when usage is, usage when not all zero.
+            // then usage when `LayerUsage::ENCODED_BYTES` more are, then a seal
+            // root when eight more are; the limit is written back when not zero
+            // or when usage is, usage when not all zero or when a seal is, a
+            // seal when not zero.
             let quota_at = LAYER_FIXED_BYTES + name_len;
             let usage_at = quota_at + 8;
+            let seal_at = usage_at + LayerUsage::ENCODED_BYTES;
             if let Some(q) = data.get(quota_at..quota_at + 8) {
                 assert_eq!(v.quota_bytes, u64::from_le_bytes(q.try_into().unwrap()));
+                let seal = data.get(seal_at..seal_at + 8);
+                match seal {
+                    Some(b) => assert_eq!(v.seal, u64::from_le_bytes(b.try_into().unwrap())),
+                    None => assert_eq!(v.seal, 0),
+                }
                 let usage = data
                     .get(usage_at..usage_at + LayerUsage::ENCODED_BYTES)
-                    .filter(|_| !v.usage.is_zero());
+                    .filter(|_| !v.usage.is_zero() || v.seal != 0);
                 if v.quota_bytes != 0 || usage.is_some() {
                     want.extend_from_slice(q);
                 }
@@ -119,9 +127,13 @@ fn layer_record(data: &[u8]) {
                     u[84..88].fill(0);
                     want.extend_from_slice(&u);
                 }
+                if v.seal != 0 {
+                    want.extend_from_slice(seal.unwrap());
+                }
             } else {
                 assert_eq!(v.quota_bytes, 0);
                 assert!(v.usage.is_zero());
+                assert_eq!(v.seal, 0);
             }
             want[24] = (want[24] != 0) as u8;
             want[25] = (want[25] != 0) as u8;

@@ -504,6 +504,12 @@ if [[ $target == lcfs ]]; then
     done
     expect "layers with busybox's DiffID (one through each front end)" 2 "${#roots[@]}"
     expect "busybox through dockerd 20.10 and containerd: one layer root" "${roots[0]:-}" "${roots[1]:-none}"
+    # Sealed now (the sealer waits for an idle engine): every frozen layer
+    # checks against its seal, and containerd's snapshot of the layer
+    # (named by its chain id, here its DiffID) carries the root as a label.
+    quietly lcfs_ctl verify --all || fail "lcfs verify --all failed"
+    expect "containerd's busybox snapshot labels its layer root (lcfs.io/layer.root)" "${roots[0]:-}" \
+        "$(ctrd snapshots --snapshotter lcfs info "$diff_id" | jq -r '.Labels["lcfs.io/layer.root"]')"
     quietly docker_cli g rmi busybox:graphdriver || fail "docker rmi (20.10) failed"
     dockerd_stop g
     # The images go through lcfs's garbage collector, which removes them

@@ -209,6 +209,11 @@ fn check_labels(labels: BTreeMap<String, String>) -> Result<BTreeMap<String, Str
 /// metadata is written again.
 const LCFS_KEYS_PREFIX: &str = "lcfs.";
 
+/// The label a committed snapshot carries once its layer is sealed: the
+/// layer root (`sha256:<hex>`, docs/integrity.md), for a signer to record
+/// next to an image signature.
+pub const ROOT_LABEL: &str = "lcfs.io/layer.root";
+
 fn metadata_of(key: &str, e: &Entry) -> LayerMetadata {
     let mut m = LayerMetadata::new();
     m.insert(META_KEY.into(), key.into());
@@ -600,10 +605,28 @@ impl Table {
 
     pub fn stat(&self, key: &str) -> Result<SnapshotInfo> {
         let st = self.state();
-        st.by_key
+        let (mut info, layer) = st
+            .by_key
             .get(key)
-            .map(|e| e.info(key))
-            .ok_or_else(|| Error::NotFound(key.to_string()))
+            .map(|e| (e.info(key), e.layer.clone()))
+            .ok_or_else(|| Error::NotFound(key.to_string()))?;
+        drop(st);
+        self.label_root(&mut info, &layer);
+        Ok(info)
+    }
+
+    /// Adds [`ROOT_LABEL`] to a committed snapshot's labels once its layer
+    /// is sealed (docs/integrity.md).
+    fn label_root(&self, info: &mut SnapshotInfo, layer: &str) {
+        if info.kind != Kind::Committed {
+            return;
+        }
+        if let Ok(lcfs_engine::SealState::Sealed(seal)) = self.engine().seal_state(layer) {
+            info.labels.insert(
+                ROOT_LABEL.into(),
+                lcfs_engine::digest::digest_string(&seal.root),
+            );
+        }
     }
 
     /// Updates the labels of `name` as `paths` say: `labels` replaces them
@@ -686,13 +709,20 @@ impl Table {
     /// Every snapshot matching `filters`, ordered by key.
     pub fn list(&self, filters: &Filters) -> Vec<SnapshotInfo> {
         let st = self.state();
-        let mut all: Vec<SnapshotInfo> = st
+        let rows: Vec<(SnapshotInfo, String)> = st
             .by_key
             .iter()
-            .map(|(k, e)| e.info(k))
-            .filter(|i| filters.matches(i))
+            .map(|(k, e)| (e.info(k), e.layer.clone()))
             .collect();
         drop(st);
+        let mut all: Vec<SnapshotInfo> = rows
+            .into_iter()
+            .map(|(mut info, layer)| {
+                self.label_root(&mut info, &layer);
+                info
+            })
+            .filter(|i| filters.matches(i))
+            .collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         all
     }

@@ -82,6 +82,17 @@ pub(crate) const KIND_HOT_FILES: u8 = 0x12;
 pub(crate) const KIND_REMOVAL: u8 = 0x13;
 /// An address-map entry.
 pub(crate) const KIND_MAP: u8 = 0x20;
+/// In a layer's seal tree (engine/src/seal.rs): the seal's header, at
+/// object 0, written last.
+pub(crate) const KIND_SEAL_HEAD: u8 = 0x30;
+/// In a seal tree: a chunk of the layer's manifest, object 0, `offset` the
+/// chunk's index.
+pub(crate) const KIND_SEAL_MANIFEST: u8 = 0x31;
+/// In a seal tree: a file's digest, size and path, `object` its inode.
+pub(crate) const KIND_SEAL_FILE: u8 = 0x32;
+/// In a seal tree: a run of a file's block hashes, `object` its inode,
+/// `offset` the run's index.
+pub(crate) const KIND_SEAL_HASHES: u8 = 0x33;
 
 /// Encodes a list of (name, payload) pairs (directory entries or xattrs that
 /// share one hash key).

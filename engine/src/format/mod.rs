@@ -248,6 +248,7 @@ mod tests {
             owned_blocks: 8,
             quota_bytes: 0,
             usage: LayerUsage::default(),
+            seal: 0,
         };
         assert_eq!(LayerRecord::decode(&l.encode()).unwrap(), l);
         // A size limit follows the name; records without one keep 88 + n bytes.
@@ -288,6 +289,17 @@ mod tests {
             ..used.clone()
         };
         assert_eq!(LayerRecord::decode(&both.encode()).unwrap(), both);
+        // A seal root follows usage (written as zeros when unused).
+        let sealed = LayerRecord {
+            seal: 77,
+            ..l.clone()
+        };
+        assert_eq!(
+            sealed.encode().len(),
+            88 + 8 + 8 + LayerUsage::ENCODED_BYTES + 8
+        );
+        assert_eq!(LayerRecord::decode(&sealed.encode()).unwrap(), sealed);
+        assert_eq!(LayerRecord::decode(&used.encode()).unwrap().seal, 0);
         // A record written before usage existed reads as unused.
         assert_eq!(
             LayerRecord::decode(&limited.encode()).unwrap().usage,

@@ -194,8 +194,11 @@ pub struct LayerRecord {
     /// their old layout.
     pub quota_bytes: u64,
     /// How the layer has been used (written after `quota_bytes` only when
-    /// not all zero).
+    /// not all zero, or when `seal` follows).
     pub usage: LayerUsage,
+    /// Logical block of the root of the layer's seal tree (docs/format.md,
+    /// "Seal"), 0 when it has none. Written after `usage` only when set.
+    pub seal: u64,
 }
 
 /// A layer's lifetime usage counters, kept in its record: what the
@@ -261,7 +264,8 @@ impl LayerUsage {
 
 impl LayerRecord {
     pub fn encode(&self) -> Vec<u8> {
-        let usage = if self.usage.is_zero() {
+        let seal = if self.seal != 0 { 8 } else { 0 };
+        let usage = if self.usage.is_zero() && seal == 0 {
             0
         } else {
             LayerUsage::ENCODED_BYTES
@@ -271,7 +275,7 @@ impl LayerRecord {
         } else {
             0
         };
-        let mut v = vec![0u8; 88 + self.name.len() + quota + usage];
+        let mut v = vec![0u8; 88 + self.name.len() + quota + usage + seal];
         let mut w = Writer::new(&mut v);
         w.u64(self.id);
         w.u64(self.parent);
@@ -325,7 +329,10 @@ impl LayerRecord {
                 w.u64(n);
             }
         }
-        debug_assert_eq!(w.at, 88 + self.name.len() + quota + usage);
+        if seal > 0 {
+            w.u64(self.seal);
+        }
+        debug_assert_eq!(w.at, 88 + self.name.len() + quota + usage + seal);
         v
     }
     pub fn decode(b: &[u8]) -> Result<LayerRecord> {
@@ -349,6 +356,7 @@ impl LayerRecord {
         let name = r.bytes(name_len)?.to_vec();
         let quota_bytes = if r.rest() >= 8 { r.u64()? } else { 0 };
         let mut usage = LayerUsage::default();
+        let mut seal = 0;
         if r.rest() >= LayerUsage::ENCODED_BYTES {
             let time = |r: &mut Reader| -> Result<Timestamp> {
                 let t = Timestamp {
@@ -384,6 +392,9 @@ impl LayerRecord {
             ] {
                 *n = r.u64()?;
             }
+            if r.rest() >= 8 {
+                seal = r.u64()?;
+            }
         }
         Ok(LayerRecord {
             id,
@@ -400,6 +411,7 @@ impl LayerRecord {
             name,
             quota_bytes,
             usage,
+            seal,
         })
     }
 }
