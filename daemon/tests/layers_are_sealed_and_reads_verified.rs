@@ -171,6 +171,18 @@ fn verified_reads_refuse_a_tampered_file_and_serve_every_other() {
     assert!(text.contains("lib/libc.so: content"), "{text}");
     assert!(text.contains("1 entries differ from its seal"), "{text}");
 
+    // A truncated copy of the device: a clear error, the original untouched.
+    let copy = h.dir.path().join("truncated.img");
+    fs::copy(&h.device, &copy).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&copy)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let err = h.fails(&["verify", "img", "--device", copy.to_str().unwrap()]);
+    assert!(!err.is_empty() && !err.contains("panicked"), "{err}");
+
     // The daemon option.
     h.daemon_args = vec!["--verify-reads".into()];
     h.start();
