@@ -793,18 +793,6 @@ impl Engine {
         self.read_checked(layer, ino, offset, len, true)
     }
 
-    /// A front end's read, counted, not checked.
-    pub(crate) fn read_plain(
-        &self,
-        layer: u64,
-        ino: u64,
-        offset: u64,
-        len: usize,
-        keep: bool,
-    ) -> Result<Vec<u8>> {
-        self.read_keeping(layer, ino, offset, len, keep, true)
-    }
-
     /// Records that `bytes` of a layer tar were applied into `layer` (a
     /// pulled image layer) in `elapsed` (see `LayerUsage::applied_bytes`).
     pub fn record_apply(&self, layer: u64, bytes: u64, elapsed: std::time::Duration) -> Result<()> {
@@ -842,7 +830,9 @@ impl Engine {
         self.read_checked(layer, ino, offset, len, false)
     }
 
-    fn read_keeping(
+    /// A read, into the block cache when `keep`, counted in the layer's
+    /// usage when `count` (a front end's), never checked against a seal.
+    pub(crate) fn read_keeping(
         &self,
         layer: u64,
         ino: u64,

@@ -374,7 +374,7 @@ impl Engine {
         keep: bool,
     ) -> Result<Vec<u8>> {
         let Some((source, f)) = self.verification(layer, ino)? else {
-            return self.read_plain(layer, ino, offset, len, keep);
+            return self.read_keeping(layer, ino, offset, len, keep, true);
         };
         let len = len.min(64 << 20);
         if offset >= f.size || len == 0 {
@@ -383,7 +383,14 @@ impl Engine {
         let start = offset / BLOCK * BLOCK;
         let end = (offset + len as u64).min(f.size);
         let end_aligned = end.div_ceil(BLOCK).saturating_mul(BLOCK).min(f.size);
-        let mut data = self.read_plain(layer, ino, start, (end_aligned - start) as usize, keep)?;
+        let mut data = self.read_keeping(
+            layer,
+            ino,
+            start,
+            (end_aligned - start) as usize,
+            keep,
+            true,
+        )?;
         if data.len() as u64 != end_aligned - start {
             let why = "the file is shorter than its seal says";
             return Err(self.refuse(source, ino, Some(&f.path), why));
