@@ -282,7 +282,6 @@ impl Control {
                                 .unwrap_or_else(|p| p.into_inner())
                                 .insert(a.name.clone(), p);
                         };
-                        set((0, None));
                         let v = crate::fsck::verify_sealed(self.engine(), &a.name, &mut |b, t| {
                             set((b, t))
                         });

@@ -142,6 +142,7 @@ pub fn verify_sealed(
             .sealed_manifest(name)
             .map_err(|e| Error::engine(context(), e))?;
         let total = Some(info.file_bytes);
+        progress(0, total);
         let v = lcfs_engine::digest::verify_against_progress(engine, name, &manifest, &mut |b| {
             progress(b, total)
         })
@@ -212,7 +213,7 @@ pub fn verify_command(socket: &Path, w: &VerifyWhat) -> Result<()> {
             std::path::absolute(m).map_err(|e| Error::io(format!("the path {}", m.display()), e))
         })
         .transpose()?;
-    let bar = !w.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let bar = Progress::new(!w.json && std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let results: Vec<(String, Result<Verification>)> = match &w.device {
         Some(path) => with_device(path, "leave out --device to ask the daemon", |engine| {
             let names = match &w.name {
@@ -224,11 +225,7 @@ pub fn verify_command(socket: &Path, w: &VerifyWhat) -> Result<()> {
                 .map(|name| {
                     let v = match &manifest {
                         Some(m) => verify(engine, &name, m),
-                        None => verify_sealed(engine, &name, &mut |b, t| {
-                            if bar {
-                                draw_progress(&name, b, t)
-                            }
-                        }),
+                        None => verify_sealed(engine, &name, &mut |b, t| bar.show(&name, b, t)),
                     };
                     (name, v)
                 })
@@ -246,15 +243,13 @@ pub fn verify_command(socket: &Path, w: &VerifyWhat) -> Result<()> {
             names
                 .into_iter()
                 .map(|name| {
-                    let v = verify_through_daemon(socket, &name, manifest.as_deref(), bar);
+                    let v = verify_through_daemon(socket, &name, manifest.as_deref(), &bar);
                     (name, v)
                 })
                 .collect()
         }
     };
-    if bar {
-        eprint!("\r\x1b[K");
-    }
+    bar.0.finish_and_clear();
     let mut failed = Vec::new();
     let mut reported = Vec::new();
     for (name, v) in results {
@@ -313,22 +308,22 @@ fn frozen(layers: impl Iterator<Item = (String, bool)>) -> Vec<String> {
     layers.filter(|(_, f)| *f).map(|(n, _)| n).collect()
 }
 
-/// One layer checked by the daemon; with `bar`, its progress drawn while
-/// it runs (asked for on a second connection).
+/// One layer checked by the daemon, its progress drawn while it runs
+/// (asked for on a second connection) when `bar` is shown.
 fn verify_through_daemon(
     socket: &Path,
     name: &str,
     manifest: Option<&Path>,
-    bar: bool,
+    bar: &Progress,
 ) -> Result<Verification> {
-    if !bar || manifest.is_some() {
+    if bar.0.is_hidden() || manifest.is_some() {
         return crate::client::layer_verify(socket, name, manifest);
     }
     std::thread::scope(|scope| {
         let job = scope.spawn(|| crate::client::layer_verify(socket, name, None));
         while !job.is_finished() {
             if let Ok(Some((done, total))) = crate::client::layer_verify_progress(socket, name) {
-                draw_progress(name, done, total);
+                bar.show(name, done, total);
             }
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
@@ -337,23 +332,47 @@ fn verify_through_daemon(
     })
 }
 
-/// A one-line progress bar on stderr: bytes read of how many (when known).
-fn draw_progress(name: &str, done: u64, total: Option<u64>) {
-    const WIDTH: usize = 30;
-    match total.filter(|&t| t > 0) {
-        Some(total) => {
-            let f = (done as f64 / total as f64).min(1.0);
-            let filled = (f * WIDTH as f64) as usize;
-            eprint!(
-                "\r\x1b[K[{}{}] {:>3}% {} of {}  {name}",
-                "=".repeat(filled),
-                " ".repeat(WIDTH - filled),
-                (f * 100.0) as u32,
-                human_bytes(done),
-                human_bytes(total)
+/// `lcfs verify`'s progress bar on stderr (hidden unless it is a
+/// terminal): file bytes read of how many, or hashed so far while a layer
+/// is sealed (the total is not known then).
+struct Progress(indicatif::ProgressBar);
+
+impl Progress {
+    fn new(shown: bool) -> Progress {
+        let target = if shown {
+            indicatif::ProgressDrawTarget::stderr()
+        } else {
+            indicatif::ProgressDrawTarget::hidden()
+        };
+        let bar = indicatif::ProgressBar::with_draw_target(None, target);
+        bar.set_style(
+            indicatif::ProgressStyle::default_spinner()
+                .template("")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        Progress(bar)
+    }
+
+    fn show(&self, name: &str, done: u64, total: Option<u64>) {
+        let template = match total {
+            Some(_) => "[{bar:30}] {percent:>3}% {bytes} of {total_bytes}  {msg}",
+            None => "{spinner} sealing {msg}: {bytes} hashed",
+        };
+        if self.0.message() != name || self.0.length() != total {
+            self.0.reset();
+            match total {
+                Some(t) => self.0.set_length(t),
+                None => self.0.unset_length(),
+            }
+            self.0.set_position(done);
+            self.0.set_message(name.to_string());
+            self.0.set_style(
+                indicatif::ProgressStyle::with_template(template)
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                    .progress_chars("=> "),
             );
         }
-        None => eprint!("\r\x1b[Ksealing {name}: {} hashed", human_bytes(done)),
+        self.0.set_position(done);
     }
 }
 

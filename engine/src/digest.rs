@@ -493,7 +493,10 @@ pub fn verify_against_progress(
     let layer = engine.layer_id(name)?;
     let mut read = 0u64;
     let mut file = |a: &Attr, _: &[u8]| {
-        let d = file_digest(a.size, |off, len| engine.read(layer, a.inode, off, len))?;
+        let d = file_digest(a.size, |off, len| {
+            progress(read + off);
+            engine.read(layer, a.inode, off, len)
+        })?;
         read += a.size;
         progress(read);
         Ok(d)

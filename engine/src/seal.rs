@@ -373,6 +373,7 @@ impl Engine {
                     if stop() {
                         return Err(Error::Busy("sealing stopped".into()));
                     }
+                    progress(hashed + off);
                     self.read(layer, a.inode, off, len)
                 },
                 true,
