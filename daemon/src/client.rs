@@ -762,6 +762,21 @@ pub fn stats(socket: &Path, as_json: bool) -> Result<()> {
             p.direct_opens
         );
     }
+    if let Some(m) = &s.mirror {
+        let n = |k: &str| m.get(k).copied().unwrap_or(0);
+        println!(
+            "mirror:       blobs {} from the cache, {} from peers ({}), {} from upstream ({}); {} served to peers ({}); {} digest mismatches, {} fallbacks",
+            n("blobs_from_cache"),
+            n("blobs_from_peers"),
+            human_bytes(n("bytes_from_peers")),
+            n("blobs_from_upstream"),
+            human_bytes(n("bytes_from_upstream")),
+            n("served_to_peers"),
+            human_bytes(n("bytes_to_peers")),
+            n("digest_mismatches"),
+            n("fallbacks")
+        );
+    }
     println!(
         "cleaner:      {} segments cleaned, {} blocks relocated",
         s.engine.segments_cleaned, s.engine.blocks_relocated

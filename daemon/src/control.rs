@@ -30,6 +30,8 @@ pub struct Control {
     /// Verifications running: file bytes read, and of how many when known
     /// (`layer.verify_progress`).
     pub verifying: Mutex<HashMap<String, (u64, Option<u64>)>>,
+    /// The registry mirror's counters, when it runs.
+    pub mirror: Option<Arc<lcfs_mirror::Counters>>,
 }
 
 #[derive(Deserialize)]
@@ -339,6 +341,12 @@ impl Control {
                         opens: p.opens,
                         direct_opens: p.direct_opens,
                     });
+                stats.mirror = self.mirror.as_ref().map(|c| {
+                    c.values()
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect()
+                });
                 to_value(&stats)
             }
             "fsck" => {
@@ -455,6 +463,7 @@ mod tests {
             mount: None,
             gc: None,
             verifying: Default::default(),
+            mirror: None,
         };
         (control, kernel)
     }

@@ -37,6 +37,8 @@ pub struct DaemonOptions {
     pub passthrough: bool,
     /// Seal frozen layers in the background (crate::sealer).
     pub seal: bool,
+    /// The registry mirror's configuration file (crate::mirror).
+    pub mirror: Option<PathBuf>,
     /// Verified reads for every sealed layer (docs/integrity.md).
     pub verify_reads: bool,
     /// Serve the Docker graphdriver plugin here too (see lcfs-dockerplugin).
@@ -74,6 +76,7 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
     // A bad policy stops the start-up, with the key named.
     let gc_policy = crate::gc::Policy::load(&o.gc_policy)
         .map_err(|e| Error::Usage(format!("the garbage collection policy: {e}")))?;
+    let mirror_config = o.mirror.as_deref().map(crate::mirror::load).transpose()?;
     let device_path = absolute(&o.device)?;
     let mountpoint = absolute(&o.mountpoint)?;
     if !device_path.exists() {
@@ -89,6 +92,19 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
     };
     let engine = device::open_engine(&device_path, dev, config)?;
     engine.set_verify_reads(o.verify_reads);
+    let mirror = match mirror_config {
+        Some(config) => match lcfs_mirror::serve(engine.clone(), config) {
+            Ok(m) => {
+                log::info!("registry mirror on {}", m.address);
+                Some(m)
+            }
+            Err(e) => {
+                let _ = engine.close();
+                return Err(Error::Usage(format!("serving the registry mirror: {e}")));
+            }
+        },
+        None => None,
+    };
     server::claim_socket_path(&o.control_socket)?;
     lcfs_fsfront::prepare_mountpoint(&mountpoint)
         .map_err(|e| Error::io("preparing the mountpoint (--mount)", e))?;
@@ -176,6 +192,7 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
         }
     };
     catalog.docker_socket = Some(o.docker_socket.clone());
+    catalog.mirror = mirror.as_ref().map(|m| m.counters.clone());
     catalog.containerd = snapshotter
         .as_ref()
         .map(|s| (s.table().clone(), o.containerd_address.clone()));
@@ -234,6 +251,7 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
         catalog,
         gc: Some(gc),
         verifying: Default::default(),
+        mirror: mirror.as_ref().map(|m| m.counters.clone()),
     });
     log::info!(
         "lcfs daemon ready: control socket {}",
@@ -242,6 +260,9 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
     let served = server::serve(&listener, &wake, &control, &gate);
 
     log::info!("shutting down");
+    if let Some(m) = mirror {
+        m.shutdown();
+    }
     if let Some(s) = sealer {
         s.stop();
     }

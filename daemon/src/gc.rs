@@ -610,6 +610,8 @@ impl Collector {
         if owners == 0 {
             return Err("this daemon serves neither dockerd nor containerd: every layer is the control socket's".into());
         }
+        // The registry mirror's blob cache is the daemon's own.
+        referenced.insert(lcfs_mirror::store::LAYER.to_string());
         // What is referenced keeps its ancestors.
         let parent: std::collections::HashMap<&str, &str> = layers
             .iter()

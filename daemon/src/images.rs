@@ -36,6 +36,8 @@ pub struct Catalog {
     /// The snapshotter's table and containerd's socket, asked for image
     /// names when the daemon serves containerd.
     pub containerd: Option<(Arc<lcfs_snapshotter::Table>, PathBuf)>,
+    /// The registry mirror's counters, when it runs (for /metrics).
+    pub mirror: Option<Arc<lcfs_mirror::Counters>>,
     names: Mutex<Names>,
 }
 
@@ -74,6 +76,7 @@ impl Catalog {
             engine,
             mountpoint: mountpoint.to_path_buf(),
             plugin: None,
+            mirror: None,
             docker_socket: None,
             containerd: None,
             names: Mutex::new(Names::default()),

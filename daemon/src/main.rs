@@ -10,6 +10,7 @@ mod fleet;
 mod fsck;
 mod gc;
 mod images;
+mod mirror;
 mod mkfs;
 mod owners;
 mod protocol;
@@ -257,6 +258,12 @@ struct DaemonArgs {
     /// or the other). See docs/fuse.md, "Passthrough"
     #[arg(long)]
     passthrough: bool,
+
+    /// Serve the cooperative-pull registry mirror configured in this TOML
+    /// file (docs/mirror.md): blobs cached on the device, fetched from a
+    /// home peer or the upstream
+    #[arg(long, value_name = "PATH")]
+    mirror_config: Option<PathBuf>,
 
     /// Do not seal frozen layers in the background (`lcfs verify` still
     /// seals the layer it checks). See docs/integrity.md
@@ -563,6 +570,7 @@ fn run(cli: Cli) -> Result<()> {
                 writeback_cache: !a.no_writeback_cache,
                 passthrough: a.passthrough,
                 seal: !a.no_seal,
+                mirror: a.mirror_config,
                 verify_reads: a.verify_reads,
                 docker_plugin_socket: a.docker_plugin_socket,
                 containerd_socket: (!a.no_containerd).then(|| {

@@ -378,6 +378,10 @@ pub struct Stats {
     /// it (`lcfs daemon --passthrough`).
     #[serde(default)]
     pub passthrough: Option<Passthrough>,
+    /// The registry mirror's counters (docs/mirror.md); null when it does
+    /// not run.
+    #[serde(default)]
+    pub mirror: Option<std::collections::BTreeMap<String, u64>>,
 }
 
 /// What the mount's passthrough did since it started (docs/fuse.md).
@@ -553,6 +557,7 @@ impl Stats {
             read_only_reason: s.read_only_reason.clone(),
             plugin: None,
             passthrough: None,
+            mirror: None,
         }
     }
 }

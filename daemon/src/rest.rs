@@ -612,6 +612,15 @@ fn metrics(state: &State) -> Result<String, String> {
         "Layers on the device",
         stats.layers as u64,
     );
+    if let Some(m) = &state.catalog.mirror {
+        for (name, value) in m.values() {
+            let help = format!(
+                "Registry mirror (docs/mirror.md): {}",
+                name.replace('_', " ")
+            );
+            counter(&mut registry, &format!("mirror_{name}"), &help, value);
+        }
+    }
     gauge(
         &mut registry,
         "removals_pending",

@@ -232,6 +232,117 @@ echo 'enabled = false' >"$gc_policy"
 LCFS_DAEMON_ARGS="--gc-config $gc_policy"
 
 # --- infrastructure -----------------------------------------------------------------
+# mirror_part: four more lcfs daemons, each serving the registry mirror
+# (docs/mirror.md) with the other three as peers; containerd pulls the
+# Debian image through the first (hosts.toml), plain OCI clients through
+# the others, all at once. Each blob must reach every host whole while the
+# registry serves it about once, and a container must run from the image
+# containerd pulled.
+mirror_part() {
+    local i dir ports=() peers reg_log="$E2E_WORK/registry/registry.log" before waited
+    for i in 1 2 3 4; do
+        ports+=("$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')")
+    done
+    peers=$(printf '"127.0.0.1:%s", ' "${ports[@]}")
+    for i in 0 1 2 3; do
+        dir="$E2E_WORK/mirror$i"
+        mkdir -p "$dir/run"
+        cat >"$dir/mirror.toml" <<EOF
+listen = "127.0.0.1:${ports[$i]}"
+self = "127.0.0.1:${ports[$i]}"
+peers = [${peers%, }]
+cache_mib = 512
+default_upstream = "$REGISTRY"
+[upstreams]
+"$REGISTRY" = "http://$REGISTRY"
+EOF
+        quietly "$LCFS_BIN" mkfs "$E2E_SCRATCH/mirror$i.img" --size 2G || die "lcfs mkfs for mirror $i failed"
+        RUST_LOG=info "$LCFS_BIN" --control-socket "$dir/run/control.sock" daemon \
+            --device "$E2E_SCRATCH/mirror$i.img" --mount "$dir/mnt" --no-containerd --no-seal \
+            --stats-socket "$dir/run/stats.sock" --mirror-config "$dir/mirror.toml" \
+            >"$dir/daemon.log" 2>&1 &
+        MIRROR_PIDS+=($!)
+    done
+    for i in 0 1 2 3; do
+        waited=0
+        until curl -fsS "http://127.0.0.1:${ports[$i]}/v2/" >/dev/null 2>&1; do
+            [[ $waited -lt 300 ]] || die "mirror $i did not answer: $(tail -n 5 "$E2E_WORK/mirror$i/daemon.log")"
+            waited=$((waited + 1))
+            sleep 0.1
+        done
+    done
+    mkdir -p "$E2E_WORK/hosts.d/$REGISTRY"
+    cat >"$E2E_WORK/hosts.d/$REGISTRY/hosts.toml" <<EOF
+server = "http://$REGISTRY"
+[host."http://127.0.0.1:${ports[0]}"]
+  capabilities = ["pull", "resolve"]
+EOF
+    # containerd fetches what its content store lacks: nothing of the
+    # image may be left there, in any namespace (the images are gone from
+    # this one since part e; the pushes' namespace still holds them), nor
+    # in the store below the namespaces (a garbage collection run by a
+    # synchronous lease removal deletes it).
+    local ns
+    for ns in "$CTRD_NAMESPACE" e2e-push; do
+        "$CTR_BIN" --address "$CONTAINERD_ADDRESS" --namespace "$ns" images ls -q |
+            xargs -r "$CTR_BIN" --address "$CONTAINERD_ADDRESS" --namespace "$ns" images rm >/dev/null ||
+            fail "ctr images rm ($ns) failed"
+        "$CTR_BIN" --address "$CONTAINERD_ADDRESS" --namespace "$ns" content ls -q |
+            xargs -r "$CTR_BIN" --address "$CONTAINERD_ADDRESS" --namespace "$ns" content rm >/dev/null ||
+            fail "ctr content rm ($ns) failed"
+    done
+    local lease
+    lease=$(ctrd leases create | awk '{ print $1 }') || die "ctr leases create failed"
+    quietly ctrd leases rm --sync "$lease" || die "ctr leases rm --sync failed"
+    before=$(wc -l <"$reg_log")
+    ctrd images pull --plain-http --hosts-dir "$E2E_WORK/hosts.d" --snapshotter lcfs "$debian" \
+        >"$E2E_WORK/mirror-ctr.log" 2>&1 &
+    local ctr_pid=$! client_pids=()
+    for i in 1 2 3; do
+        python3 "$E2E_DIR/oci-pull.py" "http://127.0.0.1:${ports[$i]}" e2e/debian 1 \
+            >"$E2E_WORK/mirror-pull$i.out" 2>&1 &
+        client_pids+=($!)
+    done
+    wait "$ctr_pid" || fail "containerd's pull through mirror 0 failed: $(tail -n 3 "$E2E_WORK/mirror-ctr.log")"
+    for i in 1 2 3; do
+        wait "${client_pids[$((i - 1))]}" || fail "the pull through mirror $i failed: $(tail -n 3 "$E2E_WORK/mirror-pull$i.out")"
+    done
+    local image_bytes served gets from_peers=0 n
+    image_bytes=$(head -n 1 "$E2E_WORK/mirror-pull1.out")
+    # The registry's access log: blob GETs answered since the pulls began.
+    gets=$(tail -n +"$((before + 1))" "$reg_log" | grep -E '"GET /v2/e2e/debian/blobs/sha256:[0-9a-f]{64} HTTP/1.1" (200|206) ' || true)
+    served=$(sed -E 's/.*HTTP\/1\.1" [0-9]+ ([0-9]+) .*/\1/' <<<"$gets" | awk '{ sum += $1 } END { print sum + 0 }')
+    say "mirror: image blobs $image_bytes bytes; the registry served $(grep -c . <<<"$gets") blob GETs, $served bytes"
+    expect "the registry served no blob twice for four hosts" "" \
+        "$(grep -oE 'sha256:[0-9a-f]{64}' <<<"$gets" | sort | uniq -d)"
+    expect "upstream bytes at most 1.25x the image's blobs" 1 "$(python3 -c "print(int($served <= 1.25 * $image_bytes))")"
+    expect "inside a container: the image pulled through the mirror" "12" \
+        "$(ctrd run --rm --snapshotter lcfs "$debian" mirror-run cut -d. -f1 /etc/debian_version)"
+    expect "containerd fetched the image's blobs through mirror 0" true \
+        "$("$LCFS_BIN" --control-socket "$E2E_WORK/mirror0/run/control.sock" stats --json | jq -r '.mirror.served_to_clients >= 2')"
+    for i in 0 1 2 3; do
+        n=$("$LCFS_BIN" --control-socket "$E2E_WORK/mirror$i/run/control.sock" stats --json | jq -r '.mirror.blobs_from_peers')
+        from_peers=$((from_peers + n))
+    done
+    expect "some blobs came from peers instead of the registry" 1 "$((from_peers > 0))"
+    quietly ctrd images rm --sync "$debian" || fail "ctr images rm $debian failed"
+    mirrors_stop
+}
+
+MIRROR_PIDS=()
+# mirrors_stop: the mirror daemons this script started, by pid.
+mirrors_stop() {
+    local pid
+    for pid in "${MIRROR_PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${MIRROR_PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    MIRROR_PIDS=()
+}
+E2E_CLEANUP_HOOKS+=(mirrors_stop)
+
 part "infrastructure: registry, containerd, images pushed, overlayfs reference"
 lcfs_start
 registry_start
@@ -535,9 +646,12 @@ if [[ $target == lcfs ]]; then
     expect "no snapshots left" "" "$(snapshots lcfs)"
     expect "no lcfs layers left" "" "$(lcfs_layers_left)"
     quietly lcfs_ctl fsck --online || fail "fsck after the killed gc pass found problems"
+    # --- f. cooperative pull ----------------------------------------------------------------
+    part "f. cooperative pull: four lcfs mirrors of the registry, containerd through hosts.toml"
+    mirror_part
 else
     quietly ctrd images rm --sync "$multilayer" "$debian" || fail "ctr images rm failed"
-    say "parts d and e need lcfs: not run on $target"
+    say "parts d, e and f need lcfs: not run on $target"
 fi
 
 part "shutdown"
