@@ -741,8 +741,9 @@ async fn blob(
         m.counters.served_to_clients.fetch_add(1, Ordering::Relaxed);
     }
     if let Some(b) = m.store.get(hex) {
-        // Served whole only once it hashes right again; a range as it is.
-        let ok = range.is_some() || head || verify_cached(m, hex, b).await;
+        // Served whole only once it hashed right since the cache was
+        // opened; a range as it is.
+        let ok = b.verified || range.is_some() || head || verify_cached(m, hex, b).await;
         if ok {
             if !head && range.is_none() {
                 m.counters.blobs_from_cache.fetch_add(1, Ordering::Relaxed);
@@ -790,7 +791,9 @@ async fn verify_cached(m: &Arc<Mirror>, hex: &str, b: Blob) -> bool {
     })
     .await
     .unwrap_or(false);
-    if !ok {
+    if ok {
+        m.store.mark_verified(hex);
+    } else {
         m.counters.digest_mismatches.fetch_add(1, Ordering::Relaxed);
         log::warn!(
             "mirror: cached blob sha256:{hex} does not hash to its digest; fetching it again"

@@ -21,6 +21,10 @@ const PARTIAL: &str = "partial-";
 pub struct Blob {
     pub ino: u64,
     pub size: u64,
+    /// Hashed to its digest by this process: written here, or checked
+    /// since the cache was opened (what an earlier run left is checked
+    /// once, when first served whole).
+    pub verified: bool,
 }
 
 /// A blob being written.
@@ -83,6 +87,7 @@ impl BlobStore {
                     Blob {
                         ino: entry.inode,
                         size,
+                        verified: false,
                     },
                     0,
                 ),
@@ -111,6 +116,13 @@ impl BlobStore {
             *used = now;
             *b
         })
+    }
+
+    /// Notes that blob `hex` hashed to its digest.
+    pub fn mark_verified(&self, hex: &str) {
+        if let Some((b, _)) = self.index().blobs.get_mut(hex) {
+            b.verified = true;
+        }
     }
 
     /// Blobs and bytes cached.
@@ -152,7 +164,11 @@ impl BlobStore {
             hex.as_bytes(),
             0,
         )?;
-        let blob = Blob { ino: p.ino, size };
+        let blob = Blob {
+            ino: p.ino,
+            size,
+            verified: true,
+        };
         let mut ix = self.index();
         ix.clock += 1;
         let now = ix.clock;

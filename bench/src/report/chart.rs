@@ -79,7 +79,7 @@ pub fn lifecycle_charts(
             drivers,
             &counts,
             metric,
-            &format!("Container {name}: {what}"),
+            (&format!("Container {name}: {what}"), "containers (N)"),
             &path,
         )
         .map_err(|e| ReportError::Chart(format!("{}: {e}", path.display())))?;
@@ -88,12 +88,35 @@ pub fn lifecycle_charts(
     Ok(written)
 }
 
+/// bench/mirror-compare.sh's chart: seconds until N hosts all hold one
+/// image, pulling it through lcfs mirrors (`cooperative`) or each from the
+/// registry (`direct`), against N.
+pub fn mirror_chart(samples: &Samples, path: &Path) -> Result<(), ReportError> {
+    let counts = samples.counts();
+    if counts.is_empty() {
+        return Err(ReportError::Chart("no samples with a host count".into()));
+    }
+    register_chart_font()?;
+    draw(
+        samples,
+        &["cooperative", "direct"],
+        &counts,
+        "wall",
+        (
+            "One image pulled on N hosts at once: lcfs mirrors against the registry alone",
+            "hosts pulling at once (N)",
+        ),
+        path,
+    )
+    .map_err(|e| ReportError::Chart(format!("{}: {e}", path.display())))
+}
+
 fn draw(
     samples: &Samples,
     drivers: &[&str],
     counts: &[u32],
     metric: &str,
-    title: &str,
+    (title, x_desc): (&str, &str),
     path: &Path,
 ) -> Result<(), Box<dyn std::error::Error>> {
     // (driver, [(N, summary)]) for every driver with data.
@@ -129,7 +152,7 @@ fn draw(
         )?;
     chart
         .configure_mesh()
-        .x_desc("containers (N)")
+        .x_desc(x_desc)
         .y_desc("seconds (median; bar: min-max)")
         .axis_desc_style(("sans-serif", 18))
         .label_style(("sans-serif", 15))

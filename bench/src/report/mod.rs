@@ -9,7 +9,7 @@ mod machine;
 mod stats;
 mod table;
 
-pub use chart::lifecycle_charts;
+pub use chart::{lifecycle_charts, mirror_chart};
 pub use inputs::{
     parse_containerd_tsv, parse_docker_tsv, parse_engine_json, parse_fuse_tsv, parse_stages,
     EngineResults, Samples, Stage,
