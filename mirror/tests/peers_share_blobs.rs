@@ -77,6 +77,8 @@ enum Behaviour {
     Stall,
     /// The right length of other bytes.
     Wrong,
+    /// The right bytes, cut off halfway (a peer killed mid-blob).
+    Truncate,
 }
 
 fn serve_one(
@@ -149,6 +151,11 @@ fn serve_one(
             body.len()
         );
         if out.write_all(head.as_bytes()).is_err() {
+            return;
+        }
+        if method == "GET" && behaviour == Behaviour::Truncate {
+            let _ = out.write_all(&body[..body.len() / 2]);
+            let _ = out.shutdown(std::net::Shutdown::Both);
             return;
         }
         if method == "GET" {
@@ -516,5 +523,31 @@ fn bad_requests_get_oci_errors() {
     assert_eq!((s, b.len()), (200, 0));
     assert_eq!(h["content-length"], "5000");
     assert_eq!(get(me, "GET", "/v2/", &[auth]).0, 200);
+    host.mirror.unwrap().shutdown();
+}
+
+#[test]
+fn a_home_cut_off_mid_blob_is_followed_by_the_upstream_from_where_it_stopped() {
+    let blobs: Vec<Vec<u8>> = (0..10).map(|i| pattern(400 + i, 600_000)).collect();
+    let upstream = Upstream::start(blobs.clone(), Behaviour::Slow);
+    let cut = Upstream::start(blobs.clone(), Behaviour::Truncate);
+    let me = free_port();
+    let host = Host::start(config(me, &upstream, &[me, cut.address]));
+    for b in &blobs {
+        let (status, _, body, whole) = get(me, "GET", &blob_path(b), &[]);
+        assert!(status == 200 && whole && body == *b, "no request fails");
+    }
+    let c = host.counters();
+    eprintln!("counters: {c:?}");
+    assert!(c["fallbacks"] >= 1, "{c:?}");
+    assert_eq!(c["digest_mismatches"], 0);
+    // The upstream sent only what the cut peer had not: less than every
+    // blob whole for the blobs homed at the peer.
+    let sent = *upstream.bytes.lock().unwrap();
+    let total: u64 = blobs.iter().map(|b| b.len() as u64).sum();
+    assert!(
+        sent < total,
+        "resumed with a range: {sent} of {total} bytes"
+    );
     host.mirror.unwrap().shutdown();
 }
