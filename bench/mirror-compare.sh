@@ -64,64 +64,19 @@ image_bytes=$(python3 "$E2E_REPO/bench/mirror/oci-push.py" "$REGISTRY" bench/big
     die "pushing the image failed"
 say "image: $layers layers, $image_bytes bytes of blobs; registry egress throttled to $rate_mib MiB/s"
 
-MIRROR_PIDS=()
-mirrors_stop() {
-    local pid
-    for pid in "${MIRROR_PIDS[@]}"; do stop_pid "$pid" || true; done
-    MIRROR_PIDS=()
-}
-E2E_CLEANUP_HOOKS+=(mirrors_stop)
-
-# mirrors_start N: N daemons, peers of each other, upstream the throttle;
-# sets PORTS.
-mirrors_start() {
-    local n=$1 i dir peers waited
-    PORTS=()
-    for ((i = 0; i < n; i++)); do PORTS+=("$(free_port)"); done
-    peers=$(printf '"127.0.0.1:%s", ' "${PORTS[@]}")
-    for ((i = 0; i < n; i++)); do
-        dir="$E2E_WORK/m$i"
-        rm -rf "$dir"
-        mkdir -p "$dir/run"
-        cat >"$dir/mirror.toml" <<EOF
-listen = "127.0.0.1:${PORTS[$i]}"
-self = "127.0.0.1:${PORTS[$i]}"
-peers = [${peers%, }]
-cache_mib = 4096
-default_upstream = "$upstream"
-upstream_timeout_ms = 120000
-[upstreams]
-"$upstream" = "http://$upstream"
-EOF
-        rm -f "$E2E_SCRATCH/m$i.img"
-        quietly "$LCFS_BIN" mkfs "$E2E_SCRATCH/m$i.img" --size 4G || die "lcfs mkfs for host $i failed"
-        RUST_LOG=warn "$LCFS_BIN" --control-socket "$dir/run/control.sock" daemon \
-            --device "$E2E_SCRATCH/m$i.img" --mount "$dir/mnt" --no-containerd --no-seal \
-            --stats-socket "$dir/run/stats.sock" --mirror-config "$dir/mirror.toml" \
-            >"$dir/daemon.log" 2>&1 &
-        MIRROR_PIDS+=($!)
-    done
-    for ((i = 0; i < n; i++)); do
-        waited=0
-        until curl -fsS "http://127.0.0.1:${PORTS[$i]}/v2/" >/dev/null 2>&1; do
-            [[ $waited -lt 300 ]] || die "host $i's mirror did not answer: $(tail -n 5 "$E2E_WORK/m$i/daemon.log")"
-            waited=$((waited + 1))
-            sleep 0.1
-        done
-    done
-}
-
 # pull_all MODE N ROUND: N clients at once; records wall seconds and the
 # registry's bytes.
 pull_all() {
     local mode=$1 n=$2 round=$3 i pids=() start end before after base
-    [[ $mode == direct ]] || mirrors_start "$n"
+    if [[ $mode != direct ]]; then
+        RUST_LOG=warn mirrors_start "$n" "$upstream" 4096 "upstream_timeout_ms = 120000"
+    fi
     before=$(cat "$E2E_WORK/upstream-bytes" 2>/dev/null || echo 0)
     sync
     echo 3 >/proc/sys/vm/drop_caches
     start=$(date +%s.%N)
     for ((i = 0; i < n; i++)); do
-        if [[ $mode == direct ]]; then base="http://$upstream"; else base="http://127.0.0.1:${PORTS[$i]}"; fi
+        if [[ $mode == direct ]]; then base="http://$upstream"; else base="http://127.0.0.1:${MIRROR_PORTS[$i]}"; fi
         python3 "$E2E_DIR/oci-pull.py" "$base" bench/big 1 >"$E2E_WORK/pull-$i.out" 2>&1 &
         pids+=($!)
     done

@@ -51,6 +51,8 @@ const CHUNK: usize = 1 << 20;
 const MANIFEST_MAX: usize = 4 << 20;
 /// How long a peer that failed is left out of the homes.
 const PEER_PENALTY: Duration = Duration::from_secs(30);
+/// Connections served at once at most; more wait to be accepted.
+const MAX_CONNECTIONS: usize = 1024;
 /// How often `peers_dns` is resolved.
 pub const DNS_REFRESH: Duration = Duration::from_secs(30);
 
@@ -235,13 +237,18 @@ pub fn serve(engine: Arc<Engine>, config: Config) -> io::Result<MirrorServer> {
                         return;
                     }
                 };
+                let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
                 loop {
+                    let Ok(slot) = slots.clone().acquire_owned().await else {
+                        break;
+                    };
                     tokio::select! {
                         _ = stopped.changed() => break,
                         accepted = listener.accept() => match accepted {
                             Ok((stream, _)) => {
                                 let m = mirror.clone();
                                 tokio::spawn(async move {
+                                    let _slot = slot;
                                     let svc = hyper::service::service_fn(move |req| {
                                         let m = m.clone();
                                         async move { Ok::<_, std::convert::Infallible>(handle(m, req).await) }
@@ -445,6 +452,11 @@ fn json_string(s: &str) -> String {
     out
 }
 
+/// Compares a secret in time that does not depend on where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 async fn handle(m: Arc<Mirror>, req: Request<Incoming>) -> Response<Body_> {
     m.counters.requests.fetch_add(1, Ordering::Relaxed);
     if let Some(token) = &m.config.token {
@@ -453,7 +465,7 @@ async fn handle(m: Arc<Mirror>, req: Request<Incoming>) -> Response<Body_> {
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if sent != Some(token.as_str()) {
+        if !sent.is_some_and(|s| same_secret(s.as_bytes(), token.as_bytes())) {
             return oci_error(
                 StatusCode::UNAUTHORIZED,
                 "UNAUTHORIZED",
@@ -828,6 +840,14 @@ pub fn span(range: Option<(u64, Option<u64>)>, size: u64) -> Option<(u64, u64)> 
     }
 }
 
+fn range_past_the_end() -> Response<Body_> {
+    oci_error(
+        StatusCode::RANGE_NOT_SATISFIABLE,
+        "RANGE_INVALID",
+        "the range starts past the end of the blob",
+    )
+}
+
 fn stream_cached(
     m: &Arc<Mirror>,
     hex: &str,
@@ -836,11 +856,7 @@ fn stream_cached(
     to_peer: bool,
 ) -> Response<Body_> {
     let Some((first, end)) = span(range, b.size) else {
-        return oci_error(
-            StatusCode::RANGE_NOT_SATISFIABLE,
-            "RANGE_INVALID",
-            "the range starts past the end of the blob",
-        );
+        return range_past_the_end();
     };
     let (tx, rx) = mpsc::channel(4);
     let store = m.store.clone();
@@ -1104,11 +1120,7 @@ async fn stream_download(
         }
     };
     let Some((first, end)) = span(range, size) else {
-        return oci_error(
-            StatusCode::RANGE_NOT_SATISFIABLE,
-            "RANGE_INVALID",
-            "the range starts past the end of the blob",
-        );
+        return range_past_the_end();
     };
     let (tx, body) = mpsc::channel(4);
     let store = m.store.clone();

@@ -231,7 +231,6 @@ gc_policy="$E2E_WORK/gc.toml"
 echo 'enabled = false' >"$gc_policy"
 LCFS_DAEMON_ARGS="--gc-config $gc_policy"
 
-# --- infrastructure -----------------------------------------------------------------
 # mirror_part: four more lcfs daemons, each serving the registry mirror
 # (docs/mirror.md) with the other three as peers; containerd pulls the
 # Debian image through the first (hosts.toml), plain OCI clients through
@@ -239,42 +238,12 @@ LCFS_DAEMON_ARGS="--gc-config $gc_policy"
 # registry serves it about once, and a container must run from the image
 # containerd pulled.
 mirror_part() {
-    local i dir ports=() peers reg_log="$E2E_WORK/registry/registry.log" before waited
-    for i in 1 2 3 4; do
-        ports+=("$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')")
-    done
-    peers=$(printf '"127.0.0.1:%s", ' "${ports[@]}")
-    for i in 0 1 2 3; do
-        dir="$E2E_WORK/mirror$i"
-        mkdir -p "$dir/run"
-        cat >"$dir/mirror.toml" <<EOF
-listen = "127.0.0.1:${ports[$i]}"
-self = "127.0.0.1:${ports[$i]}"
-peers = [${peers%, }]
-cache_mib = 512
-default_upstream = "$REGISTRY"
-[upstreams]
-"$REGISTRY" = "http://$REGISTRY"
-EOF
-        quietly "$LCFS_BIN" mkfs "$E2E_SCRATCH/mirror$i.img" --size 2G || die "lcfs mkfs for mirror $i failed"
-        RUST_LOG=info "$LCFS_BIN" --control-socket "$dir/run/control.sock" daemon \
-            --device "$E2E_SCRATCH/mirror$i.img" --mount "$dir/mnt" --no-containerd --no-seal \
-            --stats-socket "$dir/run/stats.sock" --mirror-config "$dir/mirror.toml" \
-            >"$dir/daemon.log" 2>&1 &
-        MIRROR_PIDS+=($!)
-    done
-    for i in 0 1 2 3; do
-        waited=0
-        until curl -fsS "http://127.0.0.1:${ports[$i]}/v2/" >/dev/null 2>&1; do
-            [[ $waited -lt 300 ]] || die "mirror $i did not answer: $(tail -n 5 "$E2E_WORK/mirror$i/daemon.log")"
-            waited=$((waited + 1))
-            sleep 0.1
-        done
-    done
+    local i reg_log="$E2E_WORK/registry/registry.log" before
+    mirrors_start 4 "$REGISTRY" 512
     mkdir -p "$E2E_WORK/hosts.d/$REGISTRY"
     cat >"$E2E_WORK/hosts.d/$REGISTRY/hosts.toml" <<EOF
 server = "http://$REGISTRY"
-[host."http://127.0.0.1:${ports[0]}"]
+[host."http://127.0.0.1:${MIRROR_PORTS[0]}"]
   capabilities = ["pull", "resolve"]
 EOF
     # containerd fetches what its content store lacks: nothing of the
@@ -299,7 +268,7 @@ EOF
         >"$E2E_WORK/mirror-ctr.log" 2>&1 &
     local ctr_pid=$! client_pids=()
     for i in 1 2 3; do
-        python3 "$E2E_DIR/oci-pull.py" "http://127.0.0.1:${ports[$i]}" e2e/debian 1 \
+        python3 "$E2E_DIR/oci-pull.py" "http://127.0.0.1:${MIRROR_PORTS[$i]}" e2e/debian 1 \
             >"$E2E_WORK/mirror-pull$i.out" 2>&1 &
         client_pids+=($!)
     done
@@ -319,9 +288,9 @@ EOF
     expect "inside a container: the image pulled through the mirror" "12" \
         "$(ctrd run --rm --snapshotter lcfs "$debian" mirror-run cut -d. -f1 /etc/debian_version)"
     expect "containerd fetched the image's blobs through mirror 0" true \
-        "$("$LCFS_BIN" --control-socket "$E2E_WORK/mirror0/run/control.sock" stats --json | jq -r '.mirror.served_to_clients >= 2')"
+        "$(mirror_ctl 0 stats --json | jq -r '.mirror.served_to_clients >= 2')"
     for i in 0 1 2 3; do
-        n=$("$LCFS_BIN" --control-socket "$E2E_WORK/mirror$i/run/control.sock" stats --json | jq -r '.mirror.blobs_from_peers')
+        n=$(mirror_ctl "$i" stats --json | jq -r '.mirror.blobs_from_peers')
         from_peers=$((from_peers + n))
     done
     expect "some blobs came from peers instead of the registry" 1 "$((from_peers > 0))"
@@ -329,20 +298,8 @@ EOF
     mirrors_stop
 }
 
-MIRROR_PIDS=()
-# mirrors_stop: the mirror daemons this script started, by pid.
-mirrors_stop() {
-    local pid
-    for pid in "${MIRROR_PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${MIRROR_PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    MIRROR_PIDS=()
-}
-E2E_CLEANUP_HOOKS+=(mirrors_stop)
 
+# --- infrastructure -----------------------------------------------------------------
 part "infrastructure: registry, containerd, images pushed, overlayfs reference"
 lcfs_start
 registry_start

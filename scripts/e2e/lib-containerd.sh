@@ -354,3 +354,68 @@ docker26() {
     fi
     DOCKER_CONFIG=$config timeout "$E2E_COMMAND_TIMEOUT" "$DOCKER26_CLI" -H "unix://$E2E_WORK/d-$name/docker.sock" "$@"
 }
+
+# mirrors_start N UPSTREAM CACHE_MIB [TOML]: N lcfs daemons, each on a fresh
+# device file and serving the registry mirror (docs/mirror.md) with the
+# others as peers, the registry UPSTREAM (host:port, plain HTTP) as their
+# upstream; TOML is added to each mirror.toml. Sets MIRROR_PORTS; daemon i
+# lives in $E2E_WORK/mirror<i> (mirror_ctl I ARGS asks it). Waits until
+# every mirror answers.
+MIRROR_PIDS=()
+MIRROR_PORTS=()
+mirrors_start() {
+    local n=$1 upstream=$2 cache_mib=$3 extra=${4:-} i dir peers waited
+    MIRROR_PORTS=()
+    for ((i = 0; i < n; i++)); do
+        MIRROR_PORTS+=("$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')")
+    done
+    peers=$(printf '"127.0.0.1:%s", ' "${MIRROR_PORTS[@]}")
+    [[ " ${E2E_CLEANUP_HOOKS[*]} " == *" mirrors_stop "* ]] || E2E_CLEANUP_HOOKS+=(mirrors_stop)
+    for ((i = 0; i < n; i++)); do
+        dir="$E2E_WORK/mirror$i"
+        rm -rf "$dir"
+        mkdir -p "$dir/run"
+        cat >"$dir/mirror.toml" <<TOML
+listen = "127.0.0.1:${MIRROR_PORTS[$i]}"
+self = "127.0.0.1:${MIRROR_PORTS[$i]}"
+peers = [${peers%, }]
+cache_mib = $cache_mib
+default_upstream = "$upstream"
+$extra
+[upstreams]
+"$upstream" = "http://$upstream"
+TOML
+        rm -f "$E2E_SCRATCH/mirror$i.img"
+        quietly "$LCFS_BIN" mkfs "$E2E_SCRATCH/mirror$i.img" --size "$((cache_mib * 2 / 1024 + 1))G" ||
+            die "lcfs mkfs for mirror $i failed"
+        RUST_LOG=${RUST_LOG:-info} "$LCFS_BIN" --control-socket "$dir/run/control.sock" daemon \
+            --device "$E2E_SCRATCH/mirror$i.img" --mount "$dir/mnt" --no-containerd --no-seal \
+            --stats-socket "$dir/run/stats.sock" --mirror-config "$dir/mirror.toml" \
+            >"$dir/daemon.log" 2>&1 &
+        MIRROR_PIDS+=($!)
+    done
+    for ((i = 0; i < n; i++)); do
+        waited=0
+        until curl -fsS "http://127.0.0.1:${MIRROR_PORTS[$i]}/v2/" >/dev/null 2>&1; do
+            [[ $waited -lt 300 ]] || die "mirror $i did not answer: $(tail -n 5 "$E2E_WORK/mirror$i/daemon.log")"
+            waited=$((waited + 1))
+            sleep 0.1
+        done
+    done
+}
+
+# mirror_ctl I ARGS: lcfs ARGS against mirror daemon I.
+mirror_ctl() {
+    local i=$1
+    shift
+    "$LCFS_BIN" --control-socket "$E2E_WORK/mirror$i/run/control.sock" "$@"
+}
+
+# mirrors_stop: the mirror daemons mirrors_start started, by pid.
+mirrors_stop() {
+    local pid
+    for pid in "${MIRROR_PIDS[@]}"; do
+        stop_pid "$pid" || true
+    done
+    MIRROR_PIDS=()
+}
