@@ -836,7 +836,7 @@ pub fn span(range: Option<(u64, Option<u64>)>, size: u64) -> Option<(u64, u64)> 
     match range {
         None => Some((0, size)),
         Some((first, _)) if first >= size => None,
-        Some((first, last)) => Some((first, last.map_or(size, |l| (l + 1).min(size)))),
+        Some((first, last)) => Some((first, last.map_or(size, |l| l.saturating_add(1).min(size)))),
     }
 }
 
@@ -1255,6 +1255,8 @@ mod tests {
         }
         assert_eq!(span(Some((10, None)), 5), None);
         assert_eq!(span(Some((1, Some(100))), 5), Some((1, 5)));
+        // Found by the fuzz target: the last byte u64::MAX.
+        assert_eq!(span(Some((0, Some(u64::MAX))), 5), Some((0, 5)));
         assert_eq!(query_ns(Some("a=b&ns=reg:5000")), Some("reg:5000".into()));
         assert_eq!(
             query_ns(Some("ns=127.0.0.1%3A41483")),
