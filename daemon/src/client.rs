@@ -815,11 +815,7 @@ pub fn layer_digest(
     name: &str,
     manifest: Option<&Path>,
 ) -> Result<crate::protocol::LayerDigest> {
-    let mut r = json!({"op": "layer.digest", "name": name});
-    if let Some(m) = manifest {
-        r["manifest"] = json!(m.to_string_lossy());
-    }
-    request(socket, r, None)
+    request(socket, with_manifest("layer.digest", name, manifest), None)
 }
 
 /// The running daemon's check of layer `name` against the manifest at
@@ -829,11 +825,16 @@ pub fn layer_verify(
     name: &str,
     manifest: Option<&Path>,
 ) -> Result<crate::protocol::Verification> {
-    let mut r = json!({"op": "layer.verify", "name": name});
+    request(socket, with_manifest("layer.verify", name, manifest), None)
+}
+
+/// Request `op` on layer `name`, with `manifest` when given.
+fn with_manifest(op: &str, name: &str, manifest: Option<&Path>) -> Value {
+    let mut r = json!({"op": op, "name": name});
     if let Some(m) = manifest {
         r["manifest"] = json!(m.to_string_lossy());
     }
-    request(socket, r, None)
+    r
 }
 
 /// How far the daemon's check of layer `name` against its seal is: file

@@ -25,6 +25,8 @@ const FORCE_AFTER: Duration = Duration::from_secs(600);
 /// How long a layer whose sealing failed waits before the next try.
 const RETRY_AFTER: Duration = Duration::from_secs(60);
 const TICK: Duration = Duration::from_millis(250);
+/// How often the layers are listed while the engine is busy.
+const BUSY_LISTING: Duration = Duration::from_secs(10);
 /// Bytes a frozen clone must own to be sealed unasked.
 const OWN_BYTES: u64 = 1 << 20;
 
@@ -71,6 +73,7 @@ fn run(engine: &Engine, stop: &AtomicBool) {
     let mut quiet_since = Instant::now();
     let mut waiting: HashMap<String, Instant> = HashMap::new();
     let mut failed: HashMap<String, Instant> = HashMap::new();
+    let mut listed = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(TICK);
         let now = engine.activity();
@@ -78,6 +81,13 @@ fn run(engine: &Engine, stop: &AtomicBool) {
             mark = now;
             quiet_since = Instant::now();
         }
+        let idle = quiet_since.elapsed() >= QUIET;
+        // While the engine is busy, the layers are listed now and then
+        // only, to see which waited long enough.
+        if !idle && listed.elapsed() < BUSY_LISTING {
+            continue;
+        }
+        listed = Instant::now();
         if engine.stats().read_only_reason.is_some() {
             continue;
         }
@@ -89,7 +99,6 @@ fn run(engine: &Engine, stop: &AtomicBool) {
             .collect();
         waiting.retain(|name, _| unsealed.contains(name));
         failed.retain(|_, at| at.elapsed() < RETRY_AFTER);
-        let idle = quiet_since.elapsed() >= QUIET;
         let next = unsealed.into_iter().find_map(|name| {
             if failed.contains_key(&name) {
                 return None;
