@@ -105,10 +105,11 @@ fi
 # benchmark charts' text (lcfs-bench-report); prometheus: the server that
 # scrapes three daemons in scripts/e2e/prometheus.sh (installed, its service
 # never started here); fsverity: the independent file digests that layer
-# digests are checked against.
+# digests are checked against; openssl: the CA and certificate of the HTTPS
+# registry the mirrors pull from (scripts/e2e/containerd.sh, part f).
 APT_PACKAGES=(
     fio fuse3 util-linux e2fsprogs btrfs-progs debootstrap kmod docker.io runc tini fuse-overlayfs
-    jq curl ca-certificates g++ python3 busybox-static fonts-dejavu-core prometheus fsverity
+    jq curl ca-certificates g++ python3 busybox-static fonts-dejavu-core prometheus fsverity openssl
 )
 # What scripts/demo.sh uses: the FUSE front, runc, the image builder
 # (python3, busybox-static), and for its docker part Docker 20.10.

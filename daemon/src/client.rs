@@ -548,6 +548,13 @@ pub fn gc(socket: &Path, dry_run: bool, orphans: bool, as_json: bool) -> Result<
             ""
         }
     );
+    if report.mirror_blobs_evicted > 0 {
+        println!(
+            "registry mirror: {} blob(s) evicted from the cache ({})",
+            report.mirror_blobs_evicted,
+            human_bytes(report.mirror_bytes_evicted)
+        );
+    }
     let width = name_width(
         report
             .remove

@@ -193,6 +193,7 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
     };
     catalog.docker_socket = Some(o.docker_socket.clone());
     catalog.mirror = mirror.as_ref().map(|m| m.counters.clone());
+    catalog.mirror_store = mirror.as_ref().map(|m| m.store.clone());
     catalog.containerd = snapshotter
         .as_ref()
         .map(|s| (s.table().clone(), o.containerd_address.clone()));

@@ -245,6 +245,12 @@ pub struct Report {
     pub orphans: Vec<Orphan>,
     #[serde(default)]
     pub orphans_unknown: Option<String>,
+    /// Registry mirror blobs evicted for space (before any image), and
+    /// their bytes.
+    #[serde(default)]
+    pub mirror_blobs_evicted: usize,
+    #[serde(default)]
+    pub mirror_bytes_evicted: u64,
 }
 
 /// The images to remove, least recently used first, and those left alone.
@@ -422,7 +428,24 @@ impl Collector {
             }
         };
         let low = capacity / 100 * policy.low_watermark_percent as u64;
+        let high = capacity / 100 * policy.high_watermark_percent as u64;
         let mut now_used = used;
+        let (mut blobs_evicted, mut bytes_evicted) = (0, 0);
+        if !dry_run && used > high {
+            // The mirror's blobs go first: each can be fetched again.
+            if let Some(store) = &self.catalog.mirror_store {
+                while now_used > low {
+                    let (n, bytes) = store.evict(now_used - low);
+                    if n == 0 {
+                        break;
+                    }
+                    blobs_evicted += n;
+                    bytes_evicted += bytes;
+                    let _ = self.catalog.engine.sync();
+                    now_used = self.used().0;
+                }
+            }
+        }
         if !dry_run {
             for e in &mut remove {
                 if e.reason == Some(Reason::Space) && now_used <= low {
@@ -469,6 +492,8 @@ impl Collector {
             seconds: started.elapsed().as_secs_f64(),
             remove,
             keep,
+            mirror_blobs_evicted: blobs_evicted,
+            mirror_bytes_evicted: bytes_evicted,
         }
     }
 

@@ -38,6 +38,9 @@ pub struct Catalog {
     pub containerd: Option<(Arc<lcfs_snapshotter::Table>, PathBuf)>,
     /// The registry mirror's counters, when it runs (for /metrics).
     pub mirror: Option<Arc<lcfs_mirror::Counters>>,
+    /// The registry mirror's blob cache: the garbage collector evicts from
+    /// it before it removes images.
+    pub mirror_store: Option<Arc<lcfs_mirror::store::BlobStore>>,
     names: Mutex<Names>,
 }
 
@@ -77,6 +80,7 @@ impl Catalog {
             mountpoint: mountpoint.to_path_buf(),
             plugin: None,
             mirror: None,
+            mirror_store: None,
             docker_socket: None,
             containerd: None,
             names: Mutex::new(Names::default()),

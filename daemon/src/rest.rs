@@ -92,11 +92,13 @@ struct State {
     top_images: usize,
 }
 
-/// Reads the bearer token: the file must be a regular file owned by root
-/// (or the daemon's user) that neither group nor others may read or write.
-pub fn read_token(path: &Path) -> io::Result<String> {
+/// Reads a file holding a secret (a token, a password, registry
+/// credentials): it must be a regular file owned by root (or the daemon's
+/// user) that neither group nor others may read or write, of at most 1 MiB.
+pub fn read_secret_file(path: &Path) -> io::Result<String> {
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;
+    const MAX: u64 = 1 << 20;
     let context = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
     let file = std::fs::File::open(path).map_err(context)?;
     let meta = file.metadata().map_err(context)?;
@@ -106,18 +108,46 @@ pub fn read_token(path: &Path) -> io::Result<String> {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!(
-                "{}: the token file must be a regular file of root's with mode 0600 or 0400 (it is {:o}, uid {})",
+                "{}: a file holding a secret must be a regular file of root's with mode 0600 or 0400 (it is {:o}, uid {})",
                 path.display(),
                 meta.mode() & 0o7777,
                 meta.uid()
             ),
         ));
     }
-    let mut token = String::new();
-    file.take(MAX_TOKEN_BYTES + 1)
-        .read_to_string(&mut token)
+    let mut text = String::new();
+    file.take(MAX + 1)
+        .read_to_string(&mut text)
         .map_err(context)?;
-    let token = token.trim().to_string();
+    if text.len() as u64 > MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: larger than {MAX} bytes", path.display()),
+        ));
+    }
+    Ok(text)
+}
+
+/// A one-line secret (a password) from a file [`read_secret_file`] accepts.
+pub fn read_secret(path: &Path) -> io::Result<String> {
+    let text = read_secret_file(path)?;
+    let line = text.strip_suffix('\n').unwrap_or(&text);
+    if line.is_empty() || line.len() as u64 > MAX_TOKEN_BYTES || line.chars().any(char::is_control)
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{}: the secret must be one line of 1 to {MAX_TOKEN_BYTES} characters",
+                path.display()
+            ),
+        ));
+    }
+    Ok(line.to_string())
+}
+
+/// Reads the bearer token (a file [`read_secret_file`] accepts).
+pub fn read_token(path: &Path) -> io::Result<String> {
+    let token = read_secret_file(path)?.trim().to_string();
     if token.len() as u64 > MAX_TOKEN_BYTES
         || token.len() < 16
         || token.chars().any(|c| c.is_whitespace() || c.is_control())

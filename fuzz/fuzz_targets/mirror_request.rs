@@ -2,7 +2,8 @@
 //! input: a path and a Range header. Nothing panics; a path accepted names
 //! a repository of at most 255 bytes and a 64-digit digest or a tag; a
 //! range accepted has first <= last, and its span in any blob lies inside
-//! the blob.
+//! the blob. The third line is an upstream's WWW-Authenticate challenge:
+//! read without panic, its scheme one token.
 #![no_main]
 
 use lcfs_mirror::{parse_range, route, span, Route};
@@ -10,7 +11,11 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
-    let (path, range) = text.split_once('\n').unwrap_or((&text, ""));
+    let (path, rest) = text.split_once('\n').unwrap_or((&text, ""));
+    let (range, challenge) = rest.split_once('\n').unwrap_or((rest, ""));
+    if let Some((scheme, _)) = lcfs_mirror::upstream::parse_challenge(challenge) {
+        assert!(!scheme.is_empty() && !scheme.contains(' '));
+    }
     match route(path) {
         Ok(Route::Base) => assert!(path == "/v2/" || path == "/v2"),
         Ok(Route::Blob { name, hex }) => {

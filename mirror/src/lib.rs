@@ -20,6 +20,7 @@
 //! cached blob is hashed again before it is served whole.
 
 pub mod store;
+pub mod upstream;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -27,8 +28,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming};
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RANGE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use lcfs_engine::Engine;
 use sha2::{Digest as _, Sha256};
 use std::collections::{BTreeMap, HashMap};
@@ -42,6 +42,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use store::{Blob, BlobStore, Partial};
 use tokio::sync::{mpsc, watch};
+pub use upstream::{Credentials, Upstream};
 
 /// The header a peer's request carries.
 pub const PEER_HEADER: &str = "x-lcfs-mirror-peer";
@@ -63,8 +64,10 @@ pub struct Config {
     /// Most bytes the blob cache keeps.
     pub cache_bytes: u64,
     /// Upstream registries by the host name containerd passes as `ns`
-    /// (`registry.example:5000`): their base URLs (`http://...`).
-    pub upstreams: BTreeMap<String, String>,
+    /// (`registry.example:5000`).
+    pub upstreams: BTreeMap<String, Upstream>,
+    /// PEM certificates trusted for HTTPS upstreams besides the system's.
+    pub ca_certificates: Vec<Vec<u8>>,
     /// The upstream of requests without `ns`.
     pub default_upstream: Option<String>,
     /// Every peer's address (`host:port` of its mirror), this host's too.
@@ -127,7 +130,6 @@ impl Counters {
     }
 }
 
-type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
 type Body_ = BoxBody<Bytes, io::Error>;
 
 /// A blob being fetched: its bytes land in a partial file of the cache.
@@ -150,13 +152,16 @@ struct Progress {
 #[derive(Clone, Debug, PartialEq)]
 enum Source {
     Peer(String),
+    /// By its key in [`Config::upstreams`].
     Upstream(String),
 }
 
 struct Mirror {
     config: Config,
     store: Arc<BlobStore>,
-    client: HttpClient,
+    client: upstream::HttpClient,
+    /// Authorizations the upstreams' challenges gave.
+    auth: Mutex<upstream::AuthCache>,
     downloads: Mutex<HashMap<String, Arc<Download>>>,
     /// Peers that failed, and when.
     penalized: Mutex<HashMap<String, Instant>>,
@@ -172,6 +177,8 @@ pub struct MirrorServer {
     /// The address bound (port 0 picks one).
     pub address: SocketAddr,
     pub counters: Arc<Counters>,
+    /// The blob cache (the garbage collector evicts from it).
+    pub store: Arc<BlobStore>,
 }
 
 impl MirrorServer {
@@ -199,11 +206,13 @@ pub fn serve(engine: Arc<Engine>, config: Config) -> io::Result<MirrorServer> {
         .thread_name("lcfs-mirror")
         .enable_all()
         .build()?;
-    let client = Client::builder(TokioExecutor::new()).build_http();
+    let client = upstream::client(&config.ca_certificates)?;
+    let store = Arc::new(store);
     let mirror = Arc::new(Mirror {
         config,
-        store: Arc::new(store),
+        store: store.clone(),
         client,
+        auth: Mutex::new(Default::default()),
         downloads: Mutex::new(HashMap::new()),
         penalized: Mutex::new(HashMap::new()),
         resolved: Mutex::new(Vec::new()),
@@ -273,6 +282,7 @@ pub fn serve(engine: Arc<Engine>, config: Config) -> io::Result<MirrorServer> {
         thread: Some(thread),
         address,
         counters,
+        store,
     })
 }
 
@@ -530,11 +540,12 @@ async fn handle(m: Arc<Mirror>, req: Request<Incoming>) -> Response<Body_> {
 // ---------------------------------------------------------------- sources
 
 impl Mirror {
+    /// The key of the upstream of `ns`.
     fn upstream(&self, ns: Option<&str>) -> Option<String> {
         let key = ns
             .map(str::to_string)
             .or_else(|| self.config.default_upstream.clone())?;
-        self.config.upstreams.get(&key).cloned()
+        self.config.upstreams.contains_key(&key).then_some(key)
     }
 
     /// The live peer with the highest rendezvous score for `hex`.
@@ -579,11 +590,15 @@ impl Mirror {
         let ns = ns.map(|n| format!("?ns={n}")).unwrap_or_default();
         match source {
             Source::Peer(p) => format!("http://{p}{path}{ns}"),
-            Source::Upstream(u) => format!("{}{path}", u.trim_end_matches('/')),
+            Source::Upstream(key) => match self.config.upstreams.get(key) {
+                Some(u) => format!("{}{path}", u.url.trim_end_matches('/')),
+                None => String::new(),
+            },
         }
     }
 
-    /// A GET (or HEAD) of `url`, with a time limit for the answer's head.
+    /// A GET (or HEAD) of `url` from `source`, with a time limit for the
+    /// answer's head; the upstream's challenges answered (upstream.rs).
     async fn fetch(
         &self,
         source: &Source,
@@ -591,25 +606,21 @@ impl Mirror {
         method: Method,
         headers: &[(hyper::header::HeaderName, HeaderValue)],
     ) -> Result<Response<Incoming>, String> {
-        let mut req = Request::builder().method(method).uri(url);
-        for (k, v) in headers {
-            req = req.header(k, v);
-        }
-        let timeout = match source {
+        match source {
             Source::Peer(_) => {
-                req = req.header(PEER_HEADER, "1");
+                let mut h = headers.to_vec();
+                h.push((
+                    hyper::header::HeaderName::from_static(PEER_HEADER),
+                    HeaderValue::from_static("1"),
+                ));
                 if let Some(t) = &self.config.token {
-                    req = req.header(AUTHORIZATION, format!("Bearer {t}"));
+                    if let Ok(v) = HeaderValue::from_str(&format!("Bearer {t}")) {
+                        h.push((AUTHORIZATION, v));
+                    }
                 }
-                self.config.peer_timeout
+                self.send(url, &method, &h, self.config.peer_timeout).await
             }
-            Source::Upstream(_) => self.config.upstream_timeout,
-        };
-        let req = req.body(Empty::new()).map_err(|e| e.to_string())?;
-        match tokio::time::timeout(timeout, self.client.request(req)).await {
-            Err(_) => Err(format!("no answer from {url} in {timeout:?}")),
-            Ok(Err(e)) => Err(format!("{url}: {e}")),
-            Ok(Ok(r)) => Ok(r),
+            Source::Upstream(key) => self.fetch_upstream(key, url, method, headers).await,
         }
     }
 }
@@ -719,10 +730,10 @@ fn fail_source(m: &Mirror, source: &Source, why: &str) {
 }
 
 /// A body read whole, at most `max` bytes.
-struct Limited;
+pub(crate) struct Limited;
 
 impl Limited {
-    async fn collect(mut body: Incoming, max: usize) -> Result<Vec<u8>, String> {
+    pub(crate) async fn collect(mut body: Incoming, max: usize) -> Result<Vec<u8>, String> {
         let mut out = Vec::new();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| e.to_string())?;

@@ -51,6 +51,22 @@ struct Index {
     clock: u64,
 }
 
+impl Index {
+    /// Takes the least recently used blob (other than `except`) out of the
+    /// index: its name and size.
+    fn pop_oldest(&mut self, except: Option<&str>) -> Option<(String, u64)> {
+        let oldest = self
+            .blobs
+            .iter()
+            .filter(|(h, _)| Some(h.as_str()) != except)
+            .min_by_key(|(_, (_, used))| *used)
+            .map(|(h, _)| h.clone())?;
+        let (b, _) = self.blobs.remove(&oldest).expect("listed");
+        self.bytes -= b.size;
+        Some((oldest, b.size))
+    }
+}
+
 /// Whether `s` is 64 lower-case hex digits.
 pub fn is_hex_digest(s: &str) -> bool {
     s.len() == 64
@@ -178,27 +194,43 @@ impl BlobStore {
         ix.bytes += size;
         let mut victims = Vec::new();
         while ix.bytes > self.limit {
-            let Some(oldest) = ix
-                .blobs
-                .iter()
-                .filter(|(h, _)| h.as_str() != hex)
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(h, _)| h.clone())
-            else {
-                break;
-            };
-            let (b, _) = ix.blobs.remove(&oldest).expect("listed");
-            ix.bytes -= b.size;
-            victims.push(oldest);
-        }
-        drop(ix);
-        for v in victims {
-            // A reader holding it open keeps its bytes until it is done.
-            if let Err(e) = self.engine.unlink(self.layer, self.dir, v.as_bytes()) {
-                log::warn!("mirror: evicting blob {v}: {e}");
+            match ix.pop_oldest(Some(hex)) {
+                Some(v) => victims.push(v),
+                None => break,
             }
         }
+        drop(ix);
+        for (v, _) in victims {
+            self.unlink_evicted(&v);
+        }
         Ok(blob)
+    }
+
+    /// Evicts the least recently used blobs until at least `bytes` went
+    /// (the garbage collector's call when the device is above its high
+    /// watermark: a blob can be fetched again, an image costs a pull).
+    /// Blobs and bytes evicted.
+    pub fn evict(&self, bytes: u64) -> (usize, u64) {
+        let (mut n, mut freed) = (0, 0);
+        while freed < bytes {
+            let Some((v, size)) = self.index().pop_oldest(None) else {
+                break;
+            };
+            self.unlink_evicted(&v);
+            n += 1;
+            freed += size;
+        }
+        if n > 0 {
+            log::info!("mirror: evicted {n} blob(s), {freed} bytes, for space");
+        }
+        (n, freed)
+    }
+
+    fn unlink_evicted(&self, hex: &str) {
+        // A reader holding it open keeps its bytes until it is done.
+        if let Err(e) = self.engine.unlink(self.layer, self.dir, hex.as_bytes()) {
+            log::warn!("mirror: evicting blob {hex}: {e}");
+        }
     }
 
     /// Deletes a partial file.

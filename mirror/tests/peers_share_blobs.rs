@@ -37,7 +37,11 @@ struct Upstream {
     address: SocketAddr,
     gets: Arc<Mutex<BTreeMap<String, usize>>>,
     bytes: Arc<Mutex<u64>>,
+    /// Every request's path and Authorization header.
+    seen: Seen,
 }
+
+type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
 
 const MANIFEST: &[u8] = br#"{"schemaVersion":2,"layers":[]}"#;
 const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -50,17 +54,19 @@ impl Upstream {
             Arc::new(blobs.into_iter().map(|b| (hex(&b), b)).collect());
         let gets = Arc::new(Mutex::new(BTreeMap::new()));
         let bytes = Arc::new(Mutex::new(0));
-        let (b, g, n) = (blobs.clone(), gets.clone(), bytes.clone());
+        let seen: Seen = Arc::default();
+        let (b, g, n, w) = (blobs.clone(), gets.clone(), bytes.clone(), seen.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (b, g, n) = (b.clone(), g.clone(), n.clone());
-                std::thread::spawn(move || serve_one(stream, &b, &g, &n, behaviour));
+                let (b, g, n, w) = (b.clone(), g.clone(), n.clone(), w.clone());
+                std::thread::spawn(move || serve_one(stream, &b, &g, &n, &w, behaviour));
             }
         });
         Upstream {
             address,
             gets,
             bytes,
+            seen,
         }
     }
 
@@ -79,13 +85,20 @@ enum Behaviour {
     Wrong,
     /// The right bytes, cut off halfway (a peer killed mid-blob).
     Truncate,
+    /// A registry behind the token flow (user `puller`, password
+    /// `pw-right`, realm `/token`) whose blob GETs redirect to
+    /// `localhost` (another origin, no credentials needed there).
+    Auth,
 }
+
+const TOKEN: &str = "tok-1";
 
 fn serve_one(
     stream: TcpStream,
     blobs: &HashMap<String, Vec<u8>>,
     gets: &Mutex<BTreeMap<String, usize>>,
     bytes: &Mutex<u64>,
+    seen: &Mutex<Vec<(String, Option<String>)>>,
     behaviour: Behaviour,
 ) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
@@ -98,6 +111,7 @@ fn serve_one(
         let method = parts.next().unwrap_or("").to_string();
         let path = parts.next().unwrap_or("").to_string();
         let mut range: Option<u64> = None;
+        let mut authorization = None;
         loop {
             let mut h = String::new();
             if reader.read_line(&mut h).unwrap_or(0) == 0 {
@@ -109,6 +123,80 @@ fn serve_one(
             let lower = h.to_ascii_lowercase();
             if let Some(v) = lower.strip_prefix("range: bytes=") {
                 range = v.trim().trim_end_matches('-').parse().ok();
+            }
+            if lower.starts_with("authorization:") {
+                authorization = Some(h[14..].trim().to_string());
+            }
+        }
+        seen.lock()
+            .unwrap()
+            .push((path.clone(), authorization.clone()));
+        let mut path = path;
+        if behaviour == Behaviour::Auth {
+            let port = stream.local_addr().unwrap().port();
+            let answer = |status: &str, extra: String, body: &str| {
+                format!(
+                    "HTTP/1.1 {status}\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+            };
+            let reply = if path.starts_with("/token") {
+                // Basic base64("puller:pw-right").
+                Some(
+                    if authorization.as_deref() == Some("Basic cHVsbGVyOnB3LXJpZ2h0") {
+                        answer(
+                            "200 OK",
+                            String::new(),
+                            &format!(r#"{{"token":"{TOKEN}","expires_in":300}}"#),
+                        )
+                    } else {
+                        answer("401 Unauthorized", String::new(), "{}")
+                    },
+                )
+            } else if let Some(h) = path.strip_prefix("/storage/") {
+                path = format!("/v2/x/blobs/sha256:{h}");
+                None
+            } else if authorization.as_deref() != Some(&format!("Bearer {TOKEN}")) {
+                let name = path
+                    .trim_start_matches("/v2/")
+                    .split("/blobs/")
+                    .next()
+                    .unwrap_or("")
+                    .split("/manifests/")
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                Some(answer(
+                    "401 Unauthorized",
+                    format!(
+                        "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"reg.test\",scope=\"repository:{name}:pull\"\r\n"
+                    ),
+                    r#"{"errors":[{"code":"UNAUTHORIZED"}]}"#,
+                ))
+            } else if let Some((_, h)) = path
+                .split('?')
+                .next()
+                .unwrap_or("")
+                .rsplit_once("/blobs/sha256:")
+            {
+                Some(answer(
+                    "307 Temporary Redirect",
+                    format!("Location: http://localhost:{port}/storage/{h}\r\n"),
+                    "",
+                ))
+            } else {
+                None
+            };
+            if let Some(reply) = reply {
+                if stream
+                    .try_clone()
+                    .unwrap()
+                    .write_all(reply.as_bytes())
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
             }
         }
         if behaviour == Behaviour::Stall {
@@ -209,7 +297,11 @@ fn config(listen: SocketAddr, upstream: &Upstream, peers: &[SocketAddr]) -> Conf
     Config {
         listen,
         cache_bytes: 1 << 30,
-        upstreams: BTreeMap::from([("reg.test:5000".to_string(), upstream.url())]),
+        upstreams: BTreeMap::from([(
+            "reg.test:5000".to_string(),
+            lcfs_mirror::Upstream::plain(upstream.url()),
+        )]),
+        ca_certificates: Vec::new(),
         default_upstream: Some("reg.test:5000".into()),
         peers: peers.iter().map(|p| p.to_string()).collect(),
         peers_dns: None,
@@ -550,4 +642,107 @@ fn a_home_cut_off_mid_blob_is_followed_by_the_upstream_from_where_it_stopped() {
         "resumed with a range: {sent} of {total} bytes"
     );
     host.mirror.unwrap().shutdown();
+}
+
+/// The rendezvous score the mirror gives `peer` for blob `hex` (docs/mirror.md).
+fn score(peer: &str, hex_digest: &str) -> u64 {
+    let mut h = Sha256::new();
+    h.update(peer.as_bytes());
+    h.update([0]);
+    h.update(hex_digest.as_bytes());
+    u64::from_be_bytes(h.finalize()[..8].try_into().unwrap())
+}
+
+#[test]
+fn an_upstream_behind_the_token_flow_is_pulled_with_this_hosts_credentials_only() {
+    // A peer that has nothing: it records what it is asked, with which
+    // headers.
+    let peer = Upstream::start(Vec::new(), Behaviour::Slow);
+    let me = free_port();
+    let peer_name = peer.address.to_string();
+    // Blobs homed at the peer and at this host, two of each.
+    let (mut at_peer, mut at_me) = (Vec::new(), Vec::new());
+    for seed in 300.. {
+        let b = pattern(seed, 150_000);
+        let h = hex(&b);
+        if score(&peer_name, &h) > score(&me.to_string(), &h) {
+            if at_peer.len() < 2 {
+                at_peer.push(b);
+            }
+        } else if at_me.len() < 2 {
+            at_me.push(b);
+        }
+        if at_peer.len() == 2 && at_me.len() == 2 {
+            break;
+        }
+    }
+    let blobs: Vec<Vec<u8>> = at_peer.iter().chain(&at_me).cloned().collect();
+    let upstream = Upstream::start(blobs.clone(), Behaviour::Auth);
+    let mut c = config(me, &upstream, &[me, peer.address]);
+    c.token = Some("peer-token-0123456789".into());
+    c.upstreams.get_mut("reg.test:5000").unwrap().credentials = Some(lcfs_mirror::Credentials {
+        username: "puller".into(),
+        password: "pw-right".into(),
+    });
+    let host = Host::start(c.clone());
+    for b in &blobs {
+        let (status, _, body, whole) = get(
+            me,
+            "GET",
+            &blob_path(b),
+            &["Authorization: Bearer peer-token-0123456789"],
+        );
+        assert!(status == 200 && whole && body == *b, "status {status}");
+    }
+    let (status, _, body, _) = get(
+        me,
+        "GET",
+        "/v2/e2e/multilayer/manifests/1?ns=reg.test:5000",
+        &["Authorization: Bearer peer-token-0123456789"],
+    );
+    assert_eq!((status, body.as_slice()), (200, MANIFEST));
+    let seen = upstream.seen.lock().unwrap().clone();
+    eprintln!("the upstream saw: {seen:?}");
+    let tokens = seen.iter().filter(|(p, _)| p.starts_with("/token")).count();
+    assert_eq!(tokens, 1, "one token for the repository, kept: {seen:?}");
+    for (path, auth) in &seen {
+        if path.starts_with("/storage/") {
+            assert_eq!(auth, &None, "credentials sent to a redirect's other origin");
+        }
+    }
+    // The peer was asked (without this host's credentials: only the
+    // peers' token) and answered 404; the upstream served.
+    let asked = peer.seen.lock().unwrap().clone();
+    assert!(!asked.is_empty(), "the peer was never asked");
+    for (path, auth) in &asked {
+        assert_eq!(
+            auth.as_deref(),
+            Some("Bearer peer-token-0123456789"),
+            "{path}"
+        );
+    }
+    host.mirror.unwrap().shutdown();
+
+    // Wrong or no credentials: a clear error, nothing cached.
+    for creds in [
+        Some(lcfs_mirror::Credentials {
+            username: "puller".into(),
+            password: "pw-wrong".into(),
+        }),
+        None,
+    ] {
+        let me = free_port();
+        let mut c = config(me, &upstream, &[]);
+        c.upstreams.get_mut("reg.test:5000").unwrap().credentials = creds.clone();
+        let host = Host::start(c);
+        let fresh = pattern(999, 1000);
+        let (status, _, body, _) = get(me, "GET", &blob_path(&blobs[0]), &[]);
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(status, 502, "{body}");
+        assert!(body.contains("asks for authorization"), "{body}");
+        assert!(body.contains("token realm") || creds.is_none(), "{body}");
+        assert_eq!(get(me, "GET", &blob_path(&fresh), &[]).0, 502);
+        assert_eq!(host.counters()["blobs_from_upstream"], 0);
+        host.mirror.unwrap().shutdown();
+    }
 }

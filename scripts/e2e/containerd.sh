@@ -36,6 +36,11 @@
 #   e. both fronts  dockerd 20.10 through the graphdriver plugin and
 #                   containerd through the snapshotter, served by the same
 #                   lcfs daemon at the same time
+#   f. mirrors      four lcfs daemons serving the registry mirror as peers
+#                   of each other, their upstream the registry over HTTPS
+#                   with a password; containerd (hosts.toml) and three OCI
+#                   clients pull one image at once: each blob leaves the
+#                   registry once, a container runs from it
 # E2E_CONTAINERD_TARGET=overlayfs runs parts a to c on containerd's overlayfs
 # snapshotter instead, which proves the checks themselves (d and e need lcfs).
 # The lcfs daemon serves the snapshotter on E2E_SNAPSHOTTER_SOCKET (default: a
@@ -234,12 +239,37 @@ LCFS_DAEMON_ARGS="--gc-config $gc_policy"
 # mirror_part: four more lcfs daemons, each serving the registry mirror
 # (docs/mirror.md) with the other three as peers; containerd pulls the
 # Debian image through the first (hosts.toml), plain OCI clients through
-# the others, all at once. Each blob must reach every host whole while the
+# the others, all at once. The mirrors' upstream for $REGISTRY is the same
+# storage served over HTTPS with a password (secure_registry_start): each
+# mirror logs in with credentials of its own (mirror 0 from a docker
+# config.json, the others from a password file), containerd and the
+# clients have none. Each blob must reach every host whole while the
 # registry serves it about once, and a container must run from the image
 # containerd pulled.
+mirror_upstream() {
+    local i=$1 dir="$E2E_WORK/mirror-credentials"
+    mkdir -p "$dir"
+    echo "[upstreams.\"$REGISTRY\"]"
+    echo "url = \"https://$SECURE_REGISTRY\""
+    echo "ca_file = \"$SECURE_REGISTRY_CA\""
+    if [[ $i == 0 ]]; then
+        (umask 077 && printf '{"auths": {"%s": {"auth": "%s"}}}\n' "$REGISTRY" \
+            "$(printf 'e2e-puller:%s' "$SECURE_REGISTRY_PASSWORD" | base64 -w0)" >"$dir/config.json")
+        echo "docker_config = \"$dir/config.json\""
+    else
+        (umask 077 && echo "$SECURE_REGISTRY_PASSWORD" >"$dir/password")
+        echo "username = \"e2e-puller\""
+        echo "password_file = \"$dir/password\""
+    fi
+}
+
 mirror_part() {
-    local i reg_log="$E2E_WORK/registry/registry.log" before
-    mirrors_start 4 "$REGISTRY" 512
+    local i reg_log before
+    secure_registry_start
+    reg_log="$E2E_WORK/registry-secure/registry.log"
+    expect "the HTTPS registry refuses a pull without credentials" 401 \
+        "$(curl -s -o /dev/null -w '%{http_code}' --cacert "$SECURE_REGISTRY_CA" "https://$SECURE_REGISTRY/v2/e2e/debian/manifests/1")"
+    mirrors_start 4 "$REGISTRY" 512 "" mirror_upstream
     mkdir -p "$E2E_WORK/hosts.d/$REGISTRY"
     cat >"$E2E_WORK/hosts.d/$REGISTRY/hosts.toml" <<EOF
 server = "http://$REGISTRY"
@@ -284,6 +314,7 @@ EOF
     say "mirror: image blobs $image_bytes bytes; the registry served $(grep -c . <<<"$gets") blob GETs, $served bytes"
     expect "the registry served no blob twice for four hosts" "" \
         "$(grep -oE 'sha256:[0-9a-f]{64}' <<<"$gets" | sort | uniq -d)"
+    expect "the HTTPS registry served the image's blobs (to the mirrors)" 1 "$((served >= image_bytes))"
     expect "upstream bytes at most 1.25x the image's blobs" 1 "$(python3 -c "print(int($served <= 1.25 * $image_bytes))")"
     expect "inside a container: the image pulled through the mirror" "12" \
         "$(ctrd run --rm --snapshotter lcfs "$debian" mirror-run cut -d. -f1 /etc/debian_version)"
@@ -296,6 +327,93 @@ EOF
     expect "some blobs came from peers instead of the registry" 1 "$((from_peers > 0))"
     quietly ctrd images rm --sync "$debian" || fail "ctr images rm $debian failed"
     mirrors_stop
+    mirror_faults
+}
+
+# mirror_faults: three mirrors whose upstream is the registry behind a
+# 16 MiB/s throttle (bench/mirror/throttle.py), and an image of two
+# random 32 MiB layers. Each layer is pulled through a mirror other than
+# its home while the home is stopped (SIGSTOP: a stalled peer), and then
+# while the home is killed (-9) in the middle of the blob. Both pulls get
+# the right bytes; the counters show the fallbacks.
+THROTTLE_PORT=""
+THROTTLE_PID=""
+mirror_faults() {
+    local waited=0 digests home client blob n
+    THROTTLE_PORT=$(free_port)
+    python3 "$E2E_REPO/bench/mirror/throttle.py" "$THROTTLE_PORT" "$REGISTRY" 16 "$E2E_WORK/faults-bytes" \
+        >"$E2E_WORK/throttle.log" 2>&1 &
+    THROTTLE_PID=$!
+    E2E_CLEANUP_HOOKS+=(throttle_stop)
+    until curl -fsS "http://127.0.0.1:$THROTTLE_PORT/v2/" >/dev/null 2>&1; do
+        [[ $waited -lt 100 ]] || die "the throttle did not answer: $(tail -n 3 "$E2E_WORK/throttle.log")"
+        waited=$((waited + 1))
+        sleep 0.1
+    done
+    quietly python3 "$E2E_REPO/bench/mirror/oci-push.py" "$REGISTRY" e2e/faults 1 --layers 2 --layer-mib 32 ||
+        die "pushing e2e/faults failed"
+    digests=$(curl -fsS -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
+        "http://$REGISTRY/v2/e2e/faults/manifests/1" | jq -r '.layers[].digest') || die "the e2e/faults manifest"
+    mirrors_start 3 "$REGISTRY" 512 "peer_timeout_ms = 1500" throttled_upstream
+    local stalled killed
+    stalled=$(sed -n 1p <<<"$digests")
+    killed=$(sed -n 2p <<<"$digests")
+
+    # A stalled home: the pull waits peer_timeout_ms, then the upstream.
+    home=$(mirror_home "$stalled")
+    client=$(((home + 1) % 3))
+    kill -STOP "${MIRROR_PIDS[$home]}"
+    blob=$(curl -fsS "http://127.0.0.1:${MIRROR_PORTS[$client]}/v2/e2e/faults/blobs/$stalled" | sha256sum | cut -d' ' -f1)
+    kill -CONT "${MIRROR_PIDS[$home]}"
+    expect "a blob whose home is stopped: right, from the upstream" "$stalled" "sha256:$blob"
+    expect "the stalled home counted as a fallback" true \
+        "$(mirror_ctl "$client" stats --json | jq -r '.mirror.fallbacks >= 1 and .mirror.blobs_from_upstream == 1')"
+
+    # A home killed mid-blob: the client's stream goes on from the upstream.
+    # The client is not the one that left the stalled home out for 30 s.
+    local stall_client=$client c
+    home=$(mirror_home "$killed")
+    for c in 0 1 2; do
+        if [[ $c != "$home" && $c != "$stall_client" ]]; then
+            client=$c
+            break
+        fi
+    done
+    (sleep 1 && kill -KILL "${MIRROR_PIDS[$home]}") &
+    local killer=$!
+    n=$(mirror_ctl "$client" stats --json | jq -r '.mirror.fallbacks')
+    blob=$(curl -fsS "http://127.0.0.1:${MIRROR_PORTS[$client]}/v2/e2e/faults/blobs/$killed" | sha256sum | cut -d' ' -f1)
+    wait "$killer"
+    wait "${MIRROR_PIDS[$home]}" 2>/dev/null || true
+    umount -l "$E2E_WORK/mirror$home/mnt" 2>/dev/null || true
+    expect "a blob whose home was killed mid-blob: right" "$killed" "sha256:$blob"
+    expect "the killed home: part of the blob from it, the rest from the upstream" true \
+        "$(mirror_ctl "$client" stats --json | jq -r --argjson n "$n" \
+            '.mirror.fallbacks > $n and .mirror.bytes_from_peers > 0 and .mirror.bytes_from_peers < 33554432')"
+    say "mirror faults: $(mirror_ctl "$client" stats --json | jq -c '.mirror | {fallbacks, bytes_from_peers, bytes_from_upstream}')"
+    mirrors_stop
+    throttle_stop
+}
+
+throttled_upstream() {
+    printf '[upstreams."%s"]\nurl = "http://127.0.0.1:%s"\n' "$REGISTRY" "$THROTTLE_PORT"
+}
+
+throttle_stop() {
+    [[ -n $THROTTLE_PID ]] || return 0
+    stop_pid "$THROTTLE_PID" || true
+    THROTTLE_PID=""
+}
+
+# mirror_home DIGEST: the index of the mirror whose rendezvous score for
+# DIGEST is highest (docs/mirror.md).
+mirror_home() {
+    python3 - "${1#sha256:}" "${MIRROR_PORTS[@]}" <<'PY'
+import hashlib, sys
+hexd, ports = sys.argv[1], sys.argv[2:]
+score = lambda p: hashlib.sha256(f"127.0.0.1:{p}".encode() + b"\0" + hexd.encode()).digest()[:8]
+print(max(range(len(ports)), key=lambda i: score(ports[i])))
+PY
 }
 
 

@@ -25,6 +25,8 @@
 #   containerd_stop            removes our tasks and containers, stops containerd
 #   lcfs_snapshotter_wait      waits for the lcfs daemon's snapshotter socket
 #   registry_start             starts the registry at $REGISTRY (host:port)
+#   secure_registry_start      the same storage over HTTPS with a password,
+#                              at $SECURE_REGISTRY
 #   registry_push ARCHIVE REF  pushes a `docker save` archive as $REGISTRY/REF
 #   docker26_start NAME SNAPSHOTTER
 #                              a dockerd 26 on our containerd, image store in
@@ -239,14 +241,62 @@ containerd_stop() {
 # storage on the scratch ext4; sets REGISTRY (host:port).
 registry_start() {
     [[ -z $REGISTRY_PID ]] || die "internal: the registry is already running ($REGISTRY_PID)"
+    registry_launch registry "" ""
+    REGISTRY_PID=$LAUNCHED_PID
+    REGISTRY=$LAUNCHED_ADDRESS
+}
+
+# secure_registry_start: a second registry on the same storage, serving
+# HTTPS with a certificate of a CA made for the run ($SECURE_REGISTRY_CA)
+# and asking for user e2e-puller's password ($SECURE_REGISTRY_PASSWORD,
+# htpasswd); sets SECURE_REGISTRY (host:port).
+SECURE_REGISTRY_PID=""
+secure_registry_start() {
+    [[ -z $SECURE_REGISTRY_PID ]] || die "internal: the secure registry is already running"
+    local dir="$E2E_WORK/registry-secure"
+    mkdir -p "$dir"
+    SECURE_REGISTRY_CA="$dir/ca.pem"
+    SECURE_REGISTRY_PASSWORD="pw-$RANDOM$RANDOM"
+    quietly openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=lcfs e2e CA" \
+        -keyout "$dir/ca.key" -out "$SECURE_REGISTRY_CA" || die "openssl: the CA"
+    quietly openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" \
+        -keyout "$dir/server.key" -out "$dir/server.csr" || die "openssl: the request"
+    printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$dir/ext"
+    quietly openssl x509 -req -in "$dir/server.csr" -CA "$SECURE_REGISTRY_CA" -CAkey "$dir/ca.key" \
+        -CAcreateserial -days 2 -extfile "$dir/ext" -out "$dir/server.pem" || die "openssl: the certificate"
+    # The registry reads bcrypt only; crypt(3) of Debian's libxcrypt makes it.
+    python3 -W ignore -c 'import crypt, sys; print("e2e-puller:" + crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))' \
+        "$SECURE_REGISTRY_PASSWORD" >"$dir/htpasswd" || die "could not make the htpasswd file"
+    registry_launch registry-secure "auth:
+  htpasswd:
+    realm: lcfs-e2e
+    path: $dir/htpasswd" "tls:
+    certificate: $dir/server.pem
+    key: $dir/server.key" --cacert "$SECURE_REGISTRY_CA" -u "e2e-puller:$SECURE_REGISTRY_PASSWORD"
+    SECURE_REGISTRY_PID=$LAUNCHED_PID
+    SECURE_REGISTRY=$LAUNCHED_ADDRESS
+}
+
+# free_port: a port of 127.0.0.1 the kernel just handed out and took back.
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# registry_launch NAME AUTH_YAML TLS_YAML [CURL_ARGS...]: a registry process
+# (config and log in $E2E_WORK/NAME) on the shared storage, waited for
+# until `curl CURL_ARGS` gets its /v2/; sets LAUNCHED_PID and
+# LAUNCHED_ADDRESS.
+registry_launch() {
+    local name=$1 auth=$2 tls=$3 dir="$E2E_WORK/$1" port waited=0 scheme=http
+    shift 3
     [[ -n ${REGISTRY_BIN:-} ]] || containerd_tools registry
-    local dir="$E2E_WORK/registry" port waited=0
+    [[ -z $tls ]] || scheme=https
     mkdir -p "$dir" "$E2E_SCRATCH/registry"
     # A port the kernel just handed out and took back: free unless another
     # process grabs it in the next instant (then the registry fails to
     # start and says so).
-    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    cat >"$dir/config.yml" <<EOF
+    port=$(free_port)
+    cat >"$dir/config.yml" <<YAML
 version: 0.1
 log:
   level: warn
@@ -255,29 +305,36 @@ storage:
     rootdirectory: $E2E_SCRATCH/registry
   delete:
     enabled: true
+$auth
 http:
   addr: 127.0.0.1:$port
-EOF
+  $tls
+YAML
     [[ " ${E2E_CLEANUP_HOOKS[*]} " == *" registry_stop "* ]] || E2E_CLEANUP_HOOKS+=(registry_stop)
     "$REGISTRY_BIN" serve "$dir/config.yml" >>"$dir/registry.log" 2>&1 &
-    REGISTRY_PID=$!
-    echo "$REGISTRY_PID" >"$dir/registry.pid"
-    REGISTRY="127.0.0.1:$port"
-    until curl -fsS "http://$REGISTRY/v2/" >/dev/null 2>&1; do
-        if ! kill -0 "$REGISTRY_PID" 2>/dev/null || [[ $waited -gt 100 ]]; then
+    LAUNCHED_PID=$!
+    echo "$LAUNCHED_PID" >"$dir/registry.pid"
+    LAUNCHED_ADDRESS="127.0.0.1:$port"
+    until curl -fsS "$@" "$scheme://$LAUNCHED_ADDRESS/v2/" >/dev/null 2>&1; do
+        if ! kill -0 "$LAUNCHED_PID" 2>/dev/null || [[ $waited -gt 100 ]]; then
             tail -n 20 "$dir/registry.log" | sed 's/^/    /' >&2
-            die "the registry did not answer on $REGISTRY"
+            die "the registry $name did not answer on $LAUNCHED_ADDRESS"
         fi
         waited=$((waited + 1))
         sleep 0.1
     done
 }
 
+# registry_stop: both registries, by pid.
 registry_stop() {
-    [[ -n $REGISTRY_PID ]] || return 0
-    kill -TERM "$REGISTRY_PID" 2>/dev/null || true
-    wait "$REGISTRY_PID" 2>/dev/null || true
+    local pid
+    for pid in "$REGISTRY_PID" "$SECURE_REGISTRY_PID"; do
+        [[ -n $pid ]] || continue
+        kill -TERM "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
     REGISTRY_PID=""
+    SECURE_REGISTRY_PID=""
 }
 
 # registry_push ARCHIVE REF: imports a `docker save` archive holding one
@@ -355,19 +412,21 @@ docker26() {
     DOCKER_CONFIG=$config timeout "$E2E_COMMAND_TIMEOUT" "$DOCKER26_CLI" -H "unix://$E2E_WORK/d-$name/docker.sock" "$@"
 }
 
-# mirrors_start N UPSTREAM CACHE_MIB [TOML]: N lcfs daemons, each on a fresh
-# device file and serving the registry mirror (docs/mirror.md) with the
-# others as peers, the registry UPSTREAM (host:port, plain HTTP) as their
-# upstream; TOML is added to each mirror.toml. Sets MIRROR_PORTS; daemon i
+# mirrors_start N UPSTREAM CACHE_MIB [TOML] [UPSTREAM_FN]: N lcfs daemons,
+# each on a fresh device file and serving the registry mirror
+# (docs/mirror.md) with the others as peers, the registry UPSTREAM
+# (host:port) as their upstream, at http://UPSTREAM unless `UPSTREAM_FN I`
+# prints daemon I's [upstreams."UPSTREAM"] table; TOML is added to each
+# mirror.toml. Sets MIRROR_PORTS; daemon i
 # lives in $E2E_WORK/mirror<i> (mirror_ctl I ARGS asks it). Waits until
 # every mirror answers.
 MIRROR_PIDS=()
 MIRROR_PORTS=()
 mirrors_start() {
-    local n=$1 upstream=$2 cache_mib=$3 extra=${4:-} i dir peers waited
+    local n=$1 upstream=$2 cache_mib=$3 extra=${4:-} upstream_fn=${5:-} i dir peers waited entry
     MIRROR_PORTS=()
     for ((i = 0; i < n; i++)); do
-        MIRROR_PORTS+=("$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')")
+        MIRROR_PORTS+=("$(free_port)")
     done
     peers=$(printf '"127.0.0.1:%s", ' "${MIRROR_PORTS[@]}")
     [[ " ${E2E_CLEANUP_HOOKS[*]} " == *" mirrors_stop "* ]] || E2E_CLEANUP_HOOKS+=(mirrors_stop)
@@ -375,6 +434,9 @@ mirrors_start() {
         dir="$E2E_WORK/mirror$i"
         rm -rf "$dir"
         mkdir -p "$dir/run"
+        entry="[upstreams]
+\"$upstream\" = \"http://$upstream\""
+        [[ -z $upstream_fn ]] || entry=$("$upstream_fn" "$i")
         cat >"$dir/mirror.toml" <<TOML
 listen = "127.0.0.1:${MIRROR_PORTS[$i]}"
 self = "127.0.0.1:${MIRROR_PORTS[$i]}"
@@ -382,8 +444,7 @@ peers = [${peers%, }]
 cache_mib = $cache_mib
 default_upstream = "$upstream"
 $extra
-[upstreams]
-"$upstream" = "http://$upstream"
+$entry
 TOML
         rm -f "$E2E_SCRATCH/mirror$i.img"
         quietly "$LCFS_BIN" mkfs "$E2E_SCRATCH/mirror$i.img" --size "$((cache_mib * 2 / 1024 + 1))G" ||
