@@ -173,7 +173,8 @@ fn upstream(
     let credentials = match (&t.username, &t.password_file, &t.docker_config) {
         (None, None, None) => None,
         (Some(username), Some(p), None) => {
-            let password = crate::rest::read_secret(p).map_err(|e| e.to_string())?;
+            let password =
+                crate::rest::read_secret(p, "password file").map_err(|e| e.to_string())?;
             Some(lcfs_mirror::Credentials {
                 username: username.clone(),
                 password,
@@ -215,7 +216,7 @@ fn docker_credentials(
     p: &Path,
 ) -> std::result::Result<lcfs_mirror::Credentials, String> {
     use base64::Engine as _;
-    let text = crate::rest::read_secret_file(p).map_err(|e| e.to_string())?;
+    let text = crate::rest::read_secret_file(p, "docker config").map_err(|e| e.to_string())?;
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
     let auths = v.get("auths").and_then(|a| a.as_object());

@@ -95,7 +95,7 @@ struct State {
 /// Reads a file holding a secret (a token, a password, registry
 /// credentials): it must be a regular file owned by root (or the daemon's
 /// user) that neither group nor others may read or write, of at most 1 MiB.
-pub fn read_secret_file(path: &Path) -> io::Result<String> {
+pub fn read_secret_file(path: &Path, what: &str) -> io::Result<String> {
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;
     const MAX: u64 = 1 << 20;
@@ -108,7 +108,7 @@ pub fn read_secret_file(path: &Path) -> io::Result<String> {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!(
-                "{}: a file holding a secret must be a regular file of root's with mode 0600 or 0400 (it is {:o}, uid {})",
+                "{}: the {what} must be a regular file of root's with mode 0600 or 0400 (it is {:o}, uid {})",
                 path.display(),
                 meta.mode() & 0o7777,
                 meta.uid()
@@ -129,8 +129,8 @@ pub fn read_secret_file(path: &Path) -> io::Result<String> {
 }
 
 /// A one-line secret (a password) from a file [`read_secret_file`] accepts.
-pub fn read_secret(path: &Path) -> io::Result<String> {
-    let text = read_secret_file(path)?;
+pub fn read_secret(path: &Path, what: &str) -> io::Result<String> {
+    let text = read_secret_file(path, what)?;
     let line = text.strip_suffix('\n').unwrap_or(&text);
     if line.is_empty() || line.len() as u64 > MAX_TOKEN_BYTES || line.chars().any(char::is_control)
     {
@@ -147,7 +147,7 @@ pub fn read_secret(path: &Path) -> io::Result<String> {
 
 /// Reads the bearer token (a file [`read_secret_file`] accepts).
 pub fn read_token(path: &Path) -> io::Result<String> {
-    let token = read_secret_file(path)?.trim().to_string();
+    let token = read_secret_file(path, "token file")?.trim().to_string();
     if token.len() as u64 > MAX_TOKEN_BYTES
         || token.len() < 16
         || token.chars().any(|c| c.is_whitespace() || c.is_control())

@@ -48,6 +48,8 @@ pub use upstream::{Credentials, Upstream};
 pub const PEER_HEADER: &str = "x-lcfs-mirror-peer";
 /// Bytes read from the cache per chunk sent.
 const CHUNK: usize = 1 << 20;
+/// Bytes of a download written to the cache at once.
+const WRITE_BATCH: usize = 256 << 10;
 /// The largest manifest served (OCI registries commonly cap at 4 MiB).
 const MANIFEST_MAX: usize = 4 << 20;
 /// How long a peer that failed is left out of the homes.
@@ -1028,6 +1030,10 @@ async fn download(
             Source::Upstream(_) => m.config.upstream_timeout,
         };
         let mut body = r.into_body();
+        // Bytes received and not yet written: written to the cache
+        // WRITE_BATCH at a time (one engine write per batch, not per
+        // frame), and whatever is left when the body ends or is cut.
+        let mut pending: Vec<u8> = Vec::with_capacity(WRITE_BATCH);
         let cut = loop {
             let frame = match tokio::time::timeout(timeout, body.frame()).await {
                 Err(_) => break Some(format!("{url}: no data for {timeout:?}")),
@@ -1047,23 +1053,21 @@ async fn download(
                 continue;
             }
             hasher.update(&data);
-            let store = m.store.clone();
-            let ino = partial.ino;
-            let at = written;
-            let len = data.len() as u64;
-            let wrote = tokio::task::spawn_blocking(move || store.write(ino, at, &data)).await;
-            if !matches!(wrote, Ok(Ok(()))) {
-                m.store.discard(partial);
-                return Err("writing to the blob cache failed".into());
+            pending.extend_from_slice(&data);
+            if pending.len() >= WRITE_BATCH {
+                let batch = std::mem::replace(&mut pending, Vec::with_capacity(WRITE_BATCH));
+                if let Err(e) = write_batch(m, d, &partial, &source, &mut written, batch).await {
+                    m.store.discard(partial);
+                    return Err(e);
+                }
             }
-            written += len;
-            match source {
-                Source::Peer(_) => &m.counters.bytes_from_peers,
-                Source::Upstream(_) => &m.counters.bytes_from_upstream,
-            }
-            .fetch_add(len, Ordering::Relaxed);
-            d.progress.send_modify(|p| p.written = written);
         };
+        if !pending.is_empty() {
+            if let Err(e) = write_batch(m, d, &partial, &source, &mut written, pending).await {
+                m.store.discard(partial);
+                return Err(e);
+            }
+        }
         if let Some(e) = cut {
             fail_source(m, &source, &e);
             why = e;
@@ -1099,6 +1103,32 @@ async fn download(
     }
     m.store.discard(partial);
     Err(why)
+}
+
+/// Writes `batch` into the partial file at `written`; counts it and tells
+/// the requests following the download.
+async fn write_batch(
+    m: &Arc<Mirror>,
+    d: &Download,
+    partial: &Partial,
+    source: &Source,
+    written: &mut u64,
+    batch: Vec<u8>,
+) -> Result<(), String> {
+    let store = m.store.clone();
+    let (ino, at, len) = (partial.ino, *written, batch.len() as u64);
+    let wrote = tokio::task::spawn_blocking(move || store.write(ino, at, &batch)).await;
+    if !matches!(wrote, Ok(Ok(()))) {
+        return Err("writing to the blob cache failed".into());
+    }
+    *written += len;
+    match source {
+        Source::Peer(_) => &m.counters.bytes_from_peers,
+        Source::Upstream(_) => &m.counters.bytes_from_upstream,
+    }
+    .fetch_add(len, Ordering::Relaxed);
+    d.progress.send_modify(|p| p.written = *written);
+    Ok(())
 }
 
 /// Streams a download to a client as its bytes land, holding the last byte
