@@ -75,13 +75,18 @@ TRIXIE_DEBS=(
     "docker-buildx 0.13.1+ds1-3 fcf8c48204d1603c8f209451d7827eb91bf30759578baf7704e9e1a87e5f1d7f"
     "docker-registry 2.8.3+ds1-2+b8 f0577a2581fbf090716d8bd57f14d0b25a25eba6c87c3a8c252ddbf1a6bd0470"
 )
+# Debian 12 packages unpacked the same way (not installed: this one depends
+# on most of containerd's Go sources, and only its estargz package is built).
+BOOKWORM_DEBS=(
+    "golang-github-containerd-stargz-snapshotter-dev 0.12.0-2 7d202748ee2bd4d9d852cea6e11e8a1054acf00faa22cbedde22123eb84946c3 bookworm"
+)
 DEMO_TRIXIE_DEBS=()
 [[ $mode != demo || " ${demo_parts[*]} " != *" containerd "* ]] || DEMO_TRIXIE_DEBS=(containerd)
 LCFS_DEB_CACHE=${LCFS_DEB_CACHE:-/var/cache/lcfs/debs}
 
 if [[ $mode == deb-dir ]]; then
-    for entry in "${TRIXIE_DEBS[@]}"; do
-        read -r name version sum <<<"$entry"
+    for entry in "${TRIXIE_DEBS[@]}" "${BOOKWORM_DEBS[@]}"; do
+        read -r name version sum _ <<<"$entry"
         [[ $name == "${2:-}" ]] || continue
         dir="$LCFS_DEB_CACHE/$name-$version"
         if [[ -f $dir/.lcfs-unpacked && $(cat "$dir/.lcfs-unpacked") == "$sum" ]]; then
@@ -91,7 +96,7 @@ if [[ $mode == deb-dir ]]; then
         echo "setup.sh: $name $version is not unpacked in $dir; run scripts/setup.sh" >&2
         exit 1
     done
-    echo "setup.sh: no Debian 13 package '${2:-}' is pinned here" >&2
+    echo "setup.sh: no Debian package '${2:-}' is pinned here" >&2
     exit 2
 fi
 
@@ -106,10 +111,15 @@ fi
 # scrapes three daemons in scripts/e2e/prometheus.sh (installed, its service
 # never started here); fsverity: the independent file digests that layer
 # digests are checked against; openssl: the CA and certificate of the HTTPS
-# registry the mirrors pull from (scripts/e2e/containerd.sh, part f).
+# registry the mirrors pull from (scripts/e2e/containerd.sh, part f);
+# golang-go and four Go sources: the build of the eStargz reference
+# implementation that lcfs's eStargz layers are checked against
+# (scripts/e2e/estargz.sh; its own source is in BOOKWORM_DEBS below).
 APT_PACKAGES=(
     fio fuse3 util-linux e2fsprogs btrfs-progs debootstrap kmod docker.io runc tini fuse-overlayfs
     jq curl ca-certificates g++ python3 busybox-static fonts-dejavu-core prometheus fsverity openssl
+    golang-go golang-github-opencontainers-go-digest-dev golang-github-vbatts-tar-split-dev
+    golang-github-klauspost-compress-dev golang-golang-x-sync-dev
 )
 # What scripts/demo.sh uses: the FUSE front, runc, the image builder
 # (python3, busybox-static), and for its docker part Docker 20.10.
@@ -204,8 +214,8 @@ trixie_apt_update() {
 # A package is ready when its directory holds the stamp written after the
 # checksum was verified and the unpack finished; then nothing runs.
 wanted_debs=()
-for entry in "${TRIXIE_DEBS[@]}"; do
-    read -r name version sum <<<"$entry"
+for entry in "${TRIXIE_DEBS[@]}" "${BOOKWORM_DEBS[@]}"; do
+    read -r name version sum _ <<<"$entry"
     if [[ $mode == demo && " ${DEMO_TRIXIE_DEBS[*]} " != *" $name "* ]]; then
         continue
     fi
@@ -213,7 +223,7 @@ for entry in "${TRIXIE_DEBS[@]}"; do
     [[ -f $dir/.lcfs-unpacked && $(cat "$dir/.lcfs-unpacked") == "$sum" ]] || wanted_debs+=("$entry")
 done
 if [[ ${#wanted_debs[@]} -gt 0 ]]; then
-    is_root || die "Debian 13 packages are not unpacked in $LCFS_DEB_CACHE; run as root"
+    is_root || die "pinned Debian packages are not unpacked in $LCFS_DEB_CACHE; run as root"
     mkdir -p "$LCFS_DEB_CACHE"
     # One setup at a time fills the cache; a second one waits, then finds
     # the packages ready.
@@ -221,19 +231,26 @@ if [[ ${#wanted_debs[@]} -gt 0 ]]; then
     flock "$deb_cache_lock"
 fi
 for entry in "${wanted_debs[@]}"; do
-    read -r name version sum <<<"$entry"
+    read -r name version sum suite <<<"$entry"
     dir="$LCFS_DEB_CACHE/$name-$version"
     [[ -f $dir/.lcfs-unpacked && $(cat "$dir/.lcfs-unpacked") == "$sum" ]] && continue
     deb="$LCFS_DEB_CACHE/archives/${name}_${version}_amd64.deb"
+    [[ $suite != bookworm ]] || deb="$LCFS_DEB_CACHE/archives/${name}_${version}_all.deb"
     mkdir -p "$LCFS_DEB_CACHE/archives"
     if [[ ! -f $deb ]] || ! echo "$sum  $deb" | sha256sum --check --status; then
-        say "downloading Debian 13 $name $version"
-        trixie_apt_update
         rm -f "$deb"
-        available=$(apt-cache "${trixie_apt_options[@]}" policy "$name" 2>/dev/null |
-            awk '/Candidate:/ { print $2 }' || true)
-        (cd "$LCFS_DEB_CACHE/archives" && quietly trixie_apt download "$name=$version") ||
-            die "could not download $name $version from trixie (the mirror has ${available:-no version}); update TRIXIE_DEBS in scripts/setup.sh"
+        if [[ $suite == bookworm ]]; then
+            say "downloading Debian 12 $name $version"
+            (cd "$LCFS_DEB_CACHE/archives" && quietly apt-get download "$name=$version") ||
+                die "could not download $name $version; update BOOKWORM_DEBS in scripts/setup.sh"
+        else
+            say "downloading Debian 13 $name $version"
+            trixie_apt_update
+            available=$(apt-cache "${trixie_apt_options[@]}" policy "$name" 2>/dev/null |
+                awk '/Candidate:/ { print $2 }' || true)
+            (cd "$LCFS_DEB_CACHE/archives" && quietly trixie_apt download "$name=$version") ||
+                die "could not download $name $version from trixie (the mirror has ${available:-no version}); update TRIXIE_DEBS in scripts/setup.sh"
+        fi
         # apt names the file after the version with ':' escaped; there is no epoch here.
         [[ -f $deb ]] || die "apt-get download of $name $version did not write $deb"
     fi

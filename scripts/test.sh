@@ -47,6 +47,7 @@ steps=(
     "containerd end to end|bash scripts/e2e/containerd.sh"
     "statistics end to end|bash scripts/e2e/prometheus.sh"
     "garbage collection end to end|bash scripts/e2e/gc.sh"
+    "estargz against the reference|bash scripts/e2e/estargz.sh"
 )
 
 passed=0

@@ -6,6 +6,7 @@ mod control;
 mod daemon;
 mod device;
 mod error;
+mod estargz;
 mod fleet;
 mod fsck;
 mod gc;
@@ -180,6 +181,11 @@ progress bar goes to the terminal, when stderr is one.")]
         #[arg(long)]
         json: bool,
     },
+
+    /// eStargz layers, the seekable format lazy pulls read: make and check
+    /// them offline
+    #[command(subcommand)]
+    Estargz(EstargzCommand),
 
     /// Check a device's structure offline (exit 1 when it finds problems)
     #[command(long_about = "\
@@ -403,6 +409,53 @@ With --expect, exits 1 unless the root is that digest.")]
         #[arg(long, value_name = "DEVICE")]
         device: Option<PathBuf>,
         /// Print the result as JSON (the `layer.digest` result)
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum EstargzCommand {
+    /// Write a layer tar (plain or gzip) as an eStargz layer
+    #[command(long_about = "\
+Write layer tar INPUT (plain or gzip) as an eStargz layer OUTPUT (docs/lazy.md):
+a tar+gzip layer any runtime reads, whose every chunk of file content starts a
+gzip member of its own, followed by a table of contents (TOC) that a lazy pull
+fetches first. Prints the blob's digest and size, its DiffID, and the TOC
+digest and uncompressed size to put in the layer's annotations. Files named by
+--prefetch lead the layer and are fetched first. OUTPUT must not exist.")]
+    Build {
+        #[arg(value_name = "INPUT")]
+        input: PathBuf,
+        #[arg(value_name = "OUTPUT")]
+        output: PathBuf,
+        /// Bytes of file content per chunk
+        #[arg(long, default_value_t = lcfs_lazy::estargz::DEFAULT_CHUNK_SIZE)]
+        chunk_size: u64,
+        /// A file to fetch first (a path in the layer); repeat for more
+        #[arg(long, value_name = "PATH")]
+        prefetch: Vec<String>,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check an eStargz layer: its TOC, every chunk and every file
+    #[command(long_about = "\
+Read eStargz layer BLOB's footer and TOC, check the TOC against DIGEST (the
+layer's containerd.io/snapshot/stargz/toc.digest annotation) when given, and
+every chunk and every regular file against the digests the TOC holds. Exits 1,
+naming the file, on any difference. --list prints each regular file's name,
+size and digest instead (a hard link as the file it names).")]
+    Verify {
+        #[arg(value_name = "BLOB")]
+        blob: PathBuf,
+        /// The TOC digest the layer must have (sha256:<64 hex digits>)
+        #[arg(long, value_name = "DIGEST")]
+        toc_digest: Option<String>,
+        /// List the regular files: name, size, digest
+        #[arg(long)]
+        list: bool,
+        /// Print the result as JSON
         #[arg(long)]
         json: bool,
     },
@@ -679,6 +732,19 @@ fn run(cli: Cli) -> Result<()> {
                 json,
             },
         ),
+        Command::Estargz(EstargzCommand::Build {
+            input,
+            output,
+            chunk_size,
+            prefetch,
+            json,
+        }) => estargz::build(&input, &output, chunk_size, prefetch, json),
+        Command::Estargz(EstargzCommand::Verify {
+            blob,
+            toc_digest,
+            list,
+            json,
+        }) => estargz::verify(&blob, toc_digest.as_deref(), list, json),
         Command::Fsck(a) => {
             let (what, report) = if a.online {
                 (

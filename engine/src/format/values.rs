@@ -96,6 +96,31 @@ impl Timestamp {
             nanoseconds: d.subsec_nanos(),
         }
     }
+
+    /// The UTC calendar date and time of day: (year, month, day, hour,
+    /// minute, second), Howard Hinnant's civil_from_days.
+    pub fn civil(&self) -> (i64, i64, i64, i64, i64, i64) {
+        let days = self.seconds.div_euclid(86_400);
+        let second_of_day = self.seconds.rem_euclid(86_400);
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let day_of_era = z.rem_euclid(146_097);
+        let year_of_era =
+            (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+        let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+        let mp = (5 * day_of_year + 2) / 153;
+        let day = day_of_year - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = year_of_era + era * 400 + i64::from(month <= 2);
+        (
+            year,
+            month,
+            day,
+            second_of_day / 3600,
+            second_of_day / 60 % 60,
+            second_of_day % 60,
+        )
+    }
 }
 
 /// An inode record.

@@ -1,0 +1,132 @@
+//! `lcfs estargz build|verify`: eStargz layers made and checked offline
+//! (docs/lazy.md), the format lazily pulled layers are read in.
+
+use crate::error::{Error, Result};
+use lcfs_lazy::estargz::{self, BuildOptions, Index};
+use std::path::Path;
+
+fn lazy_err(e: estargz::Error) -> Error {
+    Error::Usage(e.to_string())
+}
+
+/// `lcfs estargz build IN OUT`: writes tar (or tar+gzip) IN as eStargz OUT
+/// (a new file: an existing one is refused).
+pub fn build(
+    input: &Path,
+    output: &Path,
+    chunk_size: u64,
+    prefetch: Vec<String>,
+    json: bool,
+) -> Result<()> {
+    let f = std::fs::File::open(input)
+        .map_err(|e| Error::io(format!("opening {}", input.display()), e))?;
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(output)
+        .map_err(|e| Error::io(format!("creating {}", output.display()), e))?;
+    let options = BuildOptions {
+        chunk_size,
+        prioritized: prefetch,
+        ..BuildOptions::default()
+    };
+    let built = match estargz::build(f, std::io::BufWriter::new(out), &options) {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = std::fs::remove_file(output);
+            return Err(lazy_err(e));
+        }
+    };
+    if json {
+        return crate::client::print_json(&serde_json::json!({
+            "blob_digest": built.blob_digest,
+            "blob_size": built.blob_size,
+            "diff_id": built.diff_id,
+            "toc_digest": built.toc_digest,
+            "uncompressed_size": built.uncompressed_size,
+            "entries": built.entries,
+            "annotations": {
+                estargz::TOC_DIGEST_ANNOTATION: built.toc_digest,
+                estargz::UNCOMPRESSED_SIZE_ANNOTATION: built.uncompressed_size.to_string(),
+            },
+        }));
+    }
+    println!(
+        "{}: {} bytes, {} entries",
+        output.display(),
+        built.blob_size,
+        built.entries
+    );
+    println!("blob digest  {}", built.blob_digest);
+    println!("diff id      {}", built.diff_id);
+    println!(
+        "toc digest   {}  ({})",
+        built.toc_digest,
+        estargz::TOC_DIGEST_ANNOTATION
+    );
+    println!(
+        "uncompressed {} bytes  ({})",
+        built.uncompressed_size,
+        estargz::UNCOMPRESSED_SIZE_ANNOTATION
+    );
+    Ok(())
+}
+
+/// `lcfs estargz verify BLOB [--toc-digest D]`: the TOC (against D), every
+/// chunk and every file's digest; lists the regular files.
+pub fn verify(blob: &Path, toc_digest: Option<&str>, list: bool, json: bool) -> Result<()> {
+    let mut f = std::fs::File::open(blob)
+        .map_err(|e| Error::io(format!("opening {}", blob.display()), e))?;
+    let index = Index::open(&mut f).map_err(lazy_err)?;
+    if let Some(d) = toc_digest {
+        index.verify_toc(d).map_err(lazy_err)?;
+    }
+    let report = index.verify_all(&mut f).map_err(lazy_err)?;
+    // Regular files, and hard links as the files they name.
+    let files: Vec<_> = index
+        .entries
+        .iter()
+        .filter_map(|e| {
+            let target = match e.kind.as_str() {
+                "reg" => e,
+                "hardlink" => {
+                    &index.entries[*index.by_name.get(&estargz::clean_name(&e.link_name))?]
+                }
+                _ => return None,
+            };
+            (target.kind == "reg").then(|| (e.name.clone(), target.size, target.digest.clone()))
+        })
+        .collect();
+    if json {
+        return crate::client::print_json(&serde_json::json!({
+            "toc_digest": index.toc_digest,
+            "chunks": report.chunks,
+            "files_checked": report.files,
+            "bytes": report.bytes,
+            "prefetch": index.prefetch().iter().map(|e| e.name.clone()).collect::<Vec<_>>(),
+            "files": files.iter().map(|(n, s, d)| serde_json::json!({"name": n, "size": s, "digest": d})).collect::<Vec<_>>(),
+        }));
+    }
+    if list {
+        let mut sorted = files.clone();
+        sorted.sort();
+        for (n, s, d) in sorted {
+            println!("{n}\t{s}\t{d}");
+        }
+        return Ok(());
+    }
+    println!(
+        "{}: ok: toc {}{}, {} chunks ({} bytes), {} files checked",
+        blob.display(),
+        index.toc_digest,
+        if toc_digest.is_some() {
+            " (as expected)"
+        } else {
+            ""
+        },
+        report.chunks,
+        report.bytes,
+        report.files
+    );
+    Ok(())
+}

@@ -1,0 +1,7 @@
+//! Lazy pull (docs/lazy.md). This first part is the seekable layer format
+//! lazily mounted layers are read in: eStargz, written by [`estargz::build`]
+//! (the `lcfs estargz build` tooling) and read and verified by
+//! [`estargz::Index`], compatible both ways with the reference
+//! implementation (containerd's stargz-snapshotter `estargz` package).
+
+pub mod estargz;
