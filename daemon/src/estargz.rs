@@ -72,6 +72,50 @@ pub fn build(
     Ok(())
 }
 
+/// `lcfs estargz convert IMAGE OUT`: an image's layers rewritten as
+/// eStargz into a new OCI layout.
+pub fn convert(
+    input: &Path,
+    output: &Path,
+    name: Option<&str>,
+    chunk_size: u64,
+    json: bool,
+) -> Result<()> {
+    let options = BuildOptions {
+        chunk_size,
+        ..BuildOptions::default()
+    };
+    let c = lcfs_lazy::image::convert(input, output, name, &options).map_err(lazy_err)?;
+    if json {
+        return crate::client::print_json(&serde_json::json!({
+            "manifest_digest": c.manifest_digest,
+            "manifest_size": c.manifest_size,
+            "name": c.name,
+            "layers": c.layers.iter().map(|l| serde_json::json!({
+                "digest": l.blob_digest,
+                "size": l.blob_size,
+                "diff_id": l.diff_id,
+                "toc_digest": l.toc_digest,
+                "uncompressed_size": l.uncompressed_size,
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    println!(
+        "{}: {} ({}), {} layer(s)",
+        output.display(),
+        c.name.as_deref().unwrap_or("unnamed"),
+        c.manifest_digest,
+        c.layers.len()
+    );
+    for l in &c.layers {
+        println!(
+            "  {} {} bytes, toc {}",
+            l.blob_digest, l.blob_size, l.toc_digest
+        );
+    }
+    Ok(())
+}
+
 /// `lcfs estargz verify BLOB [--toc-digest D]`: the TOC (against D), every
 /// chunk and every file's digest; lists the regular files.
 pub fn verify(blob: &Path, toc_digest: Option<&str>, list: bool, json: bool) -> Result<()> {

@@ -439,6 +439,30 @@ digest and uncompressed size to put in the layer's annotations. Files named by
         #[arg(long)]
         json: bool,
     },
+    /// Convert an image (docker save archive or OCI layout) to eStargz
+    #[command(long_about = "\
+Convert image IMAGE (a `docker save` archive, or an OCI image layout as a
+directory or a tar) into a new OCI image layout directory OUTPUT whose every
+layer is eStargz (docs/lazy.md), its TOC digest and uncompressed size in the
+layer's annotations and its new DiffID in the config. The result is an
+ordinary image: `ctr images import` (after tar -C OUTPUT -cf IMAGE.tar .) or
+`skopeo copy oci:OUTPUT docker://...` take it. --prefetch names files to
+OUTPUT must not exist.")]
+    Convert {
+        #[arg(value_name = "IMAGE")]
+        input: PathBuf,
+        #[arg(value_name = "OUTPUT")]
+        output: PathBuf,
+        /// The image's name in the layout (default: the archive's first tag)
+        #[arg(long, value_name = "REF")]
+        name: Option<String>,
+        /// Bytes of file content per chunk
+        #[arg(long, default_value_t = lcfs_lazy::estargz::DEFAULT_CHUNK_SIZE)]
+        chunk_size: u64,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Check an eStargz layer: its TOC, every chunk and every file
     #[command(long_about = "\
 Read eStargz layer BLOB's footer and TOC, check the TOC against DIGEST (the
@@ -739,6 +763,13 @@ fn run(cli: Cli) -> Result<()> {
             prefetch,
             json,
         }) => estargz::build(&input, &output, chunk_size, prefetch, json),
+        Command::Estargz(EstargzCommand::Convert {
+            input,
+            output,
+            name,
+            chunk_size,
+            json,
+        }) => estargz::convert(&input, &output, name.as_deref(), chunk_size, json),
         Command::Estargz(EstargzCommand::Verify {
             blob,
             toc_digest,

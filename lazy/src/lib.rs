@@ -2,6 +2,8 @@
 //! lazily mounted layers are read in: eStargz, written by [`estargz::build`]
 //! (the `lcfs estargz build` tooling) and read and verified by
 //! [`estargz::Index`], compatible both ways with the reference
-//! implementation (containerd's stargz-snapshotter `estargz` package).
+//! implementation (containerd's stargz-snapshotter `estargz` package);
+//! [`image::convert`] rewrites a whole image's layers so.
 
 pub mod estargz;
+pub mod image;

@@ -41,6 +41,8 @@
 #                   with a password; containerd (hosts.toml) and three OCI
 #                   clients pull one image at once: each blob leaves the
 #                   registry once, a container runs from it
+#   g. eStargz      the busybox image converted (lcfs estargz convert),
+#                   imported and run
 # E2E_CONTAINERD_TARGET=overlayfs runs parts a to c on containerd's overlayfs
 # snapshotter instead, which proves the checks themselves (d and e need lcfs).
 # The lcfs daemon serves the snapshotter on E2E_SNAPSHOTTER_SOCKET (default: a
@@ -328,6 +330,20 @@ EOF
     quietly ctrd images rm --sync "$debian" || fail "ctr images rm $debian failed"
     mirrors_stop
     mirror_faults
+}
+
+# estargz_part: the busybox image converted to eStargz layers
+# (docs/lazy.md) is an ordinary image: ctr imports it (its layers applied
+# by the lcfs differ) and runs it on lcfs.
+estargz_part() {
+    local name="$REGISTRY/e2e/busybox-esgz:1" layout="$E2E_WORK/busybox-esgz"
+    "$LCFS_BIN" estargz convert "$E2E_WORK/busybox.tar" "$layout" --name "$name" >/dev/null ||
+        die "lcfs estargz convert of the busybox image failed"
+    tar -C "$layout" -cf "$layout.tar" . || die "could not tar $layout"
+    quietly ctrd images import --snapshotter lcfs "$layout.tar" || fail "ctr images import of the eStargz image failed"
+    expect "an eStargz image runs on lcfs" "hello from estargz" \
+        "$(ctrd run --rm --snapshotter lcfs "$name" esgz-hello echo hello from estargz)"
+    quietly ctrd images rm --sync "$name" || fail "ctr images rm $name failed"
 }
 
 # mirror_faults: three mirrors whose upstream is the registry behind a
@@ -724,9 +740,11 @@ if [[ $target == lcfs ]]; then
     # --- f. cooperative pull ----------------------------------------------------------------
     part "f. cooperative pull: four lcfs mirrors of the registry, containerd through hosts.toml"
     mirror_part
+    part "g. an image converted to eStargz (lcfs estargz convert), imported and run"
+    estargz_part
 else
     quietly ctrd images rm --sync "$multilayer" "$debian" || fail "ctr images rm failed"
-    say "parts d, e and f need lcfs: not run on $target"
+    say "parts d to g need lcfs: not run on $target"
 fi
 
 part "shutdown"

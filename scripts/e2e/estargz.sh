@@ -11,6 +11,9 @@
 #   the reference builds -> `lcfs estargz verify --toc-digest` checks it
 #     and lists what the reference lists;
 #   both blobs are ordinary tar+gzip layers: GNU tar extracts the input;
+#   a `docker save` archive converted (lcfs estargz convert): the reference
+#     checks each layer against its annotation, the config lists the new
+#     DiffIDs;
 #   the files to fetch first lead; a changed byte, a wrong TOC digest and
 #   a truncated blob are refused with the reason.
 E2E_NAME="estargz"
@@ -105,6 +108,44 @@ for layer in corner debian; do
     expect "$layer: lcfs reads the reference's blob as the reference does" "" \
         "$(diff "$E2E_WORK/$layer.ref-of-ref" "$E2E_WORK/$layer.lcfs-of-ref" | head -n 5)"
 done
+
+# --- a whole image -------------------------------------------------------------
+# A `docker save` archive of two layers (the corner cases, and a layer
+# whiting one of them out), converted; each layer checked by the reference
+# against the TOC digest its annotation carries.
+python3 - "$E2E_WORK/corner.tar" "$E2E_WORK/saved.tar" <<'PY'
+import hashlib, io, json, sys, tarfile
+corner = open(sys.argv[1], "rb").read()
+top = io.BytesIO()
+with tarfile.open(fileobj=top, mode="w") as t:
+    i = tarfile.TarInfo("etc/.wh.hostname")
+    t.addfile(i, io.BytesIO(b""))
+top = top.getvalue()
+config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
+                     "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(l).hexdigest() for l in (corner, top)]}}).encode()
+manifest = json.dumps([{"Config": "config.json", "RepoTags": ["e2e/lazy:1"], "Layers": ["1/layer.tar", "2/layer.tar"]}]).encode()
+with tarfile.open(sys.argv[2], "w") as t:
+    for name, data in (("1/layer.tar", corner), ("2/layer.tar", top), ("config.json", config), ("manifest.json", manifest)):
+        i = tarfile.TarInfo(name)
+        i.size = len(data)
+        t.addfile(i, io.BytesIO(data))
+PY
+"$LCFS_BIN" estargz convert "$E2E_WORK/saved.tar" "$E2E_WORK/layout" --json >"$E2E_WORK/converted.json" ||
+    die "lcfs estargz convert failed"
+layout="$E2E_WORK/layout"
+manifest="$layout/blobs/sha256/$(jq -r '.manifests[0].digest | ltrimstr("sha256:")' "$layout/index.json")"
+checked=0
+while read -r digest toc; do
+    "$ref" list "$layout/blobs/sha256/${digest#sha256:}" "$toc" >/dev/null 2>"$E2E_WORK/layer.err" ||
+        fail "the reference refuses converted layer $digest: $(tail -n 1 "$E2E_WORK/layer.err")"
+    checked=$((checked + 1))
+done < <(jq -r '.layers[] | "\(.digest) \(.annotations["containerd.io/snapshot/stargz/toc.digest"])"' "$manifest")
+expect "a converted image: the reference checks each layer against its annotation" 2 "$checked"
+config="$layout/blobs/sha256/$(jq -r '.config.digest | ltrimstr("sha256:")' "$manifest")"
+expect "a converted image: the config's DiffIDs are the new layers'" \
+    "$(jq -c '[.layers[].diff_id]' "$E2E_WORK/converted.json")" "$(jq -c '.rootfs.diff_ids' "$config")"
+expect "a converted image: the index names it" "e2e/lazy:1" \
+    "$(jq -r '.manifests[0].annotations["io.containerd.image.name"]' "$layout/index.json")"
 
 # --- what leads, and what is refused --------------------------------------------
 first=$("$LCFS_BIN" estargz verify "$E2E_WORK/debian.lcfs.esgz" --json | jq -r '.prefetch | join(" ")')
