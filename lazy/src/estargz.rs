@@ -158,6 +158,11 @@ pub fn valid_digest(d: &str) -> bool {
     })
 }
 
+/// `sha256:<hex>` of `data`.
+pub fn sha256_digest(data: &[u8]) -> String {
+    digest_of(Sha256::new_with_prefix(data))
+}
+
 fn digest_of(h: Sha256) -> String {
     let d = h.finalize();
     let mut s = String::with_capacity(71);

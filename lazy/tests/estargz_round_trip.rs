@@ -6,10 +6,9 @@
 //! reason. Random trees: LCFS_SEED prints and replays.
 
 use flate2::read::{GzDecoder, MultiGzDecoder};
-use lcfs_lazy::estargz::{self, build, BuildOptions, Error, Index, Toc, TocEntry};
+use lcfs_lazy::estargz::{self, build, sha256_digest, BuildOptions, Error, Index, Toc, TocEntry};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::{Cursor, Read};
 
@@ -110,16 +109,6 @@ fn entries_of(tar_bytes: &[u8]) -> BTreeMap<String, File> {
     out
 }
 
-fn hex_digest(data: &[u8]) -> String {
-    format!(
-        "sha256:{}",
-        Sha256::digest(data)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    )
-}
-
 fn sample() -> Vec<(String, File)> {
     let big: Vec<u8> = (0..25_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let mut x = file(b"with an xattr");
@@ -173,9 +162,9 @@ fn a_built_layer_holds_its_input_and_every_chunk_starts_a_member() {
     MultiGzDecoder::new(&blob[..])
         .read_to_end(&mut plain)
         .unwrap();
-    assert_eq!(b.diff_id, hex_digest(&plain));
+    assert_eq!(b.diff_id, sha256_digest(&plain));
     assert_eq!(b.uncompressed_size, plain.len() as u64);
-    assert_eq!(b.blob_digest, hex_digest(&blob));
+    assert_eq!(b.blob_digest, sha256_digest(&blob));
     assert_eq!(b.blob_size, blob.len() as u64);
     let mut got = entries_of(&plain);
     assert_eq!(got.remove(".no.prefetch.landmark").unwrap().data, [0x0f]);
@@ -210,7 +199,7 @@ fn a_built_layer_holds_its_input_and_every_chunk_starts_a_member() {
             .read_to_end(&mut one)
             .unwrap();
         assert!(one.len() as u64 >= c.size);
-        assert_eq!(hex_digest(&one[..c.size as usize]), c.digest);
+        assert_eq!(sha256_digest(&one[..c.size as usize]), c.digest);
     }
     // Every file read chunk by chunk equals the input.
     for (name, f) in entries_of(&tar_of(&input)) {
@@ -230,7 +219,7 @@ fn a_built_layer_holds_its_input_and_every_chunk_starts_a_member() {
         }
         if f.kind == b'0' {
             assert_eq!(content, f.data, "{name}");
-            assert_eq!(index.entries[i].digest, hex_digest(&f.data));
+            assert_eq!(index.entries[i].digest, sha256_digest(&f.data));
         }
     }
     assert_eq!(

@@ -6,22 +6,11 @@
 //! existing output are refused.
 
 use lcfs_lazy::estargz::{
-    BuildOptions, Index, TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION,
+    sha256_digest, BuildOptions, Index, TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION,
 };
 use lcfs_lazy::image::convert;
-use sha2::{Digest, Sha256};
 use std::io::{Cursor, Read};
 use std::path::Path;
-
-fn hexd(data: &[u8]) -> String {
-    format!(
-        "sha256:{}",
-        Sha256::digest(data)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    )
-}
 
 fn layer(files: &[(&str, &[u8])]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
@@ -57,7 +46,7 @@ fn a_saved_image_becomes_an_oci_layout_of_estargz_layers() {
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
         "config": {"Cmd": ["/bin/sh"]},
-        "rootfs": {"type": "layers", "diff_ids": [hexd(&l1), hexd(&l2)]},
+        "rootfs": {"type": "layers", "diff_ids": [sha256_digest(&l1), sha256_digest(&l2)]},
     });
     let saved = archive(&[
         ("l1/layer.tar", l1.clone()),
@@ -86,7 +75,7 @@ fn a_saved_image_becomes_an_oci_layout_of_estargz_layers() {
         let e = e.unwrap();
         let data = std::fs::read(e.path()).unwrap();
         assert_eq!(
-            hexd(&data),
+            sha256_digest(&data),
             format!("sha256:{}", e.file_name().to_str().unwrap())
         );
     }
@@ -121,7 +110,7 @@ fn a_saved_image_becomes_an_oci_layout_of_estargz_layers() {
         flate2::read::MultiGzDecoder::new(&data[..])
             .read_to_end(&mut plain)
             .unwrap();
-        assert_eq!(new_config["rootfs"]["diff_ids"][i], hexd(&plain));
+        assert_eq!(new_config["rootfs"]["diff_ids"][i], sha256_digest(&plain));
         assert_eq!(
             l["annotations"][UNCOMPRESSED_SIZE_ANNOTATION],
             plain.len().to_string()
@@ -134,7 +123,7 @@ fn a_saved_image_becomes_an_oci_layout_of_estargz_layers() {
             let mut content = Vec::new();
             e.read_to_end(&mut content).unwrap();
             let entry = &ix.entries[ix.by_name[&name]];
-            assert_eq!(entry.digest, hexd(&content), "{name}");
+            assert_eq!(entry.digest, sha256_digest(&content), "{name}");
         }
     }
     // The output is never written over.
