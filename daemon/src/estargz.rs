@@ -116,6 +116,46 @@ pub fn convert(
     Ok(())
 }
 
+/// `lcfs estargz fetch URL PATH`: one file of a layer in a registry,
+/// only its chunks fetched.
+pub fn fetch(
+    url: &str,
+    path: &str,
+    toc_digest: &str,
+    output: Option<&Path>,
+    timeout: u64,
+) -> Result<()> {
+    use std::io::Write;
+    let layer = lcfs_lazy::remote::RemoteLayer::open(
+        url,
+        toc_digest,
+        std::time::Duration::from_secs(timeout.max(1)),
+    )
+    .map_err(lazy_err)?;
+    let data = layer.read_file(path).map_err(lazy_err)?;
+    match output {
+        Some(p) => {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(p)
+                .map_err(|e| Error::io(format!("creating {}", p.display()), e))?;
+            f.write_all(&data)
+                .map_err(|e| Error::io(format!("writing {}", p.display()), e))?;
+        }
+        None => std::io::stdout()
+            .write_all(&data)
+            .map_err(|e| Error::io("writing standard output", e))?,
+    }
+    eprintln!(
+        "{path}: {} bytes; fetched {} of the layer's {} bytes",
+        data.len(),
+        layer.fetched.load(std::sync::atomic::Ordering::Relaxed),
+        layer.index.blob_size
+    );
+    Ok(())
+}
+
 /// `lcfs estargz verify BLOB [--toc-digest D]`: the TOC (against D), every
 /// chunk and every file's digest; lists the regular files.
 pub fn verify(blob: &Path, toc_digest: Option<&str>, list: bool, json: bool) -> Result<()> {

@@ -463,6 +463,31 @@ OUTPUT must not exist.")]
         #[arg(long)]
         json: bool,
     },
+    /// Read one file of an eStargz layer in a registry, fetching only its
+    /// chunks
+    #[command(long_about = "\
+Read file PATH of the eStargz layer at URL (http(s)://REGISTRY/v2/NAME/blobs/
+sha256:...) as a lazy pull does (docs/lazy.md): the layer's footer and TOC
+with two ranged GETs, the TOC checked against DIGEST (the layer's
+containerd.io/snapshot/stargz/toc.digest annotation), then the file's chunks,
+each fetched with a ranged GET and checked against its digest. Writes the
+content to OUTPUT (a new file) or standard output, and says on stderr how
+many bytes of the layer were fetched.")]
+    Fetch {
+        #[arg(value_name = "URL")]
+        url: String,
+        #[arg(value_name = "PATH")]
+        path: String,
+        /// The layer's TOC digest (sha256:<64 hex digits>)
+        #[arg(long, value_name = "DIGEST")]
+        toc_digest: String,
+        /// Write the content here (a new file) instead of standard output
+        #[arg(short, long, value_name = "OUTPUT")]
+        output: Option<PathBuf>,
+        /// Seconds to wait for the registry to connect or send
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
     /// Check an eStargz layer: its TOC, every chunk and every file
     #[command(long_about = "\
 Read eStargz layer BLOB's footer and TOC, check the TOC against DIGEST (the
@@ -770,6 +795,13 @@ fn run(cli: Cli) -> Result<()> {
             chunk_size,
             json,
         }) => estargz::convert(&input, &output, name.as_deref(), chunk_size, json),
+        Command::Estargz(EstargzCommand::Fetch {
+            url,
+            path,
+            toc_digest,
+            output,
+            timeout,
+        }) => estargz::fetch(&url, &path, &toc_digest, output.as_deref(), timeout),
         Command::Estargz(EstargzCommand::Verify {
             blob,
             toc_digest,

@@ -42,7 +42,8 @@
 #                   clients pull one image at once: each blob leaves the
 #                   registry once, a container runs from it
 #   g. eStargz      the busybox image converted (lcfs estargz convert),
-#                   imported and run
+#                   imported and run, pushed, and a file read from its
+#                   layer in the registry by ranges (lcfs estargz fetch)
 # E2E_CONTAINERD_TARGET=overlayfs runs parts a to c on containerd's overlayfs
 # snapshotter instead, which proves the checks themselves (d and e need lcfs).
 # The lcfs daemon serves the snapshotter on E2E_SNAPSHOTTER_SOCKET (default: a
@@ -343,6 +344,21 @@ estargz_part() {
     quietly ctrd images import --snapshotter lcfs "$layout.tar" || fail "ctr images import of the eStargz image failed"
     expect "an eStargz image runs on lcfs" "hello from estargz" \
         "$(ctrd run --rm --snapshotter lcfs "$name" esgz-hello echo hello from estargz)"
+    # Pushed to the registry, one file read from its layer there with
+    # ranges only (lcfs estargz fetch), checked against the TOC digest the
+    # layer's annotation carries and each chunk's.
+    quietly timeout "$E2E_COMMAND_TIMEOUT" "$CTR_BIN" --address "$CONTAINERD_ADDRESS" -n "$CTRD_NAMESPACE" \
+        images push --plain-http "$name" || fail "pushing the eStargz image failed"
+    local manifest digest toc
+    manifest="$layout/blobs/sha256/$(jq -r '.manifests[0].digest | ltrimstr("sha256:")' "$layout/index.json")"
+    digest=$(jq -r '.layers[0].digest' "$manifest")
+    toc=$(jq -r '.layers[0].annotations["containerd.io/snapshot/stargz/toc.digest"]' "$manifest")
+    "$LCFS_BIN" estargz fetch "http://$REGISTRY/v2/e2e/busybox-esgz/blobs/$digest" bin/busybox \
+        --toc-digest "$toc" -o "$E2E_WORK/busybox.fetched" 2>"$E2E_WORK/fetch.err" ||
+        fail "lcfs estargz fetch failed: $(tail -n 2 "$E2E_WORK/fetch.err")"
+    say "$(cat "$E2E_WORK/fetch.err")"
+    expect "bin/busybox read from the registry by ranges is the image's" ok \
+        "$(cmp -s "$E2E_WORK/busybox.fetched" /bin/busybox && echo ok)"
     quietly ctrd images rm --sync "$name" || fail "ctr images rm $name failed"
 }
 
