@@ -17,7 +17,10 @@ const BLOBS: usize = 14;
 const BLOB: usize = 8 << 20;
 
 fn hex(data: &[u8]) -> String {
-    lcfs_engine::digest::hex(&Sha256::digest(data))
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A registry serving `blobs` by digest; counts the GETs per blob.

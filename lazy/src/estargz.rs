@@ -164,7 +164,13 @@ pub fn sha256_digest(data: &[u8]) -> String {
 }
 
 fn digest_of(h: Sha256) -> String {
-    lcfs_engine::digest::digest_string(&h.finalize().into())
+    let d = h.finalize();
+    let mut s = String::with_capacity(71);
+    s.push_str("sha256:");
+    for b in d {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
 }
 
 /// A TOC name as readers see it: `/`-separated, no `.` or empty parts,

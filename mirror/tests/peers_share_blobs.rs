@@ -18,7 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 fn hex(data: &[u8]) -> String {
-    lcfs_engine::digest::hex(&Sha256::digest(data))
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn pattern(seed: u32, len: usize) -> Vec<u8> {
