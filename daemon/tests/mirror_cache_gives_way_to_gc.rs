@@ -17,10 +17,7 @@ const BLOBS: usize = 14;
 const BLOB: usize = 8 << 20;
 
 fn hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    lcfs_engine::digest::hex(&Sha256::digest(data))
 }
 
 /// A registry serving `blobs` by digest; counts the GETs per blob.

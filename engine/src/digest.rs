@@ -542,12 +542,22 @@ fn record_of(
 
 /// Lower-case hex of a digest, as `sha256:<hex>`.
 pub fn digest_string(d: &Sha256Digest) -> String {
-    let mut s = String::with_capacity(71);
-    s.push_str("sha256:");
-    for b in d {
+    format!("sha256:{}", hex(d))
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
         s.push_str(&format!("{b:02x}"));
     }
     s
+}
+
+/// Whether two secrets (tokens, digests) are equal, in a time that does
+/// not depend on where they differ.
+pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 /// Parses `sha256:<64 hex digits>` (or the bare 64 digits).
@@ -581,6 +591,18 @@ mod tests {
     }
 
     /// Figures from fsverity-utils 1.5 (`fsverity digest`).
+    #[test]
+    fn hex_and_secrets() {
+        assert_eq!(hex(&[0x00, 0xab, 0x7f]), "00ab7f");
+        assert_eq!(
+            digest_string(&[0xff; 32]),
+            format!("sha256:{}", "ff".repeat(32))
+        );
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abd", b"abc"));
+        assert!(!same_secret(b"ab", b"abc"));
+    }
+
     #[test]
     fn file_digests_match_fsverity_utils() {
         assert_eq!(

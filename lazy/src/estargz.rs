@@ -164,13 +164,7 @@ pub fn sha256_digest(data: &[u8]) -> String {
 }
 
 fn digest_of(h: Sha256) -> String {
-    let d = h.finalize();
-    let mut s = String::with_capacity(71);
-    s.push_str("sha256:");
-    for b in d {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
+    lcfs_engine::digest::digest_string(&h.finalize().into())
 }
 
 /// A TOC name as readers see it: `/`-separated, no `.` or empty parts,

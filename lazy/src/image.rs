@@ -248,13 +248,9 @@ fn read_image(root: &Path) -> Result<(Value, Vec<PathBuf>, Option<String>)> {
 
 /// Writes `data` as a blob of the layout; its digest.
 fn put_blob(out: &Path, data: &[u8]) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    let hex: String = Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    std::fs::write(out.join("blobs/sha256").join(&hex), data)?;
-    Ok(format!("sha256:{hex}"))
+    let digest = estargz::sha256_digest(data);
+    std::fs::write(out.join(blob_path(&digest)?), data)?;
+    Ok(digest)
 }
 
 fn write_layout(

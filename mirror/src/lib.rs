@@ -464,11 +464,6 @@ fn json_string(s: &str) -> String {
     out
 }
 
-/// Compares a secret in time that does not depend on where they differ.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 async fn handle(m: Arc<Mirror>, req: Request<Incoming>) -> Response<Body_> {
     m.counters.requests.fetch_add(1, Ordering::Relaxed);
     if let Some(token) = &m.config.token {
@@ -477,7 +472,7 @@ async fn handle(m: Arc<Mirror>, req: Request<Incoming>) -> Response<Body_> {
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if !sent.is_some_and(|s| same_secret(s.as_bytes(), token.as_bytes())) {
+        if !sent.is_some_and(|s| lcfs_engine::digest::same_secret(s.as_bytes(), token.as_bytes())) {
             return oci_error(
                 StatusCode::UNAUTHORIZED,
                 "UNAUTHORIZED",
@@ -693,10 +688,7 @@ async fn manifest(
                 continue;
             }
         };
-        let hex: String = Sha256::digest(&body)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hex = lcfs_engine::digest::hex(&Sha256::digest(&body));
         if let Some(want) = &by_digest {
             if &hex != want {
                 m.counters.digest_mismatches.fetch_add(1, Ordering::Relaxed);
@@ -808,11 +800,7 @@ async fn verify_cached(m: &Arc<Mirror>, hex: &str, b: Blob) -> bool {
                 _ => return false,
             }
         }
-        h.finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-            == want
+        lcfs_engine::digest::hex(&h.finalize()) == want
     })
     .await
     .unwrap_or(false);
@@ -1079,12 +1067,7 @@ async fn download(
             fail_source(m, &source, &why);
             continue;
         }
-        let got: String = hasher
-            .clone()
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let got = lcfs_engine::digest::hex(&hasher.clone().finalize());
         if got != hex {
             m.counters.digest_mismatches.fetch_add(1, Ordering::Relaxed);
             fail_source(m, &source, "bytes that do not hash to the digest asked for");

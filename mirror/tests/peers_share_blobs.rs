@@ -18,10 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 fn hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    lcfs_engine::digest::hex(&Sha256::digest(data))
 }
 
 fn pattern(seed: u32, len: usize) -> Vec<u8> {

@@ -126,9 +126,7 @@ fn parse_digest(digest: &str) -> Result<Option<[u8; 32]>> {
     Ok(Some(out))
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub(crate) use lcfs_engine::digest::hex;
 
 /// At most 128 characters of something from outside, for messages.
 pub(crate) fn clip(s: &str) -> String {
