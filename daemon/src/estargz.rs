@@ -150,7 +150,7 @@ pub fn fetch(
     eprintln!(
         "{path}: {} bytes; fetched {} of the layer's {} bytes",
         data.len(),
-        layer.fetched.load(std::sync::atomic::Ordering::Relaxed),
+        layer.fetched(),
         layer.index.blob_size
     );
     Ok(())
@@ -170,15 +170,10 @@ pub fn verify(blob: &Path, toc_digest: Option<&str>, list: bool, json: bool) -> 
     let files: Vec<_> = index
         .entries
         .iter()
-        .filter_map(|e| {
-            let target = match e.kind.as_str() {
-                "reg" => e,
-                "hardlink" => {
-                    &index.entries[*index.by_name.get(&estargz::clean_name(&e.link_name))?]
-                }
-                _ => return None,
-            };
-            (target.kind == "reg").then(|| (e.name.clone(), target.size, target.digest.clone()))
+        .enumerate()
+        .filter_map(|(i, e)| {
+            let target = &index.entries[index.regular(i)?];
+            Some((e.name.clone(), target.size, target.digest.clone()))
         })
         .collect();
     if json {

@@ -197,16 +197,8 @@ fn upstream(
 }
 
 fn read_small(p: &Path) -> std::result::Result<Vec<u8>, String> {
-    use std::io::Read;
     let f = std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?;
-    let mut out = Vec::new();
-    f.take(MAX_FILE + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| format!("{}: {e}", p.display()))?;
-    if out.len() as u64 > MAX_FILE {
-        return Err(format!("{}: larger than {MAX_FILE} bytes", p.display()));
-    }
-    Ok(out)
+    crate::rest::read_at_most(f, p, MAX_FILE).map_err(|e| e.to_string())
 }
 
 /// The credentials a docker config.json (`auths`, as `docker login`

@@ -96,7 +96,6 @@ struct State {
 /// credentials): it must be a regular file owned by root (or the daemon's
 /// user) that neither group nor others may read or write, of at most 1 MiB.
 pub fn read_secret_file(path: &Path, what: &str) -> io::Result<String> {
-    use std::io::Read;
     use std::os::unix::fs::MetadataExt;
     const MAX: u64 = 1 << 20;
     let context = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
@@ -115,17 +114,28 @@ pub fn read_secret_file(path: &Path, what: &str) -> io::Result<String> {
             ),
         ));
     }
-    let mut text = String::new();
-    file.take(MAX + 1)
-        .read_to_string(&mut text)
-        .map_err(context)?;
-    if text.len() as u64 > MAX {
+    String::from_utf8(read_at_most(file, path, MAX)?).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: not UTF-8 text", path.display()),
+        )
+    })
+}
+
+/// The content of `file` (opened from `path`), refused past `max` bytes.
+pub fn read_at_most(file: std::fs::File, path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    if out.len() as u64 > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{}: larger than {MAX} bytes", path.display()),
+            format!("{}: larger than {max} bytes", path.display()),
         ));
     }
-    Ok(text)
+    Ok(out)
 }
 
 /// A one-line secret (a password) from a file [`read_secret_file`] accepts.

@@ -577,6 +577,18 @@ impl Index {
         })
     }
 
+    /// The regular file entry `i` holds content of: itself, or for a hard
+    /// link the file it names.
+    pub fn regular(&self, i: usize) -> Option<usize> {
+        let e = &self.entries[i];
+        let target = match e.kind.as_str() {
+            "reg" => i,
+            "hardlink" => *self.by_name.get(&clean_name(&e.link_name))?,
+            _ => return None,
+        };
+        (self.entries[target].kind == "reg").then_some(target)
+    }
+
     /// Whether the layer names files to fetch first: the entries before
     /// [`PREFETCH_LANDMARK`] (none with [`NO_PREFETCH_LANDMARK`] or
     /// without a landmark).

@@ -150,11 +150,15 @@ fn lexical(p: &Path) -> Option<PathBuf> {
     Some(out)
 }
 
-fn read_json(root: &Path, rel: &str) -> Result<Value> {
-    let path = lexical(Path::new(rel))
+/// `rel` below `root`, refused if it leaves it.
+fn inside(root: &Path, rel: &str) -> Result<PathBuf> {
+    lexical(Path::new(rel))
         .map(|p| root.join(p))
-        .ok_or_else(|| input_err(format!("{rel:?} leaves the image")))?;
-    let f = std::fs::File::open(&path)
+        .ok_or_else(|| input_err(format!("{rel:?} leaves the image")))
+}
+
+fn read_json(root: &Path, rel: &str) -> Result<Value> {
+    let f = std::fs::File::open(inside(root, rel)?)
         .map_err(|e| input_err(format!("the image has no {rel}: {e}")))?;
     let mut text = Vec::new();
     f.take(MAX_JSON + 1).read_to_end(&mut text)?;
@@ -174,11 +178,6 @@ fn blob_path(digest: &str) -> Result<String> {
 /// The config, the layers' files and the first tag: from `manifest.json`
 /// (docker save), else from `index.json` (an OCI layout).
 fn read_image(root: &Path) -> Result<(Value, Vec<PathBuf>, Option<String>)> {
-    let file = |rel: &str| -> Result<PathBuf> {
-        lexical(Path::new(rel))
-            .map(|p| root.join(p))
-            .ok_or_else(|| input_err(format!("{rel:?} leaves the image")))
-    };
     if root.join("manifest.json").exists() {
         let m = read_json(root, "manifest.json")?;
         let first = m
@@ -198,7 +197,7 @@ fn read_image(root: &Path) -> Result<(Value, Vec<PathBuf>, Option<String>)> {
             .as_array()
             .ok_or_else(|| input_err("manifest.json: no Layers"))?
             .iter()
-            .map(|l| file(l.as_str().unwrap_or("")))
+            .map(|l| inside(root, l.as_str().unwrap_or("")))
             .collect::<Result<Vec<_>>>()?;
         let tag = first["RepoTags"]
             .as_array()
@@ -239,7 +238,7 @@ fn read_image(root: &Path) -> Result<(Value, Vec<PathBuf>, Option<String>)> {
             .as_array()
             .ok_or_else(|| input_err("the manifest has no layers"))?
             .iter()
-            .map(|l| file(&blob_path(l["digest"].as_str().unwrap_or(""))?))
+            .map(|l| inside(root, &blob_path(l["digest"].as_str().unwrap_or(""))?))
             .collect::<Result<Vec<_>>>()?;
         return Ok((config, layers, tag));
     }

@@ -1,23 +1,28 @@
 //! An eStargz layer read where it lies, in a registry (docs/lazy.md,
 //! "Reading a layer remotely"): the blob's size from a HEAD, the footer and
 //! the TOC with two ranged GETs, the TOC checked against the layer's TOC
-//! digest, then a file's chunks each with a ranged GET of its gzip member
-//! and checked against its digest. What was fetched is counted: a file
-//! costs its chunks, not the layer. This is the fetch a lazily mounted
-//! layer does on a first read.
+//! digest, then a file's chunks (their gzip members lie one after another)
+//! with one ranged GET, each chunk checked against its digest. What was
+//! fetched is counted: a file costs its chunks, not the layer. This is the
+//! fetch a lazily mounted layer does on a first read.
 
 use crate::estargz::{parse_footer, Error, Index, Result, FOOTER_SIZE};
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// A layer blob at `url` (`http(s)://host/v2/NAME/blobs/sha256:...`).
-pub struct RemoteLayer {
+/// A blob at a URL, read by ranges.
+struct Blob {
     url: String,
     agent: ureq::Agent,
+    /// Bytes fetched so far.
+    fetched: AtomicU64,
+}
+
+/// A layer blob at `url` (`http(s)://host/v2/NAME/blobs/sha256:...`).
+pub struct RemoteLayer {
+    blob: Blob,
     pub index: Index,
-    /// Bytes fetched so far (the footer and TOC included).
-    pub fetched: AtomicU64,
 }
 
 fn http_err(url: &str, e: ureq::Error) -> Error {
@@ -30,52 +35,8 @@ fn http_err(url: &str, e: ureq::Error) -> Error {
     }
 }
 
-impl RemoteLayer {
-    /// Opens the layer: its footer and TOC, the TOC checked against
-    /// `toc_digest`.
-    pub fn open(url: &str, toc_digest: &str, timeout: Duration) -> Result<RemoteLayer> {
-        let agent = ureq::AgentBuilder::new()
-            .timeout_connect(timeout)
-            .timeout_read(timeout)
-            .redirects(5)
-            .build();
-        let head = agent.head(url).call().map_err(|e| http_err(url, e))?;
-        let size: u64 = head
-            .header("content-length")
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| {
-                Error::Input(format!("{url}: no Content-Length in the answer to HEAD"))
-            })?;
-        let mut layer = RemoteLayer {
-            url: url.to_string(),
-            agent,
-            index: Index {
-                entries: Vec::new(),
-                by_name: Default::default(),
-                chunks: Vec::new(),
-                toc_digest: String::new(),
-                toc_offset: 0,
-                blob_size: size,
-            },
-            fetched: AtomicU64::new(0),
-        };
-        let tail_len = size.min(FOOTER_SIZE as u64);
-        let tail = layer.range(size - tail_len, size)?;
-        let (toc_offset, footer_size) = parse_footer(&tail)?;
-        let toc_end = size - footer_size as u64;
-        if toc_offset >= toc_end {
-            return Err(Error::Format(format!(
-                "the footer puts the TOC at {toc_offset}, past its end {toc_end}"
-            )));
-        }
-        let toc = layer.range(toc_offset, toc_end)?;
-        let index = Index::from_toc_member(&toc[..], toc_offset, size)?;
-        index.verify_toc(toc_digest)?;
-        layer.index = index;
-        Ok(layer)
-    }
-
-    /// Bytes `[start, end)` of the blob.
+impl Blob {
+    /// Bytes `[start, end)`.
     fn range(&self, start: u64, end: u64) -> Result<Vec<u8>> {
         let r = self
             .agent
@@ -103,37 +64,78 @@ impl RemoteLayer {
         }
         Ok(out)
     }
+}
 
-    /// File `name`'s content (a hard link's target's), fetched chunk by
-    /// chunk, each checked against its digest.
-    pub fn read_file(&self, name: &str) -> Result<Vec<u8>> {
-        let clean = crate::estargz::clean_name(name);
-        let mut i = *self
-            .index
-            .by_name
-            .get(&clean)
-            .ok_or_else(|| Error::Input(format!("the layer has no {name:?}")))?;
-        if self.index.entries[i].kind == "hardlink" {
-            let target = crate::estargz::clean_name(&self.index.entries[i].link_name);
-            i = self.index.by_name[&target];
-        }
-        let e = &self.index.entries[i];
-        if e.kind != "reg" {
-            return Err(Error::Input(format!(
-                "{name:?} is a {}, not a regular file",
-                e.kind
+impl RemoteLayer {
+    /// Opens the layer: its footer and TOC, the TOC checked against
+    /// `toc_digest`.
+    pub fn open(url: &str, toc_digest: &str, timeout: Duration) -> Result<RemoteLayer> {
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(timeout)
+            .timeout_read(timeout)
+            .redirects(5)
+            .build();
+        let head = agent.head(url).call().map_err(|e| http_err(url, e))?;
+        let size: u64 = head
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| {
+                Error::Input(format!("{url}: no Content-Length in the answer to HEAD"))
+            })?;
+        let blob = Blob {
+            url: url.to_string(),
+            agent,
+            fetched: AtomicU64::new(0),
+        };
+        let tail_len = size.min(FOOTER_SIZE as u64);
+        let tail = blob.range(size - tail_len, size)?;
+        let (toc_offset, footer_size) = parse_footer(&tail)?;
+        let toc_end = size - footer_size as u64;
+        if toc_offset >= toc_end {
+            return Err(Error::Format(format!(
+                "the footer puts the TOC at {toc_offset}, past its end {toc_end}"
             )));
         }
-        let mut out = Vec::with_capacity(e.size as usize);
-        for (n, c) in self
-            .index
-            .chunks
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.entry == i)
-        {
-            let member = self.range(c.start, c.end)?;
-            out.extend(self.index.read_chunk(n, &member[..])?);
+        let toc = blob.range(toc_offset, toc_end)?;
+        let index = Index::from_toc_member(&toc[..], toc_offset, size)?;
+        index.verify_toc(toc_digest)?;
+        Ok(RemoteLayer { blob, index })
+    }
+
+    /// Bytes of the blob fetched so far (the footer and TOC included).
+    pub fn fetched(&self) -> u64 {
+        self.blob.fetched.load(Ordering::Relaxed)
+    }
+
+    /// File `name`'s content (a hard link's target's): its chunks fetched
+    /// with one range, each checked against its digest.
+    pub fn read_file(&self, name: &str) -> Result<Vec<u8>> {
+        let ix = &self.index;
+        let named = *ix
+            .by_name
+            .get(&crate::estargz::clean_name(name))
+            .ok_or_else(|| Error::Input(format!("the layer has no {name:?}")))?;
+        let i = ix.regular(named).ok_or_else(|| {
+            Error::Input(format!(
+                "{name:?} is a {}, not a regular file",
+                ix.entries[named].kind
+            ))
+        })?;
+        let chunks: Vec<usize> = (0..ix.chunks.len())
+            .filter(|&n| ix.chunks[n].entry == i)
+            .collect();
+        let (Some(&first), Some(&last)) = (chunks.first(), chunks.last()) else {
+            return Ok(Vec::new());
+        };
+        let base = ix.chunks[first].start;
+        let members = self.blob.range(base, ix.chunks[last].end)?;
+        let mut out = Vec::with_capacity(ix.entries[i].size.max(0) as usize);
+        for n in chunks {
+            let c = &ix.chunks[n];
+            out.extend(ix.read_chunk(
+                n,
+                &members[(c.start - base) as usize..(c.end - base) as usize],
+            )?);
         }
         Ok(out)
     }

@@ -7,7 +7,6 @@ use lcfs_lazy::estargz::{build, BuildOptions};
 use lcfs_lazy::remote::RemoteLayer;
 use std::io::{BufRead, BufReader, Cursor, Write};
 use std::net::TcpListener;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -106,12 +105,12 @@ fn a_file_costs_its_chunks_not_the_layer() {
     let blob = Arc::new(blob);
     let url = registry(blob.clone(), Serve::Ranges);
     let l = RemoteLayer::open(&url, &toc, Duration::from_secs(10)).unwrap();
-    let toc_cost = l.fetched.load(Ordering::Relaxed);
+    let toc_cost = l.fetched();
     assert_eq!(
         l.read_file("bin/hello").unwrap(),
         b"#!/bin/sh\necho hello\n"
     );
-    let small_cost = l.fetched.load(Ordering::Relaxed) - toc_cost;
+    let small_cost = l.fetched() - toc_cost;
     eprintln!(
         "blob {} bytes: footer and TOC {toc_cost}, bin/hello {small_cost}",
         blob.len()
