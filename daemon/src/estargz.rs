@@ -30,7 +30,7 @@ pub fn build(
         prioritized: prefetch,
         ..BuildOptions::default()
     };
-    let built = match estargz::build(f, std::io::BufWriter::new(out), &options) {
+    let built = match estargz::build_file(f, std::io::BufWriter::new(out), &options) {
         Ok(b) => b,
         Err(e) => {
             let _ = std::fs::remove_file(output);

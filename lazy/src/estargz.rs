@@ -669,12 +669,7 @@ struct Meta {
 /// Entries keep their order, but for the prioritized files and the
 /// landmark that lead; of two entries of one name the later one stays.
 pub fn build<R: Read, W: Write>(input: R, output: W, options: &BuildOptions) -> Result<Built> {
-    if options.chunk_size == 0 || options.chunk_size > MAX_CHUNK_BYTES {
-        return Err(Error::Input(format!(
-            "a chunk size of {} (1 to {MAX_CHUNK_BYTES} bytes)",
-            options.chunk_size
-        )));
-    }
+    check_options(options)?;
     // The input uncompressed, in a file: read once to list it, again for
     // each file's content in the order written.
     let mut plain = tempfile::tempfile()?;
@@ -689,6 +684,42 @@ pub fn build<R: Read, W: Write>(input: R, output: W, options: &BuildOptions) -> 
         io::copy(&mut input, &mut plain)?;
     }
     plain.seek(SeekFrom::Start(0))?;
+    build_plain(plain, output, options)
+}
+
+/// [`build`] of a file: a plain tar is read where it is, not copied first.
+pub fn build_file<W: Write>(
+    mut input: std::fs::File,
+    output: W,
+    options: &BuildOptions,
+) -> Result<Built> {
+    check_options(options)?;
+    let mut magic = Vec::with_capacity(2);
+    (&mut input).take(2).read_to_end(&mut magic)?;
+    input.seek(SeekFrom::Start(0))?;
+    if magic == [0x1f, 0x8b] {
+        return build(input, output, options);
+    }
+    build_plain(input, output, options)
+}
+
+fn check_options(options: &BuildOptions) -> Result<()> {
+    if options.chunk_size == 0 || options.chunk_size > MAX_CHUNK_BYTES {
+        return Err(Error::Input(format!(
+            "a chunk size of {} (1 to {MAX_CHUNK_BYTES} bytes)",
+            options.chunk_size
+        )));
+    }
+    Ok(())
+}
+
+/// [`build`] of a plain tar in a file, read twice: listed, then each
+/// file's content in the order written.
+fn build_plain<W: Write>(
+    mut plain: std::fs::File,
+    output: W,
+    options: &BuildOptions,
+) -> Result<Built> {
     let metas = list(&mut plain)?;
     let order = ordered(&metas, &options.prioritized)?;
     let mut w = MemberWriter::new(output, options.level);

@@ -268,8 +268,8 @@ fn write_layout(
             .map_err(|e| input_err(format!("layer {i} ({}): {e}", layer.display())))?;
         let tmp = out.join(format!("blobs/sha256/.layer-{i}"));
         let w = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        let b =
-            estargz::build(input, w, options).map_err(|e| input_err(format!("layer {i}: {e}")))?;
+        let b = estargz::build_file(input, w, options)
+            .map_err(|e| input_err(format!("layer {i}: {e}")))?;
         let hex = b.blob_digest.trim_start_matches("sha256:");
         std::fs::rename(&tmp, out.join("blobs/sha256").join(hex))?;
         descriptors.push(json!({

@@ -10,7 +10,7 @@ use lcfs_lazy::estargz::{self, build, sha256_digest, BuildOptions, Error, Index,
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
-use std::io::{Cursor, Read};
+use std::io::{Cursor, Read, Seek, SeekFrom, Write};
 
 #[derive(Clone, Debug, PartialEq)]
 struct File {
@@ -232,6 +232,24 @@ fn a_built_layer_holds_its_input_and_every_chunk_starts_a_member() {
         "2020-09-13T12:26:40Z"
     );
     assert!(index.prefetch().is_empty());
+    // From a file, plain (read in place) or gzip: the same blob.
+    for gzip in [false, true] {
+        let mut f = tempfile::tempfile().unwrap();
+        if gzip {
+            let mut gz = flate2::write::GzEncoder::new(&mut f, flate2::Compression::fast());
+            gz.write_all(&tar_of(&input)).unwrap();
+            gz.finish().unwrap();
+        } else {
+            f.write_all(&tar_of(&input)).unwrap();
+        }
+        f.seek(SeekFrom::Start(0)).unwrap();
+        let mut again = Vec::new();
+        let b2 = estargz::build_file(f, &mut again, &options).unwrap();
+        assert!(
+            again == blob && b2 == b,
+            "gzip {gzip}: build_file differs from build"
+        );
+    }
 }
 
 #[test]
