@@ -301,7 +301,10 @@ pub fn top_files(
     as_json: bool,
 ) -> Result<()> {
     let target = match image {
-        Some(i) => format!("/v1/files?limit=100000&image={}", percent_encode(i)),
+        Some(i) => format!(
+            "/v1/files?limit=100000&image={}",
+            lcfs_mirror::upstream::percent_encode(i)
+        ),
         None => "/v1/files?limit=100000".to_string(),
     };
     let lists: Vec<Vec<HotFile>> = ask_all(hosts, token_file, &target)?;
@@ -325,18 +328,6 @@ pub fn top_files(
         println!("{} of {} hosts answered", lists.len(), hosts.len());
     }
     crate::client::print_files(&rows, as_json)
-}
-
-/// Escapes what a query value may not hold.
-fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' | b'/' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[cfg(test)]

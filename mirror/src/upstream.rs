@@ -403,7 +403,9 @@ pub fn parse_challenge(s: &str) -> Option<(String, BTreeMap<String, String>)> {
     Some((scheme.to_ascii_lowercase(), params))
 }
 
-fn percent_encode(s: &str) -> String {
+/// `s` as a URL query value: every byte but RFC 3986's unreserved ones
+/// percent-encoded.
+pub fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
