@@ -272,6 +272,12 @@ d image prune -f >/dev/null
 leftover=$(d images -aq | wc -l)
 expect "no images left" 0 "$leftover"
 expect "no lcfs layers left" "" "$(lcfs_ctl layer ls | grep -v '^NAME' || true)"
+# Removal frees a layer's blocks in the background: wait for it (bounded).
+for _ in $(seq 120); do
+    [[ $(lcfs_stat .removals_pending) == 0 ]] && break
+    sleep 0.5
+done
+expect "removed layers reclaimed" 0 "$(lcfs_stat .removals_pending)"
 after=$(lcfs_stat .live_bytes)
 say "live bytes: $baseline before the first image, $after after rm and rmi"
 [[ $after -le $((baseline + (4 << 20))) ]] ||
