@@ -109,6 +109,8 @@ struct Shared {
     /// Changes and front-end reads so far (not a background thread's):
     /// background work that yields to the rest (sealing) watches it.
     activity: AtomicU64,
+    /// Fetches absent blocks for reads (absent.rs).
+    absent_fetcher: RwLock<Option<crate::absent::AbsentFetcher>>,
 }
 
 fn lock_ignoring_poison<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -408,6 +410,7 @@ impl Engine {
             wake: (Mutex::new(false), Condvar::new()),
             verifier: Default::default(),
             activity: AtomicU64::new(0),
+            absent_fetcher: RwLock::new(None),
         });
         let engine = Arc::new(Engine {
             s: shared.clone(),
@@ -430,8 +433,12 @@ impl Engine {
         Ok(engine)
     }
 
-    fn lock(&self) -> MutexGuard<'_, Store> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Store> {
         self.s.lock()
+    }
+
+    pub(crate) fn absent_fetcher(&self) -> &RwLock<Option<crate::absent::AbsentFetcher>> {
+        &self.s.absent_fetcher
     }
 
     pub(crate) fn verifier(&self) -> &crate::verified::Verifier {
@@ -457,7 +464,7 @@ impl Engine {
     }
 
     /// See [`Shared::op_then_upkeep`].
-    fn op_then_upkeep<T>(&self, f: impl FnMut(&mut Store) -> Result<T>) -> Result<T> {
+    pub(crate) fn op_then_upkeep<T>(&self, f: impl FnMut(&mut Store) -> Result<T>) -> Result<T> {
         self.s.op_then_upkeep(f)
     }
 
@@ -656,7 +663,9 @@ impl Engine {
     }
 
     pub fn setattr(&self, layer: u64, ino: u64, attr: &SetAttr) -> Result<Attr> {
-        self.op_then_upkeep(|s| s.setattr(layer, ino, attr))
+        // A truncation inside a block keeps the block's head: fetched
+        // first when absent.
+        self.fetching(|| self.op_then_upkeep(|s| s.setattr(layer, ino, attr)))
     }
 
     /// Creates a regular file.
@@ -832,7 +841,28 @@ impl Engine {
 
     /// A read, into the block cache when `keep`, counted in the layer's
     /// usage when `count` (a front end's), never checked against a seal.
+    /// Absent blocks are fetched (absent.rs).
     pub(crate) fn read_keeping(
+        &self,
+        layer: u64,
+        ino: u64,
+        offset: u64,
+        len: usize,
+        keep: bool,
+        count: bool,
+    ) -> Result<Vec<u8>> {
+        let mut counted = !count;
+        self.fetching(|| {
+            let r = self.read_local(layer, ino, offset, len, keep, !counted);
+            counted = true;
+            r
+        })
+    }
+
+    /// [`Engine::read_keeping`] that does not fetch: an absent block is
+    /// [`Error::Absent`] (sealing waits for a lazily pulled layer's content
+    /// rather than pull it).
+    pub(crate) fn read_local(
         &self,
         layer: u64,
         ino: u64,
@@ -870,6 +900,19 @@ impl Engine {
     /// current bytes: those on the device are read first, without the store
     /// lock (a failed read fails the write before it changed anything).
     fn write_with(
+        &self,
+        layer: u64,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+        touch: bool,
+    ) -> Result<usize> {
+        self.fetching(|| self.write_once(layer, ino, offset, data, touch))
+    }
+
+    /// One try of [`Engine::write_with`]: [`Error::Absent`] when a partial
+    /// block it merges with is absent.
+    fn write_once(
         &self,
         layer: u64,
         ino: u64,
@@ -951,7 +994,7 @@ impl Engine {
     }
 
     pub fn fallocate(&self, layer: u64, ino: u64, mode: u32, offset: u64, len: u64) -> Result<()> {
-        self.op_then_upkeep(|s| s.fallocate(layer, ino, mode, offset, len))
+        self.fetching(|| self.op_then_upkeep(|s| s.fallocate(layer, ino, mode, offset, len)))
     }
 
     /// Up to `limit` entries after `cookie` (0 starts). "." and ".." are not listed.

@@ -35,6 +35,10 @@ pub enum Error {
     /// Writes to a frozen layer.
     #[error("layer is read-only (frozen)")]
     ReadOnly,
+    /// A file block whose content is not on the device yet (a lazily
+    /// pulled layer's, absent.rs) and could not be fetched.
+    #[error("file content not fetched yet (logical block {0})")]
+    Absent(u64),
     #[error("busy: {0}")]
     Busy(String),
     /// The device is short of free segments and the operation changed
@@ -95,6 +99,7 @@ impl Error {
             Error::IsDirectory => libc::EISDIR,
             Error::Invalid(_) => libc::EINVAL,
             Error::ReadOnly => libc::EROFS,
+            Error::Absent(_) => libc::EIO,
             Error::Busy(_) | Error::HasChildren { .. } => libc::EBUSY,
             Error::NameTooLong => libc::ENAMETOOLONG,
             Error::CrossLayer => libc::EXDEV,

@@ -1478,6 +1478,9 @@ impl Store {
         let m = self
             .map_get(lbn)?
             .ok_or_else(|| Error::corrupt(0, format!("file block {lbn} has no address")))?;
+        if m.physical_block == crate::absent::ABSENT {
+            return Err(Error::Absent(lbn));
+        }
         if let Some(d) = self.buffered_block(m.physical_block) {
             if data_checksum(d) != m.checksum {
                 return Err(Error::corrupt(

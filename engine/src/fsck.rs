@@ -19,6 +19,8 @@ pub struct FsckReport {
     pub inodes: u64,
     pub extents: u64,
     pub data_blocks_verified: u64,
+    /// File blocks not fetched yet (a lazily pulled layer's, absent.rs).
+    pub absent_blocks: u64,
     pub errors: Vec<String>,
 }
 
@@ -96,6 +98,10 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
         mapped.set(*lbn);
         if v.extra_owners > 0 {
             shared_owners.insert(*lbn, (v.extra_owners, 0));
+        }
+        if v.physical_block == crate::absent::ABSENT {
+            r.absent_blocks += 1;
+            continue;
         }
         match s.geo.segment_of(v.physical_block) {
             Some(seg) => live[seg as usize] += 1,
@@ -418,6 +424,9 @@ pub(crate) fn run(s: &mut Store, verify_data: bool) -> Result<FsckReport> {
                     continue;
                 }
                 let Some(m) = s.map_get(lbn)? else { continue };
+                if m.physical_block == crate::absent::ABSENT {
+                    continue;
+                }
                 match s.read_block(m.physical_block) {
                     Ok(b) if data_checksum(&b) == m.checksum => r.data_blocks_verified += 1,
                     Ok(_) => r.error(format!(

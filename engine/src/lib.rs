@@ -6,6 +6,7 @@
 //! (io_uring + O_DIRECT on real devices); durability comes from checkpoints
 //! with redundant, checksummed superblocks. See docs/format.md.
 
+mod absent;
 mod addrmap;
 mod cache;
 mod checkpoint;
@@ -38,6 +39,7 @@ mod tree;
 mod verified;
 mod writer;
 
+pub use absent::{AbsentFetcher, ABSENT};
 pub use diff::{Change, ChangeKind};
 pub use engine::{Engine, FormatOptions, Stats};
 pub use error::{Error, Result};

@@ -374,7 +374,7 @@ impl Engine {
                         return Err(Error::Busy("sealing stopped".into()));
                     }
                     progress(hashed + off);
-                    self.read(layer, a.inode, off, len)
+                    self.read_local(layer, a.inode, off, len, true, false)
                 },
                 true,
             );

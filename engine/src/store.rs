@@ -428,6 +428,9 @@ impl Store {
     /// One fewer live block in the segment holding `block`.
     pub fn release_block(&mut self, block: u64) {
         self.note_mutation();
+        if block == crate::absent::ABSENT {
+            return; // an absent block holds no physical block
+        }
         let log = &self.log;
         self.space.release_block(block, |seg| log.is_open(seg));
     }
