@@ -48,6 +48,7 @@ steps=(
     "statistics end to end|bash scripts/e2e/prometheus.sh"
     "garbage collection end to end|bash scripts/e2e/gc.sh"
     "estargz against the reference|bash scripts/e2e/estargz.sh"
+    "lazy pull end to end|bash scripts/e2e/lazy.sh"
 )
 
 passed=0

@@ -39,6 +39,8 @@ pub struct DaemonOptions {
     pub seal: bool,
     /// The registry mirror's configuration file (crate::mirror).
     pub mirror: Option<PathBuf>,
+    /// The lazy pull's configuration file (crate::lazy).
+    pub lazy: Option<PathBuf>,
     /// Verified reads for every sealed layer (docs/integrity.md).
     pub verify_reads: bool,
     /// Serve the Docker graphdriver plugin here too (see lcfs-dockerplugin).
@@ -77,6 +79,7 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
     let gc_policy = crate::gc::Policy::load(&o.gc_policy)
         .map_err(|e| Error::Usage(format!("the garbage collection policy: {e}")))?;
     let mirror_config = o.mirror.as_deref().map(crate::mirror::load).transpose()?;
+    let lazy_config = o.lazy.as_deref().map(crate::lazy::load).transpose()?;
     let device_path = absolute(&o.device)?;
     let mountpoint = absolute(&o.mountpoint)?;
     if !device_path.exists() {
@@ -191,6 +194,20 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
             }
         }
     };
+    let lazy = match (lazy_config, &snapshotter) {
+        (Some(config), Some(s)) => {
+            let lazy = lcfs_lazy::mount::Lazy::start(engine.clone(), config);
+            s.table()
+                .set_remote(Arc::new(crate::lazy::Remote(lazy.clone())));
+            Some(lazy)
+        }
+        (Some(_), None) => {
+            log::warn!("--lazy-config without the containerd snapshotter: no lazy mounts");
+            None
+        }
+        _ => None,
+    };
+    catalog.lazy = lazy.clone();
     catalog.docker_socket = Some(o.docker_socket.clone());
     catalog.mirror = mirror.as_ref().map(|m| m.counters.clone());
     catalog.mirror_store = mirror.as_ref().map(|m| m.store.clone());
@@ -261,6 +278,9 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
     let served = server::serve(&listener, &wake, &control, &gate);
 
     log::info!("shutting down");
+    if let Some(l) = &lazy {
+        l.stop();
+    }
     if let Some(m) = mirror {
         m.shutdown();
     }

@@ -41,6 +41,8 @@ pub struct Catalog {
     /// The registry mirror's blob cache: the garbage collector evicts from
     /// it before it removes images.
     pub mirror_store: Option<Arc<lcfs_mirror::store::BlobStore>>,
+    /// The lazy pull, when it runs (its layers for /v1/lazy).
+    pub lazy: Option<Arc<lcfs_lazy::mount::Lazy>>,
     names: Mutex<Names>,
 }
 
@@ -81,6 +83,7 @@ impl Catalog {
             plugin: None,
             mirror: None,
             mirror_store: None,
+            lazy: None,
             docker_socket: None,
             containerd: None,
             names: Mutex::new(Names::default()),

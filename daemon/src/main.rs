@@ -11,6 +11,7 @@ mod fleet;
 mod fsck;
 mod gc;
 mod images;
+mod lazy;
 mod mirror;
 mod mkfs;
 mod owners;
@@ -270,6 +271,12 @@ struct DaemonArgs {
     /// home peer or the upstream
     #[arg(long, value_name = "PATH")]
     mirror_config: Option<PathBuf>,
+
+    /// Mount eStargz image layers lazily through the containerd
+    /// snapshotter, as configured in this TOML file (docs/lazy.md): content
+    /// fetched from the registry on first read and in the background
+    #[arg(long, value_name = "PATH")]
+    lazy_config: Option<PathBuf>,
 
     /// Do not seal frozen layers in the background (`lcfs verify` still
     /// seals the layer it checks). See docs/integrity.md
@@ -673,6 +680,7 @@ fn run(cli: Cli) -> Result<()> {
                 passthrough: a.passthrough,
                 seal: !a.no_seal,
                 mirror: a.mirror_config,
+                lazy: a.lazy_config,
                 verify_reads: a.verify_reads,
                 docker_plugin_socket: a.docker_plugin_socket,
                 containerd_socket: (!a.no_containerd).then(|| {

@@ -404,6 +404,13 @@ fn route(state: &State, path: &str, query: &str) -> Answer {
             }
             Err(e) => error(StatusCode::BAD_REQUEST, e),
         },
+        "/v1/lazy" => {
+            if !query.is_empty() {
+                return error(StatusCode::BAD_REQUEST, "/v1/lazy takes no query");
+            }
+            let layers = state.catalog.lazy.as_ref().map(|l| l.report());
+            json_ok(&layers.unwrap_or_default())
+        }
         "/v1/files" => match parse_files_query(query) {
             Ok((image, limit)) => match state.catalog.files(image.as_deref()) {
                 Ok(mut rows) => {

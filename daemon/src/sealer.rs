@@ -129,6 +129,11 @@ fn run(engine: &Engine, stop: &AtomicBool) {
             }
             // Removed meanwhile.
             Err(Error::NotFound) => {}
+            // A lazily pulled layer: sealed once its content is all here.
+            Err(Error::Absent(_)) => {
+                log::debug!("layer {name} waits for its content before it is sealed");
+                failed.insert(name, Instant::now());
+            }
             Err(e) => {
                 log::warn!("sealing layer {name}: {e} (tried again in a minute)");
                 failed.insert(name, Instant::now());

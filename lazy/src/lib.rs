@@ -9,4 +9,7 @@
 
 pub mod estargz;
 pub mod image;
+pub mod mount;
 pub mod remote;
+pub mod skeleton;
+pub mod time;

@@ -96,6 +96,15 @@ impl RemoteLayer {
                 "the footer puts the TOC at {toc_offset}, past its end {toc_end}"
             )));
         }
+        // The TOC's gzip member is read whole: bounded as the TOC is (a
+        // compressed TOC is smaller than the TOC).
+        if toc_end - toc_offset > crate::estargz::MAX_TOC_BYTES {
+            return Err(Error::Format(format!(
+                "a TOC member of {} bytes (at most {} are read)",
+                toc_end - toc_offset,
+                crate::estargz::MAX_TOC_BYTES
+            )));
+        }
         let toc = blob.range(toc_offset, toc_end)?;
         let index = Index::from_toc_member(&toc[..], toc_offset, size)?;
         index.verify_toc(toc_digest)?;
@@ -124,15 +133,28 @@ impl RemoteLayer {
         let chunks: Vec<usize> = (0..ix.chunks.len())
             .filter(|&n| ix.chunks[n].entry == i)
             .collect();
-        let (Some(&first), Some(&last)) = (chunks.first(), chunks.last()) else {
-            return Ok(Vec::new());
-        };
+        match (chunks.first(), chunks.last()) {
+            (Some(&first), Some(&last)) => Ok(self.read_chunks(first, last)?.concat()),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Chunks `first..=last` (consecutive in the blob) with one range,
+    /// each checked against its digest: their contents.
+    pub fn read_chunks(&self, first: usize, last: usize) -> Result<Vec<Vec<u8>>> {
+        let ix = &self.index;
+        if first > last || last >= ix.chunks.len() {
+            return Err(Error::Input(format!(
+                "chunks {first}..={last} of {}",
+                ix.chunks.len()
+            )));
+        }
         let base = ix.chunks[first].start;
         let members = self.blob.range(base, ix.chunks[last].end)?;
-        let mut out = Vec::with_capacity(ix.entries[i].size.max(0) as usize);
-        for n in chunks {
+        let mut out = Vec::with_capacity(last - first + 1);
+        for n in first..=last {
             let c = &ix.chunks[n];
-            out.extend(ix.read_chunk(
+            out.push(ix.read_chunk(
                 n,
                 &members[(c.start - base) as usize..(c.end - base) as usize],
             )?);

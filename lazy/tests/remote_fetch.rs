@@ -3,76 +3,14 @@
 //! are fetched; a registry sending other bytes, or ignoring ranges, is
 //! refused with the reason; a wrong TOC digest is refused before any file.
 
+mod common;
+
+use common::{registry, Serve};
 use lcfs_lazy::estargz::{build, BuildOptions};
 use lcfs_lazy::remote::RemoteLayer;
-use std::io::{BufRead, BufReader, Cursor, Write};
-use std::net::TcpListener;
+use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
-
-#[derive(Clone, Copy, PartialEq)]
-enum Serve {
-    Ranges,
-    /// Every range answered with the whole blob, 200.
-    Whole,
-    /// Ranges of flipped bytes.
-    Flipped,
-}
-
-/// Serves `blob` at /v2/t/blobs/x: HEAD and GET with one range.
-fn registry(blob: Arc<Vec<u8>>, how: Serve) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/v2/t/blobs/x", l.local_addr().unwrap());
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            let blob = blob.clone();
-            std::thread::spawn(move || {
-                let mut r = BufReader::new(s.try_clone().unwrap());
-                let mut out = s;
-                loop {
-                    let mut line = String::new();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let head = line.starts_with("HEAD");
-                    let mut range = None;
-                    loop {
-                        let mut h = String::new();
-                        if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                            break;
-                        }
-                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
-                            let (a, b) = v.trim().split_once('-').unwrap();
-                            range = Some((
-                                a.parse::<usize>().unwrap(),
-                                b.parse::<usize>().unwrap() + 1,
-                            ));
-                        }
-                    }
-                    let (status, body): (&str, Vec<u8>) = match (range, how) {
-                        (Some((a, b)), Serve::Ranges) => {
-                            ("206 Partial Content", blob[a..b].to_vec())
-                        }
-                        (Some((a, b)), Serve::Flipped) => (
-                            "206 Partial Content",
-                            blob[a..b].iter().map(|x| x ^ 1).collect(),
-                        ),
-                        _ => ("200 OK", blob.to_vec()),
-                    };
-                    let _ = write!(
-                        out,
-                        "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n",
-                        body.len()
-                    );
-                    if !head {
-                        let _ = out.write_all(&body);
-                    }
-                }
-            });
-        }
-    });
-    url
-}
 
 fn layer() -> (Vec<u8>, String, Vec<u8>) {
     let big: Vec<u8> = (0..2_000_000u32)
@@ -103,7 +41,7 @@ fn layer() -> (Vec<u8>, String, Vec<u8>) {
 fn a_file_costs_its_chunks_not_the_layer() {
     let (blob, toc, big) = layer();
     let blob = Arc::new(blob);
-    let url = registry(blob.clone(), Serve::Ranges);
+    let url = registry(blob.clone(), Serve::Ranges).url;
     let l = RemoteLayer::open(&url, &toc, Duration::from_secs(10)).unwrap();
     let toc_cost = l.fetched();
     assert_eq!(
@@ -130,7 +68,7 @@ fn wrong_bytes_a_wrong_toc_digest_and_no_ranges_are_refused() {
     let (blob, toc, _) = layer();
     let blob = Arc::new(blob);
     let e = RemoteLayer::open(
-        &registry(blob.clone(), Serve::Ranges),
+        &registry(blob.clone(), Serve::Ranges).url,
         &format!("sha256:{}", "0".repeat(64)),
         Duration::from_secs(10),
     )
@@ -138,7 +76,7 @@ fn wrong_bytes_a_wrong_toc_digest_and_no_ranges_are_refused() {
     .unwrap();
     assert!(e.to_string().contains("the TOC hashes to"), "{e}");
     let e = RemoteLayer::open(
-        &registry(blob.clone(), Serve::Whole),
+        &registry(blob.clone(), Serve::Whole).url,
         &toc,
         Duration::from_secs(10),
     )
@@ -146,7 +84,7 @@ fn wrong_bytes_a_wrong_toc_digest_and_no_ranges_are_refused() {
     .unwrap();
     assert!(e.to_string().contains("must serve ranges"), "{e}");
     assert!(RemoteLayer::open(
-        &registry(blob.clone(), Serve::Flipped),
+        &registry(blob.clone(), Serve::Flipped).url,
         &toc,
         Duration::from_secs(10)
     )

@@ -43,8 +43,8 @@ pub use error::{Error, Result};
 pub use images::{image_layers, image_tops, remove_image, ImageLayer, ImageTop};
 pub use server::{serve, serve_with, ServeOptions, SnapshotterServer};
 pub use table::{
-    Kind, SnapshotInfo, Table, KEY_MAX_BYTES, LABELS_MAX_BYTES, LABELS_MAX_COUNT, LABEL_MAX_BYTES,
-    LABEL_SIZE_LIMIT,
+    Kind, RemoteLayers, SnapshotInfo, Table, KEY_MAX_BYTES, LABELS_MAX_BYTES, LABELS_MAX_COUNT,
+    LABEL_MAX_BYTES, LABEL_SIZE_LIMIT,
 };
 
 /// Where the daemon serves the snapshotter unless told otherwise.

@@ -144,6 +144,29 @@ pub struct Table {
     state: Mutex<State>,
     stop: Mutex<bool>,
     wake: Condvar,
+    /// Mounts image layers lazily (containerd's remote snapshots).
+    remote: std::sync::OnceLock<Arc<dyn RemoteLayers>>,
+}
+
+/// Layers mounted from a registry before their content is local (lazy
+/// pull, docs/lazy.md): containerd's remote-snapshot protocol. When the
+/// unpacker prepares the snapshot of an image layer (the label
+/// `containerd.io/snapshot.ref` names the chain ID it will commit), a
+/// `RemoteLayers` that wants the layer fills the new snapshot's layer with
+/// the layer's tree (content absent, fetched on first read), the snapshot
+/// is committed under the chain ID at once and Prepare answers
+/// AlreadyExists: containerd then skips the download and the unpack.
+pub trait RemoteLayers: Send + Sync {
+    /// Whether the labels name a layer this may mount lazily (no I/O).
+    fn wants(&self, labels: &BTreeMap<String, String>) -> bool;
+    /// Builds the layer's tree in writable engine layer `layer`; an error
+    /// (the layer is not seekable, the registry cannot be reached) means a
+    /// normal pull, and the layer is discarded.
+    fn populate(
+        &self,
+        layer: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> std::result::Result<(), String>;
 }
 
 fn encode_time(t: Timestamp) -> String {
@@ -365,7 +388,53 @@ impl Table {
             state: Mutex::new(state),
             stop: Mutex::new(false),
             wake: Condvar::new(),
+            remote: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Mounts image layers lazily from now on through `remote`.
+    pub fn set_remote(&self, remote: Arc<dyn RemoteLayers>) {
+        let _ = self.remote.set(remote);
+    }
+
+    /// A lazy mount of the layer Prepare `key` is for (see [`RemoteLayers`]):
+    /// Some(Err(AlreadyExists)) when the target is committed now, None for
+    /// a normal Prepare.
+    fn prepare_remote(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Option<Error> {
+        let remote = self.remote.get()?.clone();
+        let target = labels.get(LABEL_TARGET_REF)?.clone();
+        if !remote.wants(labels) || check_key("name", &target).is_err() {
+            return None;
+        }
+        if self.state().by_key.contains_key(&target) {
+            return Some(Error::AlreadyExists(target));
+        }
+        let layer = match self.create_plain(Kind::Active, key, parent, labels.clone()) {
+            Ok(_) => self.state().by_key.get(key)?.layer.clone(),
+            Err(e) => return Some(e),
+        };
+        let done = remote.populate(&layer, labels).and_then(|()| {
+            self.commit(&target, key, labels.clone())
+                .map_err(|e| e.to_string())
+        });
+        match done {
+            Ok(()) => {
+                log::info!("snapshot {target:?} mounted lazily (layer {layer})");
+                Some(Error::AlreadyExists(target))
+            }
+            Err(why) => {
+                log::info!("snapshot {target:?}: no lazy mount ({why}); a normal pull");
+                if let Err(e) = self.remove(key) {
+                    return Some(e);
+                }
+                None
+            }
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -402,6 +471,22 @@ impl Table {
 
     /// Prepare (`kind` Active) or View (`kind` View) `key` on `parent`.
     pub fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<BindMount> {
+        if kind == Kind::Active {
+            check_key("key", key)?;
+            if let Some(e) = self.prepare_remote(key, parent, &labels) {
+                return Err(e);
+            }
+        }
+        self.create_plain(kind, key, parent, labels)
+    }
+
+    fn create_plain(
         &self,
         kind: Kind,
         key: &str,

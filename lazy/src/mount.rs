@@ -1,0 +1,669 @@
+//! The lazy mount (docs/lazy.md): image layers in eStargz
+//! mounted from their TOC through containerd's remote-snapshot protocol,
+//! their content fetched on first read and in the background.
+//!
+//! Prepare of an image layer's snapshot carries the image reference and
+//! the layer's digest (`containerd.io/snapshot/cri.*`, which Docker's
+//! containerd image store and the CRI plugin add) and, for an eStargz
+//! layer, its TOC digest (the layer annotation, which containerd passes
+//! on). The layer's footer and TOC are fetched (two ranged GETs) and the
+//! TOC checked against that digest; the layer's tree goes into the
+//! snapshot's engine layer through the layer applier with every regular
+//! file empty, then each file gets absent blocks (engine absent.rs), all
+//! numbered in a row. The layer is committed under the chain ID and Prepare
+//! answers AlreadyExists: containerd skips the download and the unpack.
+//!
+//! A read that meets an absent block calls [`Lazy::fetch`]: the chunks
+//! covering the block and up to [`READ_AHEAD`] after it are fetched with
+//! one ranged GET, each checked against its TOC digest, and written into
+//! the device; the read then goes on from the device. A read waits for the
+//! registry at most `fetch_timeout_ms` and then fails with EIO; it works
+//! again once the registry is back. A background thread per layer fetches
+//! the rest in TOC order (an eStargz layer's prefetch files lead), files
+//! grouped into ranges of up to [`BACKGROUND_RANGE`]; once no block is
+//! absent the layer is complete (`lcfs.lazy.done`) and the sealer seals
+//! it like any layer.
+//!
+//! What a lazy layer needs across restarts is in its metadata: the blob's
+//! URL, the TOC digest and its first block number. On start the daemon
+//! takes up every layer not complete; the TOC is fetched again when first
+//! needed (a restart without the registry leaves the fetched files
+//! readable and the others EIO until it is back).
+
+use crate::estargz::TOC_DIGEST_ANNOTATION;
+use crate::remote::RemoteLayer;
+use crate::skeleton;
+use lcfs_engine::{Engine, Error as EngineError};
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+/// Labels Docker's containerd image store and containerd's CRI plugin put
+/// on an image layer's Prepare.
+pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+/// Layer metadata of a lazily mounted layer.
+const META_BLOB: &str = "lcfs.lazy.blob";
+const META_TOC: &str = "lcfs.lazy.toc";
+const META_BLOCKS: &str = "lcfs.lazy.blocks";
+const META_DONE: &str = "lcfs.lazy.done";
+/// What a read fetches beyond the block it needs (whole chunks).
+const READ_AHEAD: u64 = 1 << 20;
+/// The most compressed bytes one background GET asks for (a bigger chunk
+/// is one GET of its own).
+const BACKGROUND_RANGE: u64 = 4 << 20;
+const BLOCK: u64 = 4096;
+
+/// The lazy pull's configuration (`lcfs daemon --lazy FILE`).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// How long a read waits for a fetch before it fails with EIO.
+    pub fetch_timeout: Duration,
+    /// Fetch the rest of each layer in the background.
+    pub background: bool,
+    /// Registry host (as in image references) to its base URL; any other
+    /// host is reached at `https://HOST`.
+    pub registries: BTreeMap<String, String>,
+}
+
+/// The registry host and repository of an image reference
+/// (`host[:port]/name[:tag][@digest]`; Docker Hub's short forms too).
+pub fn split_reference(image: &str) -> Option<(String, String)> {
+    let image = image.split('@').next()?;
+    let (first, rest) = image.split_once('/').unwrap_or(("", image));
+    let (host, name) = if !first.is_empty()
+        && (first.contains('.') || first.contains(':') || first == "localhost")
+    {
+        (first.to_string(), rest)
+    } else {
+        ("docker.io".to_string(), image)
+    };
+    // A tag follows the last `/`'s part after a `:`.
+    let name = match name.rsplit_once('/') {
+        Some((dir, last)) => format!("{dir}/{}", last.split(':').next()?),
+        None => name.split(':').next()?.to_string(),
+    };
+    let name = if host == "docker.io" && !name.contains('/') {
+        format!("library/{name}")
+    } else {
+        name
+    };
+    let valid = !name.is_empty()
+        && name.len() <= 255
+        && name.split('/').all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(&c))
+        });
+    valid.then_some((host, name))
+}
+
+fn valid_digest(d: &str) -> bool {
+    crate::estargz::valid_digest(d)
+}
+
+/// A lazily mounted layer.
+struct LazyLayer {
+    /// The engine layer's name.
+    name: String,
+    url: String,
+    toc_digest: String,
+    /// Its absent blocks' numbers: `first..first + count`.
+    first: u64,
+    count: u64,
+    /// The TOC read and the files' blocks, once fetched.
+    opened: Mutex<Option<Arc<Opened>>>,
+    fetched_bytes: AtomicU64,
+    fetch_errors: AtomicU64,
+    done: AtomicBool,
+}
+
+/// A lazy layer's TOC and where its files' blocks are.
+struct Opened {
+    remote: RemoteLayer,
+    /// In block order: the file's entry, its first block, its size and its
+    /// chunks.
+    files: Vec<LazyFile>,
+}
+
+struct LazyFile {
+    entry: usize,
+    first: u64,
+    size: u64,
+    chunks: Range<usize>,
+}
+
+impl LazyFile {
+    fn blocks(&self) -> u64 {
+        self.size.div_ceil(BLOCK)
+    }
+}
+
+impl Opened {
+    fn new(remote: RemoteLayer, first: u64, count: u64) -> std::result::Result<Opened, String> {
+        let ix = &remote.index;
+        let ranges = skeleton::chunk_ranges(ix);
+        let mut files = Vec::new();
+        let mut next = first;
+        for i in skeleton::lazy_files(ix) {
+            let size = ix.entries[i].size as u64;
+            let chunks = ranges.get(&i).cloned().unwrap_or(0..0);
+            let f = LazyFile {
+                entry: i,
+                first: next,
+                size,
+                chunks,
+            };
+            next += f.blocks();
+            files.push(f);
+        }
+        if next - first != count {
+            return Err(format!(
+                "the TOC has {} blocks of files, the layer {count}",
+                next - first
+            ));
+        }
+        Ok(Opened { remote, files })
+    }
+
+    fn file_of(&self, lbn: u64) -> Option<&LazyFile> {
+        let i = self
+            .files
+            .partition_point(|f| f.first <= lbn)
+            .checked_sub(1)?;
+        let f = &self.files[i];
+        (lbn < f.first + f.blocks()).then_some(f)
+    }
+
+    fn name(&self, f: &LazyFile) -> &str {
+        &self.remote.index.entries[f.entry].name
+    }
+}
+
+/// Counters over every lazy layer since the daemon started.
+#[derive(Default)]
+pub struct Counters {
+    pub layers_mounted: AtomicU64,
+    pub fetches: AtomicU64,
+    pub fetched_bytes: AtomicU64,
+    pub fetch_errors: AtomicU64,
+}
+
+/// One lazy layer as `lcfs lazy` shows it.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
+pub struct LayerReport {
+    pub layer: String,
+    pub blob: String,
+    pub blocks: u64,
+    pub absent_blocks: u64,
+    pub fetched_bytes: u64,
+    pub fetch_errors: u64,
+    pub complete: bool,
+}
+
+/// The lazy pull: its layers and their fetches.
+pub struct Lazy {
+    engine: Arc<Engine>,
+    config: Config,
+    /// By first block number.
+    layers: Mutex<BTreeMap<u64, Arc<LazyLayer>>>,
+    stop: Arc<AtomicBool>,
+    pub counters: Counters,
+    me: Weak<Lazy>,
+}
+
+impl Lazy {
+    /// Takes up the lazy layers on the device and installs the engine's
+    /// fetcher.
+    pub fn start(engine: Arc<Engine>, config: Config) -> Arc<Lazy> {
+        let lazy = Arc::new_cyclic(|me| Lazy {
+            engine: engine.clone(),
+            config,
+            layers: Mutex::new(BTreeMap::new()),
+            stop: Arc::new(AtomicBool::new(false)),
+            counters: Counters::default(),
+            me: me.clone(),
+        });
+        for info in engine.list_layers() {
+            let Ok(meta) = engine.layer_metadata(&info.name) else {
+                continue;
+            };
+            let (Some(url), Some(toc), Some(blocks)) = (
+                meta.get(META_BLOB),
+                meta.get(META_TOC),
+                meta.get(META_BLOCKS),
+            ) else {
+                continue;
+            };
+            let Some((first, count)) = blocks
+                .split_once(' ')
+                .and_then(|(f, c)| Some((f.parse().ok()?, c.parse().ok()?)))
+            else {
+                log::warn!("layer {}: unreadable {META_BLOCKS} {blocks:?}", info.name);
+                continue;
+            };
+            let layer = Arc::new(LazyLayer {
+                name: info.name.clone(),
+                url: url.clone(),
+                toc_digest: toc.clone(),
+                first,
+                count,
+                opened: Mutex::new(None),
+                fetched_bytes: AtomicU64::new(0),
+                fetch_errors: AtomicU64::new(0),
+                done: AtomicBool::new(meta.contains_key(META_DONE)),
+            });
+            if !layer.done.load(Ordering::Relaxed) {
+                log::info!("lazy layer {} taken up ({url})", info.name);
+                lazy.add(layer);
+            }
+        }
+        let weak = Arc::downgrade(&lazy);
+        engine.set_absent_fetcher(Some(Arc::new(move |lbn| match weak.upgrade() {
+            Some(l) => l.fetch(lbn),
+            None => Err(EngineError::Absent(lbn)),
+        })));
+        lazy
+    }
+
+    /// Stops the background fetches (they end within one range).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.engine.set_absent_fetcher(None);
+    }
+
+    fn add(&self, layer: Arc<LazyLayer>) {
+        self.layers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(layer.first, layer.clone());
+        if self.config.background {
+            let me = self.me.clone();
+            let spawned = std::thread::Builder::new()
+                .name("lcfs-lazy".into())
+                .spawn(move || {
+                    if let Some(l) = me.upgrade() {
+                        l.background(&layer);
+                    }
+                });
+            if let Err(e) = spawned {
+                log::warn!("no background fetch: {e}");
+            }
+        }
+    }
+
+    fn layer_of(&self, lbn: u64) -> Option<Arc<LazyLayer>> {
+        let layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, l) = layers.range(..=lbn).next_back()?;
+        (lbn < l.first + l.count).then(|| l.clone())
+    }
+
+    /// The blob URL and TOC digest of the layer `labels` name, when they
+    /// name one this mounts lazily.
+    pub fn source(&self, labels: &BTreeMap<String, String>) -> Option<(String, String)> {
+        let image = labels.get(LABEL_IMAGE_REF)?;
+        let digest = labels.get(LABEL_LAYER_DIGEST)?;
+        let toc = labels.get(TOC_DIGEST_ANNOTATION)?;
+        if !valid_digest(digest) || !valid_digest(toc) {
+            return None;
+        }
+        let (host, name) = split_reference(image)?;
+        let base = match self.config.registries.get(&host) {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None if host == "docker.io" => "https://registry-1.docker.io".to_string(),
+            None => format!("https://{host}"),
+        };
+        Some((format!("{base}/v2/{name}/blobs/{digest}"), toc.clone()))
+    }
+
+    /// The TOC of `layer`, fetched when not yet (bounded by the timeout).
+    fn opened(&self, layer: &LazyLayer) -> std::result::Result<Arc<Opened>, String> {
+        let mut slot = layer.opened.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(o) = &*slot {
+            return Ok(o.clone());
+        }
+        let remote = RemoteLayer::open(&layer.url, &layer.toc_digest, self.config.fetch_timeout)
+            .map_err(|e| e.to_string())?;
+        layer
+            .fetched_bytes
+            .fetch_add(remote.fetched(), Ordering::Relaxed);
+        self.counters
+            .fetched_bytes
+            .fetch_add(remote.fetched(), Ordering::Relaxed);
+        let o = Arc::new(Opened::new(remote, layer.first, layer.count)?);
+        *slot = Some(o.clone());
+        Ok(o)
+    }
+
+    /// Fetches the chunks `chunks` of file `f` and fills the blocks they
+    /// cover whole (the file's last block, padded, too).
+    fn fill(
+        &self,
+        layer: &LazyLayer,
+        o: &Opened,
+        f: &LazyFile,
+        chunks: Range<usize>,
+    ) -> std::result::Result<(), String> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let ix = &o.remote.index;
+        let compressed = ix.chunks[chunks.end - 1].end - ix.chunks[chunks.start].start;
+        let parts = o
+            .remote
+            .read_chunks(chunks.start, chunks.end - 1)
+            .map_err(|e| e.to_string())?;
+        layer.fetched_bytes.fetch_add(compressed, Ordering::Relaxed);
+        self.counters.fetches.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .fetched_bytes
+            .fetch_add(compressed, Ordering::Relaxed);
+        let start = ix.chunks[chunks.start].file_offset;
+        let data = parts.concat();
+        let end = start + data.len() as u64;
+        let mut block = start.div_ceil(BLOCK);
+        while block * BLOCK < end {
+            let (lo, hi) = (block * BLOCK, ((block + 1) * BLOCK).min(f.size));
+            if hi > end {
+                break; // the rest of this block is in the next chunk
+            }
+            let mut bytes = data[(lo - start) as usize..(hi - start) as usize].to_vec();
+            bytes.resize(BLOCK as usize, 0);
+            self.engine
+                .fill_absent(f.first + block, &bytes)
+                .map_err(|e| format!("writing {:?}: {e}", o.name(f)))?;
+            block += 1;
+        }
+        Ok(())
+    }
+
+    /// The chunks of `f` holding bytes `lo..hi`.
+    fn chunks_for(o: &Opened, f: &LazyFile, lo: u64, hi: u64) -> Range<usize> {
+        let c = &o.remote.index.chunks;
+        let mut r = f.chunks.clone();
+        while r.start < r.end && c[r.start].file_offset + c[r.start].size <= lo {
+            r.start += 1;
+        }
+        while r.end > r.start && c[r.end - 1].file_offset >= hi {
+            r.end -= 1;
+        }
+        r
+    }
+
+    /// The engine's fetcher: absent block `lbn`, read by a reader now.
+    fn fetch(&self, lbn: u64) -> lcfs_engine::Result<()> {
+        let Some(layer) = self.layer_of(lbn) else {
+            return Err(EngineError::Absent(lbn));
+        };
+        let deadline = Instant::now() + self.config.fetch_timeout;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let tried = self.opened(&layer).and_then(|o| {
+                let f = o
+                    .file_of(lbn)
+                    .ok_or_else(|| format!("block {lbn} is in no file of the TOC"))?;
+                let lo = (lbn - f.first) * BLOCK;
+                let hi = (lo + BLOCK + READ_AHEAD).min(f.size);
+                let chunks = Self::chunks_for(&o, f, lo, hi);
+                self.fill(&layer, &o, f, chunks)
+            });
+            match tried {
+                Ok(()) => return Ok(()),
+                Err(why) => {
+                    layer.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                    self.counters.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                    if Instant::now() + pause >= deadline {
+                        log::warn!(
+                            "lazy layer {}: block {lbn} not fetched within {} ms: {why}",
+                            layer.name,
+                            self.config.fetch_timeout.as_millis()
+                        );
+                        return Err(EngineError::Absent(lbn));
+                    }
+                    log::debug!(
+                        "lazy layer {}: block {lbn}: {why} (trying again)",
+                        layer.name
+                    );
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Fetches what `layer` still lacks, in TOC order, until it is
+    /// complete, removed, or the daemon stops.
+    fn background(&self, layer: &LazyLayer) {
+        let mut pause = Duration::from_secs(1);
+        while !self.stop.load(Ordering::Relaxed) {
+            if self.engine.layer_id(&layer.name).is_err() {
+                self.forget(layer);
+                return;
+            }
+            match self.fetch_rest(layer) {
+                Ok(()) => {
+                    self.complete(layer);
+                    return;
+                }
+                Err(why) => {
+                    log::debug!("lazy layer {}: background fetch: {why}", layer.name);
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    fn fetch_rest(&self, layer: &LazyLayer) -> std::result::Result<(), String> {
+        let o = self.opened(layer)?;
+        let ix = &o.remote.index;
+        let mut i = 0;
+        while i < o.files.len() {
+            if self.stop.load(Ordering::Relaxed) || self.engine.layer_id(&layer.name).is_err() {
+                return Err("stopped".into());
+            }
+            let f = &o.files[i];
+            let absent = self
+                .engine
+                .absent_among(f.first, f.blocks())
+                .map_err(|e| e.to_string())?;
+            if absent.is_empty() {
+                i += 1;
+                continue;
+            }
+            // Whole chunks up to BACKGROUND_RANGE at a time, from the
+            // file's first absent block on, and at least that block whole.
+            let lo = (absent[0] - f.first) * BLOCK;
+            let need = (lo + BLOCK).min(f.size);
+            let mut r = Self::chunks_for(&o, f, lo, f.size);
+            let base = ix.chunks[r.start].start;
+            let mut end = r.start + 1;
+            while end < r.end {
+                let last = &ix.chunks[end - 1];
+                if last.file_offset + last.size >= need
+                    && ix.chunks[end].end - base > BACKGROUND_RANGE
+                {
+                    break;
+                }
+                end += 1;
+            }
+            r.end = end;
+            self.fill(layer, &o, f, r)?;
+            if self
+                .engine
+                .is_absent(absent[0])
+                .map_err(|e| e.to_string())?
+            {
+                return Err(format!("{:?}: block {} not filled", o.name(f), absent[0]));
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks `layer` complete: no block absent (checked), recorded in its
+    /// metadata and made durable.
+    fn complete(&self, layer: &LazyLayer) {
+        match self.engine.absent_among(layer.first, layer.count) {
+            Ok(a) if a.is_empty() => {}
+            _ => return,
+        }
+        let recorded = self.engine.layer_metadata(&layer.name).and_then(|mut m| {
+            m.insert(
+                META_DONE.into(),
+                lcfs_engine::Engine::now().seconds.to_string(),
+            );
+            self.engine.set_layer_metadata(&layer.name, &m)?;
+            self.engine.sync()
+        });
+        match recorded {
+            Ok(()) => {
+                layer.done.store(true, Ordering::Relaxed);
+                log::info!(
+                    "lazy layer {} complete: {} bytes fetched",
+                    layer.name,
+                    layer.fetched_bytes.load(Ordering::Relaxed)
+                );
+            }
+            Err(e) => log::warn!("lazy layer {}: recording it complete: {e}", layer.name),
+        }
+    }
+
+    fn forget(&self, layer: &LazyLayer) {
+        self.layers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&layer.first);
+    }
+
+    /// Every lazy layer this daemon took up, complete or not.
+    pub fn report(&self) -> Vec<LayerReport> {
+        let layers: Vec<Arc<LazyLayer>> = self
+            .layers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        layers
+            .iter()
+            .filter(|l| self.engine.layer_id(&l.name).is_ok())
+            .map(|l| LayerReport {
+                layer: l.name.clone(),
+                blob: l.url.clone(),
+                blocks: l.count,
+                absent_blocks: self
+                    .engine
+                    .absent_among(l.first, l.count)
+                    .map(|a| a.len() as u64)
+                    .unwrap_or(l.count),
+                fetched_bytes: l.fetched_bytes.load(Ordering::Relaxed),
+                fetch_errors: l.fetch_errors.load(Ordering::Relaxed),
+                complete: l.done.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Builds the layer's tree in writable engine layer `name` (see the
+    /// module); an error leaves the layer to be discarded.
+    pub fn populate(
+        &self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> std::result::Result<(), String> {
+        let (url, toc) = self.source(labels).ok_or("no eStargz layer named")?;
+        let remote =
+            RemoteLayer::open(&url, &toc, self.config.fetch_timeout).map_err(|e| e.to_string())?;
+        let id = self.engine.layer_id(name).map_err(|e| e.to_string())?;
+        let tar = skeleton::skeleton_tar(&remote.index).map_err(|e| e.to_string())?;
+        lcfs_dockerplugin::apply_tar(&self.engine, id, &tar[..]).map_err(|e| e.to_string())?;
+        let mut files = Vec::new();
+        for i in skeleton::lazy_files(&remote.index) {
+            let e = &remote.index.entries[i];
+            let ino = lookup(&self.engine, id, &e.name)
+                .map_err(|err| format!("{:?} after the tree was written: {err}", e.name))?;
+            files.push((ino, e.size as u64));
+        }
+        let (first, count) = self
+            .engine
+            .make_absent_many(id, &files)
+            .map_err(|e| e.to_string())?;
+        let mut meta = self
+            .engine
+            .layer_metadata(name)
+            .map_err(|e| e.to_string())?;
+        meta.insert(META_BLOB.into(), url.clone());
+        meta.insert(META_TOC.into(), toc.clone());
+        meta.insert(META_BLOCKS.into(), format!("{first} {count}"));
+        if count == 0 {
+            meta.insert(
+                META_DONE.into(),
+                lcfs_engine::Engine::now().seconds.to_string(),
+            );
+        }
+        self.engine
+            .set_layer_metadata(name, &meta)
+            .map_err(|e| e.to_string())?;
+        let fetched = remote.fetched();
+        let layer = Arc::new(LazyLayer {
+            name: name.to_string(),
+            url,
+            toc_digest: toc,
+            first,
+            count,
+            opened: Mutex::new(None),
+            fetched_bytes: AtomicU64::new(fetched),
+            fetch_errors: AtomicU64::new(0),
+            done: AtomicBool::new(count == 0),
+        });
+        *layer.opened.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Arc::new(Opened::new(remote, first, count)?));
+        self.counters.layers_mounted.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .fetched_bytes
+            .fetch_add(fetched, Ordering::Relaxed);
+        log::info!(
+            "layer {name} mounted lazily: {} files, {count} blocks absent, {fetched} bytes of TOC fetched",
+            files.len()
+        );
+        if count > 0 {
+            self.add(layer);
+        }
+        Ok(())
+    }
+}
+
+/// The inode at `path` (TOC-cleaned: `a/b/c`) of `layer`.
+fn lookup(engine: &Engine, layer: u64, path: &str) -> lcfs_engine::Result<u64> {
+    let mut ino = lcfs_engine::ROOT_INODE;
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        ino = engine.lookup(layer, ino, part.as_bytes())?.inode;
+    }
+    Ok(ino)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_references_name_their_registry_and_repository() {
+        let s = |r: &str| split_reference(r).map(|(h, n)| format!("{h} {n}"));
+        assert_eq!(
+            s("127.0.0.1:5000/lazy/app:1").as_deref(),
+            Some("127.0.0.1:5000 lazy/app")
+        );
+        assert_eq!(s("busybox").as_deref(), Some("docker.io library/busybox"));
+        assert_eq!(
+            s("docker.io/library/debian:12").as_deref(),
+            Some("docker.io library/debian")
+        );
+        assert_eq!(
+            s("localhost/a/b@sha256:0123").as_deref(),
+            Some("localhost a/b")
+        );
+        assert_eq!(s("host.example/UPPER:1"), None);
+        assert_eq!(s("host.example/a//b"), None);
+    }
+}

@@ -1,0 +1,291 @@
+//! The lazy mount on an engine (docs/lazy.md): a layer's tree from its TOC,
+//! files fetched by ranges on first read and checked chunk by chunk; a
+//! registry sending wrong bytes or gone gives EIO within the bound, never
+//! wrong data, and works again once right; the background fetch completes
+//! a layer; a restart takes an incomplete layer up again.
+
+mod common;
+
+use common::{registry, Registry, Serve};
+use lcfs_engine::device::MemDevice;
+use lcfs_engine::{Config as EngineConfig, Engine, FormatOptions, ROOT_INODE};
+use lcfs_lazy::estargz::{build, BuildOptions, Index, TOC_DIGEST_ANNOTATION};
+use lcfs_lazy::mount::{Config, Lazy, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST};
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Layer {
+    blob: Arc<Vec<u8>>,
+    toc: String,
+    toc_offset: usize,
+    big: Vec<u8>,
+}
+
+const HELLO: &[u8] = b"#!/bin/sh\necho hello\n";
+
+fn layer() -> Layer {
+    layer_chunked(256 << 10)
+}
+
+fn layer_chunked(chunk_size: u64) -> Layer {
+    let big: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut dir = tar::Header::new_gnu();
+    dir.set_entry_type(tar::EntryType::Directory);
+    dir.set_mode(0o755);
+    dir.set_size(0);
+    b.append_data(&mut dir, "srv/", &[][..]).unwrap();
+    for (name, data, mode) in [("srv/big", &big[..], 0o644), ("bin/hello", HELLO, 0o755)] {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(mode);
+        h.set_uid(7);
+        h.set_mtime(1_700_000_000);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, name, data).unwrap();
+    }
+    let mut l = tar::Header::new_gnu();
+    l.set_entry_type(tar::EntryType::Link);
+    l.set_size(0);
+    b.append_link(&mut l, "bin/hello-again", "bin/hello")
+        .unwrap();
+    let mut s = tar::Header::new_gnu();
+    s.set_entry_type(tar::EntryType::Symlink);
+    s.set_size(0);
+    b.append_link(&mut s, "bin/sh", "hello").unwrap();
+    let mut blob = Vec::new();
+    let built = build(
+        Cursor::new(b.into_inner().unwrap()),
+        &mut blob,
+        &BuildOptions {
+            chunk_size,
+            ..BuildOptions::default()
+        },
+    )
+    .unwrap();
+    let toc_offset = Index::open(&mut Cursor::new(&blob)).unwrap().toc_offset as usize;
+    Layer {
+        blob: Arc::new(blob),
+        toc: built.toc_digest,
+        toc_offset,
+        big,
+    }
+}
+
+fn engine() -> (Arc<MemDevice>, Arc<Engine>) {
+    let dev = Arc::new(MemDevice::new(256 << 20));
+    Engine::format(dev.clone(), &FormatOptions::default()).unwrap();
+    let e = Engine::open(dev.clone(), EngineConfig::default()).unwrap();
+    (dev, e)
+}
+
+fn config(r: &Registry, background: bool) -> Config {
+    let host = r
+        .url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap();
+    Config {
+        fetch_timeout: Duration::from_millis(1500),
+        background,
+        registries: BTreeMap::from([(host.to_string(), format!("http://{host}"))]),
+    }
+}
+
+fn labels(r: &Registry, toc: &str) -> BTreeMap<String, String> {
+    let host = r
+        .url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap();
+    BTreeMap::from([
+        (LABEL_IMAGE_REF.to_string(), format!("{host}/t:1")),
+        (
+            LABEL_LAYER_DIGEST.to_string(),
+            format!("sha256:{}", "ab".repeat(32)),
+        ),
+        (TOC_DIGEST_ANNOTATION.to_string(), toc.to_string()),
+    ])
+}
+
+fn ino(e: &Engine, layer: u64, path: &str) -> u64 {
+    let mut ino = ROOT_INODE;
+    for p in path.split('/') {
+        ino = e.lookup(layer, ino, p.as_bytes()).unwrap().inode;
+    }
+    ino
+}
+
+fn read(e: &Engine, layer: u64, path: &str) -> lcfs_engine::Result<Vec<u8>> {
+    e.read(layer, ino(e, layer, path), 0, 64 << 20)
+}
+
+/// A frozen layer "img" mounted lazily from `r`.
+fn mounted(e: &Arc<Engine>, r: &Registry, l: &Layer, background: bool) -> (Arc<Lazy>, u64) {
+    let id = e.create_layer("img", true).unwrap();
+    let lazy = Lazy::start(e.clone(), config(r, background));
+    lazy.populate("img", &labels(r, &l.toc)).unwrap();
+    e.commit_layer("img").unwrap();
+    (lazy, id)
+}
+
+#[test]
+fn a_lazy_layer_reads_right_and_costs_what_is_read() {
+    let l = layer();
+    let r = registry(l.blob.clone(), Serve::Ranges);
+    let (_, e) = engine();
+    let (lazy, id) = mounted(&e, &r, &l, false);
+    let after_mount = r.served();
+    let a = e.getattr(id, ino(&e, id, "srv/big")).unwrap();
+    assert_eq!((a.size, a.mode & 0o7777, a.uid), (3_000_000, 0o644, 7));
+    assert_eq!(read(&e, id, "bin/hello").unwrap(), HELLO);
+    assert_eq!(read(&e, id, "bin/hello-again").unwrap(), HELLO);
+    assert_eq!(e.readlink(id, ino(&e, id, "bin/sh")).unwrap(), b"hello");
+    let small = r.served() - after_mount;
+    eprintln!(
+        "blob {} bytes: mount {after_mount}, bin/hello {small}",
+        l.blob.len()
+    );
+    assert!(after_mount + small < l.blob.len() as u64 / 10);
+    // srv/big's 733 blocks and the landmark's one.
+    assert_eq!(lazy.report()[0].absent_blocks, 734, "srv/big untouched");
+
+    // A clone (a container) sees the content, and writes its own.
+    let c = e.clone_layer("img", "container").unwrap();
+    let big = ino(&e, c, "srv/big");
+    e.write(c, big, 10, b"changed").unwrap();
+    let mut want = l.big.clone();
+    want[10..17].copy_from_slice(b"changed");
+    assert_eq!(e.read(c, big, 0, 4 << 20).unwrap(), want);
+    assert_eq!(
+        read(&e, id, "srv/big").unwrap(),
+        l.big,
+        "the image is unchanged"
+    );
+    let report = e.fsck(true).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+}
+
+#[test]
+fn wrong_chunks_and_a_registry_away_are_eio_within_the_bound_then_right() {
+    let l = layer();
+    let r = registry(l.blob.clone(), Serve::Ranges);
+    let (_, e) = engine();
+    let (lazy, id) = mounted(&e, &r, &l, false);
+    r.set(Serve::FlippedBefore(l.toc_offset));
+    assert!(
+        read(&e, id, "bin/hello").is_err(),
+        "bytes that fail their digest"
+    );
+    r.set(Serve::Down);
+    let t = Instant::now();
+    let err = read(&e, id, "srv/big").unwrap_err();
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+    r.set(Serve::Ranges);
+    assert_eq!(read(&e, id, "bin/hello").unwrap(), HELLO);
+    assert_eq!(read(&e, id, "srv/big").unwrap(), l.big);
+    assert!(lazy.report()[0].fetch_errors > 0);
+}
+
+#[test]
+fn a_wrong_toc_digest_or_a_plain_layer_is_no_lazy_mount() {
+    let l = layer();
+    let r = registry(l.blob.clone(), Serve::Ranges);
+    let (_, e) = engine();
+    e.create_layer("img", true).unwrap();
+    let lazy = Lazy::start(e.clone(), config(&r, false));
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let why = lazy.populate("img", &labels(&r, &wrong)).unwrap_err();
+    assert!(why.contains("the TOC hashes to"), "{why}");
+    let mut plain = labels(&r, &l.toc);
+    plain.remove(TOC_DIGEST_ANNOTATION);
+    assert!(
+        lazy.source(&plain).is_none(),
+        "no TOC digest: a normal pull"
+    );
+    assert!(lazy.report().is_empty());
+}
+
+#[test]
+fn the_background_fetch_completes_a_layer_and_a_restart_takes_one_up() {
+    let l = layer();
+    let r = registry(l.blob.clone(), Serve::Ranges);
+    let (_, e) = engine();
+    let (lazy, id) = mounted(&e, &r, &l, true);
+    let t = Instant::now();
+    while !lazy.report()[0].complete {
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", lazy.report());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(lazy.report()[0].absent_blocks, 0);
+    r.set(Serve::Down);
+    assert_eq!(
+        read(&e, id, "srv/big").unwrap(),
+        l.big,
+        "served from the device"
+    );
+    assert!(e
+        .layer_metadata("img")
+        .unwrap()
+        .contains_key("lcfs.lazy.done"));
+
+    // An incomplete layer across a restart.
+    let r = registry(l.blob.clone(), Serve::Ranges);
+    let (dev, e) = engine();
+    let (lazy, id) = mounted(&e, &r, &l, false);
+    assert_eq!(read(&e, id, "bin/hello").unwrap(), HELLO);
+    e.sync().unwrap();
+    lazy.stop();
+    drop(lazy);
+    e.close().unwrap();
+    drop(e);
+    let e = Engine::open(dev, EngineConfig::default()).unwrap();
+    r.set(Serve::Down);
+    let lazy = Lazy::start(e.clone(), config(&r, false));
+    assert_eq!(read(&e, id, "bin/hello").unwrap(), HELLO, "fetched before");
+    assert!(
+        read(&e, id, "srv/big").is_err(),
+        "not fetched, the registry away"
+    );
+    r.set(Serve::Ranges);
+    assert_eq!(read(&e, id, "srv/big").unwrap(), l.big);
+    assert_eq!(
+        lazy.report()[0].absent_blocks,
+        1,
+        "the landmark, never read"
+    );
+    assert!(e.fsck(true).unwrap().is_clean());
+}
+
+#[test]
+fn chunks_that_cut_blocks_in_two_fill_them_whole() {
+    // 10,000-byte chunks: most blocks lie across two chunks.
+    let l = layer_chunked(10_000);
+    let r = registry(l.blob.clone(), Serve::Ranges);
+    let (_, e) = engine();
+    let (lazy, id) = mounted(&e, &r, &l, false);
+    let big = ino(&e, id, "srv/big");
+    assert_eq!(
+        e.read(id, big, 40_000, 9000).unwrap(),
+        l.big[40_000..49_000]
+    );
+    let (_, e2) = engine();
+    let (lazy2, id2) = mounted(&e2, &r, &l, true);
+    let t = Instant::now();
+    while !lazy2.report()[0].complete {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{:?}",
+            lazy2.report()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(read(&e2, id2, "srv/big").unwrap(), l.big);
+    assert!(lazy.report()[0].absent_blocks > 0);
+}

@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# Lazy pull on lcfs (docs/lazy.md): a private registry 2.8 behind a proxy
+# that counts the bytes it serves (bench/mirror/throttle.py), a private
+# containerd 1.7 whose proxy snapshotter is the lcfs daemon under test
+# (started with --lazy-config), and a dockerd 26 on containerd's image
+# store in it. An image of busybox and a 64 MiB file, converted to eStargz
+# (lcfs estargz convert) and pushed, is pulled by dockerd:
+#   - the pull mounts its layer lazily (containerd skips the download) and
+#     a container reads a small file: the registry serves a fraction of
+#     the layer; the 64 MiB file read whole is byte for byte the image's;
+#   - the registry gone, a read of a file not fetched fails with EIO after
+#     fetch_timeout_ms (never hangs, never wrong data), and works once the
+#     registry is back;
+#   - lcfs restarted: the layer is still usable, its fetched files served
+#     from the device, the others fetched; with the background fetch on,
+#     the layer completes, is sealed and verifies, fsck clean;
+#   - an image that is not eStargz is pulled the normal way meanwhile.
+E2E_NAME="lazy"
+# shellcheck source=scripts/e2e/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source=scripts/e2e/lib-containerd.sh
+. "$E2E_DIR/lib-containerd.sh"
+
+images=("python3" "$E2E_DIR/images.py")
+require_commands python3 curl tar busybox runc jq sha256sum
+e2e_init
+containerd_tools docker registry
+
+PROXY_PID=""
+PROXY_PORT=""
+# proxy_start: the registry's egress through the counting proxy, on
+# PROXY_PORT (the same port again after a stop).
+proxy_start() {
+    local waited=0
+    python3 "$E2E_REPO/bench/mirror/throttle.py" "$PROXY_PORT" "$REGISTRY" 4096 "$E2E_WORK/proxy-bytes" \
+        >>"$E2E_WORK/proxy.log" 2>&1 &
+    PROXY_PID=$!
+    until curl -fsS "http://127.0.0.1:$PROXY_PORT/v2/" >/dev/null 2>&1; do
+        [[ $waited -lt 100 ]] || die "the registry proxy did not answer: $(tail -n 3 "$E2E_WORK/proxy.log")"
+        waited=$((waited + 1))
+        sleep 0.1
+    done
+}
+proxy_stop() {
+    [[ -n $PROXY_PID ]] || return 0
+    kill "$PROXY_PID" 2>/dev/null || true
+    wait "$PROXY_PID" 2>/dev/null || true
+    PROXY_PID=""
+}
+E2E_CLEANUP_HOOKS+=(proxy_stop)
+proxy_bytes() {
+    cat "$E2E_WORK/proxy-bytes" 2>/dev/null || echo 0
+}
+
+# lazy_layers: the daemon's lazy layers (GET /v1/lazy on the stats socket).
+lazy_layers() {
+    curl -fsS --unix-socket "$(dirname "$LCFS_SOCKET")/stats.sock" http://lcfs/v1/lazy
+}
+
+# lazy_config BACKGROUND: the daemon's lazy pull configuration.
+lazy_config() {
+    printf 'fetch_timeout_ms = 3000\nbackground = %s\n[registries]\n"%s" = "http://127.0.0.1:%s"\n' \
+        "$1" "$REGISTRY" "$PROXY_PORT" >"$E2E_WORK/lazy.toml"
+}
+
+lcfs_build
+lcfs_mkfs
+LCFS_CONTAINERD_SOCKET="$E2E_WORK/snapshotter.sock"
+registry_start
+PROXY_PORT=$(free_port)
+lazy_config false
+LCFS_DAEMON_ARGS="--lazy-config $E2E_WORK/lazy.toml"
+lcfs_start
+containerd_start
+lcfs_snapshotter_wait
+say "containerd $("$CONTAINERD_BIN" --version | cut -d' ' -f3), registry $REGISTRY (proxy :$PROXY_PORT), lcfs daemon $LCFS_PID"
+
+# --- the image -----------------------------------------------------------------------------
+root="$E2E_WORK/root"
+mkdir -p "$root"
+"${images[@]}" busybox "$E2E_WORK/busybox-rootfs.tar"
+tar -C "$root" -xf "$E2E_WORK/busybox-rootfs.tar"
+mkdir -p "$root/data"
+head -c $((64 << 20)) /dev/urandom >"$root/data/big"
+echo "small file" >"$root/data/small.txt"
+echo "unread one" >"$root/data/unread-1.txt"
+echo "unread two" >"$root/data/unread-2.txt"
+big_sum=$(sha256sum <"$root/data/big" | cut -d' ' -f1)
+tar -C "$root" -cf "$E2E_WORK/lazy-rootfs.tar" .
+"${images[@]}" rootfs-image "$E2E_WORK/lazy-rootfs.tar" "$E2E_WORK/lazy.tar" lazy:1
+image="$REGISTRY/e2e/lazy:1"
+layout="$E2E_WORK/lazy-layout"
+"$LCFS_BIN" estargz convert "$E2E_WORK/lazy.tar" "$layout" --name "$image" >/dev/null ||
+    die "lcfs estargz convert failed"
+tar -C "$layout" -cf "$layout.tar" . || die "could not tar $layout"
+manifest="$layout/blobs/sha256/$(jq -r '.manifests[0].digest | ltrimstr("sha256:")' "$layout/index.json")"
+blob_size=$(jq -r '.layers[0].size' "$manifest")
+quietly ctrd images import --no-unpack "$layout.tar" || die "ctr images import failed"
+quietly timeout "$E2E_COMMAND_TIMEOUT" "$CTR_BIN" --address "$CONTAINERD_ADDRESS" -n "$CTRD_NAMESPACE" \
+    images push --plain-http "$image" || die "pushing $image failed"
+quietly ctrd images rm --sync "$image" || die "ctr images rm failed"
+# A plain (tar+gzip) image beside it.
+"${images[@]}" busybox-image "$E2E_WORK/busybox.tar" busybox:1
+registry_push "$E2E_WORK/busybox.tar" e2e/busybox:1
+say "eStargz image $image: one layer of $((blob_size >> 10)) KiB"
+
+# --- pull and first reads -----------------------------------------------------------------------
+proxy_start
+docker26_start l lcfs
+d() { docker26 l "$@"; }
+start=$(date +%s%N)
+quietly d pull "$image" || fail "docker pull $image failed"
+say "pulled in $((($(date +%s%N) - start) / 1000000)) ms, $(proxy_bytes) bytes from the registry"
+layers=$(lazy_layers) || fail "GET /v1/lazy failed"
+expect "the layer is mounted lazily" 1 "$(jq length <<<"$layers")"
+jq -e '.[0].absent_blocks > 16000 and .[0].complete == false' <<<"$layers" >/dev/null ||
+    fail "the lazy layer after the pull: $layers"
+expect "a container reads a small file" "small file" \
+    "$(d run --rm --network none "$image" cat /data/small.txt)"
+fetched=$(proxy_bytes)
+say "pull and first run: $fetched bytes from the registry, of a $blob_size-byte layer"
+((fetched < blob_size / 4)) || fail "the pull and a small read fetched $fetched of $blob_size bytes"
+expect "the 64 MiB file read whole is the image's" "$big_sum" \
+    "$(d run --rm --network none "$image" sha256sum /data/big | cut -d' ' -f1)"
+quietly d pull "$REGISTRY/e2e/busybox:1" || fail "docker pull of the plain image failed"
+expect "a plain image is pulled the normal way" "hello|1" "$( {
+    d run --rm --network none "$REGISTRY/e2e/busybox:1" echo hello
+    lazy_layers | jq length
+} | paste -sd '|')"
+
+# --- the registry away ----------------------------------------------------------------------------
+proxy_stop
+start=$SECONDS
+out=$(d run --rm --network none "$image" cat /data/unread-1.txt 2>&1) &&
+    fail "a read of an unfetched file succeeded with the registry away: $out"
+waited=$((SECONDS - start))
+[[ $out == *"Input/output error"* ]] || fail "the read without the registry: $out (expected an I/O error)"
+((waited < 60)) || fail "the read without the registry took $waited s (fetch_timeout_ms is 3000)"
+say "ok: without the registry, the read failed with EIO after $waited s"
+proxy_start
+expect "the same read once the registry is back" "unread one" \
+    "$(d run --rm --network none "$image" cat /data/unread-1.txt)"
+
+# --- lcfs restarted -----------------------------------------------------------------------------------
+dockerd_stop l
+lcfs_stop
+lazy_config true
+lcfs_start
+lcfs_snapshotter_wait
+docker26_start l lcfs
+expect "after a restart: a file fetched before" "small file" \
+    "$(d run --rm --network none "$image" cat /data/small.txt)"
+expect "after a restart: a file not fetched before" "unread two" \
+    "$(d run --rm --network none "$image" cat /data/unread-2.txt)"
+for _ in $(seq 600); do
+    [[ $(lazy_layers | jq -r '.[0].complete') == true ]] && break
+    sleep 0.1
+done
+[[ $(lazy_layers | jq -r '.[0].complete') == true ]] ||
+    fail "the background fetch did not complete the layer in 60 s: $(lazy_layers)"
+say "the background fetch completed the layer: $(lazy_layers | jq -c '.[0] | {blocks, absent_blocks, fetched_bytes}')"
+quietly lcfs_ctl verify --all || fail "lcfs verify --all failed"
+quietly lcfs_ctl fsck --online || fail "fsck found problems"
+expect "the completed layer still reads right" "$big_sum" \
+    "$(d run --rm --network none "$image" sha256sum /data/big | cut -d' ' -f1)"
+
+# --- removal ---------------------------------------------------------------------------------------
+quietly d image rm "$image" "$REGISTRY/e2e/busybox:1" || fail "docker image rm failed"
+dockerd_stop l
+expect "no snapshots left by docker" "" \
+    "$(CTRD_NAMESPACE=docker-l ctrd snapshots --snapshotter lcfs ls | awk 'NR > 1')"
+proxy_stop
+containerd_stop
+registry_stop
+target_finish
+e2e_finish "lazy pull: containerd $("$CONTAINERD_BIN" --version | cut -d' ' -f3) and dockerd $("$DOCKERD26_BIN" --version | cut -d' ' -f3 | tr -d ,) on lcfs"
