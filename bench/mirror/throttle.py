@@ -31,6 +31,9 @@ def take(n):
 
 class Proxy(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out as separate writes: without TCP_NODELAY the
+    # body of a small answer waits for the client's delayed ACK (40 ms).
+    disable_nagle_algorithm = True
 
     def forward(self, body):
         conn = http.client.HTTPConnection(UPSTREAM, timeout=300)
@@ -56,6 +59,15 @@ class Proxy(http.server.BaseHTTPRequestHandler):
             sent = state["bytes"]
         with open(COUNT_FILE, "w") as f:
             f.write(f"{sent}\n")
+
+    def handle(self):
+        # A client trying TLS first (dockerd and containerd do so for a
+        # registry on 127.0.0.1) gets the answer an HTTP-only Go server
+        # gives, on which they fall back to plain HTTP.
+        if self.rfile.peek(1)[:1] == b"\x16":
+            self.wfile.write(b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n")
+            return
+        super().handle()
 
     def do_GET(self):
         self.forward(True)

@@ -34,7 +34,7 @@ use crate::estargz::TOC_DIGEST_ANNOTATION;
 use crate::remote::RemoteLayer;
 use crate::skeleton;
 use lcfs_engine::{Engine, Error as EngineError};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -126,6 +126,8 @@ struct Opened {
     /// In block order: the file's entry, its first block, its size and its
     /// chunks.
     files: Vec<LazyFile>,
+    /// Entry index to its place in `files`.
+    by_entry: HashMap<usize, usize>,
 }
 
 struct LazyFile {
@@ -165,7 +167,16 @@ impl Opened {
                 next - first
             ));
         }
-        Ok(Opened { remote, files })
+        let by_entry = files
+            .iter()
+            .enumerate()
+            .map(|(n, f)| (f.entry, n))
+            .collect();
+        Ok(Opened {
+            remote,
+            files,
+            by_entry,
+        })
     }
 
     fn file_of(&self, lbn: u64) -> Option<&LazyFile> {
@@ -175,6 +186,10 @@ impl Opened {
             .checked_sub(1)?;
         let f = &self.files[i];
         (lbn < f.first + f.blocks()).then_some(f)
+    }
+
+    fn file_of_entry(&self, entry: usize) -> Option<&LazyFile> {
+        self.by_entry.get(&entry).map(|&n| &self.files[n])
     }
 
     fn name(&self, f: &LazyFile) -> &str {
@@ -337,31 +352,65 @@ impl Lazy {
         Ok(o)
     }
 
-    /// Fetches the chunks `chunks` of file `f` and fills the blocks they
-    /// cover whole (the file's last block, padded, too).
-    fn fill(
+    /// Fetches chunks `r` (consecutive in the blob, of any files) with one
+    /// ranged GET, each checked against its digest, and fills every absent
+    /// block they cover whole (a file's last block padded).
+    fn fill_chunks(
         &self,
         layer: &LazyLayer,
         o: &Opened,
-        f: &LazyFile,
-        chunks: Range<usize>,
+        r: Range<usize>,
     ) -> std::result::Result<(), String> {
-        if chunks.is_empty() {
+        if r.is_empty() {
             return Ok(());
         }
         let ix = &o.remote.index;
-        let compressed = ix.chunks[chunks.end - 1].end - ix.chunks[chunks.start].start;
+        let compressed = ix.chunks[r.end - 1].end - ix.chunks[r.start].start;
+        let t = Instant::now();
         let parts = o
             .remote
-            .read_chunks(chunks.start, chunks.end - 1)
+            .read_chunks(r.start, r.end - 1)
             .map_err(|e| e.to_string())?;
+        let fetched_in = t.elapsed();
         layer.fetched_bytes.fetch_add(compressed, Ordering::Relaxed);
         self.counters.fetches.fetch_add(1, Ordering::Relaxed);
         self.counters
             .fetched_bytes
             .fetch_add(compressed, Ordering::Relaxed);
-        let start = ix.chunks[chunks.start].file_offset;
-        let data = parts.concat();
+        // Each file's run of chunks, as one piece of its content.
+        let mut i = 0;
+        while i < parts.len() {
+            let entry = ix.chunks[r.start + i].entry;
+            let mut j = i + 1;
+            while j < parts.len() && ix.chunks[r.start + j].entry == entry {
+                j += 1;
+            }
+            if let Some(f) = o.file_of_entry(entry) {
+                let start = ix.chunks[r.start + i].file_offset;
+                self.fill_blocks(o, f, start, &parts[i..j].concat())?;
+            }
+            i = j;
+        }
+        log::debug!(
+            "layer {}: chunks {}..{} ({compressed} bytes) fetched in {:?}, written in {:?}",
+            layer.name,
+            r.start,
+            r.end,
+            fetched_in,
+            t.elapsed() - fetched_in
+        );
+        Ok(())
+    }
+
+    /// Fills the blocks of `f` that bytes `data`, from `start` in the
+    /// file, cover whole.
+    fn fill_blocks(
+        &self,
+        o: &Opened,
+        f: &LazyFile,
+        start: u64,
+        data: &[u8],
+    ) -> std::result::Result<(), String> {
         let end = start + data.len() as u64;
         let mut block = start.div_ceil(BLOCK);
         while block * BLOCK < end {
@@ -379,17 +428,34 @@ impl Lazy {
         Ok(())
     }
 
-    /// The chunks of `f` holding bytes `lo..hi`.
-    fn chunks_for(o: &Opened, f: &LazyFile, lo: u64, hi: u64) -> Range<usize> {
+    /// The chunks to fetch for the absent block of `f` at byte `lo`: those
+    /// holding that block, then, while the compressed range stays within
+    /// `window`, the chunks after them in the blob (of this file or the
+    /// next ones: files stored together are mostly read together) whose
+    /// first block is still absent.
+    fn plan(&self, o: &Opened, f: &LazyFile, lo: u64, window: u64) -> Range<usize> {
         let c = &o.remote.index.chunks;
+        let need = (lo + BLOCK).min(f.size);
         let mut r = f.chunks.clone();
         while r.start < r.end && c[r.start].file_offset + c[r.start].size <= lo {
             r.start += 1;
         }
-        while r.end > r.start && c[r.end - 1].file_offset >= hi {
-            r.end -= 1;
+        let mut end = r.start;
+        while end < r.end && c[end].file_offset < need {
+            end += 1;
         }
-        r
+        let base = c.get(r.start).map_or(0, |x| x.start);
+        while end < c.len() && c[end].end - base <= window {
+            let wanted = o.file_of_entry(c[end].entry).is_some_and(|g| {
+                let b = g.first + c[end].file_offset / BLOCK;
+                self.engine.is_absent(b).unwrap_or(false)
+            });
+            if !wanted {
+                break;
+            }
+            end += 1;
+        }
+        r.start..end
     }
 
     /// The engine's fetcher: absent block `lbn`, read by a reader now.
@@ -404,10 +470,8 @@ impl Lazy {
                 let f = o
                     .file_of(lbn)
                     .ok_or_else(|| format!("block {lbn} is in no file of the TOC"))?;
-                let lo = (lbn - f.first) * BLOCK;
-                let hi = (lo + BLOCK + READ_AHEAD).min(f.size);
-                let chunks = Self::chunks_for(&o, f, lo, hi);
-                self.fill(&layer, &o, f, chunks)
+                let r = self.plan(&o, f, (lbn - f.first) * BLOCK, READ_AHEAD);
+                self.fill_chunks(&layer, &o, r)
             });
             match tried {
                 Ok(()) => return Ok(()),
@@ -458,7 +522,6 @@ impl Lazy {
 
     fn fetch_rest(&self, layer: &LazyLayer) -> std::result::Result<(), String> {
         let o = self.opened(layer)?;
-        let ix = &o.remote.index;
         let mut i = 0;
         while i < o.files.len() {
             if self.stop.load(Ordering::Relaxed) || self.engine.layer_id(&layer.name).is_err() {
@@ -473,24 +536,8 @@ impl Lazy {
                 i += 1;
                 continue;
             }
-            // Whole chunks up to BACKGROUND_RANGE at a time, from the
-            // file's first absent block on, and at least that block whole.
-            let lo = (absent[0] - f.first) * BLOCK;
-            let need = (lo + BLOCK).min(f.size);
-            let mut r = Self::chunks_for(&o, f, lo, f.size);
-            let base = ix.chunks[r.start].start;
-            let mut end = r.start + 1;
-            while end < r.end {
-                let last = &ix.chunks[end - 1];
-                if last.file_offset + last.size >= need
-                    && ix.chunks[end].end - base > BACKGROUND_RANGE
-                {
-                    break;
-                }
-                end += 1;
-            }
-            r.end = end;
-            self.fill(layer, &o, f, r)?;
+            let r = self.plan(&o, f, (absent[0] - f.first) * BLOCK, BACKGROUND_RANGE);
+            self.fill_chunks(layer, &o, r)?;
             if self
                 .engine
                 .is_absent(absent[0])
@@ -572,6 +619,7 @@ impl Lazy {
         name: &str,
         labels: &BTreeMap<String, String>,
     ) -> std::result::Result<(), String> {
+        let began = Instant::now();
         let (url, toc) = self.source(labels).ok_or("no eStargz layer named")?;
         let remote =
             RemoteLayer::open(&url, &toc, self.config.fetch_timeout).map_err(|e| e.to_string())?;
@@ -624,7 +672,8 @@ impl Lazy {
             .fetched_bytes
             .fetch_add(fetched, Ordering::Relaxed);
         log::info!(
-            "layer {name} mounted lazily: {} files, {count} blocks absent, {fetched} bytes of TOC fetched",
+            "layer {name} mounted lazily in {} ms: {} files, {count} blocks absent, {fetched} bytes of TOC fetched",
+            began.elapsed().as_millis(),
             files.len()
         );
         if count > 0 {

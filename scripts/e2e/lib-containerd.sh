@@ -104,7 +104,10 @@ lcfs_snapshotter_wait() {
     if ! lcfs_has_containerd; then
         die "snapshotter socket not found: $LCFS_CONTAINERD_SOCKET (this lcfs daemon has no --containerd-socket: it does not serve containerd's snapshots API)"
     fi
-    until [[ -S $LCFS_CONTAINERD_SOCKET ]]; do
+    # Connected to, not only present: a daemon killed with -9 leaves its
+    # socket file behind until the next one binds it again.
+    until [[ -S $LCFS_CONTAINERD_SOCKET ]] && python3 -c 'import socket, sys
+socket.socket(socket.AF_UNIX).connect(sys.argv[1])' "$LCFS_CONTAINERD_SOCKET" 2>/dev/null; do
         if [[ -n $LCFS_PID ]] && ! kill -0 "$LCFS_PID" 2>/dev/null; then
             lcfs_log_tail
             die "snapshotter socket not found: $LCFS_CONTAINERD_SOCKET (the lcfs daemon exited)"
