@@ -2,7 +2,8 @@
 //! snapshotter (the lazy mount itself is lcfs-lazy's `mount`).
 
 use crate::error::{Error, Result};
-use lcfs_lazy::mount::{Config, Lazy};
+use lcfs_lazy::mount::{Config, Lazy, Registry};
+use lcfs_lazy::remote::Access;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -16,8 +17,10 @@ struct File {
     fetch_timeout_ms: u64,
     #[serde(default = "default_true")]
     background: bool,
+    /// As the mirror's `[upstreams]`: a URL, or a table with `url`,
+    /// `ca_file`, `username` + `password_file` or `docker_config`.
     #[serde(default)]
-    registries: BTreeMap<String, String>,
+    registries: BTreeMap<String, crate::mirror::UpstreamEntry>,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -42,19 +45,27 @@ pub fn load(path: &Path) -> Result<Config> {
     if !(100..=3_600_000).contains(&f.fetch_timeout_ms) {
         return Err(bad("fetch_timeout_ms must be within 100..3600000".into()));
     }
-    for (host, url) in &f.registries {
-        let ok = (url.starts_with("http://") || url.starts_with("https://"))
-            && !url.contains(char::is_whitespace);
-        if !ok || host.is_empty() || host.contains('/') {
-            return Err(bad(format!(
-                "registries: {host:?} = {url:?} is not a host and an http(s) URL"
-            )));
+    let mut registries = BTreeMap::new();
+    for (host, entry) in f.registries {
+        if host.is_empty() || host.contains(['/', ' ']) {
+            return Err(bad(format!("registries: {host:?} is not a registry host")));
         }
+        let (upstream, ca) = crate::mirror::upstream(&host, entry)
+            .map_err(|e| bad(format!("registries: {host:?}: {e}")))?;
+        let access = Access {
+            credentials: upstream.credentials,
+            ca_certificates: ca.into_iter().collect(),
+        };
+        let registry = Registry {
+            url: upstream.url,
+            access,
+        };
+        registries.insert(host, registry);
     }
     Ok(Config {
         fetch_timeout: Duration::from_millis(f.fetch_timeout_ms),
         background: f.background,
-        registries: f.registries,
+        registries,
     })
 }
 
@@ -92,7 +103,8 @@ mod tests {
             .unwrap();
         assert_eq!(c.fetch_timeout, Duration::from_secs(5));
         assert!(c.background);
-        assert_eq!(c.registries["127.0.0.1:5000"], "http://127.0.0.1:5000");
+        assert_eq!(c.registries["127.0.0.1:5000"].url, "http://127.0.0.1:5000");
+        assert!(c.registries["127.0.0.1:5000"].access.credentials.is_none());
         for bad in [
             "fetch_timeout_ms = 0\n",
             "[registries]\n\"h\" = \"ftp://h\"\n",

@@ -53,14 +53,14 @@ struct File {
 
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum UpstreamEntry {
+pub(crate) enum UpstreamEntry {
     Url(String),
     Table(UpstreamTable),
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct UpstreamTable {
+pub(crate) struct UpstreamTable {
     url: String,
     #[serde(default)]
     ca_file: Option<PathBuf>,
@@ -139,7 +139,7 @@ pub fn load(path: &Path) -> Result<lcfs_mirror::Config> {
 }
 
 /// One `[upstreams]` entry: the upstream, and its CA file's bytes.
-fn upstream(
+pub(crate) fn upstream(
     name: &str,
     entry: UpstreamEntry,
 ) -> std::result::Result<(lcfs_mirror::Upstream, Option<Vec<u8>>), String> {

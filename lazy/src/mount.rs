@@ -31,7 +31,7 @@
 //! readable and the others EIO until it is back).
 
 use crate::estargz::TOC_DIGEST_ANNOTATION;
-use crate::remote::RemoteLayer;
+use crate::remote::{Access, RemoteLayer};
 use crate::skeleton;
 use lcfs_engine::{Engine, Error as EngineError};
 use std::collections::{BTreeMap, HashMap};
@@ -63,9 +63,27 @@ pub struct Config {
     pub fetch_timeout: Duration,
     /// Fetch the rest of each layer in the background.
     pub background: bool,
-    /// Registry host (as in image references) to its base URL; any other
-    /// host is reached at `https://HOST`.
-    pub registries: BTreeMap<String, String>,
+    /// Registry host (as in image references) to its base URL and access;
+    /// any other host is reached at `https://HOST` without credentials.
+    pub registries: BTreeMap<String, Registry>,
+}
+
+/// A registry the lazy mount reads layers from.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    /// `http(s)://host[:port]`.
+    pub url: String,
+    pub access: Access,
+}
+
+impl Registry {
+    /// A registry without credentials.
+    pub fn plain(url: impl Into<String>) -> Registry {
+        Registry {
+            url: url.into(),
+            access: Access::default(),
+        }
+    }
 }
 
 /// The registry host and repository of an image reference
@@ -326,11 +344,23 @@ impl Lazy {
         }
         let (host, name) = split_reference(image)?;
         let base = match self.config.registries.get(&host) {
-            Some(url) => url.trim_end_matches('/').to_string(),
+            Some(r) => r.url.trim_end_matches('/').to_string(),
             None if host == "docker.io" => "https://registry-1.docker.io".to_string(),
             None => format!("https://{host}"),
         };
         Some((format!("{base}/v2/{name}/blobs/{digest}"), toc.clone()))
+    }
+
+    /// The credentials and CAs of the configured registry a blob URL is
+    /// at (none for another).
+    fn access_for(&self, blob_url: &str) -> Access {
+        use crate::remote::origin;
+        self.config
+            .registries
+            .values()
+            .find(|r| origin(r.url.trim_end_matches('/')) == origin(blob_url))
+            .map(|r| r.access.clone())
+            .unwrap_or_default()
     }
 
     /// The TOC of `layer`, fetched when not yet (bounded by the timeout).
@@ -339,8 +369,13 @@ impl Lazy {
         if let Some(o) = &*slot {
             return Ok(o.clone());
         }
-        let remote = RemoteLayer::open(&layer.url, &layer.toc_digest, self.config.fetch_timeout)
-            .map_err(|e| e.to_string())?;
+        let remote = RemoteLayer::open_with(
+            &layer.url,
+            &layer.toc_digest,
+            self.config.fetch_timeout,
+            &self.access_for(&layer.url),
+        )
+        .map_err(|e| e.to_string())?;
         layer
             .fetched_bytes
             .fetch_add(remote.fetched(), Ordering::Relaxed);
@@ -621,8 +656,13 @@ impl Lazy {
     ) -> std::result::Result<(), String> {
         let began = Instant::now();
         let (url, toc) = self.source(labels).ok_or("no eStargz layer named")?;
-        let remote =
-            RemoteLayer::open(&url, &toc, self.config.fetch_timeout).map_err(|e| e.to_string())?;
+        let remote = RemoteLayer::open_with(
+            &url,
+            &toc,
+            self.config.fetch_timeout,
+            &self.access_for(&url),
+        )
+        .map_err(|e| e.to_string())?;
         let id = self.engine.layer_id(name).map_err(|e| e.to_string())?;
         let tar = skeleton::skeleton_tar(&remote.index).map_err(|e| e.to_string())?;
         lcfs_dockerplugin::apply_tar(&self.engine, id, &tar[..]).map_err(|e| e.to_string())?;

@@ -5,16 +5,37 @@
 //! with one ranged GET, each chunk checked against its digest. What was
 //! fetched is counted: a file costs its chunks, not the layer. This is the
 //! fetch a lazily mounted layer does on a first read.
+//!
+//! Access: HTTP or HTTPS (the system's roots and the CA certificates
+//! given); a 401 is answered once, with Basic credentials or the bearer
+//! token flow (realm, service, scope), and the authorization kept for the
+//! requests after it. Credentials go to the registry's origin and its
+//! token realm only, never to a redirect's other origin nor to an
+//! `http://` realm of an `https://` registry. Redirects: up to 5.
 
 use crate::estargz::{parse_footer, Error, Index, Result, FOOTER_SIZE};
+use base64::Engine as _;
+use lcfs_mirror::upstream::{parse_challenge, percent_encode, Credentials};
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// How a registry is reached: credentials and extra CA certificates.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    pub credentials: Option<Credentials>,
+    /// PEM certificates trusted beside the system's roots.
+    pub ca_certificates: Vec<Vec<u8>>,
+}
 
 /// A blob at a URL, read by ranges.
 struct Blob {
     url: String,
     agent: ureq::Agent,
+    credentials: Option<Credentials>,
+    /// The `Authorization` a 401 led to, sent from then on.
+    authorization: Mutex<Option<String>>,
     /// Bytes fetched so far.
     fetched: AtomicU64,
 }
@@ -35,15 +56,163 @@ fn http_err(url: &str, e: ureq::Error) -> Error {
     }
 }
 
+/// `scheme://host[:port]` of a URL.
+pub(crate) fn origin(url: &str) -> &str {
+    let after = url.find("://").map_or(0, |i| i + 3);
+    let end = url[after..].find('/').map_or(url.len(), |i| after + i);
+    &url[..end]
+}
+
+/// The most bytes of a token answer read.
+const TOKEN_ANSWER_MAX: u64 = 64 << 10;
+const REDIRECTS_MAX: usize = 5;
+
 impl Blob {
+    /// One request, following redirects (the authorization only to the
+    /// blob's origin) and answering one 401.
+    fn send(&self, method: &str, range: Option<(u64, u64)>) -> Result<ureq::Response> {
+        let mut answered = false;
+        'again: loop {
+            let mut url = self.url.clone();
+            for _ in 0..=REDIRECTS_MAX {
+                let mut req = self.agent.request(method, &url);
+                if let Some((start, end)) = range {
+                    req = req.set("Range", &format!("bytes={start}-{}", end - 1));
+                }
+                let home = origin(&url) == origin(&self.url);
+                if home {
+                    let auth = self
+                        .authorization
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    if let Some(a) = auth {
+                        req = req.set("Authorization", &a);
+                    }
+                }
+                match req.call() {
+                    Ok(r) if (300..400).contains(&r.status()) => {
+                        let to = r.header("location").unwrap_or("").to_string();
+                        url = if to.starts_with("http://") || to.starts_with("https://") {
+                            to
+                        } else if to.starts_with('/') {
+                            format!("{}{to}", origin(&url))
+                        } else {
+                            return Err(Error::Input(format!("{url}: a redirect to {to:?}")));
+                        };
+                    }
+                    Ok(r) => return Ok(r),
+                    Err(ureq::Error::Status(401, r)) if home && !answered => {
+                        let challenge = r.header("www-authenticate").unwrap_or("").to_string();
+                        self.authorize(&challenge)?;
+                        answered = true;
+                        continue 'again;
+                    }
+                    Err(e) => return Err(http_err(&url, e)),
+                }
+            }
+            return Err(Error::Input(format!(
+                "{}: more than {REDIRECTS_MAX} redirects",
+                self.url
+            )));
+        }
+    }
+
+    fn basic(&self) -> Option<String> {
+        self.credentials.as_ref().map(|c| {
+            let raw = format!("{}:{}", c.username, c.password);
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(raw)
+            )
+        })
+    }
+
+    /// Answers a 401's challenge: the authorization to send from now on.
+    fn authorize(&self, challenge: &str) -> Result<()> {
+        let refused = |why: String| Error::Input(format!("{}: {why}", self.url));
+        let (scheme, params) = parse_challenge(challenge)
+            .ok_or_else(|| refused(format!("401 with a challenge {challenge:?} not understood")))?;
+        let auth = match scheme.as_str() {
+            "basic" => self.basic().ok_or_else(|| {
+                refused("the registry asks for credentials (Basic) and none are configured".into())
+            })?,
+            "bearer" => {
+                let realm = params
+                    .get("realm")
+                    .ok_or_else(|| refused("a bearer challenge without a realm".into()))?;
+                let secure = realm.starts_with("https://");
+                if !secure && !realm.starts_with("http://") {
+                    return Err(refused(format!(
+                        "a token realm {realm:?} that is not http(s)"
+                    )));
+                }
+                let mut query = Vec::new();
+                if let Some(service) = params.get("service") {
+                    query.push(format!("service={}", percent_encode(service)));
+                }
+                let scope = match params.get("scope") {
+                    Some(s) => s.clone(),
+                    None => scope_of(&self.url),
+                };
+                if !scope.is_empty() {
+                    query.push(format!("scope={}", percent_encode(&scope)));
+                }
+                let url = if query.is_empty() {
+                    realm.clone()
+                } else {
+                    format!(
+                        "{realm}{}{}",
+                        if realm.contains('?') { '&' } else { '?' },
+                        query.join("&")
+                    )
+                };
+                let mut req = self.agent.get(&url);
+                // Credentials go to an https realm, or to an http one only
+                // when the registry is plain http itself.
+                if secure || self.url.starts_with("http://") {
+                    if let Some(b) = self.basic() {
+                        req = req.set("Authorization", &b);
+                    }
+                }
+                let r = req.call().map_err(|e| match e {
+                    ureq::Error::Status(code, _) => refused(format!(
+                        "the token service {realm} answered {code} (wrong or missing credentials?)"
+                    )),
+                    e => http_err(realm, e),
+                })?;
+                let mut body = Vec::new();
+                r.into_reader()
+                    .take(TOKEN_ANSWER_MAX)
+                    .read_to_end(&mut body)?;
+                #[derive(serde::Deserialize)]
+                struct Token {
+                    #[serde(default)]
+                    token: String,
+                    #[serde(default)]
+                    access_token: String,
+                }
+                let t: Token = serde_json::from_slice(&body)
+                    .map_err(|e| refused(format!("the token service's answer: {e}")))?;
+                let token = if t.token.is_empty() {
+                    t.access_token
+                } else {
+                    t.token
+                };
+                if token.is_empty() || token.contains(['\r', '\n']) {
+                    return Err(refused("the token service gave no token".into()));
+                }
+                format!("Bearer {token}")
+            }
+            other => return Err(refused(format!("401 asking for {other:?} authentication"))),
+        };
+        *self.authorization.lock().unwrap_or_else(|p| p.into_inner()) = Some(auth);
+        Ok(())
+    }
+
     /// Bytes `[start, end)`.
     fn range(&self, start: u64, end: u64) -> Result<Vec<u8>> {
-        let r = self
-            .agent
-            .get(&self.url)
-            .set("Range", &format!("bytes={start}-{}", end - 1))
-            .call()
-            .map_err(|e| http_err(&self.url, e))?;
+        let r = self.send("GET", Some((start, end)))?;
         if r.status() != 206 {
             return Err(Error::Input(format!(
                 "{}: a range was answered with {} (the registry must serve ranges)",
@@ -66,27 +235,52 @@ impl Blob {
     }
 }
 
+/// The pull scope of the repository a blob URL names
+/// (`.../v2/NAME/blobs/...`).
+fn scope_of(url: &str) -> String {
+    let path = &url[origin(url).len()..];
+    path.strip_prefix("/v2/")
+        .and_then(|p| p.rsplit_once("/blobs/"))
+        .map(|(name, _)| format!("repository:{name}:pull"))
+        .unwrap_or_default()
+}
+
 impl RemoteLayer {
     /// Opens the layer: its footer and TOC, the TOC checked against
     /// `toc_digest`.
     pub fn open(url: &str, toc_digest: &str, timeout: Duration) -> Result<RemoteLayer> {
+        RemoteLayer::open_with(url, toc_digest, timeout, &Access::default())
+    }
+
+    /// [`RemoteLayer::open`] with credentials or CA certificates.
+    pub fn open_with(
+        url: &str,
+        toc_digest: &str,
+        timeout: Duration,
+        access: &Access,
+    ) -> Result<RemoteLayer> {
+        let tls = lcfs_mirror::upstream::tls_config(&access.ca_certificates)
+            .map_err(|e| Error::Input(format!("TLS for {url}: {e}")))?;
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(timeout)
             .timeout_read(timeout)
-            .redirects(5)
+            .redirects(0)
+            .tls_config(Arc::new(tls))
             .build();
-        let head = agent.head(url).call().map_err(|e| http_err(url, e))?;
+        let blob = Blob {
+            url: url.to_string(),
+            agent,
+            credentials: access.credentials.clone(),
+            authorization: Mutex::new(None),
+            fetched: AtomicU64::new(0),
+        };
+        let head = blob.send("HEAD", None)?;
         let size: u64 = head
             .header("content-length")
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| {
                 Error::Input(format!("{url}: no Content-Length in the answer to HEAD"))
             })?;
-        let blob = Blob {
-            url: url.to_string(),
-            agent,
-            fetched: AtomicU64::new(0),
-        };
         let tail_len = size.min(FOOTER_SIZE as u64);
         let tail = blob.range(size - tail_len, size)?;
         let (toc_offset, footer_size) = parse_footer(&tail)?;

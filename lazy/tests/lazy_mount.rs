@@ -10,7 +10,7 @@ use common::{registry, Registry, Serve};
 use lcfs_engine::device::MemDevice;
 use lcfs_engine::{Config as EngineConfig, Engine, FormatOptions, ROOT_INODE};
 use lcfs_lazy::estargz::{build, BuildOptions, Index, TOC_DIGEST_ANNOTATION};
-use lcfs_lazy::mount::{Config, Lazy, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST};
+use lcfs_lazy::mount::{self, Config, Lazy, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST};
 use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::sync::Arc;
@@ -92,7 +92,10 @@ fn config(r: &Registry, background: bool) -> Config {
     Config {
         fetch_timeout: Duration::from_millis(1500),
         background,
-        registries: BTreeMap::from([(host.to_string(), format!("http://{host}"))]),
+        registries: BTreeMap::from([(
+            host.to_string(),
+            mount::Registry::plain(format!("http://{host}")),
+        )]),
     }
 }
 

@@ -98,3 +98,51 @@ fn wrong_bytes_a_wrong_toc_digest_and_no_ranges_are_refused() {
     .unwrap();
     assert!(e.to_string().contains("127.0.0.1:9"), "{e}");
 }
+
+#[test]
+fn a_registry_asking_for_basic_or_a_bearer_token_is_read_with_credentials() {
+    use common::Auth;
+    use lcfs_lazy::remote::Access;
+    use lcfs_mirror::upstream::Credentials;
+    let (blob, toc, _) = layer();
+    let blob = Arc::new(blob);
+    let access = |user: &str, password: &str| Access {
+        credentials: Some(Credentials {
+            username: user.into(),
+            password: password.into(),
+        }),
+        ca_certificates: Vec::new(),
+    };
+    let t = Duration::from_secs(10);
+
+    let r = registry(blob.clone(), Serve::Ranges);
+    r.require(Auth::Basic("puller:pw".into()));
+    let e = RemoteLayer::open(&r.url, &toc, t).err().unwrap();
+    assert!(e.to_string().contains("none are configured"), "{e}");
+    let l = RemoteLayer::open_with(&r.url, &toc, t, &access("puller", "pw")).unwrap();
+    assert_eq!(
+        l.read_file("bin/hello").unwrap(),
+        b"#!/bin/sh\necho hello\n"
+    );
+    let e = RemoteLayer::open_with(&r.url, &toc, t, &access("puller", "wrong"))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("401"), "{e}");
+
+    let r = registry(blob.clone(), Serve::Ranges);
+    r.require(Auth::Bearer {
+        user_password: "puller:pw".into(),
+        token: "t0k3n".into(),
+    });
+    let l = RemoteLayer::open_with(&r.url, &toc, t, &access("puller", "pw")).unwrap();
+    assert_eq!(
+        l.read_file("bin/hello").unwrap(),
+        b"#!/bin/sh\necho hello\n"
+    );
+    let e = RemoteLayer::open_with(&r.url, &toc, t, &access("puller", "wrong"))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("token service"), "{e}");
+    let e = RemoteLayer::open(&r.url, &toc, t).err().unwrap();
+    assert!(e.to_string().contains("token service"), "{e}");
+}

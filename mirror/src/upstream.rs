@@ -90,6 +90,17 @@ impl Credentials {
 /// The HTTP(S) client: the system's trusted roots plus the PEM
 /// certificates given.
 pub(crate) fn client(extra_roots: &[Vec<u8>]) -> io::Result<HttpClient> {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config(extra_roots)?)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(Client::builder(TokioExecutor::new()).build(https))
+}
+
+/// TLS for a registry client (the lazy mount's too): the system's
+/// trusted roots plus the PEM certificates given.
+pub fn tls_config(extra_roots: &[Vec<u8>]) -> io::Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for e in &native.errors {
@@ -124,12 +135,7 @@ pub(crate) fn client(extra_roots: &[Vec<u8>]) -> io::Result<HttpClient> {
         .map_err(io::Error::other)?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .build();
-    Ok(Client::builder(TokioExecutor::new()).build(https))
+    Ok(tls)
 }
 
 /// Authorizations obtained, by upstream and scope, with their expiry.

@@ -14,7 +14,10 @@
 #   - lcfs restarted: the layer is still usable, its fetched files served
 #     from the device, the others fetched; with the background fetch on,
 #     the layer completes, is sealed and verifies, fsck clean;
-#   - an image that is not eStargz is pulled the normal way meanwhile.
+#   - an image that is not eStargz is pulled the normal way meanwhile;
+#   - the layer's registry over HTTPS asking for a password: fetched with
+#     the password from a docker config.json; with a wrong one, a normal
+#     pull.
 E2E_NAME="lazy"
 # shellcheck source=scripts/e2e/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -85,8 +88,13 @@ head -c $((64 << 20)) /dev/urandom >"$root/data/big"
 echo "small file" >"$root/data/small.txt"
 echo "unread one" >"$root/data/unread-1.txt"
 echo "unread two" >"$root/data/unread-2.txt"
+head -c $((2 << 20)) /dev/urandom >"$root/data/pad"
 big_sum=$(sha256sum <"$root/data/big" | cut -d' ' -f1)
-tar -C "$root" -cf "$E2E_WORK/lazy-rootfs.tar" .
+# In this order: a read fetches ahead up to 1 MiB of the files after it,
+# so the files read at different moments lie apart.
+# shellcheck disable=SC2046
+tar -C "$root" --no-recursion -cf "$E2E_WORK/lazy-rootfs.tar" $(cd "$root" && find . -path ./data -prune -o -print) \
+    ./data ./data/small.txt ./data/big ./data/unread-1.txt ./data/pad ./data/unread-2.txt
 "${images[@]}" rootfs-image "$E2E_WORK/lazy-rootfs.tar" "$E2E_WORK/lazy.tar" lazy:1
 image="$REGISTRY/e2e/lazy:1"
 layout="$E2E_WORK/lazy-layout"
@@ -164,9 +172,42 @@ quietly lcfs_ctl fsck --online || fail "fsck found problems"
 expect "the completed layer still reads right" "$big_sum" \
     "$(d run --rm --network none "$image" sha256sum /data/big | cut -d' ' -f1)"
 
-# --- removal ---------------------------------------------------------------------------------------
+# --- a registry that asks for a password, over HTTPS ------------------------------------------------
+# The same storage behind a registry with TLS (a CA made for the run) and
+# htpasswd; the lazy mount reaches it for the registry dockerd pulls from,
+# with the password from a docker config.json, then with a wrong one.
 quietly d image rm "$image" "$REGISTRY/e2e/busybox:1" || fail "docker image rm failed"
 dockerd_stop l
+secure_registry_start
+secure_config() {
+    local dir="$E2E_WORK/credentials"
+    mkdir -p "$dir"
+    (umask 077 && printf '{"auths": {"%s": {"auth": "%s"}}}\n' "$REGISTRY" \
+        "$(printf 'e2e-puller:%s' "$1" | base64 -w0)" >"$dir/config.json")
+    printf 'fetch_timeout_ms = 3000\n[registries."%s"]\nurl = "https://%s"\nca_file = "%s"\ndocker_config = "%s"\n' \
+        "$REGISTRY" "$SECURE_REGISTRY" "$SECURE_REGISTRY_CA" "$dir/config.json" >"$E2E_WORK/lazy.toml"
+}
+for password in "$SECURE_REGISTRY_PASSWORD" wrong; do
+    secure_config "$password"
+    lcfs_stop
+    lcfs_start
+    lcfs_snapshotter_wait
+    docker26_start l lcfs
+    expect "password ${password/$SECURE_REGISTRY_PASSWORD/right}: the image runs" "unread one" \
+        "$(d run --rm --network none "$image" cat /data/unread-1.txt)"
+    layers=$(lazy_layers)
+    if [[ $password == wrong ]]; then
+        expect "a wrong password: a normal pull, no lazy layer" 0 "$(jq length <<<"$layers")"
+        grep -q 'no lazy mount (.*401' "$LCFS_LOG" || fail "the daemon log does not say why there was no lazy mount"
+    else
+        expect "over HTTPS with a password: the layer is mounted lazily from the secure registry" \
+            "https://$SECURE_REGISTRY" "$(jq -r '.[0].blob | split("/v2/")[0]' <<<"$layers")"
+    fi
+    quietly d image rm "$image" || fail "docker image rm failed"
+    dockerd_stop l
+done
+
+# --- removal ---------------------------------------------------------------------------------------
 expect "no snapshots left by docker" "" \
     "$(CTRD_NAMESPACE=docker-l ctrd snapshots --snapshotter lcfs ls | awk 'NR > 1')"
 proxy_stop

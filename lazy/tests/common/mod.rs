@@ -21,15 +21,40 @@ pub enum Serve {
     Down,
 }
 
+/// Credentials the registry asks for.
+#[allow(dead_code)]
+#[derive(Clone, Debug)]
+pub enum Auth {
+    /// `Authorization: Basic` with this `user:password`.
+    Basic(String),
+    /// The token flow: /token gives `token` for Basic `user:password`.
+    Bearer {
+        user_password: String,
+        token: String,
+    },
+}
+
+fn basic(user_password: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(user_password)
+    )
+}
+
 pub struct Registry {
     pub url: String,
     pub how: Arc<Mutex<Serve>>,
+    pub auth: Arc<Mutex<Option<Auth>>>,
     /// Body bytes sent so far.
     pub served: Arc<AtomicU64>,
 }
 
 #[allow(dead_code)]
 impl Registry {
+    pub fn require(&self, auth: Auth) {
+        *self.auth.lock().unwrap() = Some(auth);
+    }
     pub fn set(&self, how: Serve) {
         *self.how.lock().unwrap() = how;
     }
@@ -41,12 +66,15 @@ impl Registry {
 pub fn registry(blob: Arc<Vec<u8>>, how: Serve) -> Registry {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/v2/t/blobs/x", l.local_addr().unwrap());
+    let origin = format!("http://{}", l.local_addr().unwrap());
     let how = Arc::new(Mutex::new(how));
+    let auth: Arc<Mutex<Option<Auth>>> = Arc::new(Mutex::new(None));
     let served = Arc::new(AtomicU64::new(0));
-    let (h, sv) = (how.clone(), served.clone());
+    let (h, sv, au) = (how.clone(), served.clone(), auth.clone());
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {
-            let (blob, how, served) = (blob.clone(), h.clone(), sv.clone());
+            let (blob, how, served, auth) = (blob.clone(), h.clone(), sv.clone(), au.clone());
+            let origin = origin.clone();
             std::thread::spawn(move || {
                 let mut r = BufReader::new(s.try_clone().unwrap());
                 let mut out = s;
@@ -56,11 +84,19 @@ pub fn registry(blob: Arc<Vec<u8>>, how: Serve) -> Registry {
                         return;
                     }
                     let head = line.starts_with("HEAD");
+                    let path = line.split(' ').nth(1).unwrap_or("").to_string();
                     let mut range = None;
+                    let mut authorization = String::new();
                     loop {
                         let mut h = String::new();
                         if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
                             break;
+                        }
+                        if let Some(v) = h
+                            .strip_prefix("Authorization: ")
+                            .or_else(|| h.strip_prefix("authorization: "))
+                        {
+                            authorization = v.trim().to_string();
                         }
                         if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
                             let (a, b) = v.trim().split_once('-').unwrap();
@@ -69,6 +105,50 @@ pub fn registry(blob: Arc<Vec<u8>>, how: Serve) -> Registry {
                                 b.parse::<usize>().unwrap() + 1,
                             ));
                         }
+                    }
+                    let auth = auth.lock().unwrap().clone();
+                    let refuse = |out: &mut std::net::TcpStream, challenge: String| {
+                        let _ = write!(
+                            out,
+                            "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: {challenge}\r\nContent-Length: 0\r\n\r\n"
+                        );
+                    };
+                    match (&auth, path.starts_with("/token")) {
+                        (
+                            Some(Auth::Bearer {
+                                user_password,
+                                token,
+                            }),
+                            true,
+                        ) => {
+                            if authorization == basic(user_password) {
+                                let body = format!("{{\"token\": \"{token}\"}}");
+                                let _ = write!(
+                                    out,
+                                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                                    body.len()
+                                );
+                            } else {
+                                refuse(&mut out, "Basic realm=\"token\"".into());
+                            }
+                            continue;
+                        }
+                        (Some(Auth::Basic(user_password)), false)
+                            if authorization != basic(user_password) =>
+                        {
+                            refuse(&mut out, "Basic realm=\"registry\"".into());
+                            continue;
+                        }
+                        (Some(Auth::Bearer { token, .. }), false)
+                            if authorization != format!("Bearer {token}") =>
+                        {
+                            refuse(
+                                &mut out,
+                                format!("Bearer realm=\"{origin}/token\",service=\"t\",scope=\"repository:t:pull\""),
+                            );
+                            continue;
+                        }
+                        _ => {}
                     }
                     let how = *how.lock().unwrap();
                     let (status, body): (&str, Vec<u8>) = match (range, how) {
@@ -101,5 +181,10 @@ pub fn registry(blob: Arc<Vec<u8>>, how: Serve) -> Registry {
             });
         }
     });
-    Registry { url, how, served }
+    Registry {
+        url,
+        how,
+        auth,
+        served,
+    }
 }
