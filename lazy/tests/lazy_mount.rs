@@ -83,12 +83,7 @@ fn engine() -> (Arc<MemDevice>, Arc<Engine>) {
 }
 
 fn config(r: &Registry, background: bool) -> Config {
-    let host = r
-        .url
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .unwrap();
+    let host = r.host();
     Config {
         fetch_timeout: Duration::from_millis(1500),
         background,
@@ -100,12 +95,7 @@ fn config(r: &Registry, background: bool) -> Config {
 }
 
 fn labels(r: &Registry, toc: &str) -> BTreeMap<String, String> {
-    let host = r
-        .url
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .unwrap();
+    let host = r.host();
     BTreeMap::from([
         (LABEL_IMAGE_REF.to_string(), format!("{host}/t:1")),
         (

@@ -115,34 +115,28 @@ fn a_registry_asking_for_basic_or_a_bearer_token_is_read_with_credentials() {
     };
     let t = Duration::from_secs(10);
 
-    let r = registry(blob.clone(), Serve::Ranges);
-    r.require(Auth::Basic("puller:pw".into()));
-    let e = RemoteLayer::open(&r.url, &toc, t).err().unwrap();
-    assert!(e.to_string().contains("none are configured"), "{e}");
-    let l = RemoteLayer::open_with(&r.url, &toc, t, &access("puller", "pw")).unwrap();
-    assert_eq!(
-        l.read_file("bin/hello").unwrap(),
-        b"#!/bin/sh\necho hello\n"
-    );
-    let e = RemoteLayer::open_with(&r.url, &toc, t, &access("puller", "wrong"))
-        .err()
-        .unwrap();
-    assert!(e.to_string().contains("401"), "{e}");
-
-    let r = registry(blob.clone(), Serve::Ranges);
-    r.require(Auth::Bearer {
+    let basic = Auth::Basic("puller:pw".into());
+    let bearer = Auth::Bearer {
         user_password: "puller:pw".into(),
         token: "t0k3n".into(),
-    });
-    let l = RemoteLayer::open_with(&r.url, &toc, t, &access("puller", "pw")).unwrap();
-    assert_eq!(
-        l.read_file("bin/hello").unwrap(),
-        b"#!/bin/sh\necho hello\n"
-    );
-    let e = RemoteLayer::open_with(&r.url, &toc, t, &access("puller", "wrong"))
-        .err()
-        .unwrap();
-    assert!(e.to_string().contains("token service"), "{e}");
-    let e = RemoteLayer::open(&r.url, &toc, t).err().unwrap();
-    assert!(e.to_string().contains("token service"), "{e}");
+    };
+    // What a refusal says: without credentials, and with a wrong password.
+    for (auth, without, wrong) in [
+        (basic, "none are configured", "401"),
+        (bearer, "token service", "token service"),
+    ] {
+        let r = registry(blob.clone(), Serve::Ranges);
+        r.require(auth.clone());
+        let e = RemoteLayer::open(&r.url, &toc, t).err().unwrap();
+        assert!(e.to_string().contains(without), "{auth:?}: {e}");
+        let l = RemoteLayer::open_with(&r.url, &toc, t, &access("puller", "pw")).unwrap();
+        assert_eq!(
+            l.read_file("bin/hello").unwrap(),
+            b"#!/bin/sh\necho hello\n"
+        );
+        let e = RemoteLayer::open_with(&r.url, &toc, t, &access("puller", "wrong"))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains(wrong), "{auth:?}: {e}");
+    }
 }

@@ -52,6 +52,11 @@ pub struct Registry {
 
 #[allow(dead_code)]
 impl Registry {
+    /// `host:port`.
+    pub fn host(&self) -> &str {
+        let rest = self.url.trim_start_matches("http://");
+        &rest[..rest.find('/').unwrap_or(rest.len())]
+    }
     pub fn require(&self, auth: Auth) {
         *self.auth.lock().unwrap() = Some(auth);
     }
