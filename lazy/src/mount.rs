@@ -49,14 +49,15 @@ const META_BLOB: &str = "lcfs.lazy.blob";
 const META_TOC: &str = "lcfs.lazy.toc";
 const META_BLOCKS: &str = "lcfs.lazy.blocks";
 const META_DONE: &str = "lcfs.lazy.done";
-/// What a read fetches beyond the block it needs (whole chunks).
+/// What a read fetches beyond the block it needs: whole chunks, of its
+/// file and of the files after it while they are absent.
 const READ_AHEAD: u64 = 1 << 20;
 /// The most compressed bytes one background GET asks for (a bigger chunk
 /// is one GET of its own).
 const BACKGROUND_RANGE: u64 = 4 << 20;
 const BLOCK: u64 = 4096;
 
-/// The lazy pull's configuration (`lcfs daemon --lazy FILE`).
+/// The lazy pull's configuration (`lcfs daemon --lazy-config FILE`).
 #[derive(Clone, Debug)]
 pub struct Config {
     /// How long a read waits for a fetch before it fails with EIO.
