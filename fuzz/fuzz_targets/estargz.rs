@@ -3,9 +3,13 @@
 //! member. Nothing panics or allocates without bound; a footer read gives
 //! an offset; a TOC accepted has its chunks inside the blob, in blob order,
 //! covering each file exactly; a chunk read is the size its entry says.
+//! What a lazy mount makes of an accepted TOC (the tree's tar, the files
+//! given absent blocks and their chunks) is made without a panic: the
+//! files are regular, each with its own chunks, and the tar reads back.
 #![no_main]
 
 use lcfs_lazy::estargz::{parse_footer, Index, Toc};
+use lcfs_lazy::skeleton::{chunk_ranges, lazy_files, skeleton_tar};
 use libfuzzer_sys::fuzz_target;
 use std::io::Write;
 
@@ -45,6 +49,19 @@ fuzz_target!(|data: &[u8]| {
             // A chunk's member: the input itself.
             if let Ok(bytes) = index.read_chunk(i, data) {
                 assert_eq!(bytes.len() as u64, c.size);
+            }
+        }
+        let ranges = chunk_ranges(&index);
+        for f in lazy_files(&index) {
+            assert_eq!(index.entries[f].kind, "reg");
+            if let Some(r) = ranges.get(&f) {
+                assert!(r.clone().all(|n| index.chunks[n].entry == f));
+            }
+        }
+        if let Ok(tar) = skeleton_tar(&index) {
+            let mut archive = tar::Archive::new(&tar[..]);
+            for e in archive.entries().unwrap() {
+                assert_eq!(e.unwrap().header().size().unwrap(), 0);
             }
         }
     }
