@@ -664,6 +664,35 @@ pub fn sync(socket: &Path) -> Result<()> {
     Ok(())
 }
 
+pub fn lazy(socket: &Path, as_json: bool) -> Result<()> {
+    let layers: Vec<lcfs_lazy::mount::LayerReport> =
+        request(socket, json!({"op": "lazy"}), Some(ANSWER_TIMEOUT))?;
+    if as_json {
+        return print_json(&layers);
+    }
+    if layers.is_empty() {
+        println!("no layer mounted lazily");
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:>9} {:>9} {:>10} {:>7} {:<9} BLOB",
+        "LAYER", "SIZE", "ABSENT", "FETCHED", "ERRORS", "STATE"
+    );
+    for l in layers {
+        println!(
+            "{:<20} {:>9} {:>9} {:>10} {:>7} {:<9} {}",
+            l.layer,
+            human_bytes(l.blocks * 4096),
+            human_bytes(l.absent_blocks * 4096),
+            human_bytes(l.fetched_bytes),
+            l.fetch_errors,
+            if l.complete { "complete" } else { "lazy" },
+            l.blob
+        );
+    }
+    Ok(())
+}
+
 pub fn stats(socket: &Path, as_json: bool) -> Result<()> {
     let s: Stats = request(socket, json!({"op": "stats"}), Some(ANSWER_TIMEOUT))?;
     if as_json {

@@ -321,6 +321,11 @@ impl Control {
                 self.layers.sync().map_err(|e| Refusal::layer("sync", e))?;
                 Ok(Value::Null)
             }
+            "lazy" => {
+                let _: NoArgs = args(&op, fields)?;
+                let layers = self.catalog.lazy.as_ref().map(|l| l.report());
+                Ok(serde_json::to_value(layers.unwrap_or_default()).expect("serializable"))
+            }
             "stats" => {
                 let _: NoArgs = args(&op, fields)?;
                 let mut stats =

@@ -147,6 +147,17 @@ hits and misses, layers, free segments and space.")]
         json: bool,
     },
 
+    /// Show the layers mounted lazily (docs/lazy.md)
+    #[command(long_about = "\
+Show the layers the daemon mounted lazily (--lazy-config): each one's blob,
+its blocks and how many are still absent (not fetched), the bytes fetched
+and the fetch errors since the daemon started, and whether it is complete.")]
+    Lazy {
+        /// Print them as JSON (the `lazy` result of the control protocol)
+        #[arg(long)]
+        json: bool,
+    },
+
     /// Check a layer against its seal (or a manifest): every entry whose
     /// content or metadata differs (exit 1 when any does)
     #[command(long_about = "\
@@ -772,6 +783,7 @@ fn run(cli: Cli) -> Result<()> {
             client::statistics(socket, state.as_deref().map(|s| s == "on"))
         }
         Command::Stats { json } => client::stats(socket, json),
+        Command::Lazy { json } => client::lazy(socket, json),
         Command::Verify {
             name,
             all,

@@ -167,6 +167,9 @@ done
 [[ $(lazy_layers | jq -r '.[0].complete') == true ]] ||
     fail "the background fetch did not complete the layer in 60 s: $(lazy_layers)"
 say "the background fetch completed the layer: $(lazy_layers | jq -c '.[0] | {blocks, absent_blocks, fetched_bytes}')"
+expect "lcfs lazy: the layer is complete" "complete 0" \
+    "$(lcfs_ctl lazy --json | jq -r '.[0] | "\(if .complete then "complete" else "lazy" end) \(.absent_blocks)"')"
+lcfs_ctl lazy
 quietly lcfs_ctl verify --all || fail "lcfs verify --all failed"
 quietly lcfs_ctl fsck --online || fail "fsck found problems"
 expect "the completed layer still reads right" "$big_sum" \
