@@ -295,6 +295,31 @@ mod tests {
     }
 
     #[test]
+    fn a_truncation_or_zeroing_of_an_absent_block_changes_nothing_and_is_fetched_first() {
+        let (_, e) = engine();
+        let (_, ino, first) = lazy_file(&e);
+        let c = e.clone_layer("base", "container").unwrap();
+        let cut = crate::SetAttr {
+            size: Some(100),
+            ..Default::default()
+        };
+        assert!(matches!(e.setattr(c, ino, &cut), Err(Error::Absent(_))));
+        let zero = libc::FALLOC_FL_ZERO_RANGE as u32;
+        let r = e.fallocate(c, ino, zero, 10, 5000);
+        assert!(matches!(r, Err(Error::Absent(_))), "{r:?}");
+        assert!(
+            e.stats().read_only_reason.is_none(),
+            "the engine still writes"
+        );
+        assert_eq!(e.getattr(c, ino).unwrap().size, 10_000, "nothing changed");
+        let data = content(10_000);
+        fill_all(&e, first, &data);
+        e.setattr(c, ino, &cut).unwrap();
+        assert_eq!(e.read(c, ino, 0, 1000).unwrap(), data[..100]);
+        assert!(e.fsck(true).unwrap().is_clean());
+    }
+
+    #[test]
     fn a_fill_lasts_with_a_checkpoint_and_is_absent_again_after_a_crash_before_one() {
         let (dev, e) = engine();
         let (l, ino, first) = lazy_file(&e);

@@ -1022,6 +1022,10 @@ impl Store {
     fn setattr_tracked(&mut self, layer: u64, ino: u64, s: &SetAttr) -> Result<Attr> {
         self.writable_layer(layer)?;
         let mut i = self.inode(layer, ino)?;
+        let bs = BLOCK_SIZE as u64;
+        if let Some(size) = s.size.filter(|&n| n < i.size && n % bs != 0) {
+            self.no_absent_among(layer, ino, &[size / bs])?;
+        }
         self.ensure_space(0, s.size.is_some_and(|n| n < i.size))?;
         let now = Timestamp::now();
         if let Some(m) = s.mode {
@@ -1066,11 +1070,27 @@ impl Store {
         attr_of(ino, &i)
     }
 
+    /// [`Error::Absent`] when one of `blocks` of the file is absent: for
+    /// a change that zeroes part of a block, asked before it changes
+    /// anything (its caller fetches and tries again; failing halfway would
+    /// stop the engine).
+    fn no_absent_among(&mut self, layer: u64, ino: u64, blocks: &[u64]) -> Result<()> {
+        for &b in blocks {
+            if let Some(v) = self.lget(layer, Key::new(ino, KIND_EXTENT, b))? {
+                self.block_source(ExtentValue::decode(&v)?.lbn)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Sets the size; frees whole blocks past it and zeroes the tail of the last.
     fn truncate(&mut self, layer: u64, ino: u64, size: u64) -> Result<()> {
         let i = self.inode(layer, ino)?;
         if size < i.size {
             let bs = BLOCK_SIZE as u64;
+            if size % bs != 0 {
+                self.no_absent_among(layer, ino, &[size / bs])?;
+            }
             let keep_blocks = size.div_ceil(bs);
             self.drop_extents(layer, ino, keep_blocks, u64::MAX)?;
             if size % bs != 0 {
@@ -1174,9 +1194,12 @@ impl Store {
         }
         let now = Timestamp::now();
         if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
-            self.ensure_space(2, true)?;
             let bs = BLOCK_SIZE as u64;
             let zero_end = end.min(i.size);
+            if offset < zero_end {
+                self.no_absent_among(layer, ino, &[offset / bs, zero_end / bs])?;
+            }
+            self.ensure_space(2, true)?;
             if offset < zero_end {
                 let first_full = offset.div_ceil(bs);
                 let last_full = zero_end / bs;

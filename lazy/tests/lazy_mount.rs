@@ -148,6 +148,15 @@ fn a_lazy_layer_reads_right_and_costs_what_is_read() {
     // srv/big's 733 blocks and the landmark's one.
     assert_eq!(lazy.report()[0].absent_blocks, 734, "srv/big untouched");
 
+    // A container cutting a file short inside a block not fetched yet.
+    let t = e.clone_layer("img", "truncating").unwrap();
+    let cut = lcfs_engine::SetAttr {
+        size: Some(2_500_001),
+        ..Default::default()
+    };
+    e.setattr(t, ino(&e, t, "srv/big"), &cut).unwrap();
+    assert_eq!(read(&e, t, "srv/big").unwrap(), l.big[..2_500_001]);
+
     // A clone (a container) sees the content, and writes its own.
     let c = e.clone_layer("img", "container").unwrap();
     let big = ino(&e, c, "srv/big");
