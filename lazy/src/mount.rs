@@ -20,7 +20,9 @@
 //! registry at most `fetch_timeout_ms` and then fails with EIO; it works
 //! again once the registry is back. A background thread per layer fetches
 //! the rest in TOC order (an eStargz layer's prefetch files lead), files
-//! grouped into ranges of up to [`BACKGROUND_RANGE`]; once no block is
+//! grouped into ranges of up to [`BACKGROUND_RANGE`], out of the way of
+//! readers' fetches (it waits while one runs and [`READERS_QUIET`] after);
+//! once no block is
 //! absent the layer is complete (`lcfs.lazy.done`) and the sealer seals
 //! it like any layer.
 //!
@@ -245,7 +247,25 @@ pub struct Lazy {
     layers: Mutex<BTreeMap<u64, Arc<LazyLayer>>>,
     stop: Arc<AtomicBool>,
     pub counters: Counters,
+    /// Reads fetching now, and when the last one ended: the background
+    /// fetch waits for them (a reader's fetch goes first).
+    readers: AtomicU64,
+    last_read: Mutex<Instant>,
     me: Weak<Lazy>,
+}
+
+/// How long the background fetch stays out of the way after a reader's
+/// fetch ended.
+const READERS_QUIET: Duration = Duration::from_millis(100);
+
+/// A reader's fetch under way (see [`Lazy::readers`]).
+struct Reading<'a>(&'a Lazy);
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        *self.0.last_read.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.0.readers.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Lazy {
@@ -258,6 +278,8 @@ impl Lazy {
             layers: Mutex::new(BTreeMap::new()),
             stop: Arc::new(AtomicBool::new(false)),
             counters: Counters::default(),
+            readers: AtomicU64::new(0),
+            last_read: Mutex::new(Instant::now()),
             me: me.clone(),
         });
         for info in engine.list_layers() {
@@ -499,6 +521,8 @@ impl Lazy {
         let Some(layer) = self.layer_of(lbn) else {
             return Err(EngineError::Absent(lbn));
         };
+        self.readers.fetch_add(1, Ordering::SeqCst);
+        let _reading = Reading(self);
         let deadline = Instant::now() + self.config.fetch_timeout;
         let mut pause = Duration::from_millis(100);
         loop {
@@ -562,6 +586,17 @@ impl Lazy {
         while i < o.files.len() {
             if self.stop.load(Ordering::Relaxed) || self.engine.layer_id(&layer.name).is_err() {
                 return Err("stopped".into());
+            }
+            if self.readers.load(Ordering::SeqCst) > 0
+                || self
+                    .last_read
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .elapsed()
+                    < READERS_QUIET
+            {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
             }
             let f = &o.files[i];
             let absent = self
