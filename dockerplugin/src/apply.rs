@@ -266,6 +266,22 @@ pub fn apply_tar(engine: &Engine, layer: u64, stream: impl Read) -> Result<u64> 
     apply(engine, layer, None, stream)
 }
 
+/// The inode at which [`apply_tar`] put tar path `path` in `layer`: its
+/// directories resolved as the apply resolved them (symlinks inside the
+/// layer followed), the last component not followed.
+pub fn applied_inode(engine: &Engine, layer: u64, path: &[u8]) -> Result<u64> {
+    let components =
+        clean(path).map_err(|why| Error::engine("a path", lcfs_engine::Error::Invalid(why)))?;
+    let Some((name, parents)) = components.split_last() else {
+        return Ok(lcfs_engine::ROOT_INODE);
+    };
+    let dir = resolve_dir(engine, layer, parents, false)?;
+    engine
+        .lookup(layer, dir, name)
+        .map(|a| a.inode)
+        .map_err(|e| Error::engine(format!("looking up {}", show(name)), e))
+}
+
 /// The layer metadata key holding the SHA-256 of the uncompressed tar
 /// applied to an image layer (its DiffID), as `sha256:<hex>`.
 pub const DIFF_ID_KEY: &str = "lcfs.diff_id";

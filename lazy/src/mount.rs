@@ -705,7 +705,7 @@ impl Lazy {
         let mut files = Vec::new();
         for i in skeleton::lazy_files(&remote.index) {
             let e = &remote.index.entries[i];
-            let ino = lookup(&self.engine, id, &e.name)
+            let ino = lcfs_dockerplugin::applied_inode(&self.engine, id, e.name.as_bytes())
                 .map_err(|err| format!("{:?} after the tree was written: {err}", e.name))?;
             files.push((ino, e.size as u64));
         }
@@ -757,15 +757,6 @@ impl Lazy {
         }
         Ok(())
     }
-}
-
-/// The inode at `path` (TOC-cleaned: `a/b/c`) of `layer`.
-fn lookup(engine: &Engine, layer: u64, path: &str) -> lcfs_engine::Result<u64> {
-    let mut ino = lcfs_engine::ROOT_INODE;
-    for part in path.split('/').filter(|p| !p.is_empty()) {
-        ino = engine.lookup(layer, ino, part.as_bytes())?.inode;
-    }
-    Ok(ino)
 }
 
 #[cfg(test)]

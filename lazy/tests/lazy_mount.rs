@@ -56,9 +56,14 @@ fn layer_chunked(chunk_size: u64) -> Layer {
     s.set_entry_type(tar::EntryType::Symlink);
     s.set_size(0);
     b.append_link(&mut s, "bin/sh", "hello").unwrap();
+    estargz_of(b.into_inner().unwrap(), chunk_size, big)
+}
+
+/// The layer tar `tar` in eStargz.
+fn estargz_of(tar: Vec<u8>, chunk_size: u64, big: Vec<u8>) -> Layer {
     let mut blob = Vec::new();
     let built = build(
-        Cursor::new(b.into_inner().unwrap()),
+        Cursor::new(tar),
         &mut blob,
         &BuildOptions {
             chunk_size,
@@ -290,4 +295,28 @@ fn chunks_that_cut_blocks_in_two_fill_them_whole() {
     }
     assert_eq!(read(&e2, id2, "srv/big").unwrap(), l.big);
     assert!(lazy.report()[0].absent_blocks > 0);
+}
+
+#[test]
+fn a_file_under_a_directory_symlink_is_where_the_applier_put_it() {
+    // `lib` links to `srv`: `lib/via-link` lands in srv/, as a pull puts it.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut dir = tar::Header::new_gnu();
+    dir.set_entry_type(tar::EntryType::Directory);
+    dir.set_mode(0o755);
+    dir.set_size(0);
+    b.append_data(&mut dir, "srv/", &[][..]).unwrap();
+    let mut s = tar::Header::new_gnu();
+    s.set_entry_type(tar::EntryType::Symlink);
+    s.set_size(0);
+    b.append_link(&mut s, "lib", "srv").unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o644);
+    h.set_size(HELLO.len() as u64);
+    b.append_data(&mut h, "lib/via-link", HELLO).unwrap();
+    let l = estargz_of(b.into_inner().unwrap(), 256 << 10, Vec::new());
+    let r = registry(l.blob.clone(), Serve::Ranges);
+    let (_, e) = engine();
+    let (_lazy, id) = mounted(&e, &r, &l, false);
+    assert_eq!(read(&e, id, "srv/via-link").unwrap(), HELLO);
 }
