@@ -141,6 +141,30 @@ struct LazyLayer {
     done: AtomicBool,
 }
 
+impl LazyLayer {
+    /// A lazy layer not complete yet, its TOC read when `opened` is given.
+    fn new(
+        name: &str,
+        url: &str,
+        toc_digest: &str,
+        first: u64,
+        count: u64,
+        opened: Option<Opened>,
+    ) -> Arc<LazyLayer> {
+        Arc::new(LazyLayer {
+            name: name.to_string(),
+            url: url.to_string(),
+            toc_digest: toc_digest.to_string(),
+            first,
+            count,
+            fetched_bytes: AtomicU64::new(opened.as_ref().map_or(0, |o| o.remote.fetched())),
+            opened: Mutex::new(opened.map(Arc::new)),
+            fetch_errors: AtomicU64::new(0),
+            done: AtomicBool::new(false),
+        })
+    }
+}
+
 /// A lazy layer's TOC and where its files' blocks are.
 struct Opened {
     remote: RemoteLayer,
@@ -218,15 +242,6 @@ impl Opened {
     }
 }
 
-/// Counters over every lazy layer since the daemon started.
-#[derive(Default)]
-pub struct Counters {
-    pub layers_mounted: AtomicU64,
-    pub fetches: AtomicU64,
-    pub fetched_bytes: AtomicU64,
-    pub fetch_errors: AtomicU64,
-}
-
 /// One lazy layer as `lcfs lazy` shows it.
 #[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
 pub struct LayerReport {
@@ -246,7 +261,6 @@ pub struct Lazy {
     /// By first block number.
     layers: Mutex<BTreeMap<u64, Arc<LazyLayer>>>,
     stop: Arc<AtomicBool>,
-    pub counters: Counters,
     /// Reads fetching now, and when the last one ended: the background
     /// fetch waits for them (a reader's fetch goes first).
     readers: AtomicU64,
@@ -277,7 +291,6 @@ impl Lazy {
             config,
             layers: Mutex::new(BTreeMap::new()),
             stop: Arc::new(AtomicBool::new(false)),
-            counters: Counters::default(),
             readers: AtomicU64::new(0),
             last_read: Mutex::new(Instant::now()),
             me: me.clone(),
@@ -300,20 +313,9 @@ impl Lazy {
                 log::warn!("layer {}: unreadable {META_BLOCKS} {blocks:?}", info.name);
                 continue;
             };
-            let layer = Arc::new(LazyLayer {
-                name: info.name.clone(),
-                url: url.clone(),
-                toc_digest: toc.clone(),
-                first,
-                count,
-                opened: Mutex::new(None),
-                fetched_bytes: AtomicU64::new(0),
-                fetch_errors: AtomicU64::new(0),
-                done: AtomicBool::new(meta.contains_key(META_DONE)),
-            });
-            if !layer.done.load(Ordering::Relaxed) {
+            if !meta.contains_key(META_DONE) {
                 log::info!("lazy layer {} taken up ({url})", info.name);
-                lazy.add(layer);
+                lazy.add(LazyLayer::new(&info.name, url, toc, first, count, None));
             }
         }
         let weak = Arc::downgrade(&lazy);
@@ -402,9 +404,6 @@ impl Lazy {
         layer
             .fetched_bytes
             .fetch_add(remote.fetched(), Ordering::Relaxed);
-        self.counters
-            .fetched_bytes
-            .fetch_add(remote.fetched(), Ordering::Relaxed);
         let o = Arc::new(Opened::new(remote, layer.first, layer.count)?);
         *slot = Some(o.clone());
         Ok(o)
@@ -431,10 +430,6 @@ impl Lazy {
             .map_err(|e| e.to_string())?;
         let fetched_in = t.elapsed();
         layer.fetched_bytes.fetch_add(compressed, Ordering::Relaxed);
-        self.counters.fetches.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .fetched_bytes
-            .fetch_add(compressed, Ordering::Relaxed);
         // Each file's run of chunks, as one piece of its content.
         let mut i = 0;
         while i < parts.len() {
@@ -537,7 +532,6 @@ impl Lazy {
                 Ok(()) => return Ok(()),
                 Err(why) => {
                     layer.fetch_errors.fetch_add(1, Ordering::Relaxed);
-                    self.counters.fetch_errors.fetch_add(1, Ordering::Relaxed);
                     if Instant::now() + pause >= deadline {
                         log::warn!(
                             "lazy layer {}: block {lbn} not fetched within {} ms: {why}",
@@ -628,10 +622,7 @@ impl Lazy {
             _ => return,
         }
         let recorded = self.engine.layer_metadata(&layer.name).and_then(|mut m| {
-            m.insert(
-                META_DONE.into(),
-                lcfs_engine::Engine::now().seconds.to_string(),
-            );
+            mark_done(&mut m);
             self.engine.set_layer_metadata(&layer.name, &m)?;
             self.engine.sync()
         });
@@ -721,32 +712,14 @@ impl Lazy {
         meta.insert(META_TOC.into(), toc.clone());
         meta.insert(META_BLOCKS.into(), format!("{first} {count}"));
         if count == 0 {
-            meta.insert(
-                META_DONE.into(),
-                lcfs_engine::Engine::now().seconds.to_string(),
-            );
+            mark_done(&mut meta);
         }
         self.engine
             .set_layer_metadata(name, &meta)
             .map_err(|e| e.to_string())?;
         let fetched = remote.fetched();
-        let layer = Arc::new(LazyLayer {
-            name: name.to_string(),
-            url,
-            toc_digest: toc,
-            first,
-            count,
-            opened: Mutex::new(None),
-            fetched_bytes: AtomicU64::new(fetched),
-            fetch_errors: AtomicU64::new(0),
-            done: AtomicBool::new(count == 0),
-        });
-        *layer.opened.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(Arc::new(Opened::new(remote, first, count)?));
-        self.counters.layers_mounted.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .fetched_bytes
-            .fetch_add(fetched, Ordering::Relaxed);
+        let opened = Opened::new(remote, first, count)?;
+        let layer = LazyLayer::new(name, &url, &toc, first, count, Some(opened));
         log::info!(
             "layer {name} mounted lazily in {} ms: {} files, {count} blocks absent, {fetched} bytes of TOC fetched",
             began.elapsed().as_millis(),
@@ -757,6 +730,11 @@ impl Lazy {
         }
         Ok(())
     }
+}
+
+/// Records in a lazy layer's metadata that no block of it is absent.
+fn mark_done(meta: &mut lcfs_engine::LayerMetadata) {
+    meta.insert(META_DONE.into(), Engine::now().seconds.to_string());
 }
 
 #[cfg(test)]
