@@ -323,8 +323,7 @@ impl Control {
             }
             "lazy" => {
                 let _: NoArgs = args(&op, fields)?;
-                let layers = self.catalog.lazy.as_ref().map(|l| l.report());
-                Ok(serde_json::to_value(layers.unwrap_or_default()).expect("serializable"))
+                Ok(serde_json::to_value(self.catalog.lazy_layers()).expect("serializable"))
             }
             "stats" => {
                 let _: NoArgs = args(&op, fields)?;

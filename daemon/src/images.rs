@@ -76,6 +76,11 @@ impl From<OwnerImage> for Named {
 }
 
 impl Catalog {
+    /// The layers mounted lazily (none without the lazy pull).
+    pub fn lazy_layers(&self) -> Vec<lcfs_lazy::mount::LayerReport> {
+        self.lazy.as_ref().map(|l| l.report()).unwrap_or_default()
+    }
+
     pub fn new(engine: Arc<Engine>, mountpoint: &Path) -> Catalog {
         Catalog {
             engine,

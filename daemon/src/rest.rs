@@ -408,8 +408,7 @@ fn route(state: &State, path: &str, query: &str) -> Answer {
             if !query.is_empty() {
                 return error(StatusCode::BAD_REQUEST, "/v1/lazy takes no query");
             }
-            let layers = state.catalog.lazy.as_ref().map(|l| l.report());
-            json_ok(&layers.unwrap_or_default())
+            json_ok(&state.catalog.lazy_layers())
         }
         "/v1/files" => match parse_files_query(query) {
             Ok((image, limit)) => match state.catalog.files(image.as_deref()) {

@@ -365,6 +365,8 @@ mod tests {
             3,
             "one fetch per absent block"
         );
+        let usage = e.layer_info("base").unwrap().usage;
+        assert_eq!((usage.reads, usage.bytes_read), (1, 10_000), "counted once");
         assert_eq!(e.read_counted(l, ino, 0, 20_000).unwrap(), data);
         assert_eq!(
             calls.load(Ordering::SeqCst),

@@ -851,12 +851,9 @@ impl Engine {
         keep: bool,
         count: bool,
     ) -> Result<Vec<u8>> {
-        let mut counted = !count;
-        self.fetching(|| {
-            let r = self.read_local(layer, ino, offset, len, keep, !counted);
-            counted = true;
-            r
-        })
+        // A try that meets an absent block fails at its plan, before the
+        // read is counted: each try may count, one does.
+        self.fetching(|| self.read_local(layer, ino, offset, len, keep, count))
     }
 
     /// [`Engine::read_keeping`] that does not fetch: an absent block is
