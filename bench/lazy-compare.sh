@@ -47,15 +47,9 @@ lcfs_mkfs
 : >"$out"
 LCFS_CONTAINERD_SOCKET="$E2E_WORK/snapshotter.sock"
 registry_start
-proxy_port=$(free_port)
-python3 "$E2E_REPO/bench/mirror/throttle.py" "$proxy_port" "$REGISTRY" "$rate_mib" "$E2E_WORK/proxy-bytes" \
-    >"$E2E_WORK/proxy.log" 2>&1 &
-PROXY_PID=$!
-proxy_stop() { [[ -z ${PROXY_PID:-} ]] || stop_pid "$PROXY_PID" || true; }
-E2E_CLEANUP_HOOKS+=(proxy_stop)
-until curl -fsS "http://127.0.0.1:$proxy_port/v2/" >/dev/null 2>&1; do sleep 0.1; done
+throttle_start "$rate_mib" "$E2E_WORK/proxy-bytes"
 # Every pull goes through the throttle: images are named by its address.
-source_host="127.0.0.1:$proxy_port"
+source_host="127.0.0.1:$THROTTLE_PORT"
 printf 'background = %s\n[registries]\n"%s" = "http://%s"\n' "$background" "$source_host" "$source_host" >"$E2E_WORK/lazy.toml"
 LCFS_DAEMON_ARGS="--lazy-config $E2E_WORK/lazy.toml"
 lcfs_start

@@ -49,17 +49,8 @@ registry_start
 [[ -n $out ]] || out="$E2E_WORK_BASE/mirror-compare.tsv"
 : >"$out"
 
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-throttle_port=$(free_port)
-python3 "$E2E_REPO/bench/mirror/throttle.py" "$throttle_port" "$REGISTRY" "$rate_mib" "$E2E_WORK/upstream-bytes" &
-THROTTLE_PID=$!
-throttle_stop() { [[ -z ${THROTTLE_PID:-} ]] || stop_pid "$THROTTLE_PID" || true; }
-E2E_CLEANUP_HOOKS+=(throttle_stop)
-upstream="127.0.0.1:$throttle_port"
-until curl -fsS "http://$upstream/v2/" >/dev/null 2>&1; do sleep 0.1; done
+throttle_start "$rate_mib" "$E2E_WORK/upstream-bytes"
+upstream="127.0.0.1:$THROTTLE_PORT"
 image_bytes=$(python3 "$E2E_REPO/bench/mirror/oci-push.py" "$REGISTRY" bench/big 1 --layers "$layers" --layer-mib "$layer_mib") ||
     die "pushing the image failed"
 say "image: $layers layers, $image_bytes bytes of blobs; registry egress throttled to $rate_mib MiB/s"

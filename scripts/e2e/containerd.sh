@@ -368,20 +368,9 @@ estargz_part() {
 # its home while the home is stopped (SIGSTOP: a stalled peer), and then
 # while the home is killed (-9) in the middle of the blob. Both pulls get
 # the right bytes; the counters show the fallbacks.
-THROTTLE_PORT=""
-THROTTLE_PID=""
 mirror_faults() {
-    local waited=0 digests home client blob n
-    THROTTLE_PORT=$(free_port)
-    python3 "$E2E_REPO/bench/mirror/throttle.py" "$THROTTLE_PORT" "$REGISTRY" 16 "$E2E_WORK/faults-bytes" \
-        >"$E2E_WORK/throttle.log" 2>&1 &
-    THROTTLE_PID=$!
-    E2E_CLEANUP_HOOKS+=(throttle_stop)
-    until curl -fsS "http://127.0.0.1:$THROTTLE_PORT/v2/" >/dev/null 2>&1; do
-        [[ $waited -lt 100 ]] || die "the throttle did not answer: $(tail -n 3 "$E2E_WORK/throttle.log")"
-        waited=$((waited + 1))
-        sleep 0.1
-    done
+    local digests home client blob n
+    throttle_start 16 "$E2E_WORK/faults-bytes"
     quietly python3 "$E2E_REPO/bench/mirror/oci-push.py" "$REGISTRY" e2e/faults 1 --layers 2 --layer-mib 32 ||
         die "pushing e2e/faults failed"
     digests=$(curl -fsS -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
@@ -429,12 +418,6 @@ mirror_faults() {
 
 throttled_upstream() {
     printf '[upstreams."%s"]\nurl = "http://127.0.0.1:%s"\n' "$REGISTRY" "$THROTTLE_PORT"
-}
-
-throttle_stop() {
-    [[ -n $THROTTLE_PID ]] || return 0
-    stop_pid "$THROTTLE_PID" || true
-    THROTTLE_PID=""
 }
 
 # mirror_home DIGEST: the index of the mirror whose rendezvous score for

@@ -29,28 +29,6 @@ require_commands python3 curl tar busybox runc jq sha256sum
 e2e_init
 containerd_tools docker registry
 
-PROXY_PID=""
-PROXY_PORT=""
-# proxy_start: the registry's egress through the counting proxy, on
-# PROXY_PORT (the same port again after a stop).
-proxy_start() {
-    local waited=0
-    python3 "$E2E_REPO/bench/mirror/throttle.py" "$PROXY_PORT" "$REGISTRY" 4096 "$E2E_WORK/proxy-bytes" \
-        >>"$E2E_WORK/proxy.log" 2>&1 &
-    PROXY_PID=$!
-    until curl -fsS "http://127.0.0.1:$PROXY_PORT/v2/" >/dev/null 2>&1; do
-        [[ $waited -lt 100 ]] || die "the registry proxy did not answer: $(tail -n 3 "$E2E_WORK/proxy.log")"
-        waited=$((waited + 1))
-        sleep 0.1
-    done
-}
-proxy_stop() {
-    [[ -n $PROXY_PID ]] || return 0
-    kill "$PROXY_PID" 2>/dev/null || true
-    wait "$PROXY_PID" 2>/dev/null || true
-    PROXY_PID=""
-}
-E2E_CLEANUP_HOOKS+=(proxy_stop)
 proxy_bytes() {
     cat "$E2E_WORK/proxy-bytes" 2>/dev/null || echo 0
 }
@@ -70,7 +48,7 @@ lcfs_build
 lcfs_mkfs
 LCFS_CONTAINERD_SOCKET="$E2E_WORK/snapshotter.sock"
 registry_start
-PROXY_PORT=$(free_port)
+PROXY_PORT=$(free_port) # the lazy configuration names it before the proxy starts
 lazy_config false
 LCFS_DAEMON_ARGS="--lazy-config $E2E_WORK/lazy.toml"
 lcfs_start
@@ -113,7 +91,7 @@ registry_push "$E2E_WORK/busybox.tar" e2e/busybox:1
 say "eStargz image $image: one layer of $((blob_size >> 10)) KiB"
 
 # --- pull and first reads -----------------------------------------------------------------------
-proxy_start
+throttle_start 4096 "$E2E_WORK/proxy-bytes" "$PROXY_PORT"
 docker26_start l lcfs
 d() { docker26 l "$@"; }
 start=$(date +%s%N)
@@ -137,7 +115,7 @@ expect "a plain image is pulled the normal way" "hello|1" "$( {
 } | paste -sd '|')"
 
 # --- the registry away ----------------------------------------------------------------------------
-proxy_stop
+throttle_stop
 start=$SECONDS
 out=$(d run --rm --network none "$image" cat /data/unread-1.txt 2>&1) &&
     fail "a read of an unfetched file succeeded with the registry away: $out"
@@ -145,7 +123,7 @@ waited=$((SECONDS - start))
 [[ $out == *"Input/output error"* ]] || fail "the read without the registry: $out (expected an I/O error)"
 ((waited < 60)) || fail "the read without the registry took $waited s (fetch_timeout_ms is 3000)"
 say "ok: without the registry, the read failed with EIO after $waited s"
-proxy_start
+throttle_start 4096 "$E2E_WORK/proxy-bytes" "$PROXY_PORT"
 expect "the same read once the registry is back" "unread one" \
     "$(d run --rm --network none "$image" cat /data/unread-1.txt)"
 
@@ -213,7 +191,7 @@ done
 # --- removal ---------------------------------------------------------------------------------------
 expect "no snapshots left by docker" "" \
     "$(CTRD_NAMESPACE=docker-l ctrd snapshots --snapshotter lcfs ls | awk 'NR > 1')"
-proxy_stop
+throttle_stop
 containerd_stop
 registry_stop
 target_finish

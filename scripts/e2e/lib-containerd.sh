@@ -28,6 +28,9 @@
 #   secure_registry_start      the same storage over HTTPS with a password,
 #                              at $SECURE_REGISTRY
 #   registry_push ARCHIVE REF  pushes a `docker save` archive as $REGISTRY/REF
+#   throttle_start RATE_MIB COUNT_FILE [PORT]
+#                              the registry behind bench/mirror/throttle.py at
+#                              127.0.0.1:$THROTTLE_PORT; throttle_stop stops it
 #   docker26_start NAME SNAPSHOTTER
 #                              a dockerd 26 on our containerd, image store in
 #                              SNAPSHOTTER; talk to it with `docker26 NAME ARGS...`
@@ -278,6 +281,34 @@ secure_registry_start() {
     key: $dir/server.key" --cacert "$SECURE_REGISTRY_CA" -u "e2e-puller:$SECURE_REGISTRY_PASSWORD"
     SECURE_REGISTRY_PID=$LAUNCHED_PID
     SECURE_REGISTRY=$LAUNCHED_ADDRESS
+}
+
+# throttle_start RATE_MIB COUNT_FILE [PORT]: the registry's egress through
+# bench/mirror/throttle.py on 127.0.0.1:$THROTTLE_PORT (PORT, e.g. the same
+# one again after throttle_stop, or a free one): at most RATE_MIB MiB/s for
+# all clients together, the body bytes it sent written to COUNT_FILE. Waits
+# until it answers.
+THROTTLE_PID=""
+THROTTLE_PORT=""
+throttle_start() {
+    local waited=0
+    [[ -z $THROTTLE_PID ]] || die "internal: the throttle is already running ($THROTTLE_PID)"
+    THROTTLE_PORT=${3:-$(free_port)}
+    python3 "$E2E_REPO/bench/mirror/throttle.py" "$THROTTLE_PORT" "$REGISTRY" "$1" "$2" \
+        >>"$E2E_WORK/throttle.log" 2>&1 &
+    THROTTLE_PID=$!
+    [[ " ${E2E_CLEANUP_HOOKS[*]} " == *" throttle_stop "* ]] || E2E_CLEANUP_HOOKS+=(throttle_stop)
+    until curl -fsS "http://127.0.0.1:$THROTTLE_PORT/v2/" >/dev/null 2>&1; do
+        [[ $waited -lt 100 ]] || die "the throttle did not answer: $(tail -n 3 "$E2E_WORK/throttle.log")"
+        waited=$((waited + 1))
+        sleep 0.1
+    done
+}
+
+throttle_stop() {
+    [[ -n $THROTTLE_PID ]] || return 0
+    stop_pid "$THROTTLE_PID" || true
+    THROTTLE_PID=""
 }
 
 # free_port: a port of 127.0.0.1 the kernel just handed out and took back.
