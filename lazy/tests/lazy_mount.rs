@@ -29,33 +29,38 @@ fn layer() -> Layer {
     layer_chunked(256 << 10)
 }
 
+/// A tar entry without content (a directory, or a link to `target`).
+fn append_empty(b: &mut tar::Builder<Vec<u8>>, kind: tar::EntryType, name: &str, target: &str) {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(0o755);
+    h.set_size(0);
+    match kind {
+        tar::EntryType::Directory => b.append_data(&mut h, name, &[][..]).unwrap(),
+        _ => b.append_link(&mut h, name, target).unwrap(),
+    }
+}
+
+/// A regular file entry, owned by uid 7.
+fn append_file(b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8], mode: u32) {
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(mode);
+    h.set_uid(7);
+    h.set_mtime(1_700_000_000);
+    h.set_size(data.len() as u64);
+    b.append_data(&mut h, name, data).unwrap();
+}
+
 fn layer_chunked(chunk_size: u64) -> Layer {
     let big: Vec<u8> = (0..3_000_000u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
     let mut b = tar::Builder::new(Vec::new());
-    let mut dir = tar::Header::new_gnu();
-    dir.set_entry_type(tar::EntryType::Directory);
-    dir.set_mode(0o755);
-    dir.set_size(0);
-    b.append_data(&mut dir, "srv/", &[][..]).unwrap();
-    for (name, data, mode) in [("srv/big", &big[..], 0o644), ("bin/hello", HELLO, 0o755)] {
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(mode);
-        h.set_uid(7);
-        h.set_mtime(1_700_000_000);
-        h.set_size(data.len() as u64);
-        b.append_data(&mut h, name, data).unwrap();
-    }
-    let mut l = tar::Header::new_gnu();
-    l.set_entry_type(tar::EntryType::Link);
-    l.set_size(0);
-    b.append_link(&mut l, "bin/hello-again", "bin/hello")
-        .unwrap();
-    let mut s = tar::Header::new_gnu();
-    s.set_entry_type(tar::EntryType::Symlink);
-    s.set_size(0);
-    b.append_link(&mut s, "bin/sh", "hello").unwrap();
+    append_empty(&mut b, tar::EntryType::Directory, "srv/", "");
+    append_file(&mut b, "srv/big", &big, 0o644);
+    append_file(&mut b, "bin/hello", HELLO, 0o755);
+    append_empty(&mut b, tar::EntryType::Link, "bin/hello-again", "bin/hello");
+    append_empty(&mut b, tar::EntryType::Symlink, "bin/sh", "hello");
     estargz_of(b.into_inner().unwrap(), chunk_size, big)
 }
 
@@ -301,19 +306,9 @@ fn chunks_that_cut_blocks_in_two_fill_them_whole() {
 fn a_file_under_a_directory_symlink_is_where_the_applier_put_it() {
     // `lib` links to `srv`: `lib/via-link` lands in srv/, as a pull puts it.
     let mut b = tar::Builder::new(Vec::new());
-    let mut dir = tar::Header::new_gnu();
-    dir.set_entry_type(tar::EntryType::Directory);
-    dir.set_mode(0o755);
-    dir.set_size(0);
-    b.append_data(&mut dir, "srv/", &[][..]).unwrap();
-    let mut s = tar::Header::new_gnu();
-    s.set_entry_type(tar::EntryType::Symlink);
-    s.set_size(0);
-    b.append_link(&mut s, "lib", "srv").unwrap();
-    let mut h = tar::Header::new_gnu();
-    h.set_mode(0o644);
-    h.set_size(HELLO.len() as u64);
-    b.append_data(&mut h, "lib/via-link", HELLO).unwrap();
+    append_empty(&mut b, tar::EntryType::Directory, "srv/", "");
+    append_empty(&mut b, tar::EntryType::Symlink, "lib", "srv");
+    append_file(&mut b, "lib/via-link", HELLO, 0o644);
     let l = estargz_of(b.into_inner().unwrap(), 256 << 10, Vec::new());
     let r = registry(l.blob.clone(), Serve::Ranges);
     let (_, e) = engine();
