@@ -675,16 +675,17 @@ pub fn lazy(socket: &Path, as_json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<20} {:>9} {:>9} {:>10} {:>7} {:<9} BLOB",
-        "LAYER", "SIZE", "ABSENT", "FETCHED", "ERRORS", "STATE"
+        "{:<20} {:>9} {:>9} {:>10} {:>10} {:>7} {:<9} BLOB",
+        "LAYER", "SIZE", "ABSENT", "FETCHED", "VIA PEERS", "ERRORS", "STATE"
     );
     for l in layers {
         println!(
-            "{:<20} {:>9} {:>9} {:>10} {:>7} {:<9} {}",
+            "{:<20} {:>9} {:>9} {:>10} {:>10} {:>7} {:<9} {}",
             l.layer,
             human_bytes(l.blocks * 4096),
             human_bytes(l.absent_blocks * 4096),
             human_bytes(l.fetched_bytes),
+            human_bytes(l.peer_bytes),
             l.fetch_errors,
             if l.complete { "complete" } else { "lazy" },
             l.blob
@@ -801,7 +802,7 @@ pub fn stats(socket: &Path, as_json: bool) -> Result<()> {
     if let Some(m) = &s.mirror {
         let n = |k: &str| m.get(k).copied().unwrap_or(0);
         println!(
-            "mirror:       blobs {} from the cache, {} from peers ({}), {} from upstream ({}); {} served to peers ({}); {} digest mismatches, {} fallbacks",
+            "mirror:       blobs {} from the cache, {} from peers ({}), {} from upstream ({}); {} served to peers ({}); {} digest mismatches, {} fallbacks, {} ranges passed on",
             n("blobs_from_cache"),
             n("blobs_from_peers"),
             human_bytes(n("bytes_from_peers")),
@@ -810,7 +811,8 @@ pub fn stats(socket: &Path, as_json: bool) -> Result<()> {
             n("served_to_peers"),
             human_bytes(n("bytes_to_peers")),
             n("digest_mismatches"),
-            n("fallbacks")
+            n("fallbacks"),
+            n("ranges_passed")
         );
     }
     println!(

@@ -195,7 +195,9 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
         }
     };
     let lazy = match (lazy_config, &snapshotter) {
-        (Some(config), Some(s)) => {
+        (Some(mut config), Some(s)) => {
+            // Through the cooperative pull's peers, when this daemon has them.
+            config.peers = mirror.as_ref().map(|m| m.peers());
             let lazy = lcfs_lazy::mount::Lazy::start(engine.clone(), config);
             s.table()
                 .set_remote(Arc::new(crate::lazy::Remote(lazy.clone())));

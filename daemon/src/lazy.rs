@@ -66,6 +66,7 @@ pub fn load(path: &Path) -> Result<Config> {
         fetch_timeout: Duration::from_millis(f.fetch_timeout_ms),
         background: f.background,
         registries,
+        peers: None,
     })
 }
 

@@ -33,13 +33,13 @@
 //! readable and the others EIO until it is back).
 
 use crate::estargz::TOC_DIGEST_ANNOTATION;
-use crate::remote::{Access, RemoteLayer};
+use crate::remote::{Access, RemoteLayer, Via};
 use crate::skeleton;
 use lcfs_engine::{Engine, Error as EngineError};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 /// Labels Docker's containerd image store and containerd's CRI plugin put
@@ -69,6 +69,9 @@ pub struct Config {
     /// Registry host (as in image references) to its base URL and access;
     /// any other host is reached at `https://HOST` without credentials.
     pub registries: BTreeMap<String, Registry>,
+    /// The cooperative pull's home peers, when this daemon has a mirror:
+    /// each blob is read through its home first.
+    pub peers: Option<lcfs_mirror::Peers>,
 }
 
 /// A registry the lazy mount reads layers from.
@@ -139,6 +142,61 @@ struct LazyLayer {
     fetched_bytes: AtomicU64,
     fetch_errors: AtomicU64,
     done: AtomicBool,
+    /// Chunks being fetched now: a read of a block in one waits for that
+    /// fetch instead of fetching the chunk again (FUSE reads a file in
+    /// several requests at once).
+    in_flight: Mutex<BTreeSet<usize>>,
+    landed: Condvar,
+}
+
+/// Chunks one fetch claimed; given back (and the waiters woken) on drop.
+struct Claim<'a> {
+    layer: &'a LazyLayer,
+    chunks: Range<usize>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut set = self
+            .layer
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for c in self.chunks.clone() {
+            set.remove(&c);
+        }
+        self.layer.landed.notify_all();
+    }
+}
+
+impl LazyLayer {
+    /// Claims chunks `r` for a fetch, cut short before the first chunk
+    /// another fetch has. When that other fetch has `r`'s first chunk,
+    /// waits (until `deadline`) for it to end and returns None: the caller
+    /// looks again at what is absent.
+    fn claim(&self, r: Range<usize>, deadline: Instant) -> Option<Claim<'_>> {
+        let mut set = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        if set.contains(&r.start) {
+            while set.contains(&r.start) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                set = self
+                    .landed
+                    .wait_timeout(set, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            return None;
+        }
+        let end = set.range(r.clone()).next().copied().unwrap_or(r.end);
+        set.extend(r.start..end);
+        Some(Claim {
+            layer: self,
+            chunks: r.start..end,
+        })
+    }
 }
 
 impl LazyLayer {
@@ -161,6 +219,8 @@ impl LazyLayer {
             opened: Mutex::new(opened.map(Arc::new)),
             fetch_errors: AtomicU64::new(0),
             done: AtomicBool::new(false),
+            in_flight: Mutex::new(BTreeSet::new()),
+            landed: Condvar::new(),
         })
     }
 }
@@ -250,6 +310,10 @@ pub struct LayerReport {
     pub blocks: u64,
     pub absent_blocks: u64,
     pub fetched_bytes: u64,
+    /// Of `fetched_bytes`, those a cooperative-pull peer sent (since this
+    /// daemon started).
+    #[serde(default)]
+    pub peer_bytes: u64,
     pub fetch_errors: u64,
     pub complete: bool,
 }
@@ -326,6 +390,46 @@ impl Lazy {
         lazy
     }
 
+    /// The home peer of the blob at `blob_url`, when there are peers.
+    fn via(&self, blob_url: &str) -> Option<Via> {
+        let peers = self.config.peers.clone()?;
+        let (host, name, hex) = self.blob_of(blob_url)?;
+        let route = peers.route(&host, &name, &hex)?;
+        Some(Via { route, peers })
+    }
+
+    /// The registry host (as image references name it), repository and
+    /// digest of a blob URL this made.
+    fn blob_of(&self, blob_url: &str) -> Option<(String, String, String)> {
+        use crate::remote::origin;
+        let o = origin(blob_url);
+        let (name, hex) = blob_url[o.len()..]
+            .strip_prefix("/v2/")?
+            .rsplit_once("/blobs/sha256:")?;
+        let host = match self
+            .config
+            .registries
+            .iter()
+            .find(|(_, r)| origin(r.url.trim_end_matches('/')) == o)
+        {
+            Some((host, _)) => host.clone(),
+            None if o == "https://registry-1.docker.io" => "docker.io".into(),
+            None => o.strip_prefix("https://")?.to_string(),
+        };
+        Some((host, name.to_string(), hex.to_string()))
+    }
+
+    /// Opens the layer at `url`, through its home peer when there is one.
+    fn open_remote(&self, url: &str, toc: &str) -> crate::estargz::Result<RemoteLayer> {
+        RemoteLayer::open_via(
+            url,
+            toc,
+            self.config.fetch_timeout,
+            &self.access_for(url),
+            self.via(url),
+        )
+    }
+
     /// Stops the background fetches (they end within one range).
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -394,13 +498,9 @@ impl Lazy {
         if let Some(o) = &*slot {
             return Ok(o.clone());
         }
-        let remote = RemoteLayer::open_with(
-            &layer.url,
-            &layer.toc_digest,
-            self.config.fetch_timeout,
-            &self.access_for(&layer.url),
-        )
-        .map_err(|e| e.to_string())?;
+        let remote = self
+            .open_remote(&layer.url, &layer.toc_digest)
+            .map_err(|e| e.to_string())?;
         layer
             .fetched_bytes
             .fetch_add(remote.fetched(), Ordering::Relaxed);
@@ -525,11 +625,24 @@ impl Lazy {
                 let f = o
                     .file_of(lbn)
                     .ok_or_else(|| format!("block {lbn} is in no file of the TOC"))?;
+                if !self.engine.is_absent(lbn).map_err(|e| e.to_string())? {
+                    return Ok(()); // another read's fetch filled it
+                }
                 let r = self.plan(&o, f, (lbn - f.first) * BLOCK, READ_AHEAD);
-                self.fill_chunks(&layer, &o, r)
+                match layer.claim(r, deadline) {
+                    Some(claim) => self.fill_chunks(&layer, &o, claim.chunks.clone()),
+                    // Another fetch had the chunk and ended: look again.
+                    None if Instant::now() < deadline => Ok(()),
+                    None => Err("another read's fetch of the block did not end".into()),
+                }
             });
             match tried {
-                Ok(()) => return Ok(()),
+                // Filled, by this fetch or the one waited for (which may
+                // have failed: then this one tries).
+                Ok(()) => match self.engine.is_absent(lbn) {
+                    Ok(true) if Instant::now() < deadline => continue,
+                    _ => return Ok(()),
+                },
                 Err(why) => {
                     layer.fetch_errors.fetch_add(1, Ordering::Relaxed);
                     if Instant::now() + pause >= deadline {
@@ -602,7 +715,12 @@ impl Lazy {
                 continue;
             }
             let r = self.plan(&o, f, (absent[0] - f.first) * BLOCK, BACKGROUND_RANGE);
-            self.fill_chunks(layer, &o, r)?;
+            let far = Instant::now() + Duration::from_secs(60);
+            let Some(claim) = layer.claim(r, far) else {
+                continue; // a reader fetched it: look again
+            };
+            self.fill_chunks(layer, &o, claim.chunks.clone())?;
+            drop(claim);
             if self
                 .engine
                 .is_absent(absent[0])
@@ -668,6 +786,10 @@ impl Lazy {
                     .map(|a| a.len() as u64)
                     .unwrap_or(l.count),
                 fetched_bytes: l.fetched_bytes.load(Ordering::Relaxed),
+                // Held only while the TOC is fetched: nothing fetched yet.
+                peer_bytes: l.opened.try_lock().ok().map_or(0, |o| {
+                    o.as_ref().map_or(0, |o| o.remote.fetched_from_peer())
+                }),
                 fetch_errors: l.fetch_errors.load(Ordering::Relaxed),
                 complete: l.done.load(Ordering::Relaxed),
             })
@@ -683,13 +805,7 @@ impl Lazy {
     ) -> std::result::Result<(), String> {
         let began = Instant::now();
         let (url, toc) = self.source(labels).ok_or("no eStargz layer named")?;
-        let remote = RemoteLayer::open_with(
-            &url,
-            &toc,
-            self.config.fetch_timeout,
-            &self.access_for(&url),
-        )
-        .map_err(|e| e.to_string())?;
+        let remote = self.open_remote(&url, &toc).map_err(|e| e.to_string())?;
         let id = self.engine.layer_id(name).map_err(|e| e.to_string())?;
         let tar = skeleton::skeleton_tar(&remote.index).map_err(|e| e.to_string())?;
         lcfs_dockerplugin::apply_tar(&self.engine, id, &tar[..]).map_err(|e| e.to_string())?;

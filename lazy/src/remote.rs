@@ -12,6 +12,12 @@
 //! requests after it. Credentials go to the registry's origin and its
 //! token realm only, never to a redirect's other origin nor to an
 //! `http://` realm of an `https://` registry. Redirects: up to 5.
+//!
+//! Through the cooperative-pull peers ([`Via`]): every request goes to the
+//! blob's home peer first (with the peers' headers, never the registry's
+//! credentials), and to the registry when the peer fails, is slow, or sends
+//! bytes that fail their digest (then the peer is left alone for
+//! [`PEER_PENALTY`]).
 
 use crate::estargz::{parse_footer, Error, Index, Result, FOOTER_SIZE};
 use base64::Engine as _;
@@ -33,6 +39,8 @@ pub struct Access {
 struct Blob {
     url: String,
     agent: ureq::Agent,
+    /// Sent with every request (a peer's).
+    headers: Vec<(String, String)>,
     credentials: Option<Credentials>,
     /// The `Authorization` a 401 led to, sent from then on.
     authorization: Mutex<Option<String>>,
@@ -43,7 +51,37 @@ struct Blob {
 /// A layer blob at `url` (`http(s)://host/v2/NAME/blobs/sha256:...`).
 pub struct RemoteLayer {
     blob: Blob,
+    peer: Option<PeerSource>,
     pub index: Index,
+}
+
+/// How long a peer that failed is left alone.
+pub const PEER_PENALTY: Duration = Duration::from_secs(30);
+
+/// The blob's home peer to read through (the cooperative pull's mirror).
+pub struct Via {
+    pub route: lcfs_mirror::PeerRoute,
+    pub peers: lcfs_mirror::Peers,
+}
+
+struct PeerSource {
+    blob: Blob,
+    via: Via,
+    /// Until when the peer is left alone after it failed.
+    down_until: Mutex<Option<std::time::Instant>>,
+}
+
+impl PeerSource {
+    fn usable(&self) -> bool {
+        let down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
+        down.is_none_or(|t| std::time::Instant::now() >= t)
+    }
+
+    fn failed(&self, why: &str) {
+        *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(std::time::Instant::now() + PEER_PENALTY);
+        self.via.peers.failed(&self.via.route.peer, why);
+    }
 }
 
 fn http_err(url: &str, e: ureq::Error) -> Error {
@@ -80,6 +118,9 @@ impl Blob {
                     req = req.set("Range", &format!("bytes={start}-{}", end - 1));
                 }
                 let home = origin(&url) == origin(&self.url);
+                for (k, v) in &self.headers {
+                    req = req.set(k, v);
+                }
                 if home {
                     let auth = self
                         .authorization
@@ -245,6 +286,55 @@ fn scope_of(url: &str) -> String {
         .unwrap_or_default()
 }
 
+/// `what` done with the peer, else (or when the peer fails at it) with the
+/// registry.
+fn from_sources<T>(
+    peer: Option<&PeerSource>,
+    registry: &Blob,
+    what: impl Fn(&Blob) -> Result<T>,
+) -> Result<T> {
+    if let Some(p) = peer.filter(|p| p.usable()) {
+        match what(&p.blob) {
+            Ok(v) => return Ok(v),
+            Err(e) => p.failed(&e.to_string()),
+        }
+    }
+    what(registry)
+}
+
+/// The blob's size (a HEAD), footer and TOC (two ranges), the TOC checked
+/// against `toc_digest`.
+fn open_index(blob: &Blob, toc_digest: &str) -> Result<Index> {
+    let url = &blob.url;
+    let head = blob.send("HEAD", None)?;
+    let size: u64 = head
+        .header("content-length")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Error::Input(format!("{url}: no Content-Length in the answer to HEAD")))?;
+    let tail_len = size.min(FOOTER_SIZE as u64);
+    let tail = blob.range(size - tail_len, size)?;
+    let (toc_offset, footer_size) = parse_footer(&tail)?;
+    let toc_end = size - footer_size as u64;
+    if toc_offset >= toc_end {
+        return Err(Error::Format(format!(
+            "the footer puts the TOC at {toc_offset}, past its end {toc_end}"
+        )));
+    }
+    // The TOC's gzip member is read whole: bounded as the TOC is (a
+    // compressed TOC is smaller than the TOC).
+    if toc_end - toc_offset > crate::estargz::MAX_TOC_BYTES {
+        return Err(Error::Format(format!(
+            "a TOC member of {} bytes (at most {} are read)",
+            toc_end - toc_offset,
+            crate::estargz::MAX_TOC_BYTES
+        )));
+    }
+    let toc = blob.range(toc_offset, toc_end)?;
+    let index = Index::from_toc_member(&toc[..], toc_offset, size)?;
+    index.verify_toc(toc_digest)?;
+    Ok(index)
+}
+
 impl RemoteLayer {
     /// Opens the layer: its footer and TOC, the TOC checked against
     /// `toc_digest`.
@@ -259,55 +349,62 @@ impl RemoteLayer {
         timeout: Duration,
         access: &Access,
     ) -> Result<RemoteLayer> {
+        RemoteLayer::open_via(url, toc_digest, timeout, access, None)
+    }
+
+    /// [`RemoteLayer::open_with`] through the blob's home peer, when
+    /// `via` names one.
+    pub fn open_via(
+        url: &str,
+        toc_digest: &str,
+        timeout: Duration,
+        access: &Access,
+        via: Option<Via>,
+    ) -> Result<RemoteLayer> {
         let tls = lcfs_mirror::upstream::tls_config(&access.ca_certificates)
             .map_err(|e| Error::Input(format!("TLS for {url}: {e}")))?;
-        let agent = ureq::AgentBuilder::new()
-            .timeout_connect(timeout)
-            .timeout_read(timeout)
-            .redirects(0)
-            .tls_config(Arc::new(tls))
-            .build();
+        let agent = |timeout: Duration| {
+            ureq::AgentBuilder::new()
+                .timeout_connect(timeout)
+                .timeout_read(timeout)
+                .redirects(0)
+                .tls_config(Arc::new(tls.clone()))
+                .build()
+        };
         let blob = Blob {
             url: url.to_string(),
-            agent,
+            agent: agent(timeout),
+            headers: Vec::new(),
             credentials: access.credentials.clone(),
             authorization: Mutex::new(None),
             fetched: AtomicU64::new(0),
         };
-        let head = blob.send("HEAD", None)?;
-        let size: u64 = head
-            .header("content-length")
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| {
-                Error::Input(format!("{url}: no Content-Length in the answer to HEAD"))
-            })?;
-        let tail_len = size.min(FOOTER_SIZE as u64);
-        let tail = blob.range(size - tail_len, size)?;
-        let (toc_offset, footer_size) = parse_footer(&tail)?;
-        let toc_end = size - footer_size as u64;
-        if toc_offset >= toc_end {
-            return Err(Error::Format(format!(
-                "the footer puts the TOC at {toc_offset}, past its end {toc_end}"
-            )));
-        }
-        // The TOC's gzip member is read whole: bounded as the TOC is (a
-        // compressed TOC is smaller than the TOC).
-        if toc_end - toc_offset > crate::estargz::MAX_TOC_BYTES {
-            return Err(Error::Format(format!(
-                "a TOC member of {} bytes (at most {} are read)",
-                toc_end - toc_offset,
-                crate::estargz::MAX_TOC_BYTES
-            )));
-        }
-        let toc = blob.range(toc_offset, toc_end)?;
-        let index = Index::from_toc_member(&toc[..], toc_offset, size)?;
-        index.verify_toc(toc_digest)?;
-        Ok(RemoteLayer { blob, index })
+        let peer = via.map(|via| PeerSource {
+            blob: Blob {
+                url: via.route.url.clone(),
+                agent: agent(via.route.timeout.min(timeout)),
+                headers: via.route.headers.clone(),
+                credentials: None,
+                authorization: Mutex::new(None),
+                fetched: AtomicU64::new(0),
+            },
+            via,
+            down_until: Mutex::new(None),
+        });
+        let index = from_sources(peer.as_ref(), &blob, |b| open_index(b, toc_digest))?;
+        Ok(RemoteLayer { blob, peer, index })
     }
 
     /// Bytes of the blob fetched so far (the footer and TOC included).
     pub fn fetched(&self) -> u64 {
-        self.blob.fetched.load(Ordering::Relaxed)
+        self.blob.fetched.load(Ordering::Relaxed) + self.fetched_from_peer()
+    }
+
+    /// Of [`RemoteLayer::fetched`], the bytes the home peer sent.
+    pub fn fetched_from_peer(&self) -> u64 {
+        self.peer
+            .as_ref()
+            .map_or(0, |p| p.blob.fetched.load(Ordering::Relaxed))
     }
 
     /// File `name`'s content (a hard link's target's): its chunks fetched
@@ -344,15 +441,17 @@ impl RemoteLayer {
             )));
         }
         let base = ix.chunks[first].start;
-        let members = self.blob.range(base, ix.chunks[last].end)?;
-        let mut out = Vec::with_capacity(last - first + 1);
-        for n in first..=last {
-            let c = &ix.chunks[n];
-            out.push(ix.read_chunk(
-                n,
-                &members[(c.start - base) as usize..(c.end - base) as usize],
-            )?);
-        }
-        Ok(out)
+        from_sources(self.peer.as_ref(), &self.blob, |b| {
+            let members = b.range(base, ix.chunks[last].end)?;
+            let mut out = Vec::with_capacity(last - first + 1);
+            for n in first..=last {
+                let c = &ix.chunks[n];
+                out.push(ix.read_chunk(
+                    n,
+                    &members[(c.start - base) as usize..(c.end - base) as usize],
+                )?);
+            }
+            Ok(out)
+        })
     }
 }

@@ -101,6 +101,7 @@ fn config(r: &Registry, background: bool) -> Config {
             host.to_string(),
             mount::Registry::plain(format!("http://{host}")),
         )]),
+        peers: None,
     }
 }
 
@@ -314,4 +315,140 @@ fn a_file_under_a_directory_symlink_is_where_the_applier_put_it() {
     let (_, e) = engine();
     let (_lazy, id) = mounted(&e, &r, &l, false);
     assert_eq!(read(&e, id, "srv/via-link").unwrap(), HELLO);
+}
+
+/// A free local address (bound and let go).
+fn free_address() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// The cooperative pull's mirror on `e` at `at`: `r` its upstream for
+/// `r`'s host, `peers` its peers.
+fn mirror_at(
+    e: &Arc<Engine>,
+    at: std::net::SocketAddr,
+    r: &Registry,
+    peers: Vec<String>,
+) -> lcfs_mirror::MirrorServer {
+    let config = lcfs_mirror::Config {
+        listen: at,
+        cache_bytes: 64 << 20,
+        upstreams: BTreeMap::from([(
+            r.host().to_string(),
+            lcfs_mirror::Upstream::plain(format!("http://{}", r.host())),
+        )]),
+        ca_certificates: Vec::new(),
+        default_upstream: None,
+        peers,
+        peers_dns: None,
+        self_address: Some(at.to_string()),
+        token: Some("peers-token".into()),
+        peer_timeout: Duration::from_secs(2),
+        upstream_timeout: Duration::from_secs(5),
+    };
+    lcfs_mirror::serve(e.clone(), config).unwrap()
+}
+
+#[test]
+fn reads_go_through_the_home_peer_and_past_one_that_sends_wrong_chunks() {
+    let l = layer();
+    let digest = format!(
+        "sha256:{}",
+        lcfs_engine::digest::hex(&<sha2::Sha256 as sha2::Digest>::digest(&l.blob[..]))
+    );
+    let r = registry(l.blob.clone(), Serve::Ranges);
+    let (_, e) = engine();
+    let mut labels = labels(&r, &l.toc);
+    labels.insert(LABEL_LAYER_DIGEST.to_string(), digest);
+    let layer_through = |lazy: &Arc<Lazy>, name: &str| {
+        let id = e.create_layer(name, true).unwrap();
+        lazy.populate(name, &labels).unwrap();
+        e.commit_layer(name).unwrap();
+        id
+    };
+
+    // This host is the blob's home: its mirror passes the ranges on from
+    // the registry and fetches the blob whole for the cluster.
+    let at = free_address();
+    let m = mirror_at(&e, at, &r, vec![at.to_string()]);
+    let mut c = config(&r, false);
+    c.peers = Some(m.peers());
+    let lazy = Lazy::start(e.clone(), c);
+    let id = layer_through(&lazy, "img");
+    assert_eq!(read(&e, id, "bin/hello").unwrap(), HELLO);
+    assert_eq!(read(&e, id, "srv/big").unwrap(), l.big);
+    let rep = &lazy.report()[0];
+    assert!(rep.peer_bytes > 0, "{rep:?}");
+    assert_eq!(rep.peer_bytes, rep.fetched_bytes, "{rep:?}");
+    let counters = m.counters.values();
+    assert!(counters["ranges_passed"] >= 1, "{counters:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while m.counters.values()["blobs_from_upstream"] == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the mirror did not cache the blob"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The next layer of that blob reads from the mirror's cache: the
+    // registry sends nothing more.
+    let served = r.served();
+    let again = layer_through(&lazy, "img-again");
+    assert_eq!(read(&e, again, "srv/big").unwrap(), l.big);
+    assert_eq!(r.served(), served);
+    lazy.stop();
+    m.shutdown();
+
+    // A home peer whose TOC is right and whose chunks are not: each read
+    // fetches again from the registry, right, and the peer is left alone.
+    let (_, e2) = engine();
+    let wrong = registry(l.blob.clone(), Serve::FlippedBefore(l.toc_offset));
+    let at = free_address();
+    let m = mirror_at(&e2, at, &r, vec![wrong.host().to_string()]);
+    let mut c = config(&r, false);
+    c.peers = Some(m.peers());
+    let lazy = Lazy::start(e2.clone(), c);
+    let id = e2.create_layer("img", true).unwrap();
+    lazy.populate("img", &labels).unwrap();
+    e2.commit_layer("img").unwrap();
+    assert_eq!(read(&e2, id, "bin/hello").unwrap(), HELLO);
+    assert_eq!(read(&e2, id, "srv/big").unwrap(), l.big);
+    assert!(m.counters.values()["fallbacks"] >= 1);
+    lazy.stop();
+    m.shutdown();
+}
+
+#[test]
+fn reads_of_one_chunk_at_once_fetch_it_once() {
+    let l = layer();
+    let r = registry(l.blob.clone(), Serve::SlowRanges);
+    let (_, e) = engine();
+    let (lazy, id) = mounted(&e, &r, &l, false);
+    let after_mount = r.served();
+    let big = ino(&e, id, "srv/big");
+    // As FUSE reads a file: several requests of 128 KiB at once.
+    std::thread::scope(|s| {
+        for piece in 0..8u64 {
+            let e = &e;
+            let want = &l.big;
+            s.spawn(move || {
+                let at = piece * (128 << 10);
+                let got = e.read(id, big, at, 128 << 10).unwrap();
+                assert_eq!(got, want[at as usize..at as usize + (128 << 10)]);
+            });
+        }
+    });
+    // Every chunk fetched once at most: no more than the layer's chunks
+    // (the read-ahead of the first fetch covers them all, the other
+    // reads wait for it).
+    let fetched = r.served() - after_mount;
+    assert!(
+        fetched <= l.toc_offset as u64,
+        "{fetched} bytes fetched; the layer's chunks are {} bytes",
+        l.toc_offset
+    );
+    assert_eq!(lazy.report()[0].fetch_errors, 0);
 }

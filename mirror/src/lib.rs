@@ -108,6 +108,9 @@ pub struct Counters {
     pub digest_mismatches: AtomicU64,
     /// A source that failed (down, slow, cut short), and the next was tried.
     pub fallbacks: AtomicU64,
+    /// Ranges of a blob not here yet, fetched from the next source and
+    /// passed on uncached.
+    pub ranges_passed: AtomicU64,
 }
 
 /// A snapshot of [`Counters`].
@@ -128,6 +131,7 @@ impl Counters {
             ("bytes_to_peers", v(&self.bytes_to_peers)),
             ("digest_mismatches", v(&self.digest_mismatches)),
             ("fallbacks", v(&self.fallbacks)),
+            ("ranges_passed", v(&self.ranges_passed)),
         ])
     }
 }
@@ -181,9 +185,75 @@ pub struct MirrorServer {
     pub counters: Arc<Counters>,
     /// The blob cache (the garbage collector evicts from it).
     pub store: Arc<BlobStore>,
+    mirror: Arc<Mirror>,
+}
+
+/// Where a blob's home peer serves it, for a reader of ranges on this
+/// host (the lazy mount): its URL there and the headers a peer's request
+/// carries (the peers' token, never the upstream's credentials).
+#[derive(Clone, Debug)]
+pub struct PeerRoute {
+    pub peer: String,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    /// How long the peer may take to answer.
+    pub timeout: Duration,
+}
+
+/// The mirror's choice of home peers, for the lazy mount of this host.
+#[derive(Clone)]
+pub struct Peers(Arc<Mirror>);
+
+impl Peers {
+    /// The home of blob `sha256:hex` of repository `name` of registry
+    /// `ns`, when the mirror has peers (this host may be the home: its own
+    /// mirror then fetches the blob for the cluster).
+    pub fn route(&self, ns: &str, name: &str, hex: &str) -> Option<PeerRoute> {
+        let m = &self.0;
+        let home = m.home(hex)?;
+        let mut headers = vec![(PEER_HEADER.to_string(), "1".to_string())];
+        if let Some(t) = &m.config.token {
+            headers.push(("Authorization".to_string(), format!("Bearer {t}")));
+        }
+        Some(PeerRoute {
+            url: format!(
+                "http://{home}/v2/{name}/blobs/sha256:{hex}?ns={}",
+                percent_encode_ns(ns)
+            ),
+            peer: home,
+            headers,
+            timeout: m.config.peer_timeout,
+        })
+    }
+
+    /// A peer failed a reader: left out of the homes for a while.
+    pub fn failed(&self, peer: &str, why: &str) {
+        self.0.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+        log::warn!("mirror: peer {peer}: {why}; reading from the next source");
+        self.0.penalize(peer);
+    }
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers")
+            .field("peers", &self.0.config.peers)
+            .field("self", &self.0.config.self_address)
+            .finish()
+    }
+}
+
+/// `ns` as a query value (a registry host: letters, digits, `.-:` pass).
+fn percent_encode_ns(ns: &str) -> String {
+    upstream::percent_encode(ns)
 }
 
 impl MirrorServer {
+    /// The mirror's home peers, for the lazy mount.
+    pub fn peers(&self) -> Peers {
+        Peers(self.mirror.clone())
+    }
+
     pub fn shutdown(mut self) {
         let _ = self.stop.send(true);
         if let Some(t) = self.thread.take() {
@@ -220,6 +290,7 @@ pub fn serve(engine: Arc<Engine>, config: Config) -> io::Result<MirrorServer> {
         resolved: Mutex::new(Vec::new()),
         counters: counters.clone(),
     });
+    let served = mirror.clone();
     let thread = std::thread::Builder::new()
         .name("lcfs-mirror".into())
         .spawn(move || {
@@ -285,6 +356,7 @@ pub fn serve(engine: Arc<Engine>, config: Config) -> io::Result<MirrorServer> {
         address,
         counters,
         store,
+        mirror: served,
     })
 }
 
@@ -771,6 +843,23 @@ async fn blob(
             return stream_cached(m, hex, b, range, from_peer);
         }
     }
+    // A bounded range not here yet (a lazy reader's) is not kept waiting
+    // for the download to reach it: it is fetched from the next source and
+    // passed on, while the blob is fetched for the cache.
+    if let (Some((first, Some(last))), false) = (range, head) {
+        let here = m
+            .downloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(hex)
+            .is_some_and(|d| d.progress.borrow().written > last);
+        if !here {
+            if let Err((_, _, why)) = join_or_start(m, name, hex, ns, from_peer) {
+                log::debug!("mirror: sha256:{hex} not cached: {why}");
+            }
+            return pass_range(m, name, hex, ns, (first, last), from_peer).await;
+        }
+    }
     let download = match join_or_start(m, name, hex, ns, from_peer) {
         Ok(d) => d,
         Err((status, code, message)) => return oci_error(status, code, &message),
@@ -779,6 +868,125 @@ async fn blob(
         m.counters.served_to_peers.fetch_add(1, Ordering::Relaxed);
     }
     stream_download(m, hex, download, range, from_peer).await
+}
+
+/// Bytes `first..=last` of blob `hex` from the sources in turn, passed on
+/// as they arrive and not cached. They cannot be checked against the
+/// blob's digest: the reader checks them (the lazy mount against its TOC's
+/// chunk digests).
+async fn pass_range(
+    m: &Arc<Mirror>,
+    name: &str,
+    hex: &str,
+    ns: Option<&str>,
+    (first, last): (u64, u64),
+    from_peer: bool,
+) -> Response<Body_> {
+    let path = format!("/v2/{name}/blobs/sha256:{hex}");
+    let Ok(asked) = HeaderValue::from_str(&format!("bytes={first}-{last}")) else {
+        return range_past_the_end();
+    };
+    let mut why = String::from("no upstream is configured for this registry");
+    for source in m.sources(hex, ns, from_peer) {
+        let url = m.url(&source, &path, ns);
+        let r = match m
+            .fetch(&source, &url, Method::GET, &[(RANGE, asked.clone())])
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                fail_source(m, &source, &e);
+                why = e;
+                continue;
+            }
+        };
+        let got = r
+            .headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_content_range);
+        let (start, end, size) = match (r.status(), got) {
+            (StatusCode::PARTIAL_CONTENT, Some((s, e, n))) if s == first && e <= last => (s, e, n),
+            (StatusCode::RANGE_NOT_SATISFIABLE, _) => return range_past_the_end(),
+            (status, _) => {
+                why = format!("{url} answered {status} to a range {first}-{last}");
+                if status == StatusCode::NOT_FOUND && matches!(source, Source::Upstream(_)) {
+                    return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", &why);
+                }
+                fail_source(m, &source, &why);
+                continue;
+            }
+        };
+        m.counters.ranges_passed.fetch_add(1, Ordering::Relaxed);
+        let length = end - start + 1;
+        let timeout = match source {
+            Source::Peer(_) => m.config.peer_timeout,
+            Source::Upstream(_) => m.config.upstream_timeout,
+        };
+        let counters = m.counters.clone();
+        let from = match source {
+            Source::Peer(_) => "peer",
+            Source::Upstream(_) => "upstream",
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let mut body = r.into_body();
+        tokio::spawn(async move {
+            let mut left = length;
+            while left > 0 {
+                let frame = match tokio::time::timeout(timeout, body.frame()).await {
+                    Ok(Some(Ok(f))) => f,
+                    Ok(Some(Err(e))) => {
+                        let _ = tx.send(Err(io::Error::other(e))).await;
+                        return;
+                    }
+                    Ok(None) | Err(_) => {
+                        let _ = tx
+                            .send(Err(io::Error::other(format!("the {from} stopped sending"))))
+                            .await;
+                        return;
+                    }
+                };
+                let Ok(mut data) = frame.into_data() else {
+                    continue;
+                };
+                data.truncate(left.min(usize::MAX as u64) as usize);
+                left -= data.len() as u64;
+                let n = data.len() as u64;
+                match from {
+                    "peer" => &counters.bytes_from_peers,
+                    _ => &counters.bytes_from_upstream,
+                }
+                .fetch_add(n, Ordering::Relaxed);
+                if from_peer {
+                    counters.bytes_to_peers.fetch_add(n, Ordering::Relaxed);
+                }
+                if tx.send(Ok(data)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut resp = Response::new(BoxBody::new(ChannelBody { rx }));
+        *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+        let total = size.map_or("*".to_string(), |n| n.to_string());
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{total}")) {
+            resp.headers_mut().insert("content-range", v);
+        }
+        blob_headers(&mut resp, hex, Some(length));
+        return resp;
+    }
+    oci_error(StatusCode::BAD_GATEWAY, "UNAVAILABLE", &why)
+}
+
+/// `bytes FIRST-LAST/SIZE` (SIZE may be `*`).
+pub fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+    let (span, size) = v.trim().strip_prefix("bytes ")?.split_once('/')?;
+    let (a, b) = span.split_once('-')?;
+    let (a, b): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
+    let size = match size {
+        "*" => None,
+        n => Some(n.parse().ok()?),
+    };
+    (a <= b && size.is_none_or(|n| b < n)).then_some((a, b, size))
 }
 
 /// Hashes cached blob `hex` again; drops it when it does not match.

@@ -107,7 +107,7 @@ fn serve_one(
         let mut parts = line.split_whitespace();
         let method = parts.next().unwrap_or("").to_string();
         let path = parts.next().unwrap_or("").to_string();
-        let mut range: Option<u64> = None;
+        let mut range: Option<(u64, Option<u64>)> = None;
         let mut authorization = None;
         loop {
             let mut h = String::new();
@@ -119,7 +119,8 @@ fn serve_one(
             }
             let lower = h.to_ascii_lowercase();
             if let Some(v) = lower.strip_prefix("range: bytes=") {
-                range = v.trim().trim_end_matches('-').parse().ok();
+                let (a, b) = v.trim().split_once('-').unwrap_or((v.trim(), ""));
+                range = a.parse().ok().map(|a| (a, b.parse().ok()));
             }
             if lower.starts_with("authorization:") {
                 authorization = Some(h[14..].trim().to_string());
@@ -224,15 +225,21 @@ fn serve_one(
             } else {
                 ("404 Not Found", "application/json", b"{}".to_vec())
             };
-        let (status, body) = match range {
-            Some(first) if status.starts_with("200") && ctype.ends_with("octet-stream") => {
-                let first = (first as usize).min(body.len());
-                ("206 Partial Content", body[first..].to_vec())
+        let (status, body, content_range) = match range {
+            Some((first, last)) if status.starts_with("200") && ctype.ends_with("octet-stream") => {
+                let size = body.len();
+                let first = (first as usize).min(size);
+                let end = last.map_or(size, |l| (l as usize + 1).min(size));
+                let span = format!(
+                    "Content-Range: bytes {first}-{}/{size}\r\n",
+                    end.max(first + 1) - 1
+                );
+                ("206 Partial Content", body[first..end].to_vec(), span)
             }
-            _ => (status, body),
+            _ => (status, body, String::new()),
         };
         let head = format!(
-            "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
+            "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n{content_range}Content-Length: {}\r\n\r\n",
             body.len()
         );
         if out.write_all(head.as_bytes()).is_err() {
@@ -304,7 +311,7 @@ fn config(listen: SocketAddr, upstream: &Upstream, peers: &[SocketAddr]) -> Conf
         peers_dns: None,
         self_address: Some(listen.to_string()),
         token: None,
-        peer_timeout: Duration::from_millis(500),
+        peer_timeout: Duration::from_secs(2),
         upstream_timeout: Duration::from_secs(10),
     }
 }
@@ -741,5 +748,77 @@ fn an_upstream_behind_the_token_flow_is_pulled_with_this_hosts_credentials_only(
         assert_eq!(get(me, "GET", &blob_path(&fresh), &[]).0, 502);
         assert_eq!(host.counters()["blobs_from_upstream"], 0);
         host.mirror.unwrap().shutdown();
+    }
+}
+
+#[test]
+fn a_range_not_here_yet_is_passed_on_through_the_home_and_the_blob_cached_for_later() {
+    let big = pattern(77, 6 << 20);
+    let size = big.len();
+    let upstream = Upstream::start(vec![big.clone()], Behaviour::Slow);
+    let addresses = [free_port(), free_port()];
+    let hosts: Vec<Host> = addresses
+        .iter()
+        .map(|a| Host::start(config(*a, &upstream, &addresses)))
+        .collect();
+    let home = (0..2)
+        .max_by_key(|&i| score(&addresses[i].to_string(), &hex(&big)))
+        .unwrap();
+    let other = 1 - home;
+    // The blob's tail, as a lazy reader asks for it, from the host that is
+    // not its home: passed on from the upstream through the home, without
+    // waiting for the home's download to reach it.
+    let range = |first: usize, last: usize| format!("Range: bytes={first}-{last}");
+    let (status, headers, body, whole) = get(
+        addresses[other],
+        "GET",
+        &blob_path(&big),
+        &[&range(size - 100, size - 1)],
+    );
+    assert_eq!(status, 206);
+    assert!(whole && body == big[size - 100..]);
+    assert_eq!(
+        headers["content-range"],
+        format!("bytes {}-{}/{size}", size - 100, size - 1)
+    );
+    assert!(hosts[home].counters()["ranges_passed"] >= 1);
+    // Meanwhile both hosts cache the blob, the upstream sending it once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while hosts
+        .iter()
+        .any(|h| h.counters()["blobs_from_upstream"] + h.counters()["blobs_from_peers"] == 0)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the blob was not cached"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(hosts[home].counters()["blobs_from_upstream"], 1);
+    assert_eq!(hosts[other].counters()["blobs_from_peers"], 1);
+    // A range now comes from the cache: nothing more passed on or fetched.
+    let passed: u64 = hosts.iter().map(|h| h.counters()["ranges_passed"]).sum();
+    let gets = upstream.gets.lock().unwrap().clone();
+    for h in [home, other] {
+        let (status, _, body, _) = get(
+            addresses[h],
+            "GET",
+            &blob_path(&big),
+            &[&range(1000, 70_000)],
+        );
+        assert_eq!((status, body.as_slice()), (206, &big[1000..=70_000]));
+    }
+    assert_eq!(
+        hosts
+            .iter()
+            .map(|h| h.counters()["ranges_passed"])
+            .sum::<u64>(),
+        passed
+    );
+    assert_eq!(upstream.gets.lock().unwrap().clone(), gets);
+    // Whole blob GETs plus the one range: the upstream saw two GETs.
+    assert_eq!(gets.values().sum::<usize>(), 2, "{gets:?}");
+    for h in hosts {
+        h.mirror.unwrap().shutdown();
     }
 }

@@ -15,6 +15,9 @@
 #     from the device, the others fetched; with the background fetch on,
 #     the layer completes, is sealed and verifies, fsck clean;
 #   - an image that is not eStargz is pulled the normal way meanwhile;
+#   - through a cooperative-pull peer (a second lcfs daemon's mirror, the
+#     blob's home): read through it, the registry serving the blob once;
+#     with the peer gone, read from the registry;
 #   - the layer's registry over HTTPS asking for a password: fetched with
 #     the password from a docker config.json; with a wrong one, a normal
 #     pull.
@@ -152,6 +155,64 @@ quietly lcfs_ctl verify --all || fail "lcfs verify --all failed"
 quietly lcfs_ctl fsck --online || fail "fsck found problems"
 expect "the completed layer still reads right" "$big_sum" \
     "$(d run --rm --network none "$image" sha256sum /data/big | cut -d' ' -f1)"
+
+# --- through a cooperative-pull peer -------------------------------------------------------------------
+# A second lcfs daemon serves the registry mirror (docs/mirror.md); the
+# daemon under test serves one too, both peers, its port picked so that
+# the lazy layer's blob has its home at the other. The image pulled again
+# is mounted lazily through that home: it passes the first ranges on from
+# the registry and fetches the blob whole once; the reads after that cost
+# the registry nothing; with the home gone, reads go to the registry.
+quietly d image rm "$image" || fail "docker image rm failed"
+dockerd_stop l
+lcfs_stop
+lazy_config false
+peer_upstream() { printf '[upstreams]\n"%s" = "http://127.0.0.1:%s"\n' "$REGISTRY" "$PROXY_PORT"; }
+mirrors_start 1 "$REGISTRY" 512 "" peer_upstream
+home="127.0.0.1:${MIRROR_PORTS[0]}"
+blob_hex=$(jq -r '.layers[0].digest | ltrimstr("sha256:")' "$manifest")
+# This host's mirror address: a free loopback address and port whose
+# rendezvous score (docs/mirror.md, "Where a blob comes from") for the
+# blob is below the peer's.
+me=$(python3 -c 'import hashlib, random, socket, sys
+score = lambda p: hashlib.sha256(p.encode() + b"\0" + sys.argv[2].encode()).digest()[:8]
+for _ in range(100000):
+    s = socket.socket()
+    s.bind(("127.%d.%d.%d" % (random.randrange(256), random.randrange(256), random.randrange(1, 255)), 0))
+    me = "%s:%d" % s.getsockname()
+    s.close()
+    if score(me) < score(sys.argv[1]):
+        print(me)
+        break' "$home" "$blob_hex")
+[[ -n $me ]] || die "no address of this host leaves the blob's home at the peer $home"
+printf 'listen = "%s"\nself = "%s"\npeers = ["%s", "%s"]\ndefault_upstream = "%s"\n%s' \
+    "$me" "$me" "$me" "$home" "$REGISTRY" "$(peer_upstream)" >"$E2E_WORK/mirror.toml"
+LCFS_DAEMON_ARGS="--lazy-config $E2E_WORK/lazy.toml --mirror-config $E2E_WORK/mirror.toml"
+lcfs_start
+lcfs_snapshotter_wait
+docker26_start l lcfs
+quietly d pull "$image" || fail "docker pull $image through the peer failed"
+expect "through the peer: a container reads a small file" "small file" \
+    "$(d run --rm --network none "$image" cat /data/small.txt)"
+layers=$(lazy_layers)
+jq -e '.[0].peer_bytes > 0 and .[0].peer_bytes == .[0].fetched_bytes' <<<"$layers" >/dev/null ||
+    fail "the lazy layer did not read through its home peer: $layers"
+mirror_ctl 0 stats --json | jq -e '.mirror.ranges_passed >= 1' >/dev/null ||
+    fail "the home passed no range on: $(mirror_ctl 0 stats --json | jq -c .mirror)"
+for _ in $(seq 600); do
+    [[ $(mirror_ctl 0 stats --json | jq -r .mirror.blobs_from_upstream) == 1 ]] && break
+    sleep 0.1
+done
+expect "the home fetched the blob whole, once" 1 "$(mirror_ctl 0 stats --json | jq -r .mirror.blobs_from_upstream)"
+registry_bytes=$(proxy_bytes)
+expect "through the peer: the 64 MiB file read whole is the image's" "$big_sum" \
+    "$(d run --rm --network none "$image" sha256sum /data/big | cut -d' ' -f1)"
+expect "reads from the home's cache cost the registry nothing" "$registry_bytes" "$(proxy_bytes)"
+say "through the peer: $(lazy_layers | jq -c '.[0] | {fetched_bytes, peer_bytes}'); home $(mirror_ctl 0 stats --json | jq -c '.mirror | {ranges_passed, bytes_from_upstream, bytes_to_peers}')"
+mirrors_stop
+expect "the home gone: a file not fetched reads from the registry" "unread two" \
+    "$(d run --rm --network none "$image" cat /data/unread-2.txt)"
+LCFS_DAEMON_ARGS="--lazy-config $E2E_WORK/lazy.toml"
 
 # --- a registry that asks for a password, over HTTPS ------------------------------------------------
 # The same storage behind a registry with TLS (a CA made for the run) and

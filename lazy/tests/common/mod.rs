@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 #[derive(Clone, Copy, PartialEq, Debug)]
 pub enum Serve {
     Ranges,
+    /// Ranges, each answered after 100 ms.
+    SlowRanges,
     /// Every range answered with the whole blob, 200.
     Whole,
     /// Ranges of flipped bytes.
@@ -161,6 +163,10 @@ pub fn registry(blob: Arc<Vec<u8>>, how: Serve) -> Registry {
                         (Some((a, b)), Serve::Ranges) => {
                             ("206 Partial Content", blob[a..b].to_vec())
                         }
+                        (Some((a, b)), Serve::SlowRanges) => {
+                            std::thread::sleep(std::time::Duration::from_millis(100));
+                            ("206 Partial Content", blob[a..b].to_vec())
+                        }
                         (Some((a, b)), Serve::Flipped) => (
                             "206 Partial Content",
                             blob[a..b].iter().map(|x| x ^ 1).collect(),
@@ -173,9 +179,15 @@ pub fn registry(blob: Arc<Vec<u8>>, how: Serve) -> Registry {
                         ),
                         _ => ("200 OK", blob.to_vec()),
                     };
+                    let span = match range {
+                        Some((a, b)) if status.starts_with("206") => {
+                            format!("Content-Range: bytes {a}-{}/{}\r\n", b - 1, blob.len())
+                        }
+                        _ => String::new(),
+                    };
                     let _ = write!(
                         out,
-                        "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n",
+                        "HTTP/1.1 {status}\r\n{span}Content-Length: {}\r\n\r\n",
                         body.len()
                     );
                     if !head {
