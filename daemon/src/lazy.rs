@@ -6,7 +6,7 @@ use lcfs_lazy::mount::{Config, Lazy, Registry};
 use lcfs_lazy::remote::Access;
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +21,9 @@ struct File {
     /// `ca_file`, `username` + `password_file` or `docker_config`.
     #[serde(default)]
     registries: BTreeMap<String, crate::mirror::UpstreamEntry>,
+    /// containerd's hosts directory (e.g. /etc/containerd/certs.d), for
+    /// registries not in `registries`.
+    hosts_dir: Option<PathBuf>,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -55,6 +58,7 @@ pub fn load(path: &Path) -> Result<Config> {
         let access = Access {
             credentials: upstream.credentials,
             ca_certificates: ca.into_iter().collect(),
+            headers: Vec::new(),
         };
         let registry = Registry {
             url: upstream.url,
@@ -66,6 +70,12 @@ pub fn load(path: &Path) -> Result<Config> {
         fetch_timeout: Duration::from_millis(f.fetch_timeout_ms),
         background: f.background,
         registries,
+        hosts_dir: match f.hosts_dir {
+            Some(d) if !d.is_dir() => {
+                return Err(bad(format!("hosts_dir {} is not a directory", d.display())))
+            }
+            d => d,
+        },
         peers: None,
     })
 }
@@ -75,7 +85,13 @@ pub struct Remote(pub Arc<Lazy>);
 
 impl lcfs_snapshotter::RemoteLayers for Remote {
     fn wants(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.0.source(labels).is_some()
+        match self.0.source(labels) {
+            Ok(s) => s.is_some(),
+            Err(e) => {
+                log::warn!("no lazy mount: {e}");
+                false
+            }
+        }
     }
 
     fn populate(
@@ -111,6 +127,7 @@ mod tests {
             "[registries]\n\"h\" = \"ftp://h\"\n",
             "[registries]\n\"a/b\" = \"https://h\"\n",
             "peers = []\n",
+            "hosts_dir = \"/nonexistent\"\n",
         ] {
             let e = load_text(bad).unwrap_err().to_string();
             assert!(e.contains("the lazy pull configuration"), "{bad}: {e}");

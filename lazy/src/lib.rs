@@ -5,9 +5,12 @@
 //! stargz-snapshotter `estargz` package); [`image::convert`] rewrites a
 //! whole image's layers so; [`remote::RemoteLayer`] reads a layer in a
 //! registry with ranged requests only; [`mount::Lazy`] mounts a layer from
-//! its TOC and fetches its content on first read and in the background.
+//! its TOC and fetches its content on first read and in the background,
+//! reaching registries as [`hosts`] (containerd's hosts configuration) or
+//! its own configuration says.
 
 pub mod estargz;
+pub mod hosts;
 pub mod image;
 pub mod mount;
 pub mod remote;

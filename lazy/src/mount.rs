@@ -33,7 +33,8 @@
 //! readable and the others EIO until it is back).
 
 use crate::estargz::TOC_DIGEST_ANNOTATION;
-use crate::remote::{Access, RemoteLayer, Via};
+use crate::hosts::Endpoint;
+use crate::remote::{Access, Alternate, RemoteLayer};
 use crate::skeleton;
 use lcfs_engine::{Engine, Error as EngineError};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -51,6 +52,8 @@ const META_BLOB: &str = "lcfs.lazy.blob";
 const META_TOC: &str = "lcfs.lazy.toc";
 const META_BLOCKS: &str = "lcfs.lazy.blocks";
 const META_DONE: &str = "lcfs.lazy.done";
+/// `HOST/NAME@DIGEST`: the registry host as the image reference names it.
+const META_REF: &str = "lcfs.lazy.ref";
 /// What a read fetches beyond the block it needs: whole chunks, of its
 /// file and of the files after it while they are absent.
 const READ_AHEAD: u64 = 1 << 20;
@@ -67,8 +70,12 @@ pub struct Config {
     /// Fetch the rest of each layer in the background.
     pub background: bool,
     /// Registry host (as in image references) to its base URL and access;
-    /// any other host is reached at `https://HOST` without credentials.
+    /// any other host as `hosts_dir` says, else at `https://HOST` without
+    /// credentials.
     pub registries: BTreeMap<String, Registry>,
+    /// containerd's hosts directory (hosts.rs), for registries not in
+    /// `registries`.
+    pub hosts_dir: Option<std::path::PathBuf>,
     /// The cooperative pull's home peers, when this daemon has a mirror:
     /// each blob is read through its home first.
     pub peers: Option<lcfs_mirror::Peers>,
@@ -128,11 +135,52 @@ fn valid_digest(d: &str) -> bool {
     crate::estargz::valid_digest(d)
 }
 
+/// A layer's blob: its registry host (as image references name it),
+/// repository and digest.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlobRef {
+    pub host: String,
+    pub name: String,
+    pub digest: String,
+}
+
+impl BlobRef {
+    fn encode(&self) -> String {
+        format!("{}/{}@{}", self.host, self.name, self.digest)
+    }
+
+    fn decode(s: &str) -> Option<BlobRef> {
+        let (rest, digest) = s.rsplit_once('@')?;
+        let (host, name) = rest.split_once('/')?;
+        (valid_digest(digest) && !host.is_empty() && !name.is_empty()).then(|| BlobRef {
+            host: host.into(),
+            name: name.into(),
+            digest: digest.into(),
+        })
+    }
+}
+
+/// Where a layer that `labels` name is read from.
+pub struct Source {
+    pub blob: BlobRef,
+    /// The blob's URL at the registry's server.
+    pub url: String,
+    pub toc_digest: String,
+}
+
+/// How a registry host is reached: its server, and mirrors to try first.
+struct Resolved {
+    server: Endpoint,
+    mirrors: Vec<Endpoint>,
+}
+
 /// A lazily mounted layer.
 struct LazyLayer {
     /// The engine layer's name.
     name: String,
     url: String,
+    /// None for a layer of an older daemon: read from `url` alone.
+    blob: Option<BlobRef>,
     toc_digest: String,
     /// Its absent blocks' numbers: `first..first + count`.
     first: u64,
@@ -204,6 +252,7 @@ impl LazyLayer {
     fn new(
         name: &str,
         url: &str,
+        blob: Option<BlobRef>,
         toc_digest: &str,
         first: u64,
         count: u64,
@@ -212,6 +261,7 @@ impl LazyLayer {
         Arc::new(LazyLayer {
             name: name.to_string(),
             url: url.to_string(),
+            blob,
             toc_digest: toc_digest.to_string(),
             first,
             count,
@@ -332,6 +382,9 @@ pub struct Lazy {
     me: Weak<Lazy>,
 }
 
+/// How often the background fetch looks at the startup profile again.
+const PROFILE_REFRESH: Duration = Duration::from_secs(2);
+
 /// How long the background fetch stays out of the way after a reader's
 /// fetch ended.
 const READERS_QUIET: Duration = Duration::from_millis(100);
@@ -379,7 +432,10 @@ impl Lazy {
             };
             if !meta.contains_key(META_DONE) {
                 log::info!("lazy layer {} taken up ({url})", info.name);
-                lazy.add(LazyLayer::new(&info.name, url, toc, first, count, None));
+                let blob = meta.get(META_REF).and_then(|r| BlobRef::decode(r));
+                lazy.add(LazyLayer::new(
+                    &info.name, url, blob, toc, first, count, None,
+                ));
             }
         }
         let weak = Arc::downgrade(&lazy);
@@ -390,44 +446,67 @@ impl Lazy {
         lazy
     }
 
-    /// The home peer of the blob at `blob_url`, when there are peers.
-    fn via(&self, blob_url: &str) -> Option<Via> {
-        let peers = self.config.peers.clone()?;
-        let (host, name, hex) = self.blob_of(blob_url)?;
-        let route = peers.route(&host, &name, &hex)?;
-        Some(Via { route, peers })
+    /// How registry `host` is reached: as `registries` says, else as
+    /// containerd's hosts directory says, else at `https://HOST`.
+    fn resolve(&self, host: &str) -> std::result::Result<Resolved, String> {
+        if let Some(r) = self.config.registries.get(host) {
+            return Ok(Resolved {
+                server: Endpoint {
+                    base: format!("{}/v2", r.url.trim_end_matches('/')),
+                    access: r.access.clone(),
+                    mirror: false,
+                },
+                mirrors: Vec::new(),
+            });
+        }
+        if let Some(dir) = &self.config.hosts_dir {
+            if let Some(h) = crate::hosts::lookup(dir, host)? {
+                return Ok(Resolved {
+                    server: h.server,
+                    mirrors: h.mirrors,
+                });
+            }
+        }
+        Ok(Resolved {
+            server: Endpoint {
+                base: format!("{}/v2", crate::hosts::default_server(host)),
+                ..Endpoint::default()
+            },
+            mirrors: Vec::new(),
+        })
     }
 
-    /// The registry host (as image references name it), repository and
-    /// digest of a blob URL this made.
-    fn blob_of(&self, blob_url: &str) -> Option<(String, String, String)> {
-        use crate::remote::origin;
-        let o = origin(blob_url);
-        let (name, hex) = blob_url[o.len()..]
-            .strip_prefix("/v2/")?
-            .rsplit_once("/blobs/sha256:")?;
-        let host = match self
-            .config
-            .registries
-            .iter()
-            .find(|(_, r)| origin(r.url.trim_end_matches('/')) == o)
-        {
-            Some((host, _)) => host.clone(),
-            None if o == "https://registry-1.docker.io" => "docker.io".into(),
-            None => o.strip_prefix("https://")?.to_string(),
+    /// Opens the layer at `url`: through the blob's home peer when there
+    /// are peers, then the registry's mirrors, then `url`.
+    fn open_remote(
+        &self,
+        url: &str,
+        blob: Option<&BlobRef>,
+        toc: &str,
+    ) -> std::result::Result<RemoteLayer, String> {
+        let timeout = self.config.fetch_timeout;
+        let Some(b) = blob else {
+            return RemoteLayer::open_with(url, toc, timeout, &Access::default())
+                .map_err(|e| e.to_string());
         };
-        Some((host, name.to_string(), hex.to_string()))
-    }
-
-    /// Opens the layer at `url`, through its home peer when there is one.
-    fn open_remote(&self, url: &str, toc: &str) -> crate::estargz::Result<RemoteLayer> {
-        RemoteLayer::open_via(
-            url,
-            toc,
-            self.config.fetch_timeout,
-            &self.access_for(url),
-            self.via(url),
-        )
+        let resolved = self.resolve(&b.host)?;
+        let mut alternates = Vec::new();
+        if let Some(peers) = &self.config.peers {
+            let hex = b.digest.trim_start_matches("sha256:");
+            if let Some(route) = peers.route(&b.host, &b.name, hex) {
+                alternates.push(Alternate::peer(route, peers.clone()));
+            }
+        }
+        for m in &resolved.mirrors {
+            alternates.push(Alternate {
+                url: m.blob_url(&b.host, &b.name, &b.digest),
+                access: m.access.clone(),
+                timeout,
+                peers: None,
+            });
+        }
+        RemoteLayer::open_from(url, toc, timeout, &resolved.server.access, alternates)
+            .map_err(|e| e.to_string())
     }
 
     /// Stops the background fetches (they end within one range).
@@ -462,34 +541,36 @@ impl Lazy {
         (lbn < l.first + l.count).then(|| l.clone())
     }
 
-    /// The blob URL and TOC digest of the layer `labels` name, when they
-    /// name one this mounts lazily.
-    pub fn source(&self, labels: &BTreeMap<String, String>) -> Option<(String, String)> {
-        let image = labels.get(LABEL_IMAGE_REF)?;
-        let digest = labels.get(LABEL_LAYER_DIGEST)?;
-        let toc = labels.get(TOC_DIGEST_ANNOTATION)?;
-        if !valid_digest(digest) || !valid_digest(toc) {
-            return None;
-        }
-        let (host, name) = split_reference(image)?;
-        let base = match self.config.registries.get(&host) {
-            Some(r) => r.url.trim_end_matches('/').to_string(),
-            None if host == "docker.io" => "https://registry-1.docker.io".to_string(),
-            None => format!("https://{host}"),
+    /// Where the layer `labels` name is, when they name one this mounts
+    /// lazily.
+    pub fn source(
+        &self,
+        labels: &BTreeMap<String, String>,
+    ) -> std::result::Result<Option<Source>, String> {
+        let (Some(image), Some(digest), Some(toc)) = (
+            labels.get(LABEL_IMAGE_REF),
+            labels.get(LABEL_LAYER_DIGEST),
+            labels.get(TOC_DIGEST_ANNOTATION),
+        ) else {
+            return Ok(None);
         };
-        Some((format!("{base}/v2/{name}/blobs/{digest}"), toc.clone()))
-    }
-
-    /// The credentials and CAs of the configured registry a blob URL is
-    /// at (none for another).
-    fn access_for(&self, blob_url: &str) -> Access {
-        use crate::remote::origin;
-        self.config
-            .registries
-            .values()
-            .find(|r| origin(r.url.trim_end_matches('/')) == origin(blob_url))
-            .map(|r| r.access.clone())
-            .unwrap_or_default()
+        if !valid_digest(digest) || !valid_digest(toc) {
+            return Ok(None);
+        }
+        let Some((host, name)) = split_reference(image) else {
+            return Ok(None);
+        };
+        let server = self.resolve(&host)?.server;
+        let blob = BlobRef {
+            host,
+            name,
+            digest: digest.clone(),
+        };
+        Ok(Some(Source {
+            url: server.blob_url(&blob.host, &blob.name, &blob.digest),
+            blob,
+            toc_digest: toc.clone(),
+        }))
     }
 
     /// The TOC of `layer`, fetched when not yet (bounded by the timeout).
@@ -498,9 +579,7 @@ impl Lazy {
         if let Some(o) = &*slot {
             return Ok(o.clone());
         }
-        let remote = self
-            .open_remote(&layer.url, &layer.toc_digest)
-            .map_err(|e| e.to_string())?;
+        let remote = self.open_remote(&layer.url, layer.blob.as_ref(), &layer.toc_digest)?;
         layer
             .fetched_bytes
             .fetch_add(remote.fetched(), Ordering::Relaxed);
@@ -689,8 +768,13 @@ impl Lazy {
 
     fn fetch_rest(&self, layer: &LazyLayer) -> std::result::Result<(), String> {
         let o = self.opened(layer)?;
+        // Files in TOC order from `i`; before them, the files of the
+        // startup profile not complete yet, looked at again every
+        // PROFILE_REFRESH.
         let mut i = 0;
-        while i < o.files.len() {
+        let mut profile: Vec<usize> = Vec::new();
+        let mut profiled: Option<Instant> = None;
+        loop {
             if self.stop.load(Ordering::Relaxed) || self.engine.layer_id(&layer.name).is_err() {
                 return Err("stopped".into());
             }
@@ -705,15 +789,35 @@ impl Lazy {
                 std::thread::sleep(Duration::from_millis(20));
                 continue;
             }
-            let f = &o.files[i];
-            let absent = self
-                .engine
-                .absent_among(f.first, f.blocks())
-                .map_err(|e| e.to_string())?;
-            if absent.is_empty() {
-                i += 1;
-                continue;
+            if profiled.is_none_or(|t| t.elapsed() >= PROFILE_REFRESH) {
+                profile = self.profile(layer, &o);
+                profile.reverse(); // popped from the end: the most read first
+                profiled = Some(Instant::now());
             }
+            let absent_of = |f: &LazyFile| {
+                self.engine
+                    .absent_among(f.first, f.blocks())
+                    .map_err(|e| e.to_string())
+            };
+            let (f, absent) = match profile.last() {
+                Some(&n) => {
+                    let absent = absent_of(&o.files[n])?;
+                    if absent.is_empty() {
+                        profile.pop();
+                        continue;
+                    }
+                    (&o.files[n], absent)
+                }
+                None if i < o.files.len() => {
+                    let absent = absent_of(&o.files[i])?;
+                    if absent.is_empty() {
+                        i += 1;
+                        continue;
+                    }
+                    (&o.files[i], absent)
+                }
+                None => return Ok(()),
+            };
             let r = self.plan(&o, f, (absent[0] - f.first) * BLOCK, BACKGROUND_RANGE);
             let far = Instant::now() + Duration::from_secs(60);
             let Some(claim) = layer.claim(r, far) else {
@@ -729,7 +833,47 @@ impl Lazy {
                 return Err(format!("{:?}: block {} not filled", o.name(f), absent[0]));
             }
         }
-        Ok(())
+    }
+
+    /// The layer's startup profile: the files of it that the containers
+    /// started from it read most (the hot files of the layer and of the
+    /// layers made from it, engine hotfiles.rs), most read first, as
+    /// places in `o.files`.
+    fn profile(&self, layer: &LazyLayer, o: &Opened) -> Vec<usize> {
+        let layers = self.engine.list_layers();
+        let mut family = vec![layer.name.clone()];
+        let mut k = 0;
+        while k < family.len() {
+            for l in &layers {
+                if l.parent.as_deref() == Some(family[k].as_str()) {
+                    family.push(l.name.clone());
+                }
+            }
+            k += 1;
+        }
+        let mut reads: HashMap<usize, u64> = HashMap::new();
+        for name in &family {
+            let Ok(id) = self.engine.layer_id(name) else {
+                continue;
+            };
+            for (hot, path) in self.engine.hot_files(id).unwrap_or_default() {
+                let Some(path) = path else { continue };
+                let name = crate::estargz::clean_name(&String::from_utf8_lossy(&path));
+                let ix = &o.remote.index;
+                let Some(n) = ix
+                    .by_name
+                    .get(&name)
+                    .and_then(|&e| ix.regular(e))
+                    .and_then(|e| o.by_entry.get(&e))
+                else {
+                    continue;
+                };
+                *reads.entry(*n).or_default() += hot.reads;
+            }
+        }
+        let mut out: Vec<(usize, u64)> = reads.into_iter().collect();
+        out.sort_by_key(|&(n, r)| (std::cmp::Reverse(r), n));
+        out.into_iter().map(|(n, _)| n).collect()
     }
 
     /// Marks `layer` complete: no block absent (checked), recorded in its
@@ -804,8 +948,12 @@ impl Lazy {
         labels: &BTreeMap<String, String>,
     ) -> std::result::Result<(), String> {
         let began = Instant::now();
-        let (url, toc) = self.source(labels).ok_or("no eStargz layer named")?;
-        let remote = self.open_remote(&url, &toc).map_err(|e| e.to_string())?;
+        let Source {
+            blob,
+            url,
+            toc_digest: toc,
+        } = self.source(labels)?.ok_or("no eStargz layer named")?;
+        let remote = self.open_remote(&url, Some(&blob), &toc)?;
         let id = self.engine.layer_id(name).map_err(|e| e.to_string())?;
         let tar = skeleton::skeleton_tar(&remote.index).map_err(|e| e.to_string())?;
         lcfs_dockerplugin::apply_tar(&self.engine, id, &tar[..]).map_err(|e| e.to_string())?;
@@ -826,6 +974,7 @@ impl Lazy {
             .map_err(|e| e.to_string())?;
         meta.insert(META_BLOB.into(), url.clone());
         meta.insert(META_TOC.into(), toc.clone());
+        meta.insert(META_REF.into(), blob.encode());
         meta.insert(META_BLOCKS.into(), format!("{first} {count}"));
         if count == 0 {
             mark_done(&mut meta);
@@ -835,7 +984,7 @@ impl Lazy {
             .map_err(|e| e.to_string())?;
         let fetched = remote.fetched();
         let opened = Opened::new(remote, first, count)?;
-        let layer = LazyLayer::new(name, &url, &toc, first, count, Some(opened));
+        let layer = LazyLayer::new(name, &url, Some(blob), &toc, first, count, Some(opened));
         log::info!(
             "layer {name} mounted lazily in {} ms: {} files, {count} blocks absent, {fetched} bytes of TOC fetched",
             began.elapsed().as_millis(),

@@ -13,11 +13,12 @@
 //! token realm only, never to a redirect's other origin nor to an
 //! `http://` realm of an `https://` registry. Redirects: up to 5.
 //!
-//! Through the cooperative-pull peers ([`Via`]): every request goes to the
-//! blob's home peer first (with the peers' headers, never the registry's
-//! credentials), and to the registry when the peer fails, is slow, or sends
-//! bytes that fail their digest (then the peer is left alone for
-//! [`PEER_PENALTY`]).
+//! Other places first ([`Alternate`]: the cooperative pull's home peer,
+//! the mirrors of containerd's hosts configuration): every request goes
+//! to them in turn (each with its own headers and CAs, never the
+//! registry's credentials), and to the registry when they fail, are slow,
+//! or send bytes that fail their digest (then that place is left alone
+//! for [`PEER_PENALTY`]).
 
 use crate::estargz::{parse_footer, Error, Index, Result, FOOTER_SIZE};
 use base64::Engine as _;
@@ -27,19 +28,35 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// How a registry is reached: credentials and extra CA certificates.
-#[derive(Clone, Debug, Default)]
+/// How a registry is reached: credentials, extra CA certificates and
+/// headers.
+#[derive(Clone, Default, PartialEq)]
 pub struct Access {
     pub credentials: Option<Credentials>,
     /// PEM certificates trusted beside the system's roots.
     pub ca_certificates: Vec<Vec<u8>>,
+    /// Sent with every request to the registry's origin (containerd's
+    /// hosts configuration's `[header]`), never to another.
+    pub headers: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for Access {
+    /// Header values (an `Authorization` among them) are not shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let headers: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("Access")
+            .field("credentials", &self.credentials)
+            .field("ca_certificates", &self.ca_certificates.len())
+            .field("headers", &headers)
+            .finish()
+    }
 }
 
 /// A blob at a URL, read by ranges.
 struct Blob {
     url: String,
     agent: ureq::Agent,
-    /// Sent with every request (a peer's).
+    /// Sent with every request to the blob's origin.
     headers: Vec<(String, String)>,
     credentials: Option<Credentials>,
     /// The `Authorization` a 401 led to, sent from then on.
@@ -51,27 +68,48 @@ struct Blob {
 /// A layer blob at `url` (`http(s)://host/v2/NAME/blobs/sha256:...`).
 pub struct RemoteLayer {
     blob: Blob,
-    peer: Option<PeerSource>,
+    alternates: Vec<Tried>,
     pub index: Index,
 }
 
-/// How long a peer that failed is left alone.
+/// How long a place that failed is left alone.
 pub const PEER_PENALTY: Duration = Duration::from_secs(30);
 
-/// The blob's home peer to read through (the cooperative pull's mirror).
-pub struct Via {
-    pub route: lcfs_mirror::PeerRoute,
-    pub peers: lcfs_mirror::Peers,
+/// A place to read the blob from before the registry.
+pub struct Alternate {
+    /// The blob's URL there.
+    pub url: String,
+    pub access: Access,
+    /// How long it may take to answer (the registry's timeout if longer).
+    pub timeout: Duration,
+    /// The cooperative pull's peers, when this is the home peer: told when
+    /// it fails.
+    pub peers: Option<(lcfs_mirror::Peers, String)>,
 }
 
-struct PeerSource {
+impl Alternate {
+    /// The cooperative pull's home peer of a blob.
+    pub fn peer(route: lcfs_mirror::PeerRoute, peers: lcfs_mirror::Peers) -> Alternate {
+        Alternate {
+            url: route.url,
+            access: Access {
+                headers: route.headers,
+                ..Access::default()
+            },
+            timeout: route.timeout,
+            peers: Some((peers, route.peer)),
+        }
+    }
+}
+
+struct Tried {
     blob: Blob,
-    via: Via,
-    /// Until when the peer is left alone after it failed.
+    peers: Option<(lcfs_mirror::Peers, String)>,
+    /// Until when it is left alone after it failed.
     down_until: Mutex<Option<std::time::Instant>>,
 }
 
-impl PeerSource {
+impl Tried {
     fn usable(&self) -> bool {
         let down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
         down.is_none_or(|t| std::time::Instant::now() >= t)
@@ -80,7 +118,10 @@ impl PeerSource {
     fn failed(&self, why: &str) {
         *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(std::time::Instant::now() + PEER_PENALTY);
-        self.via.peers.failed(&self.via.route.peer, why);
+        match &self.peers {
+            Some((peers, peer)) => peers.failed(peer, why),
+            None => log::warn!("{}: {why}; reading from the next source", self.blob.url),
+        }
     }
 }
 
@@ -106,6 +147,26 @@ const TOKEN_ANSWER_MAX: u64 = 64 << 10;
 const REDIRECTS_MAX: usize = 5;
 
 impl Blob {
+    /// A blob at `url`, reached with `access`.
+    fn new(url: &str, access: &Access, timeout: Duration) -> Result<Blob> {
+        let tls = lcfs_mirror::upstream::tls_config(&access.ca_certificates)
+            .map_err(|e| Error::Input(format!("TLS for {url}: {e}")))?;
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(timeout)
+            .timeout_read(timeout)
+            .redirects(0)
+            .tls_config(Arc::new(tls))
+            .build();
+        Ok(Blob {
+            url: url.to_string(),
+            agent,
+            headers: access.headers.clone(),
+            credentials: access.credentials.clone(),
+            authorization: Mutex::new(None),
+            fetched: AtomicU64::new(0),
+        })
+    }
+
     /// One request, following redirects (the authorization only to the
     /// blob's origin) and answering one 401.
     fn send(&self, method: &str, range: Option<(u64, u64)>) -> Result<ureq::Response> {
@@ -118,10 +179,10 @@ impl Blob {
                     req = req.set("Range", &format!("bytes={start}-{}", end - 1));
                 }
                 let home = origin(&url) == origin(&self.url);
-                for (k, v) in &self.headers {
-                    req = req.set(k, v);
-                }
                 if home {
+                    for (k, v) in &self.headers {
+                        req = req.set(k, v);
+                    }
                     let auth = self
                         .authorization
                         .lock()
@@ -286,17 +347,17 @@ fn scope_of(url: &str) -> String {
         .unwrap_or_default()
 }
 
-/// `what` done with the peer, else (or when the peer fails at it) with the
-/// registry.
+/// `what` done with the first usable alternate that does it right, else
+/// with the registry.
 fn from_sources<T>(
-    peer: Option<&PeerSource>,
+    alternates: &[Tried],
     registry: &Blob,
     what: impl Fn(&Blob) -> Result<T>,
 ) -> Result<T> {
-    if let Some(p) = peer.filter(|p| p.usable()) {
-        match what(&p.blob) {
+    for a in alternates.iter().filter(|a| a.usable()) {
+        match what(&a.blob) {
             Ok(v) => return Ok(v),
-            Err(e) => p.failed(&e.to_string()),
+            Err(e) => a.failed(&e.to_string()),
         }
     }
     what(registry)
@@ -349,62 +410,54 @@ impl RemoteLayer {
         timeout: Duration,
         access: &Access,
     ) -> Result<RemoteLayer> {
-        RemoteLayer::open_via(url, toc_digest, timeout, access, None)
+        RemoteLayer::open_from(url, toc_digest, timeout, access, Vec::new())
     }
 
-    /// [`RemoteLayer::open_with`] through the blob's home peer, when
-    /// `via` names one.
-    pub fn open_via(
+    /// [`RemoteLayer::open_with`] trying `alternates` first, in order.
+    pub fn open_from(
         url: &str,
         toc_digest: &str,
         timeout: Duration,
         access: &Access,
-        via: Option<Via>,
+        alternates: Vec<Alternate>,
     ) -> Result<RemoteLayer> {
-        let tls = lcfs_mirror::upstream::tls_config(&access.ca_certificates)
-            .map_err(|e| Error::Input(format!("TLS for {url}: {e}")))?;
-        let agent = |timeout: Duration| {
-            ureq::AgentBuilder::new()
-                .timeout_connect(timeout)
-                .timeout_read(timeout)
-                .redirects(0)
-                .tls_config(Arc::new(tls.clone()))
-                .build()
-        };
-        let blob = Blob {
-            url: url.to_string(),
-            agent: agent(timeout),
-            headers: Vec::new(),
-            credentials: access.credentials.clone(),
-            authorization: Mutex::new(None),
-            fetched: AtomicU64::new(0),
-        };
-        let peer = via.map(|via| PeerSource {
-            blob: Blob {
-                url: via.route.url.clone(),
-                agent: agent(via.route.timeout.min(timeout)),
-                headers: via.route.headers.clone(),
-                credentials: None,
-                authorization: Mutex::new(None),
-                fetched: AtomicU64::new(0),
-            },
-            via,
-            down_until: Mutex::new(None),
-        });
-        let index = from_sources(peer.as_ref(), &blob, |b| open_index(b, toc_digest))?;
-        Ok(RemoteLayer { blob, peer, index })
+        let blob = Blob::new(url, access, timeout)?;
+        let alternates = alternates
+            .into_iter()
+            .map(|a| {
+                Ok(Tried {
+                    blob: Blob::new(&a.url, &a.access, a.timeout.min(timeout))?,
+                    peers: a.peers,
+                    down_until: Mutex::new(None),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let index = from_sources(&alternates, &blob, |b| open_index(b, toc_digest))?;
+        Ok(RemoteLayer {
+            blob,
+            alternates,
+            index,
+        })
     }
 
     /// Bytes of the blob fetched so far (the footer and TOC included).
     pub fn fetched(&self) -> u64 {
-        self.blob.fetched.load(Ordering::Relaxed) + self.fetched_from_peer()
+        self.blob.fetched.load(Ordering::Relaxed)
+            + self
+                .alternates
+                .iter()
+                .map(|a| a.blob.fetched.load(Ordering::Relaxed))
+                .sum::<u64>()
     }
 
-    /// Of [`RemoteLayer::fetched`], the bytes the home peer sent.
+    /// Of [`RemoteLayer::fetched`], the bytes a cooperative-pull peer
+    /// sent.
     pub fn fetched_from_peer(&self) -> u64 {
-        self.peer
-            .as_ref()
-            .map_or(0, |p| p.blob.fetched.load(Ordering::Relaxed))
+        self.alternates
+            .iter()
+            .filter(|a| a.peers.is_some())
+            .map(|a| a.blob.fetched.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// File `name`'s content (a hard link's target's): its chunks fetched
@@ -441,7 +494,7 @@ impl RemoteLayer {
             )));
         }
         let base = ix.chunks[first].start;
-        from_sources(self.peer.as_ref(), &self.blob, |b| {
+        from_sources(&self.alternates, &self.blob, |b| {
             let members = b.range(base, ix.chunks[last].end)?;
             let mut out = Vec::with_capacity(last - first + 1);
             for n in first..=last {

@@ -101,6 +101,7 @@ fn config(r: &Registry, background: bool) -> Config {
             host.to_string(),
             mount::Registry::plain(format!("http://{host}")),
         )]),
+        hosts_dir: None,
         peers: None,
     }
 }
@@ -219,7 +220,7 @@ fn a_wrong_toc_digest_or_a_plain_layer_is_no_lazy_mount() {
     let mut plain = labels(&r, &l.toc);
     plain.remove(TOC_DIGEST_ANNOTATION);
     assert!(
-        lazy.source(&plain).is_none(),
+        lazy.source(&plain).unwrap().is_none(),
         "no TOC digest: a normal pull"
     );
     assert!(lazy.report().is_empty());
@@ -451,4 +452,114 @@ fn reads_of_one_chunk_at_once_fetch_it_once() {
         l.toc_offset
     );
     assert_eq!(lazy.report()[0].fetch_errors, 0);
+}
+
+#[test]
+fn containerds_hosts_configuration_gives_the_server_its_header_and_mirrors() {
+    use common::Auth;
+    use std::os::unix::fs::PermissionsExt;
+    let l = layer();
+    let r = registry(l.blob.clone(), Serve::Ranges);
+    r.require(Auth::Basic("puller:pw".into()));
+    // A mirror whose TOC is right and whose chunks are not.
+    let wrong = registry(l.blob.clone(), Serve::FlippedBefore(l.toc_offset));
+    let hosts = tempfile::tempdir().unwrap();
+    let (name, port) = r.host().rsplit_once(':').unwrap();
+    let dir = hosts.path().join(format!("{name}_{port}_"));
+    std::fs::create_dir(&dir).unwrap();
+    // Basic base64("puller:pw").
+    std::fs::write(
+        dir.join("hosts.toml"),
+        format!(
+            "server = \"http://{}\"\n[header]\nAuthorization = \"Basic cHVsbGVyOnB3\"\n\n\
+             [host.\"http://{}\"]\ncapabilities = [\"pull\", \"resolve\"]\n",
+            r.host(),
+            wrong.host()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        dir.join("hosts.toml"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let (_, e) = engine();
+    let mut c = config(&r, false);
+    c.registries.clear();
+    c.hosts_dir = Some(hosts.path().to_path_buf());
+    let lazy = Lazy::start(e.clone(), c);
+    let id = e.create_layer("img", true).unwrap();
+    lazy.populate("img", &labels(&r, &l.toc)).unwrap();
+    e.commit_layer("img").unwrap();
+    assert!(wrong.served() > 0, "the mirror was asked first");
+    assert_eq!(read(&e, id, "bin/hello").unwrap(), HELLO);
+    assert_eq!(read(&e, id, "srv/big").unwrap(), l.big);
+    assert!(lazy.report()[0]
+        .blob
+        .starts_with(&format!("http://{}/v2/t/", r.host())));
+
+    // A hosts file others can write is refused: no lazy mount, said why.
+    std::fs::set_permissions(
+        dir.join("hosts.toml"),
+        std::fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
+    let e = lazy.source(&labels(&r, &l.toc)).err().unwrap();
+    assert!(e.contains("only root can write"), "{e}");
+}
+
+#[test]
+fn the_background_fetch_takes_the_files_containers_read_first() {
+    use rand::RngCore;
+    // Three files of 2 MiB that do not compress, in this order.
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(19);
+    let mut b = tar::Builder::new(Vec::new());
+    let mut files = Vec::new();
+    for name in ["a", "b", "c"] {
+        let mut data = vec![0u8; 2 << 20];
+        rng.fill_bytes(&mut data);
+        append_file(&mut b, name, &data, 0o644);
+        files.push(data);
+    }
+    let l = estargz_of(b.into_inner().unwrap(), 256 << 10, Vec::new());
+    let ix = Index::open(&mut Cursor::new(&l.blob[..])).unwrap();
+    let c = ix.by_name["c"];
+    let c_span = ix
+        .chunks
+        .iter()
+        .filter(|k| k.entry == c)
+        .fold((u64::MAX, 0), |(lo, hi), k| {
+            (lo.min(k.start), hi.max(k.end))
+        });
+    let r = registry(l.blob.clone(), Serve::Ranges);
+    let (_, e) = engine();
+    let (lazy, _) = mounted(&e, &r, &l, false);
+    // A container reads the start of c (its first chunks are fetched).
+    let ctr = e.clone_layer("img", "ctr").unwrap();
+    let got = e.read_counted(ctr, ino(&e, ctr, "c"), 0, 4096).unwrap();
+    assert_eq!(got, files[2][..4096]);
+    lazy.stop();
+    drop(lazy);
+
+    // Taken up again with the background fetch: the rest of c comes first.
+    r.ranges.lock().unwrap().clear();
+    let lazy = Lazy::start(e.clone(), config(&r, true));
+    let t = Instant::now();
+    while !lazy.report().first().is_some_and(|l| l.complete) {
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", lazy.report());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let asked = r.ranges.lock().unwrap().clone();
+    let first_chunks = asked
+        .iter()
+        .find(|(start, _)| (*start as u64) < ix.toc_offset)
+        .copied()
+        .unwrap();
+    assert!(
+        (c_span.0..c_span.1).contains(&(first_chunks.0 as u64)),
+        "the first range fetched, {first_chunks:?}, is not of c ({c_span:?}); all: {asked:?}"
+    );
+    for (name, data) in ["a", "b", "c"].iter().zip(&files) {
+        assert_eq!(&read(&e, ctr, name).unwrap(), data, "{name}");
+    }
 }

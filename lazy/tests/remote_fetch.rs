@@ -111,7 +111,7 @@ fn a_registry_asking_for_basic_or_a_bearer_token_is_read_with_credentials() {
             username: user.into(),
             password: password.into(),
         }),
-        ca_certificates: Vec::new(),
+        ..Access::default()
     };
     let t = Duration::from_secs(10);
 

@@ -58,7 +58,7 @@ impl Upstream {
 }
 
 /// A username and password (or identity token).
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
     pub username: String,
     pub password: String,

@@ -19,8 +19,9 @@
 #     blob's home): read through it, the registry serving the blob once;
 #     with the peer gone, read from the registry;
 #   - the layer's registry over HTTPS asking for a password: fetched with
-#     the password from a docker config.json; with a wrong one, a normal
-#     pull.
+#     the password from a docker config.json, or with containerd's hosts
+#     configuration (server, CA, Authorization header); with a wrong
+#     password, a normal pull.
 E2E_NAME="lazy"
 # shellcheck source=scripts/e2e/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -229,20 +230,35 @@ secure_config() {
     printf 'fetch_timeout_ms = 3000\n[registries."%s"]\nurl = "https://%s"\nca_file = "%s"\ndocker_config = "%s"\n' \
         "$REGISTRY" "$SECURE_REGISTRY" "$SECURE_REGISTRY_CA" "$dir/config.json" >"$E2E_WORK/lazy.toml"
 }
-for password in "$SECURE_REGISTRY_PASSWORD" wrong; do
-    secure_config "$password"
+# The same through containerd's hosts configuration (a hosts directory
+# as containerd's config_path names it): the server, its CA, and the
+# password as an Authorization header.
+hosts_config() {
+    local dir="$E2E_WORK/certs.d" host="$E2E_WORK/certs.d/${REGISTRY%:*}_${REGISTRY##*:}_"
+    mkdir -p "$host"
+    printf 'server = "https://%s"\nca = "%s"\n[header]\nAuthorization = "Basic %s"\n' "$SECURE_REGISTRY" \
+        "$SECURE_REGISTRY_CA" "$(printf 'e2e-puller:%s' "$SECURE_REGISTRY_PASSWORD" | base64 -w0)" >"$host/hosts.toml"
+    chmod 0600 "$host/hosts.toml"
+    printf 'fetch_timeout_ms = 3000\nhosts_dir = "%s"\n' "$dir" >"$E2E_WORK/lazy.toml"
+}
+for how in right wrong hosts-dir; do
+    case $how in
+    right) secure_config "$SECURE_REGISTRY_PASSWORD" ;;
+    wrong) secure_config wrong ;;
+    hosts-dir) hosts_config ;;
+    esac
     lcfs_stop
     lcfs_start
     lcfs_snapshotter_wait
     docker26_start l lcfs
-    expect "password ${password/$SECURE_REGISTRY_PASSWORD/right}: the image runs" "unread one" \
+    expect "$how: the image runs" "unread one" \
         "$(d run --rm --network none "$image" cat /data/unread-1.txt)"
     layers=$(lazy_layers)
-    if [[ $password == wrong ]]; then
+    if [[ $how == wrong ]]; then
         expect "a wrong password: a normal pull, no lazy layer" 0 "$(jq length <<<"$layers")"
         grep -q 'no lazy mount (.*401' "$LCFS_LOG" || fail "the daemon log does not say why there was no lazy mount"
     else
-        expect "over HTTPS with a password: the layer is mounted lazily from the secure registry" \
+        expect "$how: over HTTPS with a password, the layer is mounted lazily from the secure registry" \
             "https://$SECURE_REGISTRY" "$(jq -r '.[0].blob | split("/v2/")[0]' <<<"$layers")"
     fi
     quietly d image rm "$image" || fail "docker image rm failed"

@@ -50,6 +50,9 @@ pub struct Registry {
     pub auth: Arc<Mutex<Option<Auth>>>,
     /// Body bytes sent so far.
     pub served: Arc<AtomicU64>,
+    /// The ranges asked for, `[start, end)`, in order.
+    #[allow(dead_code)] // not every test binary asks
+    pub ranges: Arc<Mutex<Vec<(usize, usize)>>>,
 }
 
 #[allow(dead_code)]
@@ -77,10 +80,12 @@ pub fn registry(blob: Arc<Vec<u8>>, how: Serve) -> Registry {
     let how = Arc::new(Mutex::new(how));
     let auth: Arc<Mutex<Option<Auth>>> = Arc::new(Mutex::new(None));
     let served = Arc::new(AtomicU64::new(0));
-    let (h, sv, au) = (how.clone(), served.clone(), auth.clone());
+    let ranges: Arc<Mutex<Vec<(usize, usize)>>> = Arc::default();
+    let (h, sv, au, rg) = (how.clone(), served.clone(), auth.clone(), ranges.clone());
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {
             let (blob, how, served, auth) = (blob.clone(), h.clone(), sv.clone(), au.clone());
+            let asked = rg.clone();
             let origin = origin.clone();
             std::thread::spawn(move || {
                 let mut r = BufReader::new(s.try_clone().unwrap());
@@ -112,6 +117,9 @@ pub fn registry(blob: Arc<Vec<u8>>, how: Serve) -> Registry {
                                 b.parse::<usize>().unwrap() + 1,
                             ));
                         }
+                    }
+                    if let (Some(r), false) = (range, head) {
+                        asked.lock().unwrap().push(r);
                     }
                     let auth = auth.lock().unwrap().clone();
                     let refuse = |out: &mut std::net::TcpStream, challenge: String| {
@@ -203,5 +211,6 @@ pub fn registry(blob: Arc<Vec<u8>>, how: Serve) -> Registry {
         how,
         auth,
         served,
+        ranges,
     }
 }
