@@ -486,8 +486,17 @@ impl Lazy {
     ) -> std::result::Result<RemoteLayer, String> {
         let timeout = self.config.fetch_timeout;
         let Some(b) = blob else {
-            return RemoteLayer::open_with(url, toc, timeout, &Access::default())
-                .map_err(|e| e.to_string());
+            // A layer of a daemon that did not record its blob: the
+            // access of the configured registry at its URL's origin.
+            use crate::remote::origin;
+            let access = self
+                .config
+                .registries
+                .values()
+                .find(|r| origin(r.url.trim_end_matches('/')) == origin(url))
+                .map(|r| r.access.clone())
+                .unwrap_or_default();
+            return RemoteLayer::open_with(url, toc, timeout, &access).map_err(|e| e.to_string());
         };
         let resolved = self.resolve(&b.host)?;
         let mut alternates = Vec::new();

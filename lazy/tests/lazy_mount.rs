@@ -132,11 +132,17 @@ fn read(e: &Engine, layer: u64, path: &str) -> lcfs_engine::Result<Vec<u8>> {
 
 /// A frozen layer "img" mounted lazily from `r`.
 fn mounted(e: &Arc<Engine>, r: &Registry, l: &Layer, background: bool) -> (Arc<Lazy>, u64) {
-    let id = e.create_layer("img", true).unwrap();
     let lazy = Lazy::start(e.clone(), config(r, background));
-    lazy.populate("img", &labels(r, &l.toc)).unwrap();
-    e.commit_layer("img").unwrap();
+    let id = populated(e, &lazy, "img", &labels(r, &l.toc));
     (lazy, id)
+}
+
+/// A frozen layer `name` that `lazy` mounted from the layer `labels` name.
+fn populated(e: &Engine, lazy: &Lazy, name: &str, labels: &BTreeMap<String, String>) -> u64 {
+    let id = e.create_layer(name, true).unwrap();
+    lazy.populate(name, labels).unwrap();
+    e.commit_layer(name).unwrap();
+    id
 }
 
 #[test]
@@ -364,12 +370,6 @@ fn reads_go_through_the_home_peer_and_past_one_that_sends_wrong_chunks() {
     let (_, e) = engine();
     let mut labels = labels(&r, &l.toc);
     labels.insert(LABEL_LAYER_DIGEST.to_string(), digest);
-    let layer_through = |lazy: &Arc<Lazy>, name: &str| {
-        let id = e.create_layer(name, true).unwrap();
-        lazy.populate(name, &labels).unwrap();
-        e.commit_layer(name).unwrap();
-        id
-    };
 
     // This host is the blob's home: its mirror passes the ranges on from
     // the registry and fetches the blob whole for the cluster.
@@ -378,7 +378,7 @@ fn reads_go_through_the_home_peer_and_past_one_that_sends_wrong_chunks() {
     let mut c = config(&r, false);
     c.peers = Some(m.peers());
     let lazy = Lazy::start(e.clone(), c);
-    let id = layer_through(&lazy, "img");
+    let id = populated(&e, &lazy, "img", &labels);
     assert_eq!(read(&e, id, "bin/hello").unwrap(), HELLO);
     assert_eq!(read(&e, id, "srv/big").unwrap(), l.big);
     let rep = &lazy.report()[0];
@@ -397,7 +397,7 @@ fn reads_go_through_the_home_peer_and_past_one_that_sends_wrong_chunks() {
     // The next layer of that blob reads from the mirror's cache: the
     // registry sends nothing more.
     let served = r.served();
-    let again = layer_through(&lazy, "img-again");
+    let again = populated(&e, &lazy, "img-again", &labels);
     assert_eq!(read(&e, again, "srv/big").unwrap(), l.big);
     assert_eq!(r.served(), served);
     lazy.stop();
@@ -412,9 +412,7 @@ fn reads_go_through_the_home_peer_and_past_one_that_sends_wrong_chunks() {
     let mut c = config(&r, false);
     c.peers = Some(m.peers());
     let lazy = Lazy::start(e2.clone(), c);
-    let id = e2.create_layer("img", true).unwrap();
-    lazy.populate("img", &labels).unwrap();
-    e2.commit_layer("img").unwrap();
+    let id = populated(&e2, &lazy, "img", &labels);
     assert_eq!(read(&e2, id, "bin/hello").unwrap(), HELLO);
     assert_eq!(read(&e2, id, "srv/big").unwrap(), l.big);
     assert!(m.counters.values()["fallbacks"] >= 1);
@@ -488,9 +486,7 @@ fn containerds_hosts_configuration_gives_the_server_its_header_and_mirrors() {
     c.registries.clear();
     c.hosts_dir = Some(hosts.path().to_path_buf());
     let lazy = Lazy::start(e.clone(), c);
-    let id = e.create_layer("img", true).unwrap();
-    lazy.populate("img", &labels(&r, &l.toc)).unwrap();
-    e.commit_layer("img").unwrap();
+    let id = populated(&e, &lazy, "img", &labels(&r, &l.toc));
     assert!(wrong.served() > 0, "the mirror was asked first");
     assert_eq!(read(&e, id, "bin/hello").unwrap(), HELLO);
     assert_eq!(read(&e, id, "srv/big").unwrap(), l.big);
