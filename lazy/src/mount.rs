@@ -18,16 +18,25 @@
 //! one ranged GET, each checked against its TOC digest, and written into
 //! the device; the read then goes on from the device. A read waits for the
 //! registry at most `fetch_timeout_ms` and then fails with EIO; it works
-//! again once the registry is back. A background thread per layer fetches
-//! the rest in TOC order (an eStargz layer's prefetch files lead), files
-//! grouped into ranges of up to [`BACKGROUND_RANGE`], out of the way of
-//! readers' fetches (it waits while one runs and [`READERS_QUIET`] after);
-//! once no block is
-//! absent the layer is complete (`lcfs.lazy.done`) and the sealer seals
-//! it like any layer.
+//! again once the registry is back. Reads that want one chunk at once
+//! fetch it once (chunks are claimed by the fetch under way). A
+//! background thread per layer fetches the rest: first the files of the
+//! layer's startup profile (what its containers read most, from the
+//! engine's hot-file summaries), then in TOC order (an eStargz layer's
+//! prefetch files lead), files grouped into ranges of up to
+//! [`BACKGROUND_RANGE`], out of the way of readers' fetches (it waits
+//! while one runs and [`READERS_QUIET`] after); once no block is absent
+//! the layer is complete (`lcfs.lazy.done`) and the sealer seals it like
+//! any layer.
+//!
+//! Where a layer is read from: the blob's home peer of the cooperative
+//! pull (when the daemon has a mirror), the registry's mirrors of
+//! containerd's hosts configuration (hosts.rs), then the registry's
+//! server; each passed over for a while when it fails (remote.rs).
 //!
 //! What a lazy layer needs across restarts is in its metadata: the blob's
-//! URL, the TOC digest and its first block number. On start the daemon
+//! URL and reference (registry host, repository, digest), the TOC digest
+//! and its first block number. On start the daemon
 //! takes up every layer not complete; the TOC is fetched again when first
 //! needed (a restart without the registry leaves the fetched files
 //! readable and the others EIO until it is back).

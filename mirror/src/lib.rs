@@ -11,7 +11,11 @@
 //! upstream and the others fetch it from the home, also while the home is
 //! still downloading it. A peer's request (header [`PEER_HEADER`]) is
 //! answered from the cache, a download under way, or the upstream: never
-//! from another peer, so requests cannot loop.
+//! from another peer, so requests cannot loop. A bounded range of a blob
+//! not here yet (a lazy reader's, docs/lazy.md) is fetched as a range
+//! from the next source and passed on uncached, while the whole blob is
+//! fetched for the cache ([`Peers`] routes this host's lazy reads to the
+//! home).
 //!
 //! Integrity: the last byte of a blob reaches a client only once the whole
 //! blob hashed to its digest; a source that sends other bytes fails the
