@@ -100,8 +100,7 @@ ctrd() {
 
 # lcfs_snapshotter_wait: waits (10 s at most) until the lcfs daemon serves
 # the snapshots API on $LCFS_CONTAINERD_SOCKET; dies with "snapshotter socket
-# not found" otherwise, at once when the daemon has no such service. With
-# containerd running, then waits (30 s at most) until containerd reaches it.
+# not found" otherwise, at once when the daemon has no such service.
 lcfs_snapshotter_wait() {
     local waited=0
     [[ -n $LCFS_CONTAINERD_SOCKET ]] || die "internal: lcfs_snapshotter_wait without LCFS_CONTAINERD_SOCKET"
@@ -121,16 +120,6 @@ socket.socket(socket.AF_UNIX).connect(sys.argv[1])' "$LCFS_CONTAINERD_SOCKET" 2>
             lcfs_log_tail
             die "snapshotter socket not found: $LCFS_CONTAINERD_SOCKET (waited 10 s)"
         fi
-        sleep 0.1
-    done
-    # A running containerd reaches it too: after the daemon was away, its
-    # client answers with the old error until its reconnect backoff ends.
-    [[ -n $CONTAINERD_PID ]] && kill -0 "$CONTAINERD_PID" 2>/dev/null || return 0
-    waited=0
-    until timeout 10 "$CTR_BIN" --address "$CONTAINERD_ADDRESS" snapshots --snapshotter "$CONTAINERD_SNAPSHOTTER" ls \
-        >/dev/null 2>&1; do
-        waited=$((waited + 1))
-        [[ $waited -le 300 ]] || die "containerd did not reach the lcfs snapshotter again within 30 s"
         sleep 0.1
     done
 }
