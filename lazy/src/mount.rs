@@ -175,6 +175,8 @@ pub struct Source {
     /// The blob's URL at the registry's server.
     pub url: String,
     pub toc_digest: String,
+    /// How its registry is reached.
+    resolved: Resolved,
 }
 
 /// How a registry host is reached: its server, and mirrors to try first.
@@ -254,9 +256,7 @@ impl LazyLayer {
             chunks: r.start..end,
         })
     }
-}
 
-impl LazyLayer {
     /// A lazy layer not complete yet, its TOC read when `opened` is given.
     fn new(
         name: &str,
@@ -490,11 +490,11 @@ impl Lazy {
     fn open_remote(
         &self,
         url: &str,
-        blob: Option<&BlobRef>,
+        blob: Option<(&BlobRef, &Resolved)>,
         toc: &str,
     ) -> std::result::Result<RemoteLayer, String> {
         let timeout = self.config.fetch_timeout;
-        let Some(b) = blob else {
+        let Some((b, resolved)) = blob else {
             // A layer of a daemon that did not record its blob: the
             // access of the configured registry at its URL's origin.
             use crate::remote::origin;
@@ -507,7 +507,6 @@ impl Lazy {
                 .unwrap_or_default();
             return RemoteLayer::open_with(url, toc, timeout, &access).map_err(|e| e.to_string());
         };
-        let resolved = self.resolve(&b.host)?;
         let mut alternates = Vec::new();
         if let Some(peers) = &self.config.peers {
             let hex = b.digest.trim_start_matches("sha256:");
@@ -578,16 +577,19 @@ impl Lazy {
         let Some((host, name)) = split_reference(image) else {
             return Ok(None);
         };
-        let server = self.resolve(&host)?.server;
+        let resolved = self.resolve(&host)?;
         let blob = BlobRef {
             host,
             name,
             digest: digest.clone(),
         };
         Ok(Some(Source {
-            url: server.blob_url(&blob.host, &blob.name, &blob.digest),
+            url: resolved
+                .server
+                .blob_url(&blob.host, &blob.name, &blob.digest),
             blob,
             toc_digest: toc.clone(),
+            resolved,
         }))
     }
 
@@ -597,7 +599,12 @@ impl Lazy {
         if let Some(o) = &*slot {
             return Ok(o.clone());
         }
-        let remote = self.open_remote(&layer.url, layer.blob.as_ref(), &layer.toc_digest)?;
+        let resolved = match &layer.blob {
+            Some(b) => Some(self.resolve(&b.host)?),
+            None => None,
+        };
+        let blob = layer.blob.as_ref().zip(resolved.as_ref());
+        let remote = self.open_remote(&layer.url, blob, &layer.toc_digest)?;
         layer
             .fetched_bytes
             .fetch_add(remote.fetched(), Ordering::Relaxed);
@@ -869,6 +876,7 @@ impl Lazy {
             }
             k += 1;
         }
+        let ix = &o.remote.index;
         let mut reads: HashMap<usize, u64> = HashMap::new();
         for name in &family {
             let Ok(id) = self.engine.layer_id(name) else {
@@ -877,7 +885,6 @@ impl Lazy {
             for (hot, path) in self.engine.hot_files(id).unwrap_or_default() {
                 let Some(path) = path else { continue };
                 let name = crate::estargz::clean_name(&String::from_utf8_lossy(&path));
-                let ix = &o.remote.index;
                 let Some(n) = ix
                     .by_name
                     .get(&name)
@@ -970,8 +977,9 @@ impl Lazy {
             blob,
             url,
             toc_digest: toc,
+            resolved,
         } = self.source(labels)?.ok_or("no eStargz layer named")?;
-        let remote = self.open_remote(&url, Some(&blob), &toc)?;
+        let remote = self.open_remote(&url, Some((&blob, &resolved)), &toc)?;
         let id = self.engine.layer_id(name).map_err(|e| e.to_string())?;
         let tar = skeleton::skeleton_tar(&remote.index).map_err(|e| e.to_string())?;
         lcfs_dockerplugin::apply_tar(&self.engine, id, &tar[..]).map_err(|e| e.to_string())?;

@@ -72,8 +72,9 @@ pub struct RemoteLayer {
     pub index: Index,
 }
 
-/// How long a place that failed is left alone.
-pub const PEER_PENALTY: Duration = Duration::from_secs(30);
+/// How long a place that failed is left alone: as long as the mirror
+/// leaves a failed peer out of the homes.
+pub use lcfs_mirror::PEER_PENALTY;
 
 /// A place to read the blob from before the registry.
 pub struct Alternate {

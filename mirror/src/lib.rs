@@ -57,7 +57,7 @@ const WRITE_BATCH: usize = 256 << 10;
 /// The largest manifest served (OCI registries commonly cap at 4 MiB).
 const MANIFEST_MAX: usize = 4 << 20;
 /// How long a peer that failed is left out of the homes.
-const PEER_PENALTY: Duration = Duration::from_secs(30);
+pub const PEER_PENALTY: Duration = Duration::from_secs(30);
 /// Connections served at once at most; more wait to be accepted.
 const MAX_CONNECTIONS: usize = 1024;
 /// How often `peers_dns` is resolved.
@@ -121,6 +121,14 @@ pub struct Counters {
 pub type CounterValues = BTreeMap<&'static str, u64>;
 
 impl Counters {
+    /// The counter of bytes received from `source`.
+    fn received_from(&self, source: &Source) -> &AtomicU64 {
+        match source {
+            Source::Peer(_) => &self.bytes_from_peers,
+            Source::Upstream(_) => &self.bytes_from_upstream,
+        }
+    }
+
     pub fn values(&self) -> CounterValues {
         let v = |a: &AtomicU64| a.load(Ordering::Relaxed);
         BTreeMap::from([
@@ -222,7 +230,7 @@ impl Peers {
         Some(PeerRoute {
             url: format!(
                 "http://{home}/v2/{name}/blobs/sha256:{hex}?ns={}",
-                percent_encode_ns(ns)
+                upstream::percent_encode(ns)
             ),
             peer: home,
             headers,
@@ -245,11 +253,6 @@ impl std::fmt::Debug for Peers {
             .field("self", &self.0.config.self_address)
             .finish()
     }
-}
-
-/// `ns` as a query value (a registry host: letters, digits, `.-:` pass).
-fn percent_encode_ns(ns: &str) -> String {
-    upstream::percent_encode(ns)
 }
 
 impl MirrorServer {
@@ -636,6 +639,14 @@ impl Mirror {
             .cloned()
     }
 
+    /// How long `source` may take to answer, or between two chunks.
+    fn timeout(&self, source: &Source) -> Duration {
+        match source {
+            Source::Peer(_) => self.config.peer_timeout,
+            Source::Upstream(_) => self.config.upstream_timeout,
+        }
+    }
+
     fn penalize(&self, peer: &str) {
         self.penalized
             .lock()
@@ -923,15 +934,8 @@ async fn pass_range(
         };
         m.counters.ranges_passed.fetch_add(1, Ordering::Relaxed);
         let length = end - start + 1;
-        let timeout = match source {
-            Source::Peer(_) => m.config.peer_timeout,
-            Source::Upstream(_) => m.config.upstream_timeout,
-        };
+        let timeout = m.timeout(&source);
         let counters = m.counters.clone();
-        let from = match source {
-            Source::Peer(_) => "peer",
-            Source::Upstream(_) => "upstream",
-        };
         let (tx, rx) = mpsc::channel(4);
         let mut body = r.into_body();
         tokio::spawn(async move {
@@ -944,9 +948,8 @@ async fn pass_range(
                         return;
                     }
                     Ok(None) | Err(_) => {
-                        let _ = tx
-                            .send(Err(io::Error::other(format!("the {from} stopped sending"))))
-                            .await;
+                        let why = format!("{source:?} stopped sending");
+                        let _ = tx.send(Err(io::Error::other(why))).await;
                         return;
                     }
                 };
@@ -956,11 +959,9 @@ async fn pass_range(
                 data.truncate(left.min(usize::MAX as u64) as usize);
                 left -= data.len() as u64;
                 let n = data.len() as u64;
-                match from {
-                    "peer" => &counters.bytes_from_peers,
-                    _ => &counters.bytes_from_upstream,
-                }
-                .fetch_add(n, Ordering::Relaxed);
+                counters
+                    .received_from(&source)
+                    .fetch_add(n, Ordering::Relaxed);
                 if from_peer {
                     counters.bytes_to_peers.fetch_add(n, Ordering::Relaxed);
                 }
@@ -1225,10 +1226,7 @@ async fn download(
             };
             d.progress.send_modify(|p| p.size = Some(size));
         }
-        let timeout = match source {
-            Source::Peer(_) => m.config.peer_timeout,
-            Source::Upstream(_) => m.config.upstream_timeout,
-        };
+        let timeout = m.timeout(&source);
         let mut body = r.into_body();
         // Bytes received and not yet written: written to the cache
         // WRITE_BATCH at a time (one engine write per batch, not per
@@ -1317,11 +1315,9 @@ async fn write_batch(
         return Err("writing to the blob cache failed".into());
     }
     *written += len;
-    match source {
-        Source::Peer(_) => &m.counters.bytes_from_peers,
-        Source::Upstream(_) => &m.counters.bytes_from_upstream,
-    }
-    .fetch_add(len, Ordering::Relaxed);
+    m.counters
+        .received_from(source)
+        .fetch_add(len, Ordering::Relaxed);
     d.progress.send_modify(|p| p.written = *written);
     Ok(())
 }
