@@ -20,11 +20,14 @@ fi
 
 # Release tests keep debug assertions and overflow checks: the engine's model
 # and crash tests are too slow in debug, but its asserts must stay on. Set
-# here, for this step only, so `cargo build --release` stays a real release.
-run_tests() (
+# here, for these steps only, so `cargo build --release` stays a real release.
+# The benches are built with the same settings (the bench profile inherits
+# release's), so they reuse the tests' build instead of compiling the whole
+# tree again; `cargo bench` outside CI measures a real release.
+with_asserts() (
     export CARGO_PROFILE_RELEASE_DEBUG_ASSERTIONS=true
     export CARGO_PROFILE_RELEASE_OVERFLOW_CHECKS=true
-    exec cargo test --workspace --release
+    exec "$@"
 )
 
 # The FUSE checks, then those that read image layers and restart the daemon
@@ -38,8 +41,8 @@ steps=(
     "setup|bash scripts/setup.sh"
     "format|cargo fmt --all --check"
     "clippy|cargo clippy --workspace --all-targets -- -D warnings"
-    "tests|run_tests"
-    "benches build|cargo bench --workspace --no-run"
+    "tests|with_asserts cargo test --workspace --release"
+    "benches build|with_asserts cargo bench --workspace --no-run"
     "fuzz smoke|bash scripts/fuzz-smoke.sh"
     "fuse conformance|run_conformance"
     "docker end to end|bash scripts/e2e/docker.sh"
