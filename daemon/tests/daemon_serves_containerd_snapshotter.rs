@@ -141,3 +141,138 @@ fn containerd_socket_moves_the_snapshotter() {
     assert!(!h.socket.parent().unwrap().join("snapshotter.sock").exists());
     assert!(h.stop_with(libc::SIGTERM).success());
 }
+
+/// A snapshot removed while a mount made outside containerd still shows it
+/// (containerd's garbage collector removes the parent view Docker mounts
+/// for `docker diff`, as it does not know about that mount) reads and
+/// lists as before through that mount, and its layer is freed once the
+/// mount is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_snapshot_reads_through_its_mount_until_unmounted() {
+    use lcfs_snapshotter::api::snapshots::{
+        CleanupRequest, RemoveSnapshotRequest, ViewSnapshotRequest,
+    };
+    require_root_and_fuse();
+    let mut h = Harness::new();
+    h.mkfs();
+    h.start();
+    let socket = h.socket.parent().unwrap().join("snapshotter.sock");
+    let mut c = connect(&socket).await;
+    let base = prepare(&mut c, "default/1/extract", "").await;
+    // More entries than one readdir batch of the engine or the kernel.
+    std::fs::create_dir(base.join("bin")).unwrap();
+    for i in 0..400 {
+        std::fs::write(base.join(format!("bin/tool{i:03}")), format!("tool {i}")).unwrap();
+    }
+    c.commit(CommitSnapshotRequest {
+        snapshotter: "lcfs".into(),
+        name: "default/2/layer".into(),
+        key: "default/1/extract".into(),
+        labels: Default::default(),
+        parent: String::new(),
+    })
+    .await
+    .unwrap();
+    let mounts = c
+        .view(ViewSnapshotRequest {
+            snapshotter: "lcfs".into(),
+            key: "default/3/parent-view".into(),
+            parent: "default/2/layer".into(),
+            labels: Default::default(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    let view = PathBuf::from(&mounts[0].source);
+    let layer = view.file_name().unwrap().to_owned();
+    let target = h.dir.path().join("view");
+    std::fs::create_dir(&target).unwrap();
+    let mount = |args: &[&std::ffi::OsStr]| {
+        let status = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .status()
+            .unwrap();
+        assert!(status.success(), "{args:?}");
+    };
+    mount(&[
+        "mount".as_ref(),
+        "--bind".as_ref(),
+        view.as_os_str(),
+        target.as_os_str(),
+    ]);
+    // Unmounted (lazily) if the test fails before its own umount.
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(&target);
+    // Half a walk, as a diff is when the collector runs.
+    let first = std::fs::read_dir(target.join("bin"))
+        .unwrap()
+        .take(100)
+        .count();
+    assert_eq!(first, 100);
+
+    c.remove(RemoveSnapshotRequest {
+        snapshotter: "lcfs".into(),
+        key: "default/3/parent-view".into(),
+    })
+    .await
+    .unwrap();
+    c.cleanup(CleanupRequest {
+        snapshotter: "lcfs".into(),
+    })
+    .await
+    .unwrap();
+    let names: std::collections::BTreeSet<String> = std::fs::read_dir(target.join("bin"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        names.len(),
+        400,
+        "the mount lists every file after the removal"
+    );
+    for i in 0..400 {
+        let file = target.join(format!("bin/tool{i:03}"));
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            format!("tool {i}"),
+            "{file:?}"
+        );
+    }
+    let in_mount = || {
+        std::fs::read_dir(&h.mountpoint)
+            .unwrap()
+            .any(|e| e.unwrap().file_name() == layer)
+    };
+    assert!(
+        in_mount(),
+        "the removed snapshot's layer waits for its mount"
+    );
+
+    mount(&["umount".as_ref(), target.as_os_str()]);
+    // The next pass frees the layer (Cleanup, or the background pass).
+    let mut freed = false;
+    for _ in 0..20 {
+        c.cleanup(CleanupRequest {
+            snapshotter: "lcfs".into(),
+        })
+        .await
+        .unwrap();
+        if !in_mount() {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert!(freed, "the layer is freed once its mount is gone");
+    drop(c);
+    assert!(h.stop_with(libc::SIGTERM).success());
+}

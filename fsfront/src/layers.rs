@@ -6,6 +6,7 @@
 //! or filled, so the next lookup sees the change.
 
 use lcfs_engine::{Engine, LayerMetadata};
+use std::collections::HashSet;
 use std::fmt;
 use std::io;
 use std::sync::Arc;
@@ -21,6 +22,11 @@ pub trait KernelCache: Send + Sync {
     /// up through the mount any more; it may happen after the call returns.
     fn forget_removed_layer(&self, layer: &str) {
         self.forget_layer_entry(layer);
+    }
+    /// The layers whose directory (or a directory below it) is mounted
+    /// somewhere else in the daemon's mount namespace.
+    fn layers_mounted(&self) -> HashSet<String> {
+        HashSet::new()
     }
     /// Writes the kernel still holds (the mount's writeback cache) reach the
     /// engine.
@@ -175,6 +181,14 @@ impl LayerOps {
         self.engine.remove_layer(name).map_err(LayerError::Engine)?;
         self.kernel.forget_removed_layer(name);
         Ok(())
+    }
+
+    /// The layers whose directory (or a directory below it) is mounted
+    /// somewhere else in the daemon's mount namespace (a container's
+    /// rootfs, a snapshot mounted by containerd or dockerd). Freeing one
+    /// would make every lookup through that mount fail.
+    pub fn layers_mounted(&self) -> HashSet<String> {
+        self.kernel.layers_mounted()
     }
 
     /// Layer `name` was filled (or emptied) beside the mount.

@@ -16,6 +16,7 @@ use crate::inodes::MOUNT_ROOT;
 use crate::passthrough::{Passthrough, PassthroughStats};
 use fuser::{Config, MountOption, SessionACL};
 use lcfs_engine::Engine;
+use std::collections::HashSet;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -105,6 +106,9 @@ pub struct Mount {
     writeback_cache: bool,
     /// Dropped after `session`: the copies mount outlives the main one.
     passthrough: Option<Arc<Passthrough>>,
+    /// The mount's device (`major:minor`), which bind mounts of its layer
+    /// directories share; None when mountinfo did not show the mount.
+    device: Option<String>,
 }
 
 impl Mount {
@@ -127,6 +131,21 @@ impl Mount {
     pub fn forget_removed_layer(&self, name: &str) {
         if self.forgets.send(name.to_string()).is_err() {
             self.forget_layer_entry(name);
+        }
+    }
+
+    /// The layers whose directory (or a directory below it) is mounted
+    /// somewhere else in this process's mount namespace: a container's
+    /// rootfs, or a snapshot mounted by containerd or dockerd.
+    pub fn layers_mounted(&self) -> HashSet<String> {
+        let mountinfo = std::fs::read_to_string(MOUNTINFO);
+        match (&self.device, mountinfo) {
+            (Some(device), Ok(mountinfo)) => layers_mounted(&mountinfo, device),
+            (None, _) => HashSet::new(),
+            (_, Err(e)) => {
+                log::warn!("reading {MOUNTINFO}: {e}");
+                HashSet::new()
+            }
         }
     }
 
@@ -208,6 +227,7 @@ pub fn mount(engine: Arc<Engine>, mountpoint: &Path, options: &MountOptions) -> 
     let session = fuser::spawn_mount(fs, mountpoint, &fuser_config(options))?;
     pages.set_notifier(session.notifier());
     set_read_ahead(mountpoint, READ_AHEAD_WINDOW_BYTES);
+    let device = mount_device(mountpoint);
     let (forgets, names) = std::sync::mpsc::channel::<String>();
     let notifier = session.notifier();
     std::thread::Builder::new()
@@ -223,6 +243,7 @@ pub fn mount(engine: Arc<Engine>, mountpoint: &Path, options: &MountOptions) -> 
         session: Some(session),
         writeback_cache: options.writeback_cache,
         passthrough,
+        device,
     })
 }
 
@@ -427,20 +448,7 @@ pub fn lazy_unmount(mountpoint: &Path) {
 /// 128 KiB. Found through /proc/self/mountinfo (a stat of the mountpoint
 /// would be a FUSE request). Needs root; without it the default stays.
 fn set_read_ahead(mountpoint: &Path, bytes: u32) {
-    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let want = mountpoint.as_os_str().as_bytes();
-    // Fields: id parent major:minor root mountpoint ...; the last match is
-    // the newest mount on that path.
-    let device = mountinfo
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            (f.len() > 4 && unescape_mountinfo(f[4]) == want).then(|| f[2].to_string())
-        })
-        .next_back();
-    let Some(device) = device else {
+    let Some(device) = mount_device(mountpoint) else {
         log::debug!("readahead: {} not in mountinfo", mountpoint.display());
         return;
     };
@@ -448,6 +456,41 @@ fn set_read_ahead(mountpoint: &Path, bytes: u32) {
     if let Err(e) = std::fs::write(&path, format!("{}", bytes / 1024)) {
         log::info!("readahead stays at the kernel's default: writing {path}: {e}");
     }
+}
+
+const MOUNTINFO: &str = "/proc/self/mountinfo";
+
+/// The device (`major:minor`) of the newest mount on `mountpoint`.
+fn mount_device(mountpoint: &Path) -> Option<String> {
+    let mountinfo = std::fs::read_to_string(MOUNTINFO).ok()?;
+    let want = mountpoint.as_os_str().as_bytes();
+    // Fields: id parent major:minor root mountpoint ...; the last match is
+    // the newest mount on that path.
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.len() > 4 && unescape_mountinfo(f[4]) == want).then(|| f[2].to_string())
+        })
+        .next_back()
+}
+
+/// The layers of which `mountinfo` shows a mount of the filesystem on
+/// `device`: a bind mount of the layer's directory, or of a directory below
+/// it. The mount of the whole filesystem (root `/`) names no layer.
+fn layers_mounted(mountinfo: &str, device: &str) -> HashSet<String> {
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            if f.len() < 5 || f[2] != device {
+                return None;
+            }
+            let root = unescape_mountinfo(f[3]);
+            let layer = root.strip_prefix(b"/")?.split(|&b| b == b'/').next()?;
+            (!layer.is_empty()).then(|| String::from_utf8_lossy(layer).into_owned())
+        })
+        .collect()
 }
 
 /// Makes the kernel forget its entry for layer directory `name`, and the
@@ -497,6 +540,14 @@ impl crate::KernelCache for SharedMount {
         }
     }
 
+    fn layers_mounted(&self) -> HashSet<String> {
+        let mount = self.0.read().unwrap_or_else(|p| p.into_inner());
+        mount
+            .as_ref()
+            .map(Mount::layers_mounted)
+            .unwrap_or_default()
+    }
+
     fn write_back(&self) -> io::Result<()> {
         // Under the read lock: the unmount (which takes the write lock)
         // waits until the kernel has written back.
@@ -504,5 +555,28 @@ impl crate::KernelCache for SharedMount {
             Some(m) => m.write_back(),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_mounted_are_the_first_component_of_each_bind_mounts_root() {
+        let mountinfo = "\
+36 27 0:40 / /var/lib/lcfs/mnt rw,nosuid - fuse lcfs rw,user_id=0
+49 27 0:40 /containerd-13//deleted /tmp/containerd-mount1 ro,relatime - fuse lcfs rw
+50 27 0:40 /layer\\040with\\040space/usr/lib /srv/x rw - fuse lcfs rw
+51 27 0:41 /other-mounts-layer /srv/y rw - fuse lcfs rw
+52 27 0:40 /container-7 /run/containerd/task/rootfs rw - fuse lcfs rw
+short line
+";
+        let got = layers_mounted(mountinfo, "0:40");
+        let want: HashSet<String> = ["containerd-13", "layer with space", "container-7"]
+            .map(String::from)
+            .into();
+        assert_eq!(got, want);
+        assert!(layers_mounted(mountinfo, "0:99").is_empty());
     }
 }

@@ -56,7 +56,9 @@ const UNPACK_KEY_PREFIX: &str = "extract-";
 /// units (`64M`); containerd passes `containerd.io/snapshot/` labels on to
 /// the snapshotter (`ctr run --snapshotter-label ...`, CRI).
 pub const LABEL_SIZE_LIMIT: &str = "containerd.io/snapshot/lcfs.size";
-/// How often removed layers are freed when nobody calls Cleanup.
+/// How often removed layers are freed when nobody calls Cleanup (and a
+/// layer that was still mounted when it was removed is freed once it is
+/// not).
 const RECLAIM_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -877,8 +879,12 @@ impl Table {
     }
 
     /// Frees the layers of removed snapshots, children before parents, and
-    /// makes that durable. Layers still busy (open files) wait for the next
-    /// pass. Returns how many were freed.
+    /// makes that durable. Layers still in use wait for a later pass: those
+    /// with open files, and those still mounted (containerd's garbage
+    /// collector removes snapshots it does not know to be mounted, such as
+    /// the parent view dockerd mounts for `docker diff`; as with overlayfs,
+    /// such a mount reads the snapshot as before until it is unmounted).
+    /// Returns how many were freed.
     pub fn cleanup(&self) -> Result<usize> {
         let freed = self.reclaim();
         self.sync("cleanup")?;
@@ -887,6 +893,16 @@ impl Table {
 
     fn reclaim(&self) -> usize {
         let mut left: Vec<String> = self.state().pending.iter().cloned().collect();
+        let mounted = self.layers.layers_mounted();
+        left.retain(|layer| {
+            let keep = !mounted.contains(layer);
+            if !keep {
+                log::debug!(
+                    "removed snapshot layer {layer:?} is still mounted: freed once it is not"
+                );
+            }
+            keep
+        });
         let mut freed = Vec::new();
         // Each pass frees at least one layer or stops: bounded by the count.
         loop {
@@ -896,7 +912,10 @@ impl Table {
                     freed.push(layer.clone());
                     false
                 }
-                Err(LayerError::Engine(lcfs_engine::Error::Busy(_))) => true,
+                // Open files; a child still held (freed in a later pass).
+                Err(LayerError::Engine(
+                    lcfs_engine::Error::Busy(_) | lcfs_engine::Error::HasChildren { .. },
+                )) => true,
                 Err(e) => {
                     log::warn!("freeing removed snapshot layer {layer:?}: {e}");
                     true
