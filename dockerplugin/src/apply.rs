@@ -50,6 +50,51 @@ pub(crate) fn apply(
     source: Option<u64>,
     stream: impl Read,
 ) -> Result<u64> {
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(HASH_QUEUE);
+        let hashing = std::thread::Builder::new()
+            .name("lcfs-apply-hash".into())
+            .spawn_scoped(scope, move || hash_pieces(engine, layer, rx));
+        if let Err(e) = &hashing {
+            // Sealing reads the files back instead.
+            log::warn!("no thread to hash the apply's files for the seal: {e}");
+        }
+        let hashes = hashing.is_ok().then_some(tx);
+        apply_entries(engine, layer, source, stream, hashes.as_ref())
+    })
+}
+
+/// Pieces of file content queued for the hashing thread, at most (of
+/// CHUNK_BYTES each).
+const HASH_QUEUE: usize = 8;
+
+/// What the apply sends its hashing thread: a file's content in order,
+/// then the file's inode once it is complete.
+enum Piece {
+    Data(Vec<u8>),
+    End(u64),
+}
+
+/// Hashes each file's content for the layer's seal (the engine's
+/// streamed.rs) on a thread of its own: the apply does not wait for
+/// SHA-256, only copies each piece into the queue.
+fn hash_pieces(engine: &Engine, layer: u64, pieces: std::sync::mpsc::Receiver<Piece>) {
+    let mut hasher = lcfs_engine::StreamHasher::new();
+    for piece in pieces {
+        match piece {
+            Piece::Data(data) => hasher.update(&data),
+            Piece::End(ino) => engine.streamed_file(layer, ino, std::mem::take(&mut hasher)),
+        }
+    }
+}
+
+fn apply_entries(
+    engine: &Engine,
+    layer: u64,
+    source: Option<u64>,
+    stream: impl Read,
+    hashes: Option<&std::sync::mpsc::SyncSender<Piece>>,
+) -> Result<u64> {
     let mut archive = tar::Archive::new(stream);
     let mut entries = archive
         .entries()
@@ -157,13 +202,14 @@ pub(crate) fn apply(
                         .map(|a| (src, a.inode)),
                     _ => None,
                 };
-                let written = copy_content(engine, layer, ino, lender, &mut entry, &mut buf)
-                    .map_err(|e| match e {
-                        Error::Io { source, .. } => {
-                            bad_tar(index, format!("{}: {source}", ctx("reading content of")))
-                        }
-                        other => other,
-                    })?;
+                let written =
+                    copy_content(engine, layer, ino, lender, &mut entry, &mut buf, hashes)
+                        .map_err(|e| match e {
+                            Error::Io { source, .. } => {
+                                bad_tar(index, format!("{}: {source}", ctx("reading content of")))
+                            }
+                            other => other,
+                        })?;
                 if written != expected {
                     return Err(bad_tar(
                         index,
@@ -399,7 +445,8 @@ fn parse_pax_time(text: &str) -> std::result::Result<Timestamp, String> {
     })
 }
 
-/// Streams an entry's content into `ino`, leaving all-zero blocks as holes.
+/// Streams an entry's content into `ino`, leaving all-zero blocks as holes,
+/// and sends it to `hashes` on the way (see [`hash_pieces`]).
 fn copy_content(
     engine: &Engine,
     layer: u64,
@@ -407,8 +454,12 @@ fn copy_content(
     lender: Option<(u64, u64)>,
     from: &mut impl Read,
     buf: &mut [u8],
+    hashes: Option<&std::sync::mpsc::SyncSender<Piece>>,
 ) -> Result<u64> {
     let mut offset = 0u64;
+    // A hashing thread gone (it never fails by itself) leaves the file to
+    // be read back when sealed.
+    let mut hashes = hashes;
     loop {
         // Fill the buffer fully (short reads are normal) so block alignment
         // in the buffer matches block alignment in the file.
@@ -425,6 +476,9 @@ fn copy_content(
             break;
         }
         let data = &buf[..filled];
+        if hashes.is_some_and(|h| h.send(Piece::Data(data.to_vec())).is_err()) {
+            hashes = None;
+        }
         if let Some((src_layer, src_ino)) = lender {
             if try_share_lender_blocks(engine, layer, ino, src_layer, src_ino, offset, data) {
                 offset += filled as u64;
@@ -471,6 +525,9 @@ fn copy_content(
             },
         )
         .map_err(|e| Error::engine("setting file size", e))?;
+    if let Some(h) = hashes {
+        let _ = h.send(Piece::End(ino));
+    }
     Ok(offset)
 }
 

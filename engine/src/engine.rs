@@ -106,6 +106,8 @@ struct Shared {
     wake: (Mutex<bool>, Condvar),
     /// Verified reads (verified.rs).
     verifier: crate::verified::Verifier,
+    /// Digests hashed as files were written, for their seals (streamed.rs).
+    streamed: crate::streamed::Streamed,
     /// Changes and front-end reads so far (not a background thread's):
     /// background work that yields to the rest (sealing) watches it.
     activity: AtomicU64,
@@ -409,6 +411,7 @@ impl Engine {
             latencies,
             wake: (Mutex::new(false), Condvar::new()),
             verifier: Default::default(),
+            streamed: Default::default(),
             activity: AtomicU64::new(0),
             absent_fetcher: RwLock::new(None),
         });
@@ -443,6 +446,10 @@ impl Engine {
 
     pub(crate) fn verifier(&self) -> &crate::verified::Verifier {
         &self.s.verifier
+    }
+
+    pub(crate) fn streamed(&self) -> &crate::streamed::Streamed {
+        &self.s.streamed
     }
 
     /// The store, under its lock (for the engine's own modules).
@@ -595,6 +602,7 @@ impl Engine {
         })?;
         self.note_layer_flag(id, &Default::default());
         self.verifier().forget(id);
+        self.streamed().forget_layer(id);
         Ok(())
     }
 

@@ -33,6 +33,7 @@ mod seal;
 mod sharing;
 mod space;
 mod store;
+mod streamed;
 #[cfg(any(test, feature = "testing"))]
 mod tamper;
 mod tree;
@@ -61,6 +62,7 @@ pub use hotfiles::{HotFile, HOT_FILES_K};
 pub use metadata::{LayerMetadata, MAX_METADATA_BYTES};
 pub use seal::{SealInfo, SealState, SealedFile};
 pub use store::{Config, Counters, EARLY_FILES_MAX};
+pub use streamed::StreamHasher;
 #[cfg(any(test, feature = "testing"))]
 pub use tamper::Tampered;
 pub use verified::VERIFY_READS_KEY;

@@ -11,6 +11,7 @@ use crate::format::data_checksum;
 use std::sync::Arc;
 
 /// Where each block of a read comes from (resolved under the lock, read after).
+#[derive(Clone)]
 pub(crate) enum BlockSource {
     Hole,
     Buffered(Vec<u8>),

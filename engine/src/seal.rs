@@ -367,17 +367,23 @@ impl Engine {
                     return Ok(f.digest);
                 }
             }
-            let hashed_file = digest::file_tree(
-                a.size,
-                |off, len| {
-                    if stop() {
-                        return Err(Error::Busy("sealing stopped".into()));
-                    }
-                    progress(hashed + off);
-                    self.read_local(layer, a.inode, off, len, true, false)
-                },
-                true,
-            );
+            // Hashed as its apply wrote it, and still what the device
+            // holds (streamed.rs); else read and hashed here.
+            let streamed = self.take_streamed(layer, a)?;
+            let hashed_file = match streamed {
+                Some(h) => Ok(h),
+                None => digest::file_tree(
+                    a.size,
+                    |off, len| {
+                        if stop() {
+                            return Err(Error::Busy("sealing stopped".into()));
+                        }
+                        progress(hashed + off);
+                        self.read_local(layer, a.inode, off, len, true, false)
+                    },
+                    true,
+                ),
+            };
             let (d, hashes) = match hashed_file {
                 Ok(h) => h,
                 Err(e) => {
@@ -421,6 +427,7 @@ impl Engine {
         };
         batch.push(head_key(), info.encode());
         batch.flush(self)?;
+        self.streamed().forget_layer(layer);
         Ok(info)
     }
 }
