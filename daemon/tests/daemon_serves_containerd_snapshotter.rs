@@ -47,14 +47,20 @@ async fn prepare(c: &mut SnapshotsClient<Channel>, key: &str, parent: &str) -> P
     PathBuf::from(&m[0].source)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn snapshots_live_in_the_mount_and_survive_kill_9() {
+/// A daemon on a fresh device, its snapshotter socket, and a client of it.
+async fn started() -> (Harness, PathBuf, SnapshotsClient<Channel>) {
     require_root_and_fuse();
     let mut h = Harness::new();
     h.mkfs();
     h.start();
     let socket = h.socket.parent().unwrap().join("snapshotter.sock");
-    let mut c = connect(&socket).await;
+    let c = connect(&socket).await;
+    (h, socket, c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_live_in_the_mount_and_survive_kill_9() {
+    let (mut h, socket, mut c) = started().await;
     let base = prepare(&mut c, "default/1/extract", "").await;
     assert_eq!(base.parent().unwrap(), h.mountpoint);
     std::fs::write(base.join("hello"), b"from containerd").unwrap();
@@ -152,12 +158,7 @@ async fn a_removed_snapshot_reads_through_its_mount_until_unmounted() {
     use lcfs_snapshotter::api::snapshots::{
         CleanupRequest, RemoveSnapshotRequest, ViewSnapshotRequest,
     };
-    require_root_and_fuse();
-    let mut h = Harness::new();
-    h.mkfs();
-    h.start();
-    let socket = h.socket.parent().unwrap().join("snapshotter.sock");
-    let mut c = connect(&socket).await;
+    let (mut h, _socket, mut c) = started().await;
     let base = prepare(&mut c, "default/1/extract", "").await;
     // More entries than one readdir batch of the engine or the kernel.
     std::fs::create_dir(base.join("bin")).unwrap();

@@ -8,7 +8,7 @@ mod common;
 
 use common::{Plugin, TarMaker};
 use lcfs_dockerplugin::{applied_inode, apply_tar};
-use lcfs_engine::digest;
+use lcfs_engine::{digest, SealInfo};
 
 fn image_tar() -> (Vec<u8>, u64) {
     let block = 4096;
@@ -44,56 +44,49 @@ fn independent_root(p: &Plugin, name: &str) -> [u8; 32] {
     digest::layer_digest(&p.engine, name, |_| {}).unwrap().root
 }
 
+/// Applies `tar` into new cold layer `name`; returns the layer's id.
+fn applied(p: &Plugin, name: &str, tar: &[u8]) -> u64 {
+    let id = p.engine.create_layer(name, true).unwrap();
+    apply_tar(&p.engine, id, tar).unwrap();
+    id
+}
+
+/// Commits and seals layer `name`: its seal, and the file bytes sealed
+/// from streamed hashes.
+fn sealed(p: &Plugin, name: &str) -> (SealInfo, u64) {
+    p.engine.commit_layer(name).unwrap();
+    let before = p.engine.sealed_from_stream_bytes();
+    let seal = p.engine.seal_layer(name, &|| false, &mut |_| {}).unwrap();
+    assert_eq!(seal.root, independent_root(p, name));
+    (seal, p.engine.sealed_from_stream_bytes() - before)
+}
+
 #[test]
 fn a_sealed_apply_is_not_read_back() {
     let p = Plugin::start();
     let (tar, file_bytes) = image_tar();
-    let id = p.engine.create_layer("image", true).unwrap();
-    apply_tar(&p.engine, id, &tar[..]).unwrap();
-    p.engine.commit_layer("image").unwrap();
-    let before = p.engine.sealed_from_stream_bytes();
-    let seal = p
-        .engine
-        .seal_layer("image", &|| false, &mut |_| {})
-        .unwrap();
-    assert_eq!(p.engine.sealed_from_stream_bytes() - before, file_bytes);
+    applied(&p, "image", &tar);
+    let (seal, streamed) = sealed(&p, "image");
+    assert_eq!(streamed, file_bytes);
     assert_eq!(seal.file_bytes, file_bytes);
-    assert_eq!(seal.root, independent_root(&p, "image"));
 }
 
 #[test]
 fn a_file_changed_after_its_apply_is_read_and_hashed() {
     let p = Plugin::start();
     let (tar, file_bytes) = image_tar();
-    let id = p.engine.create_layer("image", true).unwrap();
-    apply_tar(&p.engine, id, &tar[..]).unwrap();
+    let id = applied(&p, "image", &tar);
     // Changed in place, then a hole filled in another file: neither may
     // keep the hashes of what the apply wrote.
     let tool = applied_inode(&p.engine, id, b"usr/bin/tool").unwrap();
     p.engine.write(id, tool, 4096, b"changed").unwrap();
     let sparse = applied_inode(&p.engine, id, b"usr/lib/sparse").unwrap();
     p.engine.write(id, sparse, 4096 + 3, b"x").unwrap();
-    p.engine.commit_layer("image").unwrap();
-    let before = p.engine.sealed_from_stream_bytes();
-    let seal = p
-        .engine
-        .seal_layer("image", &|| false, &mut |_| {})
-        .unwrap();
-    let read = 300_000 + 3 * 4096;
-    assert_eq!(
-        p.engine.sealed_from_stream_bytes() - before,
-        file_bytes - read
-    );
-    assert_eq!(seal.root, independent_root(&p, "image"));
+    let (seal, streamed) = sealed(&p, "image");
+    assert_eq!(streamed, file_bytes - (300_000 + 3 * 4096));
 
     // The same tar applied and left alone has another root.
-    let id = p.engine.create_layer("again", true).unwrap();
-    apply_tar(&p.engine, id, &tar[..]).unwrap();
-    p.engine.commit_layer("again").unwrap();
-    let again = p
-        .engine
-        .seal_layer("again", &|| false, &mut |_| {})
-        .unwrap();
+    applied(&p, "again", &tar);
+    let (again, _) = sealed(&p, "again");
     assert_ne!(again.root, seal.root);
-    assert_eq!(again.root, independent_root(&p, "again"));
 }
