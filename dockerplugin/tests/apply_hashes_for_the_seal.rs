@@ -24,6 +24,11 @@ fn image_tar() -> (Vec<u8>, u64) {
         ("usr/lib/aligned", vec![9u8; 2 * block]),
         ("usr/lib/sparse", sparse),
         ("usr/lib/zeros", vec![0u8; block + 10]),
+        // Over the 16 MiB the sealer checks per hold of the store lock.
+        (
+            "usr/lib/large",
+            (0..(17 << 20) + 5000u32).map(|i| (i % 241) as u8).collect(),
+        ),
         ("empty", Vec::new()),
     ];
     let mut t = TarMaker::new();

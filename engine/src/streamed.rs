@@ -30,6 +30,8 @@ use std::sync::Mutex;
 pub(crate) const STREAMED_BYTES_MAX: usize = 64 << 20;
 /// Memory one block's record takes.
 const BLOCK_RECORD_BYTES: usize = 32 + 8;
+/// Blocks of a file checked per hold of the store lock (16 MiB of file).
+const CONFIRM_BLOCKS: usize = 4096;
 
 /// Hashes a file's content as it is written from offset 0 to its end, in
 /// pieces of any size.
@@ -42,6 +44,9 @@ pub struct StreamHasher {
     size: u64,
     /// The start of a block not complete yet.
     partial: Vec<u8>,
+    /// The file's record would pass [`STREAMED_BYTES_MAX`] alone: nothing
+    /// is kept of it (it is read back when sealed).
+    too_big: bool,
 }
 
 impl StreamHasher {
@@ -70,6 +75,15 @@ impl StreamHasher {
     }
 
     fn block(&mut self, block: &[u8]) {
+        if self.too_big {
+            return;
+        }
+        if (self.hashes.len() + 1) * BLOCK_RECORD_BYTES > STREAMED_BYTES_MAX {
+            self.too_big = true;
+            self.hashes = Vec::new();
+            self.checksums = Vec::new();
+            return;
+        }
         self.hashes.push(digest::block_hash(block));
         let zero = block.iter().all(|b| *b == 0);
         self.checksums.push(if zero {
@@ -89,16 +103,16 @@ impl StreamHasher {
         self.size
     }
 
-    fn finish(mut self) -> StreamedFile {
+    fn finish(mut self) -> Option<StreamedFile> {
         if !self.partial.is_empty() {
             let block = std::mem::take(&mut self.partial);
             self.block(&block);
         }
-        StreamedFile {
+        (!self.too_big).then_some(StreamedFile {
             size: self.size,
             hashes: self.hashes,
             checksums: self.checksums,
-        }
+        })
     }
 }
 
@@ -114,16 +128,16 @@ impl StreamedFile {
         self.hashes.len() * BLOCK_RECORD_BYTES
     }
 
-    /// The block hashes, when `blocks` (the file's read plan, block by
-    /// block) still hold exactly the bytes hashed.
-    fn confirmed(self, size: u64, blocks: &[BlockSource]) -> Option<Vec<Sha256Digest>> {
-        if size != self.size || blocks.len() != self.checksums.len() {
-            return None;
-        }
+    /// Whether `blocks`, the read plan of the file's blocks from block
+    /// `first` on, still hold exactly the bytes hashed there.
+    fn matches(&self, first: usize, blocks: &[BlockSource]) -> bool {
+        let Some(wanted) = self.checksums.get(first..first + blocks.len()) else {
+            return false;
+        };
         let zero = data_checksum(&[0u8; BLOCK]);
-        let same = blocks
+        blocks
             .iter()
-            .zip(&self.checksums)
+            .zip(wanted)
             .all(|(source, want)| match (source, want) {
                 (BlockSource::Hole, None) => true,
                 (BlockSource::Hole, Some(_)) => false,
@@ -133,8 +147,7 @@ impl StreamedFile {
                     padded.resize(BLOCK, 0);
                     data_checksum(&padded) == want.unwrap_or(zero)
                 }
-            });
-        same.then_some(self.hashes)
+            })
     }
 }
 
@@ -196,7 +209,9 @@ impl Engine {
     /// computed from every byte written to it, in order from offset 0, for
     /// the layer's seal (see the module comment).
     pub fn streamed_file(&self, layer: u64, ino: u64, hasher: StreamHasher) {
-        self.streamed().put(layer, ino, hasher.finish());
+        if let Some(file) = hasher.finish() {
+            self.streamed().put(layer, ino, file);
+        }
     }
 
     /// File bytes sealed from digests hashed as they were written, without
@@ -215,13 +230,29 @@ impl Engine {
         let Some(file) = self.streamed().take(layer, a.inode) else {
             return Ok(None);
         };
-        let plan = self.store().read_plan(layer, a.inode, 0, a.size as usize)?;
-        Ok(file.confirmed(a.size, &plan.blocks).map(|hashes| {
-            self.streamed()
-                .taken_bytes
-                .fetch_add(a.size, Ordering::Relaxed);
-            (digest::digest_of_hashes(a.size, &hashes), hashes)
-        }))
+        if file.size != a.size {
+            return Ok(None);
+        }
+        // Checked in pieces, each under its own hold of the store lock.
+        let blocks = file.checksums.len();
+        let mut first = 0;
+        while first < blocks {
+            let n = (blocks - first).min(CONFIRM_BLOCKS);
+            let plan = self
+                .store()
+                .read_plan(layer, a.inode, (first * BLOCK) as u64, n * BLOCK)?;
+            if plan.blocks.len() != n || !file.matches(first, &plan.blocks) {
+                return Ok(None);
+            }
+            first += n;
+        }
+        self.streamed()
+            .taken_bytes
+            .fetch_add(a.size, Ordering::Relaxed);
+        Ok(Some((
+            digest::digest_of_hashes(a.size, &file.hashes),
+            file.hashes,
+        )))
     }
 }
 
@@ -238,7 +269,7 @@ mod tests {
         for piece in data.chunks(777) {
             pieces.update(piece);
         }
-        let (a, b) = (whole.finish(), pieces.finish());
+        let (a, b) = (whole.finish().unwrap(), pieces.finish().unwrap());
         assert_eq!(a.hashes, b.hashes);
         assert_eq!(a.checksums, b.checksums);
         assert_eq!(a.size, data.len() as u64);
@@ -260,7 +291,7 @@ mod tests {
         let file = || {
             let mut h = StreamHasher::new();
             h.update(&data);
-            h.finish()
+            Confirm(h.finish().unwrap())
         };
         let mut tail = b"tail".to_vec();
         tail.resize(BLOCK, 0);
@@ -290,6 +321,32 @@ mod tests {
         assert!(file().confirmed(size, &filled).is_none());
         assert!(file().confirmed(size + 1, &stored).is_none());
         assert!(file().confirmed(size, &stored[..3]).is_none());
+        // The sealer checks a file in pieces.
+        assert!(file().0.matches(2, &stored[2..]));
+        assert!(!file().0.matches(1, &changed[1..3]));
+        assert!(!file().0.matches(3, &stored[..2]), "past the file's end");
+    }
+
+    /// What the sealer checks: the size, then every block.
+    struct Confirm(StreamedFile);
+
+    impl Confirm {
+        fn confirmed(&self, size: u64, blocks: &[BlockSource]) -> Option<()> {
+            let f = &self.0;
+            (f.size == size && blocks.len() == f.checksums.len() && f.matches(0, blocks))
+                .then_some(())
+        }
+    }
+
+    #[test]
+    fn a_file_past_the_bound_is_not_kept() {
+        let mut h = StreamHasher::new();
+        let block = vec![1u8; BLOCK];
+        for _ in 0..STREAMED_BYTES_MAX / BLOCK_RECORD_BYTES + 1 {
+            h.update(&block);
+        }
+        assert!(h.hashes.is_empty());
+        assert!(h.finish().is_none());
     }
 
     #[test]
