@@ -260,6 +260,8 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
                 .map_err(|e| Error::io("starting the sealer", e))?,
         )
     } else {
+        // Nothing would take the hashes an apply computes for a seal.
+        engine.set_streamed_hashes(false);
         None
     };
     let control = Arc::new(Control {

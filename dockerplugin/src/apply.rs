@@ -50,6 +50,9 @@ pub(crate) fn apply(
     source: Option<u64>,
     stream: impl Read,
 ) -> Result<u64> {
+    if !engine.streamed_hashes_wanted() {
+        return apply_entries(engine, layer, source, stream, None);
+    }
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel(HASH_QUEUE);
         let hashing = std::thread::Builder::new()

@@ -95,3 +95,13 @@ fn a_file_changed_after_its_apply_is_read_and_hashed() {
     let (again, _) = sealed(&p, "again");
     assert_ne!(again.root, seal.root);
 }
+
+#[test]
+fn with_hashing_off_the_apply_hashes_nothing() {
+    let p = Plugin::start();
+    p.engine.set_streamed_hashes(false);
+    let (tar, _) = image_tar();
+    applied(&p, "image", &tar);
+    let (_, streamed) = sealed(&p, "image");
+    assert_eq!(streamed, 0, "every file is read back");
+}

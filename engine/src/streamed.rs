@@ -22,7 +22,7 @@ use crate::format::data_checksum;
 use crate::fs::Attr;
 use crate::read::BlockSource;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// The most memory streamed digests may take, in bytes (40 a block: about
@@ -157,6 +157,8 @@ pub(crate) struct Streamed {
     files: Mutex<StreamedFiles>,
     /// File bytes sealed from streamed digests, not read back.
     pub(crate) taken_bytes: AtomicU64,
+    /// Writers are asked not to hash (nothing seals in the background).
+    off: AtomicBool,
 }
 
 #[derive(Default)]
@@ -211,6 +213,24 @@ impl Engine {
     pub fn streamed_file(&self, layer: u64, ino: u64, hasher: StreamHasher) {
         if let Some(file) = hasher.finish() {
             self.streamed().put(layer, ino, file);
+        }
+    }
+
+    /// Whether writers should hash files for their layers' seals (on
+    /// unless [`Engine::set_streamed_hashes`] turned it off).
+    pub fn streamed_hashes_wanted(&self) -> bool {
+        !self.streamed().off.load(Ordering::Relaxed)
+    }
+
+    /// Turns hashing for seals on or off, for a daemon that seals no layer
+    /// in the background; off drops what is kept.
+    pub fn set_streamed_hashes(&self, on: bool) {
+        let s = self.streamed();
+        s.off.store(!on, Ordering::Relaxed);
+        if !on {
+            let mut f = s.files();
+            f.by_file.clear();
+            f.bytes = 0;
         }
     }
 
