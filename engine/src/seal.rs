@@ -369,8 +369,7 @@ impl Engine {
             }
             // Hashed as its apply wrote it, and still what the device
             // holds (streamed.rs); else read and hashed here.
-            let streamed = self.take_streamed(layer, a)?;
-            let hashed_file = match streamed {
+            let hashed_file = match self.take_streamed(layer, a)? {
                 Some(h) => Ok(h),
                 None => digest::file_tree(
                     a.size,

@@ -86,16 +86,7 @@ impl StreamHasher {
         }
         self.hashes.push(digest::block_hash(block));
         let zero = block.iter().all(|b| *b == 0);
-        self.checksums.push(if zero {
-            None
-        } else if block.len() == BLOCK {
-            Some(data_checksum(block))
-        } else {
-            // A short last block is stored zero-padded.
-            let mut padded = block.to_vec();
-            padded.resize(BLOCK, 0);
-            Some(data_checksum(&padded))
-        });
+        self.checksums.push((!zero).then(|| stored_checksum(block)));
     }
 
     /// Bytes hashed so far.
@@ -143,12 +134,21 @@ impl StreamedFile {
                 (BlockSource::Hole, Some(_)) => false,
                 (BlockSource::Device { checksum, .. }, want) => *checksum == want.unwrap_or(zero),
                 (BlockSource::Buffered(bytes), want) => {
-                    let mut padded = bytes.clone();
-                    padded.resize(BLOCK, 0);
-                    data_checksum(&padded) == want.unwrap_or(zero)
+                    stored_checksum(bytes) == want.unwrap_or(zero)
                 }
             })
     }
+}
+
+/// The checksum the engine stores for a block holding `bytes`: a short
+/// block (a file's last) is stored zero-padded to 4 KiB.
+fn stored_checksum(bytes: &[u8]) -> u64 {
+    if bytes.len() == BLOCK {
+        return data_checksum(bytes);
+    }
+    let mut padded = bytes.to_vec();
+    padded.resize(BLOCK, 0);
+    data_checksum(&padded)
 }
 
 /// The streamed digests waiting for their layer's seal.

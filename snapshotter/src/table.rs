@@ -893,6 +893,9 @@ impl Table {
 
     fn reclaim(&self) -> usize {
         let mut left: Vec<String> = self.state().pending.iter().cloned().collect();
+        if left.is_empty() {
+            return 0;
+        }
         let mounted = self.layers.layers_mounted();
         left.retain(|layer| {
             let keep = !mounted.contains(layer);
