@@ -124,22 +124,32 @@ pub(crate) fn execute_plan_keeping(
             _ => runs.push((p, vec![c])),
         }
     }
-    let mut bufs: Vec<AlignedBuf> = runs
-        .iter()
-        .map(|(_, v)| AlignedBuf::new(v.len() * BLOCK_SIZE))
-        .collect();
+    // Every run into one buffer, run after run: the thread's reused one
+    // when it is large enough (a new one is zeroed by the allocator, which
+    // a cold sequential read paid for each MiB).
+    let missed: usize = runs.iter().map(|(_, v)| v.len() * BLOCK_SIZE).sum();
+    let mut buf = ReadBuf::take(missed);
     if !runs.is_empty() {
-        let mut ops: Vec<IoOp<'_>> = runs
-            .iter()
-            .zip(bufs.iter_mut())
-            .map(|((p, _), b)| IoOp::Read {
+        let mut rest = &mut buf.bytes_mut()[..missed];
+        let mut ops: Vec<IoOp<'_>> = Vec::with_capacity(runs.len());
+        for (p, v) in &runs {
+            let (this, more) = std::mem::take(&mut rest).split_at_mut(v.len() * BLOCK_SIZE);
+            rest = more;
+            ops.push(IoOp::Read {
                 offset: p * BLOCK_SIZE as u64,
-                buf: &mut b[..],
-            })
-            .collect();
+                buf: this,
+            });
+        }
         dev.submit(&mut ops)?;
     }
-    for ((p, checksums), b) in runs.iter().zip(bufs.iter()) {
+    let mut run_start = Vec::with_capacity(runs.len());
+    let mut at = 0;
+    for (_, v) in &runs {
+        run_start.push(at);
+        at += v.len() * BLOCK_SIZE;
+    }
+    for ((p, checksums), &from) in runs.iter().zip(&run_start) {
+        let b = &buf.bytes()[from..from + checksums.len() * BLOCK_SIZE];
         for (j, csum) in checksums.iter().enumerate() {
             if data_checksum(&b[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE]) != *csum {
                 return Err(Error::corrupt(
@@ -158,8 +168,8 @@ pub(crate) fn execute_plan_keeping(
     // The bytes of a block read just now, from its run's buffer.
     let fetched = |physical_block: u64| -> &[u8] {
         let r = runs.partition_point(|(start, v)| start + v.len() as u64 <= physical_block);
-        let at = (physical_block - runs[r].0) as usize * BLOCK_SIZE;
-        &bufs[r][at..at + BLOCK_SIZE]
+        let at = run_start[r] + (physical_block - runs[r].0) as usize * BLOCK_SIZE;
+        &buf.bytes()[at..at + BLOCK_SIZE]
     };
     // Only the asked-for bytes are assembled: [skip, skip + len) of the blocks.
     let total = plan.blocks.len() * BLOCK_SIZE;
@@ -183,5 +193,140 @@ pub(crate) fn execute_plan_keeping(
             }
         }
     }
+    buf.give_back();
     Ok(out)
+}
+
+/// The largest read buffer a thread keeps for its next read: one FUSE
+/// read (1 MiB) of blocks that all miss the cache.
+const KEPT_READ_BUF: usize = 1 << 20;
+
+thread_local! {
+    static KEPT: std::cell::RefCell<Option<AlignedBuf>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A buffer for a plan's device reads: none when every block is cached,
+/// else the thread's kept one when it is large enough, else a new one.
+struct ReadBuf(Option<AlignedBuf>);
+
+impl ReadBuf {
+    fn take(len: usize) -> ReadBuf {
+        if len == 0 {
+            return ReadBuf(None);
+        }
+        let kept = KEPT.with(|k| k.borrow_mut().take());
+        ReadBuf(Some(match kept {
+            Some(b) if b.len() >= len => b,
+            Some(b) => {
+                KEPT.with(|k| *k.borrow_mut() = Some(b));
+                AlignedBuf::new(len)
+            }
+            // Pages a read never touches are never faulted in.
+            None => AlignedBuf::new(len.max(KEPT_READ_BUF)),
+        }))
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.0.as_deref().unwrap_or_default()
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self.0.as_deref_mut().unwrap_or_default()
+    }
+
+    /// Keeps the buffer for the thread's next read (when small enough).
+    /// A buffer dropped on an error path is simply freed.
+    fn give_back(self) {
+        let Some(b) = self.0.filter(|b| b.len() <= KEPT_READ_BUF) else {
+            return;
+        };
+        KEPT.with(|k| {
+            let mut k = k.borrow_mut();
+            if k.as_ref().is_none_or(|old| old.len() < b.len()) {
+                *k = Some(b);
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::MemDevice;
+
+    fn block(fill: u8) -> Vec<u8> {
+        (0..BLOCK_SIZE).map(|i| fill ^ (i % 251) as u8).collect()
+    }
+
+    fn on_device(dev: &MemDevice, physical_block: u64, bytes: &[u8]) -> BlockSource {
+        dev.write_at(
+            physical_block * BLOCK_SIZE as u64,
+            &AlignedBuf::from_slice(bytes),
+        )
+        .unwrap();
+        BlockSource::Device {
+            physical_block,
+            checksum: data_checksum(bytes),
+        }
+    }
+
+    /// A thread's kept read buffer holds the bytes of its last read; the
+    /// next read (smaller, in several runs, with holes, cached and buffered
+    /// blocks between) gets only its own bytes.
+    #[test]
+    fn reused_read_buffers_give_each_read_its_own_bytes() {
+        let dev = MemDevice::new(4 << 20);
+        let cache = BlockCache::new(1 << 20);
+        let big: Vec<BlockSource> = (0..256u64)
+            .map(|b| on_device(&dev, 512 + b, &block(b as u8)))
+            .collect();
+        let plan = ReadPlan {
+            skip: 0,
+            len: 256 * BLOCK_SIZE,
+            blocks: big,
+        };
+        let bytes = execute_plan_keeping(&dev, &cache, plan, false).unwrap();
+        assert_eq!(&bytes[255 * BLOCK_SIZE..], &block(255)[..]);
+
+        let cached = on_device(&dev, 40, &block(7));
+        execute_plan(
+            &dev,
+            &cache,
+            ReadPlan {
+                skip: 0,
+                len: BLOCK_SIZE,
+                blocks: vec![cached.clone()],
+            },
+        )
+        .unwrap();
+        let blocks = vec![
+            on_device(&dev, 10, &block(1)),
+            on_device(&dev, 11, &block(2)),
+            BlockSource::Hole,
+            on_device(&dev, 20, &block(3)),
+            BlockSource::Buffered(block(4)),
+            cached,
+            on_device(&dev, 30, &block(5)),
+        ];
+        let want: Vec<u8> = [
+            block(1),
+            block(2),
+            vec![0; BLOCK_SIZE],
+            block(3),
+            block(4),
+            block(7),
+            block(5),
+        ]
+        .concat();
+        for skip in [0, 100] {
+            let len = want.len() - skip - 3;
+            let plan = ReadPlan {
+                skip,
+                len,
+                blocks: blocks.clone(),
+            };
+            let got = execute_plan_keeping(&dev, &cache, plan, false).unwrap();
+            assert!(got == want[skip..skip + len], "read at {skip} differs");
+        }
+    }
 }
