@@ -38,6 +38,10 @@ pub type AbsentFetcher = Arc<dyn Fn(u64) -> Result<()> + Send + Sync>;
 /// fetcher that does not).
 const FETCH_ROUNDS: usize = 4096;
 
+/// Address map entries [`Engine::absent_among`] reads per hold of the store
+/// lock (16 MiB of a file).
+const ABSENT_SCAN_BLOCKS: u64 = 4096;
+
 impl Store {
     /// Checks that `ino` of `layer` may get absent blocks; their count
     /// for `size` bytes.
@@ -186,14 +190,24 @@ impl Engine {
             .is_some_and(|m| m.physical_block == ABSENT))
     }
 
-    /// Of the blocks `first..first + count`, those still absent.
+    /// Of the blocks `first..first + count`, those still absent. The store
+    /// lock is held for 4,096 of them at a time, so a scan of a
+    /// whole layer (`lcfs lazy`, the check that a layer is complete) does
+    /// not hold up every read and write while it walks the address map.
     pub fn absent_among(&self, first: u64, count: u64) -> Result<Vec<u64>> {
-        let mut s = self.lock();
+        let end = first.saturating_add(count);
         let mut out = Vec::new();
-        for lbn in first..first.saturating_add(count) {
-            if s.map_get(lbn)?.is_some_and(|m| m.physical_block == ABSENT) {
-                out.push(lbn);
+        let mut at = first;
+        while at < end {
+            let to = end.min(at.saturating_add(ABSENT_SCAN_BLOCKS));
+            let mut s = self.lock();
+            for lbn in at..to {
+                if s.map_get(lbn)?.is_some_and(|m| m.physical_block == ABSENT) {
+                    out.push(lbn);
+                }
             }
+            drop(s);
+            at = to;
         }
         Ok(out)
     }
@@ -292,6 +306,36 @@ mod tests {
         );
         let report = e.fsck(true).unwrap();
         assert!(report.is_clean(), "{report:?}");
+    }
+
+    /// A scan longer than one hold of the lock finds every absent block,
+    /// on both sides of each hold's bound.
+    #[test]
+    fn absent_among_scans_a_large_file_in_pieces() {
+        let (_, e) = engine();
+        let l = e.create_layer("big", true).unwrap();
+        let a = e
+            .create(l, crate::fs::ROOT_INODE, b"f", 0o644, 0, 0)
+            .unwrap();
+        let n = 2 * super::ABSENT_SCAN_BLOCKS + 10;
+        let (first, count) = e.make_absent(l, a.inode, n * 4096).unwrap();
+        assert_eq!(count, n);
+        let filled = [
+            0,
+            super::ABSENT_SCAN_BLOCKS - 1,
+            super::ABSENT_SCAN_BLOCKS,
+            n - 1,
+        ];
+        for b in filled {
+            assert!(e.fill_absent(first + b, &[7; 4096]).unwrap());
+        }
+        let absent = e.absent_among(first, count).unwrap();
+        let want: Vec<u64> = (0..n)
+            .filter(|b| !filled.contains(b))
+            .map(|b| first + b)
+            .collect();
+        assert_eq!(absent, want);
+        assert_eq!(e.absent_among(first + 1, 0).unwrap(), Vec::<u64>::new());
     }
 
     #[test]
