@@ -20,12 +20,17 @@ fi
 
 # Every step builds with debug assertions and overflow checks on: the
 # engine's model and crash tests are too slow in debug, but its asserts must
-# stay on, and the end-to-end steps then run the very binaries the tests
-# built (a separate real release build of the daemon took 6 minutes of each
-# run). Set here, for CI only: `cargo build --release` and `cargo bench`
+# stay on. Set here, for CI only: `cargo build --release` and `cargo bench`
 # outside it (the demo, the benchmarks) are a real release.
 export CARGO_PROFILE_RELEASE_DEBUG_ASSERTIONS=true
 export CARGO_PROFILE_RELEASE_OVERFLOW_CHECKS=true
+# The end-to-end steps run the binaries the tests step built (cargo builds
+# every binary of the workspace for the integration tests) instead of
+# building them again: `cargo build -p lcfs` alone resolves features
+# differently (the tests turn on the engine's test hooks, which the daemon
+# never calls) and rebuilt about twenty crates, 3 to 6 minutes of each run.
+export LCFS_BIN=${LCFS_BIN:-$PWD/target/release/lcfs}
+export LCFS_STRESS_BIN=${LCFS_STRESS_BIN:-$PWD/target/release/lcfs-stress}
 
 # The FUSE checks, then those that read image layers and restart the daemon
 # again with passthrough on (docs/fuse.md, "Passthrough").
