@@ -20,6 +20,12 @@ if ! [[ $seconds =~ ^[1-9][0-9]*$ ]]; then
     exit 2
 fi
 
+jobs=${LCFS_FUZZ_JOBS:-2}
+if ! [[ $jobs =~ ^[1-9][0-9]*$ ]]; then
+    echo "fuzz-smoke.sh: LCFS_FUZZ_JOBS must be a positive integer, got '$jobs'" >&2
+    exit 2
+fi
+
 cargo fuzz --version >/dev/null 2>&1 ||
     { echo "fuzz-smoke.sh: cargo-fuzz is missing; run scripts/setup.sh" >&2; exit 1; }
 
@@ -34,13 +40,8 @@ fi
 echo "fuzz-smoke.sh: building ${#targets[@]} target(s): ${targets[*]}"
 cargo fuzz build
 
-# Targets run two at a time (one per core of the machines CI runs on), each
-# into its own log, printed when it ends.
-jobs=${LCFS_FUZZ_JOBS:-2}
-if ! [[ $jobs =~ ^[1-9][0-9]*$ ]]; then
-    echo "fuzz-smoke.sh: LCFS_FUZZ_JOBS must be a positive integer, got '$jobs'" >&2
-    exit 2
-fi
+# Targets run LCFS_FUZZ_JOBS at a time (2: one per core of the machines CI
+# runs on), each into its own log, printed when it ends.
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
 run_target() {
