@@ -371,8 +371,9 @@ fn reads_go_through_the_home_peer_and_past_one_that_sends_wrong_chunks() {
     let mut labels = labels(&r, &l.toc);
     labels.insert(LABEL_LAYER_DIGEST.to_string(), digest);
 
-    // This host is the blob's home: its mirror passes the ranges on from
-    // the registry and fetches the blob whole for the cluster.
+    // This host is the blob's home: its mirror serves the ranges (passed on
+    // from the registry until its own download reaches them) and fetches
+    // the blob whole for the cluster.
     let at = free_address();
     let m = mirror_at(&e, at, &r, vec![at.to_string()]);
     let mut c = config(&r, false);
@@ -384,8 +385,14 @@ fn reads_go_through_the_home_peer_and_past_one_that_sends_wrong_chunks() {
     let rep = &lazy.report()[0];
     assert!(rep.peer_bytes > 0, "{rep:?}");
     assert_eq!(rep.peer_bytes, rep.fetched_bytes, "{rep:?}");
+    // Each range was either passed on from the registry or, once the
+    // mirror's own download of the blob had reached it, served from that:
+    // which one depends on how fast the local registry sends the blob.
     let counters = m.counters.values();
-    assert!(counters["ranges_passed"] >= 1, "{counters:?}");
+    assert!(
+        counters["ranges_passed"] + counters["served_to_peers"] >= 1,
+        "{counters:?}"
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while m.counters.values()["blobs_from_upstream"] == 0 {
         assert!(
