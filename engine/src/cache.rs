@@ -1,6 +1,7 @@
 //! Bounded caches: tree nodes (by node id, dirty nodes pinned) and data blocks
 //! (by physical address, shared by every layer).
 
+use crate::digest::{block_hash, Sha256Digest};
 use crate::format::NodeImage;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -28,7 +29,7 @@ impl Hasher for IdHasher {
 
 pub(crate) type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Estimated heap bytes of a decoded node, for the cache budget.
 fn node_bytes(n: &NodeImage) -> usize {
@@ -241,7 +242,45 @@ impl NodeCache {
 /// `Arc<[u8]>` would put the reference counts in front of the data, and a
 /// 4,112-byte allocation takes a 5 KiB size class (a quarter more memory
 /// than the data, 64 MiB for a full 256 MiB cache).
-pub type CachedBlock = Arc<Vec<u8>>;
+pub type CachedBlock = Arc<Block>;
+
+/// A cached block's bytes and, once a verified read asked for it, their
+/// SHA-256 block hash (the bytes never change while cached: a block
+/// rewritten or freed leaves the cache first), so a verified read of a
+/// cached block compares 32 bytes instead of hashing 4 KiB again.
+pub struct Block {
+    pub bytes: Vec<u8>,
+    pub(crate) hash: OnceLock<Sha256Digest>,
+}
+
+impl Block {
+    pub fn new(bytes: Vec<u8>) -> Block {
+        Block {
+            bytes,
+            hash: OnceLock::new(),
+        }
+    }
+
+    /// A block whose hash is known (computed as it was read).
+    pub fn hashed(bytes: Vec<u8>, hash: Sha256Digest) -> Block {
+        Block {
+            bytes,
+            hash: OnceLock::from(hash),
+        }
+    }
+
+    /// [`block_hash`] of the bytes, computed once.
+    pub fn hash(&self) -> &Sha256Digest {
+        self.hash.get_or_init(|| block_hash(&self.bytes))
+    }
+}
+
+impl std::ops::Deref for Block {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
 
 /// Shared data block cache keyed by physical block. N layers reading the same
 /// block (clones share blocks) hit one copy.

@@ -17,7 +17,7 @@ use crate::fsynclog::FsyncPlan;
 use crate::histogram::{stats_enabled, Latencies};
 use crate::hotfiles::HotFile;
 use crate::metacache::{MetaCache, NameHit};
-use crate::read::{execute_plan_keeping, KnownBlock};
+use crate::read::{execute_plan_checked, unchecked, Checked, Expected, KnownBlock};
 use crate::store::{Config, Counters, Store, Temperature};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -876,6 +876,22 @@ impl Engine {
         keep: bool,
         count: bool,
     ) -> Result<Vec<u8>> {
+        unchecked(self.read_local_checked(layer, ino, offset, len, keep, count, None)?)
+    }
+
+    /// [`Engine::read_local`], each block checked against `expect` when
+    /// given (see [`execute_plan_checked`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn read_local_checked(
+        &self,
+        layer: u64,
+        ino: u64,
+        offset: u64,
+        len: usize,
+        keep: bool,
+        count: bool,
+        expect: Option<Expected<'_>>,
+    ) -> Result<Checked> {
         let len = len.min(64 << 20);
         if count {
             self.s.activity.fetch_add(1, Ordering::Relaxed);
@@ -894,7 +910,7 @@ impl Engine {
             let _ = s.maintain();
             (plan?, guard)
         };
-        execute_plan_keeping(&*self.s.dev, &self.s.blocks, plan, keep)
+        execute_plan_checked(&*self.s.dev, &self.s.blocks, plan, keep, expect)
     }
 
     pub fn write(&self, layer: u64, ino: u64, offset: u64, data: &[u8]) -> Result<usize> {

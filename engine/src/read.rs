@@ -2,10 +2,11 @@
 //! read comes from (resolved under the store lock by the filesystem layer),
 //! and [`execute_plan`] fetches those blocks without the lock: from the shared
 //! block cache, else from the device in contiguous runs, verified against
-//! their checksums.
+//! their checksums (or, for a verified read, their seal's block hashes).
 
-use crate::cache::{BlockCache, CachedBlock};
+use crate::cache::{Block, BlockCache, CachedBlock};
 use crate::device::{AlignedBuf, Device, IoOp, BLOCK_SIZE};
+use crate::digest::{block_hash, Sha256Digest};
 use crate::error::{Error, Result};
 use crate::format::data_checksum;
 use std::sync::Arc;
@@ -90,6 +91,39 @@ pub(crate) fn execute_plan_keeping(
     plan: ReadPlan,
     keep: bool,
 ) -> Result<Vec<u8>> {
+    unchecked(execute_plan_checked(dev, cache, plan, keep, None)?)
+}
+
+/// The bytes of a read made with no expected hashes (which cannot
+/// mismatch).
+pub(crate) fn unchecked(c: Checked) -> Result<Vec<u8>> {
+    c.map_err(|i| Error::Invalid(format!("block {i} of a read was checked against no hash")))
+}
+
+/// What a verified read expects of each block of its plan, in plan order:
+/// the block's SHA-256 block hash, or `None` for a block the caller checks
+/// itself (a file's partial last block, hashed over the bytes up to the
+/// end of the file).
+pub(crate) type Expected<'a> = &'a [Option<Sha256Digest>];
+
+/// A plan's bytes, or the index in the plan of the first block whose
+/// bytes are not the ones its expected hash names.
+pub(crate) type Checked = std::result::Result<Vec<u8>, usize>;
+
+/// [`execute_plan_keeping`], each block checked against `expect` when
+/// given. A block read from the device whose hash is the one expected
+/// skips its xxh3 checksum (the hash vouches for every byte); one whose
+/// hash is not gets the checksum, so damage on the device stays a corrupt
+/// block and only bytes that pass it are a mismatch. A cached block keeps
+/// its hash, so a verified read of it hashes nothing again.
+pub(crate) fn execute_plan_checked(
+    dev: &dyn Device,
+    cache: &BlockCache,
+    plan: ReadPlan,
+    keep: bool,
+    expect: Option<Expected<'_>>,
+) -> Result<Checked> {
+    let expected = |i: usize| expect.and_then(|e| e.get(i).copied().flatten());
     // Device blocks come from the cache, or are read in runs of physically
     // contiguous blocks (up to 1 MiB each), verified and cached.
     let device_blocks = plan.blocks.iter().filter_map(|b| match b {
@@ -98,8 +132,8 @@ pub(crate) fn execute_plan_keeping(
     });
     let mut cached = cache.get_many(device_blocks).into_iter();
     let mut hits: Vec<Option<CachedBlock>> = Vec::with_capacity(plan.blocks.len());
-    let mut misses: Vec<(u64, u64)> = Vec::new();
-    for src in &plan.blocks {
+    let mut misses: Vec<(u64, u64, Option<Sha256Digest>)> = Vec::new();
+    for (i, src) in plan.blocks.iter().enumerate() {
         let hit = match src {
             BlockSource::Device {
                 physical_block,
@@ -107,7 +141,7 @@ pub(crate) fn execute_plan_keeping(
             } => {
                 let hit = cached.next().flatten();
                 if hit.is_none() {
-                    misses.push((*physical_block, *checksum));
+                    misses.push((*physical_block, *checksum, expected(i)));
                 }
                 hit
             }
@@ -115,13 +149,14 @@ pub(crate) fn execute_plan_keeping(
         };
         hits.push(hit);
     }
-    misses.sort_unstable_by_key(|m| m.0);
+    misses.sort_by_key(|m| m.0);
     misses.dedup_by_key(|m| m.0);
-    let mut runs: Vec<(u64, Vec<u64>)> = Vec::new();
-    for (p, c) in misses {
+    type Missed = (u64, Option<Sha256Digest>);
+    let mut runs: Vec<(u64, Vec<Missed>)> = Vec::new();
+    for (p, c, h) in misses {
         match runs.last_mut() {
-            Some((start, v)) if *start + v.len() as u64 == p && v.len() < 256 => v.push(c),
-            _ => runs.push((p, vec![c])),
+            Some((start, v)) if *start + v.len() as u64 == p && v.len() < 256 => v.push((c, h)),
+            _ => runs.push((p, vec![(c, h)])),
         }
     }
     // Every run into one buffer, run after run: the thread's reused one
@@ -129,12 +164,16 @@ pub(crate) fn execute_plan_keeping(
     // a cold sequential read paid for each MiB).
     let missed: usize = runs.iter().map(|(_, v)| v.len() * BLOCK_SIZE).sum();
     let mut buf = ReadBuf::take(missed);
+    let mut run_start = Vec::with_capacity(runs.len());
     if !runs.is_empty() {
         let mut rest = &mut buf.bytes_mut()[..missed];
         let mut ops: Vec<IoOp<'_>> = Vec::with_capacity(runs.len());
+        let mut at = 0;
         for (p, v) in &runs {
             let (this, more) = std::mem::take(&mut rest).split_at_mut(v.len() * BLOCK_SIZE);
             rest = more;
+            run_start.push(at);
+            at += this.len();
             ops.push(IoOp::Read {
                 offset: p * BLOCK_SIZE as u64,
                 buf: this,
@@ -142,35 +181,65 @@ pub(crate) fn execute_plan_keeping(
         }
         dev.submit(&mut ops)?;
     }
-    let mut run_start = Vec::with_capacity(runs.len());
-    let mut at = 0;
-    for (_, v) in &runs {
-        run_start.push(at);
-        at += v.len() * BLOCK_SIZE;
-    }
-    for ((p, checksums), &from) in runs.iter().zip(&run_start) {
-        let b = &buf.bytes()[from..from + checksums.len() * BLOCK_SIZE];
-        for (j, csum) in checksums.iter().enumerate() {
-            if data_checksum(&b[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE]) != *csum {
+    // The hash of each block read just now that a check asked for, in
+    // buffer order.
+    let mut read_hashes: Vec<Option<Sha256Digest>> = vec![None; missed / BLOCK_SIZE];
+    for ((p, blocks), &from) in runs.iter().zip(&run_start) {
+        let b = &buf.bytes()[from..from + blocks.len() * BLOCK_SIZE];
+        for (j, (csum, want)) in blocks.iter().enumerate() {
+            let bytes = &b[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE];
+            let hash = want.map(|_| block_hash(bytes));
+            if (hash.is_none() || hash != *want) && data_checksum(bytes) != *csum {
                 return Err(Error::corrupt(
                     (p + j as u64) * BLOCK_SIZE as u64,
                     "data block checksum mismatch",
                 ));
             }
+            read_hashes[from / BLOCK_SIZE + j] = hash;
         }
         if keep {
-            cache.insert_many(checksums.iter().enumerate().map(|(j, _)| {
-                let block: CachedBlock = Arc::new(b[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE].to_vec());
-                (p + j as u64, block)
+            cache.insert_many(blocks.iter().enumerate().map(|(j, _)| {
+                let bytes = b[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE].to_vec();
+                let block = match read_hashes[from / BLOCK_SIZE + j] {
+                    Some(h) => Block::hashed(bytes, h),
+                    None => Block::new(bytes),
+                };
+                (p + j as u64, Arc::new(block))
             }));
         }
     }
-    // The bytes of a block read just now, from its run's buffer.
-    let fetched = |physical_block: u64| -> &[u8] {
+    // Where a block read just now lies in the buffer (in blocks).
+    let fetched_at = |physical_block: u64| -> usize {
         let r = runs.partition_point(|(start, v)| start + v.len() as u64 <= physical_block);
-        let at = run_start[r] + (physical_block - runs[r].0) as usize * BLOCK_SIZE;
+        run_start[r] / BLOCK_SIZE + (physical_block - runs[r].0) as usize
+    };
+    let fetched = |physical_block: u64| -> &[u8] {
+        let at = fetched_at(physical_block) * BLOCK_SIZE;
         &buf.bytes()[at..at + BLOCK_SIZE]
     };
+    // Every block with an expected hash is the one it names.
+    if expect.is_some() {
+        for (i, (src, hit)) in plan.blocks.iter().zip(&hits).enumerate() {
+            let Some(want) = expected(i) else {
+                continue;
+            };
+            let got = match (src, hit) {
+                (BlockSource::Hole, _) => block_hash(&[0; BLOCK_SIZE]),
+                (BlockSource::Buffered(d), _) => block_hash(d),
+                (_, Some(d)) => *d.hash(),
+                (BlockSource::Device { physical_block, .. }, None) => {
+                    match read_hashes[fetched_at(*physical_block)] {
+                        Some(h) => h,
+                        None => block_hash(fetched(*physical_block)),
+                    }
+                }
+            };
+            if got != want {
+                buf.give_back();
+                return Ok(Err(i));
+            }
+        }
+    }
     // Only the asked-for bytes are assembled: [skip, skip + len) of the blocks.
     let total = plan.blocks.len() * BLOCK_SIZE;
     let end = (plan.skip + plan.len).min(total);
@@ -194,7 +263,7 @@ pub(crate) fn execute_plan_keeping(
         }
     }
     buf.give_back();
-    Ok(out)
+    Ok(Ok(out))
 }
 
 /// The largest read buffer a thread keeps for its next read: one FUSE
@@ -328,5 +397,80 @@ mod tests {
             let got = execute_plan_keeping(&dev, &cache, plan, false).unwrap();
             assert!(got == want[skip..skip + len], "read at {skip} differs");
         }
+    }
+
+    fn plan(blocks: Vec<BlockSource>) -> ReadPlan {
+        ReadPlan {
+            skip: 0,
+            len: blocks.len() * BLOCK_SIZE,
+            blocks,
+        }
+    }
+
+    /// A verified read gets the bytes its hashes name, from the device and
+    /// then from the cache (which keeps each block's hash); bytes that
+    /// pass their checksum but not their hash are a mismatch at that
+    /// block, cached or not; bytes that pass neither are a corrupt block.
+    #[test]
+    fn checked_reads_compare_each_block_with_its_hash() {
+        let dev = MemDevice::new(1 << 20);
+        let cache = BlockCache::new(1 << 20);
+        let blocks: Vec<BlockSource> = (0..4u64)
+            .map(|b| on_device(&dev, 8 + b, &block(b as u8)))
+            .collect();
+        let hashes: Vec<Option<Sha256Digest>> =
+            (0..4u8).map(|b| Some(block_hash(&block(b)))).collect();
+        let want: Vec<u8> = (0..4u8).flat_map(block).collect();
+        for _ in 0..2 {
+            let got = execute_plan_checked(&dev, &cache, plan(blocks.clone()), true, Some(&hashes));
+            assert!(got.unwrap().unwrap() == want);
+        }
+        for b in 8..12 {
+            let hit = cache.get_many([b]).pop().flatten().unwrap();
+            assert!(
+                hit.hash.get().is_some(),
+                "block {b} cached without its hash"
+            );
+        }
+        // The seal names other bytes for block 2: a mismatch there,
+        // through the cache and from the device.
+        let mut other = hashes.clone();
+        other[2] = Some(block_hash(&block(9)));
+        let got = execute_plan_checked(&dev, &cache, plan(blocks.clone()), true, Some(&other));
+        assert_eq!(got.unwrap(), Err(2));
+        cache.clear();
+        let got = execute_plan_checked(&dev, &cache, plan(blocks.clone()), false, Some(&other));
+        assert_eq!(got.unwrap(), Err(2));
+        // A block rewritten with its checksum fixed (a tampered device):
+        // a mismatch; an unchecked read serves it.
+        let tampered = on_device(&dev, 10, &block(9));
+        let mut again = blocks.clone();
+        again[2] = tampered;
+        let got = execute_plan_checked(&dev, &cache, plan(again.clone()), true, Some(&hashes));
+        assert_eq!(got.unwrap(), Err(2));
+        let got = execute_plan_keeping(&dev, &cache, plan(again.clone()), false).unwrap();
+        assert!(got[2 * BLOCK_SIZE..3 * BLOCK_SIZE] == block(9)[..]);
+        // Damaged bytes (checksum and hash both wrong): a corrupt block.
+        cache.clear();
+        dev.write_at(10 * BLOCK_SIZE as u64, &AlignedBuf::from_slice(&block(3)))
+            .unwrap();
+        let got = execute_plan_checked(&dev, &cache, plan(again), true, Some(&hashes));
+        assert!(matches!(got, Err(Error::Corrupt { .. })), "{:?}", got.err());
+        // Holes, buffered blocks and blocks left to the caller.
+        let mixed = vec![
+            BlockSource::Hole,
+            BlockSource::Buffered(block(5)),
+            blocks[0].clone(),
+        ];
+        let expect = [
+            Some(block_hash(&[0; BLOCK_SIZE])),
+            Some(block_hash(&block(5))),
+            None,
+        ];
+        let got = execute_plan_checked(&dev, &cache, plan(mixed.clone()), true, Some(&expect));
+        assert_eq!(got.unwrap().unwrap().len(), 3 * BLOCK_SIZE);
+        let wrong = [None, Some(block_hash(&block(6))), None];
+        let got = execute_plan_checked(&dev, &cache, plan(mixed), true, Some(&wrong));
+        assert_eq!(got.unwrap(), Err(1));
     }
 }

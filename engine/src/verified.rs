@@ -383,21 +383,47 @@ impl Engine {
         let start = offset / BLOCK * BLOCK;
         let end = (offset + len as u64).min(f.size);
         let end_aligned = end.div_ceil(BLOCK).saturating_mul(BLOCK).min(f.size);
-        let mut data = self.read_keeping(
-            layer,
-            ino,
-            start,
-            (end_aligned - start) as usize,
-            keep,
-            true,
-        )?;
+        // Each whole block is checked as it is fetched (a cached one by the
+        // hash it keeps); the file's partial last block after, over its
+        // bytes up to the end of the file.
+        let whole = f.size / BLOCK;
+        let mut expect = Vec::with_capacity((end_aligned - start).div_ceil(BLOCK) as usize);
+        for index in start / BLOCK..end_aligned.div_ceil(BLOCK) {
+            match f.hashes.get(index as usize) {
+                Some(h) if index < whole => expect.push(Some(*h)),
+                Some(_) => expect.push(None),
+                None => {
+                    let why = format!("block {index} is past the seal's hashes");
+                    return Err(self.refuse(source, ino, Some(&f.path), &why));
+                }
+            }
+        }
+        let checked = self.fetching(|| {
+            self.read_local_checked(
+                layer,
+                ino,
+                start,
+                (end_aligned - start) as usize,
+                keep,
+                true,
+                Some(&expect),
+            )
+        })?;
+        let mut data = match checked {
+            Ok(data) => data,
+            Err(i) => {
+                let why = format!("block {} does not match the seal", start / BLOCK + i as u64);
+                return Err(self.refuse(source, ino, Some(&f.path), &why));
+            }
+        };
         if data.len() as u64 != end_aligned - start {
             let why = "the file is shorter than its seal says";
             return Err(self.refuse(source, ino, Some(&f.path), why));
         }
-        for (i, block) in data.chunks(BLOCK as usize).enumerate() {
-            let index = start / BLOCK + i as u64;
-            if f.hashes.get(index as usize) != Some(&digest::block_hash(block)) {
+        if end_aligned % BLOCK != 0 {
+            let index = end_aligned / BLOCK;
+            let tail = &data[(index * BLOCK - start) as usize..];
+            if f.hashes.get(index as usize) != Some(&digest::block_hash(tail)) {
                 let why = format!("block {index} does not match the seal");
                 return Err(self.refuse(source, ino, Some(&f.path), &why));
             }
