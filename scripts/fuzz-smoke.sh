@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fuzz smoke run: builds every target in fuzz/ once, then runs each one for
-# LCFS_FUZZ_SECONDS (default 20), LCFS_FUZZ_JOBS (default 2) at a time. Any crash, leak or timeout found fails the
-# script. Seeds in fuzz/seeds/<target>/ are copied into the corpus first.
+# LCFS_FUZZ_SECONDS (default 20), LCFS_FUZZ_JOBS (default 2) at a time. Any
+# crash, leak or timeout found fails the script. Seeds in
+# fuzz/seeds/<target>/ are copied into the corpus first.
 # Runs on the stable toolchain: RUSTC_BOOTSTRAP=1 unlocks the -Z flags
 # cargo-fuzz passes (sanitizer, coverage instrumentation).
 set -euo pipefail
