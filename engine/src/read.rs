@@ -182,8 +182,13 @@ pub(crate) fn execute_plan_checked(
         dev.submit(&mut ops)?;
     }
     // The hash of each block read just now that a check asked for, in
-    // buffer order.
-    let mut read_hashes: Vec<Option<Sha256Digest>> = vec![None; missed / BLOCK_SIZE];
+    // buffer order (none for an unchecked read).
+    let checked_blocks = if expect.is_some() {
+        missed / BLOCK_SIZE
+    } else {
+        0
+    };
+    let mut read_hashes: Vec<Option<Sha256Digest>> = vec![None; checked_blocks];
     for ((p, blocks), &from) in runs.iter().zip(&run_start) {
         let b = &buf.bytes()[from..from + blocks.len() * BLOCK_SIZE];
         for (j, (csum, want)) in blocks.iter().enumerate() {
@@ -195,12 +200,14 @@ pub(crate) fn execute_plan_checked(
                     "data block checksum mismatch",
                 ));
             }
-            read_hashes[from / BLOCK_SIZE + j] = hash;
+            if let Some(slot) = read_hashes.get_mut(from / BLOCK_SIZE + j) {
+                *slot = hash;
+            }
         }
         if keep {
             cache.insert_many(blocks.iter().enumerate().map(|(j, _)| {
                 let bytes = b[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE].to_vec();
-                let block = match read_hashes[from / BLOCK_SIZE + j] {
+                let block = match read_hashes.get(from / BLOCK_SIZE + j).copied().flatten() {
                     Some(h) => Block::hashed(bytes, h),
                     None => Block::new(bytes),
                 };
