@@ -43,6 +43,8 @@ pub struct DaemonOptions {
     pub lazy: Option<PathBuf>,
     /// Verified reads for every sealed layer (docs/integrity.md).
     pub verify_reads: bool,
+    /// The roots a verified layer's seal must have (crate::trusted).
+    pub trusted_roots: Option<PathBuf>,
     /// Serve the Docker graphdriver plugin here too (see lcfs-dockerplugin).
     pub docker_plugin_socket: Option<PathBuf>,
     /// Serve the containerd snapshotter here too (see lcfs-snapshotter).
@@ -80,6 +82,9 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
         .map_err(|e| Error::Usage(format!("the garbage collection policy: {e}")))?;
     let mirror_config = o.mirror.as_deref().map(crate::mirror::load).transpose()?;
     let lazy_config = o.lazy.as_deref().map(crate::lazy::load).transpose()?;
+    if let Some(path) = &o.trusted_roots {
+        crate::trusted::load(path).map_err(|e| Error::Usage(format!("the trusted roots: {e}")))?;
+    }
     let device_path = absolute(&o.device)?;
     let mountpoint = absolute(&o.mountpoint)?;
     if !device_path.exists() {
@@ -95,6 +100,12 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
     };
     let engine = device::open_engine(&device_path, dev, config)?;
     engine.set_verify_reads(o.verify_reads);
+    if let Some(path) = &o.trusted_roots {
+        if let Err(e) = crate::trusted::start(engine.clone(), path.clone()) {
+            let _ = engine.close();
+            return Err(Error::Usage(format!("the trusted roots: {e}")));
+        }
+    }
     let mirror = match mirror_config {
         Some(config) => match lcfs_mirror::serve(engine.clone(), config) {
             Ok(m) => {

@@ -20,6 +20,7 @@ mod rest;
 mod sealer;
 mod server;
 mod size;
+mod trusted;
 
 // mimalloc: the engine allocates small values per block; glibc malloc
 // showed up as the largest single cost in write profiles.
@@ -299,6 +300,12 @@ struct DaemonArgs {
     /// on for one layer. See docs/integrity.md
     #[arg(long)]
     verify_reads: bool,
+
+    /// Serve a layer under verified reads only when its seal's root is
+    /// listed in this file (one sha256:<64 hex digits> a line; read again
+    /// when it changes). See docs/integrity.md, "Trusted roots"
+    #[arg(long, value_name = "PATH")]
+    trusted_roots: Option<PathBuf>,
 
     /// Also serve the Docker graphdriver plugin on this socket (off by
     /// default; Docker looks for /run/docker/plugins/lcfs.sock)
@@ -693,6 +700,7 @@ fn run(cli: Cli) -> Result<()> {
                 mirror: a.mirror_config,
                 lazy: a.lazy_config,
                 verify_reads: a.verify_reads,
+                trusted_roots: a.trusted_roots,
                 docker_plugin_socket: a.docker_plugin_socket,
                 containerd_socket: (!a.no_containerd).then(|| {
                     a.containerd_socket.unwrap_or_else(|| {

@@ -6,7 +6,9 @@
 //! checksums cannot see) is found by `lcfs verify` with its path, and with
 //! verified reads on (the daemon option, or the layer's flag) every read of
 //! that file, in the image layer and in a container's clone of it, is EIO,
-//! counted and logged, while every other file reads back whole.
+//! counted and logged, while every other file reads back whole. With
+//! trusted roots kept apart from the device, only layers whose seal has a
+//! listed root are served.
 
 mod common;
 
@@ -224,4 +226,131 @@ fn verified_reads_refuse_a_tampered_file_and_serve_every_other() {
     assert_eq!(read(&h, "run", "bin/tool").unwrap(), pattern(1, 300_000));
     h.ok(&["layer", "verify-reads", "img", "off"]);
     assert_eq!(stat(&h, "img")["verified_reads"], false);
+}
+
+/// Writes the trusted roots file at `path` as root's, 0644, in one rename
+/// (as an agent that keeps it would).
+fn trust(path: &std::path::Path, roots: &[&str]) {
+    use std::os::unix::fs::PermissionsExt;
+    let text: String = roots.iter().map(|r| format!("{r}  a layer\n")).collect();
+    let next = path.with_extension("next");
+    fs::write(&next, format!("# roots kept apart from the device\n{text}")).unwrap();
+    fs::set_permissions(&next, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::rename(&next, path).unwrap();
+}
+
+/// Reads `path` of `layer` until `ok` holds for the result (at most 15 s:
+/// the daemon looks at the roots file every second), the page cache
+/// dropped before each try.
+fn read_until(
+    h: &Harness,
+    layer: &str,
+    path: &str,
+    ok: impl Fn(&std::io::Result<Vec<u8>>) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+        let r = read(h, layer, path);
+        if ok(&r) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{layer}/{path}: {r:?} after 15 s\n{}",
+            h.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// With roots kept apart from the device (`--trusted-roots`), a layer
+/// under verified reads is served only when its seal's root is listed:
+/// another layer, sealed right on the device (as a layer rewritten and
+/// sealed again would be), is EIO until its root is added; a layer not
+/// sealed yet is sealed by its first read; a bad file stops the start and,
+/// once running, leaves the roots in force.
+#[test]
+fn trusted_roots_kept_apart_from_the_device_decide_what_is_served() {
+    let mut h = Harness::started();
+    image(&h);
+    let root = sealed(&h, "img");
+    h.ok(&["layer", "create", "other"]);
+    fs::write(h.mountpoint.join("other/data"), pattern(9, 200_000)).unwrap();
+    h.ok(&["layer", "commit", "other"]);
+    let other = sealed(&h, "other");
+    h.ok(&["sync"]);
+    assert!(h.stop_with(libc::SIGTERM).success());
+
+    // A bad file stops the start, with its line named.
+    let roots = h.dir.path().join("trusted-roots");
+    fs::write(&roots, format!("{root}\nsha256:xyz\n")).unwrap();
+    let args = |h: &mut Harness| {
+        h.daemon_args = vec![
+            "--verify-reads".into(),
+            "--trusted-roots".into(),
+            roots.to_str().unwrap().into(),
+        ];
+    };
+    args(&mut h);
+    let out = h
+        .daemon_command(&h.device, &h.mountpoint, &h.socket)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("line 2"), "{err}");
+
+    trust(&roots, &[&root]);
+    h.start();
+    for layer in ["img", "run"] {
+        for (path, seed, len) in FILES {
+            assert_eq!(read(&h, layer, path).unwrap(), pattern(seed, len), "{path}");
+        }
+    }
+    let e = read(&h, "other", "data").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let log = h.log_text();
+    assert!(
+        log.contains(&format!("its root {other} is not among the trusted roots")),
+        "{log}"
+    );
+
+    // Its root added: served, once the daemon read the file again.
+    trust(&roots, &[&root, &other]);
+    read_until(&h, "other", "data", |r| {
+        r.as_deref().ok() == Some(&pattern(9, 200_000)[..])
+    });
+    // A bad file now: the roots in force stay.
+    fs::write(&roots, "sha256:00\n").unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        h.log_text().contains("those in force stay"),
+        "{}",
+        h.log_text()
+    );
+    read_until(&h, "other", "data", |r| r.is_ok());
+    // Taken out again: EIO.
+    trust(&roots, &[&root]);
+    read_until(&h, "other", "data", |r| {
+        r.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::EIO)
+    });
+    assert_eq!(read(&h, "run", "bin/tool").unwrap(), pattern(1, 300_000));
+    assert!(h.stop_with(libc::SIGTERM).success());
+
+    // A layer not sealed yet (no background sealer) is sealed by its
+    // first verified read, and served when that root is trusted.
+    h.daemon_args.push("--no-seal".into());
+    h.start();
+    h.ok(&["layer", "create", "late"]);
+    fs::write(h.mountpoint.join("late/data"), pattern(5, 100_000)).unwrap();
+    h.ok(&["layer", "commit", "late"]);
+    assert_eq!(stat(&h, "late")["seal"], "unsealed");
+    let v: Value = serde_json::from_str(&h.ok(&["layer", "digest", "late", "--json"])).unwrap();
+    let late = v["root"].as_str().unwrap().to_string();
+    trust(&roots, &[&root, &late]);
+    read_until(&h, "late", "data", |r| {
+        r.as_deref().ok() == Some(&pattern(5, 100_000)[..])
+    });
+    assert_eq!(stat(&h, "late")["seal"], "sealed");
+    assert_eq!(stat(&h, "late")["root"], late.as_str());
 }

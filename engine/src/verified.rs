@@ -61,6 +61,9 @@ pub(crate) struct Verifier {
     pub(crate) failures: AtomicU64,
     /// (layer, inode) already logged: one line per bad file.
     logged: Mutex<HashSet<(u64, u64)>>,
+    /// The roots a verified layer's seal must have, when set
+    /// ([`Engine::set_trusted_roots`]).
+    trusted: Mutex<Option<Arc<HashSet<Sha256Digest>>>>,
 }
 
 #[derive(Default)]
@@ -104,6 +107,19 @@ impl Verifier {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .is_empty()
+    }
+
+    fn trusted(&self) -> Option<Arc<HashSet<Sha256Digest>>> {
+        self.trusted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Forgets what it knew of every layer (the trusted roots changed).
+    fn forget_all(&self) {
+        self.armed.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        *self.files.lock().unwrap_or_else(|p| p.into_inner()) = FileCache::default();
     }
 
     /// Forgets what it knew of a layer (removed, or its flag changed).
@@ -172,6 +188,26 @@ impl Engine {
         }
     }
 
+    /// Roots kept apart from the device (`lcfs daemon --trusted-roots`):
+    /// with a set, a layer under verified reads is served only when its
+    /// seal's root is in it, and a frozen layer not sealed yet is sealed
+    /// first (the read waits). Without one, the seal on the device is
+    /// trusted as it is. Every layer is checked again under the new set.
+    pub fn set_trusted_roots(&self, roots: Option<HashSet<Sha256Digest>>) {
+        let v = self.verifier();
+        *v.trusted.lock().unwrap_or_else(|p| p.into_inner()) = roots.map(Arc::new);
+        v.forget_all();
+    }
+
+    /// The trusted roots in force, if any.
+    pub fn trusted_roots(&self) -> Option<Vec<Sha256Digest>> {
+        self.verifier().trusted().map(|t| {
+            let mut v: Vec<Sha256Digest> = t.iter().copied().collect();
+            v.sort_unstable();
+            v
+        })
+    }
+
     /// Blocks checked by verified reads, and reads refused.
     pub fn verify_counts(&self) -> (u64, u64) {
         let v = self.verifier();
@@ -205,7 +241,17 @@ impl Engine {
             return Ok(Some((source, f)));
         }
         if !matches!(self.seal_state_by_id(source)?, SealState::Sealed(_)) {
-            return Ok(None);
+            if v.trusted().is_none() {
+                return Ok(None);
+            }
+            // Under trusted roots nothing is served unchecked: the layer
+            // is sealed now (or its background sealing awaited), and the
+            // root that gives is checked below like any other.
+            let name = self.layer_info_by_id(source)?.name;
+            if let Err(e) = self.seal_layer(&name, &|| false, &mut |_| {}) {
+                let why = format!("it is not sealed and sealing it failed: {e}");
+                return Err(self.refuse(source, ino, None, &why));
+            }
         }
         let once = v
             .armed
@@ -225,10 +271,18 @@ impl Engine {
             Ok(f) => Arc::new(f),
             Err(why) => return Err(self.refuse(source, ino, None, &why)),
         };
-        v.files
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert((source, ino), f.clone());
+        // Kept only while what armed it still stands (the trusted roots or
+        // the layer's flag may have changed meanwhile).
+        let armed_now = v.armed.lock().unwrap_or_else(|p| p.into_inner());
+        if armed_now
+            .get(&source)
+            .is_some_and(|a| Arc::ptr_eq(a, &once))
+        {
+            v.files
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert((source, ino), f.clone());
+        }
         Ok(Some((source, f)))
     }
 
@@ -273,6 +327,15 @@ impl Engine {
             out.whole = Some("the layer's seal is gone".into());
             return out;
         };
+        if let Some(trusted) = self.verifier().trusted() {
+            if !trusted.contains(&info.root) {
+                out.whole = Some(format!(
+                    "its root {} is not among the trusted roots",
+                    digest::digest_string(&info.root)
+                ));
+                return out;
+            }
+        }
         let mut missing: HashMap<u64, &'static str> = HashMap::new();
         let mut file = |a: &Attr, _: &[u8]| -> Result<Sha256Digest> {
             Ok(match self.sealed_digest(layer, a.inode)? {

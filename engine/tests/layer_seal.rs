@@ -176,3 +176,40 @@ fn a_clone_is_sealed_from_its_parents_seal_and_its_own_changes() {
     assert_eq!(e.verify_counts(), (checked + 1 + 24, 0));
     assert_clean(&e);
 }
+
+/// With trusted roots, a layer under verified reads is served only when
+/// its seal's root is trusted; one not sealed yet is sealed by its first
+/// read; a new set is applied to layers already checked.
+#[test]
+fn trusted_roots_decide_which_sealed_layers_are_served() {
+    let (_, e) = fresh(128 << 20);
+    let a = image(&e, "a", 2);
+    let b = image(&e, "b", 3);
+    let root_a = e.seal_layer("a", &|| false, &mut |_| {}).unwrap().root;
+    let root_b = layer_digest(&e, "b", |_| {}).unwrap().root;
+    let (la, lb) = (e.layer_id("a").unwrap(), e.layer_id("b").unwrap());
+    e.set_verify_reads(true);
+    // Without a set, the seal on the device is trusted; an unsealed layer
+    // is read unchecked.
+    assert_eq!(e.read_counted(la, a[0], 0, 4096).unwrap().len(), 4096);
+    assert_eq!(e.read_counted(lb, b[0], 0, 4096).unwrap().len(), 4096);
+    assert_eq!(e.seal_state("b").unwrap(), SealState::None);
+
+    e.set_trusted_roots(Some([root_a].into()));
+    assert_eq!(e.read_counted(la, a[1], 0, 8192).unwrap().len(), 8192);
+    // b is sealed by its first read, and its root is not trusted.
+    let err = e.read_counted(lb, b[0], 0, 4096).unwrap_err();
+    assert!(
+        err.to_string().contains("not among the trusted roots"),
+        "{err}"
+    );
+    assert!(matches!(e.seal_state("b").unwrap(), SealState::Sealed(s) if s.root == root_b));
+    e.set_trusted_roots(Some([root_a, root_b].into()));
+    assert_eq!(e.read_counted(lb, b[2], 0, 4096).unwrap().len(), 4096);
+    // a, read before, is checked again under a set without it.
+    e.set_trusted_roots(Some([root_b].into()));
+    assert!(e.read_counted(la, a[1], 0, 8192).is_err());
+    assert_eq!(e.trusted_roots(), Some(vec![root_b]));
+    e.set_trusted_roots(None);
+    assert_eq!(e.read_counted(la, a[1], 0, 8192).unwrap().len(), 8192);
+}
