@@ -15,17 +15,15 @@ if ! command -v cargo >/dev/null 2>&1 && [[ -f "$HOME/.cargo/env" ]]; then
 fi
 
 export RUSTC_BOOTSTRAP=1
-seconds=${LCFS_FUZZ_SECONDS:-20}
-if ! [[ $seconds =~ ^[1-9][0-9]*$ ]]; then
-    echo "fuzz-smoke.sh: LCFS_FUZZ_SECONDS must be a positive integer, got '$seconds'" >&2
-    exit 2
-fi
-
-jobs=${LCFS_FUZZ_JOBS:-2}
-if ! [[ $jobs =~ ^[1-9][0-9]*$ ]]; then
-    echo "fuzz-smoke.sh: LCFS_FUZZ_JOBS must be a positive integer, got '$jobs'" >&2
-    exit 2
-fi
+positive() { # NAME VALUE: VALUE, or exit 2 unless it is a positive integer
+    if ! [[ $2 =~ ^[1-9][0-9]*$ ]]; then
+        echo "fuzz-smoke.sh: $1 must be a positive integer, got '$2'" >&2
+        exit 2
+    fi
+    echo "$2"
+}
+seconds=$(positive LCFS_FUZZ_SECONDS "${LCFS_FUZZ_SECONDS:-20}") || exit 2
+jobs=$(positive LCFS_FUZZ_JOBS "${LCFS_FUZZ_JOBS:-2}") || exit 2
 
 cargo fuzz --version >/dev/null 2>&1 ||
     { echo "fuzz-smoke.sh: cargo-fuzz is missing; run scripts/setup.sh" >&2; exit 1; }
