@@ -82,9 +82,12 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
         .map_err(|e| Error::Usage(format!("the garbage collection policy: {e}")))?;
     let mirror_config = o.mirror.as_deref().map(crate::mirror::load).transpose()?;
     let lazy_config = o.lazy.as_deref().map(crate::lazy::load).transpose()?;
-    if let Some(path) = &o.trusted_roots {
-        crate::trusted::load(path).map_err(|e| Error::Usage(format!("the trusted roots: {e}")))?;
-    }
+    let trusted_roots = o
+        .trusted_roots
+        .as_deref()
+        .map(crate::trusted::read_initial)
+        .transpose()
+        .map_err(|e| Error::Usage(format!("the trusted roots: {e}")))?;
     let device_path = absolute(&o.device)?;
     let mountpoint = absolute(&o.mountpoint)?;
     if !device_path.exists() {
@@ -100,8 +103,8 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
     };
     let engine = device::open_engine(&device_path, dev, config)?;
     engine.set_verify_reads(o.verify_reads);
-    if let Some(path) = &o.trusted_roots {
-        if let Err(e) = crate::trusted::start(engine.clone(), path.clone()) {
+    if let Some(first) = trusted_roots {
+        if let Err(e) = crate::trusted::start(engine.clone(), first) {
             let _ = engine.close();
             return Err(Error::Usage(format!("the trusted roots: {e}")));
         }

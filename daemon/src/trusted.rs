@@ -7,15 +7,14 @@
 //! The file: one root per line (`sha256:` and 64 hex digits, or the bare
 //! digits), optionally followed by blanks and any text (which image and
 //! layer it is); blank lines and lines starting with `#` are skipped. It
-//! must be root's and writable by root only. The daemon reads it at start
-//! (a bad file stops the start, with the line named) and again whenever it
-//! changes; a bad or missing file then keeps the roots in force, and says
-//! why in the log.
+//! must be root's (or the daemon's user's) and writable by its owner only.
+//! The daemon reads it at start (a bad file stops the start, with the line
+//! named) and again whenever it changes; a bad or missing file then keeps
+//! the roots in force, and says why in the log.
 
 use lcfs_engine::digest::{self, Sha256Digest};
 use lcfs_engine::Engine;
 use std::collections::HashSet;
-use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,19 +28,16 @@ const POLL: Duration = Duration::from_secs(1);
 /// The roots `path` lists.
 pub fn load(path: &Path) -> Result<HashSet<Sha256Digest>, String> {
     let at = |m: &str| format!("{}: {m}", path.display());
-    let meta = std::fs::metadata(path).map_err(|e| at(&e.to_string()))?;
-    if !meta.is_file() || meta.mode() & 0o022 != 0 || (running_as_root() && meta.uid() != 0) {
+    let file = std::fs::File::open(path).map_err(|e| at(&e.to_string()))?;
+    let meta = file.metadata().map_err(|e| at(&e.to_string()))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_file() || meta.mode() & 0o022 != 0 || (meta.uid() != 0 && meta.uid() != me) {
         return Err(at(
             "must be a file of root's that only root can write (it says which layers are served)",
         ));
     }
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(FILE_MAX + 1).read_to_end(&mut bytes))
-        .map_err(|e| at(&e.to_string()))?;
-    if bytes.len() as u64 > FILE_MAX {
-        return Err(at(&format!("larger than {FILE_MAX} bytes")));
-    }
+    let bytes = crate::rest::read_at_most(file, path, FILE_MAX).map_err(|e| e.to_string())?;
     let text = String::from_utf8(bytes).map_err(|_| at("not UTF-8"))?;
     parse(&text).map_err(|e| at(&e))
 }
@@ -61,23 +57,39 @@ pub fn parse(text: &str) -> Result<HashSet<Sha256Digest>, String> {
     Ok(roots)
 }
 
-fn running_as_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// What tells a changed file: its inode, size and modification time.
 fn signature(path: &Path) -> Option<(u64, u64, SystemTime)> {
     let m = std::fs::metadata(path).ok()?;
     Some((m.ino(), m.len(), m.modified().ok()?))
 }
 
-/// Puts the roots `path` lists in force (Err: a bad file, nothing changed)
-/// and reads them again whenever the file changes, for the life of the
-/// process.
-pub fn start(engine: Arc<Engine>, path: PathBuf) -> Result<(), String> {
-    let mut seen = signature(&path);
-    let roots = load(&path)?;
+/// The file as the daemon first read it: checked before the device is
+/// opened, put in force by [`start`].
+pub struct Initial {
+    path: PathBuf,
+    seen: Option<(u64, u64, SystemTime)>,
+    roots: HashSet<Sha256Digest>,
+}
+
+/// Reads the roots `path` lists (Err: a bad file).
+pub fn read_initial(path: &Path) -> Result<Initial, String> {
+    let seen = signature(path);
+    let roots = load(path)?;
+    Ok(Initial {
+        path: path.to_path_buf(),
+        seen,
+        roots,
+    })
+}
+
+/// Puts the roots first read in force and reads them again whenever the
+/// file changes, for the life of the process.
+pub fn start(engine: Arc<Engine>, first: Initial) -> Result<(), String> {
+    let Initial {
+        path,
+        mut seen,
+        roots,
+    } = first;
     log::info!("trusted roots: {} from {}", roots.len(), path.display());
     engine.set_trusted_roots(Some(roots));
     std::thread::Builder::new()
