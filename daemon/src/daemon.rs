@@ -35,8 +35,6 @@ pub struct DaemonOptions {
     pub writeback_cache: bool,
     /// Passthrough of shared files (see `MountOptions::passthrough`).
     pub passthrough: bool,
-    /// FUSE over io_uring (see `MountOptions::io_uring`).
-    pub fuse_io_uring: bool,
     /// Seal frozen layers in the background (crate::sealer).
     pub seal: bool,
     /// The registry mirror's configuration file (crate::mirror).
@@ -133,7 +131,6 @@ pub fn run(o: &DaemonOptions) -> Result<()> {
         fuse_threads: o.fuse_threads.max(1),
         writeback_cache: o.writeback_cache,
         passthrough: o.passthrough,
-        io_uring: o.fuse_io_uring,
         ..MountOptions::default()
     };
     let mount = lcfs_fsfront::mount(engine.clone(), &mountpoint, &options)

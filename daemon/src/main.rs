@@ -278,13 +278,6 @@ struct DaemonArgs {
     #[arg(long)]
     passthrough: bool,
 
-    /// Carry FUSE requests through one io_uring per CPU instead of
-    /// read(2) and writev(2) on /dev/fuse (Linux 6.14+ with
-    /// fuse.enable_uring=1; /dev/fuse otherwise). See docs/fuse.md, "FUSE
-    /// over io_uring"
-    #[arg(long)]
-    fuse_io_uring: bool,
-
     /// Serve the cooperative-pull registry mirror configured in this TOML
     /// file (docs/mirror.md): blobs cached on the device, fetched from a
     /// home peer or the upstream
@@ -703,7 +696,6 @@ fn run(cli: Cli) -> Result<()> {
                 checkpoint_interval_ms: a.checkpoint_interval_ms,
                 writeback_cache: !a.no_writeback_cache,
                 passthrough: a.passthrough,
-                fuse_io_uring: a.fuse_io_uring,
                 seal: !a.no_seal,
                 mirror: a.mirror_config,
                 lazy: a.lazy_config,

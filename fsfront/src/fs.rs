@@ -47,8 +47,6 @@ pub(crate) struct LcfsFs {
     writeback_cache: bool,
     /// Passthrough of shared files to the copies mount (passthrough.rs).
     passthrough: Option<Arc<Passthrough>>,
-    /// Ask for FUSE over io_uring at init.
-    io_uring: bool,
 }
 
 impl LcfsFs {
@@ -156,17 +154,6 @@ impl Filesystem for LcfsFs {
                 p.disable(&format!("the kernel lacks FUSE_PASSTHROUGH ({missing:?})"));
             } else if let Err(most) = config.set_max_stack_depth(1) {
                 p.disable(&format!("the kernel allows a stack depth of {most} only"));
-            }
-        }
-        // OVER_IO_URING: requests through one io_uring per CPU (docs/fuse.md,
-        // "FUSE over io_uring"); /dev/fuse if the kernel does not offer it.
-        if self.io_uring {
-            if let Err(missing) = config.add_capabilities(InitFlags::FUSE_OVER_IO_URING) {
-                log::warn!(
-                    "FUSE over io_uring asked for, but the kernel does not offer it ({missing:?}; \
-                     Linux 6.14+ with `echo Y > {}`): requests go through /dev/fuse",
-                    crate::kernel::ENABLE_URING_PARAMETER
-                );
             }
         }
         let _ = config.add_capabilities(
@@ -1099,7 +1086,6 @@ impl LcfsFs {
             started: SystemTime::now(),
             writeback_cache: options.writeback_cache,
             passthrough,
-            io_uring: options.io_uring,
         };
         Ok((fs, pages))
     }

@@ -10,9 +10,6 @@
 
 use std::path::Path;
 
-/// Where Linux 6.14+ lets FUSE over io_uring be turned on.
-pub const ENABLE_URING_PARAMETER: &str = "/sys/module/fuse/parameters/enable_uring";
-
 /// Where this kernel exposes `fuse.wake_here`.
 pub const WAKE_HERE_PARAMETER: &str = "/sys/module/fuse/parameters/wake_here";
 

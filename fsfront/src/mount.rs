@@ -77,11 +77,6 @@ pub struct MountOptions {
     /// writeback cache off (the kernel allows one or the other). See
     /// docs/fuse.md, "Passthrough".
     pub passthrough: bool,
-    /// Ask the kernel for FUSE over io_uring (Linux 6.14+, with
-    /// `fuse.enable_uring=1`): requests come and replies go through one
-    /// io_uring per CPU instead of read(2) and writev(2) on /dev/fuse. See
-    /// docs/fuse.md, "FUSE over io_uring".
-    pub io_uring: bool,
 }
 
 impl Default for MountOptions {
@@ -96,7 +91,6 @@ impl Default for MountOptions {
             fsname: "lcfs".into(),
             writeback_cache: true,
             passthrough: false,
-            io_uring: false,
         }
     }
 }
