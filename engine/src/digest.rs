@@ -291,6 +291,12 @@ pub fn digest_of_hashes(size: u64, hashes: &[Sha256Digest]) -> Sha256Digest {
     fsverity_digest(size, &tree.root())
 }
 
+/// The hash of a block of zeros (a hole), computed once.
+pub fn zero_block_hash() -> Sha256Digest {
+    static ZERO: std::sync::OnceLock<Sha256Digest> = std::sync::OnceLock::new();
+    *ZERO.get_or_init(|| block_hash(&[0u8; BLOCK]))
+}
+
 /// The SHA-256 of one data block (4 KiB; a short last block zero-padded):
 /// an entry of the tree's level 0.
 pub fn block_hash(block: &[u8]) -> Sha256Digest {
@@ -581,6 +587,13 @@ pub fn parse_digest(s: &str) -> Result<Sha256Digest> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_zero_block_hash_is_a_hole_s_hash() {
+        assert_eq!(zero_block_hash(), block_hash(&[0u8; BLOCK]));
+        assert_eq!(zero_block_hash(), block_hash(&[]));
+        assert_ne!(zero_block_hash(), block_hash(&[1u8; BLOCK]));
+    }
 
     fn digest_of(data: &[u8]) -> String {
         let d = file_digest(data.len() as u64, |off, len| {

@@ -6,7 +6,7 @@
 
 use crate::cache::{Block, BlockCache, CachedBlock};
 use crate::device::{AlignedBuf, Device, IoOp, BLOCK_SIZE};
-use crate::digest::{block_hash, Sha256Digest};
+use crate::digest::{block_hash, zero_block_hash, Sha256Digest};
 use crate::error::{Error, Result};
 use crate::format::data_checksum;
 use std::sync::Arc;
@@ -231,7 +231,7 @@ pub(crate) fn execute_plan_checked(
                 continue;
             };
             let got = match (src, hit) {
-                (BlockSource::Hole, _) => block_hash(&[0; BLOCK_SIZE]),
+                (BlockSource::Hole, _) => zero_block_hash(),
                 (BlockSource::Buffered(d), _) => block_hash(d),
                 (_, Some(d)) => *d.hash(),
                 (BlockSource::Device { physical_block, .. }, None) => {
