@@ -96,25 +96,39 @@ struct State {
 /// credentials): it must be a regular file owned by root (or the daemon's
 /// user) that neither group nor others may read or write, of at most 1 MiB.
 pub fn read_secret_file(path: &Path, what: &str) -> io::Result<String> {
+    read_owned_text(path, 0o077, 1 << 20, |meta| {
+        use std::os::unix::fs::MetadataExt;
+        format!(
+            "the {what} must be a regular file of root's with mode 0600 or 0400 (it is {:o}, uid {})",
+            meta.mode() & 0o7777,
+            meta.uid()
+        )
+    })
+}
+
+/// The UTF-8 text of `path`, of at most `max` bytes, if it is a regular
+/// file owned by root (or the daemon's user) with none of the `forbidden`
+/// mode bits set; else PermissionDenied with `refused`'s words (given the
+/// file's metadata) after the path. The checks are made on the opened file.
+pub fn read_owned_text(
+    path: &Path,
+    forbidden: u32,
+    max: u64,
+    refused: impl FnOnce(&std::fs::Metadata) -> String,
+) -> io::Result<String> {
     use std::os::unix::fs::MetadataExt;
-    const MAX: u64 = 1 << 20;
     let context = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
     let file = std::fs::File::open(path).map_err(context)?;
     let meta = file.metadata().map_err(context)?;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
-    if !meta.is_file() || (meta.uid() != 0 && meta.uid() != me) || meta.mode() & 0o077 != 0 {
+    if !meta.is_file() || (meta.uid() != 0 && meta.uid() != me) || meta.mode() & forbidden != 0 {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
-            format!(
-                "{}: the {what} must be a regular file of root's with mode 0600 or 0400 (it is {:o}, uid {})",
-                path.display(),
-                meta.mode() & 0o7777,
-                meta.uid()
-            ),
+            format!("{}: {}", path.display(), refused(&meta)),
         ));
     }
-    String::from_utf8(read_at_most(file, path, MAX)?).map_err(|_| {
+    String::from_utf8(read_at_most(file, path, max)?).map_err(|_| {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!("{}: not UTF-8 text", path.display()),

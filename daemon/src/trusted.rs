@@ -27,19 +27,11 @@ const POLL: Duration = Duration::from_secs(1);
 
 /// The roots `path` lists.
 pub fn load(path: &Path) -> Result<HashSet<Sha256Digest>, String> {
-    let at = |m: &str| format!("{}: {m}", path.display());
-    let file = std::fs::File::open(path).map_err(|e| at(&e.to_string()))?;
-    let meta = file.metadata().map_err(|e| at(&e.to_string()))?;
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
-    if !meta.is_file() || meta.mode() & 0o022 != 0 || (meta.uid() != 0 && meta.uid() != me) {
-        return Err(at(
-            "must be a file of root's that only root can write (it says which layers are served)",
-        ));
-    }
-    let bytes = crate::rest::read_at_most(file, path, FILE_MAX).map_err(|e| e.to_string())?;
-    let text = String::from_utf8(bytes).map_err(|_| at("not UTF-8"))?;
-    parse(&text).map_err(|e| at(&e))
+    let text = crate::rest::read_owned_text(path, 0o022, FILE_MAX, |_| {
+        "must be a file of root's that only root can write (it says which layers are served)".into()
+    })
+    .map_err(|e| e.to_string())?;
+    parse(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// The roots a file's text lists; Err names the first bad line.
