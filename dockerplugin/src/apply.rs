@@ -118,7 +118,7 @@ fn apply_entries(
         if matches!(kind, EntryType::XGlobalHeader) {
             continue;
         }
-        let raw_path = entry.path_bytes().into_owned();
+        let raw_path = entry_path(&mut entry);
         let components = clean(&raw_path).map_err(|d| bad_tar(index, d))?;
         let meta = read_meta(&mut entry).map_err(|d| bad_tar(index, d))?;
         let Some((name, parents)) = components.split_last() else {
@@ -152,10 +152,8 @@ fn apply_entries(
 
         // Resolve a hard link's target before anything at this path goes.
         let link_target = if kind == EntryType::Link {
-            let target = entry
-                .link_name_bytes()
-                .ok_or_else(|| bad_tar(index, "hard link without a target".into()))?
-                .into_owned();
+            let target = entry_link(&mut entry)
+                .ok_or_else(|| bad_tar(index, "hard link without a target".into()))?;
             let tc = clean(&target).map_err(|d| bad_tar(index, d))?;
             let Some((tname, tparents)) = tc.split_last() else {
                 return Err(bad_tar(index, "hard link to the layer root".into()));
@@ -226,10 +224,8 @@ fn apply_entries(
                 ino
             }
             EntryType::Symlink => {
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| bad_tar(index, "symlink without a target".into()))?
-                    .into_owned();
+                let target = entry_link(&mut entry)
+                    .ok_or_else(|| bad_tar(index, "symlink without a target".into()))?;
                 engine
                     .symlink(layer, dir, name, &target, meta.uid, meta.gid)
                     .map_err(|e| Error::engine(ctx("creating symlink"), e))?
@@ -376,6 +372,38 @@ pub fn record_diff_id(engine: &Engine, name: &str, diff_id: &[u8; 32]) -> lcfs_e
 
 fn bad_tar(entry: u64, detail: String) -> Error {
     Error::BadTar { entry, detail }
+}
+
+/// The entry's path as Docker's reader (Go's archive/tar) takes it: an
+/// empty GNU long name is ignored there, so the PAX path or the header's
+/// own name stands, where the tar crate would take the empty name (and
+/// the entry would silently become the layer root).
+fn entry_path<R: Read>(entry: &mut tar::Entry<'_, R>) -> Vec<u8> {
+    let path = entry.path_bytes().into_owned();
+    if !path.is_empty() {
+        return path;
+    }
+    pax_value(entry, "path").unwrap_or_else(|| entry.header().path_bytes().into_owned())
+}
+
+/// The entry's link target, with an empty GNU long link ignored as
+/// [`entry_path`] ignores an empty long name.
+fn entry_link<R: Read>(entry: &mut tar::Entry<'_, R>) -> Option<Vec<u8>> {
+    let link = entry.link_name_bytes()?.into_owned();
+    if !link.is_empty() {
+        return Some(link);
+    }
+    pax_value(entry, "linkpath").or_else(|| Some(entry.header().link_name_bytes()?.into_owned()))
+}
+
+fn pax_value<R: Read>(entry: &mut tar::Entry<'_, R>, key: &str) -> Option<Vec<u8>> {
+    entry
+        .pax_extensions()
+        .ok()
+        .flatten()?
+        .filter_map(|r| r.ok())
+        .find(|r| r.key() == Ok(key))
+        .map(|r| r.value_bytes().to_vec())
 }
 
 fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> std::result::Result<Meta, String> {

@@ -242,3 +242,27 @@ fn apply_diff_refuses_frozen_and_unknown_layers() {
     assert!(r["Err"].as_str().unwrap().contains("read-only"), "{r}");
     assert!(p.layer_names().contains(&"base".to_string()));
 }
+
+/// An empty GNU long name or long link is ignored, as Docker's reader (Go's
+/// archive/tar) ignores it: the header's own name and target stand. (The
+/// tar crate alone would take the empty name, and the file would silently
+/// not be unpacked: found by the tar_apply fuzz target.)
+#[test]
+fn empty_gnu_long_names_are_ignored_as_docker_does() {
+    let p = setup();
+    fresh(&p, "long");
+    let mut t = TarMaker::new();
+    t.gnu_long(tar::EntryType::GNULongName, b"")
+        .raw_file(b"x", b"kept")
+        .gnu_long(tar::EntryType::GNULongLink, b"\0")
+        .raw_symlink(b"s", b"etc");
+    let r = p.apply("long", "base", &t.finish(), false);
+    assert!(r.get("Err").is_none(), "{r}");
+    assert_eq!(
+        read_path(&p, "long", &[b"x"]).as_deref(),
+        Some(&b"kept"[..])
+    );
+    let l = p.engine.layer_id("long").unwrap();
+    let s = p.engine.lookup(l, ROOT_INODE, b"s").unwrap().inode;
+    assert_eq!(p.engine.readlink(l, s).unwrap(), b"etc");
+}

@@ -129,6 +129,12 @@ struct Entry {
 /// name and long link entries for fields past 100 bytes. No checks on the
 /// names: `..` and `/` go in as given.
 fn write_entry(out: &mut Vec<u8>, e: &Entry) {
+    if matches!(e.kind, b'L' | b'x') {
+        // A bare meta entry, empty: what it would carry for itself (a long
+        // name, xattrs) would go to the entry after it.
+        raw(out, e.kind, &e.name, &e.link, e.mode, e.uid, e.gid, &[]);
+        return;
+    }
     if !e.xattrs.is_empty() {
         let mut records = Vec::new();
         for (k, v) in &e.xattrs {
@@ -358,17 +364,16 @@ fuzz_target!(|data: &[u8]| {
     let flags = input.byte();
     let mut tar = Vec::new();
     let mut last: Option<Entry> = None;
-    let mut previous_kind = 0;
     for _ in 0..12 {
         if input.done() {
             break;
         }
+        // A bare GNU long-name entry (kind L) is empty: the entry after it
+        // keeps its own name, as Docker's reader has it (an empty PAX
+        // header, kind x, changes nothing either).
         let e = entry(&mut input);
         write_entry(&mut tar, &e);
-        // A bare GNU long-name entry renames the entry after it.
-        let renamed = previous_kind == b'L';
-        previous_kind = e.kind;
-        last = (!renamed).then_some(e);
+        last = Some(e);
     }
     if flags & 1 == 0 {
         finish(&mut tar);

@@ -402,6 +402,19 @@ impl TarMaker {
         self
     }
 
+    /// A bare GNU long-name or long-link entry holding `value`, which
+    /// names (or links) the entry after it.
+    pub fn gnu_long(&mut self, kind: tar::EntryType, value: &[u8]) -> &mut Self {
+        let mut h = Self::header(kind, 0o644);
+        h.set_size(value.len() as u64);
+        let gnu = h.as_gnu_mut().unwrap();
+        gnu.name = [0; 100];
+        gnu.name[..13].copy_from_slice(b"././@LongLink");
+        h.set_cksum();
+        self.builder.append(&h, value).unwrap();
+        self
+    }
+
     pub fn finish(&mut self) -> Vec<u8> {
         let b = std::mem::replace(&mut self.builder, tar::Builder::new(Vec::new()));
         b.into_inner().unwrap()
