@@ -76,7 +76,8 @@ usage: bench/fuse-compare.sh [--quick] [--rounds N] [--rows LIST] [--peers LIST]
   --readers N    containers in the memory row (default 20)
   --out FILE     raw results (TSV) and the summary (FILE.md)
                  (default /var/tmp/lcfs-fuse-compare-<time>.tsv)
-Environment: LCFS_BIN (a built lcfs instead of target/release/lcfs),
+Environment: LCFS_BIN (a built lcfs instead of target/release/lcfs; an
+older build without statistics, verified reads or seals runs without them),
 E2E_KEEP=1 (keep the work directory), RUST_LOG (daemon log level, default warn).
 EOF
 }
@@ -126,6 +127,11 @@ for peer in "${peer_list[@]}"; do
 done
 has_row() { [[ ",$rows," == *",$1,"* ]]; }
 has_peer() { [[ ",$peers," == *",$1,"* ]]; }
+# built_has COMMAND...: the lcfs binary measured has this command. An
+# older build given with LCFS_BIN (one measured against today's) may
+# predate statistics, verified reads and seals; it runs without them.
+built_has() { "$LCFS_BIN" "$@" --help >/dev/null 2>&1; }
+
 # is_lcfs PEER: lcfs, with statistics on or off.
 is_lcfs() { [[ $1 == lcfs || $1 == lcfs-nostats || $1 == lcfs-again || $1 == lcfs-verified ]]; }
 out=${out:-/var/tmp/lcfs-fuse-compare-$(date +%Y%m%d-%H%M%S).tsv}
@@ -224,10 +230,18 @@ container_up() {
     case $peer in
         lcfs | lcfs-nostats | lcfs-again | lcfs-verified)
             # The switch is the daemon's: set for the peer about to be measured.
-            quietly lcfs_ctl statistics "$([[ $peer == lcfs-nostats ]] && echo off || echo on)" ||
-                die "lcfs statistics failed"
-            quietly lcfs_ctl layer verify-reads image "$([[ $peer == lcfs-verified ]] && echo on || echo off)" ||
-                die "lcfs layer verify-reads failed"
+            if built_has statistics; then
+                quietly lcfs_ctl statistics "$([[ $peer == lcfs-nostats ]] && echo off || echo on)" ||
+                    die "lcfs statistics failed"
+            elif [[ $peer == lcfs-nostats ]]; then
+                die "$LCFS_BIN has no statistics to turn off"
+            fi
+            if built_has layer verify-reads; then
+                quietly lcfs_ctl layer verify-reads image "$([[ $peer == lcfs-verified ]] && echo on || echo off)" ||
+                    die "lcfs layer verify-reads failed"
+            elif [[ $peer == lcfs-verified ]]; then
+                die "$LCFS_BIN has no verified reads"
+            fi
             quietly lcfs_ctl layer clone image "$name" || die "lcfs layer clone image $name failed"
             container_path[$name]="$LCFS_MOUNT/$name"
             ;;
@@ -717,7 +731,9 @@ if has_peer lcfs || has_peer lcfs-nostats || has_peer lcfs-again || has_peer lcf
     quietly lcfs_ctl layer commit image || die "lcfs layer commit image failed"
     # Sealed now rather than in the background during a measurement
     # (docs/integrity.md); lcfs-verified's reads are checked against it.
-    quietly lcfs_ctl verify image || die "lcfs verify image (sealing it) failed"
+    if built_has verify; then
+        quietly lcfs_ctl verify image || die "lcfs verify image (sealing it) failed"
+    fi
     settle
 fi
 for peer in overlay fuse-overlayfs; do
