@@ -209,8 +209,12 @@ impl Log {
         if let Some(writer) = &self.writer {
             // The writer thread writes a copy, so the store lock is not held
             // across device I/O; the copy serves reads until it is written.
-            let mut buf = AlignedBuf::new(tail.len());
-            buf.copy_from_slice(tail);
+            // It goes into a spare segment buffer: a fresh allocation per
+            // timer flush costs page faults (and zeroing) every time.
+            let mut buf = self.spare_buffers.pop().unwrap_or_else(|| {
+                AlignedBuf::new(self.geo.segment_blocks as usize * BLOCK_SIZE)
+            });
+            buf[..tail.len()].copy_from_slice(tail);
             let valid_blocks = tail.len() / BLOCK_SIZE;
             let buf = Arc::new(buf);
             let done = writer.submit(start_block, buf.clone(), 0, valid_blocks);
@@ -286,8 +290,7 @@ impl Log {
             .map_err(|m| Error::Io(std::io::Error::other(m)))?;
         let seg_bytes = self.geo.segment_blocks as usize * BLOCK_SIZE;
         if let Ok(b) = Arc::try_unwrap(f.buf) {
-            // Only whole segment buffers are reused (a written-out stream
-            // tail is a smaller copy).
+            // Only whole segment buffers are reused.
             if b.len() == seg_bytes && self.spare_buffers.len() <= self.write_behind_segments {
                 self.spare_buffers.push(b);
             }
