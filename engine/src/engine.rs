@@ -637,6 +637,13 @@ impl Engine {
         info_with_seal(&mut self.lock(), id)
     }
 
+    /// A layer's parent, next inode number and whether it is frozen: what
+    /// a mount asks on every open, far cheaper than
+    /// [`Engine::layer_info_by_id`] (no names, no seal).
+    pub fn layer_shape(&self, id: u64) -> Result<crate::LayerShape> {
+        self.lock().layer_shape(id)
+    }
+
     /// Every layer, ordered by id.
     pub fn list_layers(&self) -> Vec<LayerInfo> {
         let mut s = self.lock();

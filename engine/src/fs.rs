@@ -145,6 +145,19 @@ pub struct StatFs {
     pub name_max: u32,
 }
 
+/// The few facts about a layer a mount needs on every open: where its
+/// inodes come from. [`crate::Engine::layer_shape`] gives them without
+/// building a whole [`LayerInfo`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerShape {
+    /// The parent layer's id (None for a base layer).
+    pub parent: Option<u64>,
+    /// Inodes below this number were inherited or made by the layer; those
+    /// at or above it do not exist yet.
+    pub next_inode: u64,
+    pub frozen: bool,
+}
+
 /// What a layer looks like from outside.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LayerInfo {
@@ -477,6 +490,15 @@ impl Store {
             self.bump();
         }
         Ok(())
+    }
+
+    pub(crate) fn layer_shape(&self, layer: u64) -> Result<LayerShape> {
+        let l = self.layer(layer)?;
+        Ok(LayerShape {
+            parent: (l.parent != 0).then_some(l.parent),
+            next_inode: l.next_inode,
+            frozen: l.frozen,
+        })
     }
 
     pub(crate) fn layer_info(&self, layer: u64) -> Result<LayerInfo> {

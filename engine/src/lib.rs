@@ -48,7 +48,7 @@ pub use error::{Error, Result};
 pub use format::data_checksum as block_checksum;
 pub use format::{LayerUsage, Timestamp};
 pub use fs::{
-    Attr, DirEntry, FileKind, LayerInfo, SetAttr, StatFs, TimeSet, FALLOC_FL_KEEP_SIZE,
+    Attr, DirEntry, FileKind, LayerInfo, LayerShape, SetAttr, StatFs, TimeSet, FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, LINK_MAX, NAME_MAX, RENAME_EXCHANGE,
     RENAME_NOREPLACE, ROOT_INODE, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, S_IFSOCK,
     XATTR_CREATE, XATTR_REPLACE,

@@ -132,11 +132,8 @@ impl CachePolicy {
         {
             return Some((*p, *n, true));
         }
-        let l = self.engine.layer_info_by_id(layer).ok()?;
-        let parent = l
-            .parent
-            .as_deref()
-            .and_then(|p| self.engine.layer_id(p).ok());
+        let l = self.engine.layer_shape(layer).ok()?;
+        let parent = l.parent;
         if l.frozen {
             self.frozen
                 .lock()

@@ -101,7 +101,7 @@ impl Filesystem for CopiesFs {
             return reply.error(Errno::ENOENT);
         };
         // Only frozen layers' regular files: what is served never changes.
-        match self.engine.layer_info_by_id(layer) {
+        match self.engine.layer_shape(layer) {
             Ok(l) if l.frozen => {}
             Ok(_) => return reply.error(Errno::ENOENT),
             Err(e) => return reply.error(errno(&e)),

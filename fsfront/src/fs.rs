@@ -434,7 +434,7 @@ impl Filesystem for LcfsFs {
             return reply.error(Errno::from_i32(libc::EISDIR));
         };
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
-            match self.engine.layer_info_by_id(layer) {
+            match self.engine.layer_shape(layer) {
                 Ok(l) if l.frozen => return reply.error(Errno::from_i32(libc::EROFS)),
                 Ok(_) => {}
                 Err(e) => return reply.error(errno(&e)),
