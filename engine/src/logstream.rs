@@ -211,9 +211,10 @@ impl Log {
             // across device I/O; the copy serves reads until it is written.
             // It goes into a spare segment buffer: a fresh allocation per
             // timer flush costs page faults (and zeroing) every time.
-            let mut buf = self.spare_buffers.pop().unwrap_or_else(|| {
-                AlignedBuf::new(self.geo.segment_blocks as usize * BLOCK_SIZE)
-            });
+            let mut buf = self
+                .spare_buffers
+                .pop()
+                .unwrap_or_else(|| AlignedBuf::new(self.geo.segment_blocks as usize * BLOCK_SIZE));
             buf[..tail.len()].copy_from_slice(tail);
             let valid_blocks = tail.len() / BLOCK_SIZE;
             let buf = Arc::new(buf);

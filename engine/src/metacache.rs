@@ -15,6 +15,11 @@
 //!
 //! Bounded: each shard holds at most a fixed number of answers; a full shard
 //! drops its stale answers, then all of them.
+//!
+//! Kept only while a layer holds still: an answer is stored when the
+//! previous answer computed for its layer had the same version. A layer
+//! being filled (an untar changes it between every two requests) would
+//! otherwise pay for storing answers that are stale before anyone asks.
 
 use crate::fs::Attr;
 use std::collections::HashMap;
@@ -43,6 +48,8 @@ struct Shard {
 
 pub(crate) struct MetaCache {
     versions: Box<[AtomicU64]>,
+    /// Per version slot: the version the last answer was computed at.
+    answered_at: Box<[AtomicU64]>,
     shards: Box<[RwLock<Shard>]>,
     max_per_shard: usize,
     hits: AtomicU64,
@@ -60,6 +67,7 @@ impl MetaCache {
     pub fn new(max_answers: usize) -> MetaCache {
         MetaCache {
             versions: (0..VERSION_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            answered_at: (0..VERSION_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
             max_per_shard: (max_answers / SHARDS).max(16),
             hits: AtomicU64::new(0),
@@ -81,6 +89,13 @@ impl MetaCache {
     /// by every change to the layer.
     pub fn layer_changed(&self, layer: u64) {
         self.slot(layer).fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether an answer about `layer` computed at `version` is worth
+    /// keeping: the layer had that version at its previous answer too.
+    fn holds_still(&self, layer: u64, version: u64) -> bool {
+        let i = (layer % VERSION_SLOTS as u64) as usize;
+        self.answered_at[i].swap(version, Ordering::Relaxed) == version
     }
 
     fn shard_of(&self, h: u64) -> &RwLock<Shard> {
@@ -132,9 +147,10 @@ impl MetaCache {
     /// answer is held (for a found name, its attributes too).
     pub fn lookup(&self, layer: u64, dir: u64, name: &[u8]) -> Option<NameHit> {
         let v = self.version(layer);
+        let h = Self::name_hash(layer, dir, name);
         let inode = {
-            let shard = self.read(Self::name_hash(layer, dir, name));
-            match shard.names.get(&Self::name_hash(layer, dir, name)) {
+            let shard = self.read(h);
+            match shard.names.get(&h) {
                 Some(a)
                     if a.version == v && a.layer == layer && a.dir == dir && *a.name == *name =>
                 {
@@ -160,6 +176,9 @@ impl MetaCache {
 
     /// Keeps `attr` of `ino` in `layer`, computed at `version`.
     pub fn put_attr(&self, layer: u64, ino: u64, version: u64, attr: Attr) {
+        if !self.holds_still(layer, version) {
+            return;
+        }
         let mut shard = self.write(Self::attr_hash(layer, ino));
         if shard.attrs.len() >= self.max_per_shard {
             shard
@@ -174,6 +193,9 @@ impl MetaCache {
 
     /// Keeps what looking `name` up in `dir` of `layer` gave at `version`.
     pub fn put_name(&self, layer: u64, dir: u64, name: &[u8], version: u64, inode: Option<u64>) {
+        if !self.holds_still(layer, version) {
+            return;
+        }
         let h = Self::name_hash(layer, dir, name);
         let mut shard = self.write(h);
         if shard.names.len() >= self.max_per_shard {
@@ -258,6 +280,27 @@ mod tests {
         // An answer tagged with an old version is never given.
         c.put_attr(7, 2, v, attr(2, 99));
         assert_eq!(c.attr(7, 2), None);
+    }
+
+    #[test]
+    fn a_layer_that_changes_between_answers_keeps_none() {
+        let c = MetaCache::new(1000);
+        c.layer_changed(3);
+        for i in 0..100 {
+            // As in an untar: each answer, then a change.
+            let v = c.version(3);
+            c.put_name(3, 1, format!("f{i}").as_bytes(), v, None);
+            c.put_attr(3, 1, v + 1, attr(1, i));
+            c.layer_changed(3);
+            c.layer_changed(3);
+        }
+        let held: usize = c.shards.iter().map(|s| s.read().unwrap().names.len()).sum();
+        assert_eq!(held, 0);
+        // Once it holds still, the second answer at one version is kept.
+        let v = c.version(3);
+        c.put_attr(3, 2, v, attr(2, 5));
+        c.put_attr(3, 2, v, attr(2, 5));
+        assert_eq!(c.attr(3, 2), Some(attr(2, 5)));
     }
 
     #[test]
