@@ -511,6 +511,7 @@ fn loop_device_keeps_the_contract_with_both_backends() {
     let lo = LoopDevice::attach(&backing, &[]);
     let s = seed("loop_device_keeps_the_contract_with_both_backends");
     let marker = pattern(s ^ 0xdead, BLOCK_SIZE);
+    let reopen_guard;
     {
         let dev = open_with(&lo.path, Backend::Pread);
         assert_eq!(dev.backend(), "pread");
@@ -531,8 +532,12 @@ fn loop_device_keeps_the_contract_with_both_backends() {
         check_contract(&*dev, s);
         dev.write_at(60 * MIB, &marker).unwrap();
         dev.flush().unwrap();
+        // No child may be forked (holding a copy of this exclusive open)
+        // between this close and the reopen below.
+        reopen_guard = FILE_TABLE.write().unwrap_or_else(|e| e.into_inner());
     }
     let dev = open_with(&lo.path, Backend::IoUring);
+    drop(reopen_guard);
     assert_eq!(dev.backend(), "io_uring");
     assert_eq!(
         &read(&*dev, 60 * MIB, BLOCK_SIZE)[..],
