@@ -378,7 +378,7 @@ fn bad_tar(entry: u64, detail: String) -> Error {
 /// empty GNU long name is ignored there, so the PAX path or the header's
 /// own name stands, where the tar crate would take the empty name (and
 /// the entry would silently become the layer root).
-fn entry_path<R: Read>(entry: &mut tar::Entry<'_, R>) -> Vec<u8> {
+pub fn entry_path<R: Read>(entry: &mut tar::Entry<'_, R>) -> Vec<u8> {
     let path = entry.path_bytes().into_owned();
     if !path.is_empty() {
         return path;
@@ -388,7 +388,7 @@ fn entry_path<R: Read>(entry: &mut tar::Entry<'_, R>) -> Vec<u8> {
 
 /// The entry's link target, with an empty GNU long link ignored as
 /// [`entry_path`] ignores an empty long name.
-fn entry_link<R: Read>(entry: &mut tar::Entry<'_, R>) -> Option<Vec<u8>> {
+pub fn entry_link<R: Read>(entry: &mut tar::Entry<'_, R>) -> Option<Vec<u8>> {
     let link = entry.link_name_bytes()?.into_owned();
     if !link.is_empty() {
         return Some(link);

@@ -28,7 +28,9 @@ mod socket;
 mod tree;
 mod wire;
 
-pub use apply::{applied_inode, apply_tar, record_diff_id, Sha256Reader, DIFF_ID_KEY};
+pub use apply::{
+    applied_inode, apply_tar, entry_link, entry_path, record_diff_id, Sha256Reader, DIFF_ID_KEY,
+};
 
 /// Writes the layer tar (Docker's and OCI's whiteouts, hard links, xattrs)
 /// of what layer `id` changed against `parent`: its own parent in the

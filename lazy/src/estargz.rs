@@ -823,10 +823,12 @@ fn list(plain: &mut std::fs::File) -> Result<Vec<Meta>> {
                 )))
             }
         };
-        let name = String::from_utf8(entry.path_bytes().into_owned())
+        // Names as Go's archive/tar reads them (an empty GNU long name or
+        // link is ignored), as the layer's unpackers do.
+        let name = String::from_utf8(lcfs_dockerplugin::entry_path(&mut entry))
             .map_err(|_| bad("a name that is not UTF-8".into()))?;
-        let link = match entry.link_name_bytes() {
-            Some(l) => String::from_utf8(l.into_owned())
+        let link = match lcfs_dockerplugin::entry_link(&mut entry) {
+            Some(l) => String::from_utf8(l)
                 .map_err(|_| bad(format!("{name}: a link target that is not UTF-8")))?,
             None => String::new(),
         };

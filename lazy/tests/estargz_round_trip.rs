@@ -435,3 +435,46 @@ fn random_trees_round_trip() {
         }
     }
 }
+
+/// An empty GNU long name is ignored, as Go's archive/tar (the reference
+/// builder's reader) ignores it: the entry keeps its header's own name
+/// instead of becoming "".
+#[test]
+fn an_empty_gnu_long_name_leaves_the_header_name() {
+    let mut b = tar::Builder::new(Vec::new());
+    for kind in [tar::EntryType::GNULongName, tar::EntryType::GNULongLink] {
+        let mut long = tar::Header::new_gnu();
+        long.set_entry_type(kind);
+        long.set_path("././@LongLink").unwrap();
+        long.set_size(0);
+        long.set_mode(0o644);
+        long.set_cksum();
+        b.append(&long, &[][..]).unwrap();
+    }
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_path("link").unwrap();
+    h.set_link_name("target").unwrap();
+    h.set_size(0);
+    h.set_mode(0o777);
+    h.set_cksum();
+    b.append(&h, &[][..]).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_path("a.txt").unwrap();
+    h.set_size(5);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append(&h, &b"hello"[..]).unwrap();
+    let mut blob = Vec::new();
+    build(
+        Cursor::new(b.into_inner().unwrap()),
+        &mut blob,
+        &BuildOptions::default(),
+    )
+    .unwrap();
+    let index = Index::open(&mut Cursor::new(&blob)).unwrap();
+    assert!(!index.by_name.contains_key(""), "{:?}", index.by_name);
+    assert!(index.by_name.contains_key("a.txt"), "{:?}", index.by_name);
+    let link = &index.entries[index.by_name["link"]];
+    assert_eq!(link.link_name, "target");
+}
