@@ -24,6 +24,10 @@ fi
 # outside it (the demo, the benchmarks) are a real release.
 export CARGO_PROFILE_RELEASE_DEBUG_ASSERTIONS=true
 export CARGO_PROFILE_RELEASE_OVERFLOW_CHECKS=true
+# Without the release profile's whole-program optimization (Cargo.toml): it
+# would link every test binary through one LTO unit, far past CI's time.
+export CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16
+export CARGO_PROFILE_BENCH_LTO=false CARGO_PROFILE_BENCH_CODEGEN_UNITS=16
 # The end-to-end steps run the binaries the tests step built (cargo builds
 # every binary of the workspace for the integration tests) instead of
 # building them again: `cargo build -p lcfs` alone resolves features
