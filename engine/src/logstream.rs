@@ -205,19 +205,25 @@ impl Log {
             return Ok(());
         }
         let start_block = self.geo.segment_start(seg) + st.written as u64;
-        let tail = &st.buf[st.written * BLOCK_SIZE..st.fill * BLOCK_SIZE];
-        if let Some(writer) = &self.writer {
+        if self.writer.is_some() {
             // The writer thread writes a copy, so the store lock is not held
             // across device I/O; the copy serves reads until it is written.
-            // It goes into a spare segment buffer: a fresh allocation per
-            // timer flush costs page faults (and zeroing) every time.
-            let mut buf = self
-                .spare_buffers
-                .pop()
-                .unwrap_or_else(|| AlignedBuf::new(self.geo.segment_blocks as usize * BLOCK_SIZE));
+            // It goes into a spare segment buffer when there is one (writes
+            // done give theirs back first): a fresh allocation per timer
+            // flush costs page faults and zeroing every time. Without one,
+            // a copy of the tail's size: timer flushes between two reaps
+            // must not hold a whole segment buffer each.
+            self.reap_finished()?;
+            let st = &self.streams[t as usize];
+            let tail = &st.buf[st.written * BLOCK_SIZE..st.fill * BLOCK_SIZE];
+            let mut buf = match self.spare_buffers.pop() {
+                Some(b) => b,
+                None => AlignedBuf::new(tail.len()),
+            };
             buf[..tail.len()].copy_from_slice(tail);
             let valid_blocks = tail.len() / BLOCK_SIZE;
             let buf = Arc::new(buf);
+            let writer = self.writer.as_ref().expect("checked above");
             let done = writer.submit(start_block, buf.clone(), 0, valid_blocks);
             self.inflight.push_back(Inflight {
                 start_block,
@@ -226,6 +232,7 @@ impl Log {
                 done,
             });
         } else {
+            let tail = &st.buf[st.written * BLOCK_SIZE..st.fill * BLOCK_SIZE];
             self.dev.write_at(start_block * BLOCK_SIZE as u64, tail)?;
         }
         let st = &mut self.streams[t as usize];
@@ -291,7 +298,8 @@ impl Log {
             .map_err(|m| Error::Io(std::io::Error::other(m)))?;
         let seg_bytes = self.geo.segment_blocks as usize * BLOCK_SIZE;
         if let Ok(b) = Arc::try_unwrap(f.buf) {
-            // Only whole segment buffers are reused.
+            // Only whole segment buffers are reused (a stream tail written
+            // out without a spare is a smaller copy).
             if b.len() == seg_bytes && self.spare_buffers.len() <= self.write_behind_segments {
                 self.spare_buffers.push(b);
             }
@@ -366,5 +374,44 @@ impl Log {
             }
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::MemDevice;
+
+    /// Timer flushes write out a tail each; between two reaps they must
+    /// not hold a whole segment buffer apiece, and every block reaches the
+    /// device.
+    #[test]
+    fn timer_flushes_hold_their_tails_not_a_segment_each() {
+        let dev: Arc<dyn Device> = Arc::new(MemDevice::new(256 << 20));
+        let geo = Geometry::for_device((256 << 20) / BLOCK_SIZE as u64, 1024).unwrap();
+        let mut log = Log::new(dev.clone(), &geo, 4);
+        log.start_writer();
+        assert!(log.writes_behind());
+        log.start_segment(Temperature::Hot, 1);
+        let seg_bytes = geo.segment_blocks as usize * BLOCK_SIZE;
+        let mut pushed = Vec::new();
+        for i in 0..300u64 {
+            let block = vec![i as u8; BLOCK_SIZE];
+            let p = log.push(Temperature::Hot, BlockTag::Logical(i), &block, 0);
+            pushed.push((p.block, i as u8));
+            log.write_out(Temperature::Hot).unwrap();
+            let held: usize = log.inflight.iter().map(|f| f.buf.len()).sum();
+            assert!(
+                held <= (log.write_behind_segments + 1) * seg_bytes + 2 * 300 * BLOCK_SIZE,
+                "{held} bytes held by {} writes in flight",
+                log.inflight.len()
+            );
+        }
+        log.wait_inflight().unwrap();
+        let mut buf = AlignedBuf::new(BLOCK_SIZE);
+        for (block, fill) in pushed {
+            dev.read_at(block * BLOCK_SIZE as u64, &mut buf).unwrap();
+            assert!(buf.iter().all(|&b| b == fill), "block {block}");
+        }
     }
 }
