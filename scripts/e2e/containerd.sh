@@ -269,9 +269,11 @@ mirror_upstream() {
             "$(printf 'e2e-puller:%s' "$SECURE_REGISTRY_PASSWORD" | base64 -w0)" >"$dir/config.json")
         echo "docker_config = \"$dir/config.json\""
     else
-        (umask 077 && echo "$SECURE_REGISTRY_PASSWORD" >"$dir/password")
+        # A file per mirror: one shared file, rewritten for the next
+        # mirror's configuration, was empty while a started mirror read it.
+        (umask 077 && echo "$SECURE_REGISTRY_PASSWORD" >"$dir/password.$i")
         echo "username = \"e2e-puller\""
-        echo "password_file = \"$dir/password\""
+        echo "password_file = \"$dir/password.$i\""
     fi
 }
 
