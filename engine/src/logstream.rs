@@ -204,18 +204,20 @@ impl Log {
         if st.written == st.fill {
             return Ok(());
         }
-        let start_block = self.geo.segment_start(seg) + st.written as u64;
         if self.writer.is_some() {
+            // Writes done give their buffers back first, for the copy below.
+            self.reap_finished()?;
+        }
+        let st = &self.streams[t as usize];
+        let start_block = self.geo.segment_start(seg) + st.written as u64;
+        let tail = &st.buf[st.written * BLOCK_SIZE..st.fill * BLOCK_SIZE];
+        if let Some(writer) = &self.writer {
             // The writer thread writes a copy, so the store lock is not held
             // across device I/O; the copy serves reads until it is written.
-            // It goes into a spare segment buffer when there is one (writes
-            // done give theirs back first): a fresh allocation per timer
-            // flush costs page faults and zeroing every time. Without one,
-            // a copy of the tail's size: timer flushes between two reaps
-            // must not hold a whole segment buffer each.
-            self.reap_finished()?;
-            let st = &self.streams[t as usize];
-            let tail = &st.buf[st.written * BLOCK_SIZE..st.fill * BLOCK_SIZE];
+            // It goes into a spare segment buffer when there is one: a fresh
+            // allocation per timer flush costs page faults and zeroing every
+            // time. Without one, a copy of the tail's size: timer flushes
+            // between two reaps must not hold a whole segment buffer each.
             let mut buf = match self.spare_buffers.pop() {
                 Some(b) => b,
                 None => AlignedBuf::new(tail.len()),
@@ -223,7 +225,6 @@ impl Log {
             buf[..tail.len()].copy_from_slice(tail);
             let valid_blocks = tail.len() / BLOCK_SIZE;
             let buf = Arc::new(buf);
-            let writer = self.writer.as_ref().expect("checked above");
             let done = writer.submit(start_block, buf.clone(), 0, valid_blocks);
             self.inflight.push_back(Inflight {
                 start_block,
@@ -232,7 +233,6 @@ impl Log {
                 done,
             });
         } else {
-            let tail = &st.buf[st.written * BLOCK_SIZE..st.fill * BLOCK_SIZE];
             self.dev.write_at(start_block * BLOCK_SIZE as u64, tail)?;
         }
         let st = &mut self.streams[t as usize];

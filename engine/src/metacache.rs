@@ -75,8 +75,12 @@ impl MetaCache {
         }
     }
 
+    fn slot_index(layer: u64) -> usize {
+        (layer % VERSION_SLOTS as u64) as usize
+    }
+
     fn slot(&self, layer: u64) -> &AtomicU64 {
-        &self.versions[(layer % VERSION_SLOTS as u64) as usize]
+        &self.versions[Self::slot_index(layer)]
     }
 
     /// The layer's current version. Read it under the store lock to tag an
@@ -94,8 +98,7 @@ impl MetaCache {
     /// Whether an answer about `layer` computed at `version` is worth
     /// keeping: the layer had that version at its previous answer too.
     fn holds_still(&self, layer: u64, version: u64) -> bool {
-        let i = (layer % VERSION_SLOTS as u64) as usize;
-        self.answered_at[i].swap(version, Ordering::Relaxed) == version
+        self.answered_at[Self::slot_index(layer)].swap(version, Ordering::Relaxed) == version
     }
 
     fn shard_of(&self, h: u64) -> &RwLock<Shard> {

@@ -23,7 +23,7 @@
 
 use crate::MountOptions;
 use fuser::{FopenFlags, INodeNo};
-use lcfs_engine::Engine;
+use lcfs_engine::{Engine, LayerShape};
 use std::collections::HashMap;
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -49,8 +49,8 @@ pub(crate) struct CachePolicy {
     attr_ttl: Duration,
     /// Names and attributes of frozen layers: they never change.
     frozen_ttl: Duration,
-    /// Parent id and next inode number of frozen layers (they never change).
-    frozen: Mutex<HashMap<u64, (Option<u64>, u64)>>,
+    /// The shapes of frozen layers (they never change).
+    frozen: Mutex<HashMap<u64, LayerShape>>,
     pages: Arc<PageCache>,
 }
 
@@ -122,45 +122,46 @@ impl CachePolicy {
             .released(node, || self.shared_origin(layer, inode));
     }
 
-    /// Parent and next inode number of a layer (cached once frozen).
-    fn layer_shape(&self, layer: u64) -> Option<(Option<u64>, u64, bool)> {
-        if let Some((p, n)) = self
+    /// Parent, next inode number and frozen state of a layer (cached once
+    /// frozen).
+    fn layer_shape(&self, layer: u64) -> Option<LayerShape> {
+        if let Some(l) = self
             .frozen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&layer)
         {
-            return Some((*p, *n, true));
+            return Some(*l);
         }
         let l = self.engine.layer_shape(layer).ok()?;
-        let parent = l.parent;
         if l.frozen {
             self.frozen
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(layer, (parent, l.next_inode));
+                .insert(layer, l);
         }
-        Some((parent, l.next_inode, l.frozen))
+        Some(l)
     }
 
     /// The origin (creating layer, inode) of a file whose data other layers
     /// may share: any file of a frozen layer, and inodes a clone inherited.
     /// None for a file only its own writable layer can see.
     fn shared_origin(&self, layer: u64, inode: u64) -> Option<Origin> {
-        let (mut parent, _, frozen) = self.layer_shape(layer)?;
+        let own = self.layer_shape(layer)?;
+        let mut parent = own.parent;
         let mut origin = layer;
         let mut inherited = false;
         for _ in 0..100_000 {
             let Some(p) = parent else { break };
-            let (pp, p_next, _) = self.layer_shape(p)?;
-            if inode >= p_next {
+            let shape = self.layer_shape(p)?;
+            if inode >= shape.next_inode {
                 break;
             }
             inherited = true;
             origin = p;
-            parent = pp;
+            parent = shape.parent;
         }
-        (frozen || inherited).then_some((origin, inode))
+        (own.frozen || inherited).then_some((origin, inode))
     }
 }
 
